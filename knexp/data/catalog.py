@@ -1,0 +1,128 @@
+"""The knowledge catalog: the 30 COCO objects of METHOD.md with their word forms.
+
+The YAML files in ``conf/knowledge/`` are the single source of truth; this module reads them and
+answers "does this caption name object k?" (METHOD.md, "Evaluation": word match with plural and
+synonyms). Matching is whole-word and case-insensitive, punctuation is ignored, and multi-word forms
+("tennis racket") match as phrases.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import yaml
+
+from knexp.paths import conf_dir
+
+
+class UnknownKnowledgeError(KeyError):
+    """A knowledge name that is not in the catalog; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """One object ``k``: its COCO category and the word forms that count as naming it."""
+
+    name: str
+    coco_id: int
+    supercategory: str
+    singular: str
+    plural: tuple[str, ...] = ()
+    synonyms: tuple[str, ...] = ()
+    phrase: str = ""  # indefinite noun phrase for captions; default "a/an <singular>"
+    extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def forms(self) -> tuple[str, ...]:
+        """All word forms, longest first (so phrases win over their parts when spans are reported)."""
+        seen = dict.fromkeys([self.singular, *self.plural, *self.synonyms])
+        return tuple(sorted(seen, key=len, reverse=True))
+
+    @cached_property
+    def pattern(self) -> re.Pattern[str]:
+        alternatives = "|".join(r"\s+".join(map(re.escape, form.split())) for form in self.forms)
+        return re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])", re.IGNORECASE)
+
+    def mentioned_in(self, caption: str) -> bool:
+        """1 if any word form of this object appears as a whole word or phrase in ``caption``."""
+        return self.pattern.search(caption) is not None
+
+    def first_mention(self, caption: str) -> tuple[int, int] | None:
+        """Character span ``(start, end)`` of the first mention, or None."""
+        m = self.pattern.search(caption)
+        return (m.start(), m.end()) if m else None
+
+    @property
+    def indefinite(self) -> str:
+        """The noun phrase a caption uses: "an umbrella", "a banana", "a pair of scissors"."""
+        if self.phrase:
+            return self.phrase
+        return ("an " if self.singular[0].lower() in "aeiou" else "a ") + self.singular
+
+
+class Catalog:
+    """Ordered mapping name -> Knowledge, loaded from a folder of knowledge YAML files."""
+
+    def __init__(self, entries: list[Knowledge]):
+        self._by_name = {k.name: k for k in sorted(entries, key=lambda k: k.coco_id)}
+        self._by_id = {k.coco_id: k for k in self._by_name.values()}
+
+    @classmethod
+    def load(cls, folder: str | Path | None = None) -> "Catalog":
+        folder = Path(folder) if folder is not None else conf_dir() / "knowledge"
+        files = sorted(folder.glob("*.yaml"))
+        if not files:
+            raise FileNotFoundError(f"no knowledge YAML files in {folder}; is conf/knowledge present?")
+        return cls([knowledge_from_dict(yaml.safe_load(f.read_text())) for f in files])
+
+    def __getitem__(self, name: str) -> Knowledge:
+        key = name.replace("_", " ")
+        if key not in self._by_name:
+            raise UnknownKnowledgeError(
+                f"unknown knowledge {name!r}; valid names: {', '.join(n.replace(' ', '_') for n in self.names)}"
+            )
+        return self._by_name[key]
+
+    def by_coco_id(self, coco_id: int) -> Knowledge:
+        return self._by_id[coco_id]
+
+    def __iter__(self):
+        return iter(self._by_name.values())
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.replace("_", " ") in self._by_name
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def mentioned(self, caption: str) -> set[str]:
+        """Names of all catalog objects named in ``caption``."""
+        return {k.name for k in self if k.mentioned_in(caption)}
+
+
+def knowledge_from_dict(d: dict) -> Knowledge:
+    """Build a Knowledge from a ``conf/knowledge/*.yaml`` mapping (or the composed ``cfg.knowledge``)."""
+    known = {"name", "coco_id", "supercategory", "singular", "plural", "synonyms", "phrase"}
+    missing = {"name", "coco_id", "supercategory"} - set(d)
+    if missing:
+        raise ValueError(f"knowledge entry {d.get('name', d)!r} lacks {sorted(missing)}")
+    return Knowledge(
+        name=str(d["name"]),
+        coco_id=int(d["coco_id"]),
+        supercategory=str(d["supercategory"]),
+        singular=str(d.get("singular") or d["name"]),
+        plural=tuple(d.get("plural") or ()),
+        synonyms=tuple(d.get("synonyms") or ()),
+        phrase=str(d.get("phrase") or ""),
+        extra={k: v for k, v in d.items() if k not in known},
+    )

@@ -1,0 +1,27 @@
+"""Models: the embedded MLLM built from offline packages, and tiny random models for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+def load_model(model_cfg: DictConfig, cache_dir: str | Path):
+    """Build the model a ``conf/model/*.yaml`` describes."""
+    family = model_cfg.family
+    if family == "embedded":
+        from knexp.models.embedded import PromptConfig, load_embedded
+
+        model = load_embedded(
+            cache_dir=cache_dir,
+            projector_path=model_cfg.projector_path,
+            projector_kind=model_cfg.projector_kind,
+            projector_hidden=model_cfg.projector_hidden,
+            dtype=model_cfg.dtype,
+            attn_implementation=model_cfg.attn_implementation,
+            prompt=PromptConfig(**OmegaConf.to_container(model_cfg.prompt, resolve=True)),
+        )
+        return model.to(torch.device(model_cfg.device))
+    raise ValueError(f"unknown model family {family!r} in model config {model_cfg.get('name')!r}")

@@ -1,0 +1,196 @@
+"""The embedded MLLM: EfficientNet-Lite0 (frozen) -> projector (trained) -> SmolLM2-135M-Instruct (frozen).
+
+This is MiniGPT-4's first-stage recipe in miniature: a frozen image encoder whose 7 x 7 x 1280 feature
+map becomes 49 image tokens (row-major, token ``t`` covers grid cell ``(t // 7, t % 7)``), a projector
+into the LM's embedding space, and a frozen chat LM. Image tokens sit in the user turn of the LM's own
+chat template as a run of placeholder ids that are replaced by the projected features.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from knexp.models.offline import efficientnet_lite0_weights, smollm2_folder
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 224
+GRID = 7  # EfficientNet-Lite0 at 224 px: stride 32
+VISION_DIM = 1280
+
+
+class ProjectorWeightsError(RuntimeError):
+    """The projector file is missing or unreadable; the message names it and how to restore it."""
+
+
+@dataclass
+class PromptConfig:
+    system: str = "You are a helpful assistant that describes images."
+    user: str = "<image>\nWhat does this image show?"
+    caption_prefix: str = "The image shows"
+    image_marker: str = "<image>"  # where the image tokens go in ``user``
+    image_token: str = "<|endoftext|>"  # placeholder id, replaced by projected features
+
+
+def preprocess(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """RGB uint8 images -> float tensor [B, 3, 224, 224] in [-1, 1] (EfficientNet-Lite's input range)."""
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        images = [images]
+    batch = []
+    for im in images:
+        if im.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+            im = cv2.resize(im, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
+        batch.append(im)
+    x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def build_projector(kind: str, hidden: int, out_dim: int) -> nn.Module:
+    """``linear``: MiniGPT-4's single Linear; ``mlp``: LayerNorm -> Linear -> GELU -> Linear (LLaVA-1.5 style)."""
+    if kind == "linear":
+        return nn.Linear(VISION_DIM, out_dim)
+    if kind == "mlp":
+        return nn.Sequential(nn.LayerNorm(VISION_DIM), nn.Linear(VISION_DIM, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+    raise ValueError(f"unknown projector kind {kind!r}; use 'linear' or 'mlp'")
+
+
+class EmbeddedMLLM(nn.Module):
+    """Vision encoder + projector + causal LM, with prompt building and batched greedy captioning."""
+
+    def __init__(self, vision: nn.Module, projector: nn.Module, lm: nn.Module, tokenizer, prompt: PromptConfig):
+        super().__init__()
+        self.vision, self.projector, self.lm = vision, projector, lm
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.image_token_id = tokenizer.convert_tokens_to_ids(prompt.image_token)
+        self.end_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.num_image_tokens = GRID * GRID
+        self._prompt_ids: dict[str, list[int]] = {}
+
+    # ---- images ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.projector.parameters()).device
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Frozen features [B, 49, 1280] (row-major 7 x 7 grid) from pixels [B, 3, 224, 224]."""
+        feats = self.vision.extract_features(pixel_values.to(self.device, torch.float32))  # [B, 1280, 7, 7]
+        return feats.flatten(2).transpose(1, 2)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Projected image tokens [B, 49, d_model] in the LM's dtype."""
+        return self.projector(features.float()).to(self.lm.dtype)
+
+    # ---- prompts --------------------------------------------------------------------------------
+    def prompt_ids(self, prefix: str | None = None) -> list[int]:
+        """Token ids of the chat prompt with 49 image placeholders, ending with the caption prefix."""
+        prefix = self.prompt.caption_prefix if prefix is None else prefix
+        if prefix not in self._prompt_ids:
+            messages = [
+                {"role": "system", "content": self.prompt.system},
+                {"role": "user", "content": self.prompt.user},
+            ]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            if text.count(self.prompt.image_marker) != 1:
+                raise ValueError(f"prompt.user must contain the image marker {self.prompt.image_marker!r} exactly once")
+            text = text.replace(self.prompt.image_marker, self.prompt.image_token * self.num_image_tokens) + prefix
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if sum(i == self.image_token_id for i in ids) != self.num_image_tokens:
+                raise ValueError(f"image token {self.prompt.image_token!r} does not tokenize to one id per image token")
+            self._prompt_ids[prefix] = ids
+        return self._prompt_ids[prefix]
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, d] with the placeholder positions replaced by ``image_embeds`` [B, 49, d]."""
+        is_image = input_ids == self.image_token_id  # [B, T]
+        embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    # ---- captioning -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def caption(self, images: list[np.ndarray], batch_size: int = 16, max_new_tokens: int = 32, prefix: str | None = None) -> list[str]:
+        """Greedy captions (prefix included), batched, with the KV cache (METHOD.md generation settings)."""
+        prefix = self.prompt.caption_prefix if prefix is None else prefix
+        ids = torch.tensor(self.prompt_ids(prefix), device=self.device)
+        out: list[str] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            feats = self.encode_images(preprocess(chunk))
+            input_ids = ids.expand(len(chunk), -1)  # same prompt for every row: no padding needed
+            embeds = self.embed(input_ids, self.project(feats))
+            gen = self.lm.generate(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=self.device),
+                max_new_tokens=max_new_tokens,
+                min_length=1,
+                do_sample=False,
+                num_beams=1,
+                repetition_penalty=1.0,
+                length_penalty=1.0,
+                eos_token_id=self.end_token_id,
+                pad_token_id=self.end_token_id,
+            )
+            for row in gen:
+                text = self.tokenizer.decode(row, skip_special_tokens=True)
+                out.append((prefix + text).strip())
+        return out
+
+
+def load_embedded(
+    cache_dir: str | Path,
+    projector_path: str | Path | None,
+    projector_kind: str = "mlp",
+    projector_hidden: int = 1536,
+    dtype: str = "bfloat16",
+    attn_implementation: str = "eager",
+    prompt: PromptConfig | None = None,
+    seed: int = 0,
+) -> EmbeddedMLLM:
+    """Assemble the embedded model from the offline packages and the projector file.
+
+    ``projector_path=None`` leaves the projector randomly initialised (seeded), as training starts.
+    """
+    from efficientnet_lite_pytorch import EfficientNet
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    vision = EfficientNet.from_name("efficientnet-lite0")
+    vision.load_state_dict(torch.load(efficientnet_lite0_weights(), map_location="cpu", weights_only=True))
+    vision.eval().requires_grad_(False)
+    folder = smollm2_folder(cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
+    lm.eval().requires_grad_(False)
+    torch.manual_seed(seed)
+    projector = build_projector(projector_kind, projector_hidden, lm.config.hidden_size)
+    if projector_path is not None:
+        load_projector(projector, projector_path)
+    return EmbeddedMLLM(vision, projector, lm, tokenizer, prompt or PromptConfig())
+
+
+def load_projector(projector: nn.Module, path: str | Path) -> None:
+    """Load safetensors weights into ``projector``; a clear error names the file when it is bad."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise ProjectorWeightsError(
+            f"projector weights {path} not found: restore the shipped file (`git checkout -- {path}`), "
+            "point model.projector_path at a trained one, or train one with `python run.py task=train_projector`"
+        )
+    try:
+        state = load_file(str(path))
+        projector.load_state_dict({k: v.float() for k, v in state.items()})
+    except Exception as exc:  # safetensors raises several types for torn or foreign files
+        raise ProjectorWeightsError(
+            f"projector weights {path} are unreadable or do not fit model.projector_kind ({exc}); restore the "
+            f"file (`git checkout -- {path}`) or retrain it with `python run.py task=train_projector`; "
+            "run `make install` if the offline packages are missing"
+        ) from exc
