@@ -74,7 +74,7 @@ class Catalog:
         self._by_id = {k.coco_id: k for k in self._by_name.values()}
 
     @classmethod
-    def load(cls, folder: str | Path | None = None) -> "Catalog":
+    def load(cls, folder: str | Path | None = None) -> Catalog:
         folder = Path(folder) if folder is not None else conf_dir() / "knowledge"
         files = sorted(folder.glob("*.yaml"))
         if not files:

@@ -24,4 +24,11 @@ def load_model(model_cfg: DictConfig, cache_dir: str | Path):
             prompt=PromptConfig(**OmegaConf.to_container(model_cfg.prompt, resolve=True)),
         )
         return model.to(torch.device(model_cfg.device))
+    if family == "tiny_llava":
+        from knexp.models.llava import LlavaCaptioner
+        from knexp.models.tiny import tiny_llava
+
+        model, processor = tiny_llava(grid=model_cfg.grid, patch_size=model_cfg.patch_size, hidden=model_cfg.hidden,
+                                      layers=model_cfg.layers, seed=model_cfg.seed)
+        return LlavaCaptioner(model, processor, caption_prefix=model_cfg.prompt.caption_prefix)
     raise ValueError(f"unknown model family {family!r} in model config {model_cfg.get('name')!r}")

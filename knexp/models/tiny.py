@@ -1,0 +1,69 @@
+"""Tiny randomly initialised models of the real classes, so tests run in seconds on a CPU.
+
+``tiny_llava``: a transformers ``LlavaForConditionalGeneration`` (CLIP vision tower, 2-layer MLP
+projector, LLaMA decoder) with a word-level tokenizer and a real ``LlavaProcessor``. CLIP adds a CLS
+token, so the processor needs ``num_additional_image_tokens=1``; with ``vision_feature_select_strategy
+="default"`` the CLS is dropped and the image span is the (grid x grid) patches, row-major, as in
+LLaVA-1.5 (24 x 24 at full size).
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>"]
+WORDS = (
+    "user assistant system : the image shows a an and of pair what does this describe is there in on with "
+    "empty scene . , ? USER ASSISTANT"
+).split()
+
+
+def word_tokenizer(extra_words: list[str] | None = None):
+    """A PreTrainedTokenizerFast over whitespace/punctuation-split words (catalog words by default)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from knexp.data.catalog import Catalog
+
+    words = list(WORDS)
+    for k in Catalog.load():
+        for form in k.forms + (k.indefinite,):
+            words += form.lower().split()
+    words += extra_words or []
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIALS + words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_llava(grid: int = 4, patch_size: int = 8, hidden: int = 32, intermediate: int = 64, layers: int = 2, seed: int = 0):
+    """(model, processor) of a random LLaVA whose image span is ``grid * grid`` tokens."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = word_tokenizer()
+    image_size = grid * patch_size
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch_size, projection_dim=hidden)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=grid * grid, vision_feature_select_strategy="default", vision_feature_layer=-2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, processor

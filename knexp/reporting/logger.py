@@ -1,0 +1,107 @@
+"""Result logging: files in the job directory always, Weights & Biases on top when ``logger=wandb``.
+
+No result depends on W&B: metrics go to ``metrics.json`` and tables to CSV in the job directory first.
+W&B runs offline unless the user asks for online mode; online mode without credentials falls back to
+offline with a warning rather than waiting on a network or a prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    """Writes metrics and tables into ``out_dir``; subclasses mirror them elsewhere."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics: dict = {}
+
+    def log_metrics(self, metrics: dict) -> None:
+        self.metrics.update(metrics)
+        _atomic_write(self.out_dir / "metrics.json", json.dumps(self.metrics, indent=1, sort_keys=True))
+
+    def log_table(self, name: str, table: pd.DataFrame) -> Path:
+        path = self.out_dir / f"{name}.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        return path
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger(RunLogger):
+    def __init__(self, out_dir: str | Path, cfg: DictConfig):
+        super().__init__(out_dir)
+        import wandb
+
+        lc = cfg.logger
+        mode = lc.mode
+        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists()):
+            log.warning("logger.mode=online but no W&B credentials (WANDB_API_KEY); logging offline instead")
+            mode = "offline"
+        tags = [f"{g}:{cfg[g].name}" for g in ("model", "knowledge", "method", "thresholds") if g in cfg and "name" in cfg[g]]
+        self.run = wandb.init(
+            project=lc.project,
+            entity=lc.entity,
+            group=lc.group,
+            mode=mode,
+            dir=str(lc.dir),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            tags=tags + list(cfg.get("tags") or []),
+            job_type=cfg.task.name,
+            settings=wandb.Settings(init_timeout=30, silent=True),
+            reinit="finish_previous",
+        )
+
+    def log_metrics(self, metrics: dict) -> None:
+        super().log_metrics(metrics)
+        self.run.summary.update(_flatten(metrics))
+
+    def log_table(self, name: str, table: pd.DataFrame) -> Path:
+        import wandb
+
+        path = super().log_table(name, table)
+        self.run.log({name: wandb.Table(dataframe=table)})
+        return path
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def make_logger(cfg: DictConfig) -> RunLogger:
+    out_dir = cfg.paths.output_dir
+    name = cfg.logger.name
+    if name == "wandb":
+        return WandbLogger(out_dir, cfg)
+    if name == "none":
+        return RunLogger(out_dir)
+    raise ValueError(f"unknown logger {name!r}; use logger=wandb or logger=none")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

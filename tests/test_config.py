@@ -1,0 +1,79 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from knexp.config import register_resolvers
+from knexp.data.catalog import knowledge_from_dict
+from knexp.paths import conf_dir, project_root
+
+register_resolvers()
+GROUPS = ["model", "data", "knowledge", "thresholds", "method", "noise_level", "logger", "task"]
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_default_config_has_every_group():
+    cfg = _compose()
+    for group in GROUPS:
+        assert group in cfg and cfg[group].name, group
+    assert cfg.task.name == "caption_eval" and cfg.model.name == "embedded"
+    assert cfg.logger.name == "wandb"
+
+
+def test_every_knowledge_composes_and_has_paper_thresholds(catalog):
+    paper = _compose("thresholds=paper").thresholds.per_knowledge
+    assert set(paper) == set(catalog.names)
+    for k in catalog:
+        cfg = _compose(f"knowledge={k.name.replace(' ', '_')}")
+        assert knowledge_from_dict(OmegaConf.to_container(cfg.knowledge)) == k
+    assert paper["banana"] == {"a": 2.5, "g": 0.0003} and paper["umbrella"] == {"a": 0.8, "g": 0.0015}
+
+
+def test_paths_resolve_under_the_project():
+    cfg = _compose()
+    assert Path(cfg.paths.root_dir) == project_root()
+    assert cfg.paths.log_dir.endswith("/runs")
+
+
+def _run(*args, timeout=240):
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="offline")
+    return subprocess.run([sys.executable, "run.py", *args], cwd=project_root(), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_unknown_knowledge_lists_valid_names():
+    r = _run("knowledge=zebra")
+    assert r.returncode != 0
+    assert "knowledge/zebra" in r.stderr and "banana" in r.stderr and "umbrella" in r.stderr
+
+
+def test_caption_eval_on_tiny_llava_writes_results_and_offline_wandb(tmp_path):
+    r = _run("task=caption_eval", "model=tiny_llava", "data.num_images=6", "task.inpaint_scenes=2", f"data.root={tmp_path}/tw",
+             f"hydra.run.dir={tmp_path}/job", "logger=wandb")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    assert metrics["captions"]["scenes"] == 6
+    assert set(metrics) >= {"captions", "inpainting_telea", "inpainting_ns", "data"}
+    assert 0.0 <= metrics["inpainting_ns"]["phantom"] <= 1.0
+    assert (tmp_path / "job" / "captions.csv").read_text().count("\n") == 7
+    runs = list((tmp_path / "job" / "wandb").glob("offline-run-*"))
+    assert runs, "W&B should have written an offline run in the job directory"
+    printed = json.loads(r.stdout[r.stdout.index("{") :])
+    assert printed["output_dir"] == str(tmp_path / "job")
+
+
+@pytest.mark.parametrize("logger", ["none"])
+def test_logger_none_writes_files_only(tmp_path, logger):
+    r = _run("model=tiny_llava", "data.num_images=3", "task.inpaint_scenes=1", f"data.root={tmp_path}/tw",
+             f"hydra.run.dir={tmp_path}/job", f"logger={logger}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "job" / "metrics.json").exists()
+    assert not (tmp_path / "job" / "wandb").exists()

