@@ -77,3 +77,10 @@ def test_logger_none_writes_files_only(tmp_path, logger):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "job" / "metrics.json").exists()
     assert not (tmp_path / "job" / "wandb").exists()
+
+
+def test_experiment_files_are_global_packages():
+    cfg = _compose("experiment=quick_caption")
+    assert cfg.data.num_images == 60 and cfg.task.inpaint_scenes == 20 and cfg.logger.name == "none"
+    for f in (conf_dir() / "experiment").glob("*.yaml"):
+        assert f.read_text().startswith("# @package _global_"), f

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from knexp.models.batching import batches
 from knexp.models.offline import efficientnet_lite0_weights, smollm2_folder
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,7 @@ class EmbeddedMLLM(nn.Module):
         prefix = self.prompt.caption_prefix if prefix is None else prefix
         ids = torch.tensor(self.prompt_ids(prefix), device=self.device)
         out: list[str] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
+        for chunk in batches(images, batch_size, "captioning"):
             feats = self.encode_images(preprocess(chunk))
             input_ids = ids.expand(len(chunk), -1)  # same prompt for every row: no padding needed
             embeds = self.embed(input_ids, self.project(feats))

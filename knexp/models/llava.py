@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from knexp.models.batching import batches
+
 
 class LlavaCaptioner:
     def __init__(self, model, processor, question: str = "What does this image show?", caption_prefix: str = "The image shows",
@@ -28,8 +30,7 @@ class LlavaCaptioner:
         prefix = self.prompt.caption_prefix if prefix is None else prefix
         text = self.template.format(question=self.question, prefix=prefix)
         out: list[str] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
+        for chunk in batches(images, batch_size, "captioning"):
             inputs = self.processor(images=list(chunk), text=[text] * len(chunk), return_tensors="pt", padding=True).to(self.device)
             gen = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_length=1, do_sample=False, num_beams=1,
                                       repetition_penalty=1.0, length_penalty=1.0,

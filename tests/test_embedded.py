@@ -1,0 +1,83 @@
+"""End-to-end checks of the embedded model with its real weights (marked slow: about a minute)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from knexp.data.toyworld.dataset import DATASET_STREAM
+from knexp.data.toyworld.scenes import SceneOptions, make_scene
+from knexp.evaluation.mentions import mention_scores
+from knexp.models.embedded import load_embedded
+from knexp.paths import default_cache_dir, project_root
+from knexp.tasks.train_projector import caption_batch, caption_loss
+
+pytestmark = pytest.mark.slow
+SHIPPED = project_root() / "knexp/models/weights/embedded_projector.safetensors"
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_embedded(default_cache_dir(), SHIPPED)
+
+
+def test_converted_lm_is_plain_safetensors():
+    folder = default_cache_dir() / "smollm2-135m-instruct"
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["num_hidden_layers"] == 30 and config["intermediate_size"] == 1536
+
+
+def test_prompt_has_one_contiguous_image_span_in_the_user_turn(embedded):
+    ids = torch.tensor(embedded.prompt_ids())
+    pos = (ids == embedded.image_token_id).nonzero().flatten()
+    assert len(pos) == 49 and (pos.diff() == 1).all()
+    text = embedded.tokenizer.decode(ids[: pos[0]])
+    assert text.rstrip().endswith("<|im_start|>user")
+    assert embedded.tokenizer.decode(ids[-3:]) == "The image shows"
+
+
+def test_captions_name_the_objects_of_held_out_scenes(embedded, catalog):
+    scenes = [make_scene(catalog, np.random.default_rng([4321, DATASET_STREAM, i]), SceneOptions(gap_px=8)) for i in range(24)]
+    captions = embedded.caption([s.image for s in scenes], batch_size=12)
+    scores = mention_scores([{o.knowledge.name for o in s.objects} for s in scenes], [catalog.mentioned(c) for c in captions])
+    assert all(c.startswith("The image shows") for c in captions)
+    assert scores["recall"] >= 0.85, (scores, captions)
+    assert scores["precision"] >= 0.9, (scores, captions)
+
+
+def test_batched_captions_equal_single_captions(embedded, catalog):
+    images = [make_scene(catalog, np.random.default_rng([99, DATASET_STREAM, i])).image for i in range(3)]
+    assert embedded.caption(images, batch_size=3) == [embedded.caption([im], batch_size=1)[0] for im in images]
+
+
+def test_caption_batch_puts_labels_on_the_caption_only(embedded):
+    ids, labels = caption_batch(embedded, ["The image shows a bus.", "The image shows a banana and an umbrella."])
+    n_prompt = len(embedded.prompt_ids())
+    assert (labels[:, :n_prompt] == -100).all()
+    row = labels[1][labels[1] != -100]
+    assert embedded.tokenizer.decode(row) == " a banana and an umbrella.<|im_end|>"
+    assert (ids[:, :n_prompt] == torch.tensor(embedded.prompt_ids())).all()
+    with pytest.raises(ValueError, match="caption prefix"):
+        caption_batch(embedded, ["A bus."])
+
+
+def test_projector_training_steps_reduce_the_loss(catalog):
+    model = load_embedded(default_cache_dir(), None, seed=3)
+    model.projector.requires_grad_(True)
+    opt = torch.optim.AdamW(model.projector.parameters(), lr=1e-3)
+    scenes = [make_scene(catalog, np.random.default_rng([5, 1, i])) for i in range(4)]
+    from knexp.models.embedded import preprocess
+
+    feats = model.encode_images(preprocess([s.image for s in scenes]))
+    ids, labels = caption_batch(model, [s.caption for s in scenes])
+    losses = []
+    for _ in range(6):
+        loss = caption_loss(model, feats, ids, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(p.grad is None for p in model.lm.parameters()), "the LM stays frozen"
