@@ -9,6 +9,7 @@ import torch
 from knexp.data.toyworld.dataset import DATASET_STREAM
 from knexp.data.toyworld.scenes import SceneOptions, make_scene
 from knexp.evaluation.mentions import mention_scores
+from knexp.models.adapters.embedded import EmbeddedAdapter
 from knexp.models.embedded import load_embedded
 from knexp.paths import default_cache_dir, project_root
 from knexp.tasks.train_projector import caption_batch, caption_loss
@@ -20,6 +21,11 @@ SHIPPED = project_root() / "knexp/models/weights/embedded_projector.safetensors"
 @pytest.fixture(scope="module")
 def embedded():
     return load_embedded(default_cache_dir(), SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def adapter(embedded):
+    return EmbeddedAdapter(embedded)
 
 
 def test_converted_lm_is_plain_safetensors():
@@ -38,18 +44,18 @@ def test_prompt_has_one_contiguous_image_span_in_the_user_turn(embedded):
     assert embedded.tokenizer.decode(ids[-3:]) == "The image shows"
 
 
-def test_captions_name_the_objects_of_held_out_scenes(embedded, catalog):
+def test_captions_name_the_objects_of_held_out_scenes(adapter, catalog):
     scenes = [make_scene(catalog, np.random.default_rng([4321, DATASET_STREAM, i]), SceneOptions(gap_px=8)) for i in range(24)]
-    captions = embedded.caption([s.image for s in scenes], batch_size=12)
+    captions = adapter.caption([s.image for s in scenes], batch_size=12)
     scores = mention_scores([{o.knowledge.name for o in s.objects} for s in scenes], [catalog.mentioned(c) for c in captions])
     assert all(c.startswith("The image shows") for c in captions)
     assert scores["recall"] >= 0.85, (scores, captions)
     assert scores["precision"] >= 0.9, (scores, captions)
 
 
-def test_batched_captions_equal_single_captions(embedded, catalog):
+def test_batched_captions_equal_single_captions(adapter, catalog):
     images = [make_scene(catalog, np.random.default_rng([99, DATASET_STREAM, i])).image for i in range(3)]
-    assert embedded.caption(images, batch_size=3) == [embedded.caption([im], batch_size=1)[0] for im in images]
+    assert adapter.caption(images, batch_size=3) == [adapter.caption([im], batch_size=1)[0] for im in images]
 
 
 def test_caption_batch_puts_labels_on_the_caption_only(embedded):

@@ -28,10 +28,10 @@ def test_tiny_llava_expands_image_to_grid_tokens():
     assert n_feats == 32  # CLS dropped: 16 patch features per image
 
 
-def test_llava_captioner_batches_like_single_rows():
-    from knexp.models.llava import LlavaCaptioner
+def test_llava_captions_batched_equal_single_rows():
+    from knexp.models.adapters.llava import LlavaAdapter
 
-    cap = LlavaCaptioner(*tiny_llava(grid=4), caption_prefix="the image shows")
+    cap = LlavaAdapter(*tiny_llava(grid=4), caption_prefix="the image shows")
     imgs = _images(3, seed=1)
     batched = cap.caption(imgs, batch_size=3, max_new_tokens=5)
     single = [cap.caption([im], batch_size=1, max_new_tokens=5)[0] for im in imgs]

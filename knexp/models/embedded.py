@@ -1,5 +1,6 @@
 """The embedded MLLM: EfficientNet-Lite0 (frozen) -> projector (trained) -> SmolLM2-135M-Instruct (frozen).
 
+Captioning and neuron access go through ``knexp.models.adapters.embedded.EmbeddedAdapter``.
 This is MiniGPT-4's first-stage recipe in miniature: a frozen image encoder whose 7 x 7 x 1280 feature
 map becomes 49 image tokens (row-major, token ``t`` covers grid cell ``(t // 7, t % 7)``), a projector
 into the LM's embedding space, and a frozen chat LM. Image tokens sit in the user turn of the LM's own
@@ -17,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from knexp.models.batching import batches
 from knexp.models.offline import efficientnet_lite0_weights, smollm2_folder
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def build_projector(kind: str, hidden: int, out_dim: int) -> nn.Module:
 
 
 class EmbeddedMLLM(nn.Module):
-    """Vision encoder + projector + causal LM, with prompt building and batched greedy captioning."""
+    """Vision encoder + projector + causal LM, with prompt building and image-token embedding."""
 
     def __init__(self, vision: nn.Module, projector: nn.Module, lm: nn.Module, tokenizer, prompt: PromptConfig):
         super().__init__()
@@ -114,34 +114,6 @@ class EmbeddedMLLM(nn.Module):
         is_image = input_ids == self.image_token_id  # [B, T]
         embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
-
-    # ---- captioning -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def caption(self, images: list[np.ndarray], batch_size: int = 16, max_new_tokens: int = 32, prefix: str | None = None) -> list[str]:
-        """Greedy captions (prefix included), batched, with the KV cache (METHOD.md generation settings)."""
-        prefix = self.prompt.caption_prefix if prefix is None else prefix
-        ids = torch.tensor(self.prompt_ids(prefix), device=self.device)
-        out: list[str] = []
-        for chunk in batches(images, batch_size, "captioning"):
-            feats = self.encode_images(preprocess(chunk))
-            input_ids = ids.expand(len(chunk), -1)  # same prompt for every row: no padding needed
-            embeds = self.embed(input_ids, self.project(feats))
-            gen = self.lm.generate(
-                inputs_embeds=embeds,
-                attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=self.device),
-                max_new_tokens=max_new_tokens,
-                min_length=1,
-                do_sample=False,
-                num_beams=1,
-                repetition_penalty=1.0,
-                length_penalty=1.0,
-                eos_token_id=self.end_token_id,
-                pad_token_id=self.end_token_id,
-            )
-            for row in gen:
-                text = self.tokenizer.decode(row, skip_special_tokens=True)
-                out.append((prefix + text).strip())
-        return out
 
 
 def load_embedded(

@@ -12,9 +12,13 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>"]
+SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 WORDS = (
-    "user assistant system : the image shows a an and of pair what does this describe is there in on with "
+    "user assistant system : the image show shows a an and of pair what does this describe is there in on with "
     "empty scene . , ? USER ASSISTANT"
 ).split()
 
@@ -37,6 +41,8 @@ def word_tokenizer(extra_words: list[str] | None = None):
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         extra_special_tokens={"image_token": "<image>"},
     )
+    fast.add_tokens(SPECIALS[5:], special_tokens=True)  # chat markers, split out before word splitting
+    fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
     return fast
 
@@ -67,3 +73,21 @@ def tiny_llava(grid: int = 4, patch_size: int = 8, hidden: int = 32, intermediat
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return model, processor
+
+
+def tiny_embedded(hidden: int = 32, intermediate: int = 64, layers: int = 3, seed: int = 0):
+    """The embedded MLLM's classes at toy size: random EfficientNet-Lite0, linear projector, tiny LLaMA."""
+    from efficientnet_lite_pytorch import EfficientNet
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from knexp.models.embedded import EmbeddedMLLM, PromptConfig, build_projector
+
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer()
+    vision = EfficientNet.from_name("efficientnet-lite0").eval().requires_grad_(False)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    lm = LlamaForCausalLM(config).eval().requires_grad_(False)
+    prompt = PromptConfig(system="describe", user="<image>\nwhat does this image show?", caption_prefix="the image shows")
+    return EmbeddedMLLM(vision, build_projector("linear", 0, hidden), lm, tokenizer, prompt)

@@ -1,0 +1,83 @@
+"""Adapter for transformers' ``LlavaForConditionalGeneration`` (LLaVA-1.5, and the tiny test model).
+
+Prompt: LLaVA-1.5's ``USER: <image>\\n{question} ASSISTANT: {prefix}``; the processor expands ``<image>``
+to one token per patch (it needs ``num_additional_image_tokens=1`` for CLIP's CLS, which the default
+feature strategy then drops). Image tokens tile the (image_size / patch_size)^2 grid row-major:
+24 x 24 for LLaVA-1.5 at 336 px. Batches are left-padded, so image positions differ per row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from knexp.models.adapters.base import GREEDY, Adapter, PatchGeometry, Prepared, image_positions_from_ids
+
+LLAVA15_TEMPLATE = "USER: <image>\n{question} ASSISTANT: {prefix}"
+
+
+class LlavaAdapter(Adapter):
+    def __init__(self, model, processor, question: str = "What does this image show?", caption_prefix: str = "The image shows",
+                 template: str = LLAVA15_TEMPLATE):
+        self._model, self.processor = model.eval(), processor
+        self.question, self.template, self.caption_prefix = question, template, caption_prefix
+        self.processor.tokenizer.padding_side = "left"
+        vision = model.config.vision_config
+        grid = vision.image_size // vision.patch_size
+        if model.config.vision_feature_select_strategy == "default":
+            self.geometry = PatchGeometry.row_major(grid, grid)
+        else:  # "full": CLS first, covering the whole image, then the grid
+            g = PatchGeometry.row_major(grid, grid)
+            self.geometry = PatchGeometry(np.vstack([[0, 0, 1, 1], g.boxes]).astype(np.float32), None)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def _lm(self):
+        return self._model.model.language_model
+
+    def decoder_layers(self) -> list[nn.Module]:
+        return list(self._lm().layers)
+
+    def ffn(self, layer: int) -> nn.Module:
+        return self._lm().layers[layer].mlp
+
+    def ffn_out(self, layer: int) -> nn.Linear:
+        return self._lm().layers[layer].mlp.down_proj
+
+    def unembedding(self) -> torch.Tensor:
+        return self._model.lm_head.weight
+
+    def final_norm(self) -> nn.Module:
+        return self._lm().norm
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return self.processor.batch_decode(ids, skip_special_tokens=True)
+
+    def prepare(self, images: list[np.ndarray], continuations: list[str] | None = None, prefix: str | None = None) -> Prepared:
+        prefix = self.caption_prefix if prefix is None else prefix
+        base = self.template.format(question=self.question, prefix=prefix)
+        texts = [base + c for c in continuations] if continuations else [base] * len(images)
+        if len(texts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(texts)} continuations")
+        inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True).to(self.device)
+        ids = inputs["input_ids"]
+        positions = image_positions_from_ids(ids, self._model.config.image_token_id, self.num_image_tokens)
+        return Prepared(dict(inputs), ids, positions, ids.shape[1])
+
+    def forward(self, prepared: Prepared) -> torch.Tensor:
+        return self._model(**prepared.inputs, use_cache=False).logits
+
+    def _generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:
+        pad = self.processor.tokenizer.pad_token_id
+        gen = self._model.generate(**prepared.inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **GREEDY)
+        return gen[:, prepared.prompt_len :]
