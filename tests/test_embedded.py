@@ -9,7 +9,7 @@ import torch
 from knexp.data.toyworld.dataset import DATASET_STREAM
 from knexp.data.toyworld.scenes import SceneOptions, make_scene
 from knexp.evaluation.mentions import mention_scores
-from knexp.models.adapters.embedded import EmbeddedAdapter
+from knexp.models.adapters.spliced import SplicedAdapter
 from knexp.models.embedded import load_embedded
 from knexp.paths import default_cache_dir, project_root
 from knexp.tasks.train_projector import caption_batch, caption_loss
@@ -25,7 +25,7 @@ def embedded():
 
 @pytest.fixture(scope="module")
 def adapter(embedded):
-    return EmbeddedAdapter(embedded)
+    return SplicedAdapter(embedded)
 
 
 def test_converted_lm_is_plain_safetensors():

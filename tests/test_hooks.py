@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from knexp.models.adapters.base import PatchGeometry
-from knexp.models.adapters.embedded import EmbeddedAdapter
 from knexp.models.adapters.llava import LlavaAdapter
+from knexp.models.adapters.spliced import SplicedAdapter
 from knexp.models.hooks import LayerEdit, intervene, record
 from knexp.models.tiny import tiny_embedded, tiny_llava
 
@@ -19,13 +19,13 @@ def _images(n, size, seed=0):
 @pytest.fixture(scope="module", params=["embedded", "llava"])
 def adapter(request):
     if request.param == "embedded":
-        return EmbeddedAdapter(tiny_embedded(layers=3))
+        return SplicedAdapter(tiny_embedded(layers=3))
     model, processor = tiny_llava(grid=4, layers=3)
     return LlavaAdapter(model, processor, caption_prefix="the image shows")
 
 
 def _size(adapter):
-    return 224 if isinstance(adapter, EmbeddedAdapter) else 40
+    return 224 if isinstance(adapter, SplicedAdapter) else 40
 
 
 @pytest.fixture()
@@ -71,7 +71,7 @@ def test_image_span_holds_the_inserted_image_features(adapter, prepared):
     rows = torch.arange(2)[:, None]
     at_span = seen["h"][rows, prepared.image_positions]  # [B, P, d]
     with torch.no_grad():
-        if isinstance(adapter, EmbeddedAdapter):
+        if isinstance(adapter, SplicedAdapter):
             feats = adapter.mllm.project(adapter.mllm.encode_images(_preprocessed(adapter)))
         else:
             out = adapter.model.model.get_image_features(pixel_values=prepared.inputs["pixel_values"])
@@ -102,7 +102,7 @@ def test_geometry_is_row_major_over_the_grid(adapter):
 
 def _target(adapter, prepared):
     """y = sum over rows of the logit of the row's last token, at the position that predicts it."""
-    if isinstance(adapter, EmbeddedAdapter):  # right-padded continuations
+    if isinstance(adapter, SplicedAdapter):  # right-padded continuations
         last = prepared.inputs["attention_mask"].sum(1) - 1
     else:  # left-padded: every row ends at the last position
         last = torch.full((2,), prepared.prompt_len - 1)

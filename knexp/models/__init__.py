@@ -17,7 +17,7 @@ def load_model(model_cfg: DictConfig, cache_dir: str | Path) -> Adapter:
     """Build the model a ``conf/model/*.yaml`` describes and wrap it in its adapter."""
     family = model_cfg.family
     if family == "embedded":
-        from knexp.models.adapters.embedded import EmbeddedAdapter
+        from knexp.models.adapters.spliced import SplicedAdapter
         from knexp.models.embedded import PromptConfig, load_embedded
 
         mllm = load_embedded(
@@ -29,7 +29,7 @@ def load_model(model_cfg: DictConfig, cache_dir: str | Path) -> Adapter:
             attn_implementation=model_cfg.attn_implementation,
             prompt=PromptConfig(**OmegaConf.to_container(model_cfg.prompt, resolve=True)),
         )
-        return EmbeddedAdapter(mllm.to(torch.device(model_cfg.device)))
+        return SplicedAdapter(mllm.to(torch.device(model_cfg.device)))
     if family == "tiny_llava":
         from knexp.models.adapters.llava import LlavaAdapter
         from knexp.models.tiny import tiny_llava

@@ -1,6 +1,6 @@
 """The embedded MLLM: EfficientNet-Lite0 (frozen) -> projector (trained) -> SmolLM2-135M-Instruct (frozen).
 
-Captioning and neuron access go through ``knexp.models.adapters.embedded.EmbeddedAdapter``.
+Captioning and neuron access go through ``knexp.models.adapters.spliced.SplicedAdapter``.
 This is MiniGPT-4's first-stage recipe in miniature: a frozen image encoder whose 7 x 7 x 1280 feature
 map becomes 49 image tokens (row-major, token ``t`` covers grid cell ``(t // 7, t % 7)``), a projector
 into the LM's embedding space, and a frozen chat LM. Image tokens sit in the user turn of the LM's own
@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from knexp.models.adapters.base import PatchGeometry
 from knexp.models.offline import efficientnet_lite0_weights, smollm2_folder
+from knexp.models.spliced import SplicedMLLM
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +64,19 @@ def build_projector(kind: str, hidden: int, out_dim: int) -> nn.Module:
     raise ValueError(f"unknown projector kind {kind!r}; use 'linear' or 'mlp'")
 
 
-class EmbeddedMLLM(nn.Module):
-    """Vision encoder + projector + causal LM, with prompt building and image-token embedding."""
+class EmbeddedMLLM(SplicedMLLM):
+    """Vision encoder + projector spliced into SmolLM2's chat template (image tokens in the user turn)."""
 
     def __init__(self, vision: nn.Module, projector: nn.Module, lm: nn.Module, tokenizer, prompt: PromptConfig):
-        super().__init__()
-        self.vision, self.projector, self.lm = vision, projector, lm
-        self.tokenizer = tokenizer
+        super().__init__(lm, tokenizer, image_token=prompt.image_token, end_token="<|im_end|>", caption_prefix=prompt.caption_prefix)
+        self.vision, self.projector = vision, projector
         self.prompt = prompt
-        self.image_token_id = tokenizer.convert_tokens_to_ids(prompt.image_token)
-        self.end_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.num_image_tokens = GRID * GRID
-        self._prompt_ids: dict[str, list[int]] = {}
+        self.image_marker = prompt.image_marker
+        self._geometry = PatchGeometry.row_major(GRID, GRID)
 
-    # ---- images ---------------------------------------------------------------------------------
     @property
-    def device(self) -> torch.device:
-        return next(self.projector.parameters()).device
+    def geometry(self) -> PatchGeometry:
+        return self._geometry
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -90,30 +88,12 @@ class EmbeddedMLLM(nn.Module):
         """Projected image tokens [B, 49, d_model] in the LM's dtype."""
         return self.projector(features.float()).to(self.lm.dtype)
 
-    # ---- prompts --------------------------------------------------------------------------------
-    def prompt_ids(self, prefix: str | None = None) -> list[int]:
-        """Token ids of the chat prompt with 49 image placeholders, ending with the caption prefix."""
-        prefix = self.prompt.caption_prefix if prefix is None else prefix
-        if prefix not in self._prompt_ids:
-            messages = [
-                {"role": "system", "content": self.prompt.system},
-                {"role": "user", "content": self.prompt.user},
-            ]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            if text.count(self.prompt.image_marker) != 1:
-                raise ValueError(f"prompt.user must contain the image marker {self.prompt.image_marker!r} exactly once")
-            text = text.replace(self.prompt.image_marker, self.prompt.image_token * self.num_image_tokens) + prefix
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if sum(i == self.image_token_id for i in ids) != self.num_image_tokens:
-                raise ValueError(f"image token {self.prompt.image_token!r} does not tokenize to one id per image token")
-            self._prompt_ids[prefix] = ids
-        return self._prompt_ids[prefix]
+    def image_embeddings(self, images: list[np.ndarray]) -> torch.Tensor:
+        return self.project(self.encode_images(preprocess(images)))
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [B, T, d] with the placeholder positions replaced by ``image_embeds`` [B, 49, d]."""
-        is_image = input_ids == self.image_token_id  # [B, T]
-        embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
-        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+    def prompt_text(self, prefix: str) -> str:
+        messages = [{"role": "system", "content": self.prompt.system}, {"role": "user", "content": self.prompt.user}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix
 
 
 def load_embedded(

@@ -1,4 +1,8 @@
-"""Adapter for the embedded MLLM (EfficientNet-Lite0 -> projector -> SmolLM2, a LLaMA decoder)."""
+"""Adapter for MLLMs that splice image embeddings into a LLaMA-family LM (``knexp.models.spliced``).
+
+Serves the embedded model (49 tokens, 7 x 7 grid) and MiniGPT-4 (64 tokens, 16 x 4 strips); the model
+object supplies the prompt, the image embeddings and the patch geometry.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,14 @@ import torch
 from torch import nn
 
 from knexp.models.adapters.base import GREEDY, Adapter, PatchGeometry, Prepared, image_positions_from_ids
-from knexp.models.embedded import GRID, EmbeddedMLLM, preprocess
+from knexp.models.spliced import SplicedMLLM
 
 
-class EmbeddedAdapter(Adapter):
-    """49 image tokens, row-major over the 7 x 7 EfficientNet grid (token t covers cell (t // 7, t % 7))."""
-
-    def __init__(self, mllm: EmbeddedMLLM):
+class SplicedAdapter(Adapter):
+    def __init__(self, mllm: SplicedMLLM):
         self.mllm = mllm
-        self.caption_prefix = mllm.prompt.caption_prefix
-        self.geometry = PatchGeometry.row_major(GRID, GRID)
+        self.caption_prefix = mllm.caption_prefix
+        self.geometry: PatchGeometry = mllm.geometry
 
     @property
     def model(self) -> nn.Module:
@@ -60,8 +62,7 @@ class EmbeddedAdapter(Adapter):
         input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
         attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
         with torch.no_grad():
-            image_embeds = self.mllm.project(self.mllm.encode_images(preprocess(images)))
-            embeds = self.mllm.embed(input_ids, image_embeds)
+            embeds = self.mllm.embed(input_ids, self.mllm.image_embeddings(images))
         positions = image_positions_from_ids(input_ids, self.mllm.image_token_id, self.num_image_tokens)
         return Prepared({"inputs_embeds": embeds, "attention_mask": attention}, input_ids, positions, width)
 

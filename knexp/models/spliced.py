@@ -1,0 +1,73 @@
+"""MLLMs whose image embeddings are spliced into a causal LM at placeholder tokens.
+
+The embedded model and MiniGPT-4 share this shape: an image encoder and a projector give P embeddings,
+the prompt text holds an image marker, the marker becomes P placeholder ids, and the placeholders'
+embeddings are replaced by the image embeddings before the LM runs. A subclass says how to encode
+images, how its prompt reads, and which image region each image token covers.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import numpy as np
+import torch
+from torch import nn
+
+from knexp.models.adapters.base import PatchGeometry
+
+
+class SplicedMLLM(nn.Module):
+    lm: nn.Module  # a transformers causal LM (LLaMA family)
+    image_marker: str = "<image>"
+
+    def __init__(self, lm: nn.Module, tokenizer, image_token: str, end_token: str, caption_prefix: str):
+        super().__init__()
+        self.lm, self.tokenizer = lm, tokenizer
+        self.caption_prefix = caption_prefix
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.end_token_id = tokenizer.convert_tokens_to_ids(end_token)
+        self._prompt_ids: dict[str, list[int]] = {}
+
+    # ---- what a subclass provides ---------------------------------------------------------------
+    @property
+    @abstractmethod
+    def geometry(self) -> PatchGeometry: ...
+
+    @abstractmethod
+    def image_embeddings(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Projected image tokens [B, P, d_model] in the LM's dtype, from RGB uint8 images."""
+
+    @abstractmethod
+    def prompt_text(self, prefix: str) -> str:
+        """The full prompt text, holding ``self.image_marker`` once and ending with ``prefix``."""
+
+    # ---- shared ---------------------------------------------------------------------------------
+    @property
+    def num_image_tokens(self) -> int:
+        return len(self.geometry)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    def prompt_ids(self, prefix: str | None = None) -> list[int]:
+        """Token ids of the prompt with P image placeholders, ending with the caption prefix (cached)."""
+        prefix = self.caption_prefix if prefix is None else prefix
+        if prefix not in self._prompt_ids:
+            text = self.prompt_text(prefix)
+            if text.count(self.image_marker) != 1:
+                raise ValueError(f"the prompt must contain the image marker {self.image_marker!r} exactly once: {text!r}")
+            text = text.replace(self.image_marker, self.image_token * self.num_image_tokens)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if sum(i == self.image_token_id for i in ids) != self.num_image_tokens:
+                raise ValueError(f"image token {self.image_token!r} does not tokenize to one id per image token")
+            self._prompt_ids[prefix] = ids
+        return self._prompt_ids[prefix]
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, d] with the placeholder positions replaced by ``image_embeds`` [B, P, d]."""
+        is_image = input_ids == self.image_token_id  # [B, T]
+        embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
