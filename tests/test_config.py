@@ -84,3 +84,32 @@ def test_experiment_files_are_global_packages():
     assert cfg.data.num_images == 60 and cfg.task.inpaint_scenes == 20 and cfg.logger.name == "none"
     for f in (conf_dir() / "experiment").glob("*.yaml"):
         assert f.read_text().startswith("# @package _global_"), f
+
+
+def test_real_size_models_fail_with_the_key_to_set(tmp_path):
+    from omegaconf.errors import MissingMandatoryValue
+
+    from knexp.models import ModelWeightsMissing, load_model
+
+    cfg = _compose("model=llava15_7b", f"model.path={tmp_path}/no-llava")
+    with pytest.raises(ModelWeightsMissing, match="model.path"):
+        load_model(cfg.model, cfg.paths.cache_dir)
+    cfg = _compose("model=minigpt4_llama2")
+    with pytest.raises(MissingMandatoryValue, match="converted_dir"):
+        load_model(cfg.model, cfg.paths.cache_dir)
+    cfg = _compose("model=minigpt4_llama2", f"model.converted_dir={tmp_path}")
+    with pytest.raises(ModelWeightsMissing, match="convert"):
+        load_model(cfg.model, cfg.paths.cache_dir)
+
+
+@pytest.mark.parametrize("name, tokens", [("tiny_llava", 16), ("tiny_minigpt4", 16)])
+def test_tiny_model_configs_build_adapters(name, tokens):
+    import numpy as np
+
+    from knexp.models import load_model
+
+    cfg = _compose(f"model={name}")
+    adapter = load_model(cfg.model, cfg.paths.cache_dir)
+    assert adapter.num_image_tokens == tokens
+    caps = adapter.caption([np.zeros((50, 50, 3), np.uint8)] * 2, max_new_tokens=3)
+    assert len(caps) == 2 and all(c.startswith(cfg.model.prompt.caption_prefix) for c in caps)

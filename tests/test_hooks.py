@@ -8,7 +8,7 @@ from knexp.models.adapters.base import PatchGeometry
 from knexp.models.adapters.llava import LlavaAdapter
 from knexp.models.adapters.spliced import SplicedAdapter
 from knexp.models.hooks import LayerEdit, intervene, record
-from knexp.models.tiny import tiny_embedded, tiny_llava
+from knexp.models.tiny import tiny_embedded, tiny_llava, tiny_minigpt4
 
 
 def _images(n, size, seed=0):
@@ -16,16 +16,18 @@ def _images(n, size, seed=0):
     return [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(n)]
 
 
-@pytest.fixture(scope="module", params=["embedded", "llava"])
+@pytest.fixture(scope="module", params=["embedded", "llava", "minigpt4"])
 def adapter(request):
     if request.param == "embedded":
         return SplicedAdapter(tiny_embedded(layers=3))
+    if request.param == "minigpt4":
+        return SplicedAdapter(tiny_minigpt4(layers=3))
     model, processor = tiny_llava(grid=4, layers=3)
     return LlavaAdapter(model, processor, caption_prefix="the image shows")
 
 
 def _size(adapter):
-    return 224 if isinstance(adapter, SplicedAdapter) else 40
+    return 60 if isinstance(adapter, LlavaAdapter) else 224
 
 
 @pytest.fixture()
@@ -72,7 +74,7 @@ def test_image_span_holds_the_inserted_image_features(adapter, prepared):
     at_span = seen["h"][rows, prepared.image_positions]  # [B, P, d]
     with torch.no_grad():
         if isinstance(adapter, SplicedAdapter):
-            feats = adapter.mllm.project(adapter.mllm.encode_images(_preprocessed(adapter)))
+            feats = adapter.mllm.image_embeddings(_images(2, _size(adapter)))
         else:
             out = adapter.model.model.get_image_features(pixel_values=prepared.inputs["pixel_values"])
             out = getattr(out, "pooler_output", out)
@@ -83,12 +85,6 @@ def test_image_span_holds_the_inserted_image_features(adapter, prepared):
     assert ((spans.diff(dim=1)) == 1).all(), "one contiguous span per row"
     if isinstance(adapter, LlavaAdapter):
         assert spans[0, 0] != spans[1, 0], "left padding moves the span of the shorter row"
-
-
-def _preprocessed(adapter):
-    from knexp.models.embedded import preprocess
-
-    return preprocess(_images(2, 224))
 
 
 def test_geometry_is_row_major_over_the_grid(adapter):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>",
+            "<|im_start|>", "<|im_end|>", "<|endoftext|>", "[INST]", "[/INST]", "<Img>", "</Img>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -78,16 +79,34 @@ def tiny_llava(grid: int = 4, patch_size: int = 8, hidden: int = 32, intermediat
 def tiny_embedded(hidden: int = 32, intermediate: int = 64, layers: int = 3, seed: int = 0):
     """The embedded MLLM's classes at toy size: random EfficientNet-Lite0, linear projector, tiny LLaMA."""
     from efficientnet_lite_pytorch import EfficientNet
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from knexp.models.embedded import EmbeddedMLLM, PromptConfig, build_projector
 
     torch.manual_seed(seed)
     tokenizer = word_tokenizer()
     vision = EfficientNet.from_name("efficientnet-lite0").eval().requires_grad_(False)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    lm = LlamaForCausalLM(config).eval().requires_grad_(False)
+    lm = tiny_lm(tokenizer, hidden, intermediate, layers, eos="<|im_end|>")
     prompt = PromptConfig(system="describe", user="<image>\nwhat does this image show?", caption_prefix="the image shows")
     return EmbeddedMLLM(vision, build_projector("linear", 0, hidden), lm, tokenizer, prompt)
+
+
+def tiny_lm(tokenizer, hidden: int = 32, intermediate: int = 64, layers: int = 3, eos: str = "</s>"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids(eos))
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def tiny_minigpt4(layers: int = 3, seed: int = 0):
+    """MiniGPT-4's classes at toy size: a 2-block EVA ViT on 56 px (8 x 8 patches -> 16 tokens of 1 x 4 strips)."""
+    from knexp.models.minigpt4 import EvaConfig, MiniGPT4
+
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer()
+    eva = EvaConfig(img_size=56, patch_size=7, dim=16, depth=2, heads=2, mlp_hidden=32)
+    model = MiniGPT4(eva, tiny_lm(tokenizer, layers=layers), tokenizer, caption_prefix="the image shows", image_token="<image>")
+    for p in model.visual_encoder.parameters():  # a random but not degenerate encoder
+        torch.nn.init.normal_(p, std=0.2)
+    return model.eval().requires_grad_(False)
