@@ -146,3 +146,21 @@ def load_projector(projector: nn.Module, path: str | Path) -> None:
             f"file (`git checkout -- {path}`) or retrain it with `python run.py task=train_projector`; "
             "run `make install` if the offline packages are missing"
         ) from exc
+
+
+def load_adapter(model_cfg, device: torch.device, cache_dir: Path):
+    """``model=embedded``: the embedded MLLM in its adapter (the loader named in conf/model/embedded.yaml)."""
+    from omegaconf import OmegaConf
+
+    from knexp.models.adapters.spliced import SplicedAdapter
+
+    mllm = load_embedded(
+        cache_dir=cache_dir,
+        projector_path=model_cfg.projector_path,
+        projector_kind=model_cfg.projector_kind,
+        projector_hidden=model_cfg.projector_hidden,
+        dtype=model_cfg.dtype,
+        attn_implementation=model_cfg.attn_implementation,
+        prompt=PromptConfig(**OmegaConf.to_container(model_cfg.prompt, resolve=True)),
+    )
+    return SplicedAdapter(mllm.to(device))

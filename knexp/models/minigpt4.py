@@ -190,6 +190,16 @@ def load_minigpt4(converted: str | Path, llama: str, dtype: str = "float16", dev
     return model.eval().requires_grad_(False).to(device)
 
 
+def load_adapter(model_cfg, device: torch.device, cache_dir: Path):
+    """``model=minigpt4_llama2``: MiniGPT-4 from its converted folder, in the spliced-model adapter."""
+    from knexp.models.adapters.spliced import SplicedAdapter
+
+    model = load_minigpt4(model_cfg.converted_dir, model_cfg.llama, dtype=model_cfg.dtype, device=str(device),
+                          vision_dtype=model_cfg.vision_dtype, caption_prefix=model_cfg.prompt.caption_prefix,
+                          question=model_cfg.question)
+    return SplicedAdapter(model)
+
+
 def convert(minigpt4_ckpt: str | Path, eva_ckpt: str | Path, out: str | Path, eva: EvaConfig | None = None) -> Path:
     """Official ``.pth`` files -> ``out/minigpt4_vision.safetensors`` + ``out/minigpt4_config.json``.
 

@@ -9,6 +9,8 @@ LLaVA-1.5 (24 x 24 at full size).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -110,3 +112,19 @@ def tiny_minigpt4(layers: int = 3, seed: int = 0):
     for p in model.visual_encoder.parameters():  # a random but not degenerate encoder
         torch.nn.init.normal_(p, std=0.2)
     return model.eval().requires_grad_(False)
+
+
+def load_tiny_llava(model_cfg, device: torch.device, cache_dir: Path):
+    """``model=tiny_llava``."""
+    from knexp.models.adapters.llava import LlavaAdapter
+
+    model, processor = tiny_llava(grid=model_cfg.grid, patch_size=model_cfg.patch_size, hidden=model_cfg.hidden,
+                                  layers=model_cfg.layers, seed=model_cfg.seed)
+    return LlavaAdapter(model.to(device), processor, caption_prefix=model_cfg.prompt.caption_prefix)
+
+
+def load_tiny_minigpt4(model_cfg, device: torch.device, cache_dir: Path):
+    """``model=tiny_minigpt4``."""
+    from knexp.models.adapters.spliced import SplicedAdapter
+
+    return SplicedAdapter(tiny_minigpt4(layers=model_cfg.layers, seed=model_cfg.seed).to(device))

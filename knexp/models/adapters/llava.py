@@ -8,6 +8,8 @@ feature strategy then drops). Image tokens tile the (image_size / patch_size)^2 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -81,3 +83,25 @@ class LlavaAdapter(Adapter):
         pad = self.processor.tokenizer.pad_token_id
         gen = self._model.generate(**prepared.inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **GREEDY)
         return gen[:, prepared.prompt_len :]
+
+
+def load_adapter(model_cfg, device: torch.device, cache_dir: Path) -> LlavaAdapter:
+    """``model=llava15_7b``: HF LLaVA from a hub id or local folder; the processor is told about CLIP's CLS."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from knexp.models import ModelWeightsMissing
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_cfg.path)
+        model = LlavaForConditionalGeneration.from_pretrained(model_cfg.path, dtype=getattr(torch, model_cfg.dtype))
+    except OSError as exc:
+        raise ModelWeightsMissing(
+            f"LLaVA weights not found at model.path={model_cfg.path!r} ({exc}); point model.path at a local copy "
+            "(knexp runs with HF_HUB_OFFLINE=1) or download it first"
+        ) from exc
+    processor.num_additional_image_tokens = model_cfg.num_additional_image_tokens
+    if processor.patch_size is None:
+        processor.patch_size = model.config.vision_config.patch_size
+    if processor.vision_feature_select_strategy is None:
+        processor.vision_feature_select_strategy = model.config.vision_feature_select_strategy
+    return LlavaAdapter(model.to(device), processor, question=model_cfg.question, caption_prefix=model_cfg.prompt.caption_prefix)
