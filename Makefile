@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test test-fast lint clean-cache
+.PHONY: install run test test-fast lint bench clean-cache
 
 install: $(STAMP)
 
@@ -38,3 +38,6 @@ lint: install
 
 clean-cache:
 	rm -rf runs/cache
+
+bench: install
+	$(BIN)/python -m knexp.bench
