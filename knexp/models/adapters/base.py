@@ -88,6 +88,13 @@ class Adapter(ABC):
     def ffn(self, layer: int) -> nn.Module:
         """The whole FFN (MLP) module of ``layer``: ``ffn(x) == ffn_out(O^l)``."""
 
+    def ffn_act(self, layer: int) -> nn.Module:
+        """The FFN's activation module (``act_fn``: its output is act(gate(x)), without the ``up`` factor).
+
+        Pan et al.'s own code hooks here; LLaMA-style MLPs (all adapters so far) name it ``act_fn``.
+        """
+        return self.ffn(layer).act_fn
+
     @abstractmethod
     def unembedding(self) -> torch.Tensor:
         """W_U [V, d_model]."""

@@ -1,0 +1,184 @@
+"""The passes identification needs, reduced on the fly to per-neuron statistics (METHOD.md Stages 1-2).
+
+For one sample (original image o, inpainted image i, the caption of o with target token c):
+
+1. forward on i (no gradient): O'_i per layer, kept in the model's dtype;
+2. forward on o with the caption before c as context, then one backward of y_c, the logit of c at the
+   position t* that predicts it. Hooks reduce everything as it streams by, freeing O'_i layer by layer,
+   so the peak extra memory is about one [L, P, d_f] tensor in half precision.
+
+Every method (ours, its ablations, Schwettmann, Pan, random) is a ranking of these statistics
+(``knexp.identification.methods``), so running all methods on a sample costs these two passes once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from knexp.data.catalog import Knowledge
+from knexp.models.adapters.base import Adapter
+from knexp.models.hooks import attached
+
+
+class TargetNotFound(ValueError):
+    """The caption does not name the knowledge, or its word gives no token: the sample is unusable."""
+
+
+@dataclass
+class Target:
+    """Where y_c comes from: the caption text before the target word, and c itself."""
+
+    context: str  # caption text after the prefix and before the first mention, e.g. " a"
+    token_id: int  # c: the first LM token of the first occurrence of the target word
+    word: str  # the matched word form as written in the caption
+
+
+def locate_target(adapter: Adapter, caption: str, prefix: str, knowledge: Knowledge) -> Target:
+    """c = first token of the first mention of ``knowledge`` in ``caption`` (METHOD.md, Stage 2).
+
+    The context is tokenised as the adapter tokenises continuations; c is the first token that
+    tokenising context + word adds beyond the context's own tokens.
+    """
+    if not caption.startswith(prefix):
+        raise TargetNotFound(f"caption {caption!r} does not start with the caption prefix {prefix!r}")
+    body = caption[len(prefix) :]
+    span = knowledge.first_mention(body)
+    if span is None:
+        raise TargetNotFound(f"caption {caption!r} does not name {knowledge.name!r}")
+    # the space before the word belongs to the word's token (BPE and SentencePiece both attach it)
+    context, word = body[: span[0]].rstrip(), body[span[0] : span[1]]
+    ctx_ids = adapter.tokenize(context) if context else []
+    full = adapter.tokenize(body[: span[1]])
+    if len(full) <= len(ctx_ids) or full[: len(ctx_ids)] != ctx_ids:
+        raise TargetNotFound(f"the tokenizer does not split {context + word!r} after the context {context!r}")
+    return Target(context=context, token_id=int(full[len(ctx_ids)]), word=word)
+
+
+@dataclass
+class SampleStats:
+    """Per-neuron statistics of one sample; tensors are float32 [L, d_f] unless noted.
+
+    diff_max      max_p (O'_o - O'_i)                    (stage 1)
+    gradcam_max   max_p O'_o * dy_c/dO'_o                (stage 2)
+    gradcam_argmax  argmax_p of the same, long           (the patch of each neuron's best (unit, patch) pair)
+    gradcam_mean  mean_p O'_o * dy_c/dO'_o               (Schwettmann, paper comparison)
+    act_mean      mean_p O'_o                            (Pan, paper comparison)
+    act_last      O_o at t*                              (the full neuron activation at the predicting position)
+    actfn_last    act_fn(gate(x)) at t*                  (Pan, authors' hook point)
+    wout_dot_wu   W_out^l[:, u] . W_U[c]                 (Pan's projection onto the target token)
+    """
+
+    diff_max: torch.Tensor
+    gradcam_max: torch.Tensor
+    gradcam_argmax: torch.Tensor
+    gradcam_mean: torch.Tensor
+    act_mean: torch.Tensor
+    act_last: torch.Tensor
+    actfn_last: torch.Tensor
+    wout_dot_wu: torch.Tensor
+    target_id: int
+    target_position: int
+    forward_passes: int = 2
+    extra: dict = field(default_factory=dict)
+
+    TENSORS = ("diff_max", "gradcam_max", "gradcam_argmax", "gradcam_mean", "act_mean", "act_last", "actfn_last", "wout_dot_wu")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.diff_max.shape)
+
+    def check_finite(self) -> None:
+        """Raise ValueError naming the statistic that holds NaN or inf (a sample to skip, not to rank)."""
+        for name in self.TENSORS:
+            t = getattr(self, name)
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"non-finite values in {name}: the sample's activations or gradients overflowed")
+
+
+def wout_dot_unembedding(adapter: Adapter, token_id: int) -> torch.Tensor:
+    """[L, d_f]: W_out^l[:, u] . W_U[token_id] for every neuron; only W_U's row for the token is used."""
+    w_u = adapter.unembedding()[token_id].float()  # [d_model]
+    return torch.stack([adapter.w_out(layer).float().T @ w_u for layer in range(adapter.num_layers)])
+
+
+def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray, target: Target, prefix: str | None = None) -> SampleStats:
+    """Run the two passes of METHOD.md's Stages 1-2 for one sample and reduce them per neuron."""
+    layers = list(range(adapter.num_layers))
+    prep_i = adapter.prepare([inpainted], continuations=[target.context], prefix=prefix)
+    prep_o = adapter.prepare([original], continuations=[target.context], prefix=prefix)
+    pos_i, pos_o = prep_i.image_positions[0], prep_o.image_positions[0]
+    t_star = prep_o.prompt_len - 1 if _left_aligned(prep_o) else int(prep_o.inputs["attention_mask"][0].sum()) - 1
+
+    inpainted_acts: dict[int, torch.Tensor] = {}
+
+    def keep_inpainted(layer):
+        def hook(module, args):
+            if args[0].shape[1] == prep_i.prompt_len:
+                inpainted_acts[layer] = args[0][0, pos_i].detach()  # [P, d_f], model dtype
+        return hook
+
+    with torch.no_grad(), attached(adapter, {layer: keep_inpainted(layer) for layer in layers}):
+        adapter.forward(prep_i)
+
+    out: dict[str, dict[int, torch.Tensor]] = {k: {} for k in SampleStats.TENSORS}
+    anchor = None
+
+    def on_original(layer):
+        def hook(module, args):
+            nonlocal anchor
+            x = args[0]
+            if x.shape[1] != prep_o.prompt_len:
+                return None
+            o = x[0, pos_o]  # [P, d_f]
+            o_det = o.detach()
+            out["diff_max"][layer] = (o_det.float() - inpainted_acts.pop(layer).float()).amax(0)
+            out["act_mean"][layer] = o_det.float().mean(0)
+            out["act_last"][layer] = x[0, t_star].detach().float()
+            if anchor is None:
+                anchor = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
+            offset = anchor.expand_as(o)
+
+            def catch(grad: torch.Tensor) -> None:
+                gc = o_det.float() * grad.float()  # [P, d_f]: O'_o * dy_c/dO'_o
+                best, arg = gc.max(0)
+                out["gradcam_max"][layer], out["gradcam_argmax"][layer] = best, arg
+                out["gradcam_mean"][layer] = gc.mean(0)
+
+            offset.register_hook(catch)
+            x = x.clone()
+            x[0, pos_o] = o + offset
+            return (x, *args[1:])
+
+        return hook
+
+    def on_act(layer):
+        def hook(module, args, output):
+            if output.shape[1] == prep_o.prompt_len:
+                out["actfn_last"][layer] = output[0, t_star].detach().float()
+        return hook
+
+    act_handles = [adapter.ffn_act(layer).register_forward_hook(on_act(layer)) for layer in layers]
+    try:
+        with torch.enable_grad(), attached(adapter, {layer: on_original(layer) for layer in layers}):
+            logits = adapter.forward(prep_o)
+            y = logits[0, t_star, target.token_id]
+            y.backward()
+    finally:
+        for h in act_handles:
+            h.remove()
+    missing = [layer for layer in layers if layer not in out["gradcam_max"]]
+    if missing:
+        raise RuntimeError(f"no gradient reached layers {missing}; is the target logit connected to the image tokens?")
+    stacked = {k: torch.stack([v[layer] for layer in layers]).cpu() for k, v in out.items() if k != "wout_dot_wu"}
+    with torch.no_grad():
+        stacked["wout_dot_wu"] = wout_dot_unembedding(adapter, target.token_id).cpu()
+    return SampleStats(**stacked, target_id=target.token_id, target_position=t_star)
+
+
+def _left_aligned(prepared) -> bool:
+    """True when every row ends at the last position (left padding or no padding)."""
+    mask = prepared.inputs.get("attention_mask")
+    return mask is None or bool(mask[:, -1].all())
