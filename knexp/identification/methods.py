@@ -47,8 +47,9 @@ class NeuronSet:
         return np.bincount(self.layers, minlength=num_layers).tolist()
 
     def to_dict(self) -> dict:
+        rows = zip(self.layers, self.units, self.scores, strict=True)
         d = {"method": self.method, "variant": self.variant, "size": len(self), "note": self.note, "info": self.info,
-             "neurons": [{"layer": int(layer), "unit": int(u), "score": float(s)} for layer, u, s in zip(self.layers, self.units, self.scores, strict=True)]}
+             "neurons": [{"layer": int(layer), "unit": int(u), "score": float(s)} for layer, u, s in rows]}
         if self.patches is not None:
             for n, p in zip(d["neurons"], self.patches, strict=True):
                 n["patch"] = int(p)
