@@ -113,3 +113,16 @@ def test_tiny_model_configs_build_adapters(name, tokens):
     assert adapter.num_image_tokens == tokens
     caps = adapter.caption([np.zeros((50, 50, 3), np.uint8)] * 2, max_new_tokens=3)
     assert len(caps) == 2 and all(c.startswith(cfg.model.prompt.caption_prefix) for c in caps)
+
+
+def test_identify_task_reports_too_few_samples_and_writes_outputs(tmp_path):
+    r = _run("task=identify", "model=tiny_llava", "knowledge=bus", "method=pan", "thresholds=quantile", "data.num_images=20",
+             f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none", f"paths.cache_dir={tmp_path}/cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "identification results:" in r.stdout and str(tmp_path / "job") in r.stdout
+    summary = json.loads((tmp_path / "job" / "identify.json").read_text())
+    selection = json.loads((tmp_path / "job" / "selection.json").read_text())
+    assert summary["method"] == "pan" and summary["requested"] == 3
+    assert summary["samples"] == len(selection["accepted"]) < 3  # a random tiny model rarely names the bus
+    assert "only" in summary["selection"] and selection["rejected"]
+    assert all(c["reason"] for c in selection["rejected"])

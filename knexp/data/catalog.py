@@ -102,6 +102,10 @@ class Catalog:
         return isinstance(name, str) and name.replace("_", " ") in self._by_name
 
     @property
+    def coco_ids(self) -> set[int]:
+        return set(self._by_id)
+
+    @property
     def names(self) -> list[str]:
         return list(self._by_name)
 

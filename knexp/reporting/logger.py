@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from knexp.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,7 @@ class RunLogger:
 
     def log_metrics(self, metrics: dict) -> None:
         self.metrics.update(metrics)
-        _atomic_write(self.out_dir / "metrics.json", json.dumps(self.metrics, indent=1, sort_keys=True))
+        atomic_write_text(self.out_dir / "metrics.json", json.dumps(self.metrics, indent=1, sort_keys=True))
 
     def log_table(self, name: str, table: pd.DataFrame) -> Path:
         path = self.out_dir / f"{name}.csv"
@@ -99,9 +101,3 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

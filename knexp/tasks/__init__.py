@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 TASKS = {
     "train_projector": "knexp.tasks.train_projector",
     "caption_eval": "knexp.tasks.caption_eval",
+    "identify": "knexp.tasks.identify",
 }
 
 

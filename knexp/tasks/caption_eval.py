@@ -21,26 +21,18 @@ from omegaconf import DictConfig
 
 from knexp.counterfactual.inpaint import inpaint, region_mask
 from knexp.data.catalog import Catalog
-from knexp.data.coco import CocoScenes
-from knexp.data.toyworld.dataset import generate_split
+from knexp.data.loading import load_dataset
 from knexp.evaluation.mentions import mention_scores, removal_scores
 from knexp.models import load_model
 from knexp.reporting.logger import make_logger
-from knexp.tasks.train_projector import scene_options
 
 log = logging.getLogger(__name__)
 CHECK_STREAM = 3  # which object the inpainting check removes
 
 
-def load_split(cfg: DictConfig, catalog: Catalog) -> CocoScenes:
-    if cfg.data.name == "toyworld":
-        generate_split(cfg.data.root, cfg.data.split, cfg.data.num_images, cfg.data.seed, catalog, scene_options(cfg))
-    return CocoScenes(cfg.data.root, cfg.data.split)
-
-
 def run(cfg: DictConfig) -> dict:
     catalog = Catalog.load()
-    data = load_split(cfg, catalog)
+    data, _ = load_dataset(cfg.data, catalog)
     ids = data.image_ids[: cfg.task.num_scenes]
     model = load_model(cfg.model, cfg.paths.cache_dir)
     logger = make_logger(cfg)

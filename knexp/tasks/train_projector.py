@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from knexp.data.catalog import Catalog
-from knexp.data.toyworld.scenes import SceneOptions, make_scene
+from knexp.data.loading import scene_options
+from knexp.data.toyworld.scenes import make_scene
 from knexp.models import load_model
 from knexp.models.embedded import EmbeddedMLLM, preprocess
 
@@ -73,14 +74,6 @@ def lr_at(step: int, cfg: DictConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def scene_options(cfg: DictConfig, train: DictConfig | None = None) -> SceneOptions:
-    s = cfg.data.scene
-    opts = SceneOptions(size=s.size, min_objects=s.min_objects, max_objects=s.max_objects, object_px=tuple(s.object_px), gap_px=s.gap_px)
-    if train is not None:
-        opts.ghost_prob, opts.empty_prob = float(train.ghost_prob), float(train.empty_prob)
-    return opts
-
-
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -112,7 +105,8 @@ def run(cfg: DictConfig) -> dict:
         start = int(ckpt["step"])
         log.info("resumed from %s at step %d", t.resume_from, start)
     catalog = Catalog.load()
-    opts = scene_options(cfg, t)
+    opts = scene_options(cfg.data)
+    opts.ghost_prob, opts.empty_prob = float(t.ghost_prob), float(t.empty_prob)
     history, began, smooth = [], time.time(), None
     for step in range(start, t.steps):
         rng = np.random.default_rng([t.seed, TRAIN_STREAM, step])

@@ -1,0 +1,125 @@
+"""Choose identification samples under the paper's three constraints (METHOD.md, "Knowledge catalog").
+
+A candidate is one COCO instance of knowledge k. It is accepted when
+  (3) no other annotated instance overlaps the region that will be inpainted (checked first: no model);
+  (1) the model's caption of the original image names k;
+  (2) the model's caption of the image with the instance inpainted away does not.
+Candidates are visited in a seeded random order until ``per_knowledge`` are accepted. Every rejected
+candidate keeps its reason; an unreadable image is a rejection, not a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from knexp.counterfactual.cache import InpaintCache, InpaintOptions
+from knexp.data.catalog import Catalog, Knowledge
+from knexp.data.coco import CocoScenes, DatasetError
+from knexp.models.adapters.base import Adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    image_id: int
+    annotation_id: int
+    knowledge: str
+    accepted: bool = False
+    reason: str = ""
+    original_caption: str = ""
+    inpainted_caption: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Selection:
+    knowledge: str
+    requested: int
+    accepted: list[Candidate]
+    rejected: list[Candidate]
+
+    @property
+    def message(self) -> str:
+        n = len(self.accepted)
+        if n >= self.requested:
+            return f"{self.knowledge}: {n} samples selected"
+        reasons: dict[str, int] = {}
+        for c in self.rejected:
+            key = c.reason.split(":")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+        why = ", ".join(f"{v} {k}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) or "no candidates"
+        return (f"{self.knowledge}: only {n} of {self.requested} requested samples satisfy the constraints "
+                f"({len(self.rejected)} rejected: {why}); continuing with {n}")
+
+    def to_dict(self) -> dict:
+        return {"knowledge": self.knowledge, "requested": self.requested, "accepted": [c.to_dict() for c in self.accepted],
+                "rejected": [c.to_dict() for c in self.rejected], "message": self.message}
+
+
+def overlap_reason(data: CocoScenes, catalog: Catalog, image_id: int, annotation_id: int, region: np.ndarray) -> str:
+    """Constraint (3): '' if no other instance's mask touches ``region`` (bool [H, W]), else the reason."""
+    for other in data.instances(image_id):
+        if other.annotation_id != annotation_id and (data.instance_mask(other.annotation_id) & region).any():
+            name = catalog.by_coco_id(other.category_id).name if other.category_id in catalog.coco_ids else str(other.category_id)
+            return f"overlap: the inpainted region overlaps {name} (annotation {other.annotation_id})"
+    return ""
+
+
+def select_samples(data: CocoScenes, dataset_id: str, adapter: Adapter, catalog: Catalog, knowledge: Knowledge, per_knowledge: int,
+                   seed: int, opts: InpaintOptions, cache: InpaintCache, batch_size: int = 8, max_new_tokens: int = 32) -> Selection:
+    ids = data.image_ids_with(knowledge.coco_id)
+    instances = [inst for i in ids for inst in data.instances(i) if inst.category_id == knowledge.coco_id]
+    order = np.random.default_rng([seed, knowledge.coco_id]).permutation(len(instances))
+    accepted: list[Candidate] = []
+    rejected: list[Candidate] = []
+    pending: list[tuple[Candidate, np.ndarray, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        originals = adapter.caption([p[1] for p in pending], batch_size=batch_size, max_new_tokens=max_new_tokens)
+        edited = adapter.caption([p[2] for p in pending], batch_size=batch_size, max_new_tokens=max_new_tokens)
+        for (cand, _, _), cap_o, cap_i in zip(pending, originals, edited, strict=True):
+            cand.original_caption, cand.inpainted_caption = cap_o, cap_i
+            if not knowledge.mentioned_in(cap_o):
+                cand.reason = "caption: the original caption does not name it"
+            elif knowledge.mentioned_in(cap_i):
+                cand.reason = "caption: the inpainted caption still names it"
+            elif len(accepted) < per_knowledge:
+                cand.accepted = True
+            else:
+                continue  # surplus: valid but not needed
+            (accepted if cand.accepted else rejected).append(cand)
+        pending.clear()
+
+    for index in order:
+        if len(accepted) >= per_knowledge:
+            break
+        inst = instances[index]
+        cand = Candidate(inst.image_id, inst.annotation_id, knowledge.name)
+        try:
+            image = data.load_image(inst.image_id)
+        except DatasetError as exc:
+            cand.reason = f"image: {exc}"
+            rejected.append(cand)
+            log.warning("skipping annotation %d: %s", inst.annotation_id, exc)
+            continue
+        seg = data.instance_mask(inst.annotation_id)
+        region = opts.mask(image.shape[:2], inst.bbox, seg) > 0
+        cand.reason = overlap_reason(data, catalog, inst.image_id, inst.annotation_id, region)
+        if cand.reason:
+            rejected.append(cand)
+            continue
+        pending.append((cand, image, cache.get(dataset_id, inst.image_id, inst.annotation_id, image, inst.bbox, seg, opts)))
+        if len(pending) >= max(batch_size, 2 * (per_knowledge - len(accepted))):
+            flush()
+    flush()
+    selection = Selection(knowledge.name, per_knowledge, accepted, rejected)
+    (log.info if len(accepted) >= per_knowledge else log.warning)(selection.message)
+    return selection

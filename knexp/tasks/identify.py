@@ -1,0 +1,84 @@
+"""``python run.py task=identify knowledge=banana method=ours``: find knowledge neurons on selected samples.
+
+For the configured knowledge: select samples (``knexp.identification.selection``), then for each one
+compute its statistics once (cached on disk, shared by every method), apply the threshold rule and the
+method. Writes into the job directory, atomically: ``selection.json`` (accepted and rejected candidates with
+reasons), ``samples/<image>_<annotation>.json`` (neuron set with scores, captions, target, thresholds,
+counts per layer) and ``identify.json`` (the summary); prints where they went.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from knexp.counterfactual.cache import InpaintCache, InpaintOptions, stable_key
+from knexp.data.catalog import Catalog
+from knexp.data.loading import load_dataset
+from knexp.identification.cache import StatsCache
+from knexp.identification.passes import TargetNotFound
+from knexp.identification.pipeline import identify_sample
+from knexp.identification.selection import select_samples
+from knexp.io import atomic_write_text
+from knexp.models import load_model
+from knexp.reporting.logger import make_logger
+
+log = logging.getLogger(__name__)
+
+
+def model_identity(model_cfg: DictConfig) -> str:
+    """Hash of the resolved model config and, where there is one, the projector file's bytes."""
+    parts = [OmegaConf.to_container(model_cfg, resolve=True)]
+    projector = model_cfg.get("projector_path")
+    if projector and Path(projector).exists():
+        parts.append(hashlib.sha1(Path(projector).read_bytes()).hexdigest())
+    return stable_key(*parts)
+
+
+def run(cfg: DictConfig) -> dict:
+    catalog = Catalog.load()
+    knowledge = catalog[cfg.knowledge.name]
+    data, dataset_id = load_dataset(cfg.data, catalog)
+    adapter = load_model(cfg.model, cfg.paths.cache_dir)
+    out = Path(cfg.paths.output_dir)
+    cache_root = cfg.paths.cache_dir if cfg.task.cache else None
+    inpaint_cache, stats_cache = InpaintCache(cache_root), StatsCache(cache_root)
+    opts = InpaintOptions(**OmegaConf.to_container(cfg.task.inpaint, resolve=True))
+    gen = cfg.model.generation
+    selection = select_samples(data, dataset_id, adapter, catalog, knowledge, cfg.data.per_knowledge, cfg.seed, opts, inpaint_cache,
+                               batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
+    atomic_write_text(out / "selection.json", json.dumps(selection.to_dict(), indent=1))
+    key = model_identity(cfg.model)
+    results, skipped = [], []
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    for cand in selection.accepted:
+        try:
+            res = identify_sample(adapter, key, data, dataset_id, cand, knowledge, opts, inpaint_cache, stats_cache,
+                                  cfg.thresholds, cfg.method)
+        except (TargetNotFound, ValueError) as exc:
+            skipped.append({"image_id": cand.image_id, "annotation_id": cand.annotation_id, "reason": str(exc)})
+            log.warning("skipping image %d annotation %d: %s", cand.image_id, cand.annotation_id, exc)
+            continue
+        record = res.to_dict(adapter.num_layers)
+        atomic_write_text(out / "samples" / f"{cand.image_id}_{cand.annotation_id}.json", json.dumps(record, indent=1))
+        results.append(record)
+        note = f" ({res.neurons.note})" if res.neurons.note else ""
+        log.info("image %d: %s found %d neurons%s", cand.image_id, cfg.method.name, len(res.neurons), note)
+    per_layer = np.sum([r["per_layer"] for r in results], axis=0).tolist() if results else [0] * adapter.num_layers
+    summary = {
+        "knowledge": knowledge.name, "method": cfg.method.name, "variant": cfg.method.get("variant", ""), "thresholds": cfg.thresholds.name,
+        "model": cfg.model.name, "samples": len(results), "requested": cfg.data.per_knowledge, "selection": selection.message,
+        "skipped": skipped, "sizes": [r["neuron_set"]["size"] for r in results], "per_layer": per_layer,
+        "passes_computed": stats_cache.computed, "stats_from_disk": stats_cache.loaded, "output_dir": str(out),
+    }
+    atomic_write_text(out / "identify.json", json.dumps(summary, indent=1))
+    logger = make_logger(cfg)
+    logger.log_metrics({"identify": {k: summary[k] for k in ("samples", "sizes", "per_layer", "passes_computed")}})
+    logger.finish()
+    print(f"identification results: {out} ({len(results)} samples; {out / 'identify.json'})")
+    return summary

@@ -1,0 +1,111 @@
+"""Sample selection under the three constraints, and the per-sample statistics cache."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from knexp.counterfactual.cache import InpaintCache, InpaintOptions
+from knexp.data.coco import CocoScenes
+from knexp.identification.cache import StatsCache
+from knexp.identification.pipeline import identify_sample
+from knexp.identification.selection import Candidate, select_samples
+from knexp.models.adapters.spliced import SplicedAdapter
+from knexp.models.tiny import tiny_embedded
+
+RED = (230, 20, 20)
+
+
+class RedSquareCaptioner:
+    """Names the bus when red pixels are visible: a deterministic stand-in for a captioning model."""
+
+    caption_prefix = "the image shows"
+
+    def caption(self, images, batch_size=8, max_new_tokens=32, prefix=None):
+        return ["the image shows a bus." if (np.abs(im.astype(int) - RED).sum(-1) < 30).sum() > 20 else "the image shows an empty scene."
+                for im in images]
+
+
+def _coco(tmp_path, boxes: dict[int, list[tuple[int, list[int]]]], missing: tuple[int, ...] = ()):
+    """One 96 x 96 image per key, with (category, box) instances drawn as coloured squares."""
+    (tmp_path / "val").mkdir(parents=True)
+    images, anns = [], []
+    for image_id, insts in boxes.items():
+        img = np.full((96, 96, 3), 128, np.uint8)
+        for cat, (x, y, w, h) in insts:
+            img[y : y + h, x : x + w] = RED if cat == 6 else (20, 20, 230)
+            poly = [x, y, x + w, y, x + w, y + h, x, y + h]
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "bbox": [x, y, w, h],
+                         "segmentation": [poly], "area": w * h, "iscrowd": 0})
+        if image_id not in missing:
+            cv2.imwrite(str(tmp_path / "val" / f"{image_id}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 96, "height": 96})
+    cats = [{"id": 6, "name": "bus", "supercategory": "vehicle"}, {"id": 85, "name": "clock", "supercategory": "indoor"}]
+    (tmp_path / "instances_val.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return CocoScenes(tmp_path, "val")
+
+
+def test_selection_applies_the_three_constraints_with_reasons(tmp_path, catalog):
+    data = _coco(tmp_path, {
+        1: [(6, (10, 10, 30, 30)), (85, (35, 35, 20, 20))],   # the clock overlaps the bus's box
+        2: [(6, (10, 10, 30, 30)), (85, (60, 60, 20, 20))],   # clean
+        3: [(6, (50, 10, 30, 30))],                           # clean
+        4: [(6, (10, 10, 30, 30))],                           # image file missing
+    }, missing=(4,))
+    sel = select_samples(data, "t", RedSquareCaptioner(), catalog, catalog["bus"], per_knowledge=5, seed=0,
+                         opts=InpaintOptions(dilation=2, radius=3), cache=InpaintCache(tmp_path / "cache"))
+    reasons = {c.image_id: c.reason for c in sel.rejected}
+    assert reasons[1].startswith("overlap") and "clock" in reasons[1]
+    assert reasons[4].startswith("image") and "4.png" in reasons[4]
+    assert {c.image_id for c in sel.accepted} == {2, 3}
+    assert all(c.original_caption.endswith("bus.") and "bus" not in c.inpainted_caption for c in sel.accepted)
+    assert "only 2 of 5" in sel.message and "continuing with 2" in sel.message
+
+
+def test_selection_is_deterministic_and_stops_at_the_requested_number(tmp_path, catalog):
+    data = _coco(tmp_path, {i: [(6, (10 + i, 10, 30, 30))] for i in range(1, 9)})
+    kw = dict(per_knowledge=3, opts=InpaintOptions(dilation=2), cache=InpaintCache(None))
+    a = select_samples(data, "t", RedSquareCaptioner(), catalog, catalog["bus"], seed=1, **kw)
+    b = select_samples(data, "t", RedSquareCaptioner(), catalog, catalog["bus"], seed=1, **kw)
+    c = select_samples(data, "t", RedSquareCaptioner(), catalog, catalog["bus"], seed=2, **kw)
+    assert len(a.accepted) == 3 and [x.image_id for x in a.accepted] == [x.image_id for x in b.accepted]
+    assert [x.image_id for x in a.accepted] != [x.image_id for x in c.accepted]
+
+
+def test_a_second_method_reuses_the_passes(tmp_path, catalog):
+    data = _coco(tmp_path, {1: [(6, (10, 10, 30, 30))]})
+    adapter = SplicedAdapter(tiny_embedded(layers=3))
+    adapter.model.float()
+    calls = []
+    real_forward = adapter.forward
+    adapter.forward = lambda prepared: calls.append(1) or real_forward(prepared)
+    cand = Candidate(1, 1, "bus", True, "", "the image shows a bus and a clock.", "the image shows a clock.")
+    thresholds = OmegaConf.create({"name": "quantile", "q_a": 0.99, "q_g": 0.5, "min_g": 0.0})
+    args = (adapter, "tiny", data, "t", cand, catalog["bus"], InpaintOptions(), InpaintCache(tmp_path / "c"))
+    stats_cache = StatsCache(tmp_path / "c")
+    ours = identify_sample(*args, stats_cache, thresholds, OmegaConf.create({"name": "ours"}))
+    assert len(calls) == 2  # inpainted forward + original forward/backward
+    pan = identify_sample(*args, stats_cache, thresholds, OmegaConf.create({"name": "pan", "variant": "paper"}))
+    assert len(calls) == 2, "the second method ran a forward pass"
+    assert len(pan.neurons) == len(ours.neurons) == len(ours.reference)
+    fresh = StatsCache(tmp_path / "c")  # a new job: statistics come from disk
+    again = identify_sample(*args, fresh, thresholds, OmegaConf.create({"name": "ours"}))
+    assert len(calls) == 2 and fresh.loaded == 1 and fresh.computed == 0
+    assert again.neurons.pairs() == ours.neurons.pairs()
+    for f in (tmp_path / "c" / "stats").glob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:100])  # torn file
+    torn = StatsCache(tmp_path / "c")
+    identify_sample(*args, torn, thresholds, OmegaConf.create({"name": "ours"}))
+    assert torn.computed == 1 and len(calls) == 4
+
+
+def test_nan_statistics_are_reported(tmp_path, catalog):
+    from knexp.identification.passes import SampleStats
+
+    z = torch.zeros(2, 4)
+    stats = SampleStats(z, z.clone().fill_(float("nan")), z.long(), z, z, z, z, z, target_id=0, target_position=0)
+    with pytest.raises(ValueError, match="gradcam_max"):
+        stats.check_finite()
