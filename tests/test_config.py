@@ -26,7 +26,7 @@ def test_default_config_has_every_group():
     for group in GROUPS:
         assert group in cfg and cfg[group].name, group
     assert cfg.task.name == "caption_eval" and cfg.model.name == "embedded"
-    assert cfg.logger.name == "wandb"
+    assert cfg.logger.name == "wandb" and cfg.thresholds.name == "quantile"
 
 
 def test_every_knowledge_composes_and_has_paper_thresholds(catalog):
@@ -80,6 +80,8 @@ def test_logger_none_writes_files_only(tmp_path, logger):
 
 
 def test_experiment_files_are_global_packages():
+    paper = _compose("experiment=paper_minigpt4")
+    assert (paper.model.name, paper.thresholds.name, paper.data.name) == ("minigpt4_llama2", "paper", "coco2017")
     cfg = _compose("experiment=quick_caption")
     assert cfg.data.num_images == 60 and cfg.task.inpaint_scenes == 20 and cfg.logger.name == "none"
     for f in (conf_dir() / "experiment").glob("*.yaml"):

@@ -74,11 +74,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(project_root() / "BENCHMARKS.md"))
     parser.add_argument("--json", default=str(project_root() / "runs" / "bench.json"))
     args = parser.parse_args()
-    result = {"hook_overhead": hook_overhead()}
+    from knexp.bench.identification import identification_cost, peak_memory_7b_shape
+
+    result = {"hook_overhead": hook_overhead(), "identification_cost": identification_cost(), "peak_memory": peak_memory_7b_shape()}
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
-    h = result["hook_overhead"]
+    h, c, m = result["hook_overhead"], result["identification_cost"], result["peak_memory"]
     text = f"""# Benchmarks
 
 Measured with `make bench` (`python -m knexp.bench`) on {machine()}, {stamp}.
@@ -96,6 +98,30 @@ Zero noise reproduces the plain captions exactly (checked in the run).
 | no hooks | {h['plain_s']} |
 | hooks armed, zero noise | {h['hooked_s']} |
 | **ratio** | **{h['ratio']}** (target {h['target']}) |
+
+## Identification cost (issue: identification)
+
+One sample on the embedded model: `compute_stats` (inpainted forward, original forward and backward, all
+reductions) plus every method's ranking, against the bare passes any gradient method needs (the same
+forwards and the backward of y_c, no hooks). Median of {c['repeats']} runs.
+
+| | seconds |
+|---|---|
+| bare passes | {c['bare_s']} |
+| identification, all methods | {c['identification_s']} |
+| **ratio** | **{c['ratio']}** (target {c['target']}) |
+
+## Peak extra memory at LLaVA-1.5-7B activation shape (issue: identification)
+
+{m['shape']}, simulated with a random LLaVA of that FFN width and depth (residual width 64); peak RSS of a
+fresh process per mode, malloc's mmap threshold fixed so that freed tensors leave the process.
+
+| | MiB |
+|---|---|
+| bare passes | {m['bare_peak_mib']} |
+| identification (`compute_stats`) | {m['identification_peak_mib']} |
+| **extra** | **{m['extra_mib']}** (target {m['target']}) |
+| extra with glibc's default malloc settings (freed blocks stay resident) | {m['extra_mib_default_malloc']} |
 """
     Path(args.out).write_text(text)
     print(text)

@@ -20,7 +20,7 @@ import torch
 
 from knexp.data.catalog import Knowledge
 from knexp.models.adapters.base import Adapter
-from knexp.models.hooks import attached
+from knexp.models.hooks import attached, gradient_anchor
 
 
 class TargetNotFound(ValueError):
@@ -124,48 +124,40 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
         adapter.forward(prep_i)
 
     out: dict[str, dict[int, torch.Tensor]] = {k: {} for k in SampleStats.TENSORS}
-    anchor = None
 
     def on_original(layer):
         def hook(module, args):
-            nonlocal anchor
             x = args[0]
             if x.shape[1] != prep_o.prompt_len:
                 return None
-            o = x[0, pos_o]  # [P, d_f]
-            o_det = o.detach()
+            o_det = x[0, pos_o].detach()  # [P, d_f], model dtype: the only per-layer tensor kept to the backward
             out["diff_max"][layer] = (o_det.float() - inpainted_acts.pop(layer).float()).amax(0)
             out["act_mean"][layer] = o_det.float().mean(0)
-            out["act_last"][layer] = x[0, t_star].detach().float()
-            if anchor is None:
-                anchor = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
-            offset = anchor.expand_as(o)
+            out["act_last"][layer] = x[0, t_star].detach().to(torch.float32, copy=True)
 
             def catch(grad: torch.Tensor) -> None:
-                gc = o_det.float() * grad.float()  # [P, d_f]: O'_o * dy_c/dO'_o
+                gc = o_det.float() * grad[0, pos_o].float()  # [P, d_f]: O'_o * dy_c/dO'_o
                 best, arg = gc.max(0)
                 out["gradcam_max"][layer], out["gradcam_argmax"][layer] = best, arg
                 out["gradcam_mean"][layer] = gc.mean(0)
 
-            offset.register_hook(catch)
-            x = x.clone()
-            x[0, pos_o] = o + offset
-            return (x, *args[1:])
+            x.register_hook(catch)
+            return None
 
         return hook
 
     def on_act(layer):
         def hook(module, args, output):
             if output.shape[1] == prep_o.prompt_len:
-                out["actfn_last"][layer] = output[0, t_star].detach().float()
+                out["actfn_last"][layer] = output[0, t_star].detach().to(torch.float32, copy=True)
         return hook
 
     act_handles = [adapter.ffn_act(layer).register_forward_hook(on_act(layer)) for layer in layers]
     try:
-        with torch.enable_grad(), attached(adapter, {layer: on_original(layer) for layer in layers}):
+        with torch.enable_grad(), gradient_anchor(adapter, prep_o.prompt_len), attached(adapter, {k: on_original(k) for k in layers}):
             logits = adapter.forward(prep_o)
-            y = logits[0, t_star, target.token_id]
-            y.backward()
+            logits[0, t_star, target.token_id].backward()
+            del logits
     finally:
         for h in act_handles:
             h.remove()

@@ -9,6 +9,7 @@ so an intervention reaches generation through the KV cache alone. Every hook is 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +35,31 @@ def attached(adapter: Adapter, hooks: dict[int, Callable]) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def gradient_anchor(adapter: Adapter, prompt_len: int) -> Iterator[None]:
+    """Make every later activation of a ``prompt_len`` pass part of the autograd graph, cheaply.
+
+    A zero scalar that requires grad is added to the first decoder layer's input: values are unchanged,
+    but each layer's O^l now has a gradient path, so a tensor hook on O^l receives dy/dO^l in the one
+    backward pass. Nothing is copied or detached, so no path between layers is cut.
+    """
+
+    def hook(module, args, kwargs):
+        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if h.shape[1] != prompt_len:
+            return None
+        h = h + torch.zeros((), dtype=h.dtype, device=h.device, requires_grad=True)
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": h}
+        return (h, *args[1:]), kwargs
+
+    handle = adapter.decoder_layers()[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _index(prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,51 +102,44 @@ class Recording:
 def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = False, reduce: str | None = None) -> Iterator[Recording]:
     """Record O' at the image positions of ``prepared`` for ``layers`` (default: all).
 
-    With ``with_grad``, each recorded O' gets a zero-valued, gradient-carrying offset, so one backward pass
-    of any scalar y gives dy/dO'^l for every layer at once, without cutting any path between layers. The
-    gradient is caught by a tensor hook and, with ``reduce``, only the reduction of O' * dy/dO' is kept.
-    The caller runs the forward (under ``torch.enable_grad()`` when ``with_grad``) and the backward.
+    With ``with_grad``, the pass is anchored (``gradient_anchor``) and a tensor hook on each O^l catches
+    dy/dO^l in the caller's one backward pass of any scalar y; with ``reduce``, only the reduction of
+    O' * dy/dO' is kept. The caller runs the forward (under ``torch.enable_grad()``) and the backward.
     """
     if reduce is not None and reduce not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduce!r}; use one of {sorted(REDUCTIONS)} or None")
     rows, pos = _index(prepared)
     layers_ = _resolve_layers(adapter, layers)
     rec = Recording()
-    anchor = None  # one scalar leaf; its expansions are the per-layer offsets
 
     def make_hook(layer: int):
         def hook(module, args):
-            nonlocal anchor
             x = args[0]  # [B, T, d_f]
             if x.shape[1] != prepared.prompt_len:
                 return None
-            o = x[rows, pos]  # [B, P, d_f]
-            o_det = o.detach().float()
+            o_det = x[rows, pos].detach().float()  # [B, P, d_f]
             rec.activations[layer] = REDUCTIONS[reduce](o_det) if reduce else o_det
             if layer == layers_[0]:
                 rec.passes += 1
-            if not with_grad:
-                return None
-            if anchor is None:
-                anchor = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
-            offset = anchor.expand_as(o)
+            if with_grad and x.requires_grad:
 
-            def catch(grad: torch.Tensor, layer=layer, o_det=o_det) -> None:
-                g = grad.float()
-                if reduce:
-                    rec.gradcam[layer] = REDUCTIONS[reduce](o_det * g)
-                else:
-                    rec.gradients[layer] = g
-                    rec.gradcam[layer] = o_det * g
+                def catch(grad: torch.Tensor) -> None:
+                    g = grad[rows, pos].float()
+                    if reduce:
+                        rec.gradcam[layer] = REDUCTIONS[reduce](o_det * g)
+                    else:
+                        rec.gradients[layer] = g
+                        rec.gradcam[layer] = o_det * g
 
-            offset.register_hook(catch)
-            x = x.clone()
-            x[rows, pos] = o + offset
-            return (x, *args[1:])
+                x.register_hook(catch)
+            return None
 
         return hook
 
-    with attached(adapter, {layer: make_hook(layer) for layer in layers_}):
+    with contextlib.ExitStack() as stack:
+        if with_grad:
+            stack.enter_context(gradient_anchor(adapter, prepared.prompt_len))
+        stack.enter_context(attached(adapter, {layer: make_hook(layer) for layer in layers_}))
         yield rec
 
 
