@@ -222,6 +222,10 @@ def test_hooks_are_removed_after_exit_and_after_an_exception(adapter, prepared):
         with intervene(adapter, prepared, {0: LayerEdit(torch.tensor([0]), scale=0.0)}):
             raise RuntimeError("boom")
     assert _no_hooks_left(adapter)
+    with pytest.raises(RuntimeError, match="enable_grad"):
+        with torch.no_grad(), record(adapter, prepared, with_grad=True):
+            adapter.forward(prepared)
+    assert _no_hooks_left(adapter)
     with pytest.raises(ValueError, match="out of range"):
         with record(adapter, prepared, layers=[99]):
             pass

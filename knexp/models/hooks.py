@@ -121,7 +121,9 @@ def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = 
             rec.activations[layer] = REDUCTIONS[reduce](o_det) if reduce else o_det
             if layer == layers_[0]:
                 rec.passes += 1
-            if with_grad and x.requires_grad:
+            if with_grad and not x.requires_grad:
+                raise RuntimeError("record(with_grad=True) needs the forward pass under torch.enable_grad()")
+            if with_grad:
 
                 def catch(grad: torch.Tensor) -> None:
                     g = grad[rows, pos].float()
