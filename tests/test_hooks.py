@@ -37,7 +37,8 @@ def prepared(adapter):
 
 
 def _no_hooks_left(adapter):
-    return all(not adapter.ffn_out(layer)._forward_pre_hooks for layer in range(adapter.num_layers))
+    modules = [adapter.ffn_out(layer) for layer in range(adapter.num_layers)] + adapter.decoder_layers()
+    return all(not m._forward_pre_hooks and not m._forward_hooks for m in modules)
 
 
 def test_ffn_out_of_the_activation_is_the_mlp_output_exactly(adapter, prepared):
@@ -217,6 +218,7 @@ def test_per_row_interventions_equal_one_row_at_a_time(adapter):
 def test_hooks_are_removed_after_exit_and_after_an_exception(adapter, prepared):
     with record(adapter, prepared, with_grad=True):
         assert not _no_hooks_left(adapter)
+        assert adapter.decoder_layers()[0]._forward_pre_hooks  # the gradient anchor
     assert _no_hooks_left(adapter)
     with pytest.raises(RuntimeError, match="boom"):
         with intervene(adapter, prepared, {0: LayerEdit(torch.tensor([0]), scale=0.0)}):
