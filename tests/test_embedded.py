@@ -87,3 +87,25 @@ def test_projector_training_steps_reduce_the_loss(catalog):
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
     assert all(p.grad is None for p in model.lm.parameters()), "the LM stays frozen"
+
+
+@pytest.mark.parametrize("method", ["ours", "pan"])
+def test_identify_on_the_embedded_model(tmp_path, method):
+    """task=identify on real weights: 2 selected samples, a non-empty neuron set, results on disk."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir(exist_ok=True)
+    (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
+    r = subprocess.run([sys.executable, "run.py", "task=identify", "knowledge=clock", f"method={method}", "data.num_images=60",
+                        "data.per_knowledge=2", f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none",
+                        f"paths.cache_dir={cache}"], cwd=project_root(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "job" / "identify.json").read_text())
+    assert summary["samples"] == 2, summary
+    assert all(size > 0 for size in summary["sizes"]) and sum(summary["per_layer"]) == sum(summary["sizes"])
+    samples = sorted((tmp_path / "job" / "samples").glob("*.json"))
+    first = json.loads(samples[0].read_text())
+    assert "clock" in first["captions"]["original"] and "clock" not in first["captions"]["inpainted"]
+    assert first["neuron_set"]["method"] == method and first["neuron_set"]["size"] == first["reference_size"]
