@@ -128,3 +128,12 @@ def test_identify_task_reports_too_few_samples_and_writes_outputs(tmp_path):
     assert summary["samples"] == len(selection["accepted"]) < 3  # a random tiny model rarely names the bus
     assert "only" in summary["selection"] and selection["rejected"]
     assert all(c["reason"] for c in selection["rejected"])
+
+
+def test_select_task_writes_reasons(tmp_path):
+    r = _run("task=select", "model=tiny_llava", "knowledge=clock", "inpaint=segm_dilated", "data.num_images=60",
+             f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none", f"paths.cache_dir={tmp_path}/cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sel = json.loads((tmp_path / "job" / "selection.json").read_text())
+    assert sel["knowledge"] == "clock" and sel["rejected"] and all(c["reason"] for c in sel["rejected"])
+    assert list((tmp_path / "cache" / "inpainted").glob("*.png")), "inpainted images are cached"

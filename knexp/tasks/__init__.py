@@ -11,6 +11,7 @@ TASKS = {
     "train_projector": "knexp.tasks.train_projector",
     "caption_eval": "knexp.tasks.caption_eval",
     "identify": "knexp.tasks.identify",
+    "select": "knexp.tasks.select",
 }
 
 

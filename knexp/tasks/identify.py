@@ -23,10 +23,10 @@ from knexp.data.loading import load_dataset
 from knexp.identification.cache import StatsCache
 from knexp.identification.passes import TargetNotFound
 from knexp.identification.pipeline import identify_sample
-from knexp.identification.selection import select_samples
 from knexp.io import atomic_write_text
 from knexp.models import load_model
 from knexp.reporting.logger import make_logger
+from knexp.tasks.select import run_selection
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,8 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     cache_root = cfg.paths.cache_dir if cfg.task.cache else None
     inpaint_cache, stats_cache = InpaintCache(cache_root), StatsCache(cache_root)
-    opts = InpaintOptions(**OmegaConf.to_container(cfg.task.inpaint, resolve=True))
-    gen = cfg.model.generation
-    selection = select_samples(data, dataset_id, adapter, catalog, knowledge, cfg.data.per_knowledge, cfg.seed, opts, inpaint_cache,
-                               batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
+    opts = InpaintOptions(**OmegaConf.to_container(cfg.inpaint, resolve=True))
+    selection = run_selection(cfg, catalog, adapter, data, dataset_id, knowledge.name, inpaint_cache)
     atomic_write_text(out / "selection.json", json.dumps(selection.to_dict(), indent=1))
     key = model_identity(cfg.model)
     results, skipped = [], []
