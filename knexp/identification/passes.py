@@ -13,7 +13,7 @@ Every method (ours, its ablations, Schwettmann, Pan, random) is a ranking of the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -82,7 +82,6 @@ class SampleStats:
     target_id: int
     target_position: int
     forward_passes: int = 2
-    extra: dict = field(default_factory=dict)
 
     TENSORS = ("diff_max", "gradcam_max", "gradcam_argmax", "gradcam_mean", "act_mean", "act_last", "actfn_last", "wout_dot_wu")
 
