@@ -109,3 +109,18 @@ def test_identify_on_the_embedded_model(tmp_path, method):
     first = json.loads(samples[0].read_text())
     assert "clock" in first["captions"]["original"] and "clock" not in first["captions"]["inpainted"]
     assert first["neuron_set"]["method"] == method and first["neuron_set"]["size"] == first["reference_size"]
+
+
+def test_noise_on_many_neurons_changes_captions_and_zero_noise_does_not(adapter, catalog):
+    from knexp.evaluation.perturb import perturbed_captions, rows_for
+    from knexp.identification.methods import NeuronSet
+
+    images = [make_scene(catalog, np.random.default_rng([55, DATASET_STREAM, i])).image for i in range(2)]
+    clean = adapter.caption(images)
+    layers = np.repeat(np.arange(4, 12), 200)
+    units = np.tile(np.arange(200), 8)
+    neurons = NeuronSet("test", "", layers, units, np.zeros(len(units)))
+    zero = perturbed_captions(adapter, images, rows_for([0, 1], [0.0], 1), neurons, seed=0)
+    loud = perturbed_captions(adapter, images, rows_for([0, 1], [40.0], 2), neurons, seed=0)
+    assert zero == clean
+    assert sum(c not in clean for c in loud) >= 2, (clean, loud)

@@ -1,0 +1,67 @@
+"""Captions under noise on a neuron set (METHOD.md, "Evaluation: captions under noise").
+
+For a set N_k, a noise level n and a draw d, v ~ N(0, I_P) * n is added to O'[l, p, u] for every (l, u) in
+N_k at every image position p, during the prompt forward only (the KV cache carries it into generation);
+``per_neuron`` draws an independent v per neuron instead. Every (image, level, draw) row has its own
+generator, seeded by (seed, image key, level index, draw), so a row's caption does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from knexp.identification.methods import NeuronSet
+from knexp.models.adapters.base import Adapter
+from knexp.models.batching import batches
+from knexp.models.hooks import LayerEdit, intervene
+
+
+@dataclass(frozen=True)
+class NoiseRow:
+    image_index: int  # into the caller's image list
+    image_key: int  # stable id of the image (e.g. COCO image id), part of the seed
+    level_index: int
+    level: float
+    draw: int
+
+
+def noise_for(row: NoiseRow, seed: int, positions: int, units: int, per_neuron: bool) -> np.ndarray:
+    """v for one row: [P] (shared by the set's neurons) or [P, U] (per neuron), times the level."""
+    rng = np.random.default_rng([seed, row.image_key, row.level_index, row.draw])
+    shape = (positions, units) if per_neuron else (positions,)
+    return rng.standard_normal(shape) * row.level
+
+
+def rows_for(image_keys: list[int], levels: list[float], draws: int) -> list[NoiseRow]:
+    return [NoiseRow(i, key, li, float(level), d)
+            for i, key in enumerate(image_keys) for li, level in enumerate(levels) for d in range(draws)]
+
+
+@torch.no_grad()
+def perturbed_captions(adapter: Adapter, images: list[np.ndarray], rows: list[NoiseRow], neurons: NeuronSet, seed: int,
+                       per_neuron: bool = False, batch_size: int = 16, max_new_tokens: int = 32) -> list[str]:
+    """One caption per row, batched; an empty neuron set gives the clean captions."""
+    layers = sorted(set(neurons.layers.tolist()))
+    units = {layer: torch.as_tensor(neurons.units[neurons.layers == layer]) for layer in layers}
+    order = np.argsort(neurons.layers, kind="stable")  # neuron order within layers, for per-neuron noise columns
+    out: list[str] = []
+    for chunk in batches(rows, batch_size, "perturbed captions"):
+        prepared = adapter.prepare([images[r.image_index] for r in chunk])
+        if not layers:
+            out += adapter.generate(prepared, max_new_tokens)
+            continue
+        noise = np.stack([noise_for(r, seed, adapter.num_image_tokens, len(neurons), per_neuron) for r in chunk])  # [B, P(, N)]
+        edits = {}
+        for layer in layers:
+            if per_neuron:
+                cols = [j for j in order if neurons.layers[j] == layer]
+                add = torch.as_tensor(noise[:, :, cols], dtype=torch.float32)  # [B, P, U_l]
+            else:
+                add = torch.as_tensor(noise, dtype=torch.float32)  # [B, P]
+            edits[layer] = LayerEdit(units[layer], add=add)
+        with intervene(adapter, prepared, edits):
+            out += adapter.generate(prepared, max_new_tokens)
+    return out

@@ -1,0 +1,84 @@
+"""Noise-perturbation captioning, Table II scores and Table III metrics."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from knexp.evaluation.perturb import NoiseRow, noise_for, perturbed_captions, rows_for
+from knexp.evaluation.scores import suppression_scores
+from knexp.evaluation.text_metrics import caption_metrics
+from knexp.identification.methods import NeuronSet
+from knexp.models.adapters.spliced import SplicedAdapter
+from knexp.models.tiny import tiny_embedded
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    a = SplicedAdapter(tiny_embedded(layers=3))
+    a.model.float()
+    return a
+
+
+def _images(n):
+    rng = np.random.default_rng(9)
+    return [(rng.random((224, 224, 3)) * 255).astype(np.uint8) for _ in range(n)]
+
+
+def _set(layers, units):
+    return NeuronSet("ours", "", np.array(layers), np.array(units), np.zeros(len(units)))
+
+
+def test_scores_by_hand():
+    rows = pd.DataFrame([
+        # set 0, level 40: k images hit 1 of 2, other images hit 2 of 2
+        (0, 40, "k", 1), (0, 40, "k", 0), (0, 40, "other", 1), (0, 40, "other", 1),
+        # set 1, level 40: k 0 of 2, other 1 of 2
+        (1, 40, "k", 0), (1, 40, "k", 0), (1, 40, "other", 1), (1, 40, "other", 0),
+        # set 0 and 1, level 80: k never, other always
+        (0, 80, "k", 0), (0, 80, "other", 1), (1, 80, "k", 0), (1, 80, "other", 1),
+    ], columns=["set_id", "level", "group", "hit"])
+    s = suppression_scores(rows)
+    # level 40: S_k = (0.5 + 0) / 2 = 0.25, S_kbar = (1 + 0.5) / 2 = 0.75; level 80: S_k = 0, S_kbar = 1
+    assert s["per_level"][40.0]["S_k"] == pytest.approx(0.25) and s["per_level"][40.0]["S_kbar"] == pytest.approx(0.75)
+    assert s["S_k"] == pytest.approx(0.125) and s["S_kbar"] == pytest.approx(0.875)
+    assert s["S_se"] == pytest.approx(0.875) and s["S_re"] == pytest.approx(0.875) and s["S_mean"] == pytest.approx(0.875)
+
+
+def test_caption_metrics_by_hand_and_with_empty_captions():
+    same = caption_metrics(["the image shows a bus ."], ["the image shows a bus ."])
+    assert same["bleu"] == pytest.approx(1.0) and same["rouge1"] == pytest.approx(1.0) and same["rougeL"] == pytest.approx(1.0)
+    assert same["bertscore_f1"] == pytest.approx(1.0, abs=1e-4)
+    m = caption_metrics(["the image shows a bus", ""], ["the image shows a bus and a clock", "a clock"])
+    # ROUGE-1 F of pair 1: P = 5/5, R = 5/8 -> F = 10/13; pair 2 (empty) -> 0
+    assert m["rouge1"] == pytest.approx((10 / 13 + 0) / 2)
+    assert 0 < m["bertscore_f1"] < 0.5  # the empty pair counts as 0
+    assert m["pairs"] == 2
+
+
+def test_noise_is_per_row_and_seeded():
+    r = NoiseRow(0, 17, 1, 80.0, 3)
+    a, b = noise_for(r, 5, 49, 4, False), noise_for(r, 5, 49, 4, False)
+    assert np.array_equal(a, b) and a.shape == (49,)
+    assert abs(a.std() / 80.0 - 1) < 0.35
+    assert noise_for(r, 5, 49, 4, True).shape == (49, 4)
+    assert not np.array_equal(a, noise_for(NoiseRow(0, 17, 1, 80.0, 4), 5, 49, 4, False))
+    assert len(rows_for([1, 2], [40, 80, 120], 10)) == 60
+
+
+def test_zero_noise_reproduces_clean_captions(adapter):
+    images = _images(2)
+    clean = adapter.caption(images, max_new_tokens=5)
+    rows = rows_for([10, 11], [0.0], 2)
+    caps = perturbed_captions(adapter, images, rows, _set([0, 1, 1], [3, 4, 9]), seed=0, max_new_tokens=5)
+    assert caps == [clean[0], clean[0], clean[1], clean[1]]
+
+
+def test_batched_equals_one_row_at_a_time(adapter):
+    images = _images(2)
+    rows = rows_for([10, 11], [40.0, 120.0], 2)
+    neurons = _set([0, 1, 2], [3, 4, 9])
+    for per_neuron in (False, True):
+        batched = perturbed_captions(adapter, images, rows, neurons, seed=1, per_neuron=per_neuron, batch_size=8, max_new_tokens=5)
+        single = [perturbed_captions(adapter, images, [r], neurons, seed=1, per_neuron=per_neuron, batch_size=1, max_new_tokens=5)[0]
+                  for r in rows]
+        assert batched == single
