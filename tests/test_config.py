@@ -137,3 +137,16 @@ def test_select_task_writes_reasons(tmp_path):
     sel = json.loads((tmp_path / "job" / "selection.json").read_text())
     assert sel["knowledge"] == "clock" and sel["rejected"] and all(c["reason"] for c in sel["rejected"])
     assert list((tmp_path / "cache" / "inpainted").glob("*.png")), "inpainted images are cached"
+
+
+def test_evaluate_task_runs_and_logs_files_offline(tmp_path):
+    r = _run("task=evaluate", "model=tiny_llava", "knowledge=bus", "data.num_images=40", "task.k_images=2", "task.other_images=3",
+             "noise_level.draws=1", f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=wandb",
+             f"paths.cache_dir={tmp_path}/cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    captions = (tmp_path / "job" / "captions.csv").read_text().splitlines()
+    assert metrics["knowledge"] == "bus" and metrics["images"]["other"] == 3
+    assert len(captions) - 1 == metrics["images"]["k"] + 3 + 3 * metrics["sets"] * (metrics["images"]["k"] + 3)  # clean + 3 levels
+    assert (tmp_path / "job" / "layers_histogram.csv").exists()
+    assert list((tmp_path / "job" / "wandb").glob("offline-run-*"))

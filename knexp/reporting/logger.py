@@ -39,6 +39,10 @@ class RunLogger:
         os.replace(tmp, path)
         return path
 
+    def log_histogram(self, name: str, counts: list[int]) -> Path:
+        """Counts per bin (e.g. neurons per layer), written as ``<name>_histogram.csv``."""
+        return self.log_table(f"{name}_histogram", pd.DataFrame({"bin": range(len(counts)), "count": counts}))
+
     def finish(self) -> None:
         pass
 
@@ -76,6 +80,15 @@ class WandbLogger(RunLogger):
 
         path = super().log_table(name, table)
         self.run.log({name: wandb.Table(dataframe=table)})
+        return path
+
+    def log_histogram(self, name: str, counts: list[int]) -> Path:
+        import numpy as np
+        import wandb
+
+        path = super().log_histogram(name, counts)
+        if counts:
+            self.run.log({f"{name}_histogram": wandb.Histogram(np_histogram=(np.asarray(counts), np.arange(len(counts) + 1)))})
         return path
 
     def finish(self) -> None:

@@ -11,6 +11,7 @@ TASKS = {
     "train_projector": "knexp.tasks.train_projector",
     "caption_eval": "knexp.tasks.caption_eval",
     "identify": "knexp.tasks.identify",
+    "evaluate": "knexp.tasks.evaluate",
     "select": "knexp.tasks.select",
 }
 

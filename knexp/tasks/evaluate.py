@@ -1,0 +1,145 @@
+"""``python run.py task=evaluate knowledge=banana method=ours``: identification, then captions under noise.
+
+1. Identify N_k on each selected sample of k (as ``task=identify``; statistics come from the shared cache).
+2. Images: those of k (the identification images, then up to ``task.k_images`` others containing k) and
+   ``task.other_images`` images of other knowledge, taken round-robin over supercategories, each scored on
+   its own object. Orders are seeded.
+3. For every neuron set, noise level and draw, caption every image with noise on the set
+   (``knexp.evaluation.perturb``), plus one clean caption per image (level 0, the reference row).
+4. Table II scores (``knexp.evaluation.scores``) and, on the identification images, Table III metrics against
+   the caption of the inpainted image (``knexp.evaluation.text_metrics``).
+Writes ``metrics.json``, ``captions.csv``, ``identify.json`` and the per-sample neuron sets to the job directory,
+and mirrors metrics, the caption table and the layer histogram to W&B when ``logger=wandb``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from knexp.counterfactual.cache import InpaintCache, InpaintOptions
+from knexp.data.catalog import Catalog, Knowledge
+from knexp.data.coco import CocoScenes
+from knexp.data.loading import load_dataset
+from knexp.evaluation.perturb import perturbed_captions, rows_for
+from knexp.evaluation.scores import suppression_scores
+from knexp.evaluation.text_metrics import caption_metrics
+from knexp.identification.cache import StatsCache
+from knexp.identification.passes import TargetNotFound
+from knexp.identification.pipeline import SampleResult, identify_sample
+from knexp.io import atomic_write_text
+from knexp.models import load_model
+from knexp.reporting.logger import make_logger
+from knexp.tasks.identify import model_identity
+from knexp.tasks.select import run_selection
+
+log = logging.getLogger(__name__)
+EVAL_STREAM = 4
+
+
+def evaluation_images(data: CocoScenes, catalog: Catalog, k: Knowledge, identification_ids: list[int], k_images: int,
+                      other_images: int, seed: int) -> list[tuple[int, str, str]]:
+    """(image id, group, own object) rows: group "k" (own object k) then group "other"."""
+    rng = np.random.default_rng([seed, EVAL_STREAM, k.coco_id])
+    with_k = [i for i in data.image_ids_with(k.coco_id) if i not in identification_ids]
+    chosen = [(i, "k", k.name) for i in dict.fromkeys(identification_ids)]
+    chosen += [(int(i), "k", k.name) for i in rng.permutation(with_k)[:k_images]]
+    pools: dict[str, list[tuple[int, str]]] = {}
+    for image_id in rng.permutation(data.image_ids).tolist():
+        cats = data.category_ids(image_id)
+        if k.coco_id in cats:
+            continue
+        own = sorted((catalog.by_coco_id(c) for c in cats if c in catalog.coco_ids), key=lambda x: x.coco_id)
+        if own:
+            pools.setdefault(own[0].supercategory, []).append((image_id, own[0].name))
+    others, supercats = [], sorted(pools)
+    while len(others) < other_images and any(pools.values()):
+        for sc in supercats:
+            if pools[sc] and len(others) < other_images:
+                image_id, name = pools[sc].pop(0)
+                others.append((image_id, "other", name))
+    return chosen + others
+
+
+def run(cfg: DictConfig) -> dict:
+    t0 = time.time()
+    catalog = Catalog.load()
+    k = catalog[cfg.knowledge.name]
+    data, dataset_id = load_dataset(cfg.data, catalog)
+    adapter = load_model(cfg.model, cfg.paths.cache_dir)
+    out = Path(cfg.paths.output_dir)
+    cache_root = cfg.paths.cache_dir if cfg.task.cache else None
+    inpaint_cache, stats_cache = InpaintCache(cache_root), StatsCache(cache_root)
+    opts = InpaintOptions(**OmegaConf.to_container(cfg.inpaint, resolve=True))
+    selection = run_selection(cfg, catalog, adapter, data, dataset_id, k.name, inpaint_cache)
+    atomic_write_text(out / "selection.json", json.dumps(selection.to_dict(), indent=1))
+    key = model_identity(cfg.model)
+    results: list[SampleResult] = []
+    for cand in selection.accepted:
+        try:
+            results.append(identify_sample(adapter, key, data, dataset_id, cand, k, opts, inpaint_cache, stats_cache, cfg.thresholds,
+                                           cfg.method))
+        except (TargetNotFound, ValueError) as exc:
+            log.warning("skipping image %d: %s", cand.image_id, exc)
+    for res in results:
+        atomic_write_text(out / "samples" / f"{res.candidate.image_id}_{res.candidate.annotation_id}.json",
+                          json.dumps(res.to_dict(adapter.num_layers), indent=1))
+    ident_ids = [r.candidate.image_id for r in results]
+    images_meta = evaluation_images(data, catalog, k, ident_ids, cfg.task.k_images, cfg.task.other_images, cfg.seed)
+    images = [data.load_image(i) for i, _, _ in images_meta]
+    keys = [i for i, _, _ in images_meta]
+    noise = cfg.noise_level
+    gen = cfg.model.generation
+    frames = []
+    clean = adapter.caption(images, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
+    frames.append(pd.DataFrame({"set_id": -1, "level": 0.0, "draw": 0, "image_id": keys, "caption": clean}))
+    empty_sets = []
+    for set_id, res in enumerate(results):
+        if res.neurons.empty:
+            empty_sets.append({"set_id": set_id, "image_id": res.candidate.image_id, "note": res.neurons.note})
+        rows = rows_for(keys, list(noise.levels), int(noise.draws))
+        caps = perturbed_captions(adapter, images, rows, res.neurons, seed=cfg.seed, per_neuron=bool(noise.per_neuron),
+                                  batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
+        frames.append(pd.DataFrame({"set_id": set_id, "level": [r.level for r in rows], "draw": [r.draw for r in rows],
+                                    "image_id": [r.image_key for r in rows], "caption": caps}))
+    table = pd.concat(frames, ignore_index=True)
+    meta = pd.DataFrame(images_meta, columns=["image_id", "group", "own"]).drop_duplicates("image_id")
+    table = table.merge(meta, on="image_id", how="left")
+    table["hit"] = [int(catalog[o].mentioned_in(c)) for o, c in zip(table["own"], table["caption"], strict=True)]
+    masked = {r.candidate.image_id: r.candidate.inpainted_caption for r in results}
+    table["masked_caption"] = table["image_id"].map(masked)
+
+    perturbed = table[table["set_id"] >= 0]
+    metrics: dict = {"knowledge": k.name, "method": cfg.method.name, "variant": cfg.method.get("variant", ""),
+                     "thresholds": cfg.thresholds.name, "model": cfg.model.name, "sets": len(results), "empty_sets": empty_sets,
+                     "images": {"k": int((meta["group"] == "k").sum()), "other": int((meta["group"] == "other").sum())},
+                     "set_sizes": [len(r.neurons) for r in results], "selection": selection.message}
+    clean_rows = table[table["set_id"] < 0]
+    metrics["clean"] = {"S_k": float(clean_rows.loc[clean_rows.group == "k", "hit"].mean()),
+                        "S_kbar": float(clean_rows.loc[clean_rows.group == "other", "hit"].mean())}
+    if len(perturbed):
+        metrics["table2"] = suppression_scores(perturbed)
+        on_ident = perturbed[perturbed["masked_caption"].notna()]
+        metrics["table3"] = caption_metrics(on_ident["caption"].tolist(), on_ident["masked_caption"].tolist(),
+                                            cfg.task.get("bertscore_model"), int(cfg.task.bertscore_layers))
+    else:
+        metrics["table2"] = metrics["table3"] = None
+        log.warning("%s: no neuron sets to evaluate (%s)", k.name, selection.message)
+    per_layer = np.sum([r.neurons.per_layer(adapter.num_layers) for r in results], axis=0).tolist() if results else []
+    metrics["per_layer"] = per_layer
+    metrics["wall_time_s"] = round(time.time() - t0, 1)
+    logger = make_logger(cfg)
+    logger.log_table("captions", table)
+    logger.log_histogram("layers", per_layer)
+    logger.log_metrics(metrics)
+    logger.finish()
+    t2 = metrics["table2"] or {}
+    print(json.dumps({"output_dir": str(out), "knowledge": k.name, "method": cfg.method.name, "sets": len(results),
+                      **{s: t2.get(s) for s in ("S_se", "S_re", "S_mean")}}, indent=1))
+    return metrics
