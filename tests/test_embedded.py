@@ -124,3 +124,26 @@ def test_noise_on_many_neurons_changes_captions_and_zero_noise_does_not(adapter,
     loud = perturbed_captions(adapter, images, rows_for([0, 1], [40.0], 2), neurons, seed=0)
     assert zero == clean
     assert sum(c not in clean for c in loud) >= 2, (clean, loud)
+
+
+def test_evaluate_on_the_embedded_model_writes_scores_and_figures(tmp_path):
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
+    r = subprocess.run([sys.executable, "run.py", "task=evaluate", "knowledge=clock", "method=ours", "data.num_images=60",
+                        "data.per_knowledge=2", "task.k_images=2", "task.other_images=3", "noise_level.draws=1",
+                        f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none", f"paths.cache_dir={cache}"],
+                       cwd=project_root(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    assert m["sets"] == 2 and m["clean"]["S_k"] == 1.0
+    t2 = m["table2"]
+    assert set(t2["per_level"]) == {"40.0", "80.0", "120.0"} and 0 <= t2["S_mean"] <= 1
+    assert t2["S_mean"] == pytest.approx((t2["S_se"] + t2["S_re"]) / 2)
+    assert 0 < m["table3"]["bertscore_f1"] <= 1 and m["table3"]["pairs"] == 2 * 3 * 2  # 2 sets x 3 levels x 2 images
+    figures = {p.name for p in (tmp_path / "job" / "figures").iterdir()}
+    assert "layers.png" in figures and sum(f.startswith("heatmap_") for f in figures) == 2
+    assert all(len(n["decoded"][0]["tokens"]) == 10 for n in json.loads((tmp_path / "job" / "neurons.json").read_text()))

@@ -43,6 +43,9 @@ class RunLogger:
         """Counts per bin (e.g. neurons per layer), written as ``<name>_histogram.csv``."""
         return self.log_table(f"{name}_histogram", pd.DataFrame({"bin": range(len(counts)), "count": counts}))
 
+    def log_images(self, images: dict[str, Path]) -> None:
+        """Figures already written to the job directory; only mirrored by trackers."""
+
     def finish(self) -> None:
         pass
 
@@ -90,6 +93,12 @@ class WandbLogger(RunLogger):
         if counts:
             self.run.log({f"{name}_histogram": wandb.Histogram(np_histogram=(np.asarray(counts), np.arange(len(counts) + 1)))})
         return path
+
+    def log_images(self, images: dict[str, Path]) -> None:
+        import wandb
+
+        if images:
+            self.run.log({name: wandb.Image(str(path)) for name, path in images.items()})
 
     def finish(self) -> None:
         self.run.finish()

@@ -133,13 +133,48 @@ def run(cfg: DictConfig) -> dict:
         log.warning("%s: no neuron sets to evaluate (%s)", k.name, selection.message)
     per_layer = np.sum([r.neurons.per_layer(adapter.num_layers) for r in results], axis=0).tolist() if results else []
     metrics["per_layer"] = per_layer
+    metrics["neurons"] = figures(adapter, data, results, out, per_layer, f"{k.name} / {cfg.method.name}") if results else []
     metrics["wall_time_s"] = round(time.time() - t0, 1)
     logger = make_logger(cfg)
     logger.log_table("captions", table)
     logger.log_histogram("layers", per_layer)
+    logger.log_images({p.stem: p for p in sorted((out / "figures").glob("*.png"))})
     logger.log_metrics(metrics)
     logger.finish()
     t2 = metrics["table2"] or {}
     print(json.dumps({"output_dir": str(out), "knowledge": k.name, "method": cfg.method.name, "sets": len(results),
                       **{s: t2.get(s) for s in ("S_se", "S_re", "S_mean")}}, indent=1))
     return metrics
+
+
+def figures(adapter, data: CocoScenes, results: list[SampleResult], out: Path, per_layer: list[int], title: str) -> list[dict]:
+    """Fig. 2 (layer histogram), Fig. 3 (top neuron of each set over its image, with the 0.95-quantile mask's
+    IoU against the instance mask) and the decoded top-10 tokens of each set's five best neurons."""
+    import cv2
+    import torch
+
+    from knexp.models.hooks import record
+    from knexp.reporting.analysis import decode_neuron, layer_histogram_png, mask_iou, overlay, token_heatmap
+
+    fig_dir = out / "figures"
+    layer_histogram_png({title.split(" / ")[1]: per_layer}, fig_dir / "layers.png", title)
+    rows = []
+    for res in results:
+        if res.neurons.empty:
+            continue
+        cand = res.candidate
+        image = data.load_image(cand.image_id)
+        layer, unit = int(res.neurons.layers[0]), int(res.neurons.units[0])
+        prepared = adapter.prepare([image])
+        with torch.no_grad(), record(adapter, prepared, layers=[layer]) as rec:
+            adapter.forward(prepared)
+        heat = token_heatmap(rec.activations[layer][0, :, unit].numpy(), adapter.geometry, *image.shape[:2])
+        iou = mask_iou(heat, data.instance_mask(cand.annotation_id))
+        name = f"heatmap_{cand.image_id}_L{layer}_U{unit}.png"
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(fig_dir / name), cv2.cvtColor(overlay(image, heat), cv2.COLOR_RGB2BGR))
+        decoded = [{"layer": int(lay), "unit": int(u), "tokens": decode_neuron(adapter, int(lay), int(u))}
+                   for lay, u in zip(res.neurons.layers[:5], res.neurons.units[:5], strict=True)]
+        rows.append({"image_id": cand.image_id, "top_neuron": [layer, unit], "heatmap": name, "iou_q95": iou, "decoded": decoded})
+    atomic_write_text(out / "neurons.json", json.dumps(rows, indent=1))
+    return [{k: r[k] for k in ("image_id", "top_neuron", "iou_q95")} for r in rows]
