@@ -21,23 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.coco import CocoScenes
 from knexp.data.loading import load_dataset
 from knexp.evaluation.perturb import perturbed_captions, rows_for
 from knexp.evaluation.scores import suppression_scores
 from knexp.evaluation.text_metrics import caption_metrics
-from knexp.identification.cache import StatsCache
-from knexp.identification.passes import TargetNotFound
-from knexp.identification.pipeline import SampleResult, identify_sample
+from knexp.identification.pipeline import SampleResult
 from knexp.io import atomic_write_text
 from knexp.models import load_model
 from knexp.reporting.logger import make_logger
-from knexp.tasks.identify import model_identity
-from knexp.tasks.select import run_selection
+from knexp.tasks.identify import identify_knowledge
 
 log = logging.getLogger(__name__)
 EVAL_STREAM = 4
@@ -74,22 +70,8 @@ def run(cfg: DictConfig) -> dict:
     data, dataset_id = load_dataset(cfg.data, catalog)
     adapter = load_model(cfg.model, cfg.paths.cache_dir)
     out = Path(cfg.paths.output_dir)
-    cache_root = cfg.paths.cache_dir if cfg.task.cache else None
-    inpaint_cache, stats_cache = InpaintCache(cache_root), StatsCache(cache_root)
-    opts = InpaintOptions(**OmegaConf.to_container(cfg.inpaint, resolve=True))
-    selection = run_selection(cfg, catalog, adapter, data, dataset_id, k.name, inpaint_cache)
-    atomic_write_text(out / "selection.json", json.dumps(selection.to_dict(), indent=1))
-    key = model_identity(cfg.model)
-    results: list[SampleResult] = []
-    for cand in selection.accepted:
-        try:
-            results.append(identify_sample(adapter, key, data, dataset_id, cand, k, opts, inpaint_cache, stats_cache, cfg.thresholds,
-                                           cfg.method))
-        except (TargetNotFound, ValueError) as exc:
-            log.warning("skipping image %d: %s", cand.image_id, exc)
-    for res in results:
-        atomic_write_text(out / "samples" / f"{res.candidate.image_id}_{res.candidate.annotation_id}.json",
-                          json.dumps(res.to_dict(adapter.num_layers), indent=1))
+    found = identify_knowledge(cfg, catalog, k, adapter, data, dataset_id, out)
+    selection, results = found.selection, found.results
     ident_ids = [r.candidate.image_id for r in results]
     images_meta = evaluation_images(data, catalog, k, ident_ids, cfg.task.k_images, cfg.task.other_images, cfg.seed)
     images = [data.load_image(i) for i, _, _ in images_meta]

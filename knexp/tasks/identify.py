@@ -12,17 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions, stable_key
-from knexp.data.catalog import Catalog
+from knexp.data.catalog import Catalog, Knowledge
+from knexp.data.coco import CocoScenes
 from knexp.data.loading import load_dataset
 from knexp.identification.cache import StatsCache
 from knexp.identification.passes import TargetNotFound
-from knexp.identification.pipeline import identify_sample
+from knexp.identification.pipeline import SampleResult, identify_sample
+from knexp.identification.selection import Selection
 from knexp.io import atomic_write_text
 from knexp.models import load_model
 from knexp.reporting.logger import make_logger
@@ -40,12 +43,19 @@ def model_identity(model_cfg: DictConfig) -> str:
     return stable_key(*parts)
 
 
-def run(cfg: DictConfig) -> dict:
-    catalog = Catalog.load()
-    knowledge = catalog[cfg.knowledge.name]
-    data, dataset_id = load_dataset(cfg.data, catalog)
-    adapter = load_model(cfg.model, cfg.paths.cache_dir)
-    out = Path(cfg.paths.output_dir)
+@dataclass
+class Identification:
+    """What identifying one knowledge produced; ``results`` keeps the samples that gave a neuron set."""
+
+    selection: Selection
+    results: list[SampleResult]
+    skipped: list[dict]
+    stats_cache: StatsCache
+
+
+def identify_knowledge(cfg: DictConfig, catalog: Catalog, knowledge: Knowledge, adapter, data: CocoScenes, dataset_id: str,
+                       out: Path) -> Identification:
+    """Select samples of ``knowledge`` and identify neurons on each; writes selection.json and samples/*.json."""
     cache_root = cfg.paths.cache_dir if cfg.task.cache else None
     inpaint_cache, stats_cache = InpaintCache(cache_root), StatsCache(cache_root)
     opts = InpaintOptions(**OmegaConf.to_container(cfg.inpaint, resolve=True))
@@ -53,7 +63,6 @@ def run(cfg: DictConfig) -> dict:
     atomic_write_text(out / "selection.json", json.dumps(selection.to_dict(), indent=1))
     key = model_identity(cfg.model)
     results, skipped = [], []
-    (out / "samples").mkdir(parents=True, exist_ok=True)
     for cand in selection.accepted:
         try:
             res = identify_sample(adapter, key, data, dataset_id, cand, knowledge, opts, inpaint_cache, stats_cache,
@@ -62,11 +71,23 @@ def run(cfg: DictConfig) -> dict:
             skipped.append({"image_id": cand.image_id, "annotation_id": cand.annotation_id, "reason": str(exc)})
             log.warning("skipping image %d annotation %d: %s", cand.image_id, cand.annotation_id, exc)
             continue
-        record = res.to_dict(adapter.num_layers)
-        atomic_write_text(out / "samples" / f"{cand.image_id}_{cand.annotation_id}.json", json.dumps(record, indent=1))
-        results.append(record)
+        atomic_write_text(out / "samples" / f"{cand.image_id}_{cand.annotation_id}.json",
+                          json.dumps(res.to_dict(adapter.num_layers), indent=1))
+        results.append(res)
         note = f" ({res.neurons.note})" if res.neurons.note else ""
         log.info("image %d: %s found %d neurons%s", cand.image_id, cfg.method.name, len(res.neurons), note)
+    return Identification(selection, results, skipped, stats_cache)
+
+
+def run(cfg: DictConfig) -> dict:
+    catalog = Catalog.load()
+    knowledge = catalog[cfg.knowledge.name]
+    data, dataset_id = load_dataset(cfg.data, catalog)
+    adapter = load_model(cfg.model, cfg.paths.cache_dir)
+    out = Path(cfg.paths.output_dir)
+    found = identify_knowledge(cfg, catalog, knowledge, adapter, data, dataset_id, out)
+    selection, stats_cache, skipped = found.selection, found.stats_cache, found.skipped
+    results = [r.to_dict(adapter.num_layers) for r in found.results]
     per_layer = np.sum([r["per_layer"] for r in results], axis=0).tolist() if results else [0] * adapter.num_layers
     summary = {
         "knowledge": knowledge.name, "method": cfg.method.name, "variant": cfg.method.get("variant", ""), "thresholds": cfg.thresholds.name,
