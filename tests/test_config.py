@@ -150,3 +150,8 @@ def test_evaluate_task_runs_and_logs_files_offline(tmp_path):
     assert len(captions) - 1 == metrics["images"]["k"] + 3 + 3 * metrics["sets"] * (metrics["images"]["k"] + 3)  # clean + 3 levels
     assert (tmp_path / "job" / "layers_histogram.csv").exists()
     assert list((tmp_path / "job" / "wandb").glob("offline-run-*"))
+
+
+def test_report_without_sweep_dir_says_what_to_pass(tmp_path):
+    r = _run("task=report", f"hydra.run.dir={tmp_path}/job", "logger=none")
+    assert r.returncode != 0 and "sweep_dir" in r.stderr

@@ -13,6 +13,7 @@ TASKS = {
     "identify": "knexp.tasks.identify",
     "evaluate": "knexp.tasks.evaluate",
     "select": "knexp.tasks.select",
+    "report": "knexp.tasks.report",
 }
 
 
