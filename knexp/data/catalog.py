@@ -9,7 +9,7 @@ synonyms). Matching is whole-word and case-insensitive, punctuation is ignored, 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -36,7 +36,6 @@ class Knowledge:
     plural: tuple[str, ...] = ()
     synonyms: tuple[str, ...] = ()
     phrase: str = ""  # indefinite noun phrase for captions; default "a/an <singular>"
-    extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def forms(self) -> tuple[str, ...]:
@@ -116,7 +115,6 @@ class Catalog:
 
 def knowledge_from_dict(d: dict) -> Knowledge:
     """Build a Knowledge from a ``conf/knowledge/*.yaml`` mapping (or the composed ``cfg.knowledge``)."""
-    known = {"name", "coco_id", "supercategory", "singular", "plural", "synonyms", "phrase"}
     missing = {"name", "coco_id", "supercategory"} - set(d)
     if missing:
         raise ValueError(f"knowledge entry {d.get('name', d)!r} lacks {sorted(missing)}")
@@ -128,5 +126,4 @@ def knowledge_from_dict(d: dict) -> Knowledge:
         plural=tuple(d.get("plural") or ()),
         synonyms=tuple(d.get("synonyms") or ()),
         phrase=str(d.get("phrase") or ""),
-        extra={k: v for k, v in d.items() if k not in known},
     )
