@@ -147,3 +147,16 @@ def test_evaluate_on_the_embedded_model_writes_scores_and_figures(tmp_path):
     figures = {p.name for p in (tmp_path / "job" / "figures").iterdir()}
     assert "layers.png" in figures and sum(f.startswith("heatmap_") for f in figures) == 2
     assert all(len(n["decoded"][0]["tokens"]) == 10 for n in json.loads((tmp_path / "job" / "neurons.json").read_text()))
+
+
+def test_perturbed_captions_do_not_depend_on_the_batch(adapter, catalog):
+    """The default float32 LM is batch-invariant; in bfloat16 4 of these 32 captions changed with the batch."""
+    from knexp.evaluation.perturb import perturbed_captions, rows_for
+    from knexp.identification.methods import NeuronSet
+
+    images = [make_scene(catalog, np.random.default_rng([77, 5, i]), SceneOptions(gap_px=8)).image for i in range(8)]
+    rng = np.random.default_rng(0)
+    neurons = NeuronSet("t", "", np.sort(rng.integers(15, 30, 20)), rng.integers(0, adapter.d_ff, 20), np.zeros(20))
+    rows = rows_for(list(range(8)), [40.0, 80.0], 2)
+    batched = perturbed_captions(adapter, images, rows, neurons, seed=0, batch_size=32)
+    assert batched == [perturbed_captions(adapter, images, [r], neurons, seed=0, batch_size=1)[0] for r in rows]

@@ -65,6 +65,33 @@ def hook_overhead(images: int = 32, batch_size: int = 16, units: int = 64, repea
     }
 
 
+def evaluation_throughput(images: int = 8, levels: tuple = (40.0, 80.0), draws: int = 2, batch_size: int = 32) -> dict:
+    """Perturbed captions per second: batched rows (one seeded generator per row) vs one generate per caption."""
+    from omegaconf import OmegaConf
+
+    from knexp.evaluation.perturb import perturbed_captions, rows_for
+    from knexp.identification.methods import NeuronSet
+
+    cfg = OmegaConf.load(project_root() / "conf/model/embedded.yaml")
+    cfg.projector_path = str(project_root() / "knexp/models/weights/embedded_projector.safetensors")
+    adapter = load_adapter(cfg, torch.device("cpu"), default_cache_dir())
+    catalog = Catalog.load()
+    pics = [make_scene(catalog, np.random.default_rng([77, 5, i]), SceneOptions(gap_px=8)).image for i in range(images)]
+    rng = np.random.default_rng(0)
+    layers = np.sort(rng.integers(15, 30, 20))
+    neurons = NeuronSet("bench", "", layers, rng.integers(0, adapter.d_ff, 20), np.zeros(20))
+    rows = rows_for(list(range(images)), list(levels), draws)
+    t = time.perf_counter()
+    batched = perturbed_captions(adapter, pics, rows, neurons, seed=0, batch_size=batch_size)
+    batched_s = time.perf_counter() - t
+    t = time.perf_counter()
+    single = [perturbed_captions(adapter, pics, [r], neurons, seed=0, batch_size=1)[0] for r in rows]
+    single_s = time.perf_counter() - t
+    assert batched == single, "batching must not change a caption"
+    return {"captions": len(rows), "batch_size": batch_size, "batched_per_s": round(len(rows) / batched_s, 2),
+            "per_caption_per_s": round(len(rows) / single_s, 2), "ratio": round(single_s / batched_s, 2), "target": ">= 20"}
+
+
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
@@ -76,11 +103,13 @@ def main() -> None:
     args = parser.parse_args()
     from knexp.bench.identification import identification_cost, peak_memory_7b_shape
 
-    result = {"hook_overhead": hook_overhead(), "identification_cost": identification_cost(), "peak_memory": peak_memory_7b_shape()}
+    result = {"hook_overhead": hook_overhead(), "identification_cost": identification_cost(), "peak_memory": peak_memory_7b_shape(),
+              "evaluation_throughput": evaluation_throughput()}
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     h, c, m = result["hook_overhead"], result["identification_cost"], result["peak_memory"]
+    e = result["evaluation_throughput"]
     text = f"""# Benchmarks
 
 Measured with `make bench` (`python -m knexp.bench`) on {machine()}, {stamp}.
@@ -122,6 +151,18 @@ fresh process per mode, malloc's mmap threshold fixed so that freed tensors leav
 | identification (`compute_stats`) | {m['identification_peak_mib']} |
 | **extra** | **{m['extra_mib']}** (target {m['target']}) |
 | extra with glibc's default malloc settings (freed blocks stay resident) | {m['extra_mib_default_malloc']} |
+
+## Evaluation throughput (issue: evaluation)
+
+{e['captions']} perturbed captions (noise on 20 neurons, 32 new tokens) on the embedded model: batched rows
+(batch {e['batch_size']}, one seeded generator per row) against one `generate` call per caption. The
+captions are identical (checked in the run).
+
+| | captions / s |
+|---|---|
+| one `generate` per caption | {e['per_caption_per_s']} |
+| batched | {e['batched_per_s']} |
+| **speed-up** | **{e['ratio']}x** (target {e['target']}) |
 """
     Path(args.out).write_text(text)
     print(text)

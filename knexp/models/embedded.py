@@ -101,7 +101,7 @@ def load_embedded(
     projector_path: str | Path | None,
     projector_kind: str = "mlp",
     projector_hidden: int = 1536,
-    dtype: str = "bfloat16",
+    dtype: str = "float32",
     attn_implementation: str = "eager",
     prompt: PromptConfig | None = None,
     seed: int = 0,

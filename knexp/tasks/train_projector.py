@@ -94,6 +94,7 @@ def run(cfg: DictConfig) -> dict:
     model_cfg = cfg.model.copy()
     OmegaConf.set_struct(model_cfg, False)
     model_cfg.projector_path = None  # start from a seeded random projector
+    model_cfg.dtype = t.lm_dtype
     model = load_model(model_cfg, cfg.paths.cache_dir).mllm
     model.projector.requires_grad_(True).train()
     opt = torch.optim.AdamW(model.projector.parameters(), lr=t.lr, weight_decay=t.weight_decay)
