@@ -82,3 +82,19 @@ def test_batched_equals_one_row_at_a_time(adapter):
         single = [perturbed_captions(adapter, images, [r], neurons, seed=1, per_neuron=per_neuron, batch_size=1, max_new_tokens=5)[0]
                   for r in rows]
         assert batched == single
+
+
+def test_relative_noise_scales_by_each_neurons_spread(adapter):
+    images = _images(2)
+    rows = rows_for([10, 11], [3.0], 2)
+    absolute = _set([0, 1, 2], [3, 4, 9])
+    ones = _set([0, 1, 2], [3, 4, 9])
+    ones.spread = np.ones(3)
+    zeros = _set([0, 1, 2], [3, 4, 9])
+    zeros.spread = np.zeros(3)
+    kw = dict(seed=4, max_new_tokens=5)
+    assert perturbed_captions(adapter, images, rows, ones, relative=True, **kw) == perturbed_captions(adapter, images, rows, absolute, **kw)
+    clean = adapter.caption(images, max_new_tokens=5)
+    assert perturbed_captions(adapter, images, rows, zeros, relative=True, **kw) == [clean[0], clean[0], clean[1], clean[1]]
+    with pytest.raises(ValueError, match="spread"):
+        perturbed_captions(adapter, images, rows, absolute, relative=True, **kw)

@@ -69,6 +69,7 @@ def test_statistics_equal_their_formulas(adapter, sample):
     torch.testing.assert_close(stats.gradcam_max, (o * g).amax(1))
     torch.testing.assert_close(stats.gradcam_mean, (o * g).mean(1))
     torch.testing.assert_close(stats.act_mean, o.mean(1))
+    torch.testing.assert_close(stats.act_std, o.std(1, correction=0))
     assert torch.equal(stats.gradcam_argmax, (o * g).argmax(1))
     full = (adapter.unembedding().float() @ torch.stack([adapter.w_out(layer).float() for layer in range(adapter.num_layers)]))
     torch.testing.assert_close(stats.wout_dot_wu, full[:, target.token_id], rtol=1e-4, atol=1e-5)  # [L, V, d_f] -> row c

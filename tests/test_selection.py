@@ -95,17 +95,27 @@ def test_a_second_method_reuses_the_passes(tmp_path, catalog):
     again = identify_sample(*args, fresh, thresholds, OmegaConf.create({"name": "ours"}))
     assert len(calls) == 2 and fresh.loaded == 1 and fresh.computed == 0
     assert again.neurons.pairs() == ours.neurons.pairs()
+    assert ours.neurons.spread is not None and len(ours.neurons.spread) == len(ours.neurons)
+    from safetensors.torch import load_file, save_file
+
+    for f in (tmp_path / "c" / "stats").glob("*.safetensors"):
+        old = load_file(str(f))
+        del old["act_std"]  # a file from before act_std existed
+        save_file(old, str(f), metadata={"meta": '{"target_id": 0, "target_position": 0, "forward_passes": 2}'})
+    older = StatsCache(tmp_path / "c")
+    identify_sample(*args, older, thresholds, OmegaConf.create({"name": "ours"}))
+    assert older.computed == 1 and len(calls) == 4
     for f in (tmp_path / "c" / "stats").glob("*.safetensors"):
         f.write_bytes(f.read_bytes()[:100])  # torn file
     torn = StatsCache(tmp_path / "c")
     identify_sample(*args, torn, thresholds, OmegaConf.create({"name": "ours"}))
-    assert torn.computed == 1 and len(calls) == 4
+    assert torn.computed == 1 and len(calls) == 6
 
 
 def test_nan_statistics_are_reported(tmp_path, catalog):
     from knexp.identification.passes import SampleStats
 
     z = torch.zeros(2, 4)
-    stats = SampleStats(z, z.clone().fill_(float("nan")), z.long(), z, z, z, z, z, target_id=0, target_position=0)
+    stats = SampleStats(z, z.clone().fill_(float("nan")), z.long(), z, z, z, z, z, z, target_id=0, target_position=0)
     with pytest.raises(ValueError, match="gradcam_max"):
         stats.check_finite()

@@ -4,6 +4,9 @@ For a set N_k, a noise level n and a draw d, v ~ N(0, I_P) * n is added to O'[l,
 N_k at every image position p, during the prompt forward only (the KV cache carries it into generation);
 ``per_neuron`` draws an independent v per neuron instead. Every (image, level, draw) row has its own
 generator, seeded by (seed, image key, level index, draw), so a row's caption does not depend on its batch.
+With ``relative``, the level is in units of each neuron's spread (``NeuronSet.spread``, std_p O' on the
+neuron's identification sample): neuron u receives v[p] * n * spread_u, since the paper's absolute levels
+(40, 80, 120) belong to LLaMA-2-7B's activation scale.
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ def rows_for(image_keys: list[int], levels: list[float], draws: int) -> list[Noi
 
 @torch.no_grad()
 def perturbed_captions(adapter: Adapter, images: list[np.ndarray], rows: list[NoiseRow], neurons: NeuronSet, seed: int,
-                       per_neuron: bool = False, batch_size: int = 16, max_new_tokens: int = 32) -> list[str]:
+                       per_neuron: bool = False, batch_size: int = 16, max_new_tokens: int = 32, relative: bool = False) -> list[str]:
     """One caption per row, batched; an empty neuron set gives the clean captions."""
+    if relative and (neurons.spread is None or len(neurons.spread) != len(neurons)):
+        raise ValueError("relative noise needs each neuron's spread (NeuronSet.spread); identify the set first")
     layers = sorted(set(neurons.layers.tolist()))
     units = {layer: torch.as_tensor(neurons.units[neurons.layers == layer]) for layer in layers}
     order = np.argsort(neurons.layers, kind="stable")  # neuron order within layers, for per-neuron noise columns
@@ -56,11 +61,14 @@ def perturbed_captions(adapter: Adapter, images: list[np.ndarray], rows: list[No
         noise = np.stack([noise_for(r, seed, adapter.num_image_tokens, len(neurons), per_neuron) for r in chunk])  # [B, P(, N)]
         edits = {}
         for layer in layers:
+            cols = [j for j in order if neurons.layers[j] == layer]
             if per_neuron:
-                cols = [j for j in order if neurons.layers[j] == layer]
                 add = torch.as_tensor(noise[:, :, cols], dtype=torch.float32)  # [B, P, U_l]
             else:
                 add = torch.as_tensor(noise, dtype=torch.float32)  # [B, P]
+            if relative:  # v[p] * n * spread_u: [B, P, U_l]
+                base = add if add.dim() == 3 else add[..., None]
+                add = base * torch.as_tensor(neurons.spread[cols], dtype=torch.float32)
             edits[layer] = LayerEdit(units[layer], add=add)
         with intervene(adapter, prepared, edits):
             out += adapter.generate(prepared, max_new_tokens)

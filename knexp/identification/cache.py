@@ -50,9 +50,9 @@ class StatsCache:
             with safe_open(str(path), "pt") as f:
                 meta = json.loads(f.metadata()["meta"])
             tensors = load_file(str(path))
-        except (SafetensorError, OSError, KeyError, ValueError):
-            return None  # torn or foreign file: recompute
-        return SampleStats(**tensors, **meta)
+            return SampleStats(**tensors, **meta)
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+            return None  # torn, foreign or older-format file: recompute
 
     def _write(self, key: str, stats: SampleStats) -> None:
         path = self._path(key)

@@ -30,6 +30,7 @@ class NeuronSet:
     units: np.ndarray  # int [n]
     scores: np.ndarray  # float [n], the ranking score (descending)
     patches: np.ndarray | None = None  # int [n], image token of each neuron's best pair (schwettmann authors)
+    spread: np.ndarray | None = None  # float [n], each neuron's std_p O' on its sample (unit of relative noise)
     note: str = ""
     info: dict = field(default_factory=dict)
 

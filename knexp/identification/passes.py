@@ -66,6 +66,7 @@ class SampleStats:
     gradcam_argmax  argmax_p of the same, long           (the patch of each neuron's best (unit, patch) pair)
     gradcam_mean  mean_p O'_o * dy_c/dO'_o               (Schwettmann, paper comparison)
     act_mean      mean_p O'_o                            (Pan, paper comparison)
+    act_std       std_p O'_o                             (the neuron's spread: unit of relative noise)
     act_last      O_o at t*                              (the full neuron activation at the predicting position)
     actfn_last    act_fn(gate(x)) at t*                  (Pan, authors' hook point)
     wout_dot_wu   W_out^l[:, u] . W_U[c]                 (Pan's projection onto the target token)
@@ -76,6 +77,7 @@ class SampleStats:
     gradcam_argmax: torch.Tensor
     gradcam_mean: torch.Tensor
     act_mean: torch.Tensor
+    act_std: torch.Tensor
     act_last: torch.Tensor
     actfn_last: torch.Tensor
     wout_dot_wu: torch.Tensor
@@ -83,7 +85,8 @@ class SampleStats:
     target_position: int
     forward_passes: int = 2
 
-    TENSORS = ("diff_max", "gradcam_max", "gradcam_argmax", "gradcam_mean", "act_mean", "act_last", "actfn_last", "wout_dot_wu")
+    TENSORS = ("diff_max", "gradcam_max", "gradcam_argmax", "gradcam_mean", "act_mean", "act_std", "act_last", "actfn_last",
+               "wout_dot_wu")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -132,6 +135,7 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
             o_det = x[0, pos_o].detach()  # [P, d_f], model dtype: the only per-layer tensor kept to the backward
             out["diff_max"][layer] = (o_det.float() - inpainted_acts.pop(layer).float()).amax(0)
             out["act_mean"][layer] = o_det.float().mean(0)
+            out["act_std"][layer] = o_det.float().std(0, correction=0)
             out["act_last"][layer] = x[0, t_star].detach().to(torch.float32, copy=True)
 
             def catch(grad: torch.Tensor) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from omegaconf import DictConfig
 
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions, stable_key
@@ -71,4 +72,5 @@ def identify_sample(adapter: Adapter, model_key: str, data: CocoScenes, dataset_
     a, g = thresholds_for(thresholds_cfg, knowledge.name, stats)
     reference = M.ours(stats, a, g)
     chosen = method_set(method, stats, reference, adapter.d_ff)
+    chosen.spread = stats.act_std[chosen.layers, chosen.units].numpy() if len(chosen) else np.empty(0)
     return SampleResult(candidate, target.word, target.token_id, (a, g), reference, chosen)

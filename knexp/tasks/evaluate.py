@@ -87,7 +87,7 @@ def run(cfg: DictConfig) -> dict:
             empty_sets.append({"set_id": set_id, "image_id": res.candidate.image_id, "note": res.neurons.note})
         rows = rows_for(keys, list(noise.levels), int(noise.draws))
         caps = perturbed_captions(adapter, images, rows, res.neurons, seed=cfg.seed, per_neuron=bool(noise.per_neuron),
-                                  batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
+                                  batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens, relative=bool(noise.relative))
         frames.append(pd.DataFrame({"set_id": set_id, "level": [r.level for r in rows], "draw": [r.draw for r in rows],
                                     "image_id": [r.image_key for r in rows], "caption": caps}))
     table = pd.concat(frames, ignore_index=True)
