@@ -29,6 +29,10 @@ class InpaintOptions:
     def mask(self, shape: tuple[int, int], bbox, segmentation: np.ndarray | None) -> np.ndarray:
         return region_mask(shape, bbox=bbox, segmentation=segmentation, region=self.region, dilation=self.dilation)
 
+    def apply(self, image: np.ndarray, bbox, segmentation: np.ndarray | None) -> np.ndarray:
+        """The image with the instance's region inpainted away."""
+        return inpaint(image, self.mask(image.shape[:2], bbox, segmentation), self.radius, self.method)
+
 
 def stable_key(*parts) -> str:
     """A short hash of JSON-serialisable parts (dataclasses included)."""
@@ -53,7 +57,7 @@ class InpaintCache:
                 self.hits += 1
                 return cv2.cvtColor(cached, cv2.COLOR_BGR2RGB)
         self.misses += 1
-        out = inpaint(image, opts.mask(image.shape[:2], bbox, segmentation), opts.radius, opts.method)
+        out = opts.apply(image, bbox, segmentation)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)

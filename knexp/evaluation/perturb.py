@@ -50,8 +50,9 @@ def perturbed_captions(adapter: Adapter, images: list[np.ndarray], rows: list[No
     if relative and (neurons.spread is None or len(neurons.spread) != len(neurons)):
         raise ValueError("relative noise needs each neuron's spread (NeuronSet.spread); identify the set first")
     layers = sorted(set(neurons.layers.tolist()))
-    units = {layer: torch.as_tensor(neurons.units[neurons.layers == layer]) for layer in layers}
-    order = np.argsort(neurons.layers, kind="stable")  # neuron order within layers, for per-neuron noise columns
+    cols = {layer: np.flatnonzero(neurons.layers == layer) for layer in layers}  # the set's neurons in each layer
+    units = {layer: torch.as_tensor(neurons.units[c]) for layer, c in cols.items()}
+    spread = {layer: torch.as_tensor(neurons.spread[c], dtype=torch.float32) for layer, c in cols.items()} if relative else {}
     out: list[str] = []
     for chunk in batches(rows, batch_size, "perturbed captions"):
         prepared = adapter.prepare([images[r.image_index] for r in chunk])
@@ -61,14 +62,12 @@ def perturbed_captions(adapter: Adapter, images: list[np.ndarray], rows: list[No
         noise = np.stack([noise_for(r, seed, adapter.num_image_tokens, len(neurons), per_neuron) for r in chunk])  # [B, P(, N)]
         edits = {}
         for layer in layers:
-            cols = [j for j in order if neurons.layers[j] == layer]
             if per_neuron:
-                add = torch.as_tensor(noise[:, :, cols], dtype=torch.float32)  # [B, P, U_l]
+                add = torch.as_tensor(noise[:, :, cols[layer]], dtype=torch.float32)  # [B, P, U_l]
             else:
                 add = torch.as_tensor(noise, dtype=torch.float32)  # [B, P]
             if relative:  # v[p] * n * spread_u: [B, P, U_l]
-                base = add if add.dim() == 3 else add[..., None]
-                add = base * torch.as_tensor(neurons.spread[cols], dtype=torch.float32)
+                add = (add if add.dim() == 3 else add[..., None]) * spread[layer]
             edits[layer] = LayerEdit(units[layer], add=add)
         with intervene(adapter, prepared, edits):
             out += adapter.generate(prepared, max_new_tokens)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from knexp.counterfactual.inpaint import inpaint, region_mask
+from knexp.counterfactual.cache import InpaintOptions
 from knexp.data.catalog import Catalog
 from knexp.data.loading import load_dataset
 from knexp.evaluation.mentions import mention_scores, removal_scores
@@ -52,15 +52,16 @@ def run(cfg: DictConfig) -> dict:
 
     multi = [i for i in ids if len(data.instances(i)) >= 2][: cfg.task.inpaint_scenes]
     rows = []
-    for method in cfg.task.inpaint.methods:
+    check = cfg.task.inpaint
+    for method in check.methods:
+        opts = InpaintOptions(region=check.region, dilation=check.dilation, radius=check.radius, method=method)
         edited, removed, others = [], [], []
         for image_id in multi:
             instances = data.instances(image_id)
             pick = instances[int(np.random.default_rng([cfg.data.seed, CHECK_STREAM, image_id]).integers(len(instances)))]
             image = data.load_image(image_id)
-            mask = region_mask(image.shape[:2], bbox=pick.bbox, region=cfg.task.inpaint.region, dilation=cfg.task.inpaint.dilation,
-                               segmentation=data.instance_mask(pick.annotation_id) if cfg.task.inpaint.region == "segm" else None)
-            edited.append(inpaint(image, mask, cfg.task.inpaint.radius, method))
+            segmentation = data.instance_mask(pick.annotation_id) if check.region == "segm" else None
+            edited.append(opts.apply(image, pick.bbox, segmentation))
             removed.append(catalog.by_coco_id(pick.category_id).name)
             others.append(names(image_id) - {removed[-1]})
         caps = model.caption(edited, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)

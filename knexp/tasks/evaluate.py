@@ -8,8 +8,9 @@
    (``knexp.evaluation.perturb``), plus one clean caption per image (level 0, the reference row).
 4. Table II scores (``knexp.evaluation.scores``) and, on the identification images, Table III metrics against
    the caption of the inpainted image (``knexp.evaluation.text_metrics``).
-Writes ``metrics.json``, ``captions.csv``, ``identify.json`` and the per-sample neuron sets to the job directory,
-and mirrors metrics, the caption table and the layer histogram to W&B when ``logger=wandb``.
+Writes ``metrics.json``, ``captions.csv``, ``selection.json``, the per-sample neuron sets (``samples/``), the
+layer histogram and ``figures/`` to the job directory, and mirrors metrics, the caption table, the layer
+histogram and the figures to W&B when ``logger=wandb``.
 """
 
 from __future__ import annotations
@@ -82,10 +83,10 @@ def run(cfg: DictConfig) -> dict:
     clean = adapter.caption(images, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
     frames.append(pd.DataFrame({"set_id": -1, "level": 0.0, "draw": 0, "image_id": keys, "caption": clean}))
     empty_sets = []
+    rows = rows_for(keys, list(noise.levels), int(noise.draws))  # the same rows for every set
     for set_id, res in enumerate(results):
         if res.neurons.empty:
             empty_sets.append({"set_id": set_id, "image_id": res.candidate.image_id, "note": res.neurons.note})
-        rows = rows_for(keys, list(noise.levels), int(noise.draws))
         caps = perturbed_captions(adapter, images, rows, res.neurons, seed=cfg.seed, per_neuron=bool(noise.per_neuron),
                                   batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens, relative=bool(noise.relative))
         frames.append(pd.DataFrame({"set_id": set_id, "level": [r.level for r in rows], "draw": [r.draw for r in rows],
