@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m knexp.models.prepare
 	touch $(STAMP)
 
+# the demo sweep (conf/experiment/demo.yaml: 3 objects x 3 methods), then its report
 run: install
-	$(BIN)/python run.py
+	$(BIN)/python run.py experiment=demo
+	$(BIN)/python run.py task=report sweep_dir=runs/demo/multirun hydra.run.dir=runs/demo/report
 
 test: install
 	$(BIN)/python -m pytest -q

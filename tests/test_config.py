@@ -25,8 +25,15 @@ def test_default_config_has_every_group():
     cfg = _compose()
     for group in GROUPS:
         assert group in cfg and cfg[group].name, group
-    assert cfg.task.name == "caption_eval" and cfg.model.name == "embedded"
+    assert cfg.task.name == "evaluate" and cfg.model.name == "embedded"
     assert cfg.logger.name == "wandb" and cfg.thresholds.name == "quantile"
+
+
+@pytest.mark.parametrize("level", [40, 80, 120])
+def test_single_noise_levels_are_the_paper_setting_at_one_level(level):
+    paper, single = _compose().noise_level, _compose(f"noise_level=n{level}").noise_level
+    assert list(single.levels) == [level] and single.name == f"n{level}"
+    assert {k: v for k, v in single.items() if k not in ("levels", "name")} == {k: v for k, v in paper.items() if k not in ("levels", "name")}
 
 
 def test_every_knowledge_composes_and_has_paper_thresholds(catalog):
@@ -150,6 +157,21 @@ def test_evaluate_task_runs_and_logs_files_offline(tmp_path):
     assert len(captions) - 1 == metrics["images"]["k"] + 3 + 3 * metrics["sets"] * (metrics["images"]["k"] + 3)  # clean + 3 levels
     assert (tmp_path / "job" / "layers_histogram.csv").exists()
     assert list((tmp_path / "job" / "wandb").glob("offline-run-*"))
+    assert metrics["cache"]["captions_computed"] > 0
+
+    # the same job again in the same folder is a finished job: skipped, nothing rewritten
+    before = (tmp_path / "job" / "captions.csv").stat().st_mtime_ns
+    again = _run(*r.args[2:])
+    assert again.returncode == 0 and "finished before" in again.stdout + again.stderr
+    assert (tmp_path / "job" / "captions.csv").stat().st_mtime_ns == before
+    # the same job in a new folder: every caption comes from the cache, and they are the same captions
+    args = [a.replace(f"{tmp_path}/job", f"{tmp_path}/job2") for a in r.args[2:]]
+    second = _run(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    m2 = json.loads((tmp_path / "job2" / "metrics.json").read_text())
+    assert m2["cache"]["captions_computed"] == 0 and m2["cache"]["captions_from_cache"] > 0
+    assert (tmp_path / "job2" / "captions.csv").read_text() == (tmp_path / "job" / "captions.csv").read_text()
+    assert m2["table2"] == metrics["table2"]
 
 
 def test_report_without_sweep_dir_says_what_to_pass(tmp_path):

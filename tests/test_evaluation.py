@@ -4,12 +4,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from knexp.evaluation.perturb import NoiseRow, noise_for, perturbed_captions, rows_for
+from knexp.evaluation.perturb import NoiseRow, cached_perturbed_captions, noise_for, perturbed_captions, rows_for
 from knexp.evaluation.scores import suppression_scores
 from knexp.evaluation.text_metrics import caption_metrics
 from knexp.identification.methods import NeuronSet
 from knexp.models.adapters.spliced import SplicedAdapter
 from knexp.models.tiny import tiny_embedded
+from knexp.store import Store, cache_report
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +99,52 @@ def test_relative_noise_scales_by_each_neurons_spread(adapter):
     assert perturbed_captions(adapter, images, rows, zeros, relative=True, **kw) == [clean[0], clean[0], clean[1], clean[1]]
     with pytest.raises(ValueError, match="spread"):
         perturbed_captions(adapter, images, rows, absolute, relative=True, **kw)
+
+
+def test_cached_perturbed_captions_equal_fresh_ones_and_resume_from_finished_chunks(adapter, tmp_path):
+    images = _images(2)
+    rows = rows_for([10, 11], [40.0, 120.0], 3)  # 12 rows
+    neurons = _set([0, 1, 2], [3, 4, 9])
+    kw = dict(seed=2, batch_size=2, max_new_tokens=5)
+    fresh = perturbed_captions(adapter, images, rows, neurons, **kw)
+    store = Store(tmp_path, "captions")
+    # a job killed after its first chunk (4 * batch_size = 8 rows): those 8 are kept
+    calls = []
+    original = perturbed_captions
+
+    def dies_after_one_chunk(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(len(args[2]))
+        return original(*args, **kwargs)
+
+    import knexp.evaluation.perturb as P
+    P.perturbed_captions = dies_after_one_chunk
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cached_perturbed_captions(store, ["m", "d"], adapter, images, rows, neurons, **kw)
+    finally:
+        P.perturbed_captions = original
+    assert calls == [8] and store.misses == 12
+    resumed = Store(tmp_path, "captions")
+    assert cached_perturbed_captions(resumed, ["m", "d"], adapter, images, rows, neurons, **kw) == fresh
+    assert (resumed.hits, resumed.misses) == (8, 4)
+    # another set, seed or namespace is another entry
+    other = Store(tmp_path, "captions")
+    cached_perturbed_captions(other, ["m", "d"], adapter, images, rows, _set([0, 1, 2], [3, 4, 8]), **kw)
+    cached_perturbed_captions(other, ["m2", "d"], adapter, images, rows, neurons, **kw)
+    assert other.hits == 0
+
+
+def test_store_detects_truncated_and_edited_entries(tmp_path):
+    store = Store(tmp_path, "captions")
+    store.put("abcdef", "a caption")
+    path = next((tmp_path / "captions").rglob("abcdef.json"))
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])  # torn
+    assert store.get("abcdef") is None and store.corrupt == 1
+    path.write_text(text.replace("a caption", "another caption"))  # edited: checksum fails
+    assert store.get("abcdef") is None and store.corrupt == 2
+    assert store.get_many(["abcdef"], lambda idx: ["recomputed"]) == ["recomputed"] and store.get("abcdef") == "recomputed"
+    assert Store(None, "captions").get_many(["x"], lambda idx: ["y"]) == ["y"]  # disabled: computes, keeps nothing
+    assert cache_report(tmp_path)["captions"]["files"] == 1

@@ -24,7 +24,7 @@ class RedSquareCaptioner:
 
     caption_prefix = "the image shows"
 
-    def caption(self, images, batch_size=8, max_new_tokens=32, prefix=None):
+    def __call__(self, images, image_keys):
         return ["the image shows a bus." if (np.abs(im.astype(int) - RED).sum(-1) < 30).sum() > 20 else "the image shows an empty scene."
                 for im in images]
 

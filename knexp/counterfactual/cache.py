@@ -6,17 +6,16 @@ concurrent jobs never read a torn file. ``InpaintOptions`` are the knobs of METH
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from knexp.counterfactual.inpaint import inpaint, region_mask
+from knexp.store import stable_key
 
 
 @dataclass(frozen=True)
@@ -32,12 +31,6 @@ class InpaintOptions:
     def apply(self, image: np.ndarray, bbox, segmentation: np.ndarray | None) -> np.ndarray:
         """The image with the instance's region inpainted away."""
         return inpaint(image, self.mask(image.shape[:2], bbox, segmentation), self.radius, self.method)
-
-
-def stable_key(*parts) -> str:
-    """A short hash of JSON-serialisable parts (dataclasses included)."""
-    text = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
 class InpaintCache:

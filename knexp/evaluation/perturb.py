@@ -20,6 +20,7 @@ from knexp.identification.methods import NeuronSet
 from knexp.models.adapters.base import Adapter
 from knexp.models.batching import batches
 from knexp.models.hooks import LayerEdit, intervene
+from knexp.store import Store, stable_key
 
 
 @dataclass(frozen=True)
@@ -72,3 +73,16 @@ def perturbed_captions(adapter: Adapter, images: list[np.ndarray], rows: list[No
         with intervene(adapter, prepared, edits):
             out += adapter.generate(prepared, max_new_tokens)
     return out
+
+
+def cached_perturbed_captions(store: Store, namespace: list, adapter: Adapter, images: list[np.ndarray], rows: list[NoiseRow],
+                              neurons: NeuronSet, seed: int, per_neuron: bool = False, batch_size: int = 16, max_new_tokens: int = 32,
+                              relative: bool = False) -> list[str]:
+    """``perturbed_captions`` through the caption store. A row's key is (``namespace`` = model identity and
+    dataset, the set's neurons and, for relative noise, their spreads, the row's image, level and draw, the
+    seed and the generation settings): everything its caption depends on, since rows are batch-invariant."""
+    set_key = stable_key(neurons.layers.tolist(), neurons.units.tolist(), neurons.spread.tolist() if relative else None)
+    keys = [stable_key("perturbed", namespace, set_key, r.image_key, r.level_index, r.level, r.draw, seed, per_neuron, relative,
+                       max_new_tokens, adapter.caption_prefix) for r in rows]
+    return store.get_many(keys, lambda idx: perturbed_captions(adapter, images, [rows[i] for i in idx], neurons, seed, per_neuron,
+                                                               batch_size, max_new_tokens, relative), chunk=4 * batch_size)

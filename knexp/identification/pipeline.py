@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import DictConfig
 
-from knexp.counterfactual.cache import InpaintCache, InpaintOptions, stable_key
+from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Knowledge
 from knexp.data.coco import CocoScenes
 from knexp.identification import methods as M
@@ -16,6 +16,7 @@ from knexp.identification.passes import SampleStats, compute_stats, locate_targe
 from knexp.identification.selection import Candidate
 from knexp.identification.thresholds import thresholds_for
 from knexp.models.adapters.base import Adapter
+from knexp.store import stable_key
 
 METHODS = ("ours", "stage1_only", "stage2_only", "schwettmann", "pan", "random")
 

@@ -11,6 +11,7 @@ candidate keeps its reason; an unreadable image is a rejection, not a crash.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -18,7 +19,6 @@ import numpy as np
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.coco import CocoScenes, DatasetError
-from knexp.models.adapters.base import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,12 @@ def overlap_reason(data: CocoScenes, catalog: Catalog, image_id: int, annotation
     return ""
 
 
-def select_samples(data: CocoScenes, dataset_id: str, adapter: Adapter, catalog: Catalog, knowledge: Knowledge, per_knowledge: int,
-                   seed: int, opts: InpaintOptions, cache: InpaintCache, batch_size: int = 8, max_new_tokens: int = 32) -> Selection:
+def select_samples(data: CocoScenes, dataset_id: str, captioner: Callable[[list[np.ndarray], list], list[str]], catalog: Catalog,
+                   knowledge: Knowledge, per_knowledge: int, seed: int, opts: InpaintOptions, cache: InpaintCache,
+                   batch: int = 8) -> Selection:
+    """Walk the instances of ``knowledge`` in a seeded order and keep the first ``per_knowledge`` that meet the
+    three constraints of METHOD.md's dataset D. ``captioner(images, image_keys)`` captions ``batch`` at a time
+    (``knexp.models.captioning.Captioner``: cached per image)."""
     ids = data.image_ids_with(knowledge.coco_id)
     instances = [inst for i in ids for inst in data.instances(i) if inst.category_id == knowledge.coco_id]
     order = np.random.default_rng([seed, knowledge.coco_id]).permutation(len(instances))
@@ -83,8 +87,8 @@ def select_samples(data: CocoScenes, dataset_id: str, adapter: Adapter, catalog:
     def flush() -> None:
         if not pending:
             return
-        originals = adapter.caption([p[1] for p in pending], batch_size=batch_size, max_new_tokens=max_new_tokens)
-        edited = adapter.caption([p[2] for p in pending], batch_size=batch_size, max_new_tokens=max_new_tokens)
+        originals = captioner([p[1] for p in pending], [[dataset_id, p[0].image_id] for p in pending])
+        edited = captioner([p[2] for p in pending], [[dataset_id, p[0].image_id, p[0].annotation_id, opts] for p in pending])
         for (cand, _, _), cap_o, cap_i in zip(pending, originals, edited, strict=True):
             cand.original_caption, cand.inpainted_caption = cap_o, cap_i
             if not knowledge.mentioned_in(cap_o):
@@ -117,7 +121,7 @@ def select_samples(data: CocoScenes, dataset_id: str, adapter: Adapter, catalog:
             rejected.append(cand)
             continue
         pending.append((cand, image, cache.get(dataset_id, inst.image_id, inst.annotation_id, image, inst.bbox, seg, opts)))
-        if len(pending) >= max(batch_size, 2 * (per_knowledge - len(accepted))):
+        if len(pending) >= max(batch, 2 * (per_knowledge - len(accepted))):
             flush()
     flush()
     selection = Selection(knowledge.name, per_knowledge, accepted, rejected)

@@ -6,13 +6,15 @@ Each ``conf/model/*.yaml`` names its ``loader``, a function ``(model_cfg, device
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 from hydra.utils import get_method
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from knexp.models.adapters import Adapter
+from knexp.store import stable_key
 
 
 class ModelWeightsMissing(FileNotFoundError):
@@ -33,3 +35,14 @@ def load_model(model_cfg: DictConfig, cache_dir: str | Path) -> Adapter:
     except Exception as exc:
         raise ValueError(f"model {model_cfg.get('name')!r}: cannot import model.loader={model_cfg.loader!r} ({exc})") from exc
     return loader(model_cfg, resolve_device(model_cfg.get("device", "cpu")), Path(cache_dir))
+
+
+def model_identity(model_cfg: DictConfig) -> str:
+    """Hash of what a model computes: its resolved config (less ``generation.batch_size``, which no output depends
+    on), with the projector file's bytes in place of its path. Keys of every cache entry derived from the model."""
+    cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    cfg.get("generation", {}).pop("batch_size", None)
+    projector = cfg.get("projector_path")
+    if projector and Path(projector).exists():  # its bytes, not where the checkout happens to be
+        cfg["projector_path"] = hashlib.sha1(Path(projector).read_bytes()).hexdigest()
+    return stable_key(cfg)

@@ -1,7 +1,7 @@
 """Collect evaluation jobs into the paper's tables and figure (``python run.py task=report sweep_dir=...``).
 
 Every ``metrics.json`` under the sweep folder that holds a Table II result is one row, keyed by (model,
-knowledge, method, variant, thresholds); a result found twice (a rerun after an interruption) counts once,
+knowledge, method, variant, thresholds, noise level); a result found twice (a rerun after an interruption) counts once,
 the newest file winning. Method labels carry their variant ("pan:authors").
 """
 
@@ -23,7 +23,7 @@ PAPER = {
                "pan": {"bleu": 0.4615, "rouge1": 0.5034, "rougeL": 0.4392, "bertscore_f1": 0.8971},
                "ours": {"bleu": 0.4607, "rouge1": 0.5032, "rougeL": 0.4374, "bertscore_f1": 0.8971}},
 }
-KEY = ["model", "knowledge", "method", "thresholds"]
+KEY = ["model", "knowledge", "method", "thresholds", "noise_level"]
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
@@ -52,8 +52,10 @@ def tables(results: list[dict]) -> dict[str, pd.DataFrame]:
             rows3.append({**base, **{s: m["table3"][s] for s in ("bleu", "rouge1", "rougeL", "bertscore_f1")}})
     per_knowledge = pd.DataFrame(rows2)
     out = {"table2_per_knowledge": per_knowledge, "table2_per_level": pd.DataFrame(levels)}
-    out["table2"] = per_knowledge.groupby("method")[["S_se", "S_re", "S_mean"]].mean() if rows2 else pd.DataFrame()
-    out["table3"] = pd.DataFrame(rows3).groupby("method")[["bleu", "rouge1", "rougeL", "bertscore_f1"]].mean() if rows3 else pd.DataFrame()
+    # averages per method, and per setting where the sweep varied one (never averaged across models or thresholds)
+    by = [c for c in KEY if c not in ("knowledge", "method") and rows2 and per_knowledge[c].nunique() > 1] + ["method"]
+    out["table2"] = per_knowledge.groupby(by)[["S_se", "S_re", "S_mean"]].mean() if rows2 else pd.DataFrame()
+    out["table3"] = pd.DataFrame(rows3).groupby(by)[["bleu", "rouge1", "rougeL", "bertscore_f1"]].mean() if rows3 else pd.DataFrame()
     return out
 
 
@@ -92,5 +94,6 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path) -> Path:
 def _beside(ours: pd.DataFrame, paper: dict) -> str:
     df = ours.copy()
     for col in list(df.columns):
-        df[f"{col} (paper)"] = [paper.get(m, {}).get(col, float("nan")) for m in df.index]
+        methods = df.index.get_level_values("method")
+        df[f"{col} (paper)"] = [paper.get(m, {}).get(col, float("nan")) for m in methods]
     return df.to_markdown(floatfmt=".4f")

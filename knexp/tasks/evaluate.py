@@ -27,14 +27,16 @@ from omegaconf import DictConfig
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.coco import CocoScenes
 from knexp.data.loading import load_dataset
-from knexp.evaluation.perturb import perturbed_captions, rows_for
+from knexp.evaluation.perturb import cached_perturbed_captions, rows_for
 from knexp.evaluation.scores import suppression_scores
 from knexp.evaluation.text_metrics import caption_metrics
 from knexp.identification.pipeline import SampleResult
 from knexp.io import atomic_write_text
-from knexp.models import load_model
+from knexp.models import load_model, model_identity
 from knexp.reporting.logger import make_logger
 from knexp.tasks.identify import identify_knowledge
+from knexp.tasks.resume import finished, mark_finished
+from knexp.tasks.select import caption_store, make_captioner
 
 log = logging.getLogger(__name__)
 EVAL_STREAM = 4
@@ -66,12 +68,16 @@ def evaluation_images(data: CocoScenes, catalog: Catalog, k: Knowledge, identifi
 
 def run(cfg: DictConfig) -> dict:
     t0 = time.time()
+    out = Path(cfg.paths.output_dir)
+    if (done := finished(cfg, out)) is not None:
+        log.info("%s: finished before with this config; skipped (delete %s/done.json to rerun)", out, out)
+        return done
     catalog = Catalog.load()
     k = catalog[cfg.knowledge.name]
     data, dataset_id = load_dataset(cfg.data, catalog)
     adapter = load_model(cfg.model, cfg.paths.cache_dir)
-    out = Path(cfg.paths.output_dir)
-    found = identify_knowledge(cfg, catalog, k, adapter, data, dataset_id, out)
+    store = caption_store(cfg)  # selection, clean and perturbed captions
+    found = identify_knowledge(cfg, catalog, k, adapter, data, dataset_id, out, store)
     selection, results = found.selection, found.results
     ident_ids = [r.candidate.image_id for r in results]
     images_meta = evaluation_images(data, catalog, k, ident_ids, cfg.task.k_images, cfg.task.other_images, cfg.seed)
@@ -80,15 +86,17 @@ def run(cfg: DictConfig) -> dict:
     noise = cfg.noise_level
     gen = cfg.model.generation
     frames = []
-    clean = adapter.caption(images, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
+    model_key = model_identity(cfg.model)
+    clean = make_captioner(cfg, adapter, model_key, store)(images, [[dataset_id, i] for i in keys])
     frames.append(pd.DataFrame({"set_id": -1, "level": 0.0, "draw": 0, "image_id": keys, "caption": clean}))
     empty_sets = []
     rows = rows_for(keys, list(noise.levels), int(noise.draws))  # the same rows for every set
     for set_id, res in enumerate(results):
         if res.neurons.empty:
             empty_sets.append({"set_id": set_id, "image_id": res.candidate.image_id, "note": res.neurons.note})
-        caps = perturbed_captions(adapter, images, rows, res.neurons, seed=cfg.seed, per_neuron=bool(noise.per_neuron),
-                                  batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens, relative=bool(noise.relative))
+        caps = cached_perturbed_captions(store, [model_key, dataset_id], adapter, images, rows, res.neurons, seed=cfg.seed,
+                                         per_neuron=bool(noise.per_neuron), batch_size=gen.batch_size,
+                                         max_new_tokens=gen.max_new_tokens, relative=bool(noise.relative))
         frames.append(pd.DataFrame({"set_id": set_id, "level": [r.level for r in rows], "draw": [r.draw for r in rows],
                                     "image_id": [r.image_key for r in rows], "caption": caps}))
     table = pd.concat(frames, ignore_index=True)
@@ -100,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
 
     perturbed = table[table["set_id"] >= 0]
     metrics: dict = {"knowledge": k.name, "method": cfg.method.name, "variant": cfg.method.get("variant", ""),
-                     "thresholds": cfg.thresholds.name, "model": cfg.model.name, "sets": len(results), "empty_sets": empty_sets,
+                     "thresholds": cfg.thresholds.name, "noise_level": noise.name, "model": cfg.model.name, "sets": len(results), "empty_sets": empty_sets,
                      "images": {"k": int((meta["group"] == "k").sum()), "other": int((meta["group"] == "other").sum())},
                      "set_sizes": [len(r.neurons) for r in results], "selection": selection.message}
     clean_rows = table[table["set_id"] < 0]
@@ -117,6 +125,7 @@ def run(cfg: DictConfig) -> dict:
     per_layer = np.sum([r.neurons.per_layer(adapter.num_layers) for r in results], axis=0).tolist() if results else []
     metrics["per_layer"] = per_layer
     metrics["neurons"] = figures(adapter, data, results, out, per_layer, f"{k.name} / {cfg.method.name}") if results else []
+    metrics["cache"] = {"captions_from_cache": store.hits, "captions_computed": store.misses}
     metrics["wall_time_s"] = round(time.time() - t0, 1)
     logger = make_logger(cfg)
     logger.log_table("captions", table)
@@ -124,6 +133,7 @@ def run(cfg: DictConfig) -> dict:
     logger.log_images({p.stem: p for p in sorted((out / "figures").glob("*.png"))})
     logger.log_metrics(metrics)
     logger.finish()
+    mark_finished(cfg, out, metrics)
     t2 = metrics["table2"] or {}
     print(json.dumps({"output_dir": str(out), "knowledge": k.name, "method": cfg.method.name, "sets": len(results),
                       **{s: t2.get(s) for s in ("S_se", "S_re", "S_mean")}}, indent=1))

@@ -9,7 +9,6 @@ counts per layer) and ``identify.json`` (the summary); prints where they went.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from knexp.counterfactual.cache import InpaintCache, InpaintOptions, stable_key
+from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.coco import CocoScenes
 from knexp.data.loading import load_dataset
@@ -27,20 +26,12 @@ from knexp.identification.passes import TargetNotFound
 from knexp.identification.pipeline import SampleResult, identify_sample
 from knexp.identification.selection import Selection
 from knexp.io import atomic_write_text
-from knexp.models import load_model
+from knexp.models import load_model, model_identity
 from knexp.reporting.logger import make_logger
-from knexp.tasks.select import run_selection
+from knexp.store import Store
+from knexp.tasks.select import make_captioner, run_selection
 
 log = logging.getLogger(__name__)
-
-
-def model_identity(model_cfg: DictConfig) -> str:
-    """Hash of the resolved model config and, where there is one, the projector file's bytes."""
-    parts = [OmegaConf.to_container(model_cfg, resolve=True)]
-    projector = model_cfg.get("projector_path")
-    if projector and Path(projector).exists():
-        parts.append(hashlib.sha1(Path(projector).read_bytes()).hexdigest())
-    return stable_key(*parts)
 
 
 @dataclass
@@ -54,14 +45,14 @@ class Identification:
 
 
 def identify_knowledge(cfg: DictConfig, catalog: Catalog, knowledge: Knowledge, adapter, data: CocoScenes, dataset_id: str,
-                       out: Path) -> Identification:
+                       out: Path, captions: Store | None = None) -> Identification:
     """Select samples of ``knowledge`` and identify neurons on each; writes selection.json and samples/*.json."""
     cache_root = cfg.paths.cache_dir if cfg.task.cache else None
     inpaint_cache, stats_cache = InpaintCache(cache_root), StatsCache(cache_root)
     opts = InpaintOptions(**OmegaConf.to_container(cfg.inpaint, resolve=True))
-    selection = run_selection(cfg, catalog, adapter, data, dataset_id, knowledge.name, inpaint_cache)
-    atomic_write_text(out / "selection.json", json.dumps(selection.to_dict(), indent=1))
     key = model_identity(cfg.model)
+    selection = run_selection(cfg, catalog, make_captioner(cfg, adapter, key, captions), data, dataset_id, knowledge.name, inpaint_cache)
+    atomic_write_text(out / "selection.json", json.dumps(selection.to_dict(), indent=1))
     results, skipped = [], []
     for cand in selection.accepted:
         try:

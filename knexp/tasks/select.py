@@ -17,18 +17,31 @@ from knexp.data.catalog import Catalog
 from knexp.data.loading import load_dataset
 from knexp.identification.selection import Selection, select_samples
 from knexp.io import atomic_write_text
-from knexp.models import load_model
+from knexp.models import load_model, model_identity
+from knexp.models.captioning import Captioner
+from knexp.store import Store
 
 log = logging.getLogger(__name__)
 
 
-def run_selection(cfg: DictConfig, catalog: Catalog, adapter, data, dataset_id: str, knowledge_name: str,
+def run_selection(cfg: DictConfig, catalog: Catalog, captioner: Captioner, data, dataset_id: str, knowledge_name: str,
                   inpaint_cache: InpaintCache) -> Selection:
     """Selection for one knowledge with the task's inpainting options and the model's generation settings."""
     opts = InpaintOptions(**OmegaConf.to_container(cfg.inpaint, resolve=True))
+    return select_samples(data, dataset_id, captioner, catalog, catalog[knowledge_name], cfg.data.per_knowledge, cfg.seed, opts,
+                          inpaint_cache, batch=cfg.model.generation.batch_size)
+
+
+def caption_store(cfg: DictConfig) -> Store:
+    """The caption store under ``paths.cache_dir``/captions; none with ``task.cache=false``."""
+    return Store(cfg.paths.cache_dir if cfg.task.get("cache", True) else None, "captions")
+
+
+def make_captioner(cfg: DictConfig, adapter, model_key: str, store: Store | None = None) -> Captioner:
+    """The model's greedy captioner behind the caption store (a given one, to count hits across a job)."""
     gen = cfg.model.generation
-    return select_samples(data, dataset_id, adapter, catalog, catalog[knowledge_name], cfg.data.per_knowledge, cfg.seed, opts,
-                          inpaint_cache, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
+    store = caption_store(cfg) if store is None else store
+    return Captioner(adapter, model_key, store, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -37,10 +50,11 @@ def run(cfg: DictConfig) -> dict:
     data, dataset_id = load_dataset(cfg.data, catalog)
     adapter = load_model(cfg.model, cfg.paths.cache_dir)
     cache = InpaintCache(cfg.paths.cache_dir if cfg.task.cache else None)
+    captioner = make_captioner(cfg, adapter, model_identity(cfg.model))
     out = Path(cfg.paths.output_dir)
     summary = {}
     for name in names:
-        sel = run_selection(cfg, catalog, adapter, data, dataset_id, name, cache)
+        sel = run_selection(cfg, catalog, captioner, data, dataset_id, name, cache)
         file = "selection.json" if len(names) == 1 else f"selection_{name.replace(' ', '_')}.json"
         atomic_write_text(out / file, json.dumps(sel.to_dict(), indent=1))
         summary[name] = {"accepted": len(sel.accepted), "rejected": len(sel.rejected), "message": sel.message}

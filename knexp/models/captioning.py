@@ -1,0 +1,25 @@
+"""Greedy captions through the shared store: an image's caption is computed once per model and options.
+
+A caption's key is (model identity, image identity, caption prefix, max_new_tokens), where the image identity
+says where the pixels come from (dataset id and image id, plus annotation and inpainting options for an
+inpainted image). Greedy captions do not depend on the batch (tested), so cached and fresh ones agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from knexp.models.adapters.base import Adapter
+from knexp.store import Store, stable_key
+
+
+class Captioner:
+    def __init__(self, adapter: Adapter, model_key: str, store: Store, batch_size: int = 16, max_new_tokens: int = 32):
+        self.adapter, self.model_key, self.store = adapter, model_key, store
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+
+    def __call__(self, images: list[np.ndarray], image_keys: list) -> list[str]:
+        """Captions of ``images``, whose identities are ``image_keys`` (JSON-serialisable, one per image)."""
+        keys = [stable_key("caption", self.model_key, k, self.adapter.caption_prefix, self.max_new_tokens) for k in image_keys]
+        return self.store.get_many(keys, lambda idx: self.adapter.caption(
+            [images[i] for i in idx], batch_size=self.batch_size, max_new_tokens=self.max_new_tokens), chunk=self.batch_size)
