@@ -177,3 +177,21 @@ def test_evaluate_task_runs_and_logs_files_offline(tmp_path):
 def test_report_without_sweep_dir_says_what_to_pass(tmp_path):
     r = _run("task=report", f"hydra.run.dir={tmp_path}/job", "logger=none")
     assert r.returncode != 0 and "sweep_dir" in r.stderr
+
+
+def test_joblib_launcher_runs_a_two_job_multirun_in_parallel(tmp_path):
+    r = _run("-m", "task=select", "model=tiny_llava", "knowledge=clock,bus", "data.num_images=20", f"data.root={tmp_path}/tw",
+             f"paths.cache_dir={tmp_path}/cache", "hydra/launcher=parallel", "logger=none", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in r.stdout + r.stderr
+    names = {json.loads((tmp_path / "sweep" / str(i) / "selection.json").read_text())["knowledge"] for i in (0, 1)}
+    assert names == {"clock", "bus"}
+
+
+def test_tuning_configs_compose_with_their_sweepers():
+    optuna = _compose("hparams_search=thresholds_optuna")
+    assert optuna.task.name == "tune" and optuna.optimized_metric == "S_mean" and optuna.thresholds.name == "quantile"
+    assert set(optuna.task.splits.tuning).isdisjoint(optuna.task.splits.heldout)
+    assert len(optuna.task.splits.tuning) + len(optuna.task.splits.heldout) == 30
+    grid = _compose("hparams_search=thresholds_grid")
+    assert grid.task.name == "tune"

@@ -160,3 +160,26 @@ def test_perturbed_captions_do_not_depend_on_the_batch(adapter, catalog):
     rows = rows_for(list(range(8)), [40.0, 80.0], 2)
     batched = perturbed_captions(adapter, images, rows, neurons, seed=0, batch_size=32)
     assert batched == [perturbed_captions(adapter, images, [r], neurons, seed=0, batch_size=1)[0] for r in rows]
+
+
+def test_optuna_tunes_thresholds_for_s_mean_on_the_tuning_split(tmp_path):
+    """hparams_search=thresholds_optuna end to end: 2 trials on one tuning object; the reported best is the
+    best trial's S_mean, with parameters inside the search space."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
+    r = subprocess.run([sys.executable, "run.py", "-m", "hparams_search=thresholds_optuna", "hydra.sweeper.n_trials=2",
+                        "task.splits.tuning=[clock]", "noise_level=n120", "noise_level.draws=1", "task.k_images=0", "task.other_images=1",
+                        "data.num_images=60", "data.per_knowledge=2", f"data.root={tmp_path}/tw", f"hydra.sweep.dir={tmp_path}/sweep",
+                        "logger=none", f"paths.cache_dir={cache}"], cwd=project_root(), capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    trials = [json.loads((tmp_path / "sweep" / str(i) / "tune.json").read_text()) for i in (0, 1)]
+    assert best["best_value"] == pytest.approx(max(t["S_mean"] for t in trials))
+    assert 0.99 <= best["best_params"]["thresholds.q_a"] <= 0.9999 and 0.0 <= best["best_params"]["thresholds.q_g"] <= 0.9
+    assert all(t["objects"] == ["clock"] and set(t["per_object"]) == {"clock"} for t in trials)
