@@ -33,7 +33,8 @@ def test_default_config_has_every_group():
 def test_single_noise_levels_are_the_paper_setting_at_one_level(level):
     paper, single = _compose().noise_level, _compose(f"noise_level=n{level}").noise_level
     assert list(single.levels) == [level] and single.name == f"n{level}"
-    assert {k: v for k, v in single.items() if k not in ("levels", "name")} == {k: v for k, v in paper.items() if k not in ("levels", "name")}
+    rest = lambda c: {k: v for k, v in c.items() if k not in ("levels", "name")}  # noqa: E731
+    assert rest(single) == rest(paper)
 
 
 def test_every_knowledge_composes_and_has_paper_thresholds(catalog):
@@ -195,3 +196,15 @@ def test_tuning_configs_compose_with_their_sweepers():
     assert len(optuna.task.splits.tuning) + len(optuna.task.splits.heldout) == 30
     grid = _compose("hparams_search=thresholds_grid")
     assert grid.task.name == "tune"
+
+
+def test_demo_and_paper_experiments_are_whole_sweeps():
+    demo = _compose("experiment=demo")
+    assert demo.task.name == "evaluate" and demo.model.name == "embedded" and demo.noise_level.draws == 2
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        h = compose("config", overrides=["experiment=demo"], return_hydra_config=True).hydra
+        paper = compose("config", overrides=["experiment=paper_table2"], return_hydra_config=True)
+    assert h.mode.name == "MULTIRUN" and h.sweep.dir.endswith("demo/multirun")  # fixed: a rerun resumes
+    assert dict(h.sweeper.params) == {"knowledge": "bed,bear,banana", "method": "ours,pan,schwettmann"}
+    assert paper.model.name == "minigpt4_llama2" and paper.thresholds.name == "paper" and list(paper.noise_level.levels) == [40, 80, 120]
+    assert paper.noise_level.draws == 10 and paper.hydra.sweeper.params.knowledge == "glob(*)"

@@ -183,3 +183,47 @@ def test_optuna_tunes_thresholds_for_s_mean_on_the_tuning_split(tmp_path):
     assert best["best_value"] == pytest.approx(max(t["S_mean"] for t in trials))
     assert 0.99 <= best["best_params"]["thresholds.q_a"] <= 0.9999 and 0.0 <= best["best_params"]["thresholds.q_g"] <= 0.9
     assert all(t["objects"] == ["clock"] and set(t["per_object"]) == {"clock"} for t in trials)
+
+
+def test_a_killed_multirun_resumes_to_the_report_of_an_uninterrupted_one(tmp_path):
+    """Kill a 4-job evaluate sweep (SIGKILL to its process group) after its first job; rerun it into the same
+    folder: the finished job is skipped, and the report equals that of an uninterrupted sweep with its own cache."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def sweep(name: str) -> list[str]:
+        cache = tmp_path / f"cache_{name}"
+        if not cache.exists():
+            cache.mkdir()
+            (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
+        return [sys.executable, "run.py", "-m", "task=evaluate", "knowledge=clock,bus", "method=ours,random", "data.num_images=60",
+                "data.per_knowledge=2", "task.k_images=1", "task.other_images=2", "noise_level=n120", "noise_level.draws=1",
+                f"data.root={tmp_path}/tw", f"hydra.sweep.dir={tmp_path}/{name}", "logger=none", f"paths.cache_dir={cache}"]
+
+    def report(name: str) -> str:
+        r = subprocess.run([sys.executable, "run.py", "task=report", f"sweep_dir={tmp_path}/{name}", f"hydra.run.dir={tmp_path}/r_{name}",
+                            "logger=none"], cwd=project_root(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return (tmp_path / f"r_{name}" / "table2_per_knowledge.csv").read_text()
+
+    full = subprocess.run(sweep("full"), cwd=project_root(), capture_output=True, text=True, timeout=1200)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    job = subprocess.Popen(sweep("killed"), cwd=project_root(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.time() + 900
+    while not (tmp_path / "killed" / "0" / "done.json").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # into the second job
+    assert job.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (tmp_path / "killed" / "3" / "done.json").exists()
+
+    rerun = subprocess.run(sweep("killed"), cwd=project_root(), capture_output=True, text=True, timeout=1200)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "finished before" in rerun.stdout + rerun.stderr
+    assert report("killed") == report("full")

@@ -108,7 +108,8 @@ def run(cfg: DictConfig) -> dict:
 
     perturbed = table[table["set_id"] >= 0]
     metrics: dict = {"knowledge": k.name, "method": cfg.method.name, "variant": cfg.method.get("variant", ""),
-                     "thresholds": cfg.thresholds.name, "noise_level": noise.name, "model": cfg.model.name, "sets": len(results), "empty_sets": empty_sets,
+                     "thresholds": cfg.thresholds.name, "noise_level": noise.name, "model": cfg.model.name, "sets": len(results),
+                     "empty_sets": empty_sets,
                      "images": {"k": int((meta["group"] == "k").sum()), "other": int((meta["group"] == "other").sum())},
                      "set_sizes": [len(r.neurons) for r in results], "selection": selection.message}
     clean_rows = table[table["set_id"] < 0]
