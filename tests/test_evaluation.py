@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from knexp.evaluation.perturb import NoiseRow, cached_perturbed_captions, noise_for, perturbed_captions, rows_for
 from knexp.evaluation.scores import suppression_scores
@@ -148,3 +149,32 @@ def test_store_detects_truncated_and_edited_entries(tmp_path):
     assert store.get_many(["abcdef"], lambda idx: ["recomputed"]) == ["recomputed"] and store.get("abcdef") == "recomputed"
     assert Store(None, "captions").get_many(["x"], lambda idx: ["y"]) == ["y"]  # disabled: computes, keeps nothing
     assert cache_report(tmp_path)["captions"]["files"] == 1
+
+
+def test_out_of_memory_halves_the_batch_keeps_the_captions_and_leaves_no_hook(adapter, monkeypatch, caplog):
+    from knexp.models.batching import BatchTooLarge, map_batches
+
+    images = _images(2)
+    rows = rows_for([10, 11], [40.0, 120.0], 2)  # 8 rows
+    neurons = _set([0, 1, 2], [3, 4, 9])
+    expected = perturbed_captions(adapter, images, rows, neurons, seed=1, batch_size=8, max_new_tokens=5)
+    real = adapter._generate_ids
+    seen = []
+
+    def tight_memory(prepared, max_new_tokens):
+        rows_in = prepared.inputs["attention_mask"].shape[0]
+        seen.append(rows_in)
+        if rows_in > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(prepared, max_new_tokens)
+
+    monkeypatch.setattr(adapter, "_generate_ids", tight_memory)
+    assert perturbed_captions(adapter, images, rows, neurons, seed=1, batch_size=8, max_new_tokens=5) == expected
+    assert seen[:3] == [8, 4, 2] and set(seen[3:]) == {2}  # halved twice, then kept at 2
+    assert "out of memory at batch size 8" in caplog.text and "model.generation.batch_size=4" in caplog.text
+    modules = [m for layer in adapter.decoder_layers() for m in layer.modules()]
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in modules)
+    with pytest.raises(BatchTooLarge, match="max_new_tokens"):
+        map_batches(lambda chunk: (_ for _ in ()).throw(MemoryError()), [1, 2, 3], 2)
+    with pytest.raises(KeyError):  # other errors pass through untouched
+        map_batches(lambda chunk: {}["x"], [1], 1)

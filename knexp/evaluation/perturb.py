@@ -18,7 +18,7 @@ import torch
 
 from knexp.identification.methods import NeuronSet
 from knexp.models.adapters.base import Adapter
-from knexp.models.batching import batches
+from knexp.models.batching import map_batches
 from knexp.models.hooks import LayerEdit, intervene
 from knexp.store import Store, stable_key
 
@@ -54,12 +54,11 @@ def perturbed_captions(adapter: Adapter, images: list[np.ndarray], rows: list[No
     cols = {layer: np.flatnonzero(neurons.layers == layer) for layer in layers}  # the set's neurons in each layer
     units = {layer: torch.as_tensor(neurons.units[c]) for layer, c in cols.items()}
     spread = {layer: torch.as_tensor(neurons.spread[c], dtype=torch.float32) for layer, c in cols.items()} if relative else {}
-    out: list[str] = []
-    for chunk in batches(rows, batch_size, "perturbed captions"):
+
+    def run(chunk) -> list[str]:
         prepared = adapter.prepare([images[r.image_index] for r in chunk])
         if not layers:
-            out += adapter.generate(prepared, max_new_tokens)
-            continue
+            return adapter.generate(prepared, max_new_tokens)
         noise = np.stack([noise_for(r, seed, adapter.num_image_tokens, len(neurons), per_neuron) for r in chunk])  # [B, P(, N)]
         edits = {}
         for layer in layers:
@@ -70,9 +69,10 @@ def perturbed_captions(adapter: Adapter, images: list[np.ndarray], rows: list[No
             if relative:  # v[p] * n * spread_u: [B, P, U_l]
                 add = (add if add.dim() == 3 else add[..., None]) * spread[layer]
             edits[layer] = LayerEdit(units[layer], add=add)
-        with intervene(adapter, prepared, edits):
-            out += adapter.generate(prepared, max_new_tokens)
-    return out
+        with intervene(adapter, prepared, edits):  # removed on any exit, out-of-memory retries included
+            return adapter.generate(prepared, max_new_tokens)
+
+    return map_batches(run, rows, batch_size, "perturbed captions")
 
 
 def cached_perturbed_captions(store: Store, namespace: list, adapter: Adapter, images: list[np.ndarray], rows: list[NoiseRow],

@@ -1,22 +1,62 @@
-"""Batching with progress: one log line per batch, so long captioning runs show where they are."""
+"""Batching with progress and out-of-memory recovery.
+
+``map_batches`` applies a batch function chunk by chunk, logging done/total and the rate. When a chunk runs
+out of memory (CUDA or host), the batch size is halved and the chunk retried; the smaller size is kept for the
+rest of the call. Rows are batch-invariant (tested), so the results are those of the configured size. Out of
+memory at batch size 1 raises ``BatchTooLarge`` naming the settings to lower.
+"""
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
+
+import torch
 
 log = logging.getLogger("knexp.progress")
 
 
-def batches(items: Sequence, batch_size: int, what: str = "images") -> Iterator[Sequence]:
-    """Yield ``items`` in chunks of ``batch_size``, logging done/total and the rate after each chunk."""
+class BatchTooLarge(RuntimeError):
+    """Out of memory even with one row per batch."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def map_batches(fn: Callable[[Sequence], list], items: Sequence, batch_size: int, what: str = "images") -> list:
+    """``fn(chunk)`` over ``items`` in chunks of ``batch_size`` (halved on out of memory), results concatenated."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    total, began = len(items), time.time()
-    for start in range(0, total, batch_size):
-        yield items[start : start + batch_size]
-        done = min(start + batch_size, total)
+    out: list = []
+    total, began, start, size = len(items), time.time(), 0, batch_size
+    while start < total:
+        chunk = items[start : start + size]
+        try:
+            out += fn(chunk)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            _free_memory()
+            if size == 1:
+                raise BatchTooLarge(f"{what}: out of memory with one row per batch; lower model.generation.max_new_tokens, "
+                                    "use a smaller model.dtype (bfloat16) or a device with more memory") from exc
+            size = max(1, size // 2)
+            log.warning("%s: out of memory at batch size %d; retrying with %d (set model.generation.batch_size=%d to start "
+                        "there)", what, len(chunk), size, size)
+            continue
+        start += len(chunk)
         if total > batch_size:
-            rate = done / max(time.time() - began, 1e-9)
-            log.info("%s: %d/%d (%.1f/s)", what, done, total, rate)
+            log.info("%s: %d/%d (%.1f/s)", what, start, total, start / max(time.time() - began, 1e-9))
+    return out

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from knexp.models.batching import batches
+from knexp.models.batching import map_batches
 
 # METHOD.md, "Evaluation": do_sample=False, temperature=1.0, num_beams=1, max_new_tokens=32, min_length=1,
 # top_p=0.9, repetition_penalty=1, length_penalty=1 (greedy: temperature and top_p have no effect).
@@ -147,11 +147,12 @@ class Adapter(ABC):
     def caption(self, images: list[np.ndarray], batch_size: int = 16, max_new_tokens: int = 32, prefix: str | None = None) -> list[str]:
         """Greedy captions, caption prefix included, batched."""
         prefix = self.caption_prefix if prefix is None else prefix
-        out: list[str] = []
-        for chunk in batches(images, batch_size, "captioning"):
+
+        def run(chunk) -> list[str]:
             prepared = self.prepare(list(chunk), prefix=prefix)
-            out += [join_prefix(prefix, t) for t in self.decode(self._generate_ids(prepared, max_new_tokens))]
-        return out
+            return [join_prefix(prefix, t) for t in self.decode(self._generate_ids(prepared, max_new_tokens))]
+
+        return map_batches(run, images, batch_size, "captioning")
 
     @torch.no_grad()
     def generate(self, prepared: Prepared, max_new_tokens: int = 32, prefix: str | None = None) -> list[str]:
