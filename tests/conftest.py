@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -13,3 +15,26 @@ def catalog():
     from knexp.data.catalog import Catalog
 
     return Catalog.load()
+
+
+def _job_files(job: Path) -> dict[str, bytes]:
+    """Every result file of a job directory, minus logs, Hydra's copy of the config (it names the folder), W&B
+    and wall times, which are the only things allowed to differ between two runs of one config."""
+    files = {}
+    for path in sorted(job.rglob("*")):
+        rel = path.relative_to(job).as_posix()
+        if not path.is_file() or rel.endswith(".log") or rel.startswith((".hydra/", "wandb/")) or rel == "done.json":
+            continue
+        data = path.read_bytes()
+        if rel == "metrics.json":
+            m = json.loads(data)
+            m.pop("wall_time_s")
+            data = json.dumps(m, sort_keys=True).encode()
+        files[rel] = data
+    return files
+
+
+@pytest.fixture
+def job_files():
+    """job folder -> {relative path: bytes} of its results (for byte-for-byte determinism checks)."""
+    return _job_files

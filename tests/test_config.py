@@ -208,3 +208,15 @@ def test_demo_and_paper_experiments_are_whole_sweeps():
     assert dict(h.sweeper.params) == {"knowledge": "bed,bear,banana", "method": "ours,pan,schwettmann"}
     assert paper.model.name == "minigpt4_llama2" and paper.thresholds.name == "paper" and list(paper.noise_level.levels) == [40, 80, 120]
     assert paper.noise_level.draws == 10 and paper.hydra.sweeper.params.knowledge == "glob(*)"
+
+
+def test_same_config_and_seed_give_byte_identical_results(tmp_path, job_files):
+    common = ["task=evaluate", "model=tiny_llava", "knowledge=bus", "data.num_images=40", "task.k_images=2", "task.other_images=3",
+              "noise_level.draws=1", f"data.root={tmp_path}/tw", "logger=none", "task.cache=false", f"paths.cache_dir={tmp_path}/cache"]
+    for name in ("a", "b"):
+        r = _run(*common, f"hydra.run.dir={tmp_path}/{name}")
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = job_files(tmp_path / "a"), job_files(tmp_path / "b")
+    assert {"captions.csv", "metrics.json", "selection.json"} <= set(a)
+    assert a == b
+    assert not (tmp_path / "cache" / "captions").exists()  # task.cache=false: both runs computed everything

@@ -227,3 +227,21 @@ def test_a_killed_multirun_resumes_to_the_report_of_an_uninterrupted_one(tmp_pat
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "finished before" in rerun.stdout + rerun.stderr
     assert report("killed") == report("full")
+
+
+def test_same_config_and_seed_give_byte_identical_neuron_sets_captions_and_metrics(tmp_path, job_files):
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
+    for name in ("a", "b"):
+        r = subprocess.run([sys.executable, "run.py", "task=evaluate", "knowledge=clock", "method=ours", "data.num_images=60",
+                            "data.per_knowledge=2", "task.k_images=1", "task.other_images=1", "noise_level=n120", "noise_level.draws=1",
+                            "task.cache=false", f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/{name}", "logger=none",
+                            f"paths.cache_dir={cache}"], cwd=project_root(), capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = job_files(tmp_path / "a"), job_files(tmp_path / "b")
+    assert len([f for f in a if f.startswith("samples/")]) == 2 and "neurons.json" in a
+    assert a == b
