@@ -65,3 +65,25 @@ def test_corrupt_projector_names_the_file(tmp_path, content):
 def test_missing_projector_says_how_to_get_one(tmp_path):
     with pytest.raises(ProjectorWeightsError, match="train_projector"):
         load_projector(build_projector("linear", 0, 32), tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("setting, expected", [(None, False), (True, True)])
+def test_llava_loader_keeps_remote_code_off_unless_set(monkeypatch, setting, expected):
+    import torch
+    import transformers
+    from omegaconf import OmegaConf
+
+    from knexp.models import ModelWeightsMissing
+    from knexp.models.adapters.llava import load_adapter
+
+    seen = {}
+
+    def refuse(path, **kw):
+        seen.update(kw)
+        raise OSError("no such folder")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", refuse)
+    cfg = OmegaConf.create({"path": "/nowhere/llava", "dtype": "float16", **({"trust_remote_code": setting} if setting else {})})
+    with pytest.raises(ModelWeightsMissing, match="model.path"):
+        load_adapter(cfg, torch.device("cpu"), None)
+    assert seen["trust_remote_code"] is expected

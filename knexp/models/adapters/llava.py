@@ -91,9 +91,11 @@ def load_adapter(model_cfg, device: torch.device, cache_dir: Path) -> LlavaAdapt
 
     from knexp.models import ModelWeightsMissing
 
+    trust = bool(model_cfg.get("trust_remote_code", False))  # code shipped with the weights runs only when asked
     try:
-        processor = AutoProcessor.from_pretrained(model_cfg.path)
-        model = LlavaForConditionalGeneration.from_pretrained(model_cfg.path, dtype=getattr(torch, model_cfg.dtype))
+        processor = AutoProcessor.from_pretrained(model_cfg.path, trust_remote_code=trust)
+        model = LlavaForConditionalGeneration.from_pretrained(model_cfg.path, dtype=getattr(torch, model_cfg.dtype),
+                                                              trust_remote_code=trust)
     except OSError as exc:
         raise ModelWeightsMissing(
             f"LLaVA weights not found at model.path={model_cfg.path!r} ({exc}); point model.path at a local copy "
