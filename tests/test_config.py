@@ -220,3 +220,26 @@ def test_same_config_and_seed_give_byte_identical_results(tmp_path, job_files):
     assert {"captions.csv", "metrics.json", "selection.json"} <= set(a)
     assert a == b
     assert not (tmp_path / "cache" / "captions").exists()  # task.cache=false: both runs computed everything
+
+
+@pytest.mark.parametrize("override, listed", [("model=gpt5", "embedded"), ("method=magic", "schwettmann"),
+                                              ("noise_level=loud", "relative")])
+def test_unknown_option_of_any_group_lists_valid_names(override, listed):
+    r = _run(override)
+    group, name = override.split("=")
+    assert r.returncode != 0 and f"{group}/{name}" in r.stderr and listed in r.stderr
+
+
+def test_wandb_online_without_a_key_falls_back_offline_quickly(tmp_path):
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), HYDRA_FULL_ERROR="0", WANDB_SILENT="true")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "run.py", "task=identify", "model=tiny_llava", "knowledge=bus", "data.num_images=20",
+                        f"data.root={tmp_path}/tw", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/job",
+                        "logger=wandb", "logger.mode=online"], cwd=project_root(), capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "logging offline instead" in r.stdout + r.stderr
+    assert list((tmp_path / "job" / "wandb").glob("offline-run-*"))
+    assert time.time() - t0 < 60  # the whole job, model and all: nothing waited on a network

@@ -50,6 +50,19 @@ class RunLogger:
         pass
 
 
+def _sweep_group() -> str | None:
+    """The W&B group of a multirun job: its sweep folder (e.g. ``demo/multirun``), so a sweep's runs sit together."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except ValueError:  # not inside a Hydra job
+        return None
+    if hc.mode is None or hc.mode.name != "MULTIRUN":
+        return None
+    return "/".join(Path(hc.sweep.dir).parts[-2:])
+
+
 class WandbLogger(RunLogger):
     def __init__(self, out_dir: str | Path, cfg: DictConfig):
         super().__init__(out_dir)
@@ -60,19 +73,18 @@ class WandbLogger(RunLogger):
         if mode == "online" and not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists()):
             log.warning("logger.mode=online but no W&B credentials (WANDB_API_KEY); logging offline instead")
             mode = "offline"
-        tags = [f"{g}:{cfg[g].name}" for g in ("model", "knowledge", "method", "thresholds") if g in cfg and "name" in cfg[g]]
-        self.run = wandb.init(
-            project=lc.project,
-            entity=lc.entity,
-            group=lc.group,
-            mode=mode,
-            dir=str(lc.dir),
-            config=OmegaConf.to_container(cfg, resolve=True),
-            tags=tags + list(cfg.get("tags") or []),
-            job_type=cfg.task.name,
-            settings=wandb.Settings(init_timeout=30, silent=True),
-            reinit="finish_previous",
-        )
+        tags = [f"{g}:{cfg[g].name}" for g in ("model", "knowledge", "method", "thresholds", "noise_level")
+                if g in cfg and "name" in cfg[g]]
+        kw = dict(project=lc.project, entity=lc.entity, group=lc.group or _sweep_group(), dir=str(lc.dir),
+                  config=OmegaConf.to_container(cfg, resolve=True), tags=tags + list(cfg.get("tags") or []),
+                  job_type=cfg.task.name, reinit="finish_previous")
+        try:
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=10, silent=True), **kw)
+        except Exception as exc:  # an unreachable server or a refused key must not cost the run
+            if mode != "online":
+                raise
+            log.warning("W&B online init failed (%s); logging offline instead", exc)
+            self.run = wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kw)
 
     def log_metrics(self, metrics: dict) -> None:
         super().log_metrics(metrics)
