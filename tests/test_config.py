@@ -80,7 +80,7 @@ def test_caption_eval_on_tiny_llava_writes_results_and_offline_wandb(tmp_path):
 
 @pytest.mark.parametrize("logger", ["none"])
 def test_logger_none_writes_files_only(tmp_path, logger):
-    r = _run("model=tiny_llava", "data.num_images=3", "task.inpaint_scenes=1", f"data.root={tmp_path}/tw",
+    r = _run("task=caption_eval", "model=tiny_llava", "data.num_images=3", "task.inpaint_scenes=1", f"data.root={tmp_path}/tw",
              f"hydra.run.dir={tmp_path}/job", f"logger={logger}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "job" / "metrics.json").exists()
