@@ -243,3 +243,12 @@ def test_wandb_online_without_a_key_falls_back_offline_quickly(tmp_path):
     assert "logging offline instead" in r.stdout + r.stderr
     assert list((tmp_path / "job" / "wandb").glob("offline-run-*"))
     assert time.time() - t0 < 60  # the whole job, model and all: nothing waited on a network
+
+
+def test_submitit_local_launcher_runs_a_job(tmp_path):
+    """The submitit launcher's local executor (the Slurm one's interface, without a cluster)."""
+    r = _run("-m", "task=select", "model=tiny_llava", "knowledge=clock", "data.num_images=20", f"data.root={tmp_path}/tw",
+             f"paths.cache_dir={tmp_path}/cache", "hydra/launcher=submitit_local", "logger=none", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "sweep" / "0" / "selection.json").read_text())["knowledge"] == "clock"
+    assert (tmp_path / "sweep" / ".submitit").is_dir()
