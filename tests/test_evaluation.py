@@ -178,3 +178,18 @@ def test_out_of_memory_halves_the_batch_keeps_the_captions_and_leaves_no_hook(ad
         map_batches(lambda chunk: (_ for _ in ()).throw(MemoryError()), [1, 2, 3], 2)
     with pytest.raises(KeyError):  # other errors pass through untouched
         map_batches(lambda chunk: {}["x"], [1], 1)
+
+
+def test_atomic_path_replaces_on_success_and_leaves_the_old_file_on_failure(tmp_path):
+    from knexp.io import atomic_path, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "sub" / "a.png", "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            assert tmp.suffix == ".png" and tmp.parent == target.parent
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["a.png"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and len(list(target.parent.iterdir())) == 1

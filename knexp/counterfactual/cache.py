@@ -6,8 +6,6 @@ concurrent jobs never read a torn file. ``InpaintOptions`` are the knobs of METH
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import cv2
 import numpy as np
 
 from knexp.counterfactual.inpaint import inpaint, region_mask
+from knexp.io import atomic_path
 from knexp.store import stable_key
 
 
@@ -52,9 +51,6 @@ class InpaintCache:
         self.misses += 1
         out = opts.apply(image, bbox, segmentation)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-            os.close(fd)
-            cv2.imwrite(tmp, cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                cv2.imwrite(str(tmp), cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
         return out

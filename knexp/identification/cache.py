@@ -7,8 +7,6 @@ files are safetensors written atomically. ``computed`` counts cache misses, i.e.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from knexp.identification.passes import SampleStats
+from knexp.io import atomic_path
 
 
 class StatsCache:
@@ -58,10 +57,7 @@ class StatsCache:
         path = self._path(key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(stats, name).contiguous() for name in SampleStats.TENSORS}
         meta = {"target_id": stats.target_id, "target_position": stats.target_position, "forward_passes": stats.forward_passes}
-        fd, tmp = tempfile.mkstemp(suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        save_file(tensors, tmp, metadata={"meta": json.dumps(meta)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})

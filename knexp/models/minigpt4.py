@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from knexp.io import atomic_path
 from knexp.models.adapters.base import PatchGeometry
 from knexp.models.spliced import SplicedMLLM
 
@@ -227,9 +227,8 @@ def convert(minigpt4_ckpt: str | Path, eva_ckpt: str | Path, out: str | Path, ev
         raise ValueError(f"llama_proj takes {got} inputs, expected {eva.dim * eva.merge} (the no-Q-Former variant)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (CONVERTED_WEIGHTS + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, out / CONVERTED_WEIGHTS)
+    with atomic_path(out / CONVERTED_WEIGHTS) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     (out / CONVERTED_CONFIG).write_text(json.dumps({"eva": asdict(eva), "sources": [str(minigpt4_ckpt), str(eva_ckpt)]}, indent=1))
     return out
 

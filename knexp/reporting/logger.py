@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from knexp.io import atomic_write_text
+from knexp.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,8 @@ class RunLogger:
 
     def log_table(self, name: str, table: pd.DataFrame) -> Path:
         path = self.out_dir / f"{name}.csv"
-        tmp = path.with_suffix(".csv.tmp")
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, index=False)
         return path
 
     def log_histogram(self, name: str, counts: list[int]) -> Path:

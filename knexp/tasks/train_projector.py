@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from knexp.data.catalog import Catalog
 from knexp.data.loading import scene_options
 from knexp.data.toyworld.scenes import make_scene
+from knexp.io import atomic_path
 from knexp.models import load_model
 from knexp.models.embedded import EmbeddedMLLM, preprocess
 
@@ -74,18 +74,10 @@ def lr_at(step: int, cfg: DictConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_projector(model: EmbeddedMLLM, path: Path, metadata: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.projector.state_dict().items()}
-    save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
 
 
 def run(cfg: DictConfig) -> dict:
@@ -128,8 +120,8 @@ def run(cfg: DictConfig) -> dict:
                      step + 1, t.steps, loss.item(), smooth, lr_at(step, t), rate, rate * (t.steps - step - 1) / 60)
             history.append({"step": step + 1, "loss": loss.item(), "smoothed": smooth})
         if (step + 1) % t.checkpoint_every == 0:
-            _atomic_torch_save({"projector": model.projector.state_dict(), "optimizer": opt.state_dict(), "step": step + 1},
-                               out_dir / "checkpoint.pt")
+            with atomic_path(out_dir / "checkpoint.pt") as tmp:
+                torch.save({"projector": model.projector.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, tmp)
     wall = time.time() - began
     meta = {"seed": t.seed, "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "projector_kind": cfg.model.projector_kind,
             "ghost_prob": t.ghost_prob, "empty_prob": t.empty_prob, "wall_time_s": round(wall, 1),
