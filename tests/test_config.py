@@ -252,3 +252,20 @@ def test_submitit_local_launcher_runs_a_job(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "sweep" / "0" / "selection.json").read_text())["knowledge"] == "clock"
     assert (tmp_path / "sweep" / ".submitit").is_dir()
+
+
+def test_job_key_covers_what_results_depend_on_and_nothing_else(tmp_path):
+    from knexp.tasks.resume import job_key
+
+    def key(*overrides):  # outside a Hydra job the output folder must be given
+        return job_key(_compose(f"paths.output_dir={tmp_path}/job", *overrides))
+
+    base = key()
+    assert key("model.generation.batch_size=3", "logger=none", "num_threads=1", "tags=[x]") == base
+    assert key("model.generation.max_new_tokens=5") != base
+    assert key("thresholds.q_a=0.99") != base
+    projector = tmp_path / "p.safetensors"  # the shipped projector's bytes at another path: the same model
+    projector.write_bytes(Path(_compose().model.projector_path).read_bytes())
+    assert key(f"model.projector_path={projector}") == base
+    projector.write_bytes(b"another projector")  # other bytes at that path: another model
+    assert key(f"model.projector_path={projector}") != base

@@ -36,7 +36,7 @@ from knexp.models import load_model, model_identity
 from knexp.reporting.logger import make_logger
 from knexp.tasks.identify import identify_knowledge
 from knexp.tasks.resume import finished, mark_finished
-from knexp.tasks.select import caption_store, make_captioner
+from knexp.tasks.select import make_captioner
 
 log = logging.getLogger(__name__)
 EVAL_STREAM = 4
@@ -76,8 +76,9 @@ def run(cfg: DictConfig) -> dict:
     k = catalog[cfg.knowledge.name]
     data, dataset_id = load_dataset(cfg.data, catalog)
     adapter = load_model(cfg.model, cfg.paths.cache_dir)
-    store = caption_store(cfg)  # selection, clean and perturbed captions
-    found = identify_knowledge(cfg, catalog, k, adapter, data, dataset_id, out, store)
+    captioner = make_captioner(cfg, adapter, model_identity(cfg.model))  # selection and clean captions
+    store, model_key = captioner.store, captioner.model_key  # perturbed captions go to the same store
+    found = identify_knowledge(cfg, catalog, k, adapter, data, dataset_id, out, captioner)
     selection, results = found.selection, found.results
     ident_ids = [r.candidate.image_id for r in results]
     images_meta = evaluation_images(data, catalog, k, ident_ids, cfg.task.k_images, cfg.task.other_images, cfg.seed)
@@ -86,8 +87,7 @@ def run(cfg: DictConfig) -> dict:
     noise = cfg.noise_level
     gen = cfg.model.generation
     frames = []
-    model_key = model_identity(cfg.model)
-    clean = make_captioner(cfg, adapter, model_key, store)(images, [[dataset_id, i] for i in keys])
+    clean = captioner(images, [[dataset_id, i] for i in keys])
     frames.append(pd.DataFrame({"set_id": -1, "level": 0.0, "draw": 0, "image_id": keys, "caption": clean}))
     empty_sets = []
     rows = rows_for(keys, list(noise.levels), int(noise.draws))  # the same rows for every set

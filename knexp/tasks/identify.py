@@ -27,8 +27,8 @@ from knexp.identification.pipeline import SampleResult, identify_sample
 from knexp.identification.selection import Selection
 from knexp.io import atomic_write_text
 from knexp.models import load_model, model_identity
+from knexp.models.captioning import Captioner
 from knexp.reporting.logger import make_logger
-from knexp.store import Store
 from knexp.tasks.select import make_captioner, run_selection
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,15 @@ class Identification:
 
 
 def identify_knowledge(cfg: DictConfig, catalog: Catalog, knowledge: Knowledge, adapter, data: CocoScenes, dataset_id: str,
-                       out: Path, captions: Store | None = None) -> Identification:
-    """Select samples of ``knowledge`` and identify neurons on each; writes selection.json and samples/*.json."""
+                       out: Path, captioner: Captioner | None = None) -> Identification:
+    """Select samples of ``knowledge`` and identify neurons on each; writes selection.json and samples/*.json.
+    ``captioner``: the job's (to share its store and model key with later steps); by default a new one."""
     cache_root = cfg.paths.cache_dir if cfg.task.cache else None
     inpaint_cache, stats_cache = InpaintCache(cache_root), StatsCache(cache_root)
     opts = InpaintOptions(**OmegaConf.to_container(cfg.inpaint, resolve=True))
-    key = model_identity(cfg.model)
-    selection = run_selection(cfg, catalog, make_captioner(cfg, adapter, key, captions), data, dataset_id, knowledge.name, inpaint_cache)
+    captioner = captioner or make_captioner(cfg, adapter, model_identity(cfg.model))
+    key = captioner.model_key
+    selection = run_selection(cfg, catalog, captioner, data, dataset_id, knowledge.name, inpaint_cache)
     atomic_write_text(out / "selection.json", json.dumps(selection.to_dict(), indent=1))
     results, skipped = [], []
     for cand in selection.accepted:

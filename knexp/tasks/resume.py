@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from knexp.io import atomic_write_text
+from knexp.models import model_identity
 from knexp.store import stable_key
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,12 @@ PRESENTATION = ("paths", "logger", "tags", "num_threads", "sweep_dir")
 
 
 def job_key(cfg: DictConfig) -> str:
+    """Hash of the config less its presentation keys, with the model as ``model_identity`` sees it (so the
+    projector's bytes count, and the generation batch size, which no result depends on, does not)."""
     content = OmegaConf.to_container(cfg, resolve=True)
     for name in PRESENTATION:
         content.pop(name, None)
-    content.get("model", {}).get("generation", {}).pop("batch_size", None)  # captions do not depend on it (tested)
+    content["model"] = model_identity(cfg.model)
     return stable_key(content)
 
 

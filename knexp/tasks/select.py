@@ -32,15 +32,11 @@ def run_selection(cfg: DictConfig, catalog: Catalog, captioner: Captioner, data,
                           inpaint_cache, batch=cfg.model.generation.batch_size)
 
 
-def caption_store(cfg: DictConfig) -> Store:
-    """The caption store under ``paths.cache_dir``/captions; none with ``task.cache=false``."""
-    return Store(cfg.paths.cache_dir if cfg.task.get("cache", True) else None, "captions")
-
-
-def make_captioner(cfg: DictConfig, adapter, model_key: str, store: Store | None = None) -> Captioner:
-    """The model's greedy captioner behind the caption store (a given one, to count hits across a job)."""
+def make_captioner(cfg: DictConfig, adapter, model_key: str) -> Captioner:
+    """The model's greedy captioner behind the caption store (``paths.cache_dir``/captions; none with
+    ``task.cache=false``)."""
     gen = cfg.model.generation
-    store = caption_store(cfg) if store is None else store
+    store = Store(cfg.paths.cache_dir if cfg.task.get("cache", True) else None, "captions")
     return Captioner(adapter, model_key, store, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
 
 
