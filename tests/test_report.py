@@ -5,11 +5,11 @@ import pytest
 from knexp.reporting.report import collect, tables, write_report
 
 
-def _job(folder, knowledge, method, s_se, s_re, per_layer, variant="", bleu=0.5):
+def _job(folder, knowledge, method, s_se, s_re, per_layer, variant="", bleu=0.5, noise_level=None):
     folder.mkdir(parents=True)
     lv = {"40.0": {"S_se": s_se, "S_re": s_re, "S_mean": (s_se + s_re) / 2}}
     m = {"model": "embedded", "knowledge": knowledge, "method": method, "variant": variant, "thresholds": "quantile",
-         "table2": {"S_se": s_se, "S_re": s_re, "S_mean": (s_se + s_re) / 2, "per_level": lv},
+         **({"noise_level": noise_level} if noise_level else {}), "table2": {"S_se": s_se, "S_re": s_re, "S_mean": (s_se + s_re) / 2, "per_level": lv},
          "table3": {"bleu": bleu, "rouge1": 0.6, "rougeL": 0.5, "bertscore_f1": 0.9}, "per_layer": per_layer}
     (folder / "metrics.json").write_text(json.dumps(m))
 
@@ -45,3 +45,14 @@ def test_a_rerun_counts_once(tmp_path):
 def test_empty_sweep_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="sweep_dir"):
         write_report(tmp_path, tmp_path / "out")
+
+
+def test_a_varied_setting_gets_its_own_rows_and_jobs_without_the_key_are_kept(tmp_path):
+    sweep = tmp_path / "sweep"
+    _job(sweep / "0", "bed", "ours", 0.8, 0.6, [1, 0], noise_level="n40")
+    _job(sweep / "1", "bed", "ours", 0.2, 1.0, [1, 0], noise_level="n120")
+    _job(sweep / "2", "bear", "ours", 0.4, 0.4, [1, 0])  # an older job: no noise_level in its metrics
+    t = tables(collect(sweep))["table2"]
+    assert t.index.names == ["noise_level", "method"] and len(t) == 3
+    assert t.loc[("n40", "ours"), "S_se"] == pytest.approx(0.8) and t.loc[("n120", "ours"), "S_se"] == pytest.approx(0.2)
+    assert sorted(t["S_se"].round(4)) == [0.2, 0.4, 0.8]

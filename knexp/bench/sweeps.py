@@ -24,14 +24,18 @@ PAPER_JOBS = 30 * 3
 PAPER_CAPTIONS_PER_JOB = 3 * (3 + 6 + 9) * 3 * 10
 
 
-def _sweep(sweep_dir: Path, cache: Path, *extra: str) -> float:
+def _timed_run(*args: str) -> float:
+    """Seconds that ``python run.py *args`` takes in a fresh process; its stderr tail if it fails."""
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "run.py", "experiment=demo", f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={cache}", *extra],
-                       cwd=project_root(), capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "run.py", *args], cwd=project_root(), capture_output=True, text=True, env=env)
     if r.returncode:
-        raise RuntimeError(f"demo sweep failed:\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"run.py {' '.join(args)} failed:\n{r.stderr[-3000:]}")
     return time.perf_counter() - t0
+
+
+def _sweep(sweep_dir: Path, cache: Path) -> float:
+    return _timed_run("experiment=demo", f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={cache}")
 
 
 def _jobs(sweep_dir: Path) -> list[dict]:
@@ -46,12 +50,7 @@ def demo_and_cache() -> dict:
         lm = default_cache_dir() / "smollm2-135m-instruct"
         (cache / lm.name).symlink_to(lm)
         cold = _sweep(tmp / "cold", cache)
-        t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "run.py", "task=report", f"sweep_dir={tmp / 'cold'}", f"hydra.run.dir={tmp / 'report'}",
-                            "logger=none"], cwd=project_root(), capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"report failed:\n{r.stderr[-3000:]}")
-        report = time.perf_counter() - t0
+        report = _timed_run("task=report", f"sweep_dir={tmp / 'cold'}", f"hydra.run.dir={tmp / 'report'}", "logger=none")
         jobs = _jobs(tmp / "cold")
         warm = _sweep(tmp / "warm", cache)
         resumed = _sweep(tmp / "cold", cache)  # the same folder again: every job is finished

@@ -54,8 +54,10 @@ def tables(results: list[dict]) -> dict[str, pd.DataFrame]:
     out = {"table2_per_knowledge": per_knowledge, "table2_per_level": pd.DataFrame(levels)}
     # averages per method, and per setting where the sweep varied one (never averaged across models or thresholds)
     by = [c for c in KEY if c not in ("knowledge", "method") and rows2 and per_knowledge[c].nunique() > 1] + ["method"]
-    out["table2"] = per_knowledge.groupby(by)[["S_se", "S_re", "S_mean"]].mean() if rows2 else pd.DataFrame()
-    out["table3"] = pd.DataFrame(rows3).groupby(by)[["bleu", "rouge1", "rougeL", "bertscore_f1"]].mean() if rows3 else pd.DataFrame()
+    # dropna=False: a job from before a key existed (None) is its own group, never silently left out
+    out["table2"] = per_knowledge.groupby(by, dropna=False)[["S_se", "S_re", "S_mean"]].mean() if rows2 else pd.DataFrame()
+    out["table3"] = (pd.DataFrame(rows3).groupby(by, dropna=False)[["bleu", "rouge1", "rougeL", "bertscore_f1"]].mean()
+                     if rows3 else pd.DataFrame())
     return out
 
 
