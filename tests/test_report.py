@@ -9,7 +9,8 @@ def _job(folder, knowledge, method, s_se, s_re, per_layer, variant="", bleu=0.5,
     folder.mkdir(parents=True)
     lv = {"40.0": {"S_se": s_se, "S_re": s_re, "S_mean": (s_se + s_re) / 2}}
     m = {"model": "embedded", "knowledge": knowledge, "method": method, "variant": variant, "thresholds": "quantile",
-         **({"noise_level": noise_level} if noise_level else {}), "table2": {"S_se": s_se, "S_re": s_re, "S_mean": (s_se + s_re) / 2, "per_level": lv},
+         **({"noise_level": noise_level} if noise_level else {}),
+         "table2": {"S_se": s_se, "S_re": s_re, "S_mean": (s_se + s_re) / 2, "per_level": lv},
          "table3": {"bleu": bleu, "rouge1": 0.6, "rougeL": 0.5, "bertscore_f1": 0.9}, "per_layer": per_layer}
     (folder / "metrics.json").write_text(json.dumps(m))
 
