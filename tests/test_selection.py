@@ -116,6 +116,9 @@ def test_nan_statistics_are_reported(tmp_path, catalog):
     from knexp.identification.passes import SampleStats
 
     z = torch.zeros(2, 4)
-    stats = SampleStats(z, z.clone().fill_(float("nan")), z.long(), z, z, z, z, z, z, target_id=0, target_position=0)
+    tensors = {name: z.clone() for name in SampleStats.TENSORS}
+    tensors["gradcam_max"].fill_(float("nan"))
+    tensors["gradcam_argmax"] = z.long()
+    stats = SampleStats(**tensors, target_id=0, target_position=0)
     with pytest.raises(ValueError, match="gradcam_max"):
         stats.check_finite()

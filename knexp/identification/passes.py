@@ -4,8 +4,9 @@ For one sample (original image o, inpainted image i, the caption of o with targe
 
 1. forward on i (no gradient): O'_i per layer, kept in the model's dtype;
 2. forward on o with the caption before c as context, then one backward of y_c, the logit of c at the
-   position t* that predicts it. Hooks reduce everything as it streams by, freeing O'_i layer by layer,
-   so the peak extra memory is about one [L, P, d_f] tensor in half precision.
+   position t* that predicts it. Hooks reduce everything as it streams by; O'_o and O'_i of a layer are
+   kept (in the model's dtype) until that layer's gradient arrives and then freed, so the peak extra
+   memory is about two [L, P, d_f] tensors in half precision (BENCHMARKS.md).
 
 Every method (ours, its ablations, Schwettmann, Pan, random) is a ranking of these statistics
 (``knexp.identification.methods``), so running all methods on a sample costs these two passes once.
@@ -62,22 +63,29 @@ class SampleStats:
     """Per-neuron statistics of one sample; tensors are float32 [L, d_f] unless noted.
 
     diff_max      max_p (O'_o - O'_i)                    (stage 1)
+    diff_absmax   max_p |O'_o - O'_i|                    (stage 1 by the size of the change, either sign)
     gradcam_max   max_p O'_o * dy_c/dO'_o                (stage 2)
     gradcam_argmax  argmax_p of the same, long           (the patch of each neuron's best (unit, patch) pair)
     gradcam_mean  mean_p O'_o * dy_c/dO'_o               (Schwettmann, paper comparison)
     act_mean      mean_p O'_o                            (Pan, paper comparison)
     act_std       std_p O'_o                             (the neuron's spread: unit of relative noise)
+    shift_mean    mean_p (O'_i - O'_o)                   (delta_u of the inpainted intervention on other images)
+    attribution   sum_p (O'_i - O'_o) * dy_c/dO'_o       (first-order change of y_c when the neuron takes its
+                                                          inpainted values; METHOD.md, "Beyond the paper")
     act_last      O_o at t*                              (the full neuron activation at the predicting position)
     actfn_last    act_fn(gate(x)) at t*                  (Pan, authors' hook point)
     wout_dot_wu   W_out^l[:, u] . W_U[c]                 (Pan's projection onto the target token)
     """
 
     diff_max: torch.Tensor
+    diff_absmax: torch.Tensor
     gradcam_max: torch.Tensor
     gradcam_argmax: torch.Tensor
     gradcam_mean: torch.Tensor
     act_mean: torch.Tensor
     act_std: torch.Tensor
+    shift_mean: torch.Tensor
+    attribution: torch.Tensor
     act_last: torch.Tensor
     actfn_last: torch.Tensor
     wout_dot_wu: torch.Tensor
@@ -85,8 +93,8 @@ class SampleStats:
     target_position: int
     forward_passes: int = 2
 
-    TENSORS = ("diff_max", "gradcam_max", "gradcam_argmax", "gradcam_mean", "act_mean", "act_std", "act_last", "actfn_last",
-               "wout_dot_wu")
+    TENSORS = ("diff_max", "diff_absmax", "gradcam_max", "gradcam_argmax", "gradcam_mean", "act_mean", "act_std", "shift_mean",
+               "attribution", "act_last", "actfn_last", "wout_dot_wu")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -117,32 +125,35 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
     inpainted_acts: dict[int, torch.Tensor] = {}
 
     def keep_inpainted(layer):
-        def hook(module, args):
-            if args[0].shape[1] == prep_i.prompt_len:
-                inpainted_acts[layer] = args[0][0, pos_i].detach()  # [P, d_f], model dtype
+        def hook(x):
+            inpainted_acts[layer] = x[0, pos_i].detach()  # [P, d_f], model dtype: kept until layer's backward
         return hook
 
-    with torch.no_grad(), attached(adapter, {layer: keep_inpainted(layer) for layer in layers}):
+    with torch.no_grad(), attached(adapter, {layer: keep_inpainted(layer) for layer in layers}, prefill=prep_i.prompt_len):
         adapter.forward(prep_i)
 
     out: dict[str, dict[int, torch.Tensor]] = {k: {} for k in SampleStats.TENSORS}
 
     def on_original(layer):
-        def hook(module, args):
-            x = args[0]
-            if x.shape[1] != prep_o.prompt_len:
-                return None
-            o_det = x[0, pos_o].detach()  # [P, d_f], model dtype: the only per-layer tensor kept to the backward
-            out["diff_max"][layer] = (o_det.float() - inpainted_acts.pop(layer).float()).amax(0)
+        def hook(x):
+            o_det = x[0, pos_o].detach()  # [P, d_f], model dtype: kept with O'_i until this layer's gradient arrives
+            shift = inpainted_acts[layer].float() - o_det.float()  # O'_i - O'_o
+            out["diff_max"][layer] = (-shift).amax(0)
+            out["diff_absmax"][layer] = shift.abs().amax(0)
+            out["shift_mean"][layer] = shift.mean(0)
             out["act_mean"][layer] = o_det.float().mean(0)
             out["act_std"][layer] = o_det.float().std(0, correction=0)
             out["act_last"][layer] = x[0, t_star].detach().to(torch.float32, copy=True)
+            del shift
 
             def catch(grad: torch.Tensor) -> None:
-                gc = o_det.float() * grad[0, pos_o].float()  # [P, d_f]: O'_o * dy_c/dO'_o
+                g = grad[0, pos_o].float()  # dy_c/dO'_o [P, d_f]
+                o, i = o_det.float(), inpainted_acts.pop(layer).float()
+                gc = o * g  # O'_o * dy_c/dO'_o
                 best, arg = gc.max(0)
                 out["gradcam_max"][layer], out["gradcam_argmax"][layer] = best, arg
                 out["gradcam_mean"][layer] = gc.mean(0)
+                out["attribution"][layer] = ((i - o) * g).sum(0)
 
             x.register_hook(catch)
             return None
@@ -157,7 +168,8 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
 
     act_handles = [adapter.ffn_act(layer).register_forward_hook(on_act(layer)) for layer in layers]
     try:
-        with torch.enable_grad(), gradient_anchor(adapter, prep_o.prompt_len), attached(adapter, {k: on_original(k) for k in layers}):
+        with (torch.enable_grad(), gradient_anchor(adapter, prep_o.prompt_len),
+              attached(adapter, {k: on_original(k) for k in layers}, prefill=prep_o.prompt_len)):
             logits = adapter.forward(prep_o)
             logits[0, t_star, target.token_id].backward()
             del logits

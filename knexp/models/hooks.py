@@ -1,10 +1,12 @@
-"""Neuron instrumentation at image tokens: record activations (and gradients) and intervene on them.
+"""Instrumentation at image tokens: record activations (and gradients) and intervene on them.
 
-Both work through forward pre-hooks on each layer's FFN output projection (``Adapter.ffn_out``), whose
-input is the neuron activation O^l [B, T, d_f] (METHOD.md, "Notation"). Hooks act only on a pass whose
-sequence length is the prepared prompt's (the prefill): cached decoding steps (length 1) are untouched,
-so an intervention reaches generation through the KV cache alone. Every hook is removed when its
-``with`` block ends, also on an exception.
+Two hook sites (``SITES``), each a tensor [B, T, d] per decoder layer l:
+  ``ffn``    O^l [B, T, d_f], the neuron activations: the input of layer l's FFN output projection
+             (``Adapter.ffn_out``; METHOD.md, "Notation");
+  ``resid``  the residual stream entering decoder layer l [B, T, d_model] (the causal trace's state (a)).
+Hooks act only on a pass whose sequence length is the prepared prompt's (the prefill, ``attached``'s one
+guard): cached decoding steps (length 1) are untouched, so an intervention reaches generation through the
+KV cache alone. Every hook is removed when its ``with`` block ends, also on an exception.
 """
 
 from __future__ import annotations
@@ -22,15 +24,43 @@ REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "max": lambda t: t.amax(dim=1),  # over image positions: [B, P, d_f] -> [B, d_f]
     "mean": lambda t: t.mean(dim=1),
 }
+SITES = ("ffn", "resid")
+
+
+def _site_module(adapter: Adapter, site: str, layer: int):
+    if site == "ffn":
+        return adapter.ffn_out(layer)
+    if site == "resid":
+        return adapter.decoder_layers()[layer]
+    raise ValueError(f"unknown hook site {site!r}; use one of {SITES}")
 
 
 @contextmanager
-def attached(adapter: Adapter, hooks: dict[int, Callable]) -> Iterator[None]:
-    """Register ``hooks[l]`` as a forward pre-hook on layer l's FFN output projection; always remove them."""
+def attached(adapter: Adapter, hooks: dict[int, Callable[[torch.Tensor], torch.Tensor | None]], site: str = "ffn",
+             prefill: int | None = None) -> Iterator[None]:
+    """Call ``hooks[l](x)`` on the ``site`` tensor x [B, T, d] of layer l before the layer uses it; a returned
+    tensor replaces x. With ``prefill``, only passes of that sequence length are seen (the prepared prompt's).
+    The hooks are always removed."""
+
+    def wrap(hook):
+        def pre_hook(module, args, kwargs):
+            from_kwargs = "hidden_states" in kwargs
+            x = kwargs["hidden_states"] if from_kwargs else args[0]
+            if prefill is not None and x.shape[1] != prefill:
+                return None
+            new = hook(x)
+            if new is None:
+                return None
+            if from_kwargs:
+                return args, {**kwargs, "hidden_states": new}
+            return (new, *args[1:]), kwargs
+
+        return pre_hook
+
     handles = []
     try:
         for layer, hook in hooks.items():
-            handles.append(adapter.ffn_out(layer).register_forward_pre_hook(hook))
+            handles.append(_site_module(adapter, site, layer).register_forward_pre_hook(wrap(hook), with_kwargs=True))
         yield
     finally:
         for h in handles:
@@ -46,20 +76,11 @@ def gradient_anchor(adapter: Adapter, prompt_len: int) -> Iterator[None]:
     backward pass. Nothing is copied or detached, so no path between layers is cut.
     """
 
-    def hook(module, args, kwargs):
-        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        if h.shape[1] != prompt_len:
-            return None
-        h = h + torch.zeros((), dtype=h.dtype, device=h.device, requires_grad=True)
-        if "hidden_states" in kwargs:
-            return args, {**kwargs, "hidden_states": h}
-        return (h, *args[1:]), kwargs
+    def anchor(h: torch.Tensor) -> torch.Tensor:
+        return h + torch.zeros((), dtype=h.dtype, device=h.device, requires_grad=True)
 
-    handle = adapter.decoder_layers()[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with attached(adapter, {0: anchor}, site="resid", prefill=prompt_len):
         yield
-    finally:
-        handle.remove()
 
 
 def _index(prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +120,9 @@ class Recording:
 
 
 @contextmanager
-def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = False, reduce: str | None = None) -> Iterator[Recording]:
-    """Record O' at the image positions of ``prepared`` for ``layers`` (default: all).
+def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = False, reduce: str | None = None,
+           site: str = "ffn") -> Iterator[Recording]:
+    """Record the ``site`` tensor (default O') at the image positions of ``prepared`` for ``layers`` (default all).
 
     With ``with_grad``, the pass is anchored (``gradient_anchor``) and a tensor hook on each O^l catches
     dy/dO^l in the caller's one backward pass of any scalar y; with ``reduce``, only the reduction of
@@ -113,11 +135,8 @@ def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = 
     rec = Recording()
 
     def make_hook(layer: int):
-        def hook(module, args):
-            x = args[0]  # [B, T, d_f]
-            if x.shape[1] != prepared.prompt_len:
-                return None
-            o_det = x[rows, pos].detach().float()  # [B, P, d_f]
+        def hook(x: torch.Tensor) -> None:  # [B, T, d]
+            o_det = x[rows, pos].detach().float()  # [B, P, d]
             rec.activations[layer] = REDUCTIONS[reduce](o_det) if reduce else o_det
             if layer == layers_[0]:
                 rec.passes += 1
@@ -141,21 +160,22 @@ def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = 
     with contextlib.ExitStack() as stack:
         if with_grad:
             stack.enter_context(gradient_anchor(adapter, prepared.prompt_len))
-        stack.enter_context(attached(adapter, {layer: make_hook(layer) for layer in layers_}))
+        stack.enter_context(attached(adapter, {layer: make_hook(layer) for layer in layers_}, site, prepared.prompt_len))
         yield rec
 
 
 @dataclass
 class LayerEdit:
-    """An intervention on some units of one layer at every image position, per batch row.
+    """An intervention on some units of one layer's site tensor at every image position, per batch row.
 
-    ``units``: long [U], the units edited. Applied in order: ``scale`` (float [B] or scalar), ``set_to``
-    (float [B] or scalar), ``add`` (float [B, P], one value per row and position shared by the units as in
-    METHOD.md's v in R^P, or [B, P, U] for an independent draw per neuron). ``row_mask``: bool [B, U],
-    which (row, unit) pairs are edited (default all), so each row can carry its own neuron set.
+    ``units``: long [U], the units edited, or None for all of them (a whole-state patch). Applied in order:
+    ``scale`` (float [B] or scalar), ``set_to`` (float [B], scalar, or [B, P, U] values per row, position and
+    unit), ``add`` (float [B, P], one value per row and position shared by the units as in METHOD.md's
+    v in R^P, or [B, P, U] per unit). ``row_mask``: bool [B, U] (or [B]), which rows (and units) are edited
+    (default all), so each row can carry its own neuron set.
     """
 
-    units: torch.Tensor
+    units: torch.Tensor | None
     add: torch.Tensor | None = None
     scale: torch.Tensor | float | None = None
     set_to: torch.Tensor | float | None = None
@@ -173,7 +193,8 @@ class LayerEdit:
             add = self.add.to(o.device, o.dtype)
             new = new + (add[..., None] if add.dim() == 2 else add)
         if self.row_mask is not None:
-            new = torch.where(self.row_mask.to(o.device)[:, None, :], new, o)
+            mask = self.row_mask.to(o.device)
+            new = torch.where(mask[:, None, :] if mask.dim() == 2 else mask[:, None, None], new, o)
         return new
 
 
@@ -183,25 +204,26 @@ def _per_row(v, o: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def intervene(adapter: Adapter, prepared: Prepared, edits: dict[int, LayerEdit]) -> Iterator[dict[int, LayerEdit]]:
-    """Apply ``edits[l]`` to O'^l at the image positions of ``prepared``, in its prefill only."""
+def intervene(adapter: Adapter, prepared: Prepared, edits: dict[int, LayerEdit], site: str = "ffn") -> Iterator[dict[int, LayerEdit]]:
+    """Apply ``edits[l]`` to the ``site`` tensor (default O'^l) at the image positions of ``prepared``, in its
+    prefill only."""
     rows, pos = _index(prepared)
     _resolve_layers(adapter, edits)
 
     def make_hook(edit: LayerEdit):
-        units = edit.units.to(pos.device)
+        units = None if edit.units is None else edit.units.to(pos.device)
 
-        def hook(module, args):
-            x = args[0]
-            if x.shape[1] != prepared.prompt_len:
-                return None  # a cached decoding step: leave it alone
-            r, p, u = rows[:, :, None], pos[:, :, None], units[None, None, :]
+        def hook(x: torch.Tensor) -> torch.Tensor:
             x = x.clone()
-            x[r, p, u] = edit.apply(x[r, p, u])
+            if units is None:
+                x[rows, pos] = edit.apply(x[rows, pos])
+            else:
+                r, p, u = rows[:, :, None], pos[:, :, None], units[None, None, :]
+                x[r, p, u] = edit.apply(x[r, p, u])
             edit.applied += 1
-            return (x, *args[1:])
+            return x
 
         return hook
 
-    with attached(adapter, {layer: make_hook(e) for layer, e in edits.items()}):
+    with attached(adapter, {layer: make_hook(e) for layer, e in edits.items()}, site, prepared.prompt_len):
         yield edits
