@@ -114,6 +114,23 @@ def tiny_minigpt4(layers: int = 3, seed: int = 0):
     return model.eval().requires_grad_(False)
 
 
+def tiny_adapter(kind: str, layers: int = 3):
+    """A float32 adapter of one tiny model: ``embedded``, ``llava`` (4 x 4 grid) or ``minigpt4``; for tests."""
+    from knexp.models.adapters.llava import LlavaAdapter
+    from knexp.models.adapters.spliced import SplicedAdapter
+
+    if kind == "embedded":
+        adapter = SplicedAdapter(tiny_embedded(layers=layers))
+    elif kind == "minigpt4":
+        adapter = SplicedAdapter(tiny_minigpt4(layers=layers))
+    elif kind == "llava":
+        adapter = LlavaAdapter(*tiny_llava(grid=4, layers=layers), caption_prefix="the image shows")
+    else:
+        raise ValueError(f"unknown tiny model {kind!r}; use embedded, llava or minigpt4")
+    adapter.model.float()
+    return adapter
+
+
 def load_tiny_llava(model_cfg, device: torch.device, cache_dir: Path):
     """``model=tiny_llava``."""
     from knexp.models.adapters.llava import LlavaAdapter

@@ -56,12 +56,31 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarr
     return (alpha * colour + (1 - alpha) * image).round().astype(np.uint8)
 
 
-def layer_histogram_png(per_method: dict[str, list[int]], path: str | Path, title: str = "") -> Path:
-    """Fig. 2: identified neurons per layer, one bar series per method."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (jobs have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write and close ``fig``; the folder is created."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def layer_histogram_png(per_method: dict[str, list[int]], path: str | Path, title: str = "") -> Path:
+    """Fig. 2: identified neurons per layer, one bar series per method."""
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 3.2))
     n = len(per_method)
@@ -71,9 +90,74 @@ def layer_histogram_png(per_method: dict[str, list[int]], path: str | Path, titl
     ax.set_ylabel("neurons")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
+
+
+def trace_png(traces, window: dict, path: str | Path, title: str = "") -> Path:
+    """The causal trace (``knexp.identification.trace``): per patch kind, the share of the whole counterfactual's
+    Δy_c that the patch reaches at each layer (top row) and the share of captions that still name the object
+    (bottom row); thin lines per object, the thick line their average, the live window shaded."""
+    plt = _pyplot()
+
+    from knexp.identification.trace import KINDS, normalised
+
+    labels = {"resid": "(a) residual entering l", "ffn": "(b) FFN of layer l", "ffn_upto": "(c) FFN of layers 0..l",
+              "ffn_from": "(c) FFN of layers l..L-1"}
+    objects = sorted({t.knowledge for t in traces})
+    kinds = [k for k in KINDS if k in traces[0].delta]
+    fig, axes = plt.subplots(2, len(kinds), figsize=(4 * len(kinds) + 1, 6), sharex=True, squeeze=False)
+    layers = np.arange(len(traces[0].delta["resid"]))
+    for col, kind in enumerate(kinds):
+        top, bottom = axes[0, col], axes[1, col]
+        captioned = all(kind in t.named for t in traces)
+        for obj in objects:
+            mine = [t for t in traces if t.knowledge == obj]
+            top.plot(layers, normalised(mine, kind), lw=0.8, alpha=0.6, label=obj)
+            if captioned:
+                bottom.plot(layers, np.mean([t.named[kind] for t in mine], axis=0), lw=0.8, alpha=0.6)
+        top.plot(layers, normalised(traces, kind), lw=2.5, color="black", label="average")
+        if captioned:
+            bottom.plot(layers, np.mean([t.named[kind] for t in traces], axis=0), lw=2.5, color="black")
+        else:
+            bottom.text(0.5, 0.5, "traced without captions\n(python run.py task=trace draws them)", ha="center",
+                        va="center", transform=bottom.transAxes, fontsize=8)
+        for ax in (top, bottom):
+            if window["resid_layers"]:
+                ax.axvspan(min(window["resid_layers"]) - 0.5, max(window["resid_layers"]) + 0.5, color="tab:green", alpha=0.08)
+            ax.grid(alpha=0.3)
+        top.set_title(labels[kind], fontsize=10)
+        bottom.set_xlabel("layer l")
+    axes[0, 0].set_ylabel("Δy_c / (y_c(inpainted) - y_c(original))")
+    axes[1, 0].set_ylabel("captions still naming the object")
+    axes[0, 0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{title}\nlive window (shaded): residual layers reaching {window['frac']:.0%} of the counterfactual; "
+                 f"neurons act in layers {window['neuron_layers'][:1] + window['neuron_layers'][-1:]}", fontsize=10)
+    return _save(fig, path)
+
+
+def curves_png(curves, path: str | Path, title: str = "") -> Path:
+    """Size curves: S_se, S_re and S_mean against the set size n (log axis), one line per method and setting; one row
+    of panels per object split when the table has one (``knexp.reporting.report.tables``' ``curves``)."""
+    plt = _pyplot()
+
+    df = curves.reset_index()
+    splits = sorted(df["split"].unique()) if "split" in df else [None]
+    series = [c for c in df.columns if c not in ("S_se", "S_re", "S_mean", "size", "split")]
+    fig, axes = plt.subplots(len(splits), 3, figsize=(13, 3.6 * len(splits)), squeeze=False)
+    for row, split in enumerate(splits):
+        part = df if split is None else df[df["split"] == split]
+        for labels, g in part.groupby(series, dropna=False):
+            name = " / ".join(str(x) for x in (labels if isinstance(labels, tuple) else (labels,)))
+            g = g.sort_values("size")
+            for col, score in enumerate(("S_se", "S_re", "S_mean")):
+                axes[row, col].plot(g["size"], g[score], marker="o", label=name)
+        for col, score in enumerate(("S_se", "S_re", "S_mean")):
+            ax = axes[row, col]
+            ax.set_xscale("log")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("set size n")
+            ax.set_title(score + (f" ({split} objects)" if split else ""), fontsize=10)
+            ax.grid(alpha=0.3)
+    axes[0, 2].legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

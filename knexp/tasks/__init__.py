@@ -15,6 +15,7 @@ TASKS = {
     "select": "knexp.tasks.select",
     "report": "knexp.tasks.report",
     "tune": "knexp.tasks.tune",
+    "trace": "knexp.tasks.trace",
 }
 
 

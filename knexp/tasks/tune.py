@@ -1,6 +1,6 @@
 """``python run.py task=tune``: one threshold setting evaluated on a split of objects; the objective of tuning.
 
-Runs ``task=evaluate`` for every object of ``task.splits[task.split]`` (each in ``<job dir>/<object>/``, each
+Runs ``task=evaluate`` for every object of ``splits[task.split]`` (each in ``<job dir>/<object>/``, each
 resumable and cached as usual) and returns the mean of their Table II scores. ``run.py`` hands
 ``optimized_metric`` of this result to the sweeper, so ``hparams_search=thresholds_optuna`` tunes the
 threshold rule's parameters for S_mean on the tuning objects; ``task.split=heldout`` with the best parameters
@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    splits = cfg.task.splits
+    splits = cfg.splits
     if cfg.task.split not in splits:
-        raise KeyError(f"task.split={cfg.task.split!r} is not one of task.splits ({', '.join(splits)})")
+        raise KeyError(f"task.split={cfg.task.split!r} is not one of the splits ({', '.join(splits)}; conf/splits)")
     catalog = Catalog.load()
     names = [catalog[n].name for n in splits[cfg.task.split]]  # unknown names fail here, before any work
     out = Path(cfg.paths.output_dir)
