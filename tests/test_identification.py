@@ -7,25 +7,17 @@ from omegaconf import OmegaConf
 
 from knexp.identification import methods as M
 from knexp.identification.passes import TargetNotFound, compute_stats, locate_target
-from knexp.identification.thresholds import thresholds_for
+from knexp.identification.thresholds import RuleContext, allowed_layers, stage1_score, two_stage
 from knexp.models.adapters.llava import LlavaAdapter
-from knexp.models.adapters.spliced import SplicedAdapter
 from knexp.models.hooks import record
-from knexp.models.tiny import tiny_embedded, tiny_llava, tiny_minigpt4
+from knexp.models.tiny import tiny_adapter
 
 CAPTION = "the image shows a bus and a clock."
 
 
 @pytest.fixture(scope="module", params=["embedded", "llava", "minigpt4"])
 def adapter(request):
-    if request.param == "embedded":
-        a = SplicedAdapter(tiny_embedded(layers=3))
-    elif request.param == "minigpt4":
-        a = SplicedAdapter(tiny_minigpt4(layers=3))
-    else:
-        a = LlavaAdapter(*tiny_llava(grid=4, layers=3), caption_prefix="the image shows")
-    a.model.float()
-    return a
+    return tiny_adapter(request.param, layers=3)
 
 
 def _pair(adapter):
@@ -66,10 +58,13 @@ def test_statistics_equal_their_formulas(adapter, sample):
     o, i, g, t_star = _reference(adapter, original, inpainted, target)
     assert stats.target_position == t_star and stats.shape == (adapter.num_layers, adapter.d_ff)
     torch.testing.assert_close(stats.diff_max, (o - i).amax(1))
+    torch.testing.assert_close(stats.diff_absmax, (o - i).abs().amax(1))
     torch.testing.assert_close(stats.gradcam_max, (o * g).amax(1))
     torch.testing.assert_close(stats.gradcam_mean, (o * g).mean(1))
     torch.testing.assert_close(stats.act_mean, o.mean(1))
     torch.testing.assert_close(stats.act_std, o.std(1, correction=0))
+    torch.testing.assert_close(stats.shift_mean, (i - o).mean(1))
+    torch.testing.assert_close(stats.attribution, ((i - o) * g).sum(1))  # METHOD.md, "Attribution"
     assert torch.equal(stats.gradcam_argmax, (o * g).argmax(1))
     full = (adapter.unembedding().float() @ torch.stack([adapter.w_out(layer).float() for layer in range(adapter.num_layers)]))
     torch.testing.assert_close(stats.wout_dot_wu, full[:, target.token_id], rtol=1e-4, atol=1e-5)  # [L, V, d_f] -> row c
@@ -146,15 +141,95 @@ def test_random_control_matches_layers(sample):
     assert rnd.pairs() == M.random_matched(ref, stats.shape[1], seed=3).pairs()
 
 
+def _reference_stats(stats, knowledge_names, seed=0):
+    from knexp.identification.reference import ReferenceStats
+
+    g = torch.Generator().manual_seed(seed)
+    n_layers, d_ff = stats.shape
+    std = torch.rand(n_layers, d_ff, generator=g) + 0.1
+    diff = torch.randn(len(knowledge_names), n_layers, d_ff, generator=g)
+    return ReferenceStats(torch.randn(n_layers, d_ff, generator=g), std, std.median(1).values, diff, list(knowledge_names), [0])
+
+
 def test_threshold_rules(sample):
     *_, stats = sample
+    ctx = RuleContext("bus")
     paper = OmegaConf.create({"name": "paper", "per_knowledge": {"bus": {"a": 1.5, "g": 0.0001}}})
-    assert thresholds_for(paper, "bus", stats) == (1.5, 0.0001)
+    ts = two_stage(paper, stats, ctx)
+    assert torch.equal(ts.candidates, stats.diff_max > 1.5) and torch.equal(ts.keep, ts.candidates & (stats.gradcam_max > 0.0001))
+    assert M.from_two_stage(ts).pairs() == M.ours(stats, 1.5, 0.0001).pairs()
     with pytest.raises(KeyError, match="quantile"):
-        thresholds_for(paper, "clock", stats)
-    q = OmegaConf.create({"name": "quantile", "q_a": 0.99, "q_g": 0.5, "min_g": 0.0})
-    a, g = thresholds_for(q, "bus", stats)
-    n_c = int((stats.diff_max > a).sum())
+        two_stage(paper, stats, RuleContext("clock"))
+    q = OmegaConf.create({"name": "quantile", "q_a": 0.99, "q_g": 0.5, "min_g": 0.0, "layers": "all", "stage1": "raw"})
+    ts = two_stage(q, stats, ctx)
+    n_c = int(ts.candidates.sum())
     assert abs(n_c - 0.01 * stats.diff_max.numel()) <= 2
-    found = M.ours(stats, a, g)
-    assert 0 < len(found) <= n_c
+    assert ts.info["threshold_a"] == pytest.approx(float(torch.quantile(stats.diff_max.flatten().double(), 0.99)))
+    found = M.from_two_stage(ts)
+    assert 0 < len(found) <= n_c and found.info["stage1_size"] == n_c
+
+
+def test_layer_restrictions(sample):
+    *_, stats = sample
+    n = stats.shape[0]
+    nonzero = allowed_layers(stats, "nonzero", RuleContext("bus"))
+    assert not nonzero[-1] and nonzero[:-1].all()  # the last layer's gradient at image positions is 0
+    live = allowed_layers(stats, "live", RuleContext("bus", live_layers=[0, n - 1]))
+    assert live.tolist() == [True] + [False] * (n - 1)
+    with pytest.raises(ValueError, match="live window"):
+        allowed_layers(stats, "live", RuleContext("bus"))
+    with pytest.raises(ValueError, match="no layer"):
+        allowed_layers(stats, "live", RuleContext("bus", live_layers=[n - 1]))
+
+
+def test_layer_quantile_offers_each_allowed_layer_the_same_share(sample):
+    *_, stats = sample
+    cfg = OmegaConf.create({"name": "layer_quantile", "q_a": 0.9, "q_g": 0.5, "min_g": 0.0, "layers": "nonzero", "stage1": "raw"})
+    ts = two_stage(cfg, stats, RuleContext("bus"))
+    n, d = stats.shape
+    for layer in range(n):
+        if layer == n - 1:  # no gradient reaches the last layer's image positions: no candidates there
+            expected = torch.zeros(d, dtype=bool)
+        else:
+            expected = stats.diff_max[layer] > torch.quantile(stats.diff_max[layer].double(), 0.9)
+        assert torch.equal(ts.candidates[layer], expected)
+    g = float(torch.quantile(stats.gradcam_max[ts.candidates].double(), 0.5))
+    assert torch.equal(ts.keep, ts.candidates & (stats.gradcam_max > g))
+
+
+@pytest.mark.parametrize("kind, second", [("raw", "max"), ("abs", "max"), ("spread", "max"), ("contrastive", "max"),
+                                          ("abs", "mean")])
+def test_budget_rule_keeps_n_of_the_top_candidates(sample, kind, second):
+    *_, stats = sample
+    ref = _reference_stats(stats, ["bus", "clock", "bear", "clock"])
+    ctx = RuleContext("bus", reference=ref)
+    score = {"raw": stats.diff_max, "abs": stats.diff_absmax, "spread": stats.diff_max / ref.std,
+             "contrastive": (stats.diff_max - ref.removal_diff[1:].mean(0)) / ref.removal_diff[1:].std(0, correction=0)}[kind]
+    torch.testing.assert_close(stage1_score(stats, kind, ctx), score)  # the bus removal is left out of bus's null
+    cfg = OmegaConf.create({"name": "budget", "n": 7, "q_g": 0.75, "layers": "nonzero", "stage1": kind, "stage2": second})
+    ts = two_stage(cfg, stats, ctx)
+    n_layers, d = stats.shape
+    inside = [(layer, u) for layer in range(n_layers - 1) for u in range(d)]
+    cand = sorted(inside, key=lambda lu: -float(score[lu]))[:28]  # ceil(7 / (1 - 0.75))
+    g = stats.gradcam_max if second == "max" else stats.gradcam_mean
+    keep = sorted(cand, key=lambda lu: -float(g[lu]))[:7]
+    assert {tuple(x) for x in ts.candidates.nonzero().tolist()} == set(cand)
+    found = M.from_two_stage(ts)
+    assert found.pairs() == set(keep) and len(found) == 7
+
+
+def test_attribution_ranks_the_most_negative_first(sample):
+    *_, stats = sample
+    top = M.attribution(stats, n=9)
+    np.testing.assert_allclose(top.scores, torch.topk(-stats.attribution.flatten().double(), 9).values.numpy())
+    assert torch.equal(-stats.attribution[top.layers, top.units].double(), torch.as_tensor(top.scores))
+    assert int((-stats.attribution.double() > top.scores[-1]).sum()) == 8  # nothing outside the set beats its last member
+    cut = float(-top.scores[4])  # a <= cut keeps exactly the 5 most negative (no ties at random values)
+    thr = M.attribution(stats, threshold=-cut)
+    assert thr.pairs() == {tuple(x) for x in (stats.attribution <= cut).nonzero().tolist()} and len(thr) == 5
+    within = torch.zeros(stats.shape, dtype=torch.bool)
+    within[0] = True
+    assert set(M.attribution(stats, n=4, within=within).layers.tolist()) == {0}
+    assert M.attribution(stats, threshold=1e9).empty
+    with pytest.raises(ValueError, match="either"):
+        M.attribution(stats)

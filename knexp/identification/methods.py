@@ -8,6 +8,9 @@ schwettmann   paper: top-|N_k| by mean_p g.         authors: (unit, patch) pairs
               its best patch.
 pan           paper: top-|N_k| by mean_p O'_o * (W_out[:, u] . W_U[c]).
               authors: top-|N_k| by act_fn(gate(x))[t*] * (W_out[:, u] . W_U[c]) at the predicting position.
+attribution   top-n by -a, a = sum_p (O'_i - O'_o) * dy_c/dO'_o: the first-order change of y_c when the neuron takes
+              its inpainted values, most negative first (METHOD.md, "Beyond the paper"); or every neuron with
+              a <= -threshold (its thresholded form).
 random        layer-matched control: in each layer, as many random units as the reference set has there.
 Baselines take |N_k| from ``ours`` on the same sample; |N_k| = 0 gives an empty set that says why.
 """
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from knexp.identification.passes import SampleStats
+from knexp.identification.thresholds import TwoStage
 
 
 @dataclass
@@ -31,6 +35,7 @@ class NeuronSet:
     scores: np.ndarray  # float [n], the ranking score (descending)
     patches: np.ndarray | None = None  # int [n], image token of each neuron's best pair (schwettmann authors)
     spread: np.ndarray | None = None  # float [n], each neuron's std_p O' on its sample (unit of relative noise)
+    shift: np.ndarray | None = None  # float [n], mean_p (O'_i - O'_o) on its sample (the inpainted intervention's delta)
     note: str = ""
     info: dict = field(default_factory=dict)
 
@@ -47,6 +52,13 @@ class NeuronSet:
     def per_layer(self, num_layers: int) -> list[int]:
         return np.bincount(self.layers, minlength=num_layers).tolist()
 
+    @classmethod
+    def union(cls, sets: list[NeuronSet]) -> NeuronSet:
+        """Every distinct (layer, unit) of ``sets``, sorted (scores dropped): e.g. to record all of them in one pass."""
+        pairs = sorted({pair for s in sets for pair in s.pairs()})
+        layers = np.array([lay for lay, _ in pairs], np.int64)
+        return cls("union", "", layers, np.array([u for _, u in pairs], np.int64), np.zeros(len(pairs)))
+
     def to_dict(self) -> dict:
         rows = zip(self.layers, self.units, self.scores, strict=True)
         d = {"method": self.method, "variant": self.variant, "size": len(self), "note": self.note, "info": self.info,
@@ -62,39 +74,72 @@ def _from_flat(method: str, variant: str, flat_idx: torch.Tensor, scores: torch.
     return NeuronSet(method, variant, idx // d_ff, idx % d_ff, scores.cpu().numpy().astype(np.float64), note=note, **kw)
 
 
-def top_n(score: torch.Tensor, n: int, method: str, variant: str = "", **kw) -> NeuronSet:
-    """The n highest entries of ``score`` [L, d_f] (ties broken by index, so the result is deterministic)."""
+def top_n(score: torch.Tensor, n: int, method: str, variant: str = "", within: torch.Tensor | None = None, **kw) -> NeuronSet:
+    """The n highest entries of ``score`` [L, d_f] (inside the bool mask ``within`` when given; ties broken by index,
+    so the result is deterministic)."""
     d_ff = score.shape[1]
     if n <= 0:
         return _from_flat(method, variant, torch.empty(0, dtype=torch.long), torch.empty(0), d_ff,
                           note="empty: |N_k| = 0 on this sample, so the baseline picks no neuron")
     flat = score.flatten().double()
+    if within is not None:
+        flat = flat.masked_fill(~within.flatten(), float("-inf"))
+        n = min(n, int(within.sum()))
     order = torch.argsort(-flat, stable=True)[:n]
     return _from_flat(method, variant, order, flat[order], d_ff, **kw)
 
 
 def ours(stats: SampleStats, threshold_a: float, threshold_g: float) -> NeuronSet:
-    """Two-stage filtering; ``info`` records |C^k| and the thresholds used."""
-    candidates = stats.diff_max > threshold_a  # C^k
-    keep = candidates & (stats.gradcam_max > threshold_g)  # N_k
-    flat = keep.flatten().nonzero().flatten()
-    scores = stats.gradcam_max.flatten()[flat]
+    """Two-stage filtering with the paper's scalar thresholds (``thresholds=paper`` or ``fixed``)."""
+    cand = stats.diff_max > threshold_a
+    return from_two_stage(TwoStage(stats.diff_max, stats.gradcam_max, cand, cand & (stats.gradcam_max > threshold_g),
+                                   {"threshold_a": float(threshold_a), "threshold_g": float(threshold_g)}))
+
+
+def from_two_stage(ts: TwoStage) -> NeuronSet:
+    """N_k of a rule's outcome, ranked by its stage-2 score; ``info`` records |C^k| and what the rule used."""
+    flat = ts.keep.flatten().nonzero().flatten()
+    scores = ts.stage2.flatten()[flat]
     order = torch.argsort(-scores.double(), stable=True)
-    info = {"threshold_a": float(threshold_a), "threshold_g": float(threshold_g), "stage1_size": int(candidates.sum())}
+    info = {**ts.info, "stage1_size": int(ts.candidates.sum())}
     note = ""
-    if not candidates.any():
-        note = f"empty: no neuron has max_p V > threshold_a = {threshold_a:g}"
-    elif not keep.any():
-        note = f"empty: none of the {int(candidates.sum())} stage-1 neurons has max_p g > threshold_g = {threshold_g:g}"
-    return _from_flat("ours", "", flat[order], scores[order], stats.shape[1], note=note, info=info)
+    if not ts.candidates.any():
+        note = f"empty: no neuron passes stage 1 ({_described(ts.info, 'threshold_a')})"
+    elif not ts.keep.any():
+        note = f"empty: none of the {int(ts.candidates.sum())} stage-1 neurons passes stage 2 ({_described(ts.info, 'threshold_g')})"
+    return _from_flat("ours", "", flat[order], scores[order], ts.keep.shape[1], note=note, info=info)
 
 
-def stage1_only(stats: SampleStats, n: int) -> NeuronSet:
-    return top_n(stats.diff_max, n, "stage1_only")
+def _described(info: dict, key: str) -> str:
+    value = info.get(key)
+    return f"{key} = {value:g}" if isinstance(value, float) else f"{key} per layer" if value is not None else "budget"
 
 
-def stage2_only(stats: SampleStats, n: int) -> NeuronSet:
-    return top_n(stats.gradcam_max, n, "stage2_only")
+def stage1_only(stats: SampleStats, n: int, score: torch.Tensor | None = None, within: torch.Tensor | None = None) -> NeuronSet:
+    """Top-n by the stage-1 score (default the paper's max_p V) inside ``within``: ours without stage 2."""
+    return top_n(stats.diff_max if score is None else score, n, "stage1_only", within=within)
+
+
+def stage2_only(stats: SampleStats, n: int, score: torch.Tensor | None = None, within: torch.Tensor | None = None) -> NeuronSet:
+    """Top-n by the stage-2 score (default the paper's max_p g) inside ``within``: ours without stage 1."""
+    return top_n(stats.gradcam_max if score is None else score, n, "stage2_only", within=within)
+
+
+def attribution(stats: SampleStats, n: int | None = None, threshold: float | None = None,
+                within: torch.Tensor | None = None) -> NeuronSet:
+    """Top-n by -a (``n``), or every neuron with a <= -``threshold`` (its thresholded form), inside ``within``."""
+    score = -stats.attribution
+    if (n is None) == (threshold is None):
+        raise ValueError("attribution takes either n (top-n form) or threshold (thresholded form)")
+    if threshold is not None:
+        keep = score >= float(threshold)
+        within = keep if within is None else keep & within
+        n = int(within.sum())
+        if n == 0:
+            return NeuronSet("attribution", "threshold", np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0),
+                             note=f"empty: no neuron has a <= -{threshold:g}", info={"threshold": float(threshold)})
+        return top_n(score, n, "attribution", "threshold", within=within, info={"threshold": float(threshold)})
+    return top_n(score, n, "attribution", "top_n", within=within)
 
 
 def schwettmann(stats: SampleStats, n: int, variant: str = "paper") -> NeuronSet:

@@ -1,11 +1,16 @@
-"""Identification of one sample: target token -> cached statistics -> thresholds -> the method's neuron set."""
+"""Identification of one sample: target token -> cached statistics -> the rule's two stages -> the method's neuron set.
+
+``method_set`` gives the configured method's set at the paper's equal size (|N_k| of ``ours`` on the sample);
+``ranked_set`` gives any ranking method's top-n, for size curves (METHOD.md, "Size curves"): ours at size n is
+the ``budget`` form of its rule (same stage-1 score and layers), random is layer-matched to ours at n.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Knowledge
@@ -14,25 +19,70 @@ from knexp.identification import methods as M
 from knexp.identification.cache import StatsCache
 from knexp.identification.passes import SampleStats, compute_stats, locate_target
 from knexp.identification.selection import Candidate
-from knexp.identification.thresholds import thresholds_for
+from knexp.identification.thresholds import RuleContext, TwoStage, allowed_layers, two_stage
 from knexp.models.adapters.base import Adapter
 from knexp.store import stable_key
 
-METHODS = ("ours", "stage1_only", "stage2_only", "schwettmann", "pan", "random")
+METHODS = ("ours", "stage1_only", "stage2_only", "schwettmann", "pan", "attribution", "random")
 
 
-def method_set(method: DictConfig, stats: SampleStats, reference: M.NeuronSet, d_ff: int) -> M.NeuronSet:
-    """The neuron set ``method`` picks on a sample whose two-stage set is ``reference`` (|N_k| = its size)."""
-    name, n = method.name, len(reference)
+def _rule_layers(rule: DictConfig, stats: SampleStats, ctx: RuleContext):
+    """bool [L, d_f] where ours' rule may place neurons (None: everywhere, as the paper's rules)."""
+    if rule.name in ("paper", "fixed"):
+        return None
+    return allowed_layers(stats, rule.get("layers", "all"), ctx)[:, None].expand(stats.shape)
+
+
+def _attribution_within(method: DictConfig, stats: SampleStats, ctx: RuleContext):
+    return allowed_layers(stats, method.get("layers", "all"), ctx)[:, None].expand(stats.shape)
+
+
+def method_set(method: DictConfig, stats: SampleStats, ts: TwoStage, rule: DictConfig, ctx: RuleContext, d_ff: int) -> M.NeuronSet:
+    """The neuron set ``method`` picks on a sample whose rule outcome is ``ts`` (|N_k| = the size of ours).
+
+    The ablations keep ours' stage-1 score and layers and drop one stage; the baselines rank all layers, as the
+    paper's comparison did; attribution takes its own form (``matched``: |N_k|, ``top_n``, ``threshold``)."""
+    name = method.name
+    reference = M.from_two_stage(ts)
+    n = len(reference)
     if name == "ours":
         return reference
-    if name in ("stage1_only", "stage2_only"):
-        return getattr(M, name)(stats, n)
+    if name == "stage1_only":
+        return M.stage1_only(stats, n, score=ts.stage1, within=_rule_layers(rule, stats, ctx))
+    if name == "stage2_only":
+        return M.stage2_only(stats, n, score=ts.stage2, within=_rule_layers(rule, stats, ctx))
     if name in ("schwettmann", "pan"):
         return getattr(M, name)(stats, n, method.get("variant", "paper"))
+    if name == "attribution":
+        form = method.get("form", "matched")
+        within = _attribution_within(method, stats, ctx)
+        if form == "matched":
+            return M.attribution(stats, n=n, within=within)
+        if form == "top_n":
+            return M.attribution(stats, n=int(method.n), within=within)
+        if form == "threshold":
+            return M.attribution(stats, threshold=float(method.threshold), within=within)
+        raise ValueError(f"unknown attribution form {form!r}; use matched, top_n or threshold")
     if name == "random":
         return M.random_matched(reference, d_ff, seed=int(method.get("seed", 0)))
     raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+
+
+def budget_rule(rule: DictConfig, n: int) -> DictConfig:
+    """Ours' rule at a fixed size n: the ``budget`` form with the rule's stage-1 score, layers and q_g."""
+    automatic = rule.name not in ("paper", "fixed")
+    return OmegaConf.create({"name": "budget", "n": int(n), "q_g": float(rule.get("q_g", 0.5)),
+                             "layers": rule.get("layers", "all") if automatic else "all",
+                             "stage1": rule.get("stage1", "raw") if automatic else "raw",
+                             "stage2": rule.get("stage2", "max") if automatic else "max"})
+
+
+def ranked_set(method: DictConfig, stats: SampleStats, rule: DictConfig, ctx: RuleContext, n: int, d_ff: int) -> M.NeuronSet:
+    """``method``'s n best neurons on the sample (the size-curve form of every ranking method)."""
+    ts = two_stage(budget_rule(rule, n), stats, ctx)
+    if method.name == "attribution":
+        return M.attribution(stats, n=n, within=_attribution_within(method, stats, ctx))
+    return method_set(method, stats, ts, budget_rule(rule, n), ctx, d_ff)
 
 
 @dataclass
@@ -40,24 +90,31 @@ class SampleResult:
     candidate: Candidate
     target_word: str
     target_id: int
-    thresholds: tuple[float, float]
+    rule: dict  # what the rule used: thresholds, layers, stage-1 score
     reference: M.NeuronSet  # ours on this sample
     neurons: M.NeuronSet  # the configured method's set
+    stats: SampleStats | None = None  # the sample's statistics (for size curves; not written out)
 
     def to_dict(self, num_layers: int) -> dict:
         return {
             "knowledge": self.candidate.knowledge, "image_id": self.candidate.image_id, "annotation_id": self.candidate.annotation_id,
             "captions": {"original": self.candidate.original_caption, "inpainted": self.candidate.inpainted_caption},
-            "target": {"word": self.target_word, "token_id": self.target_id},
-            "thresholds": {"a": self.thresholds[0], "g": self.thresholds[1]},
+            "target": {"word": self.target_word, "token_id": self.target_id}, "rule": self.rule,
             "reference_size": len(self.reference), "stage1_size": self.reference.info.get("stage1_size"),
             "per_layer": self.neurons.per_layer(num_layers), "neuron_set": self.neurons.to_dict(),
         }
 
 
+def annotate(neurons: M.NeuronSet, stats: SampleStats) -> M.NeuronSet:
+    """Attach each neuron's spread (std_p O'_o) and shift (mean_p (O'_i - O'_o)) on its identification sample."""
+    neurons.spread = stats.act_std[neurons.layers, neurons.units].numpy() if len(neurons) else np.empty(0)
+    neurons.shift = stats.shift_mean[neurons.layers, neurons.units].numpy() if len(neurons) else np.empty(0)
+    return neurons
+
+
 def identify_sample(adapter: Adapter, model_key: str, data: CocoScenes, dataset_id: str, candidate: Candidate, knowledge: Knowledge,
                     opts: InpaintOptions, inpaint_cache: InpaintCache, stats_cache: StatsCache, thresholds_cfg: DictConfig,
-                    method: DictConfig) -> SampleResult:
+                    method: DictConfig, ctx: RuleContext | None = None) -> SampleResult:
     target = locate_target(adapter, candidate.original_caption, adapter.caption_prefix, knowledge)
     key = stable_key(model_key, dataset_id, candidate.image_id, candidate.annotation_id, opts, candidate.original_caption)
 
@@ -70,8 +127,8 @@ def identify_sample(adapter: Adapter, model_key: str, data: CocoScenes, dataset_
 
     stats = stats_cache.get(key, compute)
     stats.check_finite()
-    a, g = thresholds_for(thresholds_cfg, knowledge.name, stats)
-    reference = M.ours(stats, a, g)
-    chosen = method_set(method, stats, reference, adapter.d_ff)
-    chosen.spread = stats.act_std[chosen.layers, chosen.units].numpy() if len(chosen) else np.empty(0)
-    return SampleResult(candidate, target.word, target.token_id, (a, g), reference, chosen)
+    ctx = ctx or RuleContext(knowledge.name)
+    ts = two_stage(thresholds_cfg, stats, ctx)
+    reference = M.from_two_stage(ts)
+    chosen = annotate(method_set(method, stats, ts, thresholds_cfg, ctx, adapter.d_ff), stats)
+    return SampleResult(candidate, target.word, target.token_id, ts.info, reference, chosen, stats)

@@ -24,12 +24,15 @@ from knexp.data.loading import load_dataset
 from knexp.identification.cache import StatsCache
 from knexp.identification.passes import TargetNotFound
 from knexp.identification.pipeline import SampleResult, identify_sample
+from knexp.identification.reference import ReferenceCache, ReferenceStats, compute_reference
 from knexp.identification.selection import Selection
+from knexp.identification.thresholds import RuleContext
 from knexp.io import atomic_write_text
 from knexp.models import load_model, model_identity
 from knexp.models.captioning import Captioner
 from knexp.reporting.logger import make_logger
 from knexp.tasks.select import make_captioner, run_selection
+from knexp.tasks.trace import live_window_for
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +45,44 @@ class Identification:
     results: list[SampleResult]
     skipped: list[dict]
     stats_cache: StatsCache
+    context: dict  # model_context's result (empty values when no sample was selected)
+
+
+def reference_for(cfg: DictConfig, catalog: Catalog, adapter, data: CocoScenes, dataset_id: str, model_key: str) -> ReferenceStats:
+    """The model's reference statistics on this data (``knexp.identification.reference``), cached."""
+    cache_root = cfg.paths.cache_dir if cfg.task.get("cache", True) else None
+    opts = InpaintOptions(**OmegaConf.to_container(cfg.inpaint, resolve=True))
+    ref = cfg.reference
+    return ReferenceCache(cache_root).get(
+        [model_key, dataset_id, opts, int(ref.images), int(ref.removals), int(ref.seed)],
+        lambda: compute_reference(adapter, data, dataset_id, catalog, opts, InpaintCache(cache_root), int(ref.images),
+                                  int(ref.removals), int(ref.seed), cfg.model.generation.batch_size))
+
+
+def needs(cfg: DictConfig) -> dict[str, bool]:
+    """Which model-level context the configured rule, method and intervention use."""
+    rule, method = cfg.thresholds, cfg.method
+    automatic = rule.name not in ("paper", "fixed")
+    live = (automatic and rule.get("layers") == "live") or (method.name == "attribution" and method.get("layers") == "live")
+    reference = (automatic and rule.get("stage1") in ("spread", "contrastive")) or cfg.intervention.name == "mean" or (
+        cfg.intervention.name == "noise" and cfg.noise_level.get("scale") == "calibrated")
+    return {"live": bool(live), "reference": bool(reference)}
+
+
+def model_context(cfg: DictConfig, catalog: Catalog, adapter, data: CocoScenes, dataset_id: str, captioner: Captioner) -> dict:
+    """{"window": the live window, "traces": its traced samples, "reference": ReferenceStats}, each None unless
+    ``needs`` asks for it."""
+    need = needs(cfg)
+    window, traces = live_window_for(cfg, catalog, adapter, data, dataset_id, captioner) if need["live"] else (None, None)
+    reference = reference_for(cfg, catalog, adapter, data, dataset_id, captioner.model_key) if need["reference"] else None
+    return {"window": window, "traces": traces, "reference": reference}
 
 
 def identify_knowledge(cfg: DictConfig, catalog: Catalog, knowledge: Knowledge, adapter, data: CocoScenes, dataset_id: str,
-                       out: Path, captioner: Captioner | None = None) -> Identification:
+                       out: Path, captioner: Captioner | None = None, context: dict | None = None) -> Identification:
     """Select samples of ``knowledge`` and identify neurons on each; writes selection.json and samples/*.json.
-    ``captioner``: the job's (to share its store and model key with later steps); by default a new one."""
+    ``captioner``: the job's (to share its store and model key with later steps); by default a new one.
+    ``context``: ``model_context``'s result, computed here (once a sample is selected) when not given."""
     cache_root = cfg.paths.cache_dir if cfg.task.cache else None
     inpaint_cache, stats_cache = InpaintCache(cache_root), StatsCache(cache_root)
     opts = InpaintOptions(**OmegaConf.to_container(cfg.inpaint, resolve=True))
@@ -55,11 +90,16 @@ def identify_knowledge(cfg: DictConfig, catalog: Catalog, knowledge: Knowledge, 
     key = captioner.model_key
     selection = run_selection(cfg, catalog, captioner, data, dataset_id, knowledge.name, inpaint_cache)
     atomic_write_text(out / "selection.json", json.dumps(selection.to_dict(), indent=1))
+    if context is None:
+        context = (model_context(cfg, catalog, adapter, data, dataset_id, captioner) if selection.accepted
+                   else {"window": None, "traces": None, "reference": None})
+    window = context["window"]
+    ctx = RuleContext(knowledge.name, window["neuron_layers"] if window else None, context["reference"])
     results, skipped = [], []
     for cand in selection.accepted:
         try:
             res = identify_sample(adapter, key, data, dataset_id, cand, knowledge, opts, inpaint_cache, stats_cache,
-                                  cfg.thresholds, cfg.method)
+                                  cfg.thresholds, cfg.method, ctx)
         except (TargetNotFound, ValueError) as exc:
             skipped.append({"image_id": cand.image_id, "annotation_id": cand.annotation_id, "reason": str(exc)})
             log.warning("skipping image %d annotation %d: %s", cand.image_id, cand.annotation_id, exc)
@@ -69,7 +109,7 @@ def identify_knowledge(cfg: DictConfig, catalog: Catalog, knowledge: Knowledge, 
         results.append(res)
         note = f" ({res.neurons.note})" if res.neurons.note else ""
         log.info("image %d: %s found %d neurons%s", cand.image_id, cfg.method.name, len(res.neurons), note)
-    return Identification(selection, results, skipped, stats_cache)
+    return Identification(selection, results, skipped, stats_cache, context)
 
 
 def run(cfg: DictConfig) -> dict:
