@@ -99,7 +99,8 @@ def test_identify_on_the_embedded_model(tmp_path, method):
     cache.mkdir(exist_ok=True)
     (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
     r = subprocess.run([sys.executable, "run.py", "task=identify", "knowledge=clock", f"method={method}", "data.num_images=60",
-                        "data.per_knowledge=2", f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none",
+                        "data.per_knowledge=2", "trace.objects=[clock]", f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job",
+                        "logger=none",
                         f"paths.cache_dir={cache}"], cwd=project_root(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "job" / "identify.json").read_text())
@@ -112,7 +113,7 @@ def test_identify_on_the_embedded_model(tmp_path, method):
 
 
 def test_noise_on_many_neurons_changes_captions_and_zero_noise_does_not(adapter, catalog):
-    from knexp.evaluation.perturb import perturbed_captions, rows_for
+    from knexp.evaluation.perturb import noise_captions, rows_for
     from knexp.identification.methods import NeuronSet
 
     images = [make_scene(catalog, np.random.default_rng([55, DATASET_STREAM, i])).image for i in range(2)]
@@ -120,8 +121,8 @@ def test_noise_on_many_neurons_changes_captions_and_zero_noise_does_not(adapter,
     layers = np.repeat(np.arange(4, 12), 200)
     units = np.tile(np.arange(200), 8)
     neurons = NeuronSet("test", "", layers, units, np.zeros(len(units)))
-    zero = perturbed_captions(adapter, images, rows_for([0, 1], [0.0], 1), neurons, seed=0)
-    loud = perturbed_captions(adapter, images, rows_for([0, 1], [40.0], 2), neurons, seed=0)
+    zero = noise_captions(adapter, images, rows_for([0, 1], [0.0], 1), neurons, seed=0)
+    loud = noise_captions(adapter, images, rows_for([0, 1], [40.0], 2), neurons, seed=0)
     assert zero == clean
     assert sum(c not in clean for c in loud) >= 2, (clean, loud)
 
@@ -134,9 +135,9 @@ def test_evaluate_on_the_embedded_model_writes_scores_and_figures(tmp_path):
     cache.mkdir()
     (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
     r = subprocess.run([sys.executable, "run.py", "task=evaluate", "knowledge=clock", "method=ours", "data.num_images=60",
-                        "data.per_knowledge=2", "task.k_images=2", "task.other_images=3", "noise_level.draws=1",
-                        f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none", f"paths.cache_dir={cache}"],
-                       cwd=project_root(), capture_output=True, text=True, timeout=900)
+                        "data.per_knowledge=2", "task.k_images=2", "task.other_images=3", "intervention=noise", "noise_level=paper",
+                        "noise_level.draws=1", "trace.objects=[clock]", f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job",
+                        "logger=none", f"paths.cache_dir={cache}"], cwd=project_root(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "job" / "metrics.json").read_text())
     assert m["sets"] == 2 and m["clean"]["S_k"] == 1.0
@@ -149,17 +150,42 @@ def test_evaluate_on_the_embedded_model_writes_scores_and_figures(tmp_path):
     assert all(len(n["decoded"][0]["tokens"]) == 10 for n in json.loads((tmp_path / "job" / "neurons.json").read_text()))
 
 
+def test_evaluate_with_the_inpainted_patch_at_a_size_ladder(tmp_path):
+    """intervention=inpainted with task.sizes: one caption per image and set, a curve per size, the counterfactual's
+    captions as the ceiling, and the live window (traced on clock alone here) in the results."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
+    r = subprocess.run([sys.executable, "run.py", "task=evaluate", "knowledge=clock", "method=attribution", "intervention=inpainted",
+                        "task.sizes=[10,300]", "data.num_images=60", "data.per_knowledge=2", "task.k_images=2", "task.other_images=3",
+                        "trace.objects=[clock]", f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none",
+                        f"paths.cache_dir={cache}"], cwd=project_root(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    assert m["intervention"] == "inpainted" and m["table2"] is None and [c["size"] for c in m["curve"]] == [10, 300]
+    assert all(c["mean_set_size"] == c["size"] and c["S_mean"] == pytest.approx((c["S_se"] + c["S_re"]) / 2) for c in m["curve"])
+    assert m["counterfactual"]["S_k"] <= 0.5 and m["clean"]["S_k"] == 1.0
+    assert max(m["live_window"]) < 29 and (tmp_path / "job" / "trace.json").exists()
+    rows = (tmp_path / "job" / "captions.csv").read_text().splitlines()
+    images = m["images"]["k"] + m["images"]["other"]
+    assert len(rows) - 1 == images + 2 * 2 * images  # clean + 2 sets x 2 sizes, one caption per image each
+    assert 0.2 < m["curve_area"] <= 1
+
+
 def test_perturbed_captions_do_not_depend_on_the_batch(adapter, catalog):
     """The default float32 LM is batch-invariant; in bfloat16 4 of these 32 captions changed with the batch."""
-    from knexp.evaluation.perturb import perturbed_captions, rows_for
+    from knexp.evaluation.perturb import noise_captions, rows_for
     from knexp.identification.methods import NeuronSet
 
     images = [make_scene(catalog, np.random.default_rng([77, 5, i]), SceneOptions(gap_px=8)).image for i in range(8)]
     rng = np.random.default_rng(0)
     neurons = NeuronSet("t", "", np.sort(rng.integers(15, 30, 20)), rng.integers(0, adapter.d_ff, 20), np.zeros(20))
     rows = rows_for(list(range(8)), [40.0, 80.0], 2)
-    batched = perturbed_captions(adapter, images, rows, neurons, seed=0, batch_size=32)
-    assert batched == [perturbed_captions(adapter, images, [r], neurons, seed=0, batch_size=1)[0] for r in rows]
+    batched = noise_captions(adapter, images, rows, neurons, seed=0, batch_size=32)
+    assert batched == [noise_captions(adapter, images, [r], neurons, seed=0, batch_size=1)[0] for r in rows]
 
 
 def test_optuna_tunes_thresholds_for_s_mean_on_the_tuning_split(tmp_path):
@@ -174,7 +200,8 @@ def test_optuna_tunes_thresholds_for_s_mean_on_the_tuning_split(tmp_path):
     cache.mkdir()
     (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
     r = subprocess.run([sys.executable, "run.py", "-m", "hparams_search=thresholds_optuna", "hydra.sweeper.n_trials=2",
-                        "task.splits.tuning=[clock]", "noise_level=n120", "noise_level.draws=1", "task.k_images=0", "task.other_images=1",
+                        "splits.tuning=[clock]", "intervention=noise", "noise_level=n120", "noise_level.draws=1", "task.k_images=0",
+                        "task.other_images=1",
                         "data.num_images=60", "data.per_knowledge=2", f"data.root={tmp_path}/tw", f"hydra.sweep.dir={tmp_path}/sweep",
                         "logger=none", f"paths.cache_dir={cache}"], cwd=project_root(), capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -200,8 +227,9 @@ def test_a_killed_multirun_resumes_to_the_report_of_an_uninterrupted_one(tmp_pat
             cache.mkdir()
             (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
         return [sys.executable, "run.py", "-m", "task=evaluate", "knowledge=clock,bus", "method=ours,random", "data.num_images=60",
-                "data.per_knowledge=2", "task.k_images=1", "task.other_images=2", "noise_level=n120", "noise_level.draws=1",
-                f"data.root={tmp_path}/tw", f"hydra.sweep.dir={tmp_path}/{name}", "logger=none", f"paths.cache_dir={cache}"]
+                "data.per_knowledge=2", "task.k_images=1", "task.other_images=2", "intervention=noise", "noise_level=n120",
+                "noise_level.draws=1", "trace.objects=[clock]", f"data.root={tmp_path}/tw", f"hydra.sweep.dir={tmp_path}/{name}",
+                "logger=none", f"paths.cache_dir={cache}"]
 
     def report(name: str) -> str:
         r = subprocess.run([sys.executable, "run.py", "task=report", f"sweep_dir={tmp_path}/{name}", f"hydra.run.dir={tmp_path}/r_{name}",
@@ -238,8 +266,9 @@ def test_same_config_and_seed_give_byte_identical_neuron_sets_captions_and_metri
     (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
     for name in ("a", "b"):
         r = subprocess.run([sys.executable, "run.py", "task=evaluate", "knowledge=clock", "method=ours", "data.num_images=60",
-                            "data.per_knowledge=2", "task.k_images=1", "task.other_images=1", "noise_level=n120", "noise_level.draws=1",
-                            "task.cache=false", f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/{name}", "logger=none",
+                            "data.per_knowledge=2", "task.k_images=1", "task.other_images=1", "intervention=noise", "noise_level=n120",
+                            "noise_level.draws=1", "trace.objects=[clock]", "task.cache=false", f"data.root={tmp_path}/tw",
+                            f"hydra.run.dir={tmp_path}/{name}", "logger=none",
                             f"paths.cache_dir={cache}"], cwd=project_root(), capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
     a, b = job_files(tmp_path / "a"), job_files(tmp_path / "b")

@@ -5,7 +5,17 @@ import pandas as pd
 import pytest
 import torch
 
-from knexp.evaluation.perturb import NoiseRow, cached_perturbed_captions, noise_for, perturbed_captions, rows_for
+from knexp.evaluation.perturb import (
+    Intervention,
+    Row,
+    SetValues,
+    cached_intervened_captions,
+    intervened_captions,
+    noise_captions,
+    noise_for,
+    rows_for,
+    unit_values,
+)
 from knexp.evaluation.scores import suppression_scores
 from knexp.evaluation.text_metrics import caption_metrics
 from knexp.identification.methods import NeuronSet
@@ -58,12 +68,12 @@ def test_caption_metrics_by_hand_and_with_empty_captions():
 
 
 def test_noise_is_per_row_and_seeded():
-    r = NoiseRow(0, 17, 1, 80.0, 3)
+    r = Row(0, 17, 1, 80.0, 3)
     a, b = noise_for(r, 5, 49, 4, False), noise_for(r, 5, 49, 4, False)
     assert np.array_equal(a, b) and a.shape == (49,)
     assert abs(a.std() / 80.0 - 1) < 0.35
     assert noise_for(r, 5, 49, 4, True).shape == (49, 4)
-    assert not np.array_equal(a, noise_for(NoiseRow(0, 17, 1, 80.0, 4), 5, 49, 4, False))
+    assert not np.array_equal(a, noise_for(Row(0, 17, 1, 80.0, 4), 5, 49, 4, False))
     assert len(rows_for([1, 2], [40, 80, 120], 10)) == 60
 
 
@@ -71,7 +81,7 @@ def test_zero_noise_reproduces_clean_captions(adapter):
     images = _images(2)
     clean = adapter.caption(images, max_new_tokens=5)
     rows = rows_for([10, 11], [0.0], 2)
-    caps = perturbed_captions(adapter, images, rows, _set([0, 1, 1], [3, 4, 9]), seed=0, max_new_tokens=5)
+    caps = noise_captions(adapter, images, rows, _set([0, 1, 1], [3, 4, 9]), seed=0, max_new_tokens=5)
     assert caps == [clean[0], clean[0], clean[1], clean[1]]
 
 
@@ -80,38 +90,104 @@ def test_batched_equals_one_row_at_a_time(adapter):
     rows = rows_for([10, 11], [40.0, 120.0], 2)
     neurons = _set([0, 1, 2], [3, 4, 9])
     for per_neuron in (False, True):
-        batched = perturbed_captions(adapter, images, rows, neurons, seed=1, per_neuron=per_neuron, batch_size=8, max_new_tokens=5)
-        single = [perturbed_captions(adapter, images, [r], neurons, seed=1, per_neuron=per_neuron, batch_size=1, max_new_tokens=5)[0]
+        batched = noise_captions(adapter, images, rows, neurons, seed=1, per_neuron=per_neuron, batch_size=8, max_new_tokens=5)
+        single = [noise_captions(adapter, images, [r], neurons, seed=1, per_neuron=per_neuron, batch_size=1, max_new_tokens=5)[0]
                   for r in rows]
         assert batched == single
 
 
-def test_relative_noise_scales_by_each_neurons_spread(adapter):
+def test_noise_scale_multiplies_each_neurons_noise(adapter):
     images = _images(2)
     rows = rows_for([10, 11], [3.0], 2)
-    absolute = _set([0, 1, 2], [3, 4, 9])
-    ones = _set([0, 1, 2], [3, 4, 9])
-    ones.spread = np.ones(3)
-    zeros = _set([0, 1, 2], [3, 4, 9])
-    zeros.spread = np.zeros(3)
+    neurons = _set([0, 1, 2], [3, 4, 9])
     kw = dict(seed=4, max_new_tokens=5)
-    assert perturbed_captions(adapter, images, rows, ones, relative=True, **kw) == perturbed_captions(adapter, images, rows, absolute, **kw)
+    assert noise_captions(adapter, images, rows, neurons, scale=np.ones(3), **kw) == noise_captions(adapter, images, rows, neurons, **kw)
     clean = adapter.caption(images, max_new_tokens=5)
-    assert perturbed_captions(adapter, images, rows, zeros, relative=True, **kw) == [clean[0], clean[0], clean[1], clean[1]]
-    with pytest.raises(ValueError, match="spread"):
-        perturbed_captions(adapter, images, rows, absolute, relative=True, **kw)
+    assert noise_captions(adapter, images, rows, neurons, scale=np.zeros(3), **kw) == [clean[0], clean[0], clean[1], clean[1]]
+    # a scale of s at level n is the absolute level n * s (the same seeded draw, scaled)
+    scaled = noise_captions(adapter, images, rows_for([10, 11], [3.0], 2), neurons, scale=np.full(3, 40.0), **kw)
+    assert scaled == noise_captions(adapter, images, rows_for([10, 11], [120.0], 2), neurons, **kw)
+    with pytest.raises(ValueError, match="levels"):
+        Intervention("noise", (), 1)
+    with pytest.raises(ValueError, match="unknown intervention"):
+        Intervention("blur")
 
 
-def test_cached_perturbed_captions_equal_fresh_ones_and_resume_from_finished_chunks(adapter, tmp_path):
+def _hand_patched(adapter, images, neurons, values):
+    """Captions with each image's set units replaced by ``values[i]`` [P, U], patched with a plain PyTorch hook."""
+    out = []
+    for i, image in enumerate(images):
+        prepared = adapter.prepare([image])
+        pos = prepared.image_positions[0]
+        handles = []
+        for layer in sorted(set(neurons.layers.tolist())):
+            cols = np.flatnonzero(neurons.layers == layer)
+
+            def hook(module, args, cols=cols, length=prepared.prompt_len, pos=pos, new=values[i]):
+                x = args[0]
+                if x.shape[1] != length:
+                    return None
+                x = x.clone()
+                for c in cols:
+                    x[0, pos, int(neurons.units[c])] = torch.as_tensor(new[:, c], dtype=x.dtype)
+                return (x,)
+
+            handles.append(adapter.ffn_out(layer).register_forward_pre_hook(hook))
+        try:
+            out += adapter.generate(prepared, 5)
+        finally:
+            for h in handles:
+                h.remove()
+    return out
+
+
+def test_deterministic_interventions_equal_a_hand_patch(adapter):
+    images = _images(3)
+    neurons = _set([0, 1, 1], [3, 4, 9])
+    rows = Intervention("zero").rows([10, 11, 12])
+    assert len(rows) == 3 and {(r.level, r.draw) for r in rows} == {(0.0, 0)}
+    p = adapter.num_image_tokens
+    zero = intervened_captions(adapter, images, rows, neurons, Intervention("zero"), SetValues(fixed=np.zeros(3)), 0, max_new_tokens=5)
+    assert zero == _hand_patched(adapter, images, neurons, [np.zeros((p, 3))] * 3)
+    fixed = np.array([5.0, -3.0, 8.0])
+    mean = intervened_captions(adapter, images, rows, neurons, Intervention("mean"), SetValues(fixed=fixed), 0, max_new_tokens=5)
+    assert mean == _hand_patched(adapter, images, neurons, [np.tile(fixed, (p, 1))] * 3)
+    # inpainted: images 0 and 2 contain k (set to their counterfactual values); image 1 does not (its values + shift)
+    rng = np.random.default_rng(1)
+    cf = {0: rng.normal(size=(p, 3)) * 4, 2: rng.normal(size=(p, 3)) * 4}
+    shift = np.array([2.0, -1.0, 3.0])
+    got = intervened_captions(adapter, images, rows, neurons, Intervention("inpainted"), SetValues(shift=shift, counterfactual=cf), 0,
+                              batch_size=2, max_new_tokens=5)
+    own = unit_values(adapter, images, neurons)  # [N, P, U] each image's own values
+    assert got == _hand_patched(adapter, images, neurons, [cf[0], own[1] + shift, cf[2]])
+    with pytest.raises(ValueError, match="shift"):
+        intervened_captions(adapter, images, rows, neurons, Intervention("inpainted"), SetValues(), 0)
+
+
+def test_unit_values_are_the_recorded_activations(adapter):
+    from knexp.models.hooks import record
+
+    images = _images(3)
+    neurons = _set([2, 0, 2], [5, 1, 7])
+    got = unit_values(adapter, images, neurons, batch_size=2)
+    prepared = adapter.prepare(images)
+    with torch.no_grad(), record(adapter, prepared) as rec:
+        adapter.forward(prepared)
+    for c, (layer, unit) in enumerate(zip(neurons.layers, neurons.units, strict=True)):
+        np.testing.assert_allclose(got[:, :, c], rec.activations[int(layer)][:, :, int(unit)].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_cached_intervened_captions_equal_fresh_ones_and_resume_from_finished_chunks(adapter, tmp_path):
     images = _images(2)
     rows = rows_for([10, 11], [40.0, 120.0], 3)  # 12 rows
     neurons = _set([0, 1, 2], [3, 4, 9])
+    how, values = Intervention("noise", (40.0, 120.0), 3), SetValues()
     kw = dict(seed=2, batch_size=2, max_new_tokens=5)
-    fresh = perturbed_captions(adapter, images, rows, neurons, **kw)
+    fresh = intervened_captions(adapter, images, rows, neurons, how, values, **kw)
     store = Store(tmp_path, "captions")
     # a job killed after its first chunk (4 * batch_size = 8 rows): those 8 are kept
     calls = []
-    original = perturbed_captions
+    original = intervened_captions
 
     def dies_after_one_chunk(*args, **kwargs):
         if calls:
@@ -120,20 +196,21 @@ def test_cached_perturbed_captions_equal_fresh_ones_and_resume_from_finished_chu
         return original(*args, **kwargs)
 
     import knexp.evaluation.perturb as P
-    P.perturbed_captions = dies_after_one_chunk
+    P.intervened_captions = dies_after_one_chunk
     try:
         with pytest.raises(KeyboardInterrupt):
-            cached_perturbed_captions(store, ["m", "d"], adapter, images, rows, neurons, **kw)
+            cached_intervened_captions(store, ["m", "d"], adapter, images, rows, neurons, how, values, **kw)
     finally:
-        P.perturbed_captions = original
+        P.intervened_captions = original
     assert calls == [8] and store.misses == 12
     resumed = Store(tmp_path, "captions")
-    assert cached_perturbed_captions(resumed, ["m", "d"], adapter, images, rows, neurons, **kw) == fresh
+    assert cached_intervened_captions(resumed, ["m", "d"], adapter, images, rows, neurons, how, values, **kw) == fresh
     assert (resumed.hits, resumed.misses) == (8, 4)
-    # another set, seed or namespace is another entry
+    # another set, namespace, intervention or set values is another entry
     other = Store(tmp_path, "captions")
-    cached_perturbed_captions(other, ["m", "d"], adapter, images, rows, _set([0, 1, 2], [3, 4, 8]), **kw)
-    cached_perturbed_captions(other, ["m2", "d"], adapter, images, rows, neurons, **kw)
+    cached_intervened_captions(other, ["m", "d"], adapter, images, rows, _set([0, 1, 2], [3, 4, 8]), how, values, **kw)
+    cached_intervened_captions(other, ["m2", "d"], adapter, images, rows, neurons, how, values, **kw)
+    cached_intervened_captions(other, ["m", "d"], adapter, images, rows, neurons, how, SetValues(scale=np.full(3, 2.0)), **kw)
     assert other.hits == 0
 
 
@@ -157,7 +234,7 @@ def test_out_of_memory_halves_the_batch_keeps_the_captions_and_leaves_no_hook(ad
     images = _images(2)
     rows = rows_for([10, 11], [40.0, 120.0], 2)  # 8 rows
     neurons = _set([0, 1, 2], [3, 4, 9])
-    expected = perturbed_captions(adapter, images, rows, neurons, seed=1, batch_size=8, max_new_tokens=5)
+    expected = noise_captions(adapter, images, rows, neurons, seed=1, batch_size=8, max_new_tokens=5)
     real = adapter._generate_ids
     seen = []
 
@@ -169,7 +246,7 @@ def test_out_of_memory_halves_the_batch_keeps_the_captions_and_leaves_no_hook(ad
         return real(prepared, max_new_tokens)
 
     monkeypatch.setattr(adapter, "_generate_ids", tight_memory)
-    assert perturbed_captions(adapter, images, rows, neurons, seed=1, batch_size=8, max_new_tokens=5) == expected
+    assert noise_captions(adapter, images, rows, neurons, seed=1, batch_size=8, max_new_tokens=5) == expected
     assert seen[:3] == [8, 4, 2] and set(seen[3:]) == {2}  # halved twice, then kept at 2
     assert "out of memory at batch size 8" in caplog.text and "model.generation.batch_size=4" in caplog.text
     modules = [m for layer in adapter.decoder_layers() for m in layer.modules()]

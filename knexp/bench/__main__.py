@@ -69,7 +69,7 @@ def evaluation_throughput(images: int = 8, levels: tuple = (40.0, 80.0), draws: 
     """Perturbed captions per second: batched rows (one seeded generator per row) vs one generate per caption."""
     from omegaconf import OmegaConf
 
-    from knexp.evaluation.perturb import perturbed_captions, rows_for
+    from knexp.evaluation.perturb import noise_captions, rows_for
     from knexp.identification.methods import NeuronSet
 
     cfg = OmegaConf.load(project_root() / "conf/model/embedded.yaml")
@@ -82,10 +82,10 @@ def evaluation_throughput(images: int = 8, levels: tuple = (40.0, 80.0), draws: 
     neurons = NeuronSet("bench", "", layers, rng.integers(0, adapter.d_ff, 20), np.zeros(20))
     rows = rows_for(list(range(images)), list(levels), draws)
     t = time.perf_counter()
-    batched = perturbed_captions(adapter, pics, rows, neurons, seed=0, batch_size=batch_size)
+    batched = noise_captions(adapter, pics, rows, neurons, seed=0, batch_size=batch_size)
     batched_s = time.perf_counter() - t
     t = time.perf_counter()
-    single = [perturbed_captions(adapter, pics, [r], neurons, seed=0, batch_size=1)[0] for r in rows]
+    single = [noise_captions(adapter, pics, [r], neurons, seed=0, batch_size=1)[0] for r in rows]
     single_s = time.perf_counter() - t
     assert batched == single, "batching must not change a caption"
     return {"captions": len(rows), "batch_size": batch_size, "batched_per_s": round(len(rows) / batched_s, 2),
@@ -141,15 +141,17 @@ forwards and the backward of y_c, no hooks). Median of {c['repeats']} runs.
 | identification, all methods | {c['identification_s']} |
 | **ratio** | **{c['ratio']}** (target {c['target']}) |
 
-## Peak extra memory at LLaVA-1.5-7B activation shape (issue: identification)
+## Peak extra memory at LLaVA-1.5-7B activation shape (issues: identification, neurons that act)
 
 {m['shape']}, simulated with a random LLaVA of that FFN width and depth (residual width 64); peak RSS of a
-fresh process per mode, malloc's mmap threshold fixed so that freed tensors leave the process.
+fresh process per mode, malloc's mmap threshold fixed so that freed tensors leave the process. `compute_stats`
+computes every statistic, attribution included: it keeps O'_o and O'_i of each layer (model dtype) until that
+layer's gradient arrives, two [L, P, d_f] tensors at most.
 
 | | MiB |
 |---|---|
 | bare passes | {m['bare_peak_mib']} |
-| identification (`compute_stats`) | {m['identification_peak_mib']} |
+| identification (`compute_stats`, attribution included) | {m['identification_peak_mib']} |
 | **extra** | **{m['extra_mib']}** (target {m['target']}) |
 | extra with glibc's default malloc settings (freed blocks stay resident) | {m['extra_mib_default_malloc']} |
 
@@ -167,9 +169,10 @@ captions are identical (checked in the run).
 
 ## Sweeps: the demo, the cache and resume (issue: sweeps)
 
-`python run.py experiment=demo` ({s['jobs']} jobs: 3 objects x 3 methods, 2 draws), each run in a fresh
-process with its own sweep folder. Cold: an empty cache (only the converted LM linked in), so it also
-generates the toy-world split and computes every inpainting, statistic and caption. Warm: the same sweep
+`python run.py experiment=demo` ({s['jobs']} jobs: 3 objects x 5 methods with the defaults: the budget rule in the
+live window, the inpainted patch), each run in a fresh process with its own sweep folder. Cold: an empty cache
+(only the converted LM linked in), so it also generates the toy-world split and computes every inpainting, the
+live window's trace, every statistic and caption. Warm: the same sweep
 into a new folder with the cache the cold run left. Resumed: the cold run's folder again (every job finished).
 
 | | seconds |
@@ -184,7 +187,8 @@ Warm and cold runs gave the same Table II for every job: {s['same_results']}.
 
 Projected wall time of `experiment=paper_table2`'s protocol (30 objects x 3 methods, 10 draws, 18 images per
 job: {s['paper_table2_captions']} perturbed captions) on the embedded model on this machine, at the cold demo's
-{s['s_per_caption']} s per computed caption (all per-job costs included): **{s['paper_table2_projection_h']} h**.
+{s['s_per_caption']} s per computed caption (all per-job costs included, so an upper bound: the demo's jobs
+compute few captions each): **{s['paper_table2_projection_h']} h**.
 On LLaVA-1.5-7B or MiniGPT-4 it depends on the GPU; run `make bench` there.
 """
     Path(args.out).write_text(text)

@@ -29,7 +29,14 @@ class InpaintOptions:
 
     def apply(self, image: np.ndarray, bbox, segmentation: np.ndarray | None) -> np.ndarray:
         """The image with the instance's region inpainted away."""
-        return inpaint(image, self.mask(image.shape[:2], bbox, segmentation), self.radius, self.method)
+        return self.apply_many(image, [(bbox, segmentation)])
+
+    def apply_many(self, image: np.ndarray, regions: list[tuple]) -> np.ndarray:
+        """The image with every (bbox, segmentation) instance region inpainted away at once (their union)."""
+        mask = np.zeros(image.shape[:2], np.uint8)
+        for bbox, segmentation in regions:
+            mask |= self.mask(image.shape[:2], bbox, segmentation)
+        return inpaint(image, mask, self.radius, self.method)
 
 
 class InpaintCache:
@@ -41,16 +48,30 @@ class InpaintCache:
 
     def get(self, dataset_id: str, image_id: int, annotation_id: int, image: np.ndarray, bbox, segmentation: np.ndarray | None,
             opts: InpaintOptions) -> np.ndarray:
+        return self.get_many(dataset_id, image_id, [annotation_id], image, [(bbox, segmentation)], opts)
+
+    def get_many(self, dataset_id: str, image_id: int, annotation_ids: list[int], image: np.ndarray, regions: list[tuple],
+                 opts: InpaintOptions) -> np.ndarray:
+        """The image with the instances ``annotation_ids`` (their ``regions``: (bbox, segmentation)) inpainted away."""
         path = None
+        ids = annotation_ids[0] if len(annotation_ids) == 1 else sorted(annotation_ids)  # one id: the single-instance key
         if self.root is not None:
-            path = self.root / f"{stable_key(dataset_id, image_id, annotation_id, opts)}.png"
+            path = self.root / f"{stable_key(dataset_id, image_id, ids, opts)}.png"
             cached = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.exists() else None
             if cached is not None and cached.shape[:2] == image.shape[:2]:
                 self.hits += 1
                 return cv2.cvtColor(cached, cv2.COLOR_BGR2RGB)
         self.misses += 1
-        out = opts.apply(image, bbox, segmentation)
+        out = opts.apply_many(image, regions)
         if path is not None:
             with atomic_path(path) as tmp:
                 cv2.imwrite(str(tmp), cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
         return out
+
+    def without(self, data, dataset_id: str, image_id: int, category_id: int, opts: InpaintOptions) -> np.ndarray:
+        """Image ``image_id`` of ``data`` (``knexp.data.coco.CocoScenes``) with every instance of ``category_id`` inpainted
+        away at once: the counterfactual of an evaluation image of that object."""
+        image = data.load_image(image_id)
+        insts = [i for i in data.instances(image_id) if i.category_id == category_id]
+        return self.get_many(dataset_id, image_id, [i.annotation_id for i in insts], image,
+                             [(i.bbox, data.instance_mask(i.annotation_id)) for i in insts], opts)

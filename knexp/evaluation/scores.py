@@ -9,6 +9,7 @@ of k, then over levels. S_se = 1 - S_k, S_re = S_kbar, S_mean = (S_se + S_re) / 
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 
@@ -28,3 +29,12 @@ def suppression_scores(rows: pd.DataFrame) -> dict:
     avg = table.mean()
     return {"per_level": {float(lv): {c: float(v) for c, v in r.items()} for lv, r in table.iterrows()},
             **{c: float(avg[c]) for c in ("S_k", "S_kbar", "S_se", "S_re", "S_mean")}}
+
+
+def curve_area(curve: list[dict], key: str = "S_mean") -> float | None:
+    """Area under ``key`` over log n, divided by the log range: the curve's mean height (METHOD.md, "Size curves")."""
+    pts = sorted((c["size"], c[key]) for c in curve if c.get(key) is not None)
+    if len(pts) < 2:
+        return pts[0][1] if pts else None
+    x, y = np.log([p[0] for p in pts]), np.array([p[1] for p in pts])
+    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))

@@ -28,13 +28,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_LAST: dict[str, Adapter] = {}  # the last model loaded in this process, by identity (a sweep's jobs share one process)
+
+
 def load_model(model_cfg: DictConfig, cache_dir: str | Path) -> Adapter:
-    """Build the model a ``conf/model/*.yaml`` describes, wrapped in its adapter."""
+    """Build the model a ``conf/model/*.yaml`` describes, wrapped in its adapter.
+
+    The adapter is kept for the next call with the same identity and cache folder: the jobs of a multirun on Hydra's
+    basic launcher run in one process, and adapters hold no state between calls (every hook is removed on exit)."""
+    key = stable_key(model_identity(model_cfg), str(cache_dir), model_cfg.get("device", "cpu"))
+    if key in _LAST:
+        return _LAST[key]
     try:
         loader = get_method(model_cfg.loader)
     except Exception as exc:
         raise ValueError(f"model {model_cfg.get('name')!r}: cannot import model.loader={model_cfg.loader!r} ({exc})") from exc
-    return loader(model_cfg, resolve_device(model_cfg.get("device", "cpu")), Path(cache_dir))
+    adapter = loader(model_cfg, resolve_device(model_cfg.get("device", "cpu")), Path(cache_dir))
+    _LAST.clear()  # one model at a time: a sweep over models must not hold them all
+    _LAST[key] = adapter
+    return adapter
 
 
 def model_identity(model_cfg: DictConfig) -> str:

@@ -1,13 +1,17 @@
-"""``python run.py task=evaluate knowledge=banana method=ours``: identification, then captions under noise.
+"""``python run.py task=evaluate knowledge=banana method=ours``: identification, then captions under an intervention.
 
 1. Identify N_k on each selected sample of k (as ``task=identify``; statistics come from the shared cache).
 2. Images: those of k (the identification images, then up to ``task.k_images`` others containing k) and
    ``task.other_images`` images of other knowledge, taken round-robin over supercategories, each scored on
    its own object. Orders are seeded.
-3. For every neuron set, noise level and draw, caption every image with noise on the set
-   (``knexp.evaluation.perturb``), plus one clean caption per image (level 0, the reference row).
-4. Table II scores (``knexp.evaluation.scores``) and, on the identification images, Table III metrics against
-   the caption of the inpainted image (``knexp.evaluation.text_metrics``).
+3. For every neuron set, caption every image under the configured intervention (``knexp.evaluation.perturb``:
+   the paper's noise at each level and draw, or the deterministic inpainted / zero / mean patch), plus one clean
+   caption per image (the reference row) and, for the images of k, the caption of the image with k inpainted away
+   (the counterfactual: no set of neurons can suppress more than it does).
+   With ``task.sizes`` (a ladder such as [30, 100, 300]), the method's top-n set at every n is evaluated instead of
+   its thresholded set (METHOD.md, "Size curves"; ``knexp.identification.pipeline.ranked_set``).
+4. Table II scores (``knexp.evaluation.scores``), per size with a ladder, and, on the identification images,
+   Table III metrics against the caption of the inpainted image (``knexp.evaluation.text_metrics``).
 Writes ``metrics.json``, ``captions.csv``, ``selection.json``, the per-sample neuron sets (``samples/``), the
 layer histogram and ``figures/`` to the job directory, and mirrors metrics, the caption table, the layer
 histogram and the figures to W&B when ``logger=wandb``.
@@ -22,21 +26,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.coco import CocoScenes
 from knexp.data.loading import load_dataset
-from knexp.evaluation.perturb import cached_perturbed_captions, rows_for
-from knexp.evaluation.scores import suppression_scores
+from knexp.evaluation.perturb import Intervention, cached_intervened_captions, set_values, unit_values
+from knexp.evaluation.scores import curve_area, suppression_scores
 from knexp.evaluation.text_metrics import caption_metrics
-from knexp.identification.pipeline import SampleResult
+from knexp.identification.methods import NeuronSet
+from knexp.identification.pipeline import SampleResult, annotate, ranked_set
+from knexp.identification.thresholds import RuleContext
 from knexp.io import atomic_write_text
 from knexp.models import load_model, model_identity
 from knexp.reporting.logger import make_logger
 from knexp.tasks.identify import identify_knowledge
 from knexp.tasks.resume import finished, mark_finished
 from knexp.tasks.select import make_captioner
+from knexp.tasks.trace import write_trace
 
 log = logging.getLogger(__name__)
 EVAL_STREAM = 4
@@ -66,6 +74,24 @@ def evaluation_images(data: CocoScenes, catalog: Catalog, k: Knowledge, identifi
     return chosen + others
 
 
+def intervention_from(cfg: DictConfig) -> Intervention:
+    """The configured intervention (``intervention`` group; noise takes its levels from ``noise_level``)."""
+    if cfg.intervention.name != "noise":
+        return Intervention(cfg.intervention.name)
+    noise = cfg.noise_level
+    return Intervention("noise", tuple(float(v) for v in noise.levels), int(noise.draws), bool(noise.per_neuron),
+                        str(noise.get("scale", "absolute")))
+
+
+def rule_label(rule: DictConfig) -> str:
+    """The threshold rule as the report shows it: ``paper``, or e.g. ``budget(abs, live)`` (stage-1 score, layers; the
+    stage-2 score too when it is not the paper's max) for an automatic rule."""
+    if rule.name in ("paper", "fixed"):
+        return rule.name
+    second = "" if rule.get("stage2", "max") == "max" else f", {rule.stage2}"
+    return f"{rule.name}({rule.get('stage1', 'raw')}{second}, {rule.get('layers', 'all')})"
+
+
 def run(cfg: DictConfig) -> dict:
     t0 = time.time()
     out = Path(cfg.paths.output_dir)
@@ -77,59 +103,101 @@ def run(cfg: DictConfig) -> dict:
     data, dataset_id = load_dataset(cfg.data, catalog)
     adapter = load_model(cfg.model, cfg.paths.cache_dir)
     captioner = make_captioner(cfg, adapter, model_identity(cfg.model))  # selection and clean captions
-    store, model_key = captioner.store, captioner.model_key  # perturbed captions go to the same store
+    store, model_key = captioner.store, captioner.model_key  # intervened captions go to the same store
     found = identify_knowledge(cfg, catalog, k, adapter, data, dataset_id, out, captioner)
-    selection, results = found.selection, found.results
+    selection, results, context = found.selection, found.results, found.context
     ident_ids = [r.candidate.image_id for r in results]
     images_meta = evaluation_images(data, catalog, k, ident_ids, cfg.task.k_images, cfg.task.other_images, cfg.seed)
     images = [data.load_image(i) for i, _, _ in images_meta]
     keys = [i for i, _, _ in images_meta]
-    noise = cfg.noise_level
+    how = intervention_from(cfg)
     gen = cfg.model.generation
+    opts = InpaintOptions(**OmegaConf.to_container(cfg.inpaint, resolve=True))
+    inpaint_cache = InpaintCache(cfg.paths.cache_dir if cfg.task.cache else None)
+    k_index = [i for i, (_, group, _) in enumerate(images_meta) if group == "k"]
+    k_removed = {i: inpaint_cache.without(data, dataset_id, keys[i], k.coco_id, opts) for i in k_index}
     frames = []
     clean = captioner(images, [[dataset_id, i] for i in keys])
-    frames.append(pd.DataFrame({"set_id": -1, "level": 0.0, "draw": 0, "image_id": keys, "caption": clean}))
+    frames.append(pd.DataFrame({"set_id": -1, "size": 0, "level": 0.0, "draw": 0, "image_id": keys, "caption": clean}))
+    counterfactual_caps = captioner([k_removed[i] for i in k_index], [[dataset_id, keys[i], "without", k.name, opts] for i in k_index])
+    sizes = [int(n) for n in cfg.task.get("sizes") or []]
+    ctx = RuleContext(k.name, context["window"]["neuron_layers"] if context["window"] else None, context["reference"])
+    sets = []  # (set_id, size, NeuronSet): the thresholded set of each sample, or its top-n at every size
+    for res in results:
+        if sizes:
+            sets += [(len(sets) + j, n, annotate(ranked_set(cfg.method, res.stats, cfg.thresholds, ctx, n, adapter.d_ff), res.stats))
+                     for j, n in enumerate(sizes)]
+        else:
+            sets.append((len(sets), len(res.neurons), res.neurons))
+    namespace = [model_key, dataset_id] + ([k.name, opts] if how.kind == "inpainted" else [])
     empty_sets = []
-    rows = rows_for(keys, list(noise.levels), int(noise.draws))  # the same rows for every set
-    for set_id, res in enumerate(results):
-        if res.neurons.empty:
-            empty_sets.append({"set_id": set_id, "image_id": res.candidate.image_id, "note": res.neurons.note})
-        caps = cached_perturbed_captions(store, [model_key, dataset_id], adapter, images, rows, res.neurons, seed=cfg.seed,
-                                         per_neuron=bool(noise.per_neuron), batch_size=gen.batch_size,
-                                         max_new_tokens=gen.max_new_tokens, relative=bool(noise.relative))
-        frames.append(pd.DataFrame({"set_id": set_id, "level": [r.level for r in rows], "draw": [r.draw for r in rows],
-                                    "image_id": [r.image_key for r in rows], "caption": caps}))
+    rows = how.rows(keys)  # the same rows for every set
+    if how.kind == "inpainted":  # every set's counterfactual values from one pass over the images with k removed
+        union = NeuronSet.union([n for _, _, n in sets])
+        column = {pair: c for c, pair in enumerate(zip(union.layers.tolist(), union.units.tolist(), strict=True))}
+        removed_values = unit_values(adapter, [k_removed[i] for i in k_index], union, gen.batch_size)  # [N_k, P, U_union]
+    for set_id, _, neurons in sets:
+        if neurons.empty:
+            empty_sets.append({"set_id": set_id, "note": neurons.note})
+        cf = None
+        if how.kind == "inpainted" and not neurons.empty:
+            cols = [column[pair] for pair in zip(neurons.layers.tolist(), neurons.units.tolist(), strict=True)]
+            cf = dict(zip(k_index, removed_values[:, :, cols], strict=True))
+        caps = cached_intervened_captions(store, namespace, adapter, images, rows, neurons, how,
+                                          set_values(how, neurons, context["reference"], cf), seed=cfg.seed,
+                                          batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
+        frames.append(pd.DataFrame({"set_id": set_id, "size": len(neurons), "level": [r.level for r in rows],
+                                    "draw": [r.draw for r in rows], "image_id": [r.image_key for r in rows], "caption": caps}))
     table = pd.concat(frames, ignore_index=True)
     meta = pd.DataFrame(images_meta, columns=["image_id", "group", "own"]).drop_duplicates("image_id")
     table = table.merge(meta, on="image_id", how="left")
     table["hit"] = [int(catalog[o].mentioned_in(c)) for o, c in zip(table["own"], table["caption"], strict=True)]
     masked = {r.candidate.image_id: r.candidate.inpainted_caption for r in results}
     table["masked_caption"] = table["image_id"].map(masked)
+    table["rung"] = table["set_id"].map({set_id: n for set_id, n, _ in sets})  # the ladder's n (or |N_k|)
 
     perturbed = table[table["set_id"] >= 0]
     metrics: dict = {"knowledge": k.name, "method": cfg.method.name, "variant": cfg.method.get("variant", ""),
-                     "thresholds": cfg.thresholds.name, "noise_level": noise.name, "model": cfg.model.name, "sets": len(results),
-                     "empty_sets": empty_sets,
+                     "thresholds": rule_label(cfg.thresholds), "intervention": how.kind,
+                     "noise_level": cfg.noise_level.name if how.kind == "noise" else "-", "model": cfg.model.name,
+                     "sets": len(results), "empty_sets": empty_sets,
                      "images": {"k": int((meta["group"] == "k").sum()), "other": int((meta["group"] == "other").sum())},
-                     "set_sizes": [len(r.neurons) for r in results], "selection": selection.message}
+                     "set_sizes": [len(r.neurons) for r in results], "selection": selection.message,
+                     "rule": [r.rule for r in results][:1]}
+    if context["window"]:
+        metrics["live_window"] = context["window"]["neuron_layers"]
+        write_trace(out, cfg.model.name, context["window"], context["traces"])  # the report draws the trace figure
+    if how.kind == "noise" and how.scale == "calibrated":
+        metrics["noise_unit"] = [round(float(v), 6) for v in context["reference"].layer_spread]  # s_l per layer
     clean_rows = table[table["set_id"] < 0]
     metrics["clean"] = {"S_k": float(clean_rows.loc[clean_rows.group == "k", "hit"].mean()),
                         "S_kbar": float(clean_rows.loc[clean_rows.group == "other", "hit"].mean())}
-    if len(perturbed):
+    metrics["counterfactual"] = {"S_k": float(np.mean([k.mentioned_in(c) for c in counterfactual_caps])) if k_index else None}
+    metrics["table2"] = metrics["table3"] = None
+    if sizes and len(perturbed):
+        curve = []
+        for n in sizes:
+            at = perturbed[perturbed["rung"] == n]
+            curve.append({"size": n, "mean_set_size": float(at.drop_duplicates("set_id")["size"].mean()), **{
+                s: v for s, v in suppression_scores(at).items() if s != "per_level"}})
+        metrics["curve"] = curve
+        metrics["curve_area"] = curve_area(curve)
+    elif len(perturbed):
         metrics["table2"] = suppression_scores(perturbed)
         on_ident = perturbed[perturbed["masked_caption"].notna()]
         metrics["table3"] = caption_metrics(on_ident["caption"].tolist(), on_ident["masked_caption"].tolist(),
                                             cfg.task.get("bertscore_model"), int(cfg.task.bertscore_layers))
     else:
-        metrics["table2"] = metrics["table3"] = None
         log.warning("%s: no neuron sets to evaluate (%s)", k.name, selection.message)
-    per_layer = np.sum([r.neurons.per_layer(adapter.num_layers) for r in results], axis=0).tolist() if results else []
+    per_layer = np.sum([n.per_layer(adapter.num_layers) for _, _, n in sets], axis=0).tolist() if sets else []
     metrics["per_layer"] = per_layer
-    metrics["neurons"] = figures(adapter, data, results, out, per_layer, f"{k.name} / {cfg.method.name}") if results else []
+    metrics["neurons"] = figures(adapter, data, results, out, per_layer, f"{k.name} / {cfg.method.name}") if results and not sizes else []
     metrics["cache"] = {"captions_from_cache": store.hits, "captions_computed": store.misses}
     metrics["wall_time_s"] = round(time.time() - t0, 1)
     logger = make_logger(cfg)
     logger.log_table("captions", table)
+    if metrics.get("curve"):
+        logger.log_table("curve", pd.DataFrame(metrics["curve"]))
     logger.log_histogram("layers", per_layer)
     logger.log_images({p.stem: p for p in sorted((out / "figures").glob("*.png"))})
     logger.log_metrics(metrics)
@@ -137,7 +205,8 @@ def run(cfg: DictConfig) -> dict:
     mark_finished(cfg, out, metrics)
     t2 = metrics["table2"] or {}
     print(json.dumps({"output_dir": str(out), "knowledge": k.name, "method": cfg.method.name, "sets": len(results),
-                      **{s: t2.get(s) for s in ("S_se", "S_re", "S_mean")}}, indent=1))
+                      **{s: t2.get(s) for s in ("S_se", "S_re", "S_mean")},
+                      **({"curve_area": metrics["curve_area"]} if sizes else {})}, indent=1))
     return metrics
 
 
