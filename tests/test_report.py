@@ -57,3 +57,69 @@ def test_a_varied_setting_gets_its_own_rows_and_jobs_without_the_key_are_kept(tm
     assert t.index.names == ["noise_level", "method"] and len(t) == 3
     assert t.loc[("n40", "ours"), "S_se"] == pytest.approx(0.8) and t.loc[("n120", "ours"), "S_se"] == pytest.approx(0.2)
     assert sorted(t["S_se"].round(4)) == [0.2, 0.4, 0.8]
+
+
+def _curve_job(folder, knowledge, method, points, thresholds="budget(abs, live)"):
+    folder.mkdir(parents=True)
+    curve = [{"size": n, "S_se": se, "S_re": re, "S_mean": (se + re) / 2} for n, se, re in points]
+    m = {"model": "embedded", "knowledge": knowledge, "method": method, "variant": "", "thresholds": thresholds,
+         "intervention": "inpainted", "noise_level": "-", "curve": curve, "per_layer": [1, 0]}
+    (folder / "metrics.json").write_text(json.dumps(m))
+
+
+def test_size_curves_and_their_areas_by_hand_per_split(tmp_path):
+    from knexp.evaluation.scores import curve_area
+
+    sweep = tmp_path / "sweep"
+    _curve_job(sweep / "0", "pizza", "ours", [(10, 0.0, 1.0), (100, 0.4, 1.0), (1000, 0.8, 0.8)])
+    _curve_job(sweep / "1", "giraffe", "ours", [(10, 0.2, 1.0), (100, 0.6, 1.0), (1000, 1.0, 0.6)])
+    _curve_job(sweep / "2", "bear", "ours", [(10, 0.0, 1.0), (100, 0.0, 1.0), (1000, 0.0, 1.0)])
+    splits = {"tuning": ["pizza", "giraffe"], "heldout": ["bear"]}
+    t = tables(collect(sweep), splits)
+    curves = t["curves"]
+    assert curves.index.names == ["split", "size", "method"]
+    # tuning: the mean of the two objects at each size; held-out: bear alone
+    assert curves.loc[("tuning", 100, "ours"), "S_se"] == pytest.approx(0.5)
+    assert curves.loc[("tuning", 1000, "ours"), "S_mean"] == pytest.approx((0.9 + 0.7) / 2)
+    assert curves.loc[("heldout", 1000, "ours"), "S_se"] == pytest.approx(0.0)
+    # area under S_mean over log n, over the log range: trapezoids of equal width here
+    s_mean = [0.55, 0.75, 0.8]  # tuning at 10, 100, 1000: means of pizza's and giraffe's (S_se + S_re) / 2
+    area = ((s_mean[0] + s_mean[1]) / 2 + (s_mean[1] + s_mean[2]) / 2) / 2
+    assert t["curve_areas"].loc[("tuning", "ours"), "area_S_mean"] == pytest.approx(area)
+    assert t["curve_areas"].loc[("heldout", "ours"), "area_S_mean"] == pytest.approx(0.5)
+    assert curve_area([{"size": 30, "S_mean": 0.7}]) == 0.7 and curve_area([]) is None
+    path = write_report(sweep, tmp_path / "out", splits)
+    assert (tmp_path / "out" / "size_curves.png").exists() and "Size curves" in path.read_text()
+
+
+def test_report_draws_the_trace_a_job_wrote(tmp_path):
+    from knexp.identification.trace import KINDS, SampleTrace, live_window
+    from knexp.tasks.trace import write_trace
+
+    sweep = tmp_path / "sweep"
+    _job(sweep / "0", "bed", "ours", 0.8, 0.6, [1, 2, 0])
+    traces = [SampleTrace("bed", 1, 2, 10.0, 2.0, {k: [-8.0, -6.0, 0.0] for k in KINDS}, {k: [False, False, True] for k in KINDS})]
+    write_trace(sweep / "0", "embedded", live_window(traces, 0.5), traces)
+    text = write_report(sweep, tmp_path / "out").read_text()
+    assert "Live window (neuron layers): 0-0" in text and (tmp_path / "out" / "trace.png").exists()
+
+
+def test_wandb_summary_flattens_nested_results_and_a_curve_is_logged_offline(tmp_path):
+    from omegaconf import OmegaConf
+
+    from knexp.reporting.logger import WandbLogger, _flatten
+
+    curve = [{"size": 10, "S_se": 0.1}, {"size": 100, "S_se": 0.5}]
+    assert _flatten({"curve": curve, "clean": {"S_k": 1.0}, "sizes": [1, 2]}) == {
+        "curve/0/size": 10, "curve/0/S_se": 0.1, "curve/1/size": 100, "curve/1/S_se": 0.5, "clean/S_k": 1.0, "sizes": [1, 2]}
+    cfg = OmegaConf.create({"logger": {"mode": "offline", "project": "knexp", "entity": None, "group": None, "dir": str(tmp_path)},
+                            "task": {"name": "evaluate"}, "tags": []})
+    import pandas as pd
+
+    logger = WandbLogger(tmp_path, cfg)
+    logger.log_table("curve", pd.DataFrame(curve))
+    logger.log_metrics({"curve": curve})
+    assert logger.run.summary["curve/1/S_se"] == 0.5
+    logger.finish()
+    assert (tmp_path / "curve.csv").read_text().splitlines()[0] == "size,S_se"
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

@@ -126,9 +126,12 @@ def make_logger(cfg: DictConfig) -> RunLogger:
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as "a/b" keys; a list of dicts (e.g. a size curve) as "a/0/b", "a/1/b", ..."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            v = {str(i): x for i, x in enumerate(v)}
         if isinstance(v, dict):
             out.update(_flatten(v, key + "/"))
         else:

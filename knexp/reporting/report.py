@@ -1,8 +1,11 @@
-"""Collect evaluation jobs into the paper's tables and figure (``python run.py task=report sweep_dir=...``).
+"""Collect evaluation jobs into the paper's tables and figures (``python run.py task=report sweep_dir=...``).
 
-Every ``metrics.json`` under the sweep folder that holds a Table II result is one row, keyed by (model,
-knowledge, method, variant, thresholds, noise level); a result found twice (a rerun after an interruption) counts once,
-the newest file winning. Method labels carry their variant ("pan:authors").
+Every ``metrics.json`` under the sweep folder that holds a Table II result or a size curve is one row, keyed by
+(model, knowledge, method, variant, thresholds, intervention, noise level); a result found twice (a rerun after an
+interruption) counts once, the newest file winning. Method labels carry their variant ("pan:authors"). With the
+object ``splits`` (conf/splits), every table is given per split, so tuning objects never mix with held-out ones.
+The report holds: Table II averaged and per knowledge, Table III, the size curves (S_se, S_re, S_mean against the
+set size, and each method's area under S_mean over log n), the causal trace (``trace.json`` of any job) and Fig. 2.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from knexp.reporting.analysis import layer_histogram_png
+from knexp.evaluation.scores import curve_area
+from knexp.reporting.analysis import curves_png, layer_histogram_png
 
 # METHOD.md: the paper's averages on MiniGPT-4 (Tables II and III), for the report's comparison column.
 PAPER = {
@@ -23,7 +27,8 @@ PAPER = {
                "pan": {"bleu": 0.4615, "rouge1": 0.5034, "rougeL": 0.4392, "bertscore_f1": 0.8971},
                "ours": {"bleu": 0.4607, "rouge1": 0.5032, "rougeL": 0.4374, "bertscore_f1": 0.8971}},
 }
-KEY = ["model", "knowledge", "method", "thresholds", "noise_level"]
+KEY = ["model", "knowledge", "method", "thresholds", "intervention", "noise_level"]
+SCORES = ["S_se", "S_re", "S_mean"]
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
@@ -31,65 +36,118 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     found: dict[tuple, tuple[float, dict]] = {}
     for path in Path(sweep_dir).rglob("metrics.json"):
         m = json.loads(path.read_text())
-        if not m.get("table2"):
+        if not (m.get("table2") or m.get("curve")):
             continue
         m["method"] = f"{m['method']}:{m['variant']}" if m.get("variant") and m["variant"] != "paper" else m["method"]
-        key = tuple(m.get(k) for k in KEY)
+        m.setdefault("intervention", "noise")  # jobs from before interventions existed
+        key = tuple(m.get(k) for k in KEY) + ("curve" if m.get("curve") else "table2",)
         mtime = path.stat().st_mtime
         if key not in found or mtime > found[key][0]:
             found[key] = (mtime, {**m, "job_dir": str(path.parent)})
     return [v for _, v in sorted(found.values(), key=lambda kv: kv[1]["job_dir"])]
 
 
-def tables(results: list[dict]) -> dict[str, pd.DataFrame]:
-    rows2, levels, rows3 = [], [], []
+def split_of(knowledge: str, splits: dict | None) -> str:
+    for name, objects in (splits or {}).items():
+        if knowledge in objects:
+            return name
+    return "all" if not splits else "other"
+
+
+def _grouped(df: pd.DataFrame, cols: list[str], extra: list[str] | None = None) -> pd.DataFrame:
+    """Means of ``cols`` per method and per every key that varies in ``df`` (never averaged across models, rules or
+    interventions); ``dropna=False`` keeps a job from before a key existed as its own group."""
+    varied = [c for c in KEY + ["split"] if c not in ("knowledge", "method") and c in df and df[c].nunique(dropna=False) > 1]
+    return df.groupby(varied + (extra or []) + ["method"], dropna=False)[cols].mean()
+
+
+def tables(results: list[dict], splits: dict | None = None) -> dict[str, pd.DataFrame]:
+    rows2, levels, rows3, curve_rows = [], [], [], []
     for m in results:
-        base = {k: m.get(k) for k in KEY}
+        base = {**{k: m.get(k) for k in KEY}, "split": split_of(m["knowledge"], splits)}
+        if m.get("curve"):
+            curve_rows += [{**base, "size": c["size"], **{s: c[s] for s in SCORES}} for c in m["curve"]]
+            continue
         t2 = m["table2"]
-        rows2.append({**base, **{s: t2[s] for s in ("S_se", "S_re", "S_mean")}})
-        levels += [{**base, "level": float(lv), **{s: v[s] for s in ("S_se", "S_re", "S_mean")}} for lv, v in t2["per_level"].items()]
+        rows2.append({**base, **{s: t2[s] for s in SCORES}})
+        levels += [{**base, "level": float(lv), **{s: v[s] for s in SCORES}} for lv, v in t2["per_level"].items()]
         if m.get("table3"):
             rows3.append({**base, **{s: m["table3"][s] for s in ("bleu", "rouge1", "rougeL", "bertscore_f1")}})
     per_knowledge = pd.DataFrame(rows2)
     out = {"table2_per_knowledge": per_knowledge, "table2_per_level": pd.DataFrame(levels)}
-    # averages per method, and per setting where the sweep varied one (never averaged across models or thresholds)
-    by = [c for c in KEY if c not in ("knowledge", "method") and rows2 and per_knowledge[c].nunique() > 1] + ["method"]
-    # dropna=False: a job from before a key existed (None) is its own group, never silently left out
-    out["table2"] = per_knowledge.groupby(by, dropna=False)[["S_se", "S_re", "S_mean"]].mean() if rows2 else pd.DataFrame()
-    out["table3"] = (pd.DataFrame(rows3).groupby(by, dropna=False)[["bleu", "rouge1", "rougeL", "bertscore_f1"]].mean()
-                     if rows3 else pd.DataFrame())
+    out["table2"] = _grouped(per_knowledge, SCORES) if rows2 else pd.DataFrame()
+    out["table3"] = _grouped(pd.DataFrame(rows3), ["bleu", "rouge1", "rougeL", "bertscore_f1"]) if rows3 else pd.DataFrame()
+    curves = pd.DataFrame(curve_rows)
+    out["curves"] = _grouped(curves, SCORES, ["size"]) if curve_rows else pd.DataFrame()
+    out["curve_areas"] = _areas(curves) if curve_rows else pd.DataFrame()
     return out
 
 
-def write_report(sweep_dir: str | Path, out_dir: str | Path) -> Path:
-    """Tables as CSV, Fig. 2 as PNG and ``report.md``; returns the markdown's path."""
+def _areas(curves: pd.DataFrame) -> pd.DataFrame:
+    """Each method's area under its averaged S_mean curve over log n, divided by the log range (its mean height)."""
+    mean = _grouped(curves, SCORES, ["size"]).reset_index()
+    keys = [c for c in mean.columns if c not in SCORES + ["size"]]
+    rows = []
+    for labels, g in mean.groupby(keys, dropna=False):
+        pts = [{"size": int(r["size"]), "S_mean": r["S_mean"]} for _, r in g.iterrows()]
+        rows.append({**dict(zip(keys, labels if isinstance(labels, tuple) else (labels,), strict=True)),
+                     "sizes": ",".join(str(p["size"]) for p in sorted(pts, key=lambda p: p["size"])), "area_S_mean": curve_area(pts)})
+    return pd.DataFrame(rows).set_index(keys)
+
+
+def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None = None) -> Path:
+    """Tables as CSV, figures as PNG and ``report.md``; returns the markdown's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = collect(sweep_dir)
     if not results:
-        raise FileNotFoundError(f"no evaluation results (metrics.json with table2) under {sweep_dir}; set sweep_dir to a "
-                                "multirun folder of task=evaluate jobs")
-    t = tables(results)
+        raise FileNotFoundError(f"no evaluation results (metrics.json with table2 or a size curve) under {sweep_dir}; set "
+                                "sweep_dir to a multirun folder of task=evaluate jobs")
+    t = tables(results, splits)
     for name, df in t.items():
-        df.to_csv(out_dir / f"{name}.csv", index=name in ("table2", "table3"))
-    per_method: dict[str, list[int]] = {}
-    for m in results:
-        counts = per_method.setdefault(m["method"], [0] * len(m["per_layer"]))
-        per_method[m["method"]] = [a + b for a, b in zip(counts, m["per_layer"], strict=True)]
-    layer_histogram_png(per_method, out_dir / "fig2_layers.png", "identified neurons per layer")
+        if len(df):
+            df.to_csv(out_dir / f"{name}.csv", index=name in ("table2", "table3", "curves", "curve_areas"))
+
     def listed(key: str) -> str:
-        return ", ".join(sorted({str(m[key]) for m in results}))
+        return ", ".join(sorted({str(m.get(key)) for m in results}))
 
     lines = [f"# knexp report: {Path(sweep_dir)}", "",
              f"{len(results)} evaluation jobs; knowledge: {listed('knowledge')}; models: {listed('model')}; "
-             f"thresholds: {listed('thresholds')}.",
-             "", "## Table II (averaged over knowledge; the paper's MiniGPT-4 averages beside)", "",
-             _beside(t["table2"], PAPER["table2"]), "", "## Table III (perturbed vs masked captions)", "",
-             _beside(t["table3"], PAPER["table3"]) if len(t["table3"]) else "no Table III rows", "",
-             "## Table II per knowledge", "", t["table2_per_knowledge"].to_markdown(index=False, floatfmt=".4f"), "",
-             "## Fig. 2: identified neurons per layer", "", "![layers](fig2_layers.png)", ""]
+             f"thresholds: {listed('thresholds')}; interventions: {listed('intervention')}."]
+    if splits:
+        lines += ["", "Objects by split: " + "; ".join(f"{name}: {', '.join(sorted(objs))}" for name, objs in splits.items()) + "."]
+    if len(t["table2"]):
+        lines += ["", "## Table II (averaged over knowledge; the paper's MiniGPT-4 averages beside)", "",
+                  _beside(t["table2"], PAPER["table2"]), "", "## Table III (perturbed vs masked captions)", "",
+                  _beside(t["table3"], PAPER["table3"]) if len(t["table3"]) else "no Table III rows", "",
+                  "## Table II per knowledge", "", t["table2_per_knowledge"].to_markdown(index=False, floatfmt=".4f")]
+    if len(t["curves"]):
+        curves_png(t["curves"], out_dir / "size_curves.png", "scores against the set size (top-n of each ranking)")
+        lines += ["", "## Size curves (every ranking method at each set size n)", "",
+                  "Area under S_mean over log n, divided by the log range (the curve's mean height):", "",
+                  t["curve_areas"].to_markdown(floatfmt=".4f"), "", t["curves"].to_markdown(floatfmt=".4f"), "",
+                  "![size curves](size_curves.png)"]
+    trace = next(iter(sorted(Path(sweep_dir).rglob("trace.json"))), None)
+    if trace is not None:
+        from knexp.identification.trace import SampleTrace
+        from knexp.reporting.analysis import trace_png
+
+        data = json.loads(trace.read_text())
+        trace_png([SampleTrace(**s) for s in data["samples"]], data["window"], out_dir / "trace.png", f"causal trace: {data['model']}")
+        w = data["window"]["neuron_layers"]
+        lines += ["", "## Causal trace of the image tokens", "",
+                  f"Live window (neuron layers): {w[0]}-{w[-1]} of {len(data['window']['resid_share'])}; traced samples: "
+                  f"{data['window']['samples']} (from {trace.parent.name}).", "", "![trace](trace.png)"]
+    per_method: dict[str, list[int]] = {}
+    for m in results:
+        if m.get("table2"):
+            counts = per_method.setdefault(m["method"], [0] * len(m["per_layer"]))
+            per_method[m["method"]] = [a + b for a, b in zip(counts, m["per_layer"], strict=True)]
+    if per_method:
+        layer_histogram_png(per_method, out_dir / "fig2_layers.png", "identified neurons per layer")
+        lines += ["", "## Fig. 2: identified neurons per layer", "", "![layers](fig2_layers.png)"]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -99,3 +157,4 @@ def _beside(ours: pd.DataFrame, paper: dict) -> str:
         methods = df.index.get_level_values("method")
         df[f"{col} (paper)"] = [paper.get(m, {}).get(col, float("nan")) for m in methods]
     return df.to_markdown(floatfmt=".4f")
+
