@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test test-fast lint bench clean-cache
+.PHONY: install run test test-fast lint bench clean-cache table2
 
 install: $(STAMP)
 
@@ -28,6 +28,13 @@ $(STAMP): pyproject.toml constraints.txt
 run: install
 	$(BIN)/python run.py experiment=demo
 	$(BIN)/python run.py task=report sweep_dir=runs/demo/multirun hydra.run.dir=runs/demo/report
+
+# the 30-object study on the embedded model (conf/experiment/embedded_table2*.yaml) and its report; resumable
+table2: install
+	$(BIN)/python run.py experiment=embedded_table2
+	$(BIN)/python run.py experiment=embedded_table2_curves
+	$(BIN)/python run.py experiment=embedded_table2_noise
+	$(BIN)/python run.py task=report sweep_dir=runs/embedded_table2 hydra.run.dir=runs/embedded_table2/report
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -13,7 +13,7 @@ from knexp.data.catalog import knowledge_from_dict
 from knexp.paths import conf_dir, project_root
 
 register_resolvers()
-GROUPS = ["model", "data", "knowledge", "thresholds", "method", "noise_level", "logger", "task"]
+GROUPS = ["model", "data", "knowledge", "thresholds", "method", "intervention", "noise_level", "logger", "task"]
 
 
 def _compose(*overrides):
@@ -26,7 +26,8 @@ def test_default_config_has_every_group():
     for group in GROUPS:
         assert group in cfg and cfg[group].name, group
     assert cfg.task.name == "evaluate" and cfg.model.name == "embedded"
-    assert cfg.logger.name == "wandb" and cfg.thresholds.name == "quantile"
+    assert cfg.logger.name == "wandb" and cfg.thresholds.name == "budget" and cfg.intervention.name == "inpainted"
+    assert (cfg.thresholds.layers, cfg.thresholds.stage1, cfg.thresholds.n) == ("live", "abs", 1000)  # chosen on the tuning split
 
 
 @pytest.mark.parametrize("level", [40, 80, 120])
@@ -125,6 +126,16 @@ def test_tiny_model_configs_build_adapters(name, tokens):
     assert len(caps) == 2 and all(c.startswith(cfg.model.prompt.caption_prefix) for c in caps)
 
 
+def test_a_sweeps_jobs_share_the_loaded_model_until_the_model_changes():
+    from knexp.models import _LAST, load_model
+
+    cfg = _compose("model=tiny_minigpt4")
+    first = load_model(cfg.model, cfg.paths.cache_dir)
+    assert load_model(_compose("model=tiny_minigpt4", "knowledge=bus").model, cfg.paths.cache_dir) is first
+    other = load_model(_compose("model=tiny_minigpt4", "model.layers=2").model, cfg.paths.cache_dir)
+    assert other is not first and other.num_layers == 2 and list(_LAST.values()) == [other]  # one model held at a time
+
+
 def test_identify_task_reports_too_few_samples_and_writes_outputs(tmp_path):
     r = _run("task=identify", "model=tiny_llava", "knowledge=bus", "method=pan", "thresholds=quantile", "data.num_images=20",
              f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none", f"paths.cache_dir={tmp_path}/cache")
@@ -192,22 +203,36 @@ def test_joblib_launcher_runs_a_two_job_multirun_in_parallel(tmp_path):
 def test_tuning_configs_compose_with_their_sweepers():
     optuna = _compose("hparams_search=thresholds_optuna")
     assert optuna.task.name == "tune" and optuna.optimized_metric == "S_mean" and optuna.thresholds.name == "quantile"
-    assert set(optuna.task.splits.tuning).isdisjoint(optuna.task.splits.heldout)
-    assert len(optuna.task.splits.tuning) + len(optuna.task.splits.heldout) == 30
+    assert set(optuna.splits.tuning).isdisjoint(optuna.splits.heldout)
+    assert len(optuna.splits.tuning) + len(optuna.splits.heldout) == 30
     grid = _compose("hparams_search=thresholds_grid")
     assert grid.task.name == "tune"
 
 
 def test_demo_and_paper_experiments_are_whole_sweeps():
     demo = _compose("experiment=demo")
-    assert demo.task.name == "evaluate" and demo.model.name == "embedded" and demo.noise_level.draws == 2
+    assert demo.task.name == "evaluate" and demo.model.name == "embedded"
+    defaults = _compose()
+    assert (demo.thresholds, demo.intervention) == (defaults.thresholds, defaults.intervention)  # the demo shows the defaults
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         h = compose("config", overrides=["experiment=demo"], return_hydra_config=True).hydra
         paper = compose("config", overrides=["experiment=paper_table2"], return_hydra_config=True)
     assert h.mode.name == "MULTIRUN" and h.sweep.dir.endswith("demo/multirun")  # fixed: a rerun resumes
-    assert dict(h.sweeper.params) == {"knowledge": "bed,bear,banana", "method": "ours,pan,schwettmann"}
+    assert dict(h.sweeper.params) == {"knowledge": "bed,bear,banana", "method": "ours,pan,schwettmann,attribution,random"}
     assert paper.model.name == "minigpt4_llama2" and paper.thresholds.name == "paper" and list(paper.noise_level.levels) == [40, 80, 120]
+    assert paper.intervention.name == "noise" and paper.noise_level.scale == "absolute"  # the paper's protocol, whatever the defaults
     assert paper.noise_level.draws == 10 and paper.hydra.sweeper.params.knowledge == "glob(*)"
+
+
+def test_the_study_experiments_keep_the_splits_apart():
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        tuning = compose("config", overrides=["experiment=embedded_tuning"], return_hydra_config=True)
+        parts = [compose("config", overrides=[f"experiment={e}"], return_hydra_config=True)
+                 for e in ("embedded_table2", "embedded_table2_curves", "embedded_table2_noise")]
+    assert tuning.hydra.sweeper.params.knowledge.split(",") == list(tuning.splits.tuning)  # the rule is chosen there only
+    assert all(p.hydra.sweeper.params.knowledge == "glob(*)" and p.model.name == "embedded" for p in parts)
+    assert [p.intervention.name for p in parts] == ["inpainted", "inpainted", "noise"] and parts[2].noise_level.scale == "calibrated"
+    assert parts[1].task.sizes and len({p.hydra.sweep.dir for p in parts}) == 3
 
 
 def test_same_config_and_seed_give_byte_identical_results(tmp_path, job_files):
@@ -223,7 +248,8 @@ def test_same_config_and_seed_give_byte_identical_results(tmp_path, job_files):
 
 
 @pytest.mark.parametrize("override, listed", [("model=gpt5", "embedded"), ("method=magic", "schwettmann"),
-                                              ("noise_level=loud", "relative")])
+                                              ("noise_level=loud", "relative"), ("intervention=blur", "inpainted"),
+                                              ("thresholds=magic", "layer_quantile")])
 def test_unknown_option_of_any_group_lists_valid_names(override, listed):
     r = _run(override)
     group, name = override.split("=")
@@ -263,7 +289,7 @@ def test_job_key_covers_what_results_depend_on_and_nothing_else(tmp_path):
     base = key()
     assert key("model.generation.batch_size=3", "logger=none", "num_threads=1", "tags=[x]") == base
     assert key("model.generation.max_new_tokens=5") != base
-    assert key("thresholds.q_a=0.99") != base
+    assert key("thresholds.n=300") != base and key("thresholds.stage1=raw") != base
     projector = tmp_path / "p.safetensors"  # the shipped projector's bytes at another path: the same model
     projector.write_bytes(Path(_compose().model.projector_path).read_bytes())
     assert key(f"model.projector_path={projector}") == base
