@@ -99,9 +99,11 @@ def test_report_draws_the_trace_a_job_wrote(tmp_path):
     sweep = tmp_path / "sweep"
     _job(sweep / "0", "bed", "ours", 0.8, 0.6, [1, 2, 0])
     traces = [SampleTrace("bed", 1, 2, 10.0, 2.0, {k: [-8.0, -6.0, 0.0] for k in KINDS}, {k: [False, False, True] for k in KINDS})]
-    write_trace(sweep / "0", "embedded", live_window(traces, 0.5), traces)
+    window_only = [SampleTrace("bed", 1, 2, 10.0, 2.0, {"resid": [-8.0, -8.0, -8.0]}, {})]  # its window: layers 0-1
+    write_trace(sweep / "0", "embedded", live_window(window_only, 0.5), window_only)  # an evaluate job's window
+    write_trace(sweep / "trace", "embedded", live_window(traces, 0.5), traces)  # task=trace's, found later in path order
     text = write_report(sweep, tmp_path / "out").read_text()
-    assert "Live window (neuron layers): 0-0" in text and (tmp_path / "out" / "trace.png").exists()
+    assert "Live window (neuron layers): 0-0" in text and (tmp_path / "out" / "trace.png").exists()  # the full one
 
 
 def test_wandb_summary_flattens_nested_results_and_a_curve_is_logged_offline(tmp_path):

@@ -127,7 +127,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
                   "Area under S_mean over log n, divided by the log range (the curve's mean height):", "",
                   t["curve_areas"].to_markdown(floatfmt=".4f"), "", t["curves"].to_markdown(floatfmt=".4f"), "",
                   "![size curves](size_curves.png)"]
-    trace = next(iter(sorted(Path(sweep_dir).rglob("trace.json"))), None)
+    trace = _fullest_trace(sweep_dir)
     if trace is not None:
         from knexp.identification.trace import SampleTrace
         from knexp.reporting.analysis import trace_png
@@ -149,6 +149,17 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _fullest_trace(sweep_dir: str | Path) -> Path | None:
+    """The ``trace.json`` under the sweep with the most patch kinds and captions (``task=trace``'s beats an evaluate
+    job's window-only trace), the first in path order among equals."""
+    def richness(path: Path) -> tuple[int, int]:
+        samples = json.loads(path.read_text())["samples"]
+        return (len(samples[0]["delta"]), len(samples[0]["named"])) if samples else (0, 0)
+
+    found = sorted(Path(sweep_dir).rglob("trace.json"))
+    return max(found, key=richness) if found else None  # max keeps the first of equals
 
 
 def _beside(ours: pd.DataFrame, paper: dict) -> str:
