@@ -34,6 +34,7 @@ table2: install
 	$(BIN)/python run.py experiment=embedded_table2
 	$(BIN)/python run.py experiment=embedded_table2_curves
 	$(BIN)/python run.py experiment=embedded_table2_noise
+	$(BIN)/python run.py task=trace hydra.run.dir=runs/embedded_table2/trace
 	$(BIN)/python run.py task=report sweep_dir=runs/embedded_table2 hydra.run.dir=runs/embedded_table2/report
 
 test: install
