@@ -174,3 +174,32 @@ def test_trace_task_writes_the_window_and_the_figure(tmp_path):
     assert sample["named"]["resid"][0] is False and sample["named"]["resid"][-1] is True  # feeding i drops the word
     assert result["window"]["neuron_layers"] and (tmp_path / "job" / "figures" / "trace.png").stat().st_size > 10_000
     assert "live window of embedded" in r.stdout
+
+
+def test_trace_task_on_a_tiny_model_with_a_scripted_captioner(tmp_path, monkeypatch):
+    """task=trace end to end on tiny MiniGPT-4 (its random captions never name an object, so a scripted captioner
+    that names the bus while its red square is visible stands in for selection's captions)."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from test_selection import RedSquareCaptioner, _coco
+
+    import knexp.tasks.trace as task
+    from knexp.config import register_resolvers
+    from knexp.paths import conf_dir
+
+    register_resolvers()
+    _coco(tmp_path / "data", {i: [(6, (8 * i, 10, 40, 40))] for i in range(1, 5)})
+    scripted = RedSquareCaptioner()
+    scripted.model_key, scripted.store = "tiny-minigpt4", None
+    monkeypatch.setattr(task, "make_captioner", lambda cfg, adapter, key: scripted)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["task=trace", "model=tiny_minigpt4", "data=coco2017", f"data.root={tmp_path}/data",
+                                           "data.split=val", "data.image_dir=val", "trace.objects=[bus]", "trace.per_object=2",
+                                           f"paths.output_dir={tmp_path}/job", f"paths.cache_dir={tmp_path}/cache", "logger=none"])
+    result = task.run(cfg)
+    saved = json.loads((tmp_path / "job" / "trace.json").read_text())
+    assert len(saved["samples"]) == 2 and saved["window"] == result["window"]
+    assert all(set(s["delta"]) == set(KINDS) and len(s["delta"]["ffn"]) == 3 for s in saved["samples"])
+    assert saved["window"]["neuron_layers"] == [layer for layer in range(2) if saved["window"]["resid_share"][layer + 1] >= 0.5]
+    assert (tmp_path / "job" / "figures" / "trace.png").exists()
