@@ -10,13 +10,14 @@ from knexp.evaluation.perturb import (
     Row,
     SetValues,
     cached_intervened_captions,
+    counterfactual_values,
     intervened_captions,
     noise_captions,
     noise_for,
     rows_for,
     unit_values,
 )
-from knexp.evaluation.scores import suppression_scores
+from knexp.evaluation.scores import curve_scores, suppression_scores
 from knexp.evaluation.text_metrics import caption_metrics
 from knexp.identification.methods import NeuronSet
 from knexp.models.adapters.spliced import SplicedAdapter
@@ -162,6 +163,29 @@ def test_deterministic_interventions_equal_a_hand_patch(adapter):
     assert got == _hand_patched(adapter, images, neurons, [cf[0], own[1] + shift, cf[2]])
     with pytest.raises(ValueError, match="shift"):
         intervened_captions(adapter, images, rows, neurons, Intervention("inpainted"), SetValues(), 0)
+
+
+def test_counterfactual_values_of_each_set_come_from_one_union_pass(adapter):
+    images = _images(3)
+    sets = [_set([2, 0, 2], [5, 1, 7]), _set([0, 1], [1, 9]), _set([], [])]
+    got = counterfactual_values(adapter, {4: images[0], 7: images[2]}, sets)
+    for neurons, values in zip(sets[:2], got[:2], strict=True):
+        direct = unit_values(adapter, [images[0], images[2]], neurons)
+        assert set(values) == {4, 7}
+        np.testing.assert_allclose(values[4], direct[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(values[7], direct[1], rtol=1e-5, atol=1e-6)
+    assert got[2][4].shape == (adapter.num_image_tokens, 0)
+
+
+def test_curve_scores_by_hand():
+    rows = pd.DataFrame([
+        # rung 10: two sets of sizes 10 and 8; rung 100: one set of size 100
+        (0, 10, 10, 0, "k", 1), (0, 10, 10, 0, "other", 1), (1, 10, 8, 0, "k", 0), (1, 10, 8, 0, "other", 1),
+        (2, 100, 100, 0, "k", 0), (2, 100, 100, 0, "other", 0),
+    ], columns=["set_id", "rung", "size", "level", "group", "hit"])
+    c10, c100 = curve_scores(rows, [10, 100])
+    assert (c10["size"], c10["mean_set_size"], c10["S_se"], c10["S_re"]) == (10, 9.0, 0.5, 1.0)
+    assert (c100["S_se"], c100["S_re"], c100["S_mean"]) == (1.0, 0.0, 0.5)
 
 
 def test_unit_values_are_the_recorded_activations(adapter):

@@ -191,6 +191,21 @@ def unit_values(adapter: Adapter, images: list[np.ndarray], neurons: NeuronSet, 
     return out
 
 
+def counterfactual_values(adapter: Adapter, removed: dict[int, np.ndarray], sets: list[NeuronSet],
+                          batch_size: int = 16) -> list[dict[int, np.ndarray]]:
+    """For each set, {image index: [P, U] values of its neurons on that image with k removed} (the inpainted
+    intervention's values on the images of k), from one pass over ``removed`` for the union of the sets' neurons."""
+    union = NeuronSet.union(sets)
+    column = {pair: c for c, pair in enumerate(zip(union.layers.tolist(), union.units.tolist(), strict=True))}
+    index = list(removed)
+    values = unit_values(adapter, [removed[i] for i in index], union, batch_size)  # [N, P, U_union]
+    out = []
+    for neurons in sets:
+        cols = [column[pair] for pair in zip(neurons.layers.tolist(), neurons.units.tolist(), strict=True)]
+        out.append(dict(zip(index, values[:, :, cols], strict=True)))
+    return out
+
+
 def set_values(how: Intervention, neurons: NeuronSet, reference=None, counterfactual: dict[int, np.ndarray] | None = None) -> SetValues:
     """What ``how`` needs of ``neurons``: its spread (relative noise) or its layer's spread over the ``reference``
     statistics (calibrated noise, ``knexp.identification.reference.ReferenceStats``), its shift and the images'

@@ -31,6 +31,17 @@ def suppression_scores(rows: pd.DataFrame) -> dict:
             **{c: float(avg[c]) for c in ("S_k", "S_kbar", "S_se", "S_re", "S_mean")}}
 
 
+def curve_scores(rows: pd.DataFrame, sizes: list[int]) -> list[dict]:
+    """Table II at each rung of a size ladder: ``rows`` as for ``suppression_scores`` plus ``rung`` (the ladder's n)
+    and ``size`` (the set's actual size); one dict per n with S_k ... S_mean and the mean actual size."""
+    curve = []
+    for n in sizes:
+        at = rows[rows["rung"] == n]
+        scores = {k: v for k, v in suppression_scores(at).items() if k != "per_level"}
+        curve.append({"size": n, "mean_set_size": float(at.drop_duplicates("set_id")["size"].mean()), **scores})
+    return curve
+
+
 def curve_area(curve: list[dict], key: str = "S_mean") -> float | None:
     """Area under ``key`` over log n, divided by the log range: the curve's mean height (METHOD.md, "Size curves")."""
     pts = sorted((c["size"], c[key]) for c in curve if c.get(key) is not None)

@@ -32,10 +32,9 @@ from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.coco import CocoScenes
 from knexp.data.loading import load_dataset
-from knexp.evaluation.perturb import Intervention, cached_intervened_captions, set_values, unit_values
-from knexp.evaluation.scores import curve_area, suppression_scores
+from knexp.evaluation.perturb import Intervention, cached_intervened_captions, counterfactual_values, set_values
+from knexp.evaluation.scores import curve_area, curve_scores, suppression_scores
 from knexp.evaluation.text_metrics import caption_metrics
-from knexp.identification.methods import NeuronSet
 from knexp.identification.pipeline import SampleResult, annotate, ranked_set
 from knexp.identification.thresholds import RuleContext
 from knexp.io import atomic_write_text
@@ -132,17 +131,11 @@ def run(cfg: DictConfig) -> dict:
     namespace = [model_key, dataset_id] + ([k.name, opts] if how.kind == "inpainted" else [])
     empty_sets = []
     rows = how.rows(keys)  # the same rows for every set
-    if how.kind == "inpainted":  # every set's counterfactual values from one pass over the images with k removed
-        union = NeuronSet.union([n for _, _, n in sets])
-        column = {pair: c for c, pair in enumerate(zip(union.layers.tolist(), union.units.tolist(), strict=True))}
-        removed_values = unit_values(adapter, [k_removed[i] for i in k_index], union, gen.batch_size)  # [N_k, P, U_union]
-    for set_id, _, neurons in sets:
+    cfs = (counterfactual_values(adapter, k_removed, [n for _, _, n in sets], gen.batch_size) if how.kind == "inpainted"
+           else [None] * len(sets))
+    for (set_id, _, neurons), cf in zip(sets, cfs, strict=True):
         if neurons.empty:
             empty_sets.append({"set_id": set_id, "note": neurons.note})
-        cf = None
-        if how.kind == "inpainted" and not neurons.empty:
-            cols = [column[pair] for pair in zip(neurons.layers.tolist(), neurons.units.tolist(), strict=True)]
-            cf = dict(zip(k_index, removed_values[:, :, cols], strict=True))
         caps = cached_intervened_captions(store, namespace, adapter, images, rows, neurons, how,
                                           set_values(how, neurons, context["reference"], cf), seed=cfg.seed,
                                           batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
@@ -175,13 +168,8 @@ def run(cfg: DictConfig) -> dict:
     metrics["counterfactual"] = {"S_k": float(np.mean([k.mentioned_in(c) for c in counterfactual_caps])) if k_index else None}
     metrics["table2"] = metrics["table3"] = None
     if sizes and len(perturbed):
-        curve = []
-        for n in sizes:
-            at = perturbed[perturbed["rung"] == n]
-            curve.append({"size": n, "mean_set_size": float(at.drop_duplicates("set_id")["size"].mean()), **{
-                s: v for s, v in suppression_scores(at).items() if s != "per_level"}})
-        metrics["curve"] = curve
-        metrics["curve_area"] = curve_area(curve)
+        metrics["curve"] = curve_scores(perturbed, sizes)
+        metrics["curve_area"] = curve_area(metrics["curve"])
     elif len(perturbed):
         metrics["table2"] = suppression_scores(perturbed)
         on_ident = perturbed[perturbed["masked_caption"].notna()]
