@@ -26,15 +26,14 @@ from knexp.store import stable_key
 METHODS = ("ours", "stage1_only", "stage2_only", "schwettmann", "pan", "attribution", "random")
 
 
-def _rule_layers(rule: DictConfig, stats: SampleStats, ctx: RuleContext):
-    """bool [L, d_f] where ours' rule may place neurons (None: everywhere, as the paper's rules)."""
-    if rule.name in ("paper", "fixed"):
-        return None
-    return allowed_layers(stats, rule.get("layers", "all"), ctx)[:, None].expand(stats.shape)
+def _within(stats: SampleStats, layers: str | None, ctx: RuleContext):
+    """bool [L, d_f] of the neurons in the ``layers`` setting's layers (None: everywhere)."""
+    return None if layers is None else allowed_layers(stats, layers, ctx)[:, None].expand(stats.shape)
 
 
-def _attribution_within(method: DictConfig, stats: SampleStats, ctx: RuleContext):
-    return allowed_layers(stats, method.get("layers", "all"), ctx)[:, None].expand(stats.shape)
+def _rule_layers(rule: DictConfig) -> str | None:
+    """The layers setting of ours' rule (None for the paper's rules, which use every layer)."""
+    return None if rule.name in ("paper", "fixed") else rule.get("layers", "all")
 
 
 def method_set(method: DictConfig, stats: SampleStats, ts: TwoStage, rule: DictConfig, ctx: RuleContext, d_ff: int) -> M.NeuronSet:
@@ -48,14 +47,14 @@ def method_set(method: DictConfig, stats: SampleStats, ts: TwoStage, rule: DictC
     if name == "ours":
         return reference
     if name == "stage1_only":
-        return M.stage1_only(stats, n, score=ts.stage1, within=_rule_layers(rule, stats, ctx))
+        return M.stage1_only(stats, n, score=ts.stage1, within=_within(stats, _rule_layers(rule), ctx))
     if name == "stage2_only":
-        return M.stage2_only(stats, n, score=ts.stage2, within=_rule_layers(rule, stats, ctx))
+        return M.stage2_only(stats, n, score=ts.stage2, within=_within(stats, _rule_layers(rule), ctx))
     if name in ("schwettmann", "pan"):
         return getattr(M, name)(stats, n, method.get("variant", "paper"))
     if name == "attribution":
         form = method.get("form", "matched")
-        within = _attribution_within(method, stats, ctx)
+        within = _within(stats, method.get("layers", "all"), ctx)
         if form == "matched":
             return M.attribution(stats, n=n, within=within)
         if form == "top_n":
@@ -79,10 +78,10 @@ def budget_rule(rule: DictConfig, n: int) -> DictConfig:
 
 def ranked_set(method: DictConfig, stats: SampleStats, rule: DictConfig, ctx: RuleContext, n: int, d_ff: int) -> M.NeuronSet:
     """``method``'s n best neurons on the sample (the size-curve form of every ranking method)."""
-    ts = two_stage(budget_rule(rule, n), stats, ctx)
     if method.name == "attribution":
-        return M.attribution(stats, n=n, within=_attribution_within(method, stats, ctx))
-    return method_set(method, stats, ts, budget_rule(rule, n), ctx, d_ff)
+        return M.attribution(stats, n=n, within=_within(stats, method.get("layers", "all"), ctx))
+    budget = budget_rule(rule, n)
+    return method_set(method, stats, two_stage(budget, stats, ctx), budget, ctx, d_ff)
 
 
 @dataclass
