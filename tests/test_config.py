@@ -230,7 +230,9 @@ def test_the_study_experiments_keep_the_splits_apart():
         parts = [compose("config", overrides=[f"experiment={e}"], return_hydra_config=True)
                  for e in ("embedded_table2", "embedded_table2_curves", "embedded_table2_noise")]
     assert tuning.hydra.sweeper.params.knowledge.split(",") == list(tuning.splits.tuning)  # the rule is chosen there only
-    assert all(p.hydra.sweeper.params.knowledge == "glob(*)" and p.model.name == "embedded" for p in parts)
+    assert all(p.hydra.sweeper.params.knowledge == "glob(*)" for p in parts[:2]) and all(p.model.name == "embedded" for p in parts)
+    noise_objects = parts[2].hydra.sweeper.params.knowledge.split(",")  # the cut noise part: held-out objects only
+    assert len(noise_objects) == 12 and {o.replace("_", " ") for o in noise_objects} <= set(parts[2].splits.heldout)
     assert [p.intervention.name for p in parts] == ["inpainted", "inpainted", "noise"] and parts[2].noise_level.scale == "calibrated"
     assert parts[1].task.sizes and len({p.hydra.sweep.dir for p in parts}) == 3
 
