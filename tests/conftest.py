@@ -17,6 +17,23 @@ def catalog():
     return Catalog.load()
 
 
+def _random_pair(adapter, seed: int):
+    """Two random uint8 RGB images ("original", "inpainted") at the adapter's input size (60 px for the tiny LLaVA)."""
+    import numpy as np
+
+    from knexp.models.adapters.llava import LlavaAdapter
+
+    size = 60 if isinstance(adapter, LlavaAdapter) else 224
+    rng = np.random.default_rng(seed)
+    return [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(2)]
+
+
+@pytest.fixture(scope="session")
+def random_pair():
+    """(adapter, seed) -> [original, inpainted]: random images for the formula tests on tiny models."""
+    return _random_pair
+
+
 def _job_files(job: Path) -> dict[str, bytes]:
     """Every result file of a job directory, minus logs, Hydra's copy of the config (it names the folder), W&B
     and wall times, which are the only things allowed to differ between two runs of one config."""

@@ -8,7 +8,6 @@ from omegaconf import OmegaConf
 from knexp.identification import methods as M
 from knexp.identification.passes import TargetNotFound, compute_stats, locate_target
 from knexp.identification.thresholds import RuleContext, allowed_layers, stage1_score, two_stage
-from knexp.models.adapters.llava import LlavaAdapter
 from knexp.models.hooks import record
 from knexp.models.tiny import tiny_adapter
 
@@ -20,15 +19,9 @@ def adapter(request):
     return tiny_adapter(request.param, layers=3)
 
 
-def _pair(adapter):
-    size = 60 if isinstance(adapter, LlavaAdapter) else 224
-    rng = np.random.default_rng(11)
-    return [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(2)]
-
-
 @pytest.fixture(scope="module")
-def sample(adapter, catalog):
-    original, inpainted = _pair(adapter)
+def sample(adapter, catalog, random_pair):
+    original, inpainted = random_pair(adapter, 11)
     target = locate_target(adapter, CAPTION, adapter.caption_prefix, catalog["bus"])
     return original, inpainted, target, compute_stats(adapter, original, inpainted, target)
 

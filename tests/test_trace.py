@@ -6,7 +6,6 @@ import torch
 
 from knexp.identification.passes import locate_target
 from knexp.identification.trace import KINDS, SampleTrace, live_window, normalised, trace_sample
-from knexp.models.adapters.llava import LlavaAdapter
 from knexp.models.adapters.spliced import SplicedAdapter
 from knexp.models.tiny import tiny_adapter
 
@@ -16,12 +15,6 @@ CAPTION = "the image shows a bus and a clock."
 @pytest.fixture(scope="module", params=["embedded", "llava", "minigpt4"])
 def adapter(request):
     return tiny_adapter(request.param, layers=4)
-
-
-def _pair(adapter):
-    size = 60 if isinstance(adapter, LlavaAdapter) else 224
-    rng = np.random.default_rng(5)
-    return [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(2)]
 
 
 def _hidden_states(adapter, prepared):
@@ -58,8 +51,8 @@ def _by_hand(adapter, original, inpainted, target):
 
 
 @pytest.fixture(scope="module")
-def traced(adapter, catalog):
-    original, inpainted = _pair(adapter)
+def traced(adapter, catalog, random_pair):
+    original, inpainted = random_pair(adapter, 5)
     target = locate_target(adapter, CAPTION, adapter.caption_prefix, catalog["bus"])
     tr = trace_sample(adapter, original, inpainted, target, catalog["bus"], batch_size=5, max_new_tokens=4)
     return tr, _by_hand(adapter, original, inpainted, target)
