@@ -118,6 +118,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
         lines += ["", "Objects by split: " + "; ".join(f"{name}: {', '.join(sorted(objs))}" for name, objs in splits.items()) + "."]
     if len(t["table2"]):
         lines += ["", "## Table II (averaged over knowledge; the paper's MiniGPT-4 averages beside)", "",
+                  "The paper's columns were measured on MiniGPT-4 under its noise at 40/80/120, whatever the row's "
+                  "model and intervention.", "",
                   _beside(t["table2"], PAPER["table2"]), "", "## Table III (perturbed vs masked captions)", "",
                   _beside(t["table3"], PAPER["table3"]) if len(t["table3"]) else "no Table III rows", "",
                   "## Table II per knowledge", "", t["table2_per_knowledge"].to_markdown(index=False, floatfmt=".4f")]
