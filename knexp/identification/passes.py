@@ -120,7 +120,7 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
     prep_i = adapter.prepare([inpainted], continuations=[target.context], prefix=prefix)
     prep_o = adapter.prepare([original], continuations=[target.context], prefix=prefix)
     pos_i, pos_o = prep_i.image_positions[0], prep_o.image_positions[0]
-    t_star = prep_o.prompt_len - 1 if _left_aligned(prep_o) else int(prep_o.inputs["attention_mask"][0].sum()) - 1
+    t_star = target_position(prep_o)
 
     inpainted_acts: dict[int, torch.Tensor] = {}
 
@@ -185,7 +185,9 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
     return SampleStats(**stacked, target_id=target.token_id, target_position=t_star)
 
 
-def _left_aligned(prepared) -> bool:
-    """True when every row ends at the last position (left padding or no padding)."""
+def target_position(prepared) -> int:
+    """t*: row 0's last position (whose logits predict c), under left, right or no padding."""
     mask = prepared.inputs.get("attention_mask")
-    return mask is None or bool(mask[:, -1].all())
+    if mask is None or bool(mask[:, -1].all()):  # every row ends at the last position
+        return prepared.prompt_len - 1
+    return int(mask[0].sum()) - 1

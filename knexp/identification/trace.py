@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from knexp.data.catalog import Knowledge
-from knexp.identification.passes import Target
+from knexp.identification.passes import Target, target_position
 from knexp.models.adapters.base import Adapter
 from knexp.models.hooks import LayerEdit, intervene, record
 
@@ -87,11 +87,11 @@ def trace_sample(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray, 
     n = adapter.num_layers
     prep_i = adapter.prepare([inpainted], continuations=[target.context])
     with record(adapter, prep_i, site="resid") as r_resid, record(adapter, prep_i) as r_ffn:
-        y_i = float(adapter.forward(prep_i)[0, -1 if _left(prep_i) else _last(prep_i), target.token_id])
+        y_i = float(adapter.forward(prep_i)[0, target_position(prep_i), target.token_id])
     sources = {"resid": r_resid.stacked()[:, 0], "ffn": r_ffn.stacked()[:, 0]}  # [L, P, d_model], [L, P, d_f]
     del r_resid, r_ffn
     prep_o = adapter.prepare([original], continuations=[target.context])
-    t_star = prep_o.prompt_len - 1 if _left(prep_o) else _last(prep_o)
+    t_star = target_position(prep_o)
     y_o = float(adapter.forward(prep_o)[0, t_star, target.token_id])
     rows = [(kind, layer) for kind in kinds for layer in range(n)]
     ys: list[float] = []
@@ -109,15 +109,6 @@ def trace_sample(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray, 
     delta = {kind: [ys[i] - y_o for i, (k, _) in enumerate(rows) if k == kind] for kind in kinds}
     named = {kind: [knowledge.mentioned_in(texts[i]) for i, (k, _) in enumerate(rows) if k == kind] for kind in kinds} if captions else {}
     return SampleTrace(knowledge.name, int(image_id), int(annotation_id), y_o, y_i, delta, named)
-
-
-def _left(prepared) -> bool:
-    mask = prepared.inputs.get("attention_mask")
-    return mask is None or bool(mask[:, -1].all())
-
-
-def _last(prepared) -> int:
-    return int(prepared.inputs["attention_mask"][0].sum()) - 1
 
 
 def normalised(traces: list[SampleTrace], kind: str = "resid") -> np.ndarray:
