@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from knexp.identification.passes import SampleStats
-from knexp.identification.thresholds import TwoStage
+from knexp.identification.thresholds import TwoStage, top_flat
 
 
 @dataclass
@@ -81,12 +81,8 @@ def top_n(score: torch.Tensor, n: int, method: str, variant: str = "", within: t
     if n <= 0:
         return _from_flat(method, variant, torch.empty(0, dtype=torch.long), torch.empty(0), d_ff,
                           note="empty: |N_k| = 0 on this sample, so the baseline picks no neuron")
-    flat = score.flatten().double()
-    if within is not None:
-        flat = flat.masked_fill(~within.flatten(), float("-inf"))
-        n = min(n, int(within.sum()))
-    order = torch.argsort(-flat, stable=True)[:n]
-    return _from_flat(method, variant, order, flat[order], d_ff, **kw)
+    order, values = top_flat(score, n, within)
+    return _from_flat(method, variant, order, values, d_ff, **kw)
 
 
 def ours(stats: SampleStats, threshold_a: float, threshold_g: float) -> NeuronSet:

@@ -153,11 +153,19 @@ def two_stage(cfg: DictConfig, stats: SampleStats, ctx: RuleContext) -> TwoStage
     return TwoStage(s1, g_score, cand, cand & (g_score > g), info)
 
 
+def top_flat(score: torch.Tensor, n: int, within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices [m], their scores [m] in float64) of the m = min(n, |within|) highest entries of ``score``
+    [L, d_f], inside the bool mask ``within`` when given; ties broken by index, so the result is deterministic."""
+    flat = score.flatten().double()
+    if within is not None:
+        flat = flat.masked_fill(~within.flatten(), float("-inf"))
+        n = min(n, int(within.sum()))
+    order = torch.argsort(-flat, stable=True)[:n]
+    return order, flat[order]
+
+
 def _top_mask(score: torch.Tensor, n: int, within: torch.Tensor) -> torch.Tensor:
     """bool mask of the ``n`` entries of ``score`` with the highest values inside ``within`` (ties by index)."""
-    flat = score.flatten().double().masked_fill(~within.flatten(), float("-inf"))
-    n = min(n, int(within.sum()))
-    order = torch.argsort(-flat, stable=True)[:n]
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[order] = True
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[top_flat(score, n, within)[0]] = True
     return mask.view_as(score)
