@@ -1,4 +1,5 @@
-"""Hydra/OmegaConf glue: resolvers, seeding and the task registry used by ``run.py``."""
+"""Hydra/OmegaConf glue for ``run.py``: the ``${knexp_root:}`` resolver, seeding and threads, and the metric a sweeper
+optimises. Tasks are named by ``_target_`` in ``conf/task/*.yaml``; the session (``knexp.job``) builds the rest."""
 
 from __future__ import annotations
 
@@ -28,3 +29,15 @@ def setup_runtime(cfg: DictConfig) -> None:
     seed_everything(int(cfg.seed))
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
+
+
+def metric_value(result: dict, name: str | None) -> float | None:
+    """``result[name]`` (dots reach into nested dicts) as a float, for a sweeper that optimises it."""
+    if not name:
+        return None
+    value = result
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"optimized_metric={name!r} is not in the task's result (keys: {', '.join(result)})")
+        value = value[part]
+    return float(value)

@@ -12,16 +12,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 @pytest.fixture(scope="session")
 def catalog():
-    from knexp.data.catalog import Catalog
+    from knexp.job import default_catalog
 
-    return Catalog.load()
+    return default_catalog()
 
 
 def _random_pair(adapter, seed: int):
     """Two random uint8 RGB images ("original", "inpainted") at the adapter's input size (60 px for the tiny LLaVA)."""
     import numpy as np
 
-    from knexp.models.adapters.llava import LlavaAdapter
+    from knexp.models.llava import LlavaAdapter
 
     size = 60 if isinstance(adapter, LlavaAdapter) else 224
     rng = np.random.default_rng(seed)

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from knexp.models.adapters.base import PatchGeometry
-from knexp.models.adapters.spliced import SplicedAdapter
+from knexp.models.geometry import PatchGeometry
+from knexp.models.spliced import SplicedAdapter
 from knexp.models.tiny import tiny_minigpt4
-from knexp.reporting.analysis import decode_neuron, layer_histogram_png, mask_iou, overlay, token_heatmap
+from knexp.reporting.analysis import decode_neuron, layer_histogram_png, mask_iou, token_heatmap
 
 
 def test_decoded_tokens_are_the_top_of_wu_times_wout():
@@ -13,7 +13,10 @@ def test_decoded_tokens_are_the_top_of_wu_times_wout():
     words = decode_neuron(adapter, 1, 5, k=10)
     logits = adapter.unembedding().float() @ adapter.w_out(1)[:, 5].float()
     assert words == [adapter.tokenizer.decode([i]) for i in torch.topk(logits, 10).indices.tolist()]
-    assert len(decode_neuron(adapter, 1, 5, k=3, final_norm=True)) == 3
+    with torch.no_grad():  # through the final norm first: W_U . norm(W_out[:, u])
+        normed = adapter.final_norm()(adapter.w_out(1)[:, 5][None, None])[0, 0].float()
+    expected = [adapter.tokenizer.decode([i]) for i in torch.topk(adapter.unembedding().float() @ normed, 3).indices.tolist()]
+    assert decode_neuron(adapter, 1, 5, k=3, final_norm=True) == expected
 
 
 def test_heatmap_follows_the_geometry_including_strips():
@@ -35,9 +38,26 @@ def test_mask_iou_by_hand():
     assert mask_iou(heat, inst, q=0.9) == pytest.approx(10 / 20)
 
 
-def test_overlay_and_histogram_files(tmp_path):
-    img = np.full((32, 32, 3), 100, np.uint8)
-    out = overlay(img, np.arange(32 * 32, dtype=float).reshape(32, 32))
-    assert out.shape == img.shape and out.dtype == np.uint8 and not np.array_equal(out, img)
+def test_neuron_heatmap_and_its_panel(tmp_path):
+    """Fig. 3 for one neuron: the heatmap is the recorded O'[:, u] painted by the geometry, and the panel is drawn."""
+    from knexp.models.hooks import record
+    from knexp.reporting.figures import neuron_heatmap, neuron_panel
+
+    adapter = SplicedAdapter(tiny_minigpt4())
+    adapter.model.float()
+    image = (np.random.default_rng(0).random((224, 224, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((224, 224), bool)
+    mask[20:120, 30:90] = True
+    heat, iou = neuron_heatmap(adapter, image, 1, 5, mask)
+    prepared = adapter.prepare([image])
+    with torch.no_grad(), record(adapter, prepared, layers=[1]) as rec:
+        adapter.forward(prepared)
+    np.testing.assert_allclose(heat, token_heatmap(rec.activations[1][0, :, 5].numpy(), adapter.geometry, 224, 224))
+    assert iou == mask_iou(heat, mask) and 0 <= iou <= 1
+    path = neuron_panel(image, image[::-1], heat, mask, decode_neuron(adapter, 1, 5), "L1 U5 · ours · q95 IoU 0.10", tmp_path / "p.png")
+    assert path.stat().st_size > 20_000  # four panels at 13 x 3.6 inches
+
+
+def test_histogram_file(tmp_path):
     path = layer_histogram_png({"ours": [0, 2, 5], "pan": [1, 0, 3]}, tmp_path / "fig2.png", "banana")
     assert path.exists() and path.stat().st_size > 1000

@@ -9,8 +9,8 @@ import torch
 from knexp.data.toyworld.dataset import DATASET_STREAM
 from knexp.data.toyworld.scenes import SceneOptions, make_scene
 from knexp.evaluation.mentions import mention_scores
-from knexp.models.adapters.spliced import SplicedAdapter
 from knexp.models.embedded import load_embedded
+from knexp.models.spliced import SplicedAdapter
 from knexp.paths import default_cache_dir, project_root
 from knexp.tasks.train_projector import caption_batch, caption_loss
 
@@ -146,7 +146,7 @@ def test_evaluate_on_the_embedded_model_writes_scores_and_figures(tmp_path):
     assert t2["S_mean"] == pytest.approx((t2["S_se"] + t2["S_re"]) / 2)
     assert 0 < m["table3"]["bertscore_f1"] <= 1 and m["table3"]["pairs"] == 2 * 3 * 2  # 2 sets x 3 levels x 2 images
     figures = {p.name for p in (tmp_path / "job" / "figures").iterdir()}
-    assert "layers.png" in figures and sum(f.startswith("heatmap_") for f in figures) == 2
+    assert "layers.png" in figures and sum(f.startswith("neuron_") for f in figures) == 2
     assert all(len(n["decoded"][0]["tokens"]) == 10 for n in json.loads((tmp_path / "job" / "neurons.json").read_text()))
 
 
@@ -200,8 +200,8 @@ def test_optuna_tunes_thresholds_for_s_mean_on_the_tuning_split(tmp_path):
     cache.mkdir()
     (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
     r = subprocess.run([sys.executable, "run.py", "-m", "hparams_search=thresholds_optuna", "hydra.sweeper.n_trials=2",
-                        "splits.tuning=[clock]", "intervention=noise", "noise_level=n120", "noise_level.draws=1", "task.k_images=0",
-                        "task.other_images=1",
+                        "splits.tuning=[clock]", "intervention=noise", "noise_level=n120", "noise_level.draws=1", "task.job.k_images=0",
+                        "task.job.other_images=1",
                         "data.num_images=60", "data.per_knowledge=2", f"data.root={tmp_path}/tw", f"hydra.sweep.dir={tmp_path}/sweep",
                         "logger=none", f"paths.cache_dir={cache}"], cwd=project_root(), capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -20,7 +20,7 @@ from knexp.evaluation.perturb import (
 from knexp.evaluation.scores import curve_scores, suppression_scores
 from knexp.evaluation.text_metrics import caption_metrics
 from knexp.identification.methods import NeuronSet
-from knexp.models.adapters.spliced import SplicedAdapter
+from knexp.models.spliced import SplicedAdapter
 from knexp.models.tiny import tiny_embedded
 from knexp.store import Store, cache_report
 

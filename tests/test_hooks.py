@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from knexp.models.adapters.base import PatchGeometry
-from knexp.models.adapters.llava import LlavaAdapter
-from knexp.models.adapters.spliced import SplicedAdapter
+from knexp.models.geometry import PatchGeometry
 from knexp.models.hooks import LayerEdit, intervene, record
+from knexp.models.llava import LlavaAdapter
+from knexp.models.spliced import SplicedAdapter
 from knexp.models.tiny import tiny_embedded, tiny_llava, tiny_minigpt4
 
 

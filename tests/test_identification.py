@@ -3,11 +3,18 @@
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from knexp.identification import methods as M
 from knexp.identification.passes import TargetNotFound, compute_stats, locate_target
-from knexp.identification.thresholds import RuleContext, allowed_layers, stage1_score, two_stage
+from knexp.identification.thresholds import (
+    BudgetRule,
+    LayerQuantileRule,
+    PaperRule,
+    QuantileRule,
+    RuleContext,
+    allowed_layers,
+    stage1_score,
+)
 from knexp.models.hooks import record
 from knexp.models.tiny import tiny_adapter
 
@@ -68,7 +75,7 @@ def test_pan_authors_variant_uses_act_fn_at_the_predicting_position(adapter, sam
     original, _, target, stats = sample
     prep = adapter.prepare([original], continuations=[target.context])
     seen = {}
-    hooks = [adapter.ffn_act(layer).register_forward_hook(lambda m, a, out, layer=layer: seen.__setitem__(layer, out[0, -1]))
+    hooks = [adapter.site("ffn_act", layer)[0].register_forward_hook(lambda m, a, out, layer=layer: seen.__setitem__(layer, out[0, -1]))
              for layer in range(adapter.num_layers)]
     try:
         with torch.no_grad():
@@ -147,14 +154,14 @@ def _reference_stats(stats, knowledge_names, seed=0):
 def test_threshold_rules(sample):
     *_, stats = sample
     ctx = RuleContext("bus")
-    paper = OmegaConf.create({"name": "paper", "per_knowledge": {"bus": {"a": 1.5, "g": 0.0001}}})
-    ts = two_stage(paper, stats, ctx)
+    paper = PaperRule(name="paper", per_knowledge={"bus": {"a": 1.5, "g": 0.0001}})
+    ts = paper.apply(stats, ctx)
     assert torch.equal(ts.candidates, stats.diff_max > 1.5) and torch.equal(ts.keep, ts.candidates & (stats.gradcam_max > 0.0001))
     assert M.from_two_stage(ts).pairs() == M.ours(stats, 1.5, 0.0001).pairs()
     with pytest.raises(KeyError, match="quantile"):
-        two_stage(paper, stats, RuleContext("clock"))
-    q = OmegaConf.create({"name": "quantile", "q_a": 0.99, "q_g": 0.5, "min_g": 0.0, "layers": "all", "stage1": "raw"})
-    ts = two_stage(q, stats, ctx)
+        paper.apply(stats, RuleContext("clock"))
+    q = QuantileRule(name="quantile", q_a=0.99, q_g=0.5, min_g=0.0, layers="all", stage1="raw")
+    ts = q.apply(stats, ctx)
     n_c = int(ts.candidates.sum())
     assert abs(n_c - 0.01 * stats.diff_max.numel()) <= 2
     assert ts.info["threshold_a"] == pytest.approx(float(torch.quantile(stats.diff_max.flatten().double(), 0.99)))
@@ -177,8 +184,8 @@ def test_layer_restrictions(sample):
 
 def test_layer_quantile_offers_each_allowed_layer_the_same_share(sample):
     *_, stats = sample
-    cfg = OmegaConf.create({"name": "layer_quantile", "q_a": 0.9, "q_g": 0.5, "min_g": 0.0, "layers": "nonzero", "stage1": "raw"})
-    ts = two_stage(cfg, stats, RuleContext("bus"))
+    rule = LayerQuantileRule(name="layer_quantile", q_a=0.9, q_g=0.5, min_g=0.0, layers="nonzero", stage1="raw")
+    ts = rule.apply(stats, RuleContext("bus"))
     n, d = stats.shape
     for layer in range(n):
         if layer == n - 1:  # no gradient reaches the last layer's image positions: no candidates there
@@ -199,8 +206,8 @@ def test_budget_rule_keeps_n_of_the_top_candidates(sample, kind, second):
     score = {"raw": stats.diff_max, "abs": stats.diff_absmax, "spread": stats.diff_max / ref.std,
              "contrastive": (stats.diff_max - ref.removal_diff[1:].mean(0)) / ref.removal_diff[1:].std(0, correction=0)}[kind]
     torch.testing.assert_close(stage1_score(stats, kind, ctx), score)  # the bus removal is left out of bus's null
-    cfg = OmegaConf.create({"name": "budget", "n": 7, "q_g": 0.75, "layers": "nonzero", "stage1": kind, "stage2": second})
-    ts = two_stage(cfg, stats, ctx)
+    rule = BudgetRule(name="budget", n=7, q_g=0.75, layers="nonzero", stage1=kind, stage2=second)
+    ts = rule.apply(stats, ctx)
     n_layers, d = stats.shape
     inside = [(layer, u) for layer in range(n_layers - 1) for u in range(d)]
     cand = sorted(inside, key=lambda lu: -float(score[lu]))[:28]  # ceil(7 / (1 - 0.75))

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from knexp.models import ModelWeightsMissing
+from knexp.models.errors import ModelWeightsMissing
 from knexp.models.minigpt4 import EvaConfig, convert, load_minigpt4
 from knexp.models.tiny import tiny_minigpt4
 
 
 def test_real_geometry_is_16_by_4_strips():
     """Token t covers patch row t // 4 and patch columns 4 * (t % 4) .. 4 * (t % 4) + 3 (METHOD.md)."""
-    from knexp.models.adapters.base import PatchGeometry
+    from knexp.models.geometry import PatchGeometry
 
     eva = EvaConfig()
     assert eva.side == 16 and eva.mlp_hidden == int(1408 * 4.3637)

@@ -29,7 +29,7 @@ def test_tiny_llava_expands_image_to_grid_tokens():
 
 
 def test_llava_captions_batched_equal_single_rows():
-    from knexp.models.adapters.llava import LlavaAdapter
+    from knexp.models.llava import LlavaAdapter
 
     cap = LlavaAdapter(*tiny_llava(grid=4), caption_prefix="the image shows")
     imgs = _images(3, seed=1)
@@ -71,10 +71,9 @@ def test_missing_projector_says_how_to_get_one(tmp_path):
 def test_llava_loader_keeps_remote_code_off_unless_set(monkeypatch, setting, expected):
     import torch
     import transformers
-    from omegaconf import OmegaConf
 
-    from knexp.models import ModelWeightsMissing
-    from knexp.models.adapters.llava import load_adapter
+    from knexp.models.errors import ModelWeightsMissing
+    from knexp.models.llava import load_adapter
 
     seen = {}
 
@@ -83,7 +82,7 @@ def test_llava_loader_keeps_remote_code_off_unless_set(monkeypatch, setting, exp
         raise OSError("no such folder")
 
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", refuse)
-    cfg = OmegaConf.create({"path": "/nowhere/llava", "dtype": "float16", **({"trust_remote_code": setting} if setting else {})})
+    cfg = {"path": "/nowhere/llava", "dtype": "float16", **({"trust_remote_code": setting} if setting else {})}
     with pytest.raises(ModelWeightsMissing, match="model.path"):
         load_adapter(cfg, torch.device("cpu"), None)
     assert seen["trust_remote_code"] is expected

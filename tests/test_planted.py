@@ -13,11 +13,10 @@ times as much as doing the same to any of eight unplanted neurons of the layer.
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from knexp.identification import methods as M
 from knexp.identification.passes import compute_stats, locate_target
-from knexp.identification.thresholds import RuleContext, two_stage
+from knexp.identification.thresholds import BudgetRule, RuleContext
 from knexp.models.hooks import LayerEdit, intervene, record
 
 
@@ -87,15 +86,15 @@ def _known_causal(adapter, original, inpainted, target, layer, unit) -> tuple[fl
 
 def _recovers(adapter, original, inpainted, target, layer, unit, live_layers, n=20):
     stats = compute_stats(adapter, original, inpainted, target)
-    rule = OmegaConf.create({"name": "budget", "n": n, "q_g": 0.5, "layers": "live", "stage1": "raw"})
-    ours = M.from_two_stage(two_stage(rule, stats, RuleContext("bus", live_layers=live_layers)))
+    rule = BudgetRule(name="budget", n=n, q_g=0.5, layers="live", stage1="raw")
+    ours = M.from_two_stage(rule.apply(stats, RuleContext("bus", live_layers=live_layers)))
     attribution = M.attribution(stats, n=n)
     return ours, attribution, stats
 
 
 @pytest.fixture()
 def tiny():
-    from knexp.models.adapters.spliced import SplicedAdapter
+    from knexp.models.spliced import SplicedAdapter
     from knexp.models.tiny import tiny_minigpt4
 
     adapter = SplicedAdapter(tiny_minigpt4(layers=4))  # its random image encoder tells images apart (tiny_embedded's does not)
@@ -130,8 +129,8 @@ def test_a_planted_neuron_is_recovered_on_the_embedded_model(catalog):
     """The same on the embedded model's real weights, with a toy-world scene, in the middle of the live window."""
     from knexp.counterfactual.inpaint import inpaint, region_mask
     from knexp.data.toyworld.scenes import SceneOptions, make_scene
-    from knexp.models.adapters.spliced import SplicedAdapter
     from knexp.models.embedded import load_embedded
+    from knexp.models.spliced import SplicedAdapter
     from knexp.paths import default_cache_dir, project_root
 
     adapter = SplicedAdapter(load_embedded(default_cache_dir(), project_root() / "knexp/models/weights/embedded_projector.safetensors"))

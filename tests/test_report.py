@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from knexp.reporting.report import collect, tables, write_report
+from knexp.reporting.sweep import collect, tables, write_report
 
 
 def _job(folder, knowledge, method, s_se, s_re, per_layer, variant="", bleu=0.5, noise_level=None):
@@ -29,10 +29,15 @@ def test_report_tables_by_hand(tmp_path):
     assert t["table2"].loc["ours", "S_se"] == pytest.approx(0.7) and t["table2"].loc["ours", "S_mean"] == pytest.approx(0.7)
     assert t["table2"].loc["pan", "S_re"] == pytest.approx(1.0) and "pan:authors" in t["table2"].index
     assert t["table3"].loc["pan", "bleu"] == pytest.approx(0.7)
-    path = write_report(sweep, tmp_path / "out")
-    text = path.read_text()
+    report = write_report(sweep, tmp_path / "out")
+    text = report.markdown.read_text()
     assert "0.7335" in text and "0.7714" in text  # the paper's averages beside ours
     assert (tmp_path / "out" / "fig2_layers.png").exists() and (tmp_path / "out" / "table2.csv").exists()
+    # the same report as one self-contained page: the tables as HTML, every figure inline, no link to a file beside it
+    page = report.html.read_text()
+    assert page.count("<table") == 3 and "0.7335" in page and "pan:authors" in page  # Table II, III, per knowledge
+    assert page.count('src="data:image/png;base64,') == len(report.figures) == 1 and ".png" not in page
+    assert report.figures == [tmp_path / "out" / "fig2_layers.png"]
 
 
 def test_a_rerun_counts_once(tmp_path):
@@ -88,37 +93,36 @@ def test_size_curves_and_their_areas_by_hand_per_split(tmp_path):
     assert t["curve_areas"].loc[("tuning", "ours"), "area_S_mean"] == pytest.approx(area)
     assert t["curve_areas"].loc[("heldout", "ours"), "area_S_mean"] == pytest.approx(0.5)
     assert curve_area([{"size": 30, "S_mean": 0.7}]) == 0.7 and curve_area([]) is None
-    path = write_report(sweep, tmp_path / "out", splits)
-    assert (tmp_path / "out" / "size_curves.png").exists() and "Size curves" in path.read_text()
+    report = write_report(sweep, tmp_path / "out", splits)
+    assert (tmp_path / "out" / "size_curves.png").exists() and "Size curves" in report.markdown.read_text()
 
 
 def test_report_draws_the_trace_a_job_wrote(tmp_path):
-    from knexp.identification.trace import KINDS, SampleTrace, live_window
-    from knexp.tasks.trace import write_trace
+    from knexp.identification.causal_trace import KINDS, SampleTrace, live_window
+    from knexp.reporting.outputs import write_trace
 
     sweep = tmp_path / "sweep"
     _job(sweep / "0", "bed", "ours", 0.8, 0.6, [1, 2, 0])
     traces = [SampleTrace("bed", 1, 2, 10.0, 2.0, {k: [-8.0, -6.0, 0.0] for k in KINDS}, {k: [False, False, True] for k in KINDS})]
     window_only = [SampleTrace("bed", 1, 2, 10.0, 2.0, {"resid": [-8.0, -8.0, -8.0]}, {})]  # its window: layers 0-1
-    write_trace(sweep / "0", "embedded", live_window(window_only, 0.5), window_only)  # an evaluate job's window
-    write_trace(sweep / "trace", "embedded", live_window(traces, 0.5), traces)  # task=trace's, found later in path order
-    text = write_report(sweep, tmp_path / "out").read_text()
+    def trace(window, samples):
+        return {"model": "embedded", "window": window, "samples": [t.to_dict() for t in samples]}
+
+    write_trace(sweep / "0", trace(live_window(window_only, 0.5), window_only))  # an evaluate job's window
+    write_trace(sweep / "trace", trace(live_window(traces, 0.5), traces))  # task=trace's, found later in path order
+    text = write_report(sweep, tmp_path / "out").markdown.read_text()
     assert "Live window (neuron layers): 0-0" in text and (tmp_path / "out" / "trace.png").exists()  # the full one
 
 
 def test_wandb_summary_flattens_nested_results_and_a_curve_is_logged_offline(tmp_path):
-    from omegaconf import OmegaConf
-
     from knexp.reporting.logger import WandbLogger, _flatten
 
     curve = [{"size": 10, "S_se": 0.1}, {"size": 100, "S_se": 0.5}]
     assert _flatten({"curve": curve, "clean": {"S_k": 1.0}, "sizes": [1, 2]}) == {
         "curve/0/size": 10, "curve/0/S_se": 0.1, "curve/1/size": 100, "curve/1/S_se": 0.5, "clean/S_k": 1.0, "sizes": [1, 2]}
-    cfg = OmegaConf.create({"logger": {"mode": "offline", "project": "knexp", "entity": None, "group": None, "dir": str(tmp_path)},
-                            "task": {"name": "evaluate"}, "tags": []})
     import pandas as pd
 
-    logger = WandbLogger(tmp_path, cfg)
+    logger = WandbLogger(tmp_path, run_config={"task": {"name": "evaluate"}}, job_type="evaluate", mode="offline", dir=tmp_path)
     logger.log_table("curve", pd.DataFrame(curve))
     logger.log_metrics({"curve": curve})
     assert logger.run.summary["curve/1/S_se"] == 0.5

@@ -6,15 +6,18 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.coco import CocoScenes
-from knexp.identification.cache import StatsCache
+from knexp.identification import methods as M
 from knexp.identification.pipeline import identify_sample
-from knexp.identification.selection import Candidate, select_samples
-from knexp.models.adapters.spliced import SplicedAdapter
+from knexp.identification.selection import Candidate, Selector, select_samples
+from knexp.identification.stats_cache import StatsCache
+from knexp.identification.thresholds import QuantileRule
+from knexp.models.captioning import Captioner
+from knexp.models.spliced import SplicedAdapter
 from knexp.models.tiny import tiny_embedded
+from knexp.store import Store
 
 RED = (230, 20, 20)
 
@@ -83,16 +86,18 @@ def test_a_second_method_reuses_the_passes(tmp_path, catalog):
     real_forward = adapter.forward
     adapter.forward = lambda prepared: calls.append(1) or real_forward(prepared)
     cand = Candidate(1, 1, "bus", True, "", "the image shows a bus and a clock.", "the image shows a clock.")
-    thresholds = OmegaConf.create({"name": "quantile", "q_a": 0.99, "q_g": 0.5, "min_g": 0.0})
-    args = (adapter, "tiny", data, "t", cand, catalog["bus"], InpaintOptions(), InpaintCache(tmp_path / "c"))
+    thresholds = QuantileRule(name="quantile", q_a=0.99, q_g=0.5, min_g=0.0)
+    captioner = Captioner(adapter, "tiny", Store(None, "captions"))
+    selector = Selector(data, "t", catalog, captioner, InpaintOptions(), InpaintCache(tmp_path / "c"), per_knowledge=1, seed=0)
+    args = (selector, cand, catalog["bus"])
     stats_cache = StatsCache(tmp_path / "c")
-    ours = identify_sample(*args, stats_cache, thresholds, OmegaConf.create({"name": "ours"}))
+    ours = identify_sample(*args, stats_cache, thresholds, M.Ours(name="ours"))
     assert len(calls) == 2  # inpainted forward + original forward/backward
-    pan = identify_sample(*args, stats_cache, thresholds, OmegaConf.create({"name": "pan", "variant": "paper"}))
+    pan = identify_sample(*args, stats_cache, thresholds, M.Pan(name="pan", variant="paper"))
     assert len(calls) == 2, "the second method ran a forward pass"
     assert len(pan.neurons) == len(ours.neurons) == len(ours.reference)
     fresh = StatsCache(tmp_path / "c")  # a new job: statistics come from disk
-    again = identify_sample(*args, fresh, thresholds, OmegaConf.create({"name": "ours"}))
+    again = identify_sample(*args, fresh, thresholds, M.Ours(name="ours"))
     assert len(calls) == 2 and fresh.loaded == 1 and fresh.computed == 0
     assert again.neurons.pairs() == ours.neurons.pairs()
     assert ours.neurons.spread is not None and len(ours.neurons.spread) == len(ours.neurons)
@@ -103,12 +108,12 @@ def test_a_second_method_reuses_the_passes(tmp_path, catalog):
         del old["act_std"]  # a file from before act_std existed
         save_file(old, str(f), metadata={"meta": '{"target_id": 0, "target_position": 0, "forward_passes": 2}'})
     older = StatsCache(tmp_path / "c")
-    identify_sample(*args, older, thresholds, OmegaConf.create({"name": "ours"}))
+    identify_sample(*args, older, thresholds, M.Ours(name="ours"))
     assert older.computed == 1 and len(calls) == 4
     for f in (tmp_path / "c" / "stats").glob("*.safetensors"):
         f.write_bytes(f.read_bytes()[:100])  # torn file
     torn = StatsCache(tmp_path / "c")
-    identify_sample(*args, torn, thresholds, OmegaConf.create({"name": "ours"}))
+    identify_sample(*args, torn, thresholds, M.Ours(name="ours"))
     assert torn.computed == 1 and len(calls) == 6
 
 

@@ -70,10 +70,8 @@ def test_ghost_objects_are_inpainted_and_left_out_of_the_caption(catalog):
     assert seen >= 8
 
 
-def test_captions_use_articles_and_lists():
-    from knexp.data.catalog import Catalog
-
-    cat = Catalog.load()
+def test_captions_use_articles_and_lists(catalog):
+    cat = catalog
     assert caption_for([cat["banana"], cat["umbrella"]]) == "The image shows a banana and an umbrella."
     assert caption_for([cat["bus"], cat["clock"], cat["scissors"]]) == "The image shows a bus, a clock and a pair of scissors."
     assert caption_for([]) == EMPTY_CAPTION

@@ -1,12 +1,12 @@
-"""The causal trace (``knexp.identification.trace``) against residual patching written out by hand (tiny models)."""
+"""The causal trace (``knexp.identification.causal_trace``) against residual patching written out by hand (tiny models)."""
 
 import numpy as np
 import pytest
 import torch
 
+from knexp.identification.causal_trace import KINDS, SampleTrace, live_window, normalised, trace_sample
 from knexp.identification.passes import locate_target
-from knexp.identification.trace import KINDS, SampleTrace, live_window, normalised, trace_sample
-from knexp.models.adapters.spliced import SplicedAdapter
+from knexp.models.spliced import SplicedAdapter
 from knexp.models.tiny import tiny_adapter
 
 CAPTION = "the image shows a bus and a clock."
@@ -103,7 +103,7 @@ def test_window_averages_effects_over_samples():
 
 
 def test_cached_trace_stores_each_kind_and_a_window_reuses_a_full_trace(tmp_path):
-    from knexp.identification.trace import cached_trace
+    from knexp.identification.causal_trace import cached_trace
     from knexp.store import Store
 
     calls = []
@@ -175,23 +175,21 @@ def test_trace_task_on_a_tiny_model_with_a_scripted_captioner(tmp_path, monkeypa
     that names the bus while its red square is visible stands in for selection's captions)."""
     import json
 
-    from hydra import compose, initialize_config_dir
     from test_selection import RedSquareCaptioner, _coco
 
-    import knexp.tasks.trace as task
-    from knexp.config import register_resolvers
-    from knexp.paths import conf_dir
+    from knexp.job import Session, compose
+    from knexp.tasks.trace import TraceTask
 
-    register_resolvers()
     _coco(tmp_path / "data", {i: [(6, (8 * i, 10, 40, 40))] for i in range(1, 5)})
+    cfg = compose("task=trace", "model=tiny_minigpt4", "data=coco2017", f"data.root={tmp_path}/data", "data.split=val",
+                  "data.image_dir=val", "trace.objects=[bus]", "trace.per_object=2", f"paths.cache_dir={tmp_path}/cache",
+                  "logger=none", output_dir=tmp_path / "job")
+    session = Session.from_config(cfg)
     scripted = RedSquareCaptioner()
-    scripted.model_key, scripted.store = "tiny-minigpt4", None
-    monkeypatch.setattr(task, "make_captioner", lambda cfg, adapter, key: scripted)
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["task=trace", "model=tiny_minigpt4", "data=coco2017", f"data.root={tmp_path}/data",
-                                           "data.split=val", "data.image_dir=val", "trace.objects=[bus]", "trace.per_object=2",
-                                           f"paths.output_dir={tmp_path}/job", f"paths.cache_dir={tmp_path}/cache", "logger=none"])
-    result = task.run(cfg)
+    scripted.adapter, scripted.model_key, scripted.store = session.adapter, "tiny-minigpt4", None
+    scripted.batch_size, scripted.max_new_tokens = 8, 8
+    session.shared["captioner"] = scripted  # the session's captioner, as a job's stages see it
+    result = TraceTask()(session)
     saved = json.loads((tmp_path / "job" / "trace.json").read_text())
     assert len(saved["samples"]) == 2 and saved["window"] == result["window"]
     assert all(set(s["delta"]) == set(KINDS) and len(s["delta"]["ffn"]) == 3 for s in saved["samples"])

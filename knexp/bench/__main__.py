@@ -18,20 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knexp.data.catalog import Catalog
 from knexp.data.toyworld.scenes import SceneOptions, make_scene
-from knexp.models.embedded import load_adapter
+from knexp.job import session
 from knexp.models.hooks import LayerEdit, intervene
-from knexp.paths import default_cache_dir, project_root
+from knexp.paths import project_root
 
 
 def hook_overhead(images: int = 32, batch_size: int = 16, units: int = 64, repeats: int = 3, max_new_tokens: int = 32) -> dict:
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(project_root() / "conf/model/embedded.yaml")
-    cfg.projector_path = str(project_root() / "knexp/models/weights/embedded_projector.safetensors")
-    adapter = load_adapter(cfg, torch.device("cpu"), default_cache_dir())
-    catalog = Catalog.load()
+    s = session("model=embedded", "logger=none")
+    adapter, catalog = s.adapter, s.catalog
     pics = [make_scene(catalog, np.random.default_rng([2024, 5, i]), SceneOptions(gap_px=8)).image for i in range(images)]
     batches = [pics[i : i + batch_size] for i in range(0, images, batch_size)]
     prepared = [adapter.prepare(b) for b in batches]
@@ -67,15 +62,11 @@ def hook_overhead(images: int = 32, batch_size: int = 16, units: int = 64, repea
 
 def evaluation_throughput(images: int = 8, levels: tuple = (40.0, 80.0), draws: int = 2, batch_size: int = 32) -> dict:
     """Perturbed captions per second: batched rows (one seeded generator per row) vs one generate per caption."""
-    from omegaconf import OmegaConf
-
     from knexp.evaluation.perturb import noise_captions, rows_for
     from knexp.identification.methods import NeuronSet
 
-    cfg = OmegaConf.load(project_root() / "conf/model/embedded.yaml")
-    cfg.projector_path = str(project_root() / "knexp/models/weights/embedded_projector.safetensors")
-    adapter = load_adapter(cfg, torch.device("cpu"), default_cache_dir())
-    catalog = Catalog.load()
+    s = session("model=embedded", "logger=none")
+    adapter, catalog = s.adapter, s.catalog
     pics = [make_scene(catalog, np.random.default_rng([77, 5, i]), SceneOptions(gap_px=8)).image for i in range(images)]
     rng = np.random.default_rng(0)
     layers = np.sort(rng.integers(15, 30, 20))

@@ -25,7 +25,6 @@ import time
 import numpy as np
 import torch
 
-from knexp.data.catalog import Catalog
 from knexp.identification import methods as M
 from knexp.identification.passes import Target, compute_stats
 
@@ -54,18 +53,13 @@ def _all_methods(stats) -> None:
 
 
 def identification_cost(repeats: int = 5) -> dict:
-    from omegaconf import OmegaConf
-
     from knexp.counterfactual.inpaint import inpaint, region_mask
     from knexp.data.toyworld.scenes import SceneOptions, make_scene
     from knexp.identification.passes import locate_target
-    from knexp.models.embedded import load_adapter
-    from knexp.paths import default_cache_dir, project_root
+    from knexp.job import session
 
-    cfg = OmegaConf.load(project_root() / "conf/model/embedded.yaml")
-    cfg.projector_path = str(project_root() / "knexp/models/weights/embedded_projector.safetensors")
-    adapter = load_adapter(cfg, torch.device("cpu"), default_cache_dir())
-    catalog = Catalog.load()
+    s = session("model=embedded", "logger=none")
+    adapter, catalog = s.adapter, s.catalog
     scene = make_scene(catalog, np.random.default_rng([31, 5, 0]), SceneOptions(gap_px=8))
     obj = scene.objects[0]
     edited = inpaint(scene.image, region_mask(scene.image.shape[:2], bbox=obj.bbox, dilation=2), 3, "telea")
@@ -89,7 +83,7 @@ def identification_cost(repeats: int = 5) -> dict:
 def _seven_b_shaped():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from knexp.models.adapters.llava import LlavaAdapter
+    from knexp.models.llava import LlavaAdapter
     from knexp.models.tiny import word_tokenizer
 
     tok = word_tokenizer()

@@ -1,9 +1,10 @@
 """The knowledge catalog: the 30 COCO objects of METHOD.md with their word forms.
 
-The YAML files in ``conf/knowledge/`` are the single source of truth; this module reads them and
-answers "does this caption name object k?" (METHOD.md, "Evaluation": word match with plural and
-synonyms). Matching is whole-word and case-insensitive, punctuation is ignored, and multi-word forms
-("tennis racket") match as phrases.
+The YAML files in ``conf/knowledge/`` are the single source of truth. Hydra composes them (``conf/catalog``) and
+``knexp.job.build_catalog`` builds the catalog from the composed config, so an override such as
+``knowledge.synonyms=[...]`` takes effect; this module answers "does this caption name object k?" (METHOD.md,
+"Evaluation": word match with plural and synonyms). Matching is whole-word and case-insensitive, punctuation is
+ignored, and multi-word forms ("tennis racket") match as phrases.
 """
 
 from __future__ import annotations
@@ -11,11 +12,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
-
-import yaml
-
-from knexp.paths import conf_dir
 
 
 class UnknownKnowledgeError(KeyError):
@@ -66,19 +62,11 @@ class Knowledge:
 
 
 class Catalog:
-    """Ordered mapping name -> Knowledge, loaded from a folder of knowledge YAML files."""
+    """Ordered mapping name -> Knowledge (by COCO id), e.g. of the composed config's ``catalog``."""
 
     def __init__(self, entries: list[Knowledge]):
         self._by_name = {k.name: k for k in sorted(entries, key=lambda k: k.coco_id)}
         self._by_id = {k.coco_id: k for k in self._by_name.values()}
-
-    @classmethod
-    def load(cls, folder: str | Path | None = None) -> Catalog:
-        folder = Path(folder) if folder is not None else conf_dir() / "knowledge"
-        files = sorted(folder.glob("*.yaml"))
-        if not files:
-            raise FileNotFoundError(f"no knowledge YAML files in {folder}; is conf/knowledge present?")
-        return cls([knowledge_from_dict(yaml.safe_load(f.read_text())) for f in files])
 
     def __getitem__(self, name: str) -> Knowledge:
         key = name.replace("_", " ")

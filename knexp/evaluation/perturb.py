@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from knexp.identification.methods import NeuronSet
-from knexp.models.adapters.base import Adapter
+from knexp.models.adapter import Adapter
 from knexp.models.batching import map_batches
 from knexp.models.hooks import LayerEdit, intervene
 from knexp.store import Store, stable_key

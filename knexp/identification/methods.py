@@ -13,6 +13,11 @@ attribution   top-n by -a, a = sum_p (O'_i - O'_o) * dy_c/dO'_o: the first-order
               a <= -threshold (its thresholded form).
 random        layer-matched control: in each layer, as many random units as the reference set has there.
 Baselines take |N_k| from ``ours`` on the same sample; |N_k| = 0 gives an empty set that says why.
+
+Each method is also a class (``Method``: ``Ours``, ``Stage1Only``, ...) that ``conf/method/*.yaml`` names by ``_target_``:
+``select`` gives its set at the paper's equal size on a sample whose rule outcome is known, ``ranked`` its top-n for
+size curves (METHOD.md, "Size curves"): ours at size n is the ``budget`` form of its rule (same stage-1 score and
+layers), random is layer-matched to ours at n.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 import torch
 
 from knexp.identification.passes import SampleStats
-from knexp.identification.thresholds import TwoStage, top_flat
+from knexp.identification.thresholds import Rule, RuleContext, TwoStage, allowed_layers, top_flat
 
 
 @dataclass
@@ -167,3 +172,115 @@ def random_matched(reference: NeuronSet, d_ff: int, seed: int) -> NeuronSet:
     note = "" if layers else "empty: the reference set is empty"
     return NeuronSet("random", f"matched:{reference.method}", np.array(layers, np.int64), np.array(units, np.int64),
                      np.zeros(len(units)), note=note, info={"seed": seed})
+
+
+# ---- methods as configurable objects (conf/method/*.yaml) -----------------------------------------------------------
+def _within(stats: SampleStats, layers: str | None, ctx: RuleContext) -> torch.Tensor | None:
+    """bool [L, d_f] of the neurons in the ``layers`` setting's layers (None: everywhere)."""
+    return None if layers is None else allowed_layers(stats, layers, ctx)[:, None].expand(stats.shape)
+
+
+@dataclass
+class Method:
+    """A way of choosing neurons from one sample's statistics. ``select``: the set at |N_k| of ours on the sample (the
+    paper's equal-size comparison), given the rule's outcome ``ts``; ``ranked``: the method's n best neurons."""
+
+    name: str = ""
+    variant: str = ""
+
+    def select(self, stats: SampleStats, ts: TwoStage, rule: Rule, ctx: RuleContext, d_ff: int) -> NeuronSet:
+        raise NotImplementedError
+
+    def ranked(self, stats: SampleStats, rule: Rule, ctx: RuleContext, n: int, d_ff: int) -> NeuronSet:
+        budget = rule.at_size(n)
+        return self.select(stats, budget.apply(stats, ctx), budget, ctx, d_ff)
+
+    def needs_live(self, rule: Rule) -> bool:
+        """Whether the method, under ``rule``, needs the model's live window."""
+        return rule.needs_live
+
+
+@dataclass
+class Ours(Method):
+    """Two-stage filtering: N_k of the rule."""
+
+    def select(self, stats, ts, rule, ctx, d_ff):
+        return from_two_stage(ts)
+
+
+@dataclass
+class Stage1Only(Method):
+    """Ablation: ours' stage-1 score and layers, without stage 2."""
+
+    def select(self, stats, ts, rule, ctx, d_ff):
+        return stage1_only(stats, len(from_two_stage(ts)), score=ts.stage1, within=_within(stats, _rule_layers(rule), ctx))
+
+
+@dataclass
+class Stage2Only(Method):
+    """Ablation: ours' stage-2 score and layers, without stage 1."""
+
+    def select(self, stats, ts, rule, ctx, d_ff):
+        return stage2_only(stats, len(from_two_stage(ts)), score=ts.stage2, within=_within(stats, _rule_layers(rule), ctx))
+
+
+def _rule_layers(rule: Rule) -> str | None:
+    """The layers setting of ours' rule (None for the paper's rules, which use every layer)."""
+    return rule.layers if rule.automatic else None
+
+
+@dataclass
+class Schwettmann(Method):
+    """Schwettmann et al. 2023 over all layers, as the paper's comparison ran it (variant ``paper`` or ``authors``)."""
+
+    variant: str = "paper"
+
+    def select(self, stats, ts, rule, ctx, d_ff):
+        return schwettmann(stats, len(from_two_stage(ts)), self.variant)
+
+
+@dataclass
+class Pan(Method):
+    """Pan et al. 2024 over all layers (variant ``paper`` or ``authors``)."""
+
+    variant: str = "paper"
+
+    def select(self, stats, ts, rule, ctx, d_ff):
+        return pan(stats, len(from_two_stage(ts)), self.variant)
+
+
+@dataclass
+class Attribution(Method):
+    """Inpainting attribution patching in its ``form``: ``matched`` (|N_k|), ``top_n`` (``n``) or ``threshold``, inside
+    ``layers`` (all | nonzero | live)."""
+
+    form: str = "matched"
+    n: int = 300
+    threshold: float = 0.02
+    layers: str = "all"
+
+    def select(self, stats, ts, rule, ctx, d_ff):
+        within = _within(stats, self.layers, ctx)
+        if self.form == "matched":
+            return attribution(stats, n=len(from_two_stage(ts)), within=within)
+        if self.form == "top_n":
+            return attribution(stats, n=int(self.n), within=within)
+        if self.form == "threshold":
+            return attribution(stats, threshold=float(self.threshold), within=within)
+        raise ValueError(f"unknown method.form={self.form!r}; use matched, top_n or threshold")
+
+    def ranked(self, stats, rule, ctx, n, d_ff):
+        return attribution(stats, n=n, within=_within(stats, self.layers, ctx))
+
+    def needs_live(self, rule: Rule) -> bool:
+        return rule.needs_live or self.layers == "live"
+
+
+@dataclass
+class RandomControl(Method):
+    """The layer-matched random control of ours' set (seeded)."""
+
+    seed: int = 0
+
+    def select(self, stats, ts, rule, ctx, d_ff):
+        return random_matched(from_two_stage(ts), d_ff, seed=int(self.seed))

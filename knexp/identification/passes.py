@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from knexp.data.catalog import Knowledge
-from knexp.models.adapters.base import Adapter
+from knexp.models.adapter import Adapter
 from knexp.models.hooks import attached, gradient_anchor
 
 
@@ -120,7 +120,7 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
     prep_i = adapter.prepare([inpainted], continuations=[target.context], prefix=prefix)
     prep_o = adapter.prepare([original], continuations=[target.context], prefix=prefix)
     pos_i, pos_o = prep_i.image_positions[0], prep_o.image_positions[0]
-    t_star = target_position(prep_o)
+    t_star = int(prep_o.last_position[0])  # t*: the position whose logits predict c
 
     inpainted_acts: dict[int, torch.Tensor] = {}
 
@@ -129,7 +129,7 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
             inpainted_acts[layer] = x[0, pos_i].detach()  # [P, d_f], model dtype: kept until layer's backward
         return hook
 
-    with torch.no_grad(), attached(adapter, {layer: keep_inpainted(layer) for layer in layers}, prefill=prep_i.prompt_len):
+    with torch.no_grad(), attached(adapter, {("ffn", layer): keep_inpainted(layer) for layer in layers}, prefill=prep_i.prompt_len):
         adapter.forward(prep_i)
 
     out: dict[str, dict[int, torch.Tensor]] = {k: {} for k in SampleStats.TENSORS}
@@ -161,21 +161,15 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
         return hook
 
     def on_act(layer):
-        def hook(module, args, output):
-            if output.shape[1] == prep_o.prompt_len:
-                out["actfn_last"][layer] = output[0, t_star].detach().to(torch.float32, copy=True)
+        def hook(x):  # act(gate(x)) [1, T, d_f]
+            out["actfn_last"][layer] = x[0, t_star].detach().to(torch.float32, copy=True)
         return hook
 
-    act_handles = [adapter.ffn_act(layer).register_forward_hook(on_act(layer)) for layer in layers]
-    try:
-        with (torch.enable_grad(), gradient_anchor(adapter, prep_o.prompt_len),
-              attached(adapter, {k: on_original(k) for k in layers}, prefill=prep_o.prompt_len)):
-            logits = adapter.forward(prep_o)
-            logits[0, t_star, target.token_id].backward()
-            del logits
-    finally:
-        for h in act_handles:
-            h.remove()
+    hooks = {("ffn", k): on_original(k) for k in layers} | {("ffn_act", k): on_act(k) for k in layers}
+    with torch.enable_grad(), gradient_anchor(adapter, prep_o.prompt_len), attached(adapter, hooks, prefill=prep_o.prompt_len):
+        logits = adapter.forward(prep_o)
+        logits[0, t_star, target.token_id].backward()
+        del logits
     missing = [layer for layer in layers if layer not in out["gradcam_max"]]
     if missing:
         raise RuntimeError(f"no gradient reached layers {missing}; is the target logit connected to the image tokens?")
@@ -184,10 +178,3 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
         stacked["wout_dot_wu"] = wout_dot_unembedding(adapter, target.token_id).cpu()
     return SampleStats(**stacked, target_id=target.token_id, target_position=t_star)
 
-
-def target_position(prepared) -> int:
-    """t*: row 0's last position (whose logits predict c), under left, right or no padding."""
-    mask = prepared.inputs.get("attention_mask")
-    if mask is None or bool(mask[:, -1].all()):  # every row ends at the last position
-        return prepared.prompt_len - 1
-    return int(mask[0].sum()) - 1

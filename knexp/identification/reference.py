@@ -27,7 +27,7 @@ from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog
 from knexp.data.coco import CocoScenes, DatasetError
 from knexp.io import atomic_path
-from knexp.models.adapters.base import Adapter
+from knexp.models.adapter import Adapter
 from knexp.models.batching import map_batches
 from knexp.models.hooks import attached
 from knexp.store import stable_key
@@ -89,7 +89,7 @@ def _image_positions_values(adapter: Adapter, images: list[np.ndarray], on_layer
         def hook_for(layer):
             return lambda x: on_layer(layer, x[rows, prepared.image_positions].detach().float(), chunk[0])
 
-        with attached(adapter, {layer: hook_for(layer) for layer in layers}, prefill=prepared.prompt_len):
+        with attached(adapter, {("ffn", layer): hook_for(layer) for layer in layers}, prefill=prepared.prompt_len):
             adapter.forward(prepared)
         return [None] * len(chunk)
 

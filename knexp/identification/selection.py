@@ -19,6 +19,7 @@ import numpy as np
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.coco import CocoScenes, DatasetError
+from knexp.models.captioning import Captioner
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +128,29 @@ def select_samples(data: CocoScenes, dataset_id: str, captioner: Callable[[list[
     selection = Selection(knowledge.name, per_knowledge, accepted, rejected)
     (log.info if len(accepted) >= per_knowledge else log.warning)(selection.message)
     return selection
+
+
+@dataclass
+class Selector:
+    """Selection with fixed settings: ``selector(knowledge)`` selects ``per_knowledge`` samples of it from ``data`` (the
+    dataset ``dataset_id``) with ``captioner``'s model, inpainting with ``opts`` through ``inpaint_cache``."""
+
+    data: CocoScenes
+    dataset_id: str
+    catalog: Catalog
+    captioner: Captioner
+    opts: InpaintOptions
+    inpaint_cache: InpaintCache
+    per_knowledge: int
+    seed: int
+
+    def __call__(self, knowledge: Knowledge) -> Selection:
+        return select_samples(self.data, self.dataset_id, self.captioner, self.catalog, knowledge, self.per_knowledge, self.seed,
+                              self.opts, self.inpaint_cache, batch=self.captioner.batch_size)
+
+    def inpainted(self, candidate: Candidate) -> np.ndarray:
+        """The candidate's image with its instance inpainted away (from the cache where it holds it)."""
+        image = self.data.load_image(candidate.image_id)
+        inst = next(i for i in self.data.instances(candidate.image_id) if i.annotation_id == candidate.annotation_id)
+        return self.inpaint_cache.get(self.dataset_id, candidate.image_id, candidate.annotation_id, image, inst.bbox,
+                                      self.data.instance_mask(candidate.annotation_id), self.opts)

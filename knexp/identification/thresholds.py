@@ -13,7 +13,7 @@ budget          automatic, a set-size budget: C^k = the ceil(n / (1 - q_g)) allo
 Automatic rules have more settings (``paper`` and ``fixed`` always use the raw score over all layers):
   ``layers``  where candidates may sit. ``nonzero``: layers whose gradient at the image positions is not 0
               everywhere (never the last: nothing reads its image positions); ``live``: those inside the model's
-              live window as well (``knexp.identification.trace``); ``all``: no restriction.
+              live window as well (``knexp.identification.causal_trace``); ``all``: no restriction.
   ``stage1``  the stage-1 score. ``raw``: max_p V, the paper's; ``abs``: max_p |V|, a change of either sign;
               ``spread``: max_p V / the neuron's std over
               reference images (V in units of the neuron's own spread); ``contrastive``: (max_p V - m) / s with m, s
@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
-from omegaconf import DictConfig
 
 from knexp.identification.passes import SampleStats
 from knexp.identification.reference import ReferenceStats
 
-AUTOMATIC = ("quantile", "layer_quantile", "budget")
-RULES = ("paper", "fixed", *AUTOMATIC)
 STAGE1 = ("raw", "abs", "spread", "contrastive")
 LAYERS = ("all", "nonzero", "live")
 STAGE2 = ("max", "mean")
@@ -110,47 +108,141 @@ def _quantile(values: torch.Tensor, q: float) -> float:
     return float(torch.quantile(values.double(), q)) if values.numel() else float("inf")
 
 
-def two_stage(cfg: DictConfig, stats: SampleStats, ctx: RuleContext) -> TwoStage:
-    """C^k and N_k under the rule ``cfg`` (one of ``RULES``) on one sample."""
-    rule = cfg.name
-    g_score = stats.gradcam_max
-    if rule in ("paper", "fixed"):
-        if rule == "paper":
-            table = cfg.per_knowledge
-            if ctx.knowledge not in table:
-                raise KeyError(f"thresholds=paper has no entry for {ctx.knowledge!r}; use thresholds=quantile or thresholds=fixed")
-            a, g = float(table[ctx.knowledge].a), float(table[ctx.knowledge].g)
-        else:
-            a, g = float(cfg.a), float(cfg.g)
-        cand = stats.diff_max > a
-        return TwoStage(stats.diff_max, g_score, cand, cand & (g_score > g), {"threshold_a": a, "threshold_g": g})
-    if rule not in AUTOMATIC:
-        raise ValueError(f"unknown threshold rule {rule!r}; use one of {', '.join(RULES)}")
-    s1 = stage1_score(stats, cfg.get("stage1", "raw"), ctx)
-    g_score = stage2_score(stats, cfg.get("stage2", "max"))
-    layers = allowed_layers(stats, cfg.get("layers", "all"), ctx)
-    inside = layers[:, None].expand_as(s1)
-    info = {"stage1": cfg.get("stage1", "raw"), "stage2": cfg.get("stage2", "max"), "layers": cfg.get("layers", "all"),
-            "allowed_layers": layers.nonzero().flatten().tolist()}
-    if rule == "budget":
-        n = int(cfg.n)
-        n_cand = math.ceil(n / (1 - float(cfg.q_g)))
-        cand = _top_mask(s1, n_cand, inside)
-        keep = _top_mask(g_score, n, cand)
-        return TwoStage(s1, g_score, cand, keep, {**info, "n": n, "candidates": n_cand})
-    if rule == "quantile":
-        a = _quantile(s1[inside], float(cfg.q_a))
-        cand = inside & (s1 > a)
+@dataclass
+class Rule:
+    """A threshold rule (``conf/thresholds/*.yaml`` names one by ``_target_``): ``apply`` gives C^k and N_k on one sample.
+
+    ``layers``, ``stage1``, ``stage2`` and ``q_g`` are the automatic rules' settings (module docstring); the paper's
+    rules always use every layer, the raw stage-1 score and max_p g."""
+
+    name: str = ""
+    layers: str = "all"
+    stage1: str = "raw"
+    stage2: str = "max"
+    q_g: float = 0.5
+
+    automatic: ClassVar[bool] = True
+
+    def apply(self, stats: SampleStats, ctx: RuleContext) -> TwoStage:
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """The rule as the report shows it: ``paper``, or e.g. ``budget(abs, live)`` (stage-1 score, layers; the stage-2
+        score too when it is not the paper's max)."""
+        if not self.automatic:
+            return self.name
+        second = "" if self.stage2 == "max" else f", {self.stage2}"
+        return f"{self.name}({self.stage1}{second}, {self.layers})"
+
+    @property
+    def needs_live(self) -> bool:
+        """Whether the rule needs the model's live window."""
+        return self.automatic and self.layers == "live"
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the rule needs reference statistics (``knexp.identification.reference``)."""
+        return self.automatic and self.stage1 in ("spread", "contrastive")
+
+    def at_size(self, n: int) -> BudgetRule:
+        """This rule at a fixed size n: the ``budget`` form with the same stage-1 score, layers, stage 2 and q_g (the paper's
+        rules give the raw score over all layers): ours' set at every rung of a size curve."""
+        if not self.automatic:
+            return BudgetRule(name="budget", n=int(n), q_g=float(self.q_g))
+        return BudgetRule(name="budget", n=int(n), q_g=float(self.q_g), layers=self.layers, stage1=self.stage1, stage2=self.stage2)
+
+    def _scores(self, stats: SampleStats, ctx: RuleContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """(stage-1 score, stage-2 score, bool [L, d_f] of the allowed layers, what the rule used)."""
+        for setting, value, valid in (("layers", self.layers, LAYERS), ("stage1", self.stage1, STAGE1), ("stage2", self.stage2, STAGE2)):
+            if value not in valid:
+                raise ValueError(f"unknown thresholds.{setting}={value!r}; use one of {', '.join(valid)}")
+        s1, g_score = stage1_score(stats, self.stage1, ctx), stage2_score(stats, self.stage2)
+        layers = allowed_layers(stats, self.layers, ctx)
+        info = {"stage1": self.stage1, "stage2": self.stage2, "layers": self.layers, "allowed_layers": layers.nonzero().flatten().tolist()}
+        return s1, g_score, layers[:, None].expand_as(s1), info
+
+
+def _scalar_pair(stats: SampleStats, a: float, g: float) -> TwoStage:
+    """C^k = {max_p V > a}, N_k = {(l, u) in C^k : max_p g > g}, over all layers: exactly the paper."""
+    cand = stats.diff_max > a
+    return TwoStage(stats.diff_max, stats.gradcam_max, cand, cand & (stats.gradcam_max > g), {"threshold_a": a, "threshold_g": g})
+
+
+@dataclass
+class PaperRule(Rule):
+    """``thresholds=paper``: Table IV per knowledge (MiniGPT-4's activation scale)."""
+
+    per_knowledge: dict = field(default_factory=dict)
+    automatic: ClassVar[bool] = False
+
+    def apply(self, stats: SampleStats, ctx: RuleContext) -> TwoStage:
+        if ctx.knowledge not in self.per_knowledge:
+            raise KeyError(f"thresholds=paper has no entry for {ctx.knowledge!r}; use an automatic rule (thresholds=budget or "
+                           "thresholds=quantile) or thresholds=fixed")
+        entry = self.per_knowledge[ctx.knowledge]
+        return _scalar_pair(stats, float(entry["a"]), float(entry["g"]))
+
+
+@dataclass
+class FixedRule(Rule):
+    """``thresholds=fixed``: the same explicit pair (a, g) for every knowledge."""
+
+    a: float = 0.0
+    g: float = 0.0
+    automatic: ClassVar[bool] = False
+
+    def apply(self, stats: SampleStats, ctx: RuleContext) -> TwoStage:
+        return _scalar_pair(stats, float(self.a), float(self.g))
+
+
+@dataclass
+class QuantileRule(Rule):
+    """``thresholds=quantile``: a = the ``q_a`` quantile of the stage-1 score over the allowed neurons, g = the ``q_g``
+    quantile of the stage-2 score over C^k (and at least ``min_g``)."""
+
+    q_a: float = 0.999
+    min_g: float = 0.0
+
+    def candidates(self, s1: torch.Tensor, inside: torch.Tensor, info: dict) -> torch.Tensor:
+        a = _quantile(s1[inside], float(self.q_a))
         info["threshold_a"] = a
-    else:  # layer_quantile
+        return inside & (s1 > a)
+
+    def apply(self, stats: SampleStats, ctx: RuleContext) -> TwoStage:
+        s1, g_score, inside, info = self._scores(stats, ctx)
+        cand = self.candidates(s1, inside, info)
+        g = max(_quantile(g_score[cand], float(self.q_g)), float(self.min_g))
+        info["threshold_g"] = g
+        return TwoStage(s1, g_score, cand, cand & (g_score > g), info)
+
+
+@dataclass
+class LayerQuantileRule(QuantileRule):
+    """``thresholds=layer_quantile``: in each allowed layer l, a_l = the ``q_a`` quantile of the stage-1 score in that
+    layer, so every layer offers the same share of candidates; g as in ``QuantileRule``."""
+
+    def candidates(self, s1: torch.Tensor, inside: torch.Tensor, info: dict) -> torch.Tensor:
         a_l = torch.full((s1.shape[0], 1), float("inf"))
-        for layer in layers.nonzero().flatten().tolist():
-            a_l[layer] = _quantile(s1[layer], float(cfg.q_a))
-        cand = s1 > a_l
+        for layer in inside[:, 0].nonzero().flatten().tolist():
+            a_l[layer] = _quantile(s1[layer], float(self.q_a))
         info["threshold_a"] = [None if math.isinf(v) else v for v in a_l.flatten().tolist()]
-    g = max(_quantile(g_score[cand], float(cfg.q_g)), float(cfg.min_g))
-    info["threshold_g"] = g
-    return TwoStage(s1, g_score, cand, cand & (g_score > g), info)
+        return s1 > a_l
+
+
+@dataclass
+class BudgetRule(Rule):
+    """``thresholds=budget``: C^k = the ceil(n / (1 - q_g)) allowed neurons of highest stage-1 score, N_k = the ``n`` of
+    them with the highest stage-2 score (the two quantiles at a fixed size)."""
+
+    n: int = 1000
+
+    def apply(self, stats: SampleStats, ctx: RuleContext) -> TwoStage:
+        s1, g_score, inside, info = self._scores(stats, ctx)
+        n = int(self.n)
+        n_cand = math.ceil(n / (1 - float(self.q_g)))
+        cand = _top_mask(s1, n_cand, inside)
+        return TwoStage(s1, g_score, cand, _top_mask(g_score, n, cand), {**info, "n": n, "candidates": n_cand})
 
 
 def top_flat(score: torch.Tensor, n: int, within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

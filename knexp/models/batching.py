@@ -15,11 +15,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from knexp.models.errors import BatchTooLarge
+
 log = logging.getLogger("knexp.progress")
-
-
-class BatchTooLarge(RuntimeError):
-    """Out of memory even with one row per batch."""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from knexp.models.adapters.base import Adapter
+from knexp.models.adapter import Adapter
 from knexp.store import Store, stable_key
 
 

@@ -1,6 +1,6 @@
 """The embedded MLLM: EfficientNet-Lite0 (frozen) -> projector (trained) -> SmolLM2-135M-Instruct (frozen).
 
-Captioning and neuron access go through ``knexp.models.adapters.spliced.SplicedAdapter``.
+Captioning and neuron access go through ``knexp.models.spliced.SplicedAdapter``.
 This is MiniGPT-4's first-stage recipe in miniature: a frozen image encoder whose 7 x 7 x 1280 feature
 map becomes 49 image tokens (row-major, token ``t`` covers grid cell ``(t // 7, t % 7)``), a projector
 into the LM's embedding space, and a frozen chat LM. Image tokens sit in the user turn of the LM's own
@@ -18,19 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from knexp.models.adapters.base import PatchGeometry
+from knexp.models.errors import ProjectorWeightsError
+from knexp.models.geometry import PatchGeometry
 from knexp.models.offline import efficientnet_lite0_weights, smollm2_folder
-from knexp.models.spliced import SplicedMLLM
+from knexp.models.spliced import SplicedAdapter, SplicedMLLM
 
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 224
 GRID = 7  # EfficientNet-Lite0 at 224 px: stride 32
 VISION_DIM = 1280
-
-
-class ProjectorWeightsError(RuntimeError):
-    """The projector file is missing or unreadable; the message names it and how to restore it."""
 
 
 @dataclass
@@ -148,19 +145,15 @@ def load_projector(projector: nn.Module, path: str | Path) -> None:
         ) from exc
 
 
-def load_adapter(model_cfg, device: torch.device, cache_dir: Path):
+def load_adapter(model_cfg: dict, device: torch.device, cache_dir: Path):
     """``model=embedded``: the embedded MLLM in its adapter (the loader named in conf/model/embedded.yaml)."""
-    from omegaconf import OmegaConf
-
-    from knexp.models.adapters.spliced import SplicedAdapter
-
     mllm = load_embedded(
         cache_dir=cache_dir,
-        projector_path=model_cfg.projector_path,
-        projector_kind=model_cfg.projector_kind,
-        projector_hidden=model_cfg.projector_hidden,
-        dtype=model_cfg.dtype,
-        attn_implementation=model_cfg.attn_implementation,
-        prompt=PromptConfig(**OmegaConf.to_container(model_cfg.prompt, resolve=True)),
+        projector_path=model_cfg["projector_path"],
+        projector_kind=model_cfg["projector_kind"],
+        projector_hidden=model_cfg["projector_hidden"],
+        dtype=model_cfg["dtype"],
+        attn_implementation=model_cfg["attn_implementation"],
+        prompt=PromptConfig(**model_cfg["prompt"]),
     )
     return SplicedAdapter(mllm.to(device))

@@ -1,12 +1,14 @@
 """Instrumentation at image tokens: record activations (and gradients) and intervene on them.
 
-Two hook sites (``SITES``), each a tensor [B, T, d] per decoder layer l:
-  ``ffn``    O^l [B, T, d_f], the neuron activations: the input of layer l's FFN output projection
-             (``Adapter.ffn_out``; METHOD.md, "Notation");
-  ``resid``  the residual stream entering decoder layer l [B, T, d_model] (the causal trace's state (a)).
-Hooks act only on a pass whose sequence length is the prepared prompt's (the prefill, ``attached``'s one
-guard): cached decoding steps (length 1) are untouched, so an intervention reaches generation through the
-KV cache alone. Every hook is removed when its ``with`` block ends, also on an exception.
+Hooks sit at the adapter's hook sites (``Adapter.sites``), each a tensor [B, T, d] per decoder layer l, e.g.
+  ``ffn``        O^l [B, T, d_f], the neuron activations: the input of layer l's FFN output projection
+                 (``Adapter.ffn_out``; METHOD.md, "Notation"), the default of ``record`` and ``intervene``;
+  ``resid_pre``  the residual stream entering decoder layer l [B, T, d_model] (the causal trace's state (a));
+  ``ffn_act``    act(gate(x)) [B, T, d_f] (a module's output: Pan et al.'s hook point).
+``attached`` is the one place hooks are registered: it takes ``(site, layer)`` keys for input and output sites
+alike, and its one prefill guard lets a hook act only on a pass whose sequence length is the prepared prompt's:
+cached decoding steps (length 1) are untouched, so an intervention reaches generation through the KV cache
+alone. Every hook is removed when its ``with`` block ends, also on an exception.
 """
 
 from __future__ import annotations
@@ -18,37 +20,30 @@ from dataclasses import dataclass, field
 
 import torch
 
-from knexp.models.adapters.base import Adapter, Prepared
+from knexp.models.adapter import Adapter, Prepared
 
 REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "max": lambda t: t.amax(dim=1),  # over image positions: [B, P, d_f] -> [B, d_f]
     "mean": lambda t: t.mean(dim=1),
 }
-SITES = ("ffn", "resid")
-
-
-def _site_module(adapter: Adapter, site: str, layer: int):
-    if site == "ffn":
-        return adapter.ffn_out(layer)
-    if site == "resid":
-        return adapter.decoder_layers()[layer]
-    raise ValueError(f"unknown hook site {site!r}; use one of {SITES}")
+Hook = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
 @contextmanager
-def attached(adapter: Adapter, hooks: dict[int, Callable[[torch.Tensor], torch.Tensor | None]], site: str = "ffn",
-             prefill: int | None = None) -> Iterator[None]:
-    """Call ``hooks[l](x)`` on the ``site`` tensor x [B, T, d] of layer l before the layer uses it; a returned
-    tensor replaces x. With ``prefill``, only passes of that sequence length are seen (the prepared prompt's).
-    The hooks are always removed."""
+def attached(adapter: Adapter, hooks: dict[tuple[str, int], Hook], prefill: int | None = None) -> Iterator[None]:
+    """Call ``hooks[(site, l)](x)`` on the tensor x [B, T, d] of hook site ``site`` in layer l (``Adapter.site``): an
+    input site's hook runs before its module uses x, an output site's after the module made it; a returned tensor
+    replaces x. With ``prefill``, only passes of that sequence length are seen (the prepared prompt's): the one
+    prefill guard. The hooks are always removed."""
 
-    def wrap(hook):
+    def seen(x: torch.Tensor) -> bool:
+        return prefill is None or x.shape[1] == prefill
+
+    def before(hook: Hook):
         def pre_hook(module, args, kwargs):
             from_kwargs = "hidden_states" in kwargs
             x = kwargs["hidden_states"] if from_kwargs else args[0]
-            if prefill is not None and x.shape[1] != prefill:
-                return None
-            new = hook(x)
+            new = hook(x) if seen(x) else None
             if new is None:
                 return None
             if from_kwargs:
@@ -57,10 +52,20 @@ def attached(adapter: Adapter, hooks: dict[int, Callable[[torch.Tensor], torch.T
 
         return pre_hook
 
+    def after(hook: Hook):
+        def post_hook(module, args, output):
+            return hook(output) if seen(output) else None
+
+        return post_hook
+
     handles = []
     try:
-        for layer, hook in hooks.items():
-            handles.append(_site_module(adapter, site, layer).register_forward_pre_hook(wrap(hook), with_kwargs=True))
+        for (site, layer), hook in hooks.items():
+            module, when = adapter.site(site, layer)
+            if when == "pre":
+                handles.append(module.register_forward_pre_hook(before(hook), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(after(hook)))
         yield
     finally:
         for h in handles:
@@ -79,7 +84,7 @@ def gradient_anchor(adapter: Adapter, prompt_len: int) -> Iterator[None]:
     def anchor(h: torch.Tensor) -> torch.Tensor:
         return h + torch.zeros((), dtype=h.dtype, device=h.device, requires_grad=True)
 
-    with attached(adapter, {0: anchor}, site="resid", prefill=prompt_len):
+    with attached(adapter, {("resid_pre", 0): anchor}, prefill=prompt_len):
         yield
 
 
@@ -160,7 +165,7 @@ def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = 
     with contextlib.ExitStack() as stack:
         if with_grad:
             stack.enter_context(gradient_anchor(adapter, prepared.prompt_len))
-        stack.enter_context(attached(adapter, {layer: make_hook(layer) for layer in layers_}, site, prepared.prompt_len))
+        stack.enter_context(attached(adapter, {(site, layer): make_hook(layer) for layer in layers_}, prepared.prompt_len))
         yield rec
 
 
@@ -225,5 +230,5 @@ def intervene(adapter: Adapter, prepared: Prepared, edits: dict[int, LayerEdit],
 
         return hook
 
-    with attached(adapter, {layer: make_hook(e) for layer, e in edits.items()}, site, prepared.prompt_len):
+    with attached(adapter, {(site, layer): make_hook(e) for layer, e in edits.items()}, prepared.prompt_len):
         yield edits

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from knexp.io import atomic_path
-from knexp.models.adapters.base import PatchGeometry
-from knexp.models.spliced import SplicedMLLM
+from knexp.models.errors import ModelWeightsMissing
+from knexp.models.geometry import PatchGeometry
+from knexp.models.spliced import SplicedAdapter, SplicedMLLM
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -165,8 +166,6 @@ def load_minigpt4(converted: str | Path, llama: str, dtype: str = "float16", dev
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from knexp.models import ModelWeightsMissing
-
     folder = Path(converted)
     if not (folder / CONVERTED_CONFIG).exists():
         raise ModelWeightsMissing(
@@ -190,13 +189,11 @@ def load_minigpt4(converted: str | Path, llama: str, dtype: str = "float16", dev
     return model.eval().requires_grad_(False).to(device)
 
 
-def load_adapter(model_cfg, device: torch.device, cache_dir: Path):
+def load_adapter(model_cfg: dict, device: torch.device, cache_dir: Path):
     """``model=minigpt4_llama2``: MiniGPT-4 from its converted folder, in the spliced-model adapter."""
-    from knexp.models.adapters.spliced import SplicedAdapter
-
-    model = load_minigpt4(model_cfg.converted_dir, model_cfg.llama, dtype=model_cfg.dtype, device=str(device),
-                          vision_dtype=model_cfg.vision_dtype, caption_prefix=model_cfg.prompt.caption_prefix,
-                          question=model_cfg.question)
+    model = load_minigpt4(model_cfg["converted_dir"], model_cfg["llama"], dtype=model_cfg["dtype"], device=str(device),
+                          vision_dtype=model_cfg["vision_dtype"], caption_prefix=model_cfg["prompt"]["caption_prefix"],
+                          question=model_cfg["question"])
     return SplicedAdapter(model)
 
 

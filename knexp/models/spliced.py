@@ -3,7 +3,8 @@
 The embedded model and MiniGPT-4 share this shape: an image encoder and a projector give P embeddings,
 the prompt text holds an image marker, the marker becomes P placeholder ids, and the placeholders'
 embeddings are replaced by the image embeddings before the LM runs. A subclass says how to encode
-images, how its prompt reads, and which image region each image token covers.
+images, how its prompt reads, and which image region each image token covers. ``SplicedAdapter`` serves
+every such model (the embedded model: 49 tokens, 7 x 7 grid; MiniGPT-4: 64 tokens, 16 x 4 strips).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from knexp.models.adapters.base import PatchGeometry
+from knexp.models.adapter import GREEDY, LLAMA_SITES, Adapter, Prepared, image_positions_from_ids
+from knexp.models.geometry import PatchGeometry
 
 
 class SplicedMLLM(nn.Module):
@@ -71,3 +73,54 @@ class SplicedMLLM(nn.Module):
         is_image = input_ids == self.image_token_id  # [B, T]
         embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+
+class SplicedAdapter(Adapter):
+    sites = LLAMA_SITES  # the spliced models' LM is a transformers LLaMA
+
+    def __init__(self, mllm: SplicedMLLM):
+        self.mllm = mllm
+        self.caption_prefix = mllm.caption_prefix
+        self.geometry: PatchGeometry = mllm.geometry
+
+    @property
+    def model(self) -> nn.Module:
+        return self.mllm
+
+    @property
+    def tokenizer(self):
+        return self.mllm.tokenizer
+
+    def decoder_layers(self) -> list[nn.Module]:
+        return list(self.mllm.lm.model.layers)
+
+    def unembedding(self) -> torch.Tensor:
+        return self.mllm.lm.lm_head.weight
+
+    def final_norm(self) -> nn.Module:
+        return self.mllm.lm.model.norm
+
+    def prepare(self, images: list[np.ndarray], continuations: list[str] | None = None, prefix: str | None = None) -> Prepared:
+        """Same prompt for every row; continuations (teacher forcing) are right-padded, which causal
+        attention never sees from earlier positions, so image positions are identical across rows."""
+        prefix = self.caption_prefix if prefix is None else prefix
+        prompt = self.mllm.prompt_ids(prefix)
+        rows = [prompt + (self.tokenize(c) if continuations else []) for c in (continuations or [""] * len(images))]
+        if len(rows) != len(images):
+            raise ValueError(f"{len(images)} images but {len(rows)} continuations")
+        width = max(map(len, rows))
+        pad = self.mllm.end_token_id
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        with torch.no_grad():
+            embeds = self.mllm.embed(input_ids, self.mllm.image_embeddings(images))
+        positions = image_positions_from_ids(input_ids, self.mllm.image_token_id, self.num_image_tokens)
+        last = torch.tensor([len(r) - 1 for r in rows], device=self.device)  # right padding: each row's own end
+        return Prepared({"inputs_embeds": embeds, "attention_mask": attention}, input_ids, positions, width, last)
+
+    def forward(self, prepared: Prepared) -> torch.Tensor:
+        return self.mllm.lm(**prepared.inputs, use_cache=False).logits
+
+    def _generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:
+        end = self.mllm.end_token_id
+        return self.mllm.lm.generate(**prepared.inputs, max_new_tokens=max_new_tokens, eos_token_id=end, pad_token_id=end, **GREEDY)

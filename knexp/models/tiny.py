@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from knexp.models.llava import LlavaAdapter
+from knexp.models.spliced import SplicedAdapter
+
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>",
             "<|im_start|>", "<|im_end|>", "<|endoftext|>", "[INST]", "[/INST]", "<Img>", "</Img>"]
 CHAT_TEMPLATE = (
@@ -24,19 +27,25 @@ WORDS = (
     "user assistant system : the image show shows a an and of pair what does this describe is there in on with "
     "empty scene . , ? USER ASSISTANT"
 ).split()
+# The word forms of the 30 catalog objects (conf/knowledge), written out: a tiny model's vocabulary, and so its random
+# weights, stay the same whatever a user's catalog says.
+OBJECT_WORDS = (
+    "bicycles bicycle bikes bike a aeroplanes airplanes aeroplane airplane aircraft planes plane jets jet an busses buses "
+    "coach bus traffic signals lights signal light stoplights stoplight fire hydrants hydrant stop signs sign horses ponies "
+    "horse pony teddy bear grizzly bears giraffes giraffe backpacks rucksacks backpack rucksack umbrellas umbrella suitcases "
+    "suitcase luggage snow boards snowboards board snowboard surf surfboards surfboard tennis rackets racket racquets racquet "
+    "bananas banana pizzas pizza birthday cake cakes beds bed toilets toilet notebook computer laptops laptop keyboards "
+    "keyboard mobile phone cell phones smartphones cellphones smartphone cellphone microwave oven microwaves toasters toaster "
+    "refrigerators refrigerator fridges fridge books book clocks clock vases vase pair of scissors"
+).split()
 
 
 def word_tokenizer(extra_words: list[str] | None = None):
-    """A PreTrainedTokenizerFast over whitespace/punctuation-split words (catalog words by default)."""
+    """A PreTrainedTokenizerFast over whitespace/punctuation-split words (``WORDS``, ``OBJECT_WORDS`` and
+    ``extra_words``)."""
     from transformers import PreTrainedTokenizerFast
 
-    from knexp.data.catalog import Catalog
-
-    words = list(WORDS)
-    for k in Catalog.load():
-        for form in k.forms + (k.indefinite,):
-            words += form.lower().split()
-    words += extra_words or []
+    words = WORDS + OBJECT_WORDS + list(extra_words or [])
     vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIALS + words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -116,9 +125,6 @@ def tiny_minigpt4(layers: int = 3, seed: int = 0):
 
 def tiny_adapter(kind: str, layers: int = 3):
     """A float32 adapter of one tiny model: ``embedded``, ``llava`` (4 x 4 grid) or ``minigpt4``; for tests."""
-    from knexp.models.adapters.llava import LlavaAdapter
-    from knexp.models.adapters.spliced import SplicedAdapter
-
     if kind == "embedded":
         adapter = SplicedAdapter(tiny_embedded(layers=layers))
     elif kind == "minigpt4":
@@ -131,17 +137,13 @@ def tiny_adapter(kind: str, layers: int = 3):
     return adapter
 
 
-def load_tiny_llava(model_cfg, device: torch.device, cache_dir: Path):
+def load_tiny_llava(model_cfg: dict, device: torch.device, cache_dir: Path):
     """``model=tiny_llava``."""
-    from knexp.models.adapters.llava import LlavaAdapter
-
-    model, processor = tiny_llava(grid=model_cfg.grid, patch_size=model_cfg.patch_size, hidden=model_cfg.hidden,
-                                  layers=model_cfg.layers, seed=model_cfg.seed)
-    return LlavaAdapter(model.to(device), processor, caption_prefix=model_cfg.prompt.caption_prefix)
+    model, processor = tiny_llava(grid=model_cfg["grid"], patch_size=model_cfg["patch_size"], hidden=model_cfg["hidden"],
+                                  layers=model_cfg["layers"], seed=model_cfg["seed"])
+    return LlavaAdapter(model.to(device), processor, caption_prefix=model_cfg["prompt"]["caption_prefix"])
 
 
-def load_tiny_minigpt4(model_cfg, device: torch.device, cache_dir: Path):
+def load_tiny_minigpt4(model_cfg: dict, device: torch.device, cache_dir: Path):
     """``model=tiny_minigpt4``."""
-    from knexp.models.adapters.spliced import SplicedAdapter
-
-    return SplicedAdapter(tiny_minigpt4(layers=model_cfg.layers, seed=model_cfg.seed).to(device))
+    return SplicedAdapter(tiny_minigpt4(layers=model_cfg["layers"], seed=model_cfg["seed"]).to(device))

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
-from knexp.models.adapters.base import Adapter, PatchGeometry
+from knexp.models.adapter import Adapter
+from knexp.models.geometry import PatchGeometry
 
 
 @torch.no_grad()
@@ -48,15 +48,7 @@ def mask_iou(heat: np.ndarray, instance_mask: np.ndarray, q: float = 0.95) -> fl
     return float((top & inst).sum() / union) if union else 0.0
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """RGB uint8: the image with the heatmap (min-max scaled, JET colours) blended on top."""
-    span = np.ptp(heat)
-    scaled = ((heat - heat.min()) / span * 255).astype(np.uint8) if span > 0 else np.zeros(heat.shape, np.uint8)
-    colour = cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    return (alpha * colour + (1 - alpha) * image).round().astype(np.uint8)
-
-
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (jobs have no display)."""
     import matplotlib
 
@@ -66,7 +58,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path, dpi: int = 110) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     """Lay out, write and close ``fig``; the folder is created."""
     import matplotlib.pyplot as plt
 
@@ -80,7 +72,7 @@ def _save(fig, path: str | Path, dpi: int = 110) -> Path:
 
 def layer_histogram_png(per_method: dict[str, list[int]], path: str | Path, title: str = "") -> Path:
     """Fig. 2: identified neurons per layer, one bar series per method."""
-    plt = _pyplot()
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 3.2))
     n = len(per_method)
@@ -90,16 +82,16 @@ def layer_histogram_png(per_method: dict[str, list[int]], path: str | Path, titl
     ax.set_ylabel("neurons")
     ax.set_title(title)
     ax.legend()
-    return _save(fig, path, dpi=120)
+    return save_figure(fig, path, dpi=120)
 
 
 def trace_png(traces, window: dict, path: str | Path, title: str = "") -> Path:
-    """The causal trace (``knexp.identification.trace``): per patch kind, the share of the whole counterfactual's
+    """The causal trace (``knexp.identification.causal_trace``): per patch kind, the share of the whole counterfactual's
     Δy_c that the patch reaches at each layer (top row) and the share of captions that still name the object
     (bottom row); thin lines per object, the thick line their average, the live window shaded."""
-    plt = _pyplot()
+    plt = pyplot()
 
-    from knexp.identification.trace import KINDS, normalised
+    from knexp.identification.causal_trace import KINDS, normalised
 
     labels = {"resid": "(a) residual entering l", "ffn": "(b) FFN of layer l", "ffn_upto": "(c) FFN of layers 0..l",
               "ffn_from": "(c) FFN of layers l..L-1"}
@@ -132,13 +124,13 @@ def trace_png(traces, window: dict, path: str | Path, title: str = "") -> Path:
     axes[0, 0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"{title}\nlive window (shaded): residual layers reaching {window['frac']:.0%} of the counterfactual; "
                  f"neurons act in layers {window['neuron_layers'][:1] + window['neuron_layers'][-1:]}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def curves_png(curves, path: str | Path, title: str = "") -> Path:
     """Size curves: S_se, S_re and S_mean against the set size n (log axis), one line per method and setting; one row
-    of panels per object split when the table has one (``knexp.reporting.report.tables``' ``curves``)."""
-    plt = _pyplot()
+    of panels per object split when the table has one (``knexp.reporting.sweep.tables``' ``curves``)."""
+    plt = pyplot()
 
     df = curves.reset_index()
     splits = sorted(df["split"].unique()) if "split" in df else [None]
@@ -160,4 +152,4 @@ def curves_png(curves, path: str | Path, title: str = "") -> Path:
             ax.grid(alpha=0.3)
     axes[0, 2].legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)

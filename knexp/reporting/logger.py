@@ -1,6 +1,8 @@
 """Result logging: files in the job directory always, Weights & Biases on top when ``logger=wandb``.
 
 No result depends on W&B: metrics go to ``metrics.json`` and tables to CSV in the job directory first.
+``conf/logger/*.yaml`` names the class by ``_target_`` (a partial: ``knexp.job.Session.logger`` adds the job's
+folder, config, tags and type).
 W&B runs offline unless the user asks for online mode; online mode without credentials falls back to
 offline with a warning rather than waiting on a network or a prompt.
 """
@@ -13,7 +15,6 @@ import os
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
 
 from knexp.io import atomic_path, atomic_write_text
 
@@ -21,9 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class RunLogger:
-    """Writes metrics and tables into ``out_dir``; subclasses mirror them elsewhere."""
+    """Writes metrics and tables into ``out_dir``; subclasses mirror them elsewhere (``logger=none``: files only)."""
 
-    def __init__(self, out_dir: str | Path):
+    def __init__(self, out_dir: str | Path, name: str = "none", run_config: dict | None = None, tags: list[str] | None = None,
+                 job_type: str = ""):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics: dict = {}
@@ -63,20 +65,19 @@ def _sweep_group() -> str | None:
 
 
 class WandbLogger(RunLogger):
-    def __init__(self, out_dir: str | Path, cfg: DictConfig):
+    """``logger=wandb``: also a W&B run (offline unless ``mode=online`` and credentials exist) in the sweep's group."""
+
+    def __init__(self, out_dir: str | Path, name: str = "wandb", run_config: dict | None = None, tags: list[str] | None = None,
+                 job_type: str = "", project: str = "knexp", entity: str | None = None, mode: str = "offline",
+                 group: str | None = None, dir: str | Path | None = None):
         super().__init__(out_dir)
         import wandb
 
-        lc = cfg.logger
-        mode = lc.mode
         if mode == "online" and not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists()):
             log.warning("logger.mode=online but no W&B credentials (WANDB_API_KEY); logging offline instead")
             mode = "offline"
-        tags = [f"{g}:{cfg[g].name}" for g in ("model", "knowledge", "method", "thresholds", "noise_level")
-                if g in cfg and "name" in cfg[g]]
-        kw = dict(project=lc.project, entity=lc.entity, group=lc.group or _sweep_group(), dir=str(lc.dir),
-                  config=OmegaConf.to_container(cfg, resolve=True), tags=tags + list(cfg.get("tags") or []),
-                  job_type=cfg.task.name, reinit="finish_previous")
+        kw = dict(project=project, entity=entity, group=group or _sweep_group(), dir=str(dir or out_dir), config=run_config or {},
+                  tags=list(tags or []), job_type=job_type, reinit="finish_previous")
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=10, silent=True), **kw)
         except Exception as exc:  # an unreachable server or a refused key must not cost the run
@@ -113,16 +114,6 @@ class WandbLogger(RunLogger):
 
     def finish(self) -> None:
         self.run.finish()
-
-
-def make_logger(cfg: DictConfig) -> RunLogger:
-    out_dir = cfg.paths.output_dir
-    name = cfg.logger.name
-    if name == "wandb":
-        return WandbLogger(out_dir, cfg)
-    if name == "none":
-        return RunLogger(out_dir)
-    raise ValueError(f"unknown logger {name!r}; use logger=wandb or logger=none")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

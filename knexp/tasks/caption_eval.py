@@ -14,28 +14,38 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
 
 from knexp.counterfactual.cache import InpaintOptions
-from knexp.data.catalog import Catalog
-from knexp.data.loading import load_dataset
 from knexp.evaluation.mentions import mention_scores, removal_scores
-from knexp.models import load_model
-from knexp.reporting.logger import make_logger
+from knexp.job import Session
 
 log = logging.getLogger(__name__)
 CHECK_STREAM = 3  # which object the inpainting check removes
 
 
-def run(cfg: DictConfig) -> dict:
-    catalog = Catalog.load()
-    data, _ = load_dataset(cfg.data, catalog)
-    ids = data.image_ids[: cfg.task.num_scenes]
-    model = load_model(cfg.model, cfg.paths.cache_dir)
-    logger = make_logger(cfg)
+@dataclass
+class CaptionEvalTask:
+    """``conf/task/caption_eval.yaml``: how many scenes to caption, and the inpainting check's scenes and settings."""
+
+    name: str = "caption_eval"
+    num_scenes: int = 300
+    inpaint_scenes: int = 120
+    inpaint: dict = field(default_factory=lambda: {"region": "bbox", "dilation": 4, "radius": 5, "methods": ["telea", "ns"]})
+    cache: bool = True
+
+    def __call__(self, session: Session) -> dict:
+        return run(session, self)
+
+
+def run(session: Session, task: CaptionEvalTask) -> dict:
+    cfg, catalog, data = session.cfg, session.catalog, session.data
+    ids = data.image_ids[: task.num_scenes]
+    model = session.adapter
+    logger = session.logger()
     gen = cfg.model.generation
     names = lambda image_id: {catalog.by_coco_id(c).name for c in data.category_ids(image_id)}  # noqa: E731
 
@@ -50,17 +60,17 @@ def run(cfg: DictConfig) -> dict:
         "truth": [", ".join(sorted(t)) for t in truth], "named": [", ".join(sorted(n)) for n in named],
     }))
 
-    multi = [i for i in ids if len(data.instances(i)) >= 2][: cfg.task.inpaint_scenes]
+    multi = [i for i in ids if len(data.instances(i)) >= 2][: task.inpaint_scenes]
     rows = []
-    check = cfg.task.inpaint
-    for method in check.methods:
-        opts = InpaintOptions(region=check.region, dilation=check.dilation, radius=check.radius, method=method)
+    check = task.inpaint
+    for method in check["methods"]:
+        opts = InpaintOptions(region=check["region"], dilation=check["dilation"], radius=check["radius"], method=method)
         edited, removed, others = [], [], []
         for image_id in multi:
             instances = data.instances(image_id)
             pick = instances[int(np.random.default_rng([cfg.data.seed, CHECK_STREAM, image_id]).integers(len(instances)))]
             image = data.load_image(image_id)
-            segmentation = data.instance_mask(pick.annotation_id) if check.region == "segm" else None
+            segmentation = data.instance_mask(pick.annotation_id) if check["region"] == "segm" else None
             edited.append(opts.apply(image, pick.bbox, segmentation))
             removed.append(catalog.by_coco_id(pick.category_id).name)
             others.append(names(image_id) - {removed[-1]})

@@ -1,19 +1,38 @@
-"""``python run.py task=report sweep_dir=runs/evaluate/multiruns/<date>``: the paper's tables for a sweep."""
+"""``python run.py task=report sweep_dir=runs/evaluate/multiruns/<date>``: the paper's tables for a sweep.
+
+Writes ``report.md`` and a self-contained ``report.html`` (tables and figures inline) with the CSV tables and PNG
+figures beside them, and mirrors the figures (Fig. 2: every method's layer histogram side by side) and tables to W&B.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from knexp.reporting.report import write_report
+from knexp.job import Session
+from knexp.reporting.sweep import write_report
 
 
-def run(cfg: DictConfig) -> dict:
-    if not cfg.get("sweep_dir"):
-        raise ValueError("task=report needs sweep_dir=<a multirun folder of task=evaluate jobs>, e.g. "
-                         "sweep_dir=runs/evaluate/multiruns/2026-01-01_12-00-00")
-    splits = OmegaConf.to_container(cfg.splits, resolve=True) if cfg.get("splits") else None
-    path = write_report(cfg.sweep_dir, Path(cfg.paths.output_dir), splits)
-    print(f"report: {path} (tables and figures beside it)")
-    return {"report": str(path)}
+@dataclass
+class ReportTask:
+    """``conf/task/report.yaml``; the sweep folder is the top-level ``sweep_dir``."""
+
+    name: str = "report"
+    cache: bool = True
+
+    def __call__(self, session: Session) -> dict:
+        cfg = session.cfg
+        if not cfg.get("sweep_dir"):
+            raise ValueError("task=report needs sweep_dir=<a multirun folder of task=evaluate jobs>, e.g. "
+                             "sweep_dir=runs/evaluate/multiruns/2026-01-01_12-00-00")
+        splits = OmegaConf.to_container(cfg.splits, resolve=True) if cfg.get("splits") else None
+        report = write_report(cfg.sweep_dir, session.output_dir, splits)
+        logger = session.logger()
+        for name, table in report.tables.items():
+            if len(table):
+                logger.log_table(f"report_{name}", table.reset_index())
+        logger.log_images({p.stem: p for p in report.figures})
+        logger.finish()
+        print(f"report: {report.markdown} and {report.html} (tables and figures beside them)")
+        return {"report": str(report.markdown), "html": str(report.html)}

@@ -13,20 +13,20 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from knexp.data.catalog import Catalog
 from knexp.data.loading import scene_options
 from knexp.data.toyworld.scenes import make_scene
 from knexp.io import atomic_path
-from knexp.models import load_model
+from knexp.job import Session
 from knexp.models.embedded import EmbeddedMLLM, preprocess
+from knexp.models.registry import load_model
 
 log = logging.getLogger(__name__)
 TRAIN_STREAM = 1  # the dataset generator uses stream 2
@@ -66,7 +66,7 @@ def caption_loss(model: EmbeddedMLLM, features: torch.Tensor, ids: torch.Tensor,
     return F.cross_entropy(logits, target[keep])
 
 
-def lr_at(step: int, cfg: DictConfig) -> float:
+def lr_at(step: int, cfg) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -80,13 +80,36 @@ def save_projector(model: EmbeddedMLLM, path: Path, metadata: dict) -> None:
         save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
 
 
-def run(cfg: DictConfig) -> dict:
-    t = cfg.task
-    out_dir = Path(cfg.paths.output_dir)
-    model_cfg = cfg.model.copy()
-    OmegaConf.set_struct(model_cfg, False)
-    model_cfg.projector_path = None  # start from a seeded random projector
-    model_cfg.dtype = t.lm_dtype
+@dataclass
+class TrainProjectorTask:
+    """``conf/task/train_projector.yaml``: the training settings (``lr_at`` reads the schedule's)."""
+
+    name: str = "train_projector"
+    seed: int = 0
+    lm_dtype: str = "bfloat16"
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ghost_prob: float = 0.3
+    empty_prob: float = 0.04
+    log_every: int = 20
+    checkpoint_every: int = 100
+    resume_from: str | None = None
+    output: str = "projector.safetensors"
+    cache: bool = True
+
+    def __call__(self, session: Session) -> dict:
+        return run(session, self)
+
+
+def run(session: Session, t: TrainProjectorTask) -> dict:
+    cfg, catalog = session.cfg, session.catalog
+    out_dir = session.output_dir
+    model_cfg = {**session.model_cfg, "projector_path": None, "dtype": t.lm_dtype}  # start from a seeded random projector
     model = load_model(model_cfg, cfg.paths.cache_dir).mllm
     model.projector.requires_grad_(True).train()
     opt = torch.optim.AdamW(model.projector.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -97,7 +120,6 @@ def run(cfg: DictConfig) -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         start = int(ckpt["step"])
         log.info("resumed from %s at step %d", t.resume_from, start)
-    catalog = Catalog.load()
     opts = scene_options(cfg.data)
     opts.ghost_prob, opts.empty_prob = float(t.ghost_prob), float(t.empty_prob)
     history, began, smooth = [], time.time(), None

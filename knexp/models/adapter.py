@@ -2,22 +2,24 @@
 
 A neuron ``(l, u)`` is unit ``u`` of layer ``l``'s FFN; its activation ``O^l[t, u]`` is the input of the
 FFN's output projection (``down_proj`` in LLaMA-style gated MLPs, METHOD.md "Notation"), so
-``down_proj(O^l) == mlp(x)``. An adapter names that module per layer, ``W_out`` and the unembedding,
-builds prompts with the model's own template, finds the image-token span in a prepared input (never a
-hard-coded offset), tells which image region each image token covers, and generates captions.
-Methods, evaluation and hooks use only this interface.
+``down_proj(O^l) == mlp(x)``. An adapter names its hook sites in one table (``sites``), gives ``W_out``, the
+unembedding and the tokenizer, builds prompts with the model's own template, finds the image-token span and the
+predicting position in a prepared input (never a hard-coded offset), tells which image region each image token
+covers, and generates captions. Methods, evaluation and hooks use only this interface.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from knexp.models.batching import map_batches
+from knexp.models.geometry import PatchGeometry
 
 # METHOD.md, "Evaluation": do_sample=False, temperature=1.0, num_beams=1, max_new_tokens=32, min_length=1,
 # top_p=0.9, repetition_penalty=1, length_penalty=1 (greedy: temperature and top_p have no effect).
@@ -25,45 +27,51 @@ GREEDY = dict(do_sample=False, num_beams=1, min_length=1, repetition_penalty=1.0
 
 
 @dataclass(frozen=True)
-class PatchGeometry:
-    """Where image tokens sit on the image: token ``t`` covers the box ``boxes[t]``.
+class HookSite:
+    """One hook site of a decoder layer: the submodule at ``path`` inside the layer ("" is the layer itself), read at
+    its input (``when="pre"``, the first positional or ``hidden_states`` argument) or at its output (``"post"``)."""
 
-    ``boxes`` is float [P, 4] of ``(x0, y0, x1, y1)`` in [0, 1] image coordinates (of the image as the
-    model sees it, i.e. after its resize). ``grid`` is the (rows, cols) layout for heatmaps when tokens
-    tile a regular grid row-major, else None.
-    """
+    path: str
+    when: str
 
-    boxes: np.ndarray
-    grid: tuple[int, int] | None
 
-    @classmethod
-    def row_major(cls, rows: int, cols: int) -> PatchGeometry:
-        """Token t covers cell (t // cols, t % cols) of a rows x cols grid."""
-        t = np.arange(rows * cols)
-        r, c = t // cols, t % cols
-        boxes = np.stack([c / cols, r / rows, (c + 1) / cols, (r + 1) / rows], 1).astype(np.float32)
-        return cls(boxes, (rows, cols))
-
-    def __len__(self) -> int:
-        return len(self.boxes)
+# A LLaMA-family decoder layer (``LlamaDecoderLayer``), as pyvene maps model types to sites. Each is a tensor
+# [B, T, d] per layer l:
+LLAMA_SITES: dict[str, HookSite] = {
+    "resid_pre": HookSite("", "pre"),  # the residual stream entering layer l [B, T, d_model]
+    "ffn_in": HookSite("mlp", "pre"),  # the FFN's input (after the post-attention norm) [B, T, d_model]
+    "ffn_act": HookSite("mlp.act_fn", "post"),  # act(gate(x)), without the up factor (Pan et al.'s hook) [B, T, d_f]
+    "ffn": HookSite("mlp.down_proj", "pre"),  # O^l, the neuron activations (METHOD.md's neuron) [B, T, d_f]
+    "ffn_out": HookSite("mlp", "post"),  # what the FFN writes into the residual stream, down_proj(O^l) [B, T, d_model]
+}
 
 
 @dataclass
 class Prepared:
-    """A batch ready for the model: forward kwargs plus where the image tokens are.
+    """A batch ready for the model: forward kwargs plus where the image tokens are and which position predicts.
 
-    ``image_positions``: long [B, P], the sequence index of image token p in row b (ascending; rows may
-    differ under left padding). ``prompt_len``: sequence length T of the prefill.
+    ``image_positions``: long [B, P], the sequence index of image token p in row b (ascending; rows may differ under
+    left padding). ``last_position``: long [B], each row's last real position, whose logits predict the next token
+    (t* in METHOD.md's Stage 2), under left, right or no padding. ``prompt_len``: sequence length T of the prefill.
     """
 
     inputs: dict[str, torch.Tensor]
     input_ids: torch.Tensor  # long [B, T], image tokens included
     image_positions: torch.Tensor
     prompt_len: int
+    last_position: torch.Tensor
 
     @property
     def batch_size(self) -> int:
         return self.image_positions.shape[0]
+
+
+def last_positions(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """long [B]: each row's last position whose attention mask is 1 (T - 1 for every row without a mask)."""
+    if attention_mask is None:
+        return torch.full((batch,), length - 1, dtype=torch.long)
+    index = torch.arange(length, device=attention_mask.device)
+    return torch.where(attention_mask.bool(), index, -1).amax(dim=1).long()
 
 
 class Adapter(ABC):
@@ -71,29 +79,20 @@ class Adapter(ABC):
 
     caption_prefix: str
     geometry: PatchGeometry
+    sites: ClassVar[dict[str, HookSite]] = LLAMA_SITES
 
     # ---- structure ---------------------------------------------------------------------------------
     @property
     @abstractmethod
     def model(self) -> nn.Module: ...
 
+    @property
+    @abstractmethod
+    def tokenizer(self):
+        """The model's tokenizer (``decode`` of single ids names what a neuron writes)."""
+
     @abstractmethod
     def decoder_layers(self) -> list[nn.Module]: ...
-
-    @abstractmethod
-    def ffn_out(self, layer: int) -> nn.Linear:
-        """The FFN output projection of ``layer``; its input is the neuron activation O^l [B, T, d_f]."""
-
-    @abstractmethod
-    def ffn(self, layer: int) -> nn.Module:
-        """The whole FFN (MLP) module of ``layer``: ``ffn(x) == ffn_out(O^l)``."""
-
-    def ffn_act(self, layer: int) -> nn.Module:
-        """The FFN's activation module (``act_fn``: its output is act(gate(x)), without the ``up`` factor).
-
-        Pan et al.'s own code hooks here; LLaMA-style MLPs (all adapters so far) name it ``act_fn``.
-        """
-        return self.ffn(layer).act_fn
 
     @abstractmethod
     def unembedding(self) -> torch.Tensor:
@@ -101,6 +100,22 @@ class Adapter(ABC):
 
     @abstractmethod
     def final_norm(self) -> nn.Module: ...
+
+    def site(self, name: str, layer: int) -> tuple[nn.Module, str]:
+        """(module, "pre" | "post") of hook site ``name`` in decoder layer ``layer`` (``sites``)."""
+        if name not in self.sites:
+            raise ValueError(f"unknown hook site {name!r}; {type(self).__name__} has {', '.join(self.sites)}")
+        site = self.sites[name]
+        layer_module = self.decoder_layers()[layer]
+        return (layer_module.get_submodule(site.path) if site.path else layer_module), site.when
+
+    def ffn(self, layer: int) -> nn.Module:
+        """The whole FFN (MLP) module of ``layer``: ``ffn(x) == ffn_out(O^l)``."""
+        return self.site("ffn_in", layer)[0]
+
+    def ffn_out(self, layer: int) -> nn.Linear:
+        """The FFN output projection of ``layer``; its input is the neuron activation O^l [B, T, d_f]."""
+        return self.site("ffn", layer)[0]
 
     @property
     def num_layers(self) -> int:
@@ -135,24 +150,19 @@ class Adapter(ABC):
     def _generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:
         """New token ids [B, N] after the prompt, greedy (``GREEDY``) with the KV cache."""
 
-    @abstractmethod
-    def decode(self, ids: torch.Tensor) -> list[str]: ...
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
-    @abstractmethod
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` as it appears after other text (no special tokens)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ---- captioning --------------------------------------------------------------------------------
     @torch.no_grad()
     def caption(self, images: list[np.ndarray], batch_size: int = 16, max_new_tokens: int = 32, prefix: str | None = None) -> list[str]:
         """Greedy captions, caption prefix included, batched."""
-        prefix = self.caption_prefix if prefix is None else prefix
-
-        def run(chunk) -> list[str]:
-            prepared = self.prepare(list(chunk), prefix=prefix)
-            return [join_prefix(prefix, t) for t in self.decode(self._generate_ids(prepared, max_new_tokens))]
-
-        return map_batches(run, images, batch_size, "captioning")
+        return map_batches(lambda chunk: self.generate(self.prepare(list(chunk), prefix=prefix), max_new_tokens, prefix),
+                           images, batch_size, "captioning")
 
     @torch.no_grad()
     def generate(self, prepared: Prepared, max_new_tokens: int = 32, prefix: str | None = None) -> list[str]:

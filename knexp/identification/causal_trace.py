@@ -20,18 +20,23 @@ the residual entering l + 1, so its neurons can act only when l + 1 is live: tho
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from knexp.data.catalog import Knowledge
-from knexp.identification.passes import Target, target_position
-from knexp.models.adapters.base import Adapter
+from knexp.identification.passes import Target, TargetNotFound, locate_target
+from knexp.identification.selection import Selector
+from knexp.models.adapter import Adapter
 from knexp.models.hooks import LayerEdit, intervene, record
+from knexp.store import Store, stable_key
+
+log = logging.getLogger(__name__)
 
 KINDS = ("resid", "ffn", "ffn_upto", "ffn_from")
-SITE = {"resid": "resid", "ffn": "ffn", "ffn_upto": "ffn", "ffn_from": "ffn"}
+SITE = {"resid": "resid_pre", "ffn": "ffn", "ffn_upto": "ffn", "ffn_from": "ffn"}  # each kind's hook site
 
 
 def patched_layers(kind: str, layer: int, num_layers: int) -> range:
@@ -69,7 +74,7 @@ class SampleTrace:
 
 def _edits(rows: list[tuple[str, int]], sources: dict[str, torch.Tensor], num_layers: int) -> dict[str, dict[int, LayerEdit]]:
     """Per site, per layer: set the rows that patch that layer to the inpainted run's state [B, P, D]."""
-    edits: dict[str, dict[int, LayerEdit]] = {"resid": {}, "ffn": {}}
+    edits: dict[str, dict[int, LayerEdit]] = {"resid_pre": {}, "ffn": {}}
     for layer in range(num_layers):
         for site in edits:
             mask = torch.tensor([SITE[kind] == site and layer in patched_layers(kind, lay, num_layers) for kind, lay in rows])
@@ -86,12 +91,12 @@ def trace_sample(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray, 
     """The patch ``kinds`` at every layer for one sample (see the module docstring)."""
     n = adapter.num_layers
     prep_i = adapter.prepare([inpainted], continuations=[target.context])
-    with record(adapter, prep_i, site="resid") as r_resid, record(adapter, prep_i) as r_ffn:
-        y_i = float(adapter.forward(prep_i)[0, target_position(prep_i), target.token_id])
-    sources = {"resid": r_resid.stacked()[:, 0], "ffn": r_ffn.stacked()[:, 0]}  # [L, P, d_model], [L, P, d_f]
+    with record(adapter, prep_i, site="resid_pre") as r_resid, record(adapter, prep_i) as r_ffn:
+        y_i = float(adapter.forward(prep_i)[0, int(prep_i.last_position[0]), target.token_id])
+    sources = {"resid_pre": r_resid.stacked()[:, 0], "ffn": r_ffn.stacked()[:, 0]}  # [L, P, d_model], [L, P, d_f]
     del r_resid, r_ffn
     prep_o = adapter.prepare([original], continuations=[target.context])
-    t_star = target_position(prep_o)
+    t_star = int(prep_o.last_position[0])
     y_o = float(adapter.forward(prep_o)[0, t_star, target.token_id])
     rows = [(kind, layer) for kind in kinds for layer in range(n)]
     ys: list[float] = []
@@ -100,11 +105,11 @@ def trace_sample(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray, 
         chunk = rows[start:start + batch_size]
         edits = _edits(chunk, sources, n)
         forced = adapter.prepare([original] * len(chunk), continuations=[target.context] * len(chunk))
-        with intervene(adapter, forced, edits["resid"], site="resid"), intervene(adapter, forced, edits["ffn"]):
+        with intervene(adapter, forced, edits["resid_pre"], site="resid_pre"), intervene(adapter, forced, edits["ffn"]):
             ys += adapter.forward(forced)[:, t_star, target.token_id].float().tolist()
         if captions:
             prompt = adapter.prepare([original] * len(chunk))
-            with intervene(adapter, prompt, edits["resid"], site="resid"), intervene(adapter, prompt, edits["ffn"]):
+            with intervene(adapter, prompt, edits["resid_pre"], site="resid_pre"), intervene(adapter, prompt, edits["ffn"]):
                 texts += adapter.generate(prompt, max_new_tokens)
     delta = {kind: [ys[i] - y_o for i, (k, _) in enumerate(rows) if k == kind] for kind in kinds}
     named = {kind: [knowledge.mentioned_in(texts[i]) for i, (k, _) in enumerate(rows) if k == kind] for kind in kinds} if captions else {}
@@ -137,8 +142,6 @@ def cached_trace(store, key_parts: list, sample: tuple[str, int, int], compute, 
     """The trace of ``sample`` (knowledge, image id, annotation id) for ``kinds``, from the JSON ``store``
     (``knexp.store.Store``) where it can: each kind is stored on its own, so a window (``resid`` without captions)
     reuses a full trace. ``compute(kinds, captions)`` traces the kinds that are missing."""
-    from knexp.store import stable_key
-
     found: dict[str, dict] = {}
     for kind in kinds:
         for with_captions in (True,) if captions else (True, False):
@@ -155,3 +158,38 @@ def cached_trace(store, key_parts: list, sample: tuple[str, int, int], compute, 
     y_o, y_i = found[kinds[0]]["y"]
     return SampleTrace(*sample, y_o, y_i, {k: found[k]["delta"] for k in kinds},
                        {k: found[k]["named"] for k in kinds if found[k]["named"] is not None})
+
+
+def trace_objects(selector: Selector, objects: list[Knowledge], per_object: int, store: Store, kinds: tuple[str, ...] = KINDS,
+                  captions: bool = True) -> list[SampleTrace]:
+    """The trace (``kinds``, with or without captions) of the first ``per_object`` selected samples of every object,
+    from the trace ``store`` where it holds them."""
+    captioner = selector.captioner
+    adapter = captioner.adapter
+    traces = []
+    for knowledge in objects:
+        for cand in selector(knowledge).accepted[:per_object]:
+            try:
+                target = locate_target(adapter, cand.original_caption, adapter.caption_prefix, knowledge)
+            except TargetNotFound as exc:
+                log.warning("trace: skipping image %d: %s", cand.image_id, exc)
+                continue
+
+            def compute(todo, with_captions, cand=cand, target=target, knowledge=knowledge) -> SampleTrace:
+                log.info("trace: %s, image %d (%s x %d patched rows%s)", knowledge.name, cand.image_id, "/".join(todo),
+                         adapter.num_layers, ", with captions" if with_captions else "")
+                return trace_sample(adapter, selector.data.load_image(cand.image_id), selector.inpainted(cand), target, knowledge,
+                                    cand.image_id, cand.annotation_id, captioner.batch_size, captioner.max_new_tokens, todo,
+                                    with_captions)
+
+            key = [captioner.model_key, selector.dataset_id, cand.image_id, cand.annotation_id, selector.opts, cand.original_caption,
+                   captioner.max_new_tokens]
+            traces.append(cached_trace(store, key, (knowledge.name, cand.image_id, cand.annotation_id), compute, kinds, captions))
+    if not traces:
+        raise ValueError(f"trace: no usable sample among trace.objects={[k.name for k in objects]}; add objects or images")
+    return traces
+
+
+def span(layers: list[int]) -> str:
+    """``3-9`` for a run of consecutive layers, else the list."""
+    return f"{layers[0]}-{layers[-1]}" if layers and layers == list(range(layers[0], layers[-1] + 1)) else str(layers)

@@ -5,12 +5,16 @@ Every ``metrics.json`` under the sweep folder that holds a Table II result or a 
 interruption) counts once, the newest file winning. Method labels carry their variant ("pan:authors"). With the
 object ``splits`` (conf/splits), every table is given per split, so tuning objects never mix with held-out ones.
 The report holds: Table II averaged and per knowledge, Table III, the size curves (S_se, S_re, S_mean against the
-set size, and each method's area under S_mean over log n), the causal trace (``trace.json`` of any job) and Fig. 2.
+set size, and each method's area under S_mean over log n), the causal trace (``trace.json`` of any job) and Fig. 2 (every
+method's neurons per layer, side by side). It is written as ``report.md`` and as one self-contained ``report.html``.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -95,8 +99,18 @@ def _areas(curves: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(keys)
 
 
-def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None = None) -> Path:
-    """Tables as CSV, figures as PNG and ``report.md``; returns the markdown's path."""
+@dataclass
+class Report:
+    """What ``write_report`` wrote: ``report.md``, the self-contained ``report.html``, the tables and the figures."""
+
+    markdown: Path
+    html: Path
+    tables: dict[str, pd.DataFrame]
+    figures: list[Path]
+
+
+def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None = None) -> Report:
+    """Tables as CSV, figures as PNG, ``report.md`` and ``report.html`` (one page, figures inline) in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = collect(sweep_dir)
@@ -111,46 +125,83 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
     def listed(key: str) -> str:
         return ", ".join(sorted({str(m.get(key)) for m in results}))
 
-    lines = [f"# knexp report: {Path(sweep_dir)}", "",
-             f"{len(results)} evaluation jobs; knowledge: {listed('knowledge')}; models: {listed('model')}; "
-             f"thresholds: {listed('thresholds')}; interventions: {listed('intervention')}."]
+    blocks: list[tuple] = [("h1", f"knexp report: {Path(sweep_dir)}"),
+                           ("p", f"{len(results)} evaluation jobs; knowledge: {listed('knowledge')}; models: {listed('model')}; "
+                                 f"thresholds: {listed('thresholds')}; interventions: {listed('intervention')}.")]
     if splits:
-        lines += ["", "Objects by split: " + "; ".join(f"{name}: {', '.join(sorted(objs))}" for name, objs in splits.items()) + "."]
+        blocks.append(("p", "Objects by split: " + "; ".join(f"{name}: {', '.join(sorted(objs))}" for name, objs in splits.items()) + "."))
     if len(t["table2"]):
-        lines += ["", "## Table II (averaged over knowledge; the paper's MiniGPT-4 averages beside)", "",
-                  "The paper's columns were measured on MiniGPT-4 under its noise at 40/80/120, whatever the row's "
-                  "model and intervention.", "",
-                  _beside(t["table2"], PAPER["table2"]), "", "## Table III (perturbed vs masked captions)", "",
-                  _beside(t["table3"], PAPER["table3"]) if len(t["table3"]) else "no Table III rows", "",
-                  "## Table II per knowledge", "", t["table2_per_knowledge"].to_markdown(index=False, floatfmt=".4f")]
+        blocks += [("h2", "Table II (averaged over knowledge; the paper's MiniGPT-4 averages beside)"),
+                   ("p", "The paper's columns were measured on MiniGPT-4 under its noise at 40/80/120, whatever the row's "
+                         "model and intervention."),
+                   ("table", _beside(t["table2"], PAPER["table2"]), True), ("h2", "Table III (perturbed vs masked captions)"),
+                   ("table", _beside(t["table3"], PAPER["table3"]), True) if len(t["table3"]) else ("p", "no Table III rows"),
+                   ("h2", "Table II per knowledge"), ("table", t["table2_per_knowledge"], False)]
+    figures = []
     if len(t["curves"]):
-        curves_png(t["curves"], out_dir / "size_curves.png", "scores against the set size (top-n of each ranking)")
-        lines += ["", "## Size curves (every ranking method at each set size n)", "",
-                  "Area under S_mean over log n, divided by the log range (the curve's mean height):", "",
-                  t["curve_areas"].to_markdown(floatfmt=".4f"), "", t["curves"].to_markdown(floatfmt=".4f"), "",
-                  "![size curves](size_curves.png)"]
+        figures.append(curves_png(t["curves"], out_dir / "size_curves.png", "scores against the set size (top-n of each ranking)"))
+        blocks += [("h2", "Size curves (every ranking method at each set size n)"),
+                   ("p", "Area under S_mean over log n, divided by the log range (the curve's mean height):"),
+                   ("table", t["curve_areas"], True), ("table", t["curves"], True), ("img", figures[-1], "size curves")]
     trace = _fullest_trace(sweep_dir)
     if trace is not None:
-        from knexp.identification.trace import SampleTrace
+        from knexp.identification.causal_trace import SampleTrace
         from knexp.reporting.analysis import trace_png
 
         data = json.loads(trace.read_text())
-        trace_png([SampleTrace(**s) for s in data["samples"]], data["window"], out_dir / "trace.png", f"causal trace: {data['model']}")
+        figures.append(trace_png([SampleTrace(**s) for s in data["samples"]], data["window"], out_dir / "trace.png",
+                                 f"causal trace: {data['model']}"))
         w = data["window"]["neuron_layers"]
-        lines += ["", "## Causal trace of the image tokens", "",
-                  f"Live window (neuron layers): {w[0]}-{w[-1]} of {len(data['window']['resid_share'])}; traced samples: "
-                  f"{data['window']['samples']} (from {trace.parent.name}).", "", "![trace](trace.png)"]
+        blocks += [("h2", "Causal trace of the image tokens"),
+                   ("p", f"Live window (neuron layers): {w[0]}-{w[-1]} of {len(data['window']['resid_share'])}; traced samples: "
+                         f"{data['window']['samples']} (from {trace.parent.name})."), ("img", figures[-1], "trace")]
     per_method: dict[str, list[int]] = {}
     for m in results:
         if m.get("table2"):
             counts = per_method.setdefault(m["method"], [0] * len(m["per_layer"]))
             per_method[m["method"]] = [a + b for a, b in zip(counts, m["per_layer"], strict=True)]
     if per_method:
-        layer_histogram_png(per_method, out_dir / "fig2_layers.png", "identified neurons per layer")
-        lines += ["", "## Fig. 2: identified neurons per layer", "", "![layers](fig2_layers.png)"]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        figures.append(layer_histogram_png(per_method, out_dir / "fig2_layers.png", "identified neurons per layer, by method"))
+        blocks += [("h2", "Fig. 2: identified neurons per layer"), ("img", figures[-1], "layers")]
+    markdown = out_dir / "report.md"
+    markdown.write_text(_markdown(blocks))
+    html = out_dir / "report.html"
+    html.write_text(_html(blocks, f"knexp report: {Path(sweep_dir).name}"))
+    return Report(markdown, html, t, figures)
+
+
+def _markdown(blocks: list[tuple]) -> str:
+    out = []
+    for kind, value, *rest in blocks:
+        if kind in ("h1", "h2"):
+            out.append(f"{'#' if kind == 'h1' else '##'} {value}")
+        elif kind == "p":
+            out.append(value)
+        elif kind == "table":
+            out.append(value.to_markdown(index=rest[0], floatfmt=".4f"))
+        else:
+            out.append(f"![{rest[0]}]({Path(value).name})")
+    return "\n\n".join(out) + "\n"
+
+
+def _html(blocks: list[tuple], title: str) -> str:
+    """One self-contained page: tables as HTML, figures inline as base64 PNG (no file beside it is needed)."""
+    body = []
+    for kind, value, *rest in blocks:
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{html.escape(value)}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{html.escape(value)}</p>")
+        elif kind == "table":
+            body.append(value.to_html(index=rest[0], float_format=lambda v: f"{v:.4f}", border=0, classes="t"))
+        else:
+            data = base64.b64encode(Path(value).read_bytes()).decode()
+            body.append(f'<figure><img alt="{html.escape(rest[0])}" src="data:image/png;base64,{data}"></figure>')
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}table.t{border-collapse:collapse;"
+             "font-size:13px;margin:1em 0}.t th,.t td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
+             "img{max-width:100%}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
+            f"</head><body>{''.join(body)}</body></html>\n")
 
 
 def _fullest_trace(sweep_dir: str | Path) -> Path | None:
@@ -164,10 +215,11 @@ def _fullest_trace(sweep_dir: str | Path) -> Path | None:
     return max(found, key=richness) if found else None  # max keeps the first of equals
 
 
-def _beside(ours: pd.DataFrame, paper: dict) -> str:
+def _beside(ours: pd.DataFrame, paper: dict) -> pd.DataFrame:
+    """``ours`` with a "(paper)" column beside each score, holding the paper's value for the method."""
     df = ours.copy()
     for col in list(df.columns):
         methods = df.index.get_level_values("method")
         df[f"{col} (paper)"] = [paper.get(m, {}).get(col, float("nan")) for m in methods]
-    return df.to_markdown(floatfmt=".4f")
+    return df
 

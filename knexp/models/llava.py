@@ -14,12 +14,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from knexp.models.adapters.base import GREEDY, Adapter, PatchGeometry, Prepared, image_positions_from_ids
+from knexp.models.adapter import GREEDY, LLAMA_SITES, Adapter, Prepared, image_positions_from_ids, last_positions
+from knexp.models.errors import ModelWeightsMissing
+from knexp.models.geometry import PatchGeometry
 
 LLAVA15_TEMPLATE = "USER: <image>\n{question} ASSISTANT: {prefix}"
 
 
 class LlavaAdapter(Adapter):
+    sites = LLAMA_SITES  # transformers' LLaVA wraps a LLaMA decoder
     def __init__(self, model, processor, question: str = "What does this image show?", caption_prefix: str = "The image shows",
                  template: str = LLAVA15_TEMPLATE):
         self._model, self.processor = model.eval(), processor
@@ -47,23 +50,11 @@ class LlavaAdapter(Adapter):
     def decoder_layers(self) -> list[nn.Module]:
         return list(self._lm().layers)
 
-    def ffn(self, layer: int) -> nn.Module:
-        return self._lm().layers[layer].mlp
-
-    def ffn_out(self, layer: int) -> nn.Linear:
-        return self._lm().layers[layer].mlp.down_proj
-
     def unembedding(self) -> torch.Tensor:
         return self._model.lm_head.weight
 
     def final_norm(self) -> nn.Module:
         return self._lm().norm
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        return self.processor.batch_decode(ids, skip_special_tokens=True)
 
     def prepare(self, images: list[np.ndarray], continuations: list[str] | None = None, prefix: str | None = None) -> Prepared:
         prefix = self.caption_prefix if prefix is None else prefix
@@ -74,7 +65,8 @@ class LlavaAdapter(Adapter):
         inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True).to(self.device)
         ids = inputs["input_ids"]
         positions = image_positions_from_ids(ids, self._model.config.image_token_id, self.num_image_tokens)
-        return Prepared(dict(inputs), ids, positions, ids.shape[1])
+        last = last_positions(inputs.get("attention_mask"), ids.shape[0], ids.shape[1])
+        return Prepared(dict(inputs), ids, positions, ids.shape[1], last)
 
     def forward(self, prepared: Prepared) -> torch.Tensor:
         return self._model(**prepared.inputs, use_cache=False).logits
@@ -85,25 +77,23 @@ class LlavaAdapter(Adapter):
         return gen[:, prepared.prompt_len :]
 
 
-def load_adapter(model_cfg, device: torch.device, cache_dir: Path) -> LlavaAdapter:
+def load_adapter(model_cfg: dict, device: torch.device, cache_dir: Path) -> LlavaAdapter:
     """``model=llava15_7b``: HF LLaVA from a hub id or local folder; the processor is told about CLIP's CLS."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from knexp.models import ModelWeightsMissing
-
     trust = bool(model_cfg.get("trust_remote_code", False))  # code shipped with the weights runs only when asked
     try:
-        processor = AutoProcessor.from_pretrained(model_cfg.path, trust_remote_code=trust)
-        model = LlavaForConditionalGeneration.from_pretrained(model_cfg.path, dtype=getattr(torch, model_cfg.dtype),
+        processor = AutoProcessor.from_pretrained(model_cfg["path"], trust_remote_code=trust)
+        model = LlavaForConditionalGeneration.from_pretrained(model_cfg["path"], dtype=getattr(torch, model_cfg["dtype"]),
                                                               trust_remote_code=trust)
     except OSError as exc:
         raise ModelWeightsMissing(
-            f"LLaVA weights not found at model.path={model_cfg.path!r} ({exc}); point model.path at a local copy "
+            f"LLaVA weights not found at model.path={model_cfg['path']!r} ({exc}); point model.path at a local copy "
             "(knexp runs with HF_HUB_OFFLINE=1) or download it first"
         ) from exc
-    processor.num_additional_image_tokens = model_cfg.num_additional_image_tokens
+    processor.num_additional_image_tokens = model_cfg["num_additional_image_tokens"]
     if processor.patch_size is None:
         processor.patch_size = model.config.vision_config.patch_size
     if processor.vision_feature_select_strategy is None:
         processor.vision_feature_select_strategy = model.config.vision_feature_select_strategy
-    return LlavaAdapter(model.to(device), processor, question=model_cfg.question, caption_prefix=model_cfg.prompt.caption_prefix)
+    return LlavaAdapter(model.to(device), processor, question=model_cfg["question"], caption_prefix=model_cfg["prompt"]["caption_prefix"])

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from knexp.io import atomic_write_text
-from knexp.models import model_identity
+from knexp.models.registry import model_identity
 from knexp.store import stable_key
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def job_key(cfg: DictConfig) -> str:
     content = OmegaConf.to_container(cfg, resolve=True)
     for name in PRESENTATION:
         content.pop(name, None)
-    content["model"] = model_identity(cfg.model)
+    content["model"] = model_identity(OmegaConf.to_container(cfg.model, resolve=True))
     return stable_key(content)
 
 

@@ -1,0 +1,150 @@
+"""The evaluation of one knowledge's neuron sets (METHOD.md, "Evaluation"): images, captions under the intervention,
+and their scores.
+
+1. Images (``evaluation_images``): those of k (the identification images, then up to ``k_images`` others containing k)
+   and ``other_images`` images of other knowledge, taken round-robin over supercategories, each scored on its own
+   object. Orders are seeded.
+2. For every neuron set, caption every image under the intervention (``knexp.evaluation.perturb``: the paper's noise at
+   each level and draw, or the deterministic inpainted / zero / mean patch), plus one clean caption per image (the
+   reference row, ``set_id`` -1) and, for the images of k, the caption of the image with k inpainted away (the
+   counterfactual: no set of neurons can suppress more than it does). With a size ladder (``sizes``, e.g. [30, 100,
+   300]), the method's top-n set at every n is evaluated instead of its thresholded set (METHOD.md, "Size curves").
+3. Table II scores (``knexp.evaluation.scores``), per size with a ladder, and, on the identification images, Table III
+   metrics against the caption of the inpainted image (``knexp.evaluation.text_metrics``).
+Everything arrives as plain objects; ``evaluate_knowledge`` returns the caption table and the scores, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from knexp.data.catalog import Catalog, Knowledge
+from knexp.data.coco import CocoScenes
+from knexp.evaluation.perturb import Intervention, cached_intervened_captions, counterfactual_values, set_values
+from knexp.evaluation.scores import curve_area, curve_scores, suppression_scores
+from knexp.evaluation.text_metrics import caption_metrics
+from knexp.identification.methods import NeuronSet
+from knexp.identification.pipeline import Identification, annotate
+from knexp.identification.reference import ReferenceStats
+from knexp.identification.selection import Selector
+from knexp.identification.thresholds import Rule
+
+log = logging.getLogger(__name__)
+EVAL_STREAM = 4
+
+
+def evaluation_images(data: CocoScenes, catalog: Catalog, k: Knowledge, identification_ids: list[int], k_images: int,
+                      other_images: int, seed: int) -> list[tuple[int, str, str]]:
+    """(image id, group, own object) rows: group "k" (own object k) then group "other"."""
+    rng = np.random.default_rng([seed, EVAL_STREAM, k.coco_id])
+    with_k = [i for i in data.image_ids_with(k.coco_id) if i not in identification_ids]
+    chosen = [(i, "k", k.name) for i in dict.fromkeys(identification_ids)]
+    chosen += [(int(i), "k", k.name) for i in rng.permutation(with_k)[:k_images]]
+    pools: dict[str, list[tuple[int, str]]] = {}
+    for image_id in rng.permutation(data.image_ids).tolist():
+        cats = data.category_ids(image_id)
+        if k.coco_id in cats:
+            continue
+        own = sorted((catalog.by_coco_id(c) for c in cats if c in catalog.coco_ids), key=lambda x: x.coco_id)
+        if own:
+            pools.setdefault(own[0].supercategory, []).append((image_id, own[0].name))
+    others, supercats = [], sorted(pools)
+    while len(others) < other_images and any(pools.values()):
+        for sc in supercats:
+            if pools[sc] and len(others) < other_images:
+                image_id, name = pools[sc].pop(0)
+                others.append((image_id, "other", name))
+    return chosen + others
+
+
+@dataclass
+class Evaluation:
+    """One knowledge's evaluation: every caption (``table``: set_id, size, level, draw, image_id, caption, group, own,
+    hit, masked_caption, rung), the evaluated sets as (set_id, rung n or |N_k|, NeuronSet), and the scores."""
+
+    table: pd.DataFrame
+    sets: list[tuple[int, int, NeuronSet]]
+    scores: dict
+
+    def per_layer(self, num_layers: int) -> list[int]:
+        """Evaluated neurons per layer over every set (L zeros when there is none)."""
+        return np.sum([n.per_layer(num_layers) for _, _, n in self.sets], axis=0).tolist() if self.sets else [0] * num_layers
+
+
+def neuron_sets(found: Identification, rule: Rule, sizes: list[int]) -> list[tuple[int, int, NeuronSet]]:
+    """(set_id, size, set): the thresholded set of each sample, or with ``sizes`` its top-n at every n."""
+    sets = []
+    for res in found.results:
+        if sizes:
+            sets += [(len(sets) + j, n, annotate(found.method.ranked(res.stats, rule, found.context, n, res.stats.shape[1]), res.stats))
+                     for j, n in enumerate(sizes)]
+        else:
+            sets.append((len(sets), len(res.neurons), res.neurons))
+    return sets
+
+
+def evaluate_knowledge(found: Identification, selector: Selector, rule: Rule, intervention: Intervention,
+                       reference: ReferenceStats | None, k_images: int, other_images: int, seed: int, sizes: list[int] | None = None,
+                       bertscore_model: str | None = None, bertscore_layers: int = 6) -> Evaluation:
+    """Caption the evaluation images under ``intervention`` on each of ``found``'s sets and score them (module docstring)."""
+    data, catalog, captioner, dataset_id, opts = selector.data, selector.catalog, selector.captioner, selector.dataset_id, selector.opts
+    adapter, store = captioner.adapter, captioner.store
+    k = catalog[found.knowledge]
+    ident_ids = [r.candidate.image_id for r in found.results]
+    images_meta = evaluation_images(data, catalog, k, ident_ids, k_images, other_images, seed)
+    images = [data.load_image(i) for i, _, _ in images_meta]
+    keys = [i for i, _, _ in images_meta]
+    k_index = [i for i, (_, group, _) in enumerate(images_meta) if group == "k"]
+    k_removed = {i: selector.inpaint_cache.without(data, dataset_id, keys[i], k.coco_id, opts) for i in k_index}
+    clean = captioner(images, [[dataset_id, i] for i in keys])
+    frames = [pd.DataFrame({"set_id": -1, "size": 0, "level": 0.0, "draw": 0, "image_id": keys, "caption": clean})]
+    counterfactual_caps = captioner([k_removed[i] for i in k_index], [[dataset_id, keys[i], "without", k.name, opts] for i in k_index])
+    sizes = [int(n) for n in sizes or []]
+    sets = neuron_sets(found, rule, sizes)
+    namespace = [captioner.model_key, dataset_id] + ([k.name, opts] if intervention.kind == "inpainted" else [])
+    empty_sets = []
+    rows = intervention.rows(keys)  # the same rows for every set
+    cfs = (counterfactual_values(adapter, k_removed, [n for _, _, n in sets], captioner.batch_size) if intervention.kind == "inpainted"
+           else [None] * len(sets))
+    for (set_id, _, neurons), cf in zip(sets, cfs, strict=True):
+        if neurons.empty:
+            empty_sets.append({"set_id": set_id, "note": neurons.note})
+        caps = cached_intervened_captions(store, namespace, adapter, images, rows, neurons, intervention,
+                                          set_values(intervention, neurons, reference, cf), seed=seed,
+                                          batch_size=captioner.batch_size, max_new_tokens=captioner.max_new_tokens)
+        frames.append(pd.DataFrame({"set_id": set_id, "size": len(neurons), "level": [r.level for r in rows],
+                                    "draw": [r.draw for r in rows], "image_id": [r.image_key for r in rows], "caption": caps}))
+    table = pd.concat(frames, ignore_index=True)
+    meta = pd.DataFrame(images_meta, columns=["image_id", "group", "own"]).drop_duplicates("image_id")
+    table = table.merge(meta, on="image_id", how="left")
+    table["hit"] = [int(catalog[o].mentioned_in(c)) for o, c in zip(table["own"], table["caption"], strict=True)]
+    masked = {r.candidate.image_id: r.candidate.inpainted_caption for r in found.results}
+    table["masked_caption"] = table["image_id"].map(masked)
+    table["rung"] = table["set_id"].map({set_id: n for set_id, n, _ in sets})  # the ladder's n (or |N_k|)
+
+    perturbed = table[table["set_id"] >= 0]
+    clean_rows = table[table["set_id"] < 0]
+    scores: dict = {
+        "sets": len(found.results), "empty_sets": empty_sets,
+        "images": {"k": int((meta["group"] == "k").sum()), "other": int((meta["group"] == "other").sum())},
+        "set_sizes": [len(r.neurons) for r in found.results],
+        "clean": {"S_k": float(clean_rows.loc[clean_rows.group == "k", "hit"].mean()),
+                  "S_kbar": float(clean_rows.loc[clean_rows.group == "other", "hit"].mean())},
+        "counterfactual": {"S_k": float(np.mean([k.mentioned_in(c) for c in counterfactual_caps])) if k_index else None},
+        "table2": None, "table3": None,
+    }
+    if sizes and len(perturbed):
+        scores["curve"] = curve_scores(perturbed, sizes)
+        scores["curve_area"] = curve_area(scores["curve"])
+    elif len(perturbed):
+        scores["table2"] = suppression_scores(perturbed)
+        on_ident = perturbed[perturbed["masked_caption"].notna()]
+        scores["table3"] = caption_metrics(on_ident["caption"].tolist(), on_ident["masked_caption"].tolist(), bertscore_model,
+                                           int(bertscore_layers))
+    else:
+        log.warning("%s: no neuron sets to evaluate (%s)", k.name, found.selection.message)
+    return Evaluation(table, sets, scores)

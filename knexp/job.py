@@ -1,0 +1,366 @@
+"""A job's session: everything a job needs, built once from the composed config, and knexp's Python API.
+
+``Session.from_config(cfg)`` turns the composed Hydra config into plain objects: the catalog and the job's
+knowledge (both from the config, so ``knowledge.synonyms=[...]`` takes effect), the data and its id, the model's
+adapter, identity and captioner (with the caption store), the inpainting options and the caches, the threshold
+rule and the method (``conf/thresholds`` and ``conf/method`` name their classes by ``_target_``), and the
+intervention. The stages (``identification``, ``evaluation``) receive these objects, never the config. The
+model, the caches, the live window and the reference statistics are shared by every session derived with
+``for_knowledge``, so ``task=tune`` loads the model once for all its objects.
+
+From a notebook::
+
+    import knexp
+    s = knexp.session("model=embedded", "knowledge=banana")
+    found = s.identify(method="ours")             # Identification: selection, per-sample neuron sets
+    s.caption(images, neurons=found.results[0].neurons, intervention="inpainted")
+    s.trace()                                     # Trace: the causal trace and the live window
+    s.heatmap(found.results[0])                   # Heatmap: the top neuron over its image
+
+Results are dataclasses (``Identification``, ``Trace``, ``Heatmap``) with pandas views (``.frame()``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from knexp.counterfactual.cache import InpaintCache, InpaintOptions
+from knexp.data.catalog import Catalog, Knowledge
+from knexp.data.coco import CocoScenes
+from knexp.data.loading import load_dataset
+from knexp.evaluation.perturb import Intervention, cached_intervened_captions, rows_for, set_values
+from knexp.evaluation.protocol import Evaluation, evaluate_knowledge
+from knexp.identification.causal_trace import KINDS, SampleTrace, live_window, span, trace_objects
+from knexp.identification.methods import Method, NeuronSet
+from knexp.identification.pipeline import Identification, SampleResult, identify_knowledge
+from knexp.identification.reference import ReferenceCache, ReferenceStats, compute_reference
+from knexp.identification.selection import Selection, Selector
+from knexp.identification.stats_cache import StatsCache
+from knexp.identification.thresholds import Rule, RuleContext
+from knexp.models.adapter import Adapter
+from knexp.models.captioning import Captioner
+from knexp.models.registry import load_model, model_identity
+from knexp.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Trace:
+    """The causal trace of the image tokens: the traced samples and the live window they give."""
+
+    model: str
+    window: dict
+    samples: list[SampleTrace]
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "window": self.window, "samples": [t.to_dict() for t in self.samples]}
+
+    def frame(self) -> pd.DataFrame:
+        """One row per (sample, patch kind, layer): Δy_c and, where traced with captions, whether k is still named."""
+        rows = [{"knowledge": t.knowledge, "image_id": t.image_id, "kind": kind, "layer": layer, "delta": d,
+                 "named": (t.named.get(kind) or [None] * len(deltas))[layer]}
+                for t in self.samples for kind, deltas in t.delta.items() for layer, d in enumerate(deltas)]
+        return pd.DataFrame(rows)
+
+
+@dataclass
+class Heatmap:
+    """A neuron's activation over the image tokens of one image, painted onto the image (``values``: float [H, W]),
+    and the IoU of its top 5% with the instance mask."""
+
+    layer: int
+    unit: int
+    image_id: int
+    values: np.ndarray
+    iou_q95: float
+
+
+def build_catalog(cfg: DictConfig) -> tuple[Catalog, Knowledge]:
+    """The catalog of the composed config (``catalog``), with the job's ``knowledge`` as composed (overrides included)
+    in place of its own entry; and that knowledge."""
+    from knexp.data.catalog import knowledge_from_dict
+
+    entries = {name: knowledge_from_dict(OmegaConf.to_container(entry, resolve=True)) for name, entry in cfg.catalog.items()}
+    knowledge = knowledge_from_dict(OmegaConf.to_container(cfg.knowledge, resolve=True))
+    entries = {k: v for k, v in entries.items() if v.name != knowledge.name} | {knowledge.name: knowledge}
+    return Catalog(list(entries.values())), knowledge
+
+
+def default_catalog() -> Catalog:
+    """The catalog of the default config (every ``conf/knowledge`` entry as Hydra composes it), for tools and tests
+    that need one outside a job."""
+    with _config_dir():
+        from hydra import compose as hydra_compose
+
+        return build_catalog(hydra_compose("config"))[0]
+
+
+def build_intervention(cfg: DictConfig) -> Intervention:
+    """The configured intervention (``intervention`` group; noise takes its levels from ``noise_level``)."""
+    if cfg.intervention.name != "noise":
+        return Intervention(cfg.intervention.name)
+    noise = cfg.noise_level
+    return Intervention("noise", tuple(float(v) for v in noise.levels), int(noise.draws), bool(noise.per_neuron),
+                        str(noise.get("scale", "absolute")))
+
+
+@dataclass
+class Session:
+    """What one job works with (module docstring). ``shared`` holds what derived sessions reuse: the model, the caches,
+    the live window and the reference statistics."""
+
+    cfg: DictConfig
+    catalog: Catalog
+    knowledge: Knowledge
+    output_dir: Path
+    rule: Rule
+    method: Method
+    intervention: Intervention
+    opts: InpaintOptions
+    shared: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Session:
+        catalog, knowledge = build_catalog(cfg)
+        return cls(cfg, catalog, knowledge, Path(cfg.paths.output_dir), instantiate(cfg.thresholds, _convert_="all"),
+                   instantiate(cfg.method, _convert_="all"), build_intervention(cfg),
+                   InpaintOptions(**OmegaConf.to_container(cfg.inpaint, resolve=True)))
+
+    def for_knowledge(self, name: str, output_dir: str | Path | None = None) -> Session:
+        """The same session for another knowledge of the catalog, writing to ``output_dir`` (sharing the model and the
+        caches); its config says so too, so its job key (``knexp.resume``) is that object's."""
+        knowledge = self.catalog[name]
+        out = Path(output_dir or self.output_dir)
+        cfg = self.cfg.copy()
+        with open_dict(cfg):
+            cfg.knowledge = cfg.catalog[knowledge.name.replace(" ", "_")]
+            cfg.paths.output_dir = str(out)
+        return dataclasses.replace(self, cfg=cfg, knowledge=knowledge, output_dir=out)
+
+    # ---- what the config builds once ---------------------------------------------------------------------------
+    def _once(self, key: str, build):
+        if key not in self.shared:
+            self.shared[key] = build()
+        return self.shared[key]
+
+    @property
+    def data(self) -> CocoScenes:
+        """The dataset of ``data`` (a toy-world split is generated once into ``data.root``)."""
+        return self._dataset()[0]
+
+    @property
+    def dataset_id(self) -> str:
+        """Names the data in cache keys."""
+        return self._dataset()[1]
+
+    def _dataset(self) -> tuple[CocoScenes, str]:
+        return self._once("dataset", lambda: load_dataset(self.cfg.data, self.catalog))
+
+    @property
+    def model_name(self) -> str:
+        return str(self.cfg.model.name)
+
+    @cached_property
+    def model_cfg(self) -> dict:
+        """The model's config as a plain dict (a missing mandatory value, e.g. ``model.converted_dir``, is named here)."""
+        return OmegaConf.to_container(self.cfg.model, resolve=True, throw_on_missing=True)
+
+    @property
+    def cache_root(self) -> Path | None:
+        """``paths.cache_dir``, or None with ``task.cache=false`` (no disk caches)."""
+        return Path(self.cfg.paths.cache_dir) if self.cfg.task.get("cache", True) else None
+
+    @property
+    def adapter(self) -> Adapter:
+        return self._once("adapter", lambda: load_model(self.model_cfg, self.cfg.paths.cache_dir))
+
+    @property
+    def model_key(self) -> str:
+        return self._once("model_key", lambda: model_identity(self.model_cfg))
+
+    @property
+    def captioner(self) -> Captioner:
+        """The model's greedy captioner behind the caption store (``paths.cache_dir``/captions)."""
+        gen = self.cfg.model.generation
+        return self._once("captioner", lambda: Captioner(self.adapter, self.model_key, Store(self.cache_root, "captions"),
+                                                         batch_size=int(gen.batch_size), max_new_tokens=int(gen.max_new_tokens)))
+
+    @property
+    def inpaint_cache(self) -> InpaintCache:
+        return self._once("inpaint_cache", lambda: InpaintCache(self.cache_root))
+
+    @property
+    def stats_cache(self) -> StatsCache:
+        return self._once("stats_cache", lambda: StatsCache(self.cache_root))
+
+    @property
+    def selector(self) -> Selector:
+        return Selector(self.data, self.dataset_id, self.catalog, self.captioner, self.opts, self.inpaint_cache,
+                        int(self.cfg.data.per_knowledge), int(self.cfg.seed))
+
+    def method_named(self, name: str | None) -> Method:
+        """The session's method, or the method ``conf/method/<name>.yaml`` configures."""
+        if name is None or name == self.method.name:
+            return self.method
+        from hydra import compose
+
+        with _config_dir():
+            return instantiate(compose("config", overrides=[f"method={name}"]).method, _convert_="all")
+
+    # ---- stages --------------------------------------------------------------------------------------------------
+    def select(self, knowledge: str | None = None) -> Selection:
+        """Identification samples of ``knowledge`` (default the session's) under the paper's three constraints."""
+        return self.selector(self.catalog[knowledge] if knowledge else self.knowledge)
+
+    def trace(self, objects: list[str] | None = None, kinds: tuple[str, ...] = KINDS, captions: bool = True) -> Trace:
+        """The causal trace of ``trace.per_object`` selected samples of each of ``objects`` (default ``trace.objects``)
+        and the live window it gives (``knexp.identification.causal_trace``); cached per model, data and sample."""
+        tc = self.cfg.trace
+        names = list(objects if objects is not None else tc.objects)
+        samples = trace_objects(self.selector, [self.catalog[n] for n in names], int(tc.per_object),
+                                Store(self.cache_root, "trace"), kinds, captions)
+        return Trace(self.model_name, live_window(samples, float(tc.frac)), samples)
+
+    def live_window(self) -> Trace:
+        """The live window of ``trace.objects`` (residual patching only, no captions), once per session family."""
+        def build() -> Trace:
+            t = self.trace(kinds=("resid",), captions=False)
+            w = t.window
+            log.info("live window: neuron layers %s (residual layers reaching %.0f%% of the counterfactual: %s)",
+                     span(w["neuron_layers"]), 100 * w["frac"], span(w["resid_layers"]))
+            return t
+
+        return self._once("live_window", build)
+
+    def reference(self) -> ReferenceStats:
+        """The model's reference statistics on this data (``knexp.identification.reference``), cached."""
+        ref = self.cfg.reference
+        parts = [self.model_key, self.dataset_id, self.opts, int(ref.images), int(ref.removals), int(ref.seed)]
+        return self._once("reference", lambda: ReferenceCache(self.cache_root).get(parts, lambda: compute_reference(
+            self.adapter, self.data, self.dataset_id, self.catalog, self.opts, self.inpaint_cache, int(ref.images),
+            int(ref.removals), int(ref.seed), self.captioner.batch_size)))
+
+    def needs_reference(self, method: Method | None = None) -> bool:
+        how = self.intervention
+        return self.rule.needs_reference or how.kind == "mean" or (how.kind == "noise" and how.scale == "calibrated")
+
+    def rule_context(self, method: Method | None = None, knowledge: Knowledge | None = None) -> RuleContext:
+        """What the rule and ``method`` need beyond a sample: the live window's neuron layers and the reference statistics,
+        each computed only when needed."""
+        method = method or self.method
+        window = self.live_window().window if method.needs_live(self.rule) else None
+        reference = self.reference() if self.needs_reference(method) else None
+        return RuleContext((knowledge or self.knowledge).name, window["neuron_layers"] if window else None, reference)
+
+    def identify(self, method: str | None = None, knowledge: str | None = None) -> Identification:
+        """Select samples of ``knowledge`` (default the session's) and identify neurons on each with ``method`` (default
+        the configured one); the live window and reference statistics are computed once a sample is selected."""
+        k = self.catalog[knowledge] if knowledge else self.knowledge
+        m = self.method_named(method)
+        selection = self.selector(k)
+        ctx = self.rule_context(m, k) if selection.accepted else RuleContext(k.name)
+        return identify_knowledge(self.selector, k, self.rule, m, self.stats_cache, ctx, selection)
+
+    def evaluate(self, found: Identification, k_images: int, other_images: int, sizes: list[int] | None = None,
+                 bertscore_model: str | None = None, bertscore_layers: int = 6) -> Evaluation:
+        """Captions of the evaluation images under the session's intervention on ``found``'s sets, and their scores."""
+        reference = self.reference() if self.needs_reference(found.method) and found.results else None
+        return evaluate_knowledge(found, self.selector, self.rule, self.intervention, reference, k_images, other_images,
+                                  int(self.cfg.seed), sizes, bertscore_model, bertscore_layers)
+
+    def caption(self, images: list[np.ndarray], neurons: NeuronSet | None = None, intervention: str | Intervention | None = None,
+                level: float = 0.0) -> list[str]:
+        """Greedy captions of ``images``; with ``neurons``, under ``intervention`` on them (default the session's; a name
+        such as ``"zero"`` or ``"noise"``, noise at ``level`` with the session's seed). ``inpainted`` needs per-image
+        counterfactual values, so it applies each neuron's identification shift here."""
+        if neurons is None:
+            return self.adapter.caption(images, self.captioner.batch_size, self.captioner.max_new_tokens)
+        how = intervention if isinstance(intervention, Intervention) else (
+            Intervention("noise", (float(level),)) if intervention == "noise" else
+            Intervention(intervention) if intervention else self.intervention)
+        reference = self.reference() if how.kind == "mean" or (how.kind == "noise" and how.scale == "calibrated") else None
+        rows = rows_for(list(range(len(images))), [float(level)], 1) if how.kind == "noise" else how.rows(list(range(len(images))))
+        return cached_intervened_captions(Store(None, "captions"), [], self.adapter, images, rows, neurons, how,
+                                          set_values(how, neurons, reference, {}), seed=int(self.cfg.seed),
+                                          batch_size=self.captioner.batch_size, max_new_tokens=self.captioner.max_new_tokens)
+
+    def heatmap(self, result: SampleResult, rank: int = 0) -> Heatmap:
+        """The ``rank``-th neuron of a sample's set over its image (Fig. 3), with the q95 IoU against the instance."""
+        from knexp.reporting.figures import neuron_heatmap
+
+        layer, unit = int(result.neurons.layers[rank]), int(result.neurons.units[rank])
+        image = self.data.load_image(result.candidate.image_id)
+        values, iou = neuron_heatmap(self.adapter, image, layer, unit, self.data.instance_mask(result.candidate.annotation_id))
+        return Heatmap(layer, unit, result.candidate.image_id, values, iou)
+
+    # ---- what a job reports --------------------------------------------------------------------------------------
+    def labels(self) -> dict:
+        """How results are keyed in metrics.json and the report."""
+        how = self.intervention
+        return {"knowledge": self.knowledge.name, "method": self.method.name, "variant": self.method.variant,
+                "thresholds": self.rule.label, "intervention": how.kind,
+                "noise_level": self.cfg.noise_level.name if how.kind == "noise" else "-", "model": self.model_name}
+
+    def logger(self):
+        """The configured logger (``conf/logger``, by ``_target_``) writing into this session's output folder."""
+        cfg = self.cfg
+        groups = ("model", "knowledge", "method", "thresholds", "noise_level")
+        tags = [f"{g}:{cfg[g].name}" for g in groups if g in cfg and "name" in cfg[g]]
+        return instantiate(cfg.logger)(out_dir=self.output_dir, run_config=OmegaConf.to_container(cfg, resolve=True),
+                                       tags=tags + list(cfg.get("tags") or []), job_type=str(cfg.task.name))
+
+
+class _config_dir:
+    """Hydra's compose API on knexp's ``conf/`` (re-entrant: inside a running Hydra app it composes from the same
+    search path)."""
+
+    def __enter__(self):
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        from knexp.config import register_resolvers
+        from knexp.paths import conf_dir
+
+        register_resolvers()
+        self._ctx = None
+        if not GlobalHydra.instance().is_initialized():
+            self._ctx = initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3")
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def compose(*overrides: str, output_dir: str | Path | None = None) -> DictConfig:
+    """The composed config for ``overrides`` (as on the command line), outside a Hydra run: ``paths.output_dir`` is
+    ``output_dir`` or ``runs/session/<time>``."""
+    from hydra import compose as hydra_compose
+
+    with _config_dir():
+        cfg = hydra_compose("config", overrides=list(overrides))
+    out = output_dir or Path(cfg.paths.log_dir) / "session" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    cfg.paths.output_dir = str(out)
+    return cfg
+
+
+def session(*overrides: str, output_dir: str | Path | None = None) -> Session:
+    """A session for the config that ``overrides`` compose, e.g. ``knexp.session("model=embedded", "knowledge=banana")``;
+    seeds and thread count as a job would set them."""
+    from knexp.config import setup_runtime
+
+    cfg = compose(*overrides, output_dir=output_dir)
+    setup_runtime(cfg)
+    return Session.from_config(cfg)

@@ -1,0 +1,64 @@
+"""``load_model``: the adapter a model config describes, and ``model_identity``: the hash of what a model computes.
+
+Each ``conf/model/*.yaml`` names its ``loader``, a function ``(model_cfg: dict, device, cache_dir) -> Adapter``
+given as ``module.function``. A new model family is one module (adapter + loader) and one yaml. The config
+arrives here as a plain dict (``knexp.job`` resolves it), so this module needs no Hydra.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+from pathlib import Path
+
+import torch
+
+from knexp.models.adapter import Adapter
+from knexp.models.errors import ModelError
+from knexp.store import stable_key
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when present, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+_LAST: dict[str, Adapter] = {}  # the last model loaded in this process, by identity (a sweep's jobs share one process)
+
+
+def _loader(model_cfg: dict):
+    path = str(model_cfg.get("loader", ""))
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ModelError(f"model {model_cfg.get('name')!r}: cannot import model.loader={path!r} ({exc}); name a function "
+                         "as module.function, e.g. knexp.models.embedded.load_adapter") from exc
+
+
+def load_model(model_cfg: dict, cache_dir: str | Path) -> Adapter:
+    """Build the model a ``conf/model/*.yaml`` describes (resolved to a dict), wrapped in its adapter.
+
+    The adapter is kept for the next call with the same identity and cache folder: the jobs of a multirun on Hydra's
+    basic launcher run in one process, and adapters hold no state between calls (every hook is removed on exit)."""
+    key = stable_key(model_identity(model_cfg), str(cache_dir), model_cfg.get("device", "cpu"))
+    if key in _LAST:
+        return _LAST[key]
+    adapter = _loader(model_cfg)(model_cfg, resolve_device(model_cfg.get("device", "cpu")), Path(cache_dir))
+    _LAST.clear()  # one model at a time: a sweep over models must not hold them all
+    _LAST[key] = adapter
+    return adapter
+
+
+def model_identity(model_cfg: dict) -> str:
+    """Hash of what a model computes: its resolved config (less ``generation.batch_size``, which no output depends
+    on), with the projector file's bytes in place of its path. Keys of every cache entry derived from the model."""
+    cfg = copy.deepcopy(dict(model_cfg))
+    cfg.get("generation", {}).pop("batch_size", None)
+    projector = cfg.get("projector_path")
+    if projector and Path(projector).exists():  # its bytes, not where the checkout happens to be
+        cfg["projector_path"] = hashlib.sha1(Path(projector).read_bytes()).hexdigest()
+    return stable_key(cfg)

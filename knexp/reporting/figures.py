@@ -1,0 +1,84 @@
+"""A job's figures of its neurons, as the paper's Fig. 3 shows them, and its layer histogram (Fig. 2).
+
+One panel per neuron (the top neuron of each sample's set): the original image, the inpainted image, the neuron's
+activation over the image tokens as a heatmap with a colour bar and the instance's outline, and the top tokens the
+neuron writes (``decode_neuron``). The title names the layer, the unit, the method and the IoU of the heatmap's top 5%
+with the instance mask (q95 IoU). ``neurons.json`` lists the same with the five best neurons of each set decoded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from knexp.identification.pipeline import SampleResult
+from knexp.identification.selection import Selector
+from knexp.io import atomic_write_text
+from knexp.models.adapter import Adapter
+from knexp.models.hooks import record
+from knexp.reporting.analysis import decode_neuron, layer_histogram_png, mask_iou, pyplot, save_figure, token_heatmap
+
+
+@torch.no_grad()
+def neuron_heatmap(adapter: Adapter, image: np.ndarray, layer: int, unit: int, instance_mask: np.ndarray) -> tuple[np.ndarray, float]:
+    """(float [H, W]: O'^l[p, u] over the pixels each image token p covers, the q95 IoU with ``instance_mask``)."""
+    prepared = adapter.prepare([image])
+    with record(adapter, prepared, layers=[layer]) as rec:
+        adapter.forward(prepared)
+    heat = token_heatmap(rec.activations[layer][0, :, unit].numpy(), adapter.geometry, *image.shape[:2])
+    return heat, mask_iou(heat, instance_mask)
+
+
+def neuron_panel(original: np.ndarray, inpainted: np.ndarray, heat: np.ndarray, instance_mask: np.ndarray, tokens: list[str],
+                 title: str, path: str | Path) -> Path:
+    """Fig. 3 for one neuron: original | inpainted | heatmap (colour bar, instance outline) | decoded tokens."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), gridspec_kw={"width_ratios": [1, 1, 1.2, 0.8]})
+    axes[0].imshow(original)
+    axes[0].set_title("original", fontsize=9)
+    axes[1].imshow(inpainted)
+    axes[1].set_title("object inpainted away", fontsize=9)
+    axes[2].imshow(original, alpha=0.45)
+    shown = axes[2].imshow(heat, cmap="jet", alpha=0.55)
+    axes[2].contour(np.asarray(instance_mask, float), levels=[0.5], colors="white", linewidths=1.5)
+    axes[2].set_title("activation over image tokens (instance outlined)", fontsize=9)
+    fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.04)
+    for ax in axes[:3]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[3].axis("off")
+    axes[3].set_title("top tokens it writes", fontsize=9)
+    axes[3].text(0.02, 0.95, "\n".join(f"{i + 1:>2}. {t!r}" for i, t in enumerate(tokens)), va="top", family="monospace",
+                 fontsize=9, transform=axes[3].transAxes)
+    fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path)
+
+
+def neuron_figures(adapter: Adapter, selector: Selector, results: list[SampleResult], method: str, out: str | Path) -> list[dict]:
+    """A panel for the top neuron of each sample's set (``figures/neuron_<image>_L<l>_U<u>.png``) and ``neurons.json``
+    (that neuron, its q95 IoU and the decoded top-10 tokens of the set's five best neurons); returns the summary rows."""
+    fig_dir = Path(out) / "figures"
+    rows = []
+    for res in results:
+        if res.neurons.empty:
+            continue
+        cand = res.candidate
+        image, mask = selector.data.load_image(cand.image_id), selector.data.instance_mask(cand.annotation_id)
+        layer, unit = int(res.neurons.layers[0]), int(res.neurons.units[0])
+        heat, iou = neuron_heatmap(adapter, image, layer, unit, mask)
+        decoded = [{"layer": int(lay), "unit": int(u), "tokens": decode_neuron(adapter, int(lay), int(u))}
+                   for lay, u in zip(res.neurons.layers[:5], res.neurons.units[:5], strict=True)]
+        name = f"neuron_{cand.image_id}_L{layer}_U{unit}.png"
+        neuron_panel(image, selector.inpainted(cand), heat, mask, decoded[0]["tokens"],
+                     f"L{layer} U{unit} · {method} · {cand.knowledge} · q95 IoU {iou:.2f}", fig_dir / name)
+        rows.append({"image_id": cand.image_id, "top_neuron": [layer, unit], "figure": name, "iou_q95": iou, "decoded": decoded})
+    atomic_write_text(Path(out) / "neurons.json", json.dumps(rows, indent=1))
+    return [{k: r[k] for k in ("image_id", "top_neuron", "iou_q95")} for r in rows]
+
+
+def layer_figure(per_layer: list[int], method: str, knowledge: str, out: str | Path) -> Path:
+    """Fig. 2 of one job: its neurons per layer."""
+    return layer_histogram_png({method: per_layer}, Path(out) / "figures" / "layers.png", f"{knowledge} / {method}")

@@ -1,0 +1,120 @@
+"""The job's session (``knexp.job``): built once from the composed config, it hands the stages plain objects."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from knexp.identification import methods as M
+from knexp.identification.thresholds import BudgetRule, PaperRule
+from knexp.job import Session, compose
+
+
+def _session(tmp_path, *overrides) -> Session:
+    return Session.from_config(compose(f"paths.cache_dir={tmp_path}/cache", "logger=none", *overrides, output_dir=tmp_path / "job"))
+
+
+def test_the_knowledge_comes_from_the_composed_config(tmp_path):
+    default = _session(tmp_path, "knowledge=bear")
+    assert default.knowledge.mentioned_in("a teddy bear") and not default.knowledge.mentioned_in("a cot")
+    s = _session(tmp_path, "knowledge=bear", "knowledge.synonyms=[cot]")
+    assert s.knowledge.synonyms == ("cot",) and s.knowledge.mentioned_in("a cot on the floor")
+    assert not s.knowledge.mentioned_in("a teddy bear on the floor") or s.knowledge.mentioned_in("bears")  # plural kept
+    assert s.catalog["bear"] == s.knowledge  # evaluation scores every image through the same catalog entry
+    assert s.catalog.mentioned("a cot and a clock") == {"bear", "clock"}
+    other = _session(tmp_path, "catalog.clock.synonyms=[timepiece]")  # any entry of the catalog, not only the job's
+    assert other.catalog["clock"].mentioned_in("an old timepiece") and len(other.catalog) == 30
+
+
+def test_rule_method_and_logger_are_built_by_target(tmp_path):
+    s = _session(tmp_path, "method=pan", "method.variant=authors", "thresholds=budget", "thresholds.n=30")
+    assert isinstance(s.method, M.Pan) and s.method.variant == "authors"
+    assert isinstance(s.rule, BudgetRule) and s.rule.n == 30 and s.rule.label == "budget(abs, live)"
+    paper = _session(tmp_path, "thresholds=paper")
+    assert isinstance(paper.rule, PaperRule) and paper.rule.per_knowledge["tennis racket"] == {"a": 1.5, "g": 0.0001}
+    logger = s.logger()
+    logger.log_metrics({"x": 1})
+    assert (tmp_path / "job" / "metrics.json").exists() and type(logger).__name__ == "RunLogger"
+
+
+def test_sessions_for_other_objects_share_the_model_and_say_so_in_their_config(tmp_path):
+    from knexp.resume import job_key
+
+    s = _session(tmp_path, "model=tiny_minigpt4", "knowledge=bus")
+    other = s.for_knowledge("tennis racket", tmp_path / "racket")
+    assert other.adapter is s.adapter and other.captioner is s.captioner
+    assert other.knowledge.name == "tennis racket" and other.cfg.knowledge.name == "tennis racket"
+    assert other.output_dir == tmp_path / "racket" and other.cfg.paths.output_dir == str(tmp_path / "racket")
+    assert job_key(other.cfg) != job_key(s.cfg) and s.cfg.knowledge.name == "bus"  # the parent is untouched
+
+
+def test_the_api_identifies_captions_and_draws_on_a_tiny_model(tmp_path):
+    """identify -> a perturbed caption -> a heatmap through the session (a scripted captioner names the bus)."""
+    from test_selection import RedSquareCaptioner, _coco
+
+    _coco(tmp_path / "data", {i: [(6, (8 * i, 10, 40, 40))] for i in range(1, 4)})
+    s = _session(tmp_path, "model=tiny_minigpt4", "knowledge=bus", "data=coco2017", f"data.root={tmp_path}/data", "data.split=val",
+                 "data.image_dir=val", "data.per_knowledge=2", "thresholds=budget", "thresholds.n=5", "thresholds.layers=nonzero")
+    scripted = RedSquareCaptioner()
+    scripted.adapter, scripted.model_key, scripted.store, scripted.batch_size, scripted.max_new_tokens = s.adapter, "t", None, 8, 8
+    s.shared["captioner"] = scripted
+    found = s.identify()
+    assert len(found.results) == 2 and all(len(r.neurons) == 5 for r in found.results)
+    assert found.per_layer(s.adapter.num_layers)[-1] == 0 and sum(found.per_layer(s.adapter.num_layers)) == 10
+    pan = s.identify(method="pan")  # another configured method by name, on the same cached statistics
+    assert isinstance(pan.method, M.Pan) and [len(r.neurons) for r in pan.results] == [5, 5]
+    assert s.stats_cache.computed == 2
+    image = s.data.load_image(found.results[0].candidate.image_id)
+    clean = s.caption([image])
+    zeroed = s.caption([image], neurons=found.results[0].neurons, intervention="zero")
+    noised = s.caption([image, image], neurons=found.results[0].neurons, intervention="noise", level=500.0)
+    assert len(clean) == 1 and len(zeroed) == 1 and noised[0] == noised[1]  # one seed: the same draw for the same image
+    assert all(c.startswith(s.adapter.caption_prefix) for c in clean + zeroed + noised)
+    heat = s.heatmap(found.results[0])
+    assert heat.values.shape == image.shape[:2] and 0 <= heat.iou_q95 <= 1
+    assert (heat.layer, heat.unit) == (int(found.results[0].neurons.layers[0]), int(found.results[0].neurons.units[0]))
+    trace = s.trace(objects=["bus"], kinds=("resid",), captions=False)
+    frame = trace.frame()
+    assert isinstance(frame, pd.DataFrame) and len(frame) == len(trace.samples) * s.adapter.num_layers
+    assert set(trace.window) >= {"neuron_layers", "resid_share"}
+
+
+def test_an_empty_identification_has_zero_counts_per_layer(tmp_path):
+    from knexp.identification.pipeline import Identification
+    from knexp.identification.selection import Selection
+
+    found = Identification("bus", M.Ours(name="ours"), Selection("bus", 3, [], []), [])
+    assert found.per_layer(4) == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_compute_stats_leaves_no_hook_behind(fails, catalog):
+    """Every hook compute_stats attaches (FFN inputs and outputs, act_fn, the gradient anchor) is gone after it returns,
+    and after it raises halfway through its backward pass."""
+    from knexp.identification.passes import compute_stats, locate_target
+    from knexp.models.tiny import tiny_adapter
+
+    adapter = tiny_adapter("llava")
+
+    def hooks() -> int:
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in adapter.model.modules())
+
+    images = [(np.random.default_rng(i).random((60, 60, 3)) * 255).astype(np.uint8) for i in range(2)]
+    adapter.forward(adapter.prepare(images[:1]))  # transformers installs its own output-capturing hooks on a first forward
+    before = hooks()
+    target = locate_target(adapter, "the image shows a bus.", adapter.caption_prefix, catalog["bus"])
+    if fails:
+        real = adapter.forward
+
+        def forward_then_fail(prepared):
+            logits = real(prepared)
+            if logits.requires_grad:  # the original's pass: hooks are armed now
+                assert hooks() > before
+                raise RuntimeError("failed mid-pass")
+            return logits
+
+        adapter.forward = forward_then_fail
+        with pytest.raises(RuntimeError, match="mid-pass"):
+            compute_stats(adapter, *images, target)
+    else:
+        compute_stats(adapter, *images, target)
+    assert hooks() == before
