@@ -44,7 +44,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check knexp tests run.py
+	$(BIN)/ruff check knexp tests run.py examples
 
 clean-cache:
 	rm -rf runs/cache

@@ -17,6 +17,14 @@ def catalog():
     return default_catalog()
 
 
+@pytest.fixture(scope="module", params=["embedded", "llava", "minigpt4"])
+def adapter(request):
+    """Each tiny model family in its adapter (float32), with the test module's ``ADAPTER_LAYERS`` decoder layers (3)."""
+    from knexp.models.tiny import tiny_adapter
+
+    return tiny_adapter(request.param, layers=getattr(request.module, "ADAPTER_LAYERS", 3))
+
+
 def _random_pair(adapter, seed: int):
     """Two random uint8 RGB images ("original", "inpainted") at the adapter's input size (60 px for the tiny LLaVA)."""
     import numpy as np

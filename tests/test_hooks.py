@@ -8,22 +8,11 @@ from knexp.models.geometry import PatchGeometry
 from knexp.models.hooks import LayerEdit, intervene, record
 from knexp.models.llava import LlavaAdapter
 from knexp.models.spliced import SplicedAdapter
-from knexp.models.tiny import tiny_embedded, tiny_llava, tiny_minigpt4
 
 
 def _images(n, size, seed=0):
     rng = np.random.default_rng(seed)
     return [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(n)]
-
-
-@pytest.fixture(scope="module", params=["embedded", "llava", "minigpt4"])
-def adapter(request):
-    if request.param == "embedded":
-        return SplicedAdapter(tiny_embedded(layers=3))
-    if request.param == "minigpt4":
-        return SplicedAdapter(tiny_minigpt4(layers=3))
-    model, processor = tiny_llava(grid=4, layers=3)
-    return LlavaAdapter(model, processor, caption_prefix="the image shows")
 
 
 def _size(adapter):
@@ -58,6 +47,44 @@ def test_ffn_out_of_the_activation_is_the_mlp_output_exactly(adapter, prepared):
             assert torch.equal(adapter.ffn_out(layer)(got[("O", layer)]), got[("mlp", layer)])
         assert got[("O", layer)].shape[-1] == adapter.d_ff
     assert adapter.w_out(0).shape == (adapter.unembedding().shape[1], adapter.d_ff)
+
+
+def test_every_hook_site_of_the_table_is_the_tensor_it_names(adapter, prepared):
+    """Through ``attached``, one (site, layer) key per entry of the adapter's site table, input and output sites alike:
+    ffn_act = act(gate(ffn_in)), ffn = ffn_act * up(ffn_in), ffn_out = down(ffn) = mlp(ffn_in), and resid_pre of layer 0
+    is the input embeddings; the prefill guard ignores passes of another length."""
+    from knexp.models.hooks import attached
+
+    assert set(adapter.sites) == {"resid_pre", "ffn_in", "ffn_act", "ffn", "ffn_out"}
+    layer = adapter.num_layers - 1
+    got = {}
+    hooks = {(site, lay): (lambda x, key=(site, lay): got.__setitem__(key, x.detach().clone()))
+             for site in adapter.sites for lay in (0, layer)}
+    with torch.no_grad(), attached(adapter, hooks, prefill=prepared.prompt_len):
+        adapter.forward(prepared)
+        short = adapter.prepare(_images(1, _size(adapter)))
+        seen = dict(got)
+        adapter.forward(short)  # another sequence length: no hook acts
+    assert got.keys() == seen.keys() and all(torch.equal(got[k], seen[k]) for k in got)
+    mlp = adapter.ffn(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(got[("ffn_act", layer)], mlp.act_fn(mlp.gate_proj(got[("ffn_in", layer)])))
+        torch.testing.assert_close(got[("ffn", layer)], got[("ffn_act", layer)] * mlp.up_proj(got[("ffn_in", layer)]))
+        torch.testing.assert_close(got[("ffn_out", layer)], mlp.down_proj(got[("ffn", layer)]))
+        torch.testing.assert_close(got[("ffn_out", layer)], mlp(got[("ffn_in", layer)]))
+    embeds = prepared.inputs.get("inputs_embeds")
+    if embeds is not None:  # the spliced models hand the LM its embeddings
+        assert torch.equal(got[("resid_pre", 0)], embeds)
+    assert _no_hooks_left(adapter)
+    with pytest.raises(ValueError, match="ffn_act"):
+        adapter.site("attn_out", 0)
+
+
+def test_the_predicting_position_is_each_rows_last_real_token(adapter, prepared):
+    mask = prepared.inputs["attention_mask"]
+    for row in range(prepared.batch_size):
+        last = int(prepared.last_position[row])
+        assert mask[row, last] == 1 and (last == mask.shape[1] - 1 or not mask[row, last + 1:].any())
 
 
 def test_image_span_holds_the_inserted_image_features(adapter, prepared):

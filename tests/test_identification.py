@@ -16,14 +16,8 @@ from knexp.identification.thresholds import (
     stage1_score,
 )
 from knexp.models.hooks import record
-from knexp.models.tiny import tiny_adapter
 
 CAPTION = "the image shows a bus and a clock."
-
-
-@pytest.fixture(scope="module", params=["embedded", "llava", "minigpt4"])
-def adapter(request):
-    return tiny_adapter(request.param, layers=3)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,18 @@ def test_wandb_summary_flattens_nested_results_and_a_curve_is_logged_offline(tmp
     logger.finish()
     assert (tmp_path / "curve.csv").read_text().splitlines()[0] == "size,S_se"
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_report_task_writes_the_page_and_logs_tables_and_figures_to_wandb(tmp_path):
+    from knexp.job import Session, compose
+    from knexp.tasks.report import ReportTask
+
+    sweep = tmp_path / "sweep"
+    _job(sweep / "0", "bed", "ours", 0.8, 0.6, [1, 2, 0])
+    _job(sweep / "1", "bed", "pan", 0.2, 1.0, [0, 0, 3])
+    session = Session.from_config(compose("task=report", f"sweep_dir={sweep}", "logger=wandb", "logger.mode=offline",
+                                          output_dir=tmp_path / "report"))
+    result = ReportTask()(session)
+    assert result["html"] == str(tmp_path / "report" / "report.html") and "fig2_layers.png" not in Path(result["html"]).read_text()
+    run = next((tmp_path / "report" / "wandb").glob("offline-run-*"))
+    assert (tmp_path / "report" / "report_table2.csv").exists() and any(run.rglob("*.wandb"))

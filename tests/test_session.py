@@ -78,6 +78,29 @@ def test_the_api_identifies_captions_and_draws_on_a_tiny_model(tmp_path):
     assert set(trace.window) >= {"neuron_layers", "resid_share"}
 
 
+def test_an_unusable_sample_is_skipped_with_its_reason_and_written(tmp_path, catalog):
+    """A selected sample whose caption gives no target token is skipped, not fatal; selection.json lists it."""
+    import json
+
+    from test_selection import RedSquareCaptioner, _coco
+
+    from knexp.identification.pipeline import identify_knowledge
+    from knexp.identification.selection import Candidate, Selection
+    from knexp.reporting.outputs import write_identification
+
+    _coco(tmp_path / "data", {1: [(6, (10, 10, 40, 40))]})
+    s = _session(tmp_path, "model=tiny_minigpt4", "knowledge=bus", "data=coco2017", f"data.root={tmp_path}/data", "data.split=val",
+                 "data.image_dir=val", "thresholds.layers=nonzero")
+    scripted = RedSquareCaptioner()
+    scripted.adapter, scripted.model_key, scripted.store, scripted.batch_size, scripted.max_new_tokens = s.adapter, "t", None, 8, 8
+    s.shared["captioner"] = scripted
+    bad = Candidate(1, 1, "bus", True, "", "the image shows a clock.", "the image shows nothing.")
+    found = identify_knowledge(s.selector, s.knowledge, s.rule, s.method, s.stats_cache, s.rule_context(), Selection("bus", 1, [bad], []))
+    assert found.results == [] and len(found.skipped) == 1 and "does not name 'bus'" in found.skipped[0]["reason"]
+    write_identification(tmp_path / "job", found, s.adapter.num_layers)
+    assert json.loads((tmp_path / "job" / "selection.json").read_text())["skipped"] == found.skipped
+
+
 def test_an_empty_identification_has_zero_counts_per_layer(tmp_path):
     from knexp.identification.pipeline import Identification
     from knexp.identification.selection import Selection

@@ -7,14 +7,11 @@ import torch
 from knexp.identification.causal_trace import KINDS, SampleTrace, live_window, normalised, trace_sample
 from knexp.identification.passes import locate_target
 from knexp.models.spliced import SplicedAdapter
-from knexp.models.tiny import tiny_adapter
 
 CAPTION = "the image shows a bus and a clock."
 
 
-@pytest.fixture(scope="module", params=["embedded", "llava", "minigpt4"])
-def adapter(request):
-    return tiny_adapter(request.param, layers=4)
+ADAPTER_LAYERS = 4  # the conftest's tiny adapters, one layer deeper than elsewhere
 
 
 def _hidden_states(adapter, prepared):

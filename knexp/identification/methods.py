@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 
 from knexp.identification.passes import SampleStats
@@ -63,6 +64,10 @@ class NeuronSet:
         pairs = sorted({pair for s in sets for pair in s.pairs()})
         layers = np.array([lay for lay, _ in pairs], np.int64)
         return cls("union", "", layers, np.array([u for _, u in pairs], np.int64), np.zeros(len(pairs)))
+
+    def frame(self) -> pd.DataFrame:
+        """One row per neuron: layer, unit, score (ranking order)."""
+        return pd.DataFrame({"layer": self.layers, "unit": self.units, "score": self.scores})
 
     def to_dict(self) -> dict:
         rows = zip(self.layers, self.units, self.scores, strict=True)

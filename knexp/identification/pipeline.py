@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from knexp.data.catalog import Knowledge
 from knexp.identification import methods as M
@@ -55,6 +56,13 @@ class Identification:
     results: list[SampleResult]
     skipped: list[dict] = field(default_factory=list)
     context: RuleContext | None = None
+
+    def frame(self) -> pd.DataFrame:
+        """One row per identified neuron of every sample: image_id, annotation_id, layer, unit, score."""
+        frames = [r.neurons.frame().assign(image_id=r.candidate.image_id, annotation_id=r.candidate.annotation_id)
+                  for r in self.results]
+        columns = ["image_id", "annotation_id", "layer", "unit", "score"]
+        return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
     def per_layer(self, num_layers: int) -> list[int]:
         """Identified neurons per layer, summed over samples (L zeros when no sample gave a set)."""
