@@ -144,7 +144,8 @@ class Session:
         out = Path(output_dir or self.output_dir)
         cfg = self.cfg.copy()
         with open_dict(cfg):
-            cfg.knowledge = cfg.catalog[knowledge.name.replace(" ", "_")]
+            if knowledge.name != self.knowledge.name:  # the job's own knowledge keeps its overrides
+                cfg.knowledge = cfg.catalog[knowledge.name.replace(" ", "_")]
             cfg.paths.output_dir = str(out)
         return dataclasses.replace(self, cfg=cfg, knowledge=knowledge, output_dir=out)
 
@@ -251,16 +252,16 @@ class Session:
             self.adapter, self.data, self.dataset_id, self.catalog, self.opts, self.inpaint_cache, int(ref.images),
             int(ref.removals), int(ref.seed), self.captioner.batch_size)))
 
-    def needs_reference(self, method: Method | None = None) -> bool:
-        how = self.intervention
-        return self.rule.needs_reference or how.kind == "mean" or (how.kind == "noise" and how.scale == "calibrated")
+    def needs_reference(self) -> bool:
+        """Whether the rule or the intervention needs the reference statistics."""
+        return self.rule.needs_reference or self.intervention.needs_reference
 
     def rule_context(self, method: Method | None = None, knowledge: Knowledge | None = None) -> RuleContext:
         """What the rule and ``method`` need beyond a sample: the live window's neuron layers and the reference statistics,
         each computed only when needed."""
         method = method or self.method
         window = self.live_window().window if method.needs_live(self.rule) else None
-        reference = self.reference() if self.needs_reference(method) else None
+        reference = self.reference() if self.needs_reference() else None
         return RuleContext((knowledge or self.knowledge).name, window["neuron_layers"] if window else None, reference)
 
     def identify(self, method: str | None = None, knowledge: str | None = None) -> Identification:
@@ -275,7 +276,7 @@ class Session:
     def evaluate(self, found: Identification, k_images: int, other_images: int, sizes: list[int] | None = None,
                  bertscore_model: str | None = None, bertscore_layers: int = 6) -> Evaluation:
         """Captions of the evaluation images under the session's intervention on ``found``'s sets, and their scores."""
-        reference = self.reference() if self.needs_reference(found.method) and found.results else None
+        reference = self.reference() if self.needs_reference() and found.results else None
         return evaluate_knowledge(found, self.selector, self.rule, self.intervention, reference, k_images, other_images,
                                   int(self.cfg.seed), sizes, bertscore_model, bertscore_layers)
 
@@ -289,7 +290,7 @@ class Session:
         how = intervention if isinstance(intervention, Intervention) else (
             Intervention("noise", (float(level),)) if intervention == "noise" else
             Intervention(intervention) if intervention else self.intervention)
-        reference = self.reference() if how.kind == "mean" or (how.kind == "noise" and how.scale == "calibrated") else None
+        reference = self.reference() if how.needs_reference else None
         rows = rows_for(list(range(len(images))), [float(level)], 1) if how.kind == "noise" else how.rows(list(range(len(images))))
         return cached_intervened_captions(Store(None, "captions"), [], self.adapter, images, rows, neurons, how,
                                           set_values(how, neurons, reference, {}), seed=int(self.cfg.seed),

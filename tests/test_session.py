@@ -49,14 +49,12 @@ def test_sessions_for_other_objects_share_the_model_and_say_so_in_their_config(t
 
 def test_the_api_identifies_captions_and_draws_on_a_tiny_model(tmp_path):
     """identify -> a perturbed caption -> a heatmap through the session (a scripted captioner names the bus)."""
-    from test_selection import RedSquareCaptioner, _coco
+    from test_selection import _coco, script_captions
 
     _coco(tmp_path / "data", {i: [(6, (8 * i, 10, 40, 40))] for i in range(1, 4)})
     s = _session(tmp_path, "model=tiny_minigpt4", "knowledge=bus", "data=coco2017", f"data.root={tmp_path}/data", "data.split=val",
                  "data.image_dir=val", "data.per_knowledge=2", "thresholds=budget", "thresholds.n=5", "thresholds.layers=nonzero")
-    scripted = RedSquareCaptioner()
-    scripted.adapter, scripted.model_key, scripted.store, scripted.batch_size, scripted.max_new_tokens = s.adapter, "t", None, 8, 8
-    s.shared["captioner"] = scripted
+    script_captions(s)
     found = s.identify()
     assert len(found.results) == 2 and all(len(r.neurons) == 5 for r in found.results)
     assert found.per_layer(s.adapter.num_layers)[-1] == 0 and sum(found.per_layer(s.adapter.num_layers)) == 10
@@ -82,7 +80,7 @@ def test_an_unusable_sample_is_skipped_with_its_reason_and_written(tmp_path, cat
     """A selected sample whose caption gives no target token is skipped, not fatal; selection.json lists it."""
     import json
 
-    from test_selection import RedSquareCaptioner, _coco
+    from test_selection import _coco, script_captions
 
     from knexp.identification.pipeline import identify_knowledge
     from knexp.identification.selection import Candidate, Selection
@@ -91,9 +89,7 @@ def test_an_unusable_sample_is_skipped_with_its_reason_and_written(tmp_path, cat
     _coco(tmp_path / "data", {1: [(6, (10, 10, 40, 40))]})
     s = _session(tmp_path, "model=tiny_minigpt4", "knowledge=bus", "data=coco2017", f"data.root={tmp_path}/data", "data.split=val",
                  "data.image_dir=val", "thresholds.layers=nonzero")
-    scripted = RedSquareCaptioner()
-    scripted.adapter, scripted.model_key, scripted.store, scripted.batch_size, scripted.max_new_tokens = s.adapter, "t", None, 8, 8
-    s.shared["captioner"] = scripted
+    script_captions(s)
     bad = Candidate(1, 1, "bus", True, "", "the image shows a clock.", "the image shows nothing.")
     found = identify_knowledge(s.selector, s.knowledge, s.rule, s.method, s.stats_cache, s.rule_context(), Selection("bus", 1, [bad], []))
     assert found.results == [] and len(found.skipped) == 1 and "does not name 'bus'" in found.skipped[0]["reason"]

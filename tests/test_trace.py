@@ -172,7 +172,7 @@ def test_trace_task_on_a_tiny_model_with_a_scripted_captioner(tmp_path, monkeypa
     that names the bus while its red square is visible stands in for selection's captions)."""
     import json
 
-    from test_selection import RedSquareCaptioner, _coco
+    from test_selection import _coco, script_captions
 
     from knexp.job import Session, compose
     from knexp.tasks.trace import TraceTask
@@ -181,11 +181,7 @@ def test_trace_task_on_a_tiny_model_with_a_scripted_captioner(tmp_path, monkeypa
     cfg = compose("task=trace", "model=tiny_minigpt4", "data=coco2017", f"data.root={tmp_path}/data", "data.split=val",
                   "data.image_dir=val", "trace.objects=[bus]", "trace.per_object=2", f"paths.cache_dir={tmp_path}/cache",
                   "logger=none", output_dir=tmp_path / "job")
-    session = Session.from_config(cfg)
-    scripted = RedSquareCaptioner()
-    scripted.adapter, scripted.model_key, scripted.store = session.adapter, "tiny-minigpt4", None
-    scripted.batch_size, scripted.max_new_tokens = 8, 8
-    session.shared["captioner"] = scripted  # the session's captioner, as a job's stages see it
+    session = script_captions(Session.from_config(cfg))
     result = TraceTask()(session)
     saved = json.loads((tmp_path / "job" / "trace.json").read_text())
     assert len(saved["samples"]) == 2 and saved["window"] == result["window"]

@@ -63,6 +63,11 @@ class Intervention:
     def deterministic(self) -> bool:
         return self.kind != "noise"
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether its values come from the reference statistics (the ``mean`` value, calibrated noise's unit)."""
+        return self.kind == "mean" or (self.kind == "noise" and self.scale == "calibrated")
+
     def rows(self, image_keys: list[int]) -> list[Row]:
         """The rows every set is captioned on: levels x draws per image for noise, else one per image."""
         if self.deterministic:
