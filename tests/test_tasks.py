@@ -104,6 +104,9 @@ def test_joblib_launcher_runs_a_two_job_multirun_in_parallel(tmp_path):
              f"paths.cache_dir={tmp_path}/cache", "hydra/launcher=parallel", "logger=none", f"hydra.sweep.dir={tmp_path}/sweep")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in r.stdout + r.stderr
+    cores = os.cpu_count()
+    logs = [(tmp_path / "sweep" / str(i) / "run.log").read_text() for i in (0, 1)]  # each job's share of the cores
+    assert all(f"torch threads: {max(1, cores // 2)}" in log for log in logs)
     names = {json.loads((tmp_path / "sweep" / str(i) / "selection.json").read_text())["knowledge"] for i in (0, 1)}
     assert names == {"clock", "bus"}
 

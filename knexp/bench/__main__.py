@@ -83,6 +83,76 @@ def evaluation_throughput(images: int = 8, levels: tuple = (40.0, 80.0), draws: 
             "per_caption_per_s": round(len(rows) / single_s, 2), "ratio": round(single_s / batched_s, 2), "target": ">= 20"}
 
 
+def reuse_and_decode(images: int = 4, per_image: int = 8, batch_size: int = 16, units: int = 40, max_new_tokens: int = 32,
+                     repeats: int = 2) -> dict:
+    """Perturbed captions per second: the full recompute (the model's own ``generate``: every layer of every row, and
+    decoding until the last row ends) against ``knexp.models.decoding`` (the shared prefix once; finished rows leave the
+    batch; layers below the set's lowest layer l_min run once per image), at l_min = 20 and l_min = 0 of 30. Noise on
+    ``units`` units in every layer from l_min; ``per_image`` rows per image (levels x draws); median of ``repeats``
+    alternating runs."""
+    from knexp.models.adapter import join_prefix
+    from knexp.models.hooks import LayerEdit, intervene
+
+    s = session("model=embedded", "logger=none")
+    adapter, catalog = s.adapter, s.catalog
+    pics = [make_scene(catalog, np.random.default_rng([78, 5, i]), SceneOptions(gap_px=8)).image for i in range(images)]
+    groups = [i // per_image for i in range(images * per_image)]
+    batches = [groups[i:i + batch_size] for i in range(0, len(groups), batch_size)]
+    rng = np.random.default_rng(0)
+    chosen = torch.as_tensor(rng.choice(adapter.d_ff, units, replace=False))
+    out = {"captions": len(groups), "images": images, "batch_size": batch_size, "units_per_layer": units, "repeats": repeats}
+
+    def run(reuse: bool, l_min: int) -> list[str]:
+        texts = []
+        for batch in batches:
+            prepared = adapter.prepare([pics[g] for g in batch])
+            noise = torch.tensor(np.random.default_rng([l_min, batch[0]]).standard_normal((len(batch), adapter.num_image_tokens)) * 3,
+                                 dtype=torch.float32)  # [B, P]
+            with intervene(adapter, prepared, {layer: LayerEdit(chosen, add=noise) for layer in range(l_min, adapter.num_layers)}):
+                if reuse:
+                    texts += adapter.generate(prepared, max_new_tokens, start_layer=l_min, groups=batch)
+                else:
+                    full = adapter.decode(adapter._generate_ids(prepared, max_new_tokens))
+                    texts += [join_prefix(adapter.caption_prefix, t) for t in full]
+        return texts
+
+    for l_min in (20, 0):
+        full_s, ours_s, captions = [], [], {}
+        for _ in range(repeats):
+            for reuse, times in ((False, full_s), (True, ours_s)):
+                t = time.perf_counter()
+                captions[reuse] = run(reuse, l_min)
+                times.append(time.perf_counter() - t)
+        same = captions[True] == captions[False]
+        full, ours = statistics.median(full_s), statistics.median(ours_s)
+        out[f"l{l_min}"] = {"full_per_s": round(len(groups) / full, 2), "knexp_per_s": round(len(groups) / ours, 2),
+                            "ratio": round(full / ours, 2), "identical": same}
+    out["targets"] = {"l20": ">= 2", "l0": ">= 0.97"}
+    return out
+
+
+REUSE_HEADING = "## Reusing what an intervention cannot change (issue: captioning at the machine's limit)"
+
+
+def reuse_markdown(r: dict) -> str:
+    """The BENCHMARKS.md section of ``reuse_and_decode``'s result."""
+    r20, r0 = r["l20"], r["l0"]
+    return f"""{REUSE_HEADING}
+
+{r['captions']} perturbed captions ({r['images']} images x {r['captions'] // r['images']} rows, batch {r['batch_size']}, 32 new
+tokens, noise on {r['units_per_layer']} units of every layer from l_min) on the embedded model: the model's own `generate`
+(every layer of every row; decoding goes on until the last row ends) against `knexp.models.decoding` (the tokens before
+the image once per batch; layers below l_min once per image; finished rows leave the batch). Median of {r['repeats']}
+alternating runs; the captions are compared in the run. At l_min = 0 no layer is reused: its ratio is the shared prefix's
+and the dropped rows' saving together. `python -m knexp.bench --only reuse` reruns this section alone.
+
+| l_min | full recompute, captions / s | knexp, captions / s | ratio | identical captions |
+|---|---|---|---|---|
+| 20 | {r20['full_per_s']} | {r20['knexp_per_s']} | **{r20['ratio']}x** (target {r['targets']['l20']}) | {r20['identical']} |
+| 0 | {r0['full_per_s']} | {r0['knexp_per_s']} | **{r0['ratio']}x** (target {r['targets']['l0']}) | {r0['identical']} |
+"""
+
+
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
@@ -91,17 +161,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m knexp.bench")
     parser.add_argument("--out", default=str(project_root() / "BENCHMARKS.md"))
     parser.add_argument("--json", default=str(project_root() / "runs" / "bench.json"))
+    parser.add_argument("--only", choices=["reuse"], help="run one benchmark and replace its section of --out")
     args = parser.parse_args()
+    if args.only == "reuse":
+        old = Path(args.out).read_text()
+        start = old.index(REUSE_HEADING) if REUSE_HEADING in old else old.index("## Sweeps")
+        end = old.index("\n## ", start + 1) + 1 if REUSE_HEADING in old else start
+        section = reuse_markdown(reuse_and_decode()) + "\n"
+        Path(args.out).write_text(old[:start] + section + ("" if REUSE_HEADING in old else "\n") + old[end:])
+        print(section)
+        return
     from knexp.bench.identification import identification_cost, peak_memory_7b_shape
     from knexp.bench.sweeps import demo_and_cache
 
     result = {"hook_overhead": hook_overhead(), "identification_cost": identification_cost(), "peak_memory": peak_memory_7b_shape(),
-              "evaluation_throughput": evaluation_throughput(), "sweeps": demo_and_cache()}
+              "evaluation_throughput": evaluation_throughput(), "reuse": reuse_and_decode(), "sweeps": demo_and_cache()}
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     h, c, m = result["hook_overhead"], result["identification_cost"], result["peak_memory"]
-    e, s = result["evaluation_throughput"], result["sweeps"]
+    e, s, r = result["evaluation_throughput"], result["sweeps"], result["reuse"]
     text = f"""# Benchmarks
 
 Measured with `make bench` (`python -m knexp.bench`) on {machine()}, {stamp}.
@@ -158,6 +237,7 @@ captions are identical (checked in the run).
 | batched | {e['batched_per_s']} |
 | **speed-up** | **{e['ratio']}x** (target {e['target']}) |
 
+{reuse_markdown(r)}
 ## Sweeps: the demo, the cache and resume (issue: sweeps)
 
 `python run.py experiment=demo` ({s['jobs']} jobs: 3 objects x 5 methods with the defaults: the budget rule in the

@@ -147,7 +147,8 @@ def intervened_captions(adapter: Adapter, images: list[np.ndarray], rows: list[R
         key = "add" if mode == "add" else "set_to"
         edits = {layer: LayerEdit(units[layer], **{key: tensor[:, :, cols[layer]]}) for layer in layers}
         with intervene(adapter, prepared, edits):  # removed on any exit, out-of-memory retries included
-            return adapter.generate(prepared, max_new_tokens)
+            # nothing below the set's lowest layer can change: those layers run once per image of the batch
+            return adapter.generate(prepared, max_new_tokens, start_layer=layers[0], groups=[r.image_index for r in chunk])
 
     out: list[str | None] = [None] * len(rows)
     for mode in ("add", "set"):

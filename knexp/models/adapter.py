@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from knexp.models.batching import map_batches
+from knexp.models.decoding import greedy_ids
 from knexp.models.geometry import PatchGeometry
 
 # METHOD.md, "Evaluation": do_sample=False, temperature=1.0, num_beams=1, max_new_tokens=32, min_length=1,
@@ -60,6 +61,14 @@ class Prepared:
     image_positions: torch.Tensor
     prompt_len: int
     last_position: torch.Tensor
+    # prompt positions already in the KV cache when the prompt's pass runs in two parts (knexp.models.decoding computes
+    # the tokens before the image once): that pass covers positions cached..T-1, and hooks index it so
+    cached: int = 0
+
+    @property
+    def pass_len(self) -> int:
+        """The sequence length of the prompt's pass (T, less the cached positions)."""
+        return self.prompt_len - self.cached
 
     @property
     def batch_size(self) -> int:
@@ -137,10 +146,28 @@ class Adapter(ABC):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @abstractmethod
+    def language_model(self) -> tuple[nn.Module, nn.Module]:
+        """(the decoder stack: a transformers LLaMA-family model with ``layers``, ``norm``, ``rotary_emb``, ``embed_tokens`` and
+        ``config``; the LM head): what ``knexp.models.decoding`` runs layer by layer."""
+
+    @property
+    @abstractmethod
+    def stop_token_ids(self) -> list[int]:
+        """The token ids that end a caption (greedy generation stops a row there)."""
+
+    @property
+    @abstractmethod
+    def pad_token_id(self) -> int: ...
+
     # ---- inputs ------------------------------------------------------------------------------------
     @abstractmethod
     def prepare(self, images: list[np.ndarray], continuations: list[str] | None = None, prefix: str | None = None) -> Prepared:
         """Prompt + images (+ optional text after the prefix, e.g. a caption for teacher forcing)."""
+
+    @abstractmethod
+    def prompt_embeddings(self, prepared: Prepared) -> torch.Tensor:
+        """The LM's input embeddings [B, T, d_model] of a prepared batch, image features in place."""
 
     @abstractmethod
     def forward(self, prepared: Prepared) -> torch.Tensor:
@@ -165,10 +192,22 @@ class Adapter(ABC):
                            images, batch_size, "captioning")
 
     @torch.no_grad()
-    def generate(self, prepared: Prepared, max_new_tokens: int = 32, prefix: str | None = None) -> list[str]:
-        """Captions of an already prepared batch (so hooks can be armed on exactly this batch)."""
+    def generate(self, prepared: Prepared, max_new_tokens: int = 32, prefix: str | None = None, start_layer: int = 0,
+                 groups: list | None = None) -> list[str]:
+        """Captions of an already prepared batch (so hooks can be armed on exactly this batch).
+
+        An unpadded batch decodes with ``knexp.models.decoding.greedy_ids`` (finished rows leave the batch; with
+        ``start_layer`` > 0, layers below it run once per group of ``groups``: only for hooks on layers >= ``start_layer``);
+        a padded one with the model's own ``generate``. Both give the same tokens (tested)."""
         prefix = self.caption_prefix if prefix is None else prefix
-        return [join_prefix(prefix, t) for t in self.decode(self._generate_ids(prepared, max_new_tokens))]
+        mask = prepared.inputs.get("attention_mask")
+        if mask is None or bool(mask.all()):
+            ids = greedy_ids(self, prepared, max_new_tokens, start_layer, groups)
+        elif start_layer:
+            raise ValueError("reusing the layers below start_layer needs unpadded prompts")
+        else:
+            ids = self._generate_ids(prepared, max_new_tokens)
+        return [join_prefix(prefix, t) for t in self.decode(ids)]
 
 
 def join_prefix(prefix: str, continuation: str) -> str:

@@ -30,14 +30,14 @@ Hook = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
 @contextmanager
-def attached(adapter: Adapter, hooks: dict[tuple[str, int], Hook], prefill: int | None = None) -> Iterator[None]:
+def attached(adapter: Adapter, hooks: dict[tuple[str, int], Hook], prefill: int | Prepared | None = None) -> Iterator[None]:
     """Call ``hooks[(site, l)](x)`` on the tensor x [B, T, d] of hook site ``site`` in layer l (``Adapter.site``): an
     input site's hook runs before its module uses x, an output site's after the module made it; a returned tensor
-    replaces x. With ``prefill``, only passes of that sequence length are seen (the prepared prompt's): the one
-    prefill guard. The hooks are always removed."""
+    replaces x. With ``prefill``, only passes of that sequence length are seen (a prepared prompt's: its ``pass_len``,
+    read when the pass runs): the one prefill guard. The hooks are always removed."""
 
     def seen(x: torch.Tensor) -> bool:
-        return prefill is None or x.shape[1] == prefill
+        return prefill is None or x.shape[1] == (prefill.pass_len if isinstance(prefill, Prepared) else prefill)
 
     def before(hook: Hook):
         def pre_hook(module, args, kwargs):
@@ -141,7 +141,8 @@ def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = 
 
     def make_hook(layer: int):
         def hook(x: torch.Tensor) -> None:  # [B, T, d]
-            o_det = x[rows, pos].detach().float()  # [B, P, d]
+            here = pos - prepared.cached  # the image positions within this pass
+            o_det = x[rows, here].detach().float()  # [B, P, d]
             rec.activations[layer] = REDUCTIONS[reduce](o_det) if reduce else o_det
             if layer == layers_[0]:
                 rec.passes += 1
@@ -150,7 +151,7 @@ def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = 
             if with_grad:
 
                 def catch(grad: torch.Tensor) -> None:
-                    g = grad[rows, pos].float()
+                    g = grad[rows, here].float()
                     if reduce:
                         rec.gradcam[layer] = REDUCTIONS[reduce](o_det * g)
                     else:
@@ -165,7 +166,7 @@ def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = 
     with contextlib.ExitStack() as stack:
         if with_grad:
             stack.enter_context(gradient_anchor(adapter, prepared.prompt_len))
-        stack.enter_context(attached(adapter, {(site, layer): make_hook(layer) for layer in layers_}, prepared.prompt_len))
+        stack.enter_context(attached(adapter, {(site, layer): make_hook(layer) for layer in layers_}, prepared))
         yield rec
 
 
@@ -220,15 +221,16 @@ def intervene(adapter: Adapter, prepared: Prepared, edits: dict[int, LayerEdit],
 
         def hook(x: torch.Tensor) -> torch.Tensor:
             x = x.clone()
+            here = pos - prepared.cached  # the image positions within this pass
             if units is None:
-                x[rows, pos] = edit.apply(x[rows, pos])
+                x[rows, here] = edit.apply(x[rows, here])
             else:
-                r, p, u = rows[:, :, None], pos[:, :, None], units[None, None, :]
+                r, p, u = rows[:, :, None], here[:, :, None], units[None, None, :]
                 x[r, p, u] = edit.apply(x[r, p, u])
             edit.applied += 1
             return x
 
         return hook
 
-    with attached(adapter, {(site, layer): make_hook(e) for layer, e in edits.items()}, prepared.prompt_len):
+    with attached(adapter, {(site, layer): make_hook(e) for layer, e in edits.items()}, prepared):
         yield edits

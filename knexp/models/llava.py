@@ -68,6 +68,29 @@ class LlavaAdapter(Adapter):
         last = last_positions(inputs.get("attention_mask"), ids.shape[0], ids.shape[1])
         return Prepared(dict(inputs), ids, positions, ids.shape[1], last)
 
+    def language_model(self) -> tuple[nn.Module, nn.Module]:
+        return self._lm(), self._model.lm_head
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        eos = self._model.generation_config.eos_token_id
+        return [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]) if e is not None]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.processor.tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def prompt_embeddings(self, prepared: Prepared) -> torch.Tensor:
+        """Token embeddings with CLIP's projected patch features at the image tokens, as ``LlavaModel.forward`` builds them."""
+        llava, cfg = self._model.model, self._model.config
+        ids = prepared.inputs["input_ids"]
+        embeds = llava.get_input_embeddings()(ids)
+        features = llava.get_image_features(pixel_values=prepared.inputs["pixel_values"], vision_feature_layer=cfg.vision_feature_layer,
+                                            vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True)
+        features = torch.cat(features.pooler_output, dim=0).to(embeds.device, embeds.dtype)
+        return embeds.masked_scatter(llava.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=features), features)
+
     def forward(self, prepared: Prepared) -> torch.Tensor:
         return self._model(**prepared.inputs, use_cache=False).logits
 

@@ -118,6 +118,20 @@ class SplicedAdapter(Adapter):
         last = torch.tensor([len(r) - 1 for r in rows], device=self.device)  # right padding: each row's own end
         return Prepared({"inputs_embeds": embeds, "attention_mask": attention}, input_ids, positions, width, last)
 
+    def language_model(self) -> tuple[nn.Module, nn.Module]:
+        return self.mllm.lm.model, self.mllm.lm.lm_head
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.mllm.end_token_id]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.mllm.end_token_id
+
+    def prompt_embeddings(self, prepared: Prepared) -> torch.Tensor:
+        return prepared.inputs["inputs_embeds"]
+
     def forward(self, prepared: Prepared) -> torch.Tensor:
         return self.mllm.lm(**prepared.inputs, use_cache=False).logits
 

@@ -1,0 +1,115 @@
+"""Greedy captioning that does no work an intervention cannot change.
+
+``greedy_ids`` gives the same new tokens as the adapter's ``generate`` (greedy, ``GREEDY``) for an unpadded batch of
+prompts, with three savings:
+
+* **The shared prefix once.** The prompt tokens before the image (system turn, user header) are the same in every row:
+  their KV cache is computed for one row and shared by all.
+* **Reuse below the lowest edited layer.** An intervention on layers >= l_min at image positions cannot change any
+  position's state below l_min: attention is causal and the FFN acts per position. With ``start_layer = l_min`` and
+  ``groups`` (rows of one group share their prompt, e.g. one image under several noise draws), layers 0..l_min-1 run
+  once per group on the clean prompt; their KV cache and the hidden states entering l_min are copied to the group's
+  rows, and only layers l_min..L-1 run per row, with the intervention's hooks armed. Decoding then continues from the
+  combined cache through every layer.
+* **No wasted decode.** A row that has emitted a stop token leaves the running batch (its cache rows are dropped), so
+  one long caption does not keep the finished ones decoding.
+
+Rows are batch-invariant in float32 (tested), so the tokens equal the full recompute's; a test compares them on the tiny
+models of every adapter and on the embedded model, for interventions on one layer and on many. The adapter supplies the
+LLaMA-family decoder stack (``Adapter.language_model``), the prompt embeddings and the stop ids; the layer loop below is
+``LlamaModel.forward``'s, split at ``start_layer``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+if TYPE_CHECKING:  # the adapter calls this module; it needs only the adapter's interface
+    from knexp.models.adapter import Adapter, Prepared
+
+
+def _run_layers(lm, hidden: torch.Tensor, start: int, stop: int, cache: DynamicCache, past: int = 0) -> torch.Tensor:
+    """Decoder layers start..stop-1 of ``lm`` on hidden states [B, T, d] of prompt positions past..past+T-1, attending to
+    the ``past`` positions ``cache`` holds for these layers, and filling ``cache``."""
+    positions = torch.arange(past, past + hidden.shape[1], device=hidden.device)[None]
+    mask = create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=None, past_key_values=cache if past else None,
+                              position_ids=positions, layer_idx=start if past else None)
+    rotary = lm.rotary_emb(hidden, position_ids=positions)
+    for layer in lm.layers[start:stop]:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions, past_key_values=cache,
+                       use_cache=True)
+    return hidden
+
+
+def _group_rows(groups: list, batch: int) -> tuple[list[int], torch.Tensor]:
+    """(the first row of each group, in order of appearance; long [B]: each row's group number)."""
+    if len(groups) != batch:
+        raise ValueError(f"{len(groups)} groups for {batch} rows")
+    order = list(dict.fromkeys(groups))
+    firsts = [groups.index(g) for g in order]
+    return firsts, torch.tensor([order.index(g) for g in groups])
+
+
+@torch.no_grad()
+def greedy_ids(adapter: Adapter, prepared: Prepared, max_new_tokens: int, start_layer: int = 0, groups: list | None = None) -> torch.Tensor:
+    """New token ids [B, N] (stop token included, then the pad id), greedy, for an unpadded prepared batch; layers below
+    ``start_layer`` run once per group of ``groups`` (default: every row its own group). Hooks armed on the adapter act
+    as in ``generate``: in the prompt's pass only, for the layers they sit on (all must be >= ``start_layer``)."""
+    mask2d = prepared.inputs.get("attention_mask")
+    if mask2d is not None and not bool(mask2d.all()):
+        raise ValueError("greedy_ids takes unpadded prompts (every row the same prompt length)")
+    lm, head = adapter.language_model()
+    embeds = adapter.prompt_embeddings(prepared)  # [B, T, d_model]
+    batch, num_layers = embeds.shape[0], len(lm.layers)
+    ids = prepared.input_ids
+    past = int(prepared.image_positions[:, 0].min()) if batch > 1 else 0  # the tokens before the image
+    if past and not bool((ids[:, :past] == ids[:1, :past]).all()):
+        past = 0
+    prefix = DynamicCache(config=lm.config)
+    if past:
+        _run_layers(lm, embeds[:1, :past], 0, num_layers, prefix)  # once, for every row
+
+    def with_prefix(rows: int, layers: range) -> DynamicCache:
+        cache = DynamicCache(config=lm.config)
+        for layer in layers if past else ():
+            keys, values = prefix.layers[layer].keys, prefix.layers[layer].values  # [1, heads, past, d_head]
+            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
+        return cache
+
+    rest = embeds[:, past:]  # [B, T - past, d_model]
+    cache = with_prefix(batch, range(start_layer, num_layers))
+    prepared.cached = past  # the prompt's pass now covers positions past..T-1: hooks index it so
+    try:
+        if start_layer > 0:
+            firsts, row_group = _group_rows(groups if groups is not None else list(range(batch)), batch)
+            clean = with_prefix(len(firsts), range(start_layer))
+            below = _run_layers(lm, rest[firsts], 0, start_layer, clean, past)  # [G, T - past, d]: clean states entering it
+            index = row_group.to(embeds.device)
+            for layer in range(start_layer):
+                cache.update(clean.layers[layer].keys[index], clean.layers[layer].values[index], layer)
+            rest = below[index]
+        hidden = lm.norm(_run_layers(lm, rest, start_layer, num_layers, cache, past))
+    finally:
+        prepared.cached = 0
+    logits = head(hidden[:, -1:, :])[:, -1].float()  # [B, V]: what predicts the first new token
+
+    stop = torch.tensor(adapter.stop_token_ids, device=embeds.device)
+    out = torch.full((batch, max_new_tokens), adapter.pad_token_id, dtype=torch.long, device=embeds.device)
+    alive = torch.arange(batch, device=embeds.device)  # the rows still decoding, in the cache's row order
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        out[alive, step] = token
+        done = torch.isin(token, stop)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if bool(done.any()):  # finished rows leave the batch and the cache
+            keep = (~done).nonzero().flatten()
+            cache.batch_select_indices(keep)
+            alive, token = alive[keep], token[keep]
+        step_out = lm(inputs_embeds=lm.embed_tokens(token)[:, None], past_key_values=cache, use_cache=True)
+        logits = head(step_out.last_hidden_state[:, -1:, :])[:, -1].float()
+    return out
