@@ -22,7 +22,7 @@ found = s.identify(method="ours")  # selection under the paper's constraints, th
 print(found.selection.message)
 sample = found.results[0]
 neurons = sample.neurons
-print(neurons.frame().groupby("layer").size().rename("neurons per layer").to_string())
+print("neurons per layer:\n" + neurons.frame().groupby("layer").size().to_string())
 
 image = s.data.load_image(sample.candidate.image_id)
 captions = {
