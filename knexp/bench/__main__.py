@@ -167,8 +167,9 @@ def main() -> None:
         old = Path(args.out).read_text()
         start = old.index(REUSE_HEADING) if REUSE_HEADING in old else old.index("## Sweeps")
         end = old.index("\n## ", start + 1) + 1 if REUSE_HEADING in old else start
-        section = reuse_markdown(reuse_and_decode()) + "\n"
-        Path(args.out).write_text(old[:start] + section + ("" if REUSE_HEADING in old else "\n") + old[end:])
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        section = reuse_markdown(reuse_and_decode()) + f"\nMeasured alone (`--only reuse`) on {machine()}, {stamp}.\n\n"
+        Path(args.out).write_text(old[:start] + section + old[end:])
         print(section)
         return
     from knexp.bench.identification import identification_cost, peak_memory_7b_shape
