@@ -153,6 +153,71 @@ and the dropped rows' saving together. `python -m knexp.bench --only reuse` reru
 """
 
 
+MFU_HEADING = "## Utilisation of the arithmetic peak (issue: captioning at the machine's limit)"
+
+
+def utilisation(images: int = 32, batch_size: int = 32, max_new_tokens: int = 32) -> dict:
+    """Model FLOP utilisation: the FLOPs batched greedy captioning and identification's passes execute
+    (``knexp.bench.flops``, from the model's config and the actual token counts) per second, over the float32 GEMM
+    peak torch reaches at the model's shapes on the same threads, measured in the same run."""
+    from knexp.bench.flops import DecoderShape, caption_flops, gemm_peak, identification_flops
+    from knexp.identification.passes import compute_stats, locate_target
+    from knexp.models.decoding import greedy_ids
+
+    s = session("model=embedded", "logger=none")
+    adapter, catalog = s.adapter, s.catalog
+    lm, _ = adapter.language_model()
+    shape = DecoderShape.of(lm.config)
+    peak = gemm_peak(shape)
+    scenes = [make_scene(catalog, np.random.default_rng([79, 5, i]), SceneOptions(gap_px=8)) for i in range(images)]
+    stop = set(adapter.stop_token_ids)
+    flops, began = 0, time.perf_counter()
+    for start in range(0, images, batch_size):
+        prepared = adapter.prepare([sc.image for sc in scenes[start:start + batch_size]])
+        ids = greedy_ids(adapter, prepared, max_new_tokens).tolist()
+        generated = [next((i + 1 for i, t in enumerate(row) if t in stop), max_new_tokens) for row in ids]
+        flops += caption_flops(shape, prepared.prompt_len, generated, int(prepared.image_positions[:, 0].min()))
+    caption_s = time.perf_counter() - began
+    scene = scenes[0]
+    obj = scene.objects[0]
+    from knexp.counterfactual.inpaint import inpaint, region_mask
+
+    edited = inpaint(scene.image, region_mask(scene.image.shape[:2], bbox=obj.bbox, dilation=2), 3, "telea")
+    target = locate_target(adapter, f"{adapter.caption_prefix} {obj.knowledge.indefinite}.", adapter.caption_prefix, obj.knowledge)
+    compute_stats(adapter, scene.image, edited, target)  # warm up
+    began = time.perf_counter()
+    compute_stats(adapter, scene.image, edited, target)
+    ident_s = time.perf_counter() - began
+    context = adapter.prepare([scene.image], continuations=[target.context]).prompt_len
+    ident_flops = identification_flops(shape, context)
+    return {"gemm_peak_gflops": round(peak / 1e9, 1), "captions": images, "batch_size": batch_size,
+            "caption_gflops": round(flops / 1e9, 1), "caption_s": round(caption_s, 2),
+            "caption_gflops_per_s": round(flops / caption_s / 1e9, 1), "caption_mfu": round(flops / caption_s / peak, 3),
+            "identification_gflops": round(ident_flops / 1e9, 1), "identification_s": round(ident_s, 3),
+            "identification_mfu": round(ident_flops / ident_s / peak, 3), "target": ">= 0.60 (captioning)"}
+
+
+def mfu_markdown(u: dict) -> str:
+    """The BENCHMARKS.md section of ``utilisation``'s result."""
+    cap = f"{u['caption_gflops']} | {u['caption_s']} | {u['caption_gflops_per_s']} | **{u['caption_mfu']}** (target {u['target']})"
+    ident = f"{u['identification_gflops']} | {u['identification_s']} | | **{u['identification_mfu']}**"
+    return f"""{MFU_HEADING}
+
+FLOPs counted from the model's config and the actual token counts (`knexp/bench/flops.py`, checked against torch's
+FLOP counter), over the float32 GEMM peak torch reaches at the embedded model's shapes on the same threads, measured in
+the same run: **{u['gemm_peak_gflops']} GFLOP/s**.
+
+| | GFLOP | seconds | GFLOP/s | utilisation |
+|---|---|---|---|---|
+| batched greedy captioning ({u['captions']} images, batch {u['batch_size']}) | {cap} |
+| identification's passes (`compute_stats`, one sample) | {ident} |
+"""
+
+
+SECTIONS = {"reuse": (REUSE_HEADING, lambda: reuse_markdown(reuse_and_decode())),
+            "mfu": (MFU_HEADING, lambda: mfu_markdown(utilisation()))}
+
+
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
@@ -161,14 +226,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m knexp.bench")
     parser.add_argument("--out", default=str(project_root() / "BENCHMARKS.md"))
     parser.add_argument("--json", default=str(project_root() / "runs" / "bench.json"))
-    parser.add_argument("--only", choices=["reuse"], help="run one benchmark and replace its section of --out")
+    parser.add_argument("--only", choices=sorted(SECTIONS), help="run one benchmark and replace its section of --out")
     args = parser.parse_args()
-    if args.only == "reuse":
+    if args.only:
+        heading, run = SECTIONS[args.only]
         old = Path(args.out).read_text()
-        start = old.index(REUSE_HEADING) if REUSE_HEADING in old else old.index("## Sweeps")
-        end = old.index("\n## ", start + 1) + 1 if REUSE_HEADING in old else start
+        start = old.index(heading) if heading in old else old.index("## Sweeps")
+        end = old.index("\n## ", start + 1) + 1 if heading in old else start
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        section = reuse_markdown(reuse_and_decode()) + f"\nMeasured alone (`--only reuse`) on {machine()}, {stamp}.\n\n"
+        section = run() + f"\nMeasured alone (`--only {args.only}`) on {machine()}, {stamp}.\n\n"
         Path(args.out).write_text(old[:start] + section + old[end:])
         print(section)
         return
@@ -176,7 +242,8 @@ def main() -> None:
     from knexp.bench.sweeps import demo_and_cache
 
     result = {"hook_overhead": hook_overhead(), "identification_cost": identification_cost(), "peak_memory": peak_memory_7b_shape(),
-              "evaluation_throughput": evaluation_throughput(), "reuse": reuse_and_decode(), "sweeps": demo_and_cache()}
+              "evaluation_throughput": evaluation_throughput(), "reuse": reuse_and_decode(), "utilisation": utilisation(),
+              "sweeps": demo_and_cache()}
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
@@ -239,6 +306,7 @@ captions are identical (checked in the run).
 | **speed-up** | **{e['ratio']}x** (target {e['target']}) |
 
 {reuse_markdown(r)}
+{mfu_markdown(result["utilisation"])}
 ## Sweeps: the demo, the cache and resume (issue: sweeps)
 
 `python run.py experiment=demo` ({s['jobs']} jobs: 3 objects x 5 methods with the defaults: the budget rule in the

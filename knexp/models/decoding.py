@@ -15,7 +15,9 @@ prompts, with three savings:
   one long caption does not keep the finished ones decoding.
 
 Rows are batch-invariant in float32 (tested), so the tokens equal the full recompute's; a test compares them on the tiny
-models of every adapter and on the embedded model, for interventions on one layer and on many. The adapter supplies the
+models of every adapter and on the embedded model, for interventions on one layer and on many. In half precision on a
+GPU, kernels may round differently for other batch shapes, so a near-tie can break differently than in the model's own
+``generate`` (as it could between two batch sizes before); this has not been measured on a GPU. The adapter supplies the
 LLaMA-family decoder stack (``Adapter.language_model``), the prompt embeddings and the stop ids; the layer loop below is
 ``LlamaModel.forward``'s, split at ``start_layer``.
 """
