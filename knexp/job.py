@@ -307,14 +307,10 @@ class Session:
 
     def figure(self, result: SampleResult, path: str | Path, rank: int = 0) -> Path:
         """Fig. 3's panel for the ``rank``-th neuron of a sample's set: original, inpainted, heatmap, decoded tokens."""
-        from knexp.reporting.analysis import decode_neuron
-        from knexp.reporting.figures import neuron_panel
+        from knexp.reporting.figures import sample_panel
 
-        heat = self.heatmap(result, rank)
-        cand = result.candidate
-        return neuron_panel(self.data.load_image(cand.image_id), self.selector.inpainted(cand), heat.values,
-                            self.data.instance_mask(cand.annotation_id), decode_neuron(self.adapter, heat.layer, heat.unit),
-                            f"L{heat.layer} U{heat.unit} · {result.neurons.method} · {cand.knowledge} · q95 IoU {heat.iou_q95:.2f}", path)
+        sample_panel(self.adapter, self.selector, result, path, rank)
+        return Path(path)
 
     # ---- what a job reports --------------------------------------------------------------------------------------
     def labels(self) -> dict:

@@ -70,6 +70,7 @@ def test_the_api_identifies_captions_and_draws_on_a_tiny_model(tmp_path):
     heat = s.heatmap(found.results[0])
     assert heat.values.shape == image.shape[:2] and 0 <= heat.iou_q95 <= 1
     assert (heat.layer, heat.unit) == (int(found.results[0].neurons.layers[0]), int(found.results[0].neurons.units[0]))
+    assert s.figure(found.results[0], tmp_path / "panel.png").stat().st_size > 20_000  # Fig. 3's four panels
     trace = s.trace(objects=["bus"], kinds=("resid",), captions=False)
     frame = trace.frame()
     assert isinstance(frame, pd.DataFrame) and len(frame) == len(trace.samples) * s.adapter.num_layers

@@ -57,7 +57,20 @@ def neuron_panel(original: np.ndarray, inpainted: np.ndarray, heat: np.ndarray, 
     return save_figure(fig, path)
 
 
-def neuron_figures(adapter: Adapter, selector: Selector, results: list[SampleResult], method: str, out: str | Path) -> list[dict]:
+def sample_panel(adapter: Adapter, selector: Selector, result: SampleResult, path: str | Path, rank: int = 0,
+                 tokens: list[str] | None = None) -> tuple[np.ndarray, float]:
+    """Fig. 3's panel for the ``rank``-th neuron of a sample's set, written to ``path`` (``tokens``: its decoded top tokens,
+    decoded here when not given); returns (the heatmap float [H, W], its q95 IoU with the instance)."""
+    cand = result.candidate
+    image, mask = selector.data.load_image(cand.image_id), selector.data.instance_mask(cand.annotation_id)
+    layer, unit = int(result.neurons.layers[rank]), int(result.neurons.units[rank])
+    heat, iou = neuron_heatmap(adapter, image, layer, unit, mask)
+    neuron_panel(image, selector.inpainted(cand), heat, mask, decode_neuron(adapter, layer, unit) if tokens is None else tokens,
+                 f"L{layer} U{unit} · {result.neurons.method} · {cand.knowledge} · q95 IoU {iou:.2f}", path)
+    return heat, iou
+
+
+def neuron_figures(adapter: Adapter, selector: Selector, results: list[SampleResult], out: str | Path) -> list[dict]:
     """A panel for the top neuron of each sample's set (``figures/neuron_<image>_L<l>_U<u>.png``) and ``neurons.json``
     (that neuron, its q95 IoU and the decoded top-10 tokens of the set's five best neurons); returns the summary rows."""
     fig_dir = Path(out) / "figures"
@@ -66,14 +79,11 @@ def neuron_figures(adapter: Adapter, selector: Selector, results: list[SampleRes
         if res.neurons.empty:
             continue
         cand = res.candidate
-        image, mask = selector.data.load_image(cand.image_id), selector.data.instance_mask(cand.annotation_id)
         layer, unit = int(res.neurons.layers[0]), int(res.neurons.units[0])
-        heat, iou = neuron_heatmap(adapter, image, layer, unit, mask)
         decoded = [{"layer": int(lay), "unit": int(u), "tokens": decode_neuron(adapter, int(lay), int(u))}
                    for lay, u in zip(res.neurons.layers[:5], res.neurons.units[:5], strict=True)]
         name = f"neuron_{cand.image_id}_L{layer}_U{unit}.png"
-        neuron_panel(image, selector.inpainted(cand), heat, mask, decoded[0]["tokens"],
-                     f"L{layer} U{unit} · {method} · {cand.knowledge} · q95 IoU {iou:.2f}", fig_dir / name)
+        _, iou = sample_panel(adapter, selector, res, fig_dir / name, tokens=decoded[0]["tokens"])
         rows.append({"image_id": cand.image_id, "top_neuron": [layer, unit], "figure": name, "iou_q95": iou, "decoded": decoded})
     atomic_write_text(Path(out) / "neurons.json", json.dumps(rows, indent=1))
     return [{k: r[k] for k in ("image_id", "top_neuron", "iou_q95")} for r in rows]

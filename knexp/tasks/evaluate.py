@@ -57,7 +57,7 @@ class EvaluateTask:
         metrics["neurons"] = []
         if found.results and not self.sizes:
             layer_figure(metrics["per_layer"], found.method.name, found.knowledge, out)
-            metrics["neurons"] = neuron_figures(adapter, session.selector, found.results, found.method.name, out)
+            metrics["neurons"] = neuron_figures(adapter, session.selector, found.results, out)
         metrics["cache"] = {"captions_from_cache": store.hits, "captions_computed": store.misses}
         metrics["wall_time_s"] = round(time.time() - t0, 1)
         logger = session.logger()
