@@ -75,8 +75,39 @@ def test_finished_rows_leave_the_batch(monkeypatch):
         if len(hits):
             expected[row, int(hits[0]) + 1:] = adapter.pad_token_id
     assert torch.equal(ids, expected)
-    assert widths[:2] == [1, 3]  # the tokens before the image once, then the rest of the prompt on every row
-    assert min(widths[2:]) < 3 == max(widths[2:])  # decoding started with every row and dropped the finished ones
+    assert widths[0] == 3  # the tokens before the image came from the first call's prefix cache: the rest of the prompt
+    assert min(widths[1:]) < 3 == max(widths[1:])  # decoding started with every row and dropped the finished ones
+
+
+def test_the_prefix_is_computed_once_per_model_and_again_after_a_weight_edit(adapter):
+    """Batches of one model share the tokens before the image (one pass of one row); an in-place weight edit, as a planted
+    neuron makes, computes it again. Turning each saving off gives the same tokens."""
+    from knexp.models.decoding import PREFIXES
+
+    lm, _ = adapter.language_model()
+    PREFIXES.pop(lm, None)
+    first, _ = _rows(adapter, seed=0)
+    second, _ = _rows(adapter, seed=1)
+    passes = []  # (rows, positions) of each pass through layer 0
+
+    def seen(module, args, kwargs):
+        passes.append(tuple(kwargs.get("hidden_states", args[0] if args else None).shape[:2]))
+
+    handle = lm.layers[0].register_forward_pre_hook(seen, with_kwargs=True)
+    try:
+        ids = [greedy_ids(adapter, p, 6) for p in (first, second)]
+        past = int(first.image_positions[0, 0])
+        assert passes.count((1, past)) == 1 and len(PREFIXES[lm]) == 1
+        with torch.no_grad():
+            lm.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+        greedy_ids(adapter, first, 6)
+        assert passes.count((1, past)) == 2
+        with torch.no_grad():
+            lm.layers[0].mlp.down_proj.weight[0, 0] -= 1.0
+    finally:
+        handle.remove()
+    for p, expected in zip((first, second), ids, strict=True):
+        assert torch.equal(greedy_ids(adapter, p, 6, share_prefix=False, drop_finished=False), expected)
 
 
 def test_intervened_captions_equal_the_unreused_path(adapter):
