@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from knexp.bench.captioning import MFU_HEADING, REUSE_HEADING, mfu_markdown, reuse_and_decode, reuse_markdown, utilisation
+from knexp.bench.sweeps import launchers
 from knexp.data.toyworld.scenes import SceneOptions, make_scene
 from knexp.job import session
 from knexp.models.hooks import LayerEdit, intervene
@@ -83,139 +85,65 @@ def evaluation_throughput(images: int = 8, levels: tuple = (40.0, 80.0), draws: 
             "per_caption_per_s": round(len(rows) / single_s, 2), "ratio": round(single_s / batched_s, 2), "target": ">= 20"}
 
 
-def reuse_and_decode(images: int = 4, per_image: int = 8, batch_size: int = 16, units: int = 40, max_new_tokens: int = 32,
-                     repeats: int = 2) -> dict:
-    """Perturbed captions per second: the full recompute (the model's own ``generate``: every layer of every row, and
-    decoding until the last row ends) against ``knexp.models.decoding`` (the shared prefix once; finished rows leave the
-    batch; layers below the set's lowest layer l_min run once per image), at l_min = 20 and l_min = 0 of 30. Noise on
-    ``units`` units in every layer from l_min; ``per_image`` rows per image (levels x draws); median of ``repeats``
-    alternating runs."""
-    from knexp.models.adapter import join_prefix
-    from knexp.models.hooks import LayerEdit, intervene
-
-    s = session("model=embedded", "logger=none")
-    adapter, catalog = s.adapter, s.catalog
-    pics = [make_scene(catalog, np.random.default_rng([78, 5, i]), SceneOptions(gap_px=8)).image for i in range(images)]
-    groups = [i // per_image for i in range(images * per_image)]
-    batches = [groups[i:i + batch_size] for i in range(0, len(groups), batch_size)]
-    rng = np.random.default_rng(0)
-    chosen = torch.as_tensor(rng.choice(adapter.d_ff, units, replace=False))
-    out = {"captions": len(groups), "images": images, "batch_size": batch_size, "units_per_layer": units, "repeats": repeats}
-
-    def run(reuse: bool, l_min: int) -> list[str]:
-        texts = []
-        for batch in batches:
-            prepared = adapter.prepare([pics[g] for g in batch])
-            noise = torch.tensor(np.random.default_rng([l_min, batch[0]]).standard_normal((len(batch), adapter.num_image_tokens)) * 3,
-                                 dtype=torch.float32)  # [B, P]
-            with intervene(adapter, prepared, {layer: LayerEdit(chosen, add=noise) for layer in range(l_min, adapter.num_layers)}):
-                if reuse:
-                    texts += adapter.generate(prepared, max_new_tokens, start_layer=l_min, groups=batch)
-                else:
-                    full = adapter.decode(adapter._generate_ids(prepared, max_new_tokens))
-                    texts += [join_prefix(adapter.caption_prefix, t) for t in full]
-        return texts
-
-    for l_min in (20, 0):
-        full_s, ours_s, captions = [], [], {}
-        for _ in range(repeats):
-            for reuse, times in ((False, full_s), (True, ours_s)):
-                t = time.perf_counter()
-                captions[reuse] = run(reuse, l_min)
-                times.append(time.perf_counter() - t)
-        same = captions[True] == captions[False]
-        full, ours = statistics.median(full_s), statistics.median(ours_s)
-        out[f"l{l_min}"] = {"full_per_s": round(len(groups) / full, 2), "knexp_per_s": round(len(groups) / ours, 2),
-                            "ratio": round(full / ours, 2), "identical": same}
-    out["targets"] = {"l20": ">= 2", "l0": ">= 0.97"}
-    return out
+LAUNCHERS_HEADING = "## Parallel jobs on one machine (issue: captioning at the machine's limit)"
+GRIDS_HEADING = "## The whole grids, projected (issue: captioning at the machine's limit)"
 
 
-REUSE_HEADING = "## Reusing what an intervention cannot change (issue: captioning at the machine's limit)"
+def launchers_markdown(r: dict) -> str:
+    return f"""{LAUNCHERS_HEADING}
 
+One sweep of {r['jobs']} demo jobs (bed, bear x ours, random; shared caches warm, each job's captions and statistics
+computed afresh), with Hydra's basic launcher (one job after another, each on every core) and with
+`hydra/launcher=parallel` (joblib, 2 jobs at a time, each job's torch threads cores // 2 by default), {r['cores']} cores.
 
-def reuse_markdown(r: dict) -> str:
-    """The BENCHMARKS.md section of ``reuse_and_decode``'s result."""
-    r20, r0 = r["l20"], r["l0"]
-    return f"""{REUSE_HEADING}
+| launcher | seconds |
+|---|---|
+| basic | {r['basic_s']} |
+| parallel (2 jobs x {max(1, (r['cores'] or 2) // 2)} threads) | {r['parallel_s']} |
+| **basic / parallel** | **{r['ratio']}x** |
 
-{r['captions']} perturbed captions ({r['images']} images x {r['captions'] // r['images']} rows, batch {r['batch_size']}, 32 new
-tokens, noise on {r['units_per_layer']} units of every layer from l_min) on the embedded model: the model's own `generate`
-(every layer of every row; decoding goes on until the last row ends) against `knexp.models.decoding` (the tokens before
-the image once per batch; layers below l_min once per image; finished rows leave the batch). Median of {r['repeats']}
-alternating runs; the captions are compared in the run. At l_min = 0 no layer is reused: its ratio is the shared prefix's
-and the dropped rows' saving together. `python -m knexp.bench --only reuse` reruns this section alone.
-
-| l_min | full recompute, captions / s | knexp, captions / s | ratio | identical captions |
-|---|---|---|---|---|
-| 20 | {r20['full_per_s']} | {r20['knexp_per_s']} | **{r20['ratio']}x** (target {r['targets']['l20']}) | {r20['identical']} |
-| 0 | {r0['full_per_s']} | {r0['knexp_per_s']} | **{r0['ratio']}x** (target {r['targets']['l0']}) | {r0['identical']} |
+Both gave the same Table II for every job: {r['same_results']}.
 """
 
 
-MFU_HEADING = "## Utilisation of the arithmetic peak (issue: captioning at the machine's limit)"
+def grids_markdown(g: dict) -> str:
+    paper = "\n".join(f"| {j['method']} | {j['set_sizes']} | {j['timing']['perturbed_captions']} | {j['timing']['perturbed_captions_s']} "
+                      f"| {j['wall_time_s']} |" for j in g["paper_subset"])
+    return f"""{GRIDS_HEADING}
 
+Projected from measured jobs (`knexp.bench.sweeps.grids`): a job's perturbed captions take time in proportion to their
+number, the rest of the job (model, selection, identification, clean captions, metrics) as measured.
 
-def utilisation(images: int = 32, batch_size: int = 32, max_new_tokens: int = 32) -> dict:
-    """Model FLOP utilisation: the FLOPs batched greedy captioning and identification's passes execute
-    (``knexp.bench.flops``, from the model's config and the actual token counts) per second, over the float32 GEMM
-    peak torch reaches at the model's shapes on the same threads, measured in the same run."""
-    from knexp.bench.flops import DecoderShape, caption_flops, gemm_peak, identification_flops
-    from knexp.identification.passes import compute_stats, locate_target
-    from knexp.models.decoding import greedy_ids
+**`experiment=paper_table2`'s protocol on the embedded model** (30 objects x ours, pan, schwettmann; paper thresholds;
+noise at 40, 80, 120 x 10 draws on 18 images per set, 3 sets: {g['paper_table2_captions']} perturbed captions). Measured: bed's
+3 jobs, cold cache, with {g['paper_draws_measured']} draw (one tenth of the captions), {g['paper_subset_wall_s']} s:
 
-    s = session("model=embedded", "logger=none")
-    adapter, catalog = s.adapter, s.catalog
-    lm, _ = adapter.language_model()
-    shape = DecoderShape.of(lm.config)
-    peak = gemm_peak(shape)
-    scenes = [make_scene(catalog, np.random.default_rng([79, 5, i]), SceneOptions(gap_px=8)) for i in range(images)]
-    stop = set(adapter.stop_token_ids)
-    flops, began = 0, time.perf_counter()
-    for start in range(0, images, batch_size):
-        prepared = adapter.prepare([sc.image for sc in scenes[start:start + batch_size]])
-        ids = greedy_ids(adapter, prepared, max_new_tokens).tolist()
-        generated = [next((i + 1 for i, t in enumerate(row) if t in stop), max_new_tokens) for row in ids]
-        flops += caption_flops(shape, prepared.prompt_len, generated, int(prepared.image_positions[:, 0].min()))
-    caption_s = time.perf_counter() - began
-    scene = scenes[0]
-    obj = scene.objects[0]
-    from knexp.counterfactual.inpaint import inpaint, region_mask
-
-    edited = inpaint(scene.image, region_mask(scene.image.shape[:2], bbox=obj.bbox, dilation=2), 3, "telea")
-    target = locate_target(adapter, f"{adapter.caption_prefix} {obj.knowledge.indefinite}.", adapter.caption_prefix, obj.knowledge)
-    compute_stats(adapter, scene.image, edited, target)  # warm up
-    began = time.perf_counter()
-    compute_stats(adapter, scene.image, edited, target)
-    ident_s = time.perf_counter() - began
-    context = adapter.prepare([scene.image], continuations=[target.context]).prompt_len
-    ident_flops = identification_flops(shape, context)
-    return {"gemm_peak_gflops": round(peak / 1e9, 1), "captions": images, "batch_size": batch_size,
-            "caption_gflops": round(flops / 1e9, 1), "caption_s": round(caption_s, 2),
-            "caption_gflops_per_s": round(flops / caption_s / 1e9, 1), "caption_mfu": round(flops / caption_s / peak, 3),
-            "identification_gflops": round(ident_flops / 1e9, 1), "identification_s": round(ident_s, 3),
-            "identification_mfu": round(ident_flops / ident_s / peak, 3), "target": ">= 0.60 (captioning)"}
-
-
-def mfu_markdown(u: dict) -> str:
-    """The BENCHMARKS.md section of ``utilisation``'s result."""
-    cap = f"{u['caption_gflops']} | {u['caption_s']} | {u['caption_gflops_per_s']} | **{u['caption_mfu']}** (target {u['target']})"
-    ident = f"{u['identification_gflops']} | {u['identification_s']} | | **{u['identification_mfu']}**"
-    return f"""{MFU_HEADING}
-
-FLOPs counted from the model's config and the actual token counts (`knexp/bench/flops.py`, checked against torch's
-FLOP counter), over the float32 GEMM peak torch reaches at the embedded model's shapes on the same threads, measured in
-the same run: **{u['gemm_peak_gflops']} GFLOP/s**.
-
-| | GFLOP | seconds | GFLOP/s | utilisation |
+| method | set sizes | perturbed captions | their seconds | job seconds |
 |---|---|---|---|---|
-| batched greedy captioning ({u['captions']} images, batch {u['batch_size']}) | {cap} |
-| identification's passes (`compute_stats`, one sample) | {ident} |
+{paper}
+
+Their perturbed captions ran at {g['paper_captions_per_s']} captions/s: the sets hold about 1500 neurons from layer 0
+up, so no layer is reused, and the noise turns most captions into 32 tokens. Projection (bed's jobs scaled to 10 draws, x
+30 objects): **{g['paper_table2_h']} h** (target {g['target_paper_h']} h). Reaching 3 h would take
+{round(g['paper_table2_captions'] / 10800, 1)} captions/s.
+
+**`experiment=embedded_table2` with its curves and noise table**, from the cold demo's jobs above:
+
+| sweep | jobs | projected hours |
+|---|---|---|
+| `embedded_table2` (7 methods, inpainted patch) | 210 | {g['embedded_table2_h']} |
+| `embedded_table2_curves` (3 methods x sizes 100, 1000, 3000) | 90 | {g['embedded_table2_curves_h']} |
+| `embedded_table2_noise` (4 methods, 3 levels x 1 draw) | 48 | {g['embedded_table2_noise_h']} |
+| **all three** | 348 | **{g['embedded_all_h']}** |
+
+The demo's cold jobs include one-off costs (generating the toy world, the live window's trace) that a whole sweep pays
+once, so these are upper bounds.
 """
 
 
 SECTIONS = {"reuse": (REUSE_HEADING, lambda: reuse_markdown(reuse_and_decode())),
-            "mfu": (MFU_HEADING, lambda: mfu_markdown(utilisation()))}
+            "mfu": (MFU_HEADING, lambda: mfu_markdown(utilisation())),
+            "launchers": (LAUNCHERS_HEADING, lambda: launchers_markdown(launchers()))}
 
 
 def machine() -> str:
@@ -231,19 +159,20 @@ def main() -> None:
     if args.only:
         heading, run = SECTIONS[args.only]
         old = Path(args.out).read_text()
-        start = old.index(heading) if heading in old else old.index("## Sweeps")
-        end = old.index("\n## ", start + 1) + 1 if heading in old else start
+        start = old.index(heading) if heading in old else len(old)
+        end = (old.find("\n## ", start + 1) + 1 or len(old)) if heading in old else start
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         section = run() + f"\nMeasured alone (`--only {args.only}`) on {machine()}, {stamp}.\n\n"
         Path(args.out).write_text(old[:start] + section + old[end:])
         print(section)
         return
     from knexp.bench.identification import identification_cost, peak_memory_7b_shape
-    from knexp.bench.sweeps import demo_and_cache
+    from knexp.bench.sweeps import demo_and_cache, grids
 
     result = {"hook_overhead": hook_overhead(), "identification_cost": identification_cost(), "peak_memory": peak_memory_7b_shape(),
               "evaluation_throughput": evaluation_throughput(), "reuse": reuse_and_decode(), "utilisation": utilisation(),
-              "sweeps": demo_and_cache()}
+              "sweeps": demo_and_cache(), "launchers": launchers()}
+    result["grids"] = grids(result["sweeps"]["per_job"])
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
@@ -325,12 +254,8 @@ into a new folder with the cache the cold run left. Resumed: the cold run's fold
 
 Warm and cold runs gave the same Table II for every job: {s['same_results']}.
 
-Projected wall time of `experiment=paper_table2`'s protocol (30 objects x 3 methods, 10 draws, 18 images per
-job: {s['paper_table2_captions']} perturbed captions) on the embedded model on this machine, at the cold demo's
-{s['s_per_caption']} s per computed caption (all per-job costs included, so an upper bound: the demo's jobs
-compute few captions each): **{s['paper_table2_projection_h']} h**.
-On LLaVA-1.5-7B or MiniGPT-4 it depends on the GPU; run `make bench` there.
-"""
+{launchers_markdown(result["launchers"])}
+{grids_markdown(result["grids"])}"""
     Path(args.out).write_text(text)
     print(text)
 

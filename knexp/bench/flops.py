@@ -49,16 +49,21 @@ class DecoderShape:
         return 2 * self.d_model * self.vocab * positions
 
 
+def prefill_flops(shape: DecoderShape, prompt_len: int, rows: int, prefix: int = 0) -> int:
+    """The prompt's pass of greedy captioning (``knexp.models.decoding``): the ``prefix`` tokens before the image once,
+    then each of ``rows`` rows' remaining prompt and the head at its last position."""
+    return (shape.tokens(prefix) if prefix else 0) + rows * (shape.tokens(prompt_len - prefix, past=prefix) + shape.head())
+
+
+def decode_flops(shape: DecoderShape, prompt_len: int, generated: list[int]) -> int:
+    """The decoding steps after it: for each row ``generated[r] - 1`` steps (a row leaves the batch after its last
+    token), each one token at the growing context and its head."""
+    return sum(shape.tokens(1, past=prompt_len + step) + shape.head() for n in generated for step in range(n - 1))
+
+
 def caption_flops(shape: DecoderShape, prompt_len: int, generated: list[int], prefix: int = 0) -> int:
-    """The FLOPs greedy captioning of a batch executes (``knexp.models.decoding``): the ``prefix`` tokens before the image
-    once, each row's remaining prompt and the head at its last position, then for each row ``generated[r] - 1`` decoding
-    steps (a row leaves the batch after its last token), each one token at the growing context and its head."""
-    total = shape.tokens(prefix) if prefix else 0
-    rows = len(generated)
-    total += rows * (shape.tokens(prompt_len - prefix, past=prefix) + shape.head())
-    for n in generated:
-        total += sum(shape.tokens(1, past=prompt_len + step) + shape.head() for step in range(n - 1))
-    return total
+    """The FLOPs greedy captioning of a batch executes: ``prefill_flops`` + ``decode_flops``."""
+    return prefill_flops(shape, prompt_len, len(generated), prefix) + decode_flops(shape, prompt_len, generated)
 
 
 def identification_flops(shape: DecoderShape, context_len: int) -> int:

@@ -1,0 +1,197 @@
+"""Captioning at the machine's limit: what ``knexp.models.decoding`` saves, and how close it comes to the arithmetic peak.
+
+reuse_and_decode: perturbed captions per second, the model's own ``generate`` against ``greedy_ids`` at l_min = 20 and 0,
+and at l_min = 0 each saving turned off in turn (the shared prefix; dropping finished rows), captions compared in the run.
+utilisation: FLOPs (``knexp.bench.flops``) per second over the float32 GEMM peak measured in the same run, for batched
+captioning (prompt pass and decoding apart) and identification's passes, with a profile by operator.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from knexp.data.toyworld.scenes import SceneOptions, make_scene
+from knexp.job import session
+from knexp.models.hooks import LayerEdit, intervene
+
+REUSE_HEADING = "## Reusing what an intervention cannot change (issue: captioning at the machine's limit)"
+MFU_HEADING = "## Utilisation of the arithmetic peak (issue: captioning at the machine's limit)"
+
+
+def _scenes(catalog, seed: int, count: int) -> list:
+    return [make_scene(catalog, np.random.default_rng([seed, 5, i]), SceneOptions(gap_px=8)) for i in range(count)]
+
+
+def reuse_and_decode(images: int = 4, per_image: int = 8, batch_size: int = 16, units: int = 40, max_new_tokens: int = 32,
+                     repeats: int = 2) -> dict:
+    """Perturbed captions per second: the full recompute (the model's own ``generate``: every layer of every row, and
+    decoding until the last row ends) against ``knexp.models.decoding`` (the shared prefix once; finished rows leave the
+    batch; layers below the set's lowest layer l_min run once per image), at l_min = 20 and l_min = 0 of 30. At
+    l_min = 0, also ``greedy_ids`` with the shared prefix off and with finished rows kept: each saving's own ratio. Noise
+    on ``units`` units in every layer from l_min; ``per_image`` rows per image (levels x draws); median of ``repeats``
+    alternating runs."""
+    from knexp.models.adapter import join_prefix
+    from knexp.models.decoding import PREFIXES, greedy_ids
+
+    s = session("model=embedded", "logger=none")
+    adapter = s.adapter
+    pics = [sc.image for sc in _scenes(s.catalog, 78, images)]
+    groups = [i // per_image for i in range(images * per_image)]
+    batches = [groups[i:i + batch_size] for i in range(0, len(groups), batch_size)]
+    chosen = torch.as_tensor(np.random.default_rng(0).choice(adapter.d_ff, units, replace=False))
+    out = {"captions": len(groups), "images": images, "batch_size": batch_size, "units_per_layer": units, "repeats": repeats,
+           "max_new_tokens": max_new_tokens}
+    modes = {"full": {}, "knexp": {}, "prefix_off": {"share_prefix": False}, "keep_finished": {"drop_finished": False}}
+
+    def run(mode: str, l_min: int) -> list[str]:
+        texts = []
+        PREFIXES.clear()  # the prefix's one pass is part of what each run pays
+        for batch in batches:
+            prepared = adapter.prepare([pics[g] for g in batch])
+            noise = torch.tensor(np.random.default_rng([l_min, batch[0]]).standard_normal((len(batch), adapter.num_image_tokens)) * 3,
+                                 dtype=torch.float32)  # [B, P]
+            with intervene(adapter, prepared, {layer: LayerEdit(chosen, add=noise) for layer in range(l_min, adapter.num_layers)}):
+                if mode == "full":
+                    ids = adapter._generate_ids(prepared, max_new_tokens)
+                else:
+                    ids = greedy_ids(adapter, prepared, max_new_tokens, l_min, batch, **modes[mode])
+            texts += [join_prefix(adapter.caption_prefix, t) for t in adapter.decode(ids)]
+        return texts
+
+    for l_min, compared in ((20, ("full", "knexp")), (0, tuple(modes))):
+        seconds, captions = {m: [] for m in compared}, {}
+        for _ in range(repeats):
+            for mode in compared:
+                t = time.perf_counter()
+                captions[mode] = run(mode, l_min)
+                seconds[mode].append(time.perf_counter() - t)
+        median = {m: statistics.median(v) for m, v in seconds.items()}
+        row = {f"{m}_per_s": round(len(groups) / median[m], 2) for m in compared}
+        row["ratio"] = round(median["full"] / median["knexp"], 2)
+        for mode in compared[2:]:
+            row[f"{mode}_ratio"] = round(median[mode] / median["knexp"], 3)  # that saving alone
+        row["identical"] = all(captions[m] == captions["full"] for m in compared)
+        out[f"l{l_min}"] = row
+    out["targets"] = {"l20": ">= 2", "l0": ">= 0.97"}
+    return out
+
+
+def reuse_markdown(r: dict) -> str:
+    """The BENCHMARKS.md section of ``reuse_and_decode``'s result."""
+    r20, r0 = r["l20"], r["l0"]
+    return f"""{REUSE_HEADING}
+
+{r['captions']} perturbed captions ({r['images']} images x {r['captions'] // r['images']} rows, batch {r['batch_size']},
+{r['max_new_tokens']} new tokens, noise on {r['units_per_layer']} units of every layer from l_min) on the embedded model:
+the model's own `generate` (every layer of every row; decoding goes on until the last row ends) against
+`knexp.models.decoding` (the tokens before the image once per model; layers below l_min once per image; finished rows
+leave the batch). Median of {r['repeats']} alternating runs; the captions of every variant are compared in the run.
+
+| l_min | full recompute, captions / s | knexp, captions / s | ratio | identical captions |
+|---|---|---|---|---|
+| 20 | {r20['full_per_s']} | {r20['knexp_per_s']} | **{r20['ratio']}x** (target {r['targets']['l20']}) | {r20['identical']} |
+| 0 | {r0['full_per_s']} | {r0['knexp_per_s']} | **{r0['ratio']}x** (target {r['targets']['l0']}) | {r0['identical']} |
+
+Each saving alone, at l_min = 0 (knexp with that one saving turned off, over knexp; captions identical: {r0['identical']}):
+
+| saving | knexp without it, captions / s | its ratio |
+|---|---|---|
+| the shared prefix (16 tokens before the image, once per model) | {r0['prefix_off_per_s']} | **{r0['prefix_off_ratio']}x** |
+| finished rows leave the batch | {r0['keep_finished_per_s']} | **{r0['keep_finished_ratio']}x** |
+"""
+
+
+def utilisation(images: int = 32, batch_size: int = 32, max_new_tokens: int = 32, top: int = 10) -> dict:
+    """Model FLOP utilisation: the FLOPs batched greedy captioning and identification's passes execute
+    (``knexp.bench.flops``, from the model's config and the actual token counts) per second, over the float32 GEMM
+    peak torch reaches at the model's shapes on the same threads, measured in the same run. Captioning is timed once
+    plainly, then once under ``torch.profiler`` for its prompt pass and decoding apart and its ``top`` operators."""
+    from knexp.bench.flops import DecoderShape, decode_flops, gemm_peak, identification_flops, prefill_flops
+    from knexp.counterfactual.inpaint import inpaint, region_mask
+    from knexp.identification.passes import compute_stats, locate_target
+    from knexp.models.decoding import greedy_ids
+
+    s = session("model=embedded", "logger=none")
+    adapter = s.adapter
+    lm, _ = adapter.language_model()
+    shape = DecoderShape.of(lm.config)
+    peak = gemm_peak(shape)
+    scenes = _scenes(s.catalog, 79, images)
+    stop = set(adapter.stop_token_ids)
+    batches = [adapter.prepare([sc.image for sc in scenes[i:i + batch_size]]) for i in range(0, images, batch_size)]
+
+    def caption_all() -> tuple[int, int]:
+        prefill = decode = 0
+        for prepared in batches:
+            ids = greedy_ids(adapter, prepared, max_new_tokens).tolist()
+            generated = [next((i + 1 for i, t in enumerate(row) if t in stop), max_new_tokens) for row in ids]
+            prefill += prefill_flops(shape, prepared.prompt_len, len(generated), int(prepared.image_positions[:, 0].min()))
+            decode += decode_flops(shape, prepared.prompt_len, generated)
+        return prefill, decode
+
+    began = time.perf_counter()
+    prefill, decode = caption_all()
+    caption_s = time.perf_counter() - began
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        caption_all()
+    events = prof.key_averages()
+    phases = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in ("knexp.prefill", "knexp.decode")}
+    operators = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total_self = sum(e.self_cpu_time_total for e in events)
+    profile_rows = [{"op": e.key, "calls": e.count, "self_s": round(e.self_cpu_time_total / 1e6, 3),
+                     "share": round(e.self_cpu_time_total / total_self, 3)} for e in operators[:top]]
+
+    scene = scenes[0]
+    obj = scene.objects[0]
+    edited = inpaint(scene.image, region_mask(scene.image.shape[:2], bbox=obj.bbox, dilation=2), 3, "telea")
+    target = locate_target(adapter, f"{adapter.caption_prefix} {obj.knowledge.indefinite}.", adapter.caption_prefix, obj.knowledge)
+    compute_stats(adapter, scene.image, edited, target)  # warm up
+    began = time.perf_counter()
+    compute_stats(adapter, scene.image, edited, target)
+    ident_s = time.perf_counter() - began
+    ident_flops = identification_flops(shape, adapter.prepare([scene.image], continuations=[target.context]).prompt_len)
+    flops = prefill + decode
+
+    def rate(n: float, seconds: float) -> dict:
+        return {"gflop": round(n / 1e9, 1), "s": round(seconds, 3), "gflops_per_s": round(n / seconds / 1e9, 1),
+                "mfu": round(n / seconds / peak, 3)}
+
+    return {"gemm_peak_gflops": round(peak / 1e9, 1), "captions": images, "batch_size": batch_size,
+            "captioning": rate(flops, caption_s), "identification": rate(ident_flops, ident_s),
+            "profiled": {"prefill": rate(prefill, phases["knexp.prefill"]), "decode": rate(decode, phases["knexp.decode"])},
+            "profile_total_s": round(total_self / 1e6, 2), "operators": profile_rows, "target": ">= 0.60 (captioning)"}
+
+
+def mfu_markdown(u: dict) -> str:
+    """The BENCHMARKS.md section of ``utilisation``'s result."""
+
+    def row(name: str, r: dict) -> str:
+        return f"| {name} | {r['gflop']} | {r['s']} | {r['gflops_per_s']} | **{r['mfu']}** |"
+
+    ops = "\n".join(f"| `{o['op']}` | {o['calls']} | {o['self_s']} | {o['share']:.1%} |" for o in u["operators"])
+    p = u["profiled"]
+    return f"""{MFU_HEADING}
+
+FLOPs counted from the model's config and the actual token counts (`knexp/bench/flops.py`, checked against torch's
+FLOP counter), over the float32 GEMM peak torch reaches at the embedded model's shapes on the same threads, measured in
+the same run: **{u['gemm_peak_gflops']} GFLOP/s**. Target for batched captioning: {u['target']}.
+
+| | GFLOP | seconds | GFLOP/s | utilisation |
+|---|---|---|---|---|
+{row(f"batched greedy captioning ({u['captions']} images, batch {u['batch_size']})", u['captioning'])}
+{row("  its prompt pass (profiled run)", p['prefill'])}
+{row("  its decoding steps (profiled run)", p['decode'])}
+{row("identification's passes (`compute_stats`, one sample)", u['identification'])}
+
+The same captioning under `torch.profiler` ({u['profile_total_s']} s profiled), the operators with the most time of their
+own:
+
+| operator | calls | seconds | share |
+|---|---|---|---|
+{ops}
+"""
