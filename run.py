@@ -1,21 +1,33 @@
 """knexp's single entry point: ``python run.py [task=...] [group=option ...]`` (see conf/config.yaml)."""
 
+import logging
+import os
+import sys
+
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from knexp.config import metric_value, register_resolvers, setup_runtime
+from knexp.errors import UserError
 from knexp.job import Session
 
 register_resolvers()
+log = logging.getLogger("knexp")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     setup_runtime(cfg)
-    task = instantiate(cfg.task, _convert_="all")  # conf/task/<name>.yaml names the task's class by _target_
-    result = task(Session.from_config(cfg))
-    return metric_value(result, cfg.get("optimized_metric"))  # what an optimising sweeper (Optuna) reads
+    try:
+        task = instantiate(cfg.task, _convert_="all")  # conf/task/<name>.yaml names the task's class by _target_
+        result = task(Session.from_config(cfg))
+        return metric_value(result, cfg.get("optimized_metric"))  # what an optimising sweeper (Optuna) reads
+    except UserError as exc:  # expected: bad data, missing weights, a setting that cannot work
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s (HYDRA_FULL_ERROR=1 shows the traceback)", exc)  # on the console and in the job's log
+        sys.exit(1)
 
 
 if __name__ == "__main__":

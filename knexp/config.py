@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from knexp.errors import ConfigError
 from knexp.paths import project_root
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,6 @@ def metric_value(result: dict, name: str | None) -> float | None:
     value = result
     for part in name.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise KeyError(f"optimized_metric={name!r} is not in the task's result (keys: {', '.join(result)})")
+            raise ConfigError(f"optimized_metric={name!r} is not in the task's result (keys: {', '.join(result)})")
         value = value[part]
     return float(value)

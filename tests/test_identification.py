@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from knexp.errors import ConfigError
 from knexp.identification import methods as M
 from knexp.identification.passes import TargetNotFound, compute_stats, locate_target
 from knexp.identification.thresholds import (
@@ -152,7 +153,7 @@ def test_threshold_rules(sample):
     ts = paper.apply(stats, ctx)
     assert torch.equal(ts.candidates, stats.diff_max > 1.5) and torch.equal(ts.keep, ts.candidates & (stats.gradcam_max > 0.0001))
     assert M.from_two_stage(ts).pairs() == M.ours(stats, 1.5, 0.0001).pairs()
-    with pytest.raises(KeyError, match="quantile"):
+    with pytest.raises(ConfigError, match="quantile"):
         paper.apply(stats, RuleContext("clock"))
     q = QuantileRule(name="quantile", q_a=0.99, q_g=0.5, min_g=0.0, layers="all", stage1="raw")
     ts = q.apply(stats, ctx)

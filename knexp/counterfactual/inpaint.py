@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from knexp.errors import ConfigError
+
 INPAINT_METHODS = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
 
 
@@ -39,7 +41,7 @@ def region_mask(
         mask[max(y0, 0) : min(y1, h), max(x0, 0) : min(x1, w)] = 255
     elif region == "segm":
         if segmentation is None:
-            raise ValueError("region='segm' needs the annotation's segmentation mask")
+            raise ConfigError("region='segm' needs the annotation's segmentation mask")
         mask[np.asarray(segmentation, bool)] = 255
     else:
         raise ValueError(f"unknown inpainting region {region!r}; use 'bbox' or 'segm'")
@@ -52,7 +54,7 @@ def region_mask(
 def inpaint(image: np.ndarray, mask: np.ndarray, radius: float = 3.0, method: str = "telea") -> np.ndarray:
     """``cv2.inpaint(image, mask, radius, flag)`` on an RGB uint8 image [H, W, 3]; returns a new image."""
     if method not in INPAINT_METHODS:
-        raise ValueError(f"unknown inpainting method {method!r}; use one of {sorted(INPAINT_METHODS)}")
+        raise ConfigError(f"unknown inpainting method {method!r}; use one of {sorted(INPAINT_METHODS)}")
     if image.dtype != np.uint8 or mask.dtype != np.uint8:
         raise TypeError("inpaint needs uint8 image and uint8 mask (cv2.inpaint's contract)")
     return cv2.inpaint(np.ascontiguousarray(image), mask, float(radius), INPAINT_METHODS[method])

@@ -13,12 +13,11 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
+from knexp.errors import ConfigError, UserError
 
-class UnknownKnowledgeError(KeyError):
+
+class UnknownKnowledgeError(UserError, KeyError):
     """A knowledge name that is not in the catalog; the message lists the valid names."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ def knowledge_from_dict(d: dict) -> Knowledge:
     """Build a Knowledge from a ``conf/knowledge/*.yaml`` mapping (or the composed ``cfg.knowledge``)."""
     missing = {"name", "coco_id", "supercategory"} - set(d)
     if missing:
-        raise ValueError(f"knowledge entry {d.get('name', d)!r} lacks {sorted(missing)}")
+        raise ConfigError(f"knowledge entry {d.get('name', d)!r} lacks {sorted(missing)}; add them to its conf/knowledge yaml")
     return Knowledge(
         name=str(d["name"]),
         coco_id=int(d["coco_id"]),

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from knexp.errors import ConfigError
 from knexp.identification.methods import NeuronSet
 from knexp.models.adapter import Adapter
 from knexp.models.batching import map_batches
@@ -54,9 +55,9 @@ class Intervention:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"unknown intervention {self.kind!r}; use one of {KINDS}")
+            raise ConfigError(f"unknown intervention {self.kind!r}; use one of {KINDS}")
         if self.kind == "noise" and (self.scale not in SCALES or not self.levels or self.draws < 1):
-            raise ValueError(f"noise needs levels, draws >= 1 and a scale in {SCALES} (got {self.levels}, {self.draws}, "
+            raise ConfigError(f"noise needs levels, draws >= 1 and a scale in {SCALES} (got {self.levels}, {self.draws}, "
                              f"{self.scale!r})")
 
     @property

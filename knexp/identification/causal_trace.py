@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from knexp.data.catalog import Knowledge
+from knexp.errors import ConfigError
 from knexp.identification.passes import Target, TargetNotFound, locate_target
 from knexp.identification.selection import Selector
 from knexp.models.adapter import Adapter
@@ -47,7 +48,7 @@ def patched_layers(kind: str, layer: int, num_layers: int) -> range:
         return range(0, layer + 1)
     if kind == "ffn_from":
         return range(layer, num_layers)
-    raise ValueError(f"unknown trace kind {kind!r}; use one of {KINDS}")
+    raise ConfigError(f"unknown trace kind {kind!r}; use one of {KINDS}")
 
 
 @dataclass
@@ -186,7 +187,7 @@ def trace_objects(selector: Selector, objects: list[Knowledge], per_object: int,
                    captioner.max_new_tokens]
             traces.append(cached_trace(store, key, (knowledge.name, cand.image_id, cand.annotation_id), compute, kinds, captions))
     if not traces:
-        raise ValueError(f"trace: no usable sample among trace.objects={[k.name for k in objects]}; add objects or images")
+        raise ConfigError(f"trace: no usable sample among trace.objects={[k.name for k in objects]}; add objects or images")
     return traces
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from knexp.errors import ConfigError
 from knexp.identification.passes import SampleStats
 from knexp.identification.thresholds import Rule, RuleContext, TwoStage, allowed_layers, top_flat
 
@@ -136,7 +137,7 @@ def attribution(stats: SampleStats, n: int | None = None, threshold: float | Non
     """Top-n by -a (``n``), or every neuron with a <= -``threshold`` (its thresholded form), inside ``within``."""
     score = -stats.attribution
     if (n is None) == (threshold is None):
-        raise ValueError("attribution takes either n (top-n form) or threshold (thresholded form)")
+        raise ConfigError("attribution takes either n (top-n form) or threshold (thresholded form)")
     if threshold is not None:
         keep = score >= float(threshold)
         within = keep if within is None else keep & within
@@ -155,7 +156,7 @@ def schwettmann(stats: SampleStats, n: int, variant: str = "paper") -> NeuronSet
         s = top_n(stats.gradcam_max, n, "schwettmann", "authors")
         s.patches = stats.gradcam_argmax[s.layers, s.units].numpy() if len(s) else np.empty(0, np.int64)
         return s
-    raise ValueError(f"unknown schwettmann variant {variant!r}; use 'paper' or 'authors'")
+    raise ConfigError(f"unknown schwettmann variant {variant!r}; use 'paper' or 'authors'")
 
 
 def pan(stats: SampleStats, n: int, variant: str = "paper") -> NeuronSet:
@@ -163,7 +164,7 @@ def pan(stats: SampleStats, n: int, variant: str = "paper") -> NeuronSet:
         return top_n(stats.act_mean * stats.wout_dot_wu, n, "pan", "paper")
     if variant == "authors":
         return top_n(stats.actfn_last * stats.wout_dot_wu, n, "pan", "authors")
-    raise ValueError(f"unknown pan variant {variant!r}; use 'paper' or 'authors'")
+    raise ConfigError(f"unknown pan variant {variant!r}; use 'paper' or 'authors'")
 
 
 def random_matched(reference: NeuronSet, d_ff: int, seed: int) -> NeuronSet:
@@ -272,7 +273,7 @@ class Attribution(Method):
             return attribution(stats, n=int(self.n), within=within)
         if self.form == "threshold":
             return attribution(stats, threshold=float(self.threshold), within=within)
-        raise ValueError(f"unknown method.form={self.form!r}; use matched, top_n or threshold")
+        raise ConfigError(f"unknown method.form={self.form!r}; use matched, top_n or threshold")
 
     def ranked(self, stats, rule, ctx, n, d_ff):
         return attribution(stats, n=n, within=_within(stats, self.layers, ctx))

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog
 from knexp.data.coco import CocoScenes, DatasetError
+from knexp.errors import ConfigError
 from knexp.io import atomic_path
 from knexp.models.adapter import Adapter
 from knexp.models.batching import map_batches
@@ -51,7 +52,7 @@ class ReferenceStats:
         """(mean, std) [L, d_f] of max_p V over the reference removals of objects other than ``knowledge``."""
         keep = [i for i, name in enumerate(self.removal_objects) if name != knowledge]
         if len(keep) < 2:
-            raise ValueError(f"the contrastive null needs at least 2 reference removals of objects other than {knowledge!r}; "
+            raise ConfigError(f"the contrastive null needs at least 2 reference removals of objects other than {knowledge!r}; "
                              f"raise reference.removals")
         diffs = self.removal_diff[keep]
         return diffs.mean(0), diffs.std(0, correction=0)

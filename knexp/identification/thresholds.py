@@ -32,6 +32,7 @@ from typing import ClassVar
 
 import torch
 
+from knexp.errors import ConfigError
 from knexp.identification.passes import SampleStats
 from knexp.identification.reference import ReferenceStats
 
@@ -67,14 +68,14 @@ def stage1_score(stats: SampleStats, kind: str, ctx: RuleContext) -> torch.Tenso
     if kind == "abs":
         return stats.diff_absmax
     if kind in ("spread", "contrastive") and ctx.reference is None:
-        raise ValueError(f"stage1={kind!r} needs reference statistics (reference.images, reference.removals)")
+        raise ConfigError(f"stage1={kind!r} needs reference statistics (reference.images, reference.removals)")
     tiny = 1e-6
     if kind == "spread":
         return stats.diff_max / ctx.reference.std.clamp_min(tiny)
     if kind == "contrastive":
         mean, std = ctx.reference.null_for(ctx.knowledge)
         return (stats.diff_max - mean) / std.clamp_min(tiny)
-    raise ValueError(f"unknown stage1 score {kind!r}; use one of {STAGE1}")
+    raise ConfigError(f"unknown stage1 score {kind!r}; use one of {STAGE1}")
 
 
 def stage2_score(stats: SampleStats, kind: str) -> torch.Tensor:
@@ -83,7 +84,7 @@ def stage2_score(stats: SampleStats, kind: str) -> torch.Tensor:
         return stats.gradcam_max
     if kind == "mean":
         return stats.gradcam_mean
-    raise ValueError(f"unknown stage2 score {kind!r}; use one of {STAGE2}")
+    raise ConfigError(f"unknown stage2 score {kind!r}; use one of {STAGE2}")
 
 
 def allowed_layers(stats: SampleStats, layers: str, ctx: RuleContext) -> torch.Tensor:
@@ -91,11 +92,11 @@ def allowed_layers(stats: SampleStats, layers: str, ctx: RuleContext) -> torch.T
     if layers == "all":
         return torch.ones(stats.shape[0], dtype=torch.bool)
     if layers not in LAYERS:
-        raise ValueError(f"unknown layers {layers!r}; use one of {LAYERS}")
+        raise ConfigError(f"unknown layers {layers!r}; use one of {LAYERS}")
     allowed = (stats.gradcam_max != 0).any(dim=1) | (stats.gradcam_mean != 0).any(dim=1)  # a gradient reaches the layer
     if layers == "live":
         if ctx.live_layers is None:
-            raise ValueError("layers='live' needs the model's live window (run task=trace, or it is computed on first use)")
+            raise ConfigError("layers='live' needs the model's live window (run task=trace, or it is computed on first use)")
         window = torch.zeros_like(allowed)
         window[list(ctx.live_layers)] = True
         allowed &= window
@@ -156,7 +157,7 @@ class Rule:
         """(stage-1 score, stage-2 score, bool [L, d_f] of the allowed layers, what the rule used)."""
         for setting, value, valid in (("layers", self.layers, LAYERS), ("stage1", self.stage1, STAGE1), ("stage2", self.stage2, STAGE2)):
             if value not in valid:
-                raise ValueError(f"unknown thresholds.{setting}={value!r}; use one of {', '.join(valid)}")
+                raise ConfigError(f"unknown thresholds.{setting}={value!r}; use one of {', '.join(valid)}")
         s1, g_score = stage1_score(stats, self.stage1, ctx), stage2_score(stats, self.stage2)
         layers = allowed_layers(stats, self.layers, ctx)
         info = {"stage1": self.stage1, "stage2": self.stage2, "layers": self.layers, "allowed_layers": layers.nonzero().flatten().tolist()}
@@ -178,7 +179,7 @@ class PaperRule(Rule):
 
     def apply(self, stats: SampleStats, ctx: RuleContext) -> TwoStage:
         if ctx.knowledge not in self.per_knowledge:
-            raise KeyError(f"thresholds=paper has no entry for {ctx.knowledge!r}; use an automatic rule (thresholds=budget or "
+            raise ConfigError(f"thresholds=paper has no entry for {ctx.knowledge!r}; use an automatic rule (thresholds=budget or "
                            "thresholds=quantile) or thresholds=fixed")
         entry = self.per_knowledge[ctx.knowledge]
         return _scalar_pair(stats, float(entry["a"]), float(entry["g"]))

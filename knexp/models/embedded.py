@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from knexp.errors import ConfigError
 from knexp.models.errors import ProjectorWeightsError
 from knexp.models.geometry import PatchGeometry
 from knexp.models.offline import efficientnet_lite0_weights, smollm2_folder
@@ -58,7 +59,7 @@ def build_projector(kind: str, hidden: int, out_dim: int) -> nn.Module:
         return nn.Linear(VISION_DIM, out_dim)
     if kind == "mlp":
         return nn.Sequential(nn.LayerNorm(VISION_DIM), nn.Linear(VISION_DIM, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
-    raise ValueError(f"unknown projector kind {kind!r}; use 'linear' or 'mlp'")
+    raise ConfigError(f"unknown projector kind {kind!r}; use 'linear' or 'mlp'")
 
 
 class EmbeddedMLLM(SplicedMLLM):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from knexp.errors import UserError
 
-class ModelError(RuntimeError):
+
+class ModelError(UserError, RuntimeError):
     """Base of knexp's model errors (``run.py`` prints these without a traceback's noise)."""
 
 

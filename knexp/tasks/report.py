@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
+from knexp.errors import ConfigError
 from knexp.job import Session
 from knexp.reporting.sweep import write_report
 
@@ -24,7 +25,7 @@ class ReportTask:
     def __call__(self, session: Session) -> dict:
         cfg = session.cfg
         if not cfg.get("sweep_dir"):
-            raise ValueError("task=report needs sweep_dir=<a multirun folder of task=evaluate jobs>, e.g. "
+            raise ConfigError("task=report needs sweep_dir=<a multirun folder of task=evaluate jobs>, e.g. "
                              "sweep_dir=runs/evaluate/multiruns/2026-01-01_12-00-00")
         splits = OmegaConf.to_container(cfg.splits, resolve=True) if cfg.get("splits") else None
         report = write_report(cfg.sweep_dir, session.output_dir, splits)

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from knexp.data.loading import scene_options
 from knexp.data.toyworld.scenes import make_scene
+from knexp.errors import ConfigError
 from knexp.io import atomic_path
 from knexp.job import Session
 from knexp.models.embedded import EmbeddedMLLM, preprocess
@@ -42,7 +43,7 @@ def caption_batch(model: EmbeddedMLLM, captions: list[str]) -> tuple[torch.Tenso
     targets = []
     for c in captions:
         if not c.startswith(prefix):
-            raise ValueError(f"training caption {c!r} does not start with the caption prefix {prefix!r}")
+            raise ConfigError(f"training caption {c!r} does not start with the caption prefix {prefix!r}")
         targets.append(model.tokenizer(c[len(prefix) :], add_special_tokens=False)["input_ids"] + [model.end_token_id])
     width = len(prompt) + max(map(len, targets))
     ids = torch.full((len(captions), width), model.end_token_id, dtype=torch.long)

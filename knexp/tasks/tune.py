@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import OmegaConf
 
+from knexp.errors import ConfigError
 from knexp.io import atomic_write_text
 from knexp.job import Session
 
@@ -36,7 +37,7 @@ class TuneTask:
     def __call__(self, session: Session) -> dict:
         splits = session.cfg.splits
         if self.split not in splits:
-            raise KeyError(f"task.split={self.split!r} is not one of the splits ({', '.join(splits)}; conf/splits)")
+            raise ConfigError(f"task.split={self.split!r} is not one of the splits ({', '.join(splits)}; conf/splits)")
         names = [session.catalog[n].name for n in splits[self.split]]  # unknown names fail here, before any work
         out = session.output_dir
         per_object = {}

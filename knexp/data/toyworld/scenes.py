@@ -15,6 +15,7 @@ import numpy as np
 from knexp.counterfactual.inpaint import inpaint, region_mask
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.toyworld.sprites import render_sprite
+from knexp.errors import ConfigError
 
 BACKGROUNDS = ("gradient", "noise", "stripes", "grass", "wood", "tiles", "sky")
 EMPTY_CAPTION = "The image shows an empty scene."
@@ -85,7 +86,7 @@ def background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
         top, bottom = np.array([90, 140, 215]), np.array([190, 215, 240])
         img = top + (bottom - top) * yy[..., None] + rng.normal(0, 8, 3)
     else:
-        raise ValueError(f"unknown background {kind!r}; choose from {BACKGROUNDS}")
+        raise ConfigError(f"unknown background {kind!r}; choose from {BACKGROUNDS}")
     img = img + rng.normal(0, 3, (size, size, 3))  # sensor noise
     return np.clip(img, 0, 255).astype(np.uint8)
 
