@@ -1,8 +1,11 @@
 """COCO-format datasets (real COCO 2017 or a toy-world split) read through pycocotools.
 
 ``CocoScenes`` answers what the later stages ask: which images contain object ``k``, an image as RGB,
-its instances (box, mask) and its reference captions. Missing files fail with a message that names the
-path and the ``data.root`` key.
+its instances (box, mask) and its reference captions. The annotation files are checked entry by entry
+(``knexp.data.validation``): unusable entries are dropped and counted in ``audit``, or stop the run with
+``strict``. An image is read whole (``knexp.data.images``): a missing, truncated or corrupt file, or one whose
+size disagrees with its entry, raises ``ImageError`` with the reason, which the stages skip and list. Missing
+files fail with a message that names the path and the ``data.root`` key.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +21,14 @@ import cv2
 import numpy as np
 from pycocotools.coco import COCO
 
+from knexp.data.errors import DatasetError, ImageError
+from knexp.data.images import read_rgb
+from knexp.data.validation import Audit, Fault, audit_coco
 
-class DatasetError(FileNotFoundError):
-    """A dataset file is missing or unreadable; the message names it and the config key to fix."""
+__all__ = ["CocoScenes", "DatasetError", "ImageError", "Instance", "SIZE_POLICIES"]
+log = logging.getLogger(__name__)
+SIZE_POLICIES = ("rescale", "reject")
+ASPECT_TOLERANCE = 0.01  # rescale only when the aspect ratios agree this closely
 
 
 @dataclass(frozen=True)
@@ -33,8 +41,17 @@ class Instance:
 
 
 class CocoScenes:
-    def __init__(self, root: str | Path, split: str, image_dir: str | None = None):
-        self.root, self.split = Path(root), split
+    """A COCO-format folder: ``<root>/[annotations/]instances_<split>.json`` (+ ``captions_<split>.json``) and the
+    images under ``<root>/<image_dir or split>``. ``strict``: stop at the first faulty entry instead of skipping it.
+    ``size_mismatch``: what to do with an image whose decoded size differs from its entry's: ``rescale`` it to the
+    entry's size when the aspect ratios agree (boxes and masks are in the entry's coordinates, so they stay exact), or
+    ``reject`` it."""
+
+    def __init__(self, root: str | Path, split: str, image_dir: str | None = None, strict: bool = False,
+                 size_mismatch: str = "rescale"):
+        if size_mismatch not in SIZE_POLICIES:
+            raise DatasetError(f"data.size_mismatch={size_mismatch!r}; use one of {', '.join(SIZE_POLICIES)}")
+        self.root, self.split, self.strict, self.size_mismatch = Path(root), split, strict, size_mismatch
         if not self.root.is_dir():
             raise DatasetError(f"dataset root {self.root} does not exist; set data.root to a COCO-format folder")
         self.image_dir = self.root / (image_dir or split)
@@ -45,9 +62,27 @@ class CocoScenes:
                 break
         else:
             raise DatasetError(f"annotation file {instances} not found; check data.root and data.split")
-        self.coco = _quiet_coco(instances)
+        self.audit = Audit(str(instances.parent))
+        self.coco = self._read(instances)
         captions = instances.with_name(f"captions_{split}.json")
-        self.captions_coco = _quiet_coco(captions) if captions.exists() else None
+        self.captions_coco = self._read(captions) if captions.exists() else None
+        self._image_faults: dict[int, Fault | None] = {}
+        if self.audit.faults:
+            log.warning("%s", self.audit.summary())
+
+    def _read(self, path: Path) -> COCO:
+        """The file, checked entry by entry (``audit_coco``, faults into ``audit``) and indexed by pycocotools, whose
+        progress prints stay out of job logs."""
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+            raise DatasetError(f"annotation file {path} is not readable JSON ({exc}); check data.root") from exc
+        self.audit.extend(audit_coco(data, str(path), captions=path.name.startswith("captions_"), strict=self.strict))
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO()
+            coco.dataset = data
+            coco.createIndex()
+        return coco
 
     @property
     def image_ids(self) -> list[int]:
@@ -60,12 +95,46 @@ class CocoScenes:
         return self.image_dir / self.coco.imgs[image_id]["file_name"]
 
     def load_image(self, image_id: int) -> np.ndarray:
-        """RGB uint8 [H, W, 3]; a missing or corrupt file raises DatasetError naming it."""
-        path = self.file_path(image_id)
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise DatasetError(f"image {path} is missing or unreadable (image id {image_id})")
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        """RGB uint8 [H, W, 3] at the entry's height and width (``knexp.data.images.read_rgb``, then ``size_mismatch``);
+        an image that cannot be used raises ``ImageError`` naming it and why (with ``strict``, a ``DatasetError`` that
+        stops the run)."""
+        entry = self.coco.imgs[image_id]
+        try:
+            image = read_rgb(self.file_path(image_id))
+        except ImageError as exc:
+            raise self._image_fault(image_id, ImageError(f"{exc} (image id {image_id})", exc.kind)) from exc
+        height, width = image.shape[:2]
+        if (height, width) == (entry["height"], entry["width"]):
+            return image
+        same_aspect = abs(width / height - entry["width"] / entry["height"]) <= ASPECT_TOLERANCE * entry["width"] / entry["height"]
+        what = f"image {self.file_path(image_id)} is {width}x{height} but its entry (id {image_id}) says {entry['width']}x{entry['height']}"
+        if self.size_mismatch == "rescale" and same_aspect:
+            self._image_fault(image_id, ImageError(f"{what}: rescaled to the entry's size", "image_rescaled"), kept=True)
+            return cv2.resize(image, (entry["width"], entry["height"]), interpolation=cv2.INTER_AREA if width > entry["width"]
+                              else cv2.INTER_LINEAR)
+        why = "the aspect ratios differ" if self.size_mismatch == "rescale" else "data.size_mismatch=reject"
+        raise self._image_fault(image_id, ImageError(f"{what} ({why}); fix the entry or the file", "image_size"))
+
+    def _image_fault(self, image_id: int, error: ImageError, kept: bool = False) -> ImageError:
+        """Record ``error`` in ``audit`` once per image (raising it as a DatasetError with ``strict``); returns it."""
+        if image_id not in self._image_faults:
+            fault = Fault(error.kind, f"image id {image_id}", str(error), kept=kept)
+            self._image_faults[image_id] = fault
+            if not kept:
+                log.warning("skipping %s", error)
+            self.audit.add(fault, self.strict)
+        return error
+
+    def image_problem(self, image_id: int) -> str:
+        """Why image ``image_id`` cannot be used, or "" (decodes it once; later calls remember)."""
+        if image_id not in self._image_faults:
+            try:
+                self.load_image(image_id)
+            except ImageError:
+                pass
+            self._image_faults.setdefault(image_id, None)
+        fault = self._image_faults[image_id]
+        return fault.detail if fault is not None and not fault.kept else ""
 
     def instances(self, image_id: int) -> list[Instance]:
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id], iscrowd=False))
@@ -87,89 +156,3 @@ class CocoScenes:
         if self.captions_coco is None:
             return []
         return [a["caption"] for a in self.captions_coco.loadAnns(self.captions_coco.getAnnIds(imgIds=[image_id]))]
-
-
-def _quiet_coco(path: Path) -> COCO:
-    """The file, checked (``check_coco``) and indexed by pycocotools, whose progress prints stay out of job logs."""
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
-        raise DatasetError(f"annotation file {path} is not readable JSON ({exc}); check data.root") from exc
-    problem = check_coco(data, captions=path.name.startswith("captions_"))
-    if problem:
-        raise DatasetError(f"annotation file {path} is not valid COCO: {problem}; check data.root")
-    for ann in data["annotations"]:
-        ann.setdefault("iscrowd", 0)  # optional here; pycocotools' lookups need it
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = data
-        coco.createIndex()
-    return coco
-
-
-MAX_SIDE = 1 << 16
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
-
-
-def _check_segmentation(seg) -> str:
-    if isinstance(seg, list):
-        for poly in seg:
-            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0 and all(_is_num(v) for v in poly)):
-                return "a polygon is not an even list of at least 6 finite numbers"
-        return ""
-    if isinstance(seg, dict):
-        size, counts = seg.get("size"), seg.get("counts")
-        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and 0 < v <= MAX_SIDE for v in size)):
-            return "an RLE segmentation has no valid size [h, w]"
-        if not (isinstance(counts, str) or (isinstance(counts, list) and all(_is_int(v) and v >= 0 for v in counts))):
-            return "an RLE segmentation has no valid counts"
-        return ""
-    return "a segmentation is neither polygons nor RLE"
-
-
-def check_coco(data, captions: bool = False) -> str:
-    """Why ``data`` (parsed JSON) is not a COCO annotation file knexp can use, or "" when it is.
-
-    Checks the fields and types every later stage relies on: images (int id, file_name, height and width in
-    1..65536), annotations (int id, an image_id that exists; for instances an int category_id, a finite
-    [x, y, w, h] box with w, h >= 0, a finite area, polygon or RLE segmentation; for captions a caption string)
-    and categories (int id, name)."""
-    if not isinstance(data, dict):
-        return "the top level is not an object"
-    for key in ("images", "annotations") + (() if captions else ("categories",)):
-        if not isinstance(data.get(key), list):
-            return f"{key!r} is missing or not a list"
-    images = set()
-    for i, img in enumerate(data["images"]):
-        if not (isinstance(img, dict) and _is_int(img.get("id")) and isinstance(img.get("file_name"), str)):
-            return f"images[{i}] needs an int id and a file_name"
-        if not all(_is_int(img.get(k)) and 0 < img[k] <= MAX_SIDE for k in ("height", "width")):
-            return f"images[{i}] needs int height and width in 1..{MAX_SIDE}"
-        images.add(img["id"])
-    for i, ann in enumerate(data["annotations"]):
-        if not (isinstance(ann, dict) and _is_int(ann.get("id")) and _is_int(ann.get("image_id")) and ann["image_id"] in images):
-            return f"annotations[{i}] needs an int id and the id of a listed image"
-        if captions:
-            if not isinstance(ann.get("caption"), str):
-                return f"annotations[{i}] has no caption string"
-            continue
-        box = ann.get("bbox")
-        if not (_is_int(ann.get("category_id")) and isinstance(box, list) and len(box) == 4 and all(_is_num(v) for v in box)
-                and box[2] >= 0 and box[3] >= 0 and _is_num(ann.get("area"))):
-            return f"annotations[{i}] needs an int category_id, a finite bbox [x, y, w >= 0, h >= 0] and an area"
-        if ann.get("iscrowd", 0) not in (0, 1):
-            return f"annotations[{i}] has iscrowd other than 0 or 1"
-        if "segmentation" in ann and (why := _check_segmentation(ann["segmentation"])):
-            return f"annotations[{i}]: {why}"
-    if not captions:
-        for i, cat in enumerate(data["categories"]):
-            if not (isinstance(cat, dict) and _is_int(cat.get("id")) and isinstance(cat.get("name"), str)):
-                return f"categories[{i}] needs an int id and a name"
-    return ""

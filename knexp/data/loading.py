@@ -19,5 +19,6 @@ def load_dataset(data_cfg: DictConfig, catalog: Catalog) -> tuple[CocoScenes, st
     """(dataset, id); the id names the data in cache keys."""
     if data_cfg.name == "toyworld":
         generate_split(data_cfg.root, data_cfg.split, data_cfg.num_images, data_cfg.seed, catalog, scene_options(data_cfg))
-    data = CocoScenes(data_cfg.root, data_cfg.split, image_dir=data_cfg.get("image_dir"))
+    data = CocoScenes(data_cfg.root, data_cfg.split, image_dir=data_cfg.get("image_dir"), strict=bool(data_cfg.get("strict", False)),
+                      size_mismatch=data_cfg.get("size_mismatch", "rescale"))
     return data, f"{data_cfg.name}:{data_cfg.root}:{data_cfg.split}"

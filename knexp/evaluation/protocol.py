@@ -17,7 +17,9 @@ Everything arrives as plain objects; ``evaluate_knowledge`` returns the caption 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import pandas as pd
@@ -38,12 +40,22 @@ EVAL_STREAM = 4
 
 
 def evaluation_images(data: CocoScenes, catalog: Catalog, k: Knowledge, identification_ids: list[int], k_images: int,
-                      other_images: int, seed: int) -> list[tuple[int, str, str]]:
-    """(image id, group, own object) rows: group "k" (own object k) then group "other"."""
+                      other_images: int, seed: int, skipped: list[dict] | None = None) -> list[tuple[int, str, str]]:
+    """(image id, group, own object) rows: group "k" (own object k) then group "other". An image that cannot be used
+    (``CocoScenes.image_problem``) is passed over for the next in the seeded order and appended to ``skipped`` with the
+    reason."""
     rng = np.random.default_rng([seed, EVAL_STREAM, k.coco_id])
+
+    def usable(image_id: int) -> bool:
+        if why := data.image_problem(image_id):
+            if skipped is not None:
+                skipped.append({"image_id": int(image_id), "reason": why})
+            return False
+        return True
+
     with_k = [i for i in data.image_ids_with(k.coco_id) if i not in identification_ids]
     chosen = [(i, "k", k.name) for i in dict.fromkeys(identification_ids)]
-    chosen += [(int(i), "k", k.name) for i in rng.permutation(with_k)[:k_images]]
+    chosen += [(int(i), "k", k.name) for i in islice(filter(usable, rng.permutation(with_k).tolist()), k_images)]
     pools: dict[str, list[tuple[int, str]]] = {}
     for image_id in rng.permutation(data.image_ids).tolist():
         cats = data.category_ids(image_id)
@@ -57,7 +69,8 @@ def evaluation_images(data: CocoScenes, catalog: Catalog, k: Knowledge, identifi
         for sc in supercats:
             if pools[sc] and len(others) < other_images:
                 image_id, name = pools[sc].pop(0)
-                others.append((image_id, "other", name))
+                if usable(image_id):
+                    others.append((image_id, "other", name))
     return chosen + others
 
 
@@ -95,7 +108,8 @@ def evaluate_knowledge(found: Identification, selector: Selector, rule: Rule, in
     adapter, store = captioner.adapter, captioner.store
     k = catalog[found.knowledge]
     ident_ids = [r.candidate.image_id for r in found.results]
-    images_meta = evaluation_images(data, catalog, k, ident_ids, k_images, other_images, seed)
+    skipped: list[dict] = []
+    images_meta = evaluation_images(data, catalog, k, ident_ids, k_images, other_images, seed, skipped)
     images = [data.load_image(i) for i, _, _ in images_meta]
     keys = [i for i, _, _ in images_meta]
     k_index = [i for i, (_, group, _) in enumerate(images_meta) if group == "k"]
@@ -108,6 +122,7 @@ def evaluate_knowledge(found: Identification, selector: Selector, rule: Rule, in
     namespace = [captioner.model_key, dataset_id] + ([k.name, opts] if intervention.kind == "inpainted" else [])
     empty_sets = []
     rows = intervention.rows(keys)  # the same rows for every set
+    began = time.perf_counter()
     cfs = (counterfactual_values(adapter, k_removed, [n for _, _, n in sets], captioner.batch_size) if intervention.kind == "inpainted"
            else [None] * len(sets))
     for (set_id, _, neurons), cf in zip(sets, cfs, strict=True):
@@ -118,6 +133,7 @@ def evaluate_knowledge(found: Identification, selector: Selector, rule: Rule, in
                                           batch_size=captioner.batch_size, max_new_tokens=captioner.max_new_tokens)
         frames.append(pd.DataFrame({"set_id": set_id, "size": len(neurons), "level": [r.level for r in rows],
                                     "draw": [r.draw for r in rows], "image_id": [r.image_key for r in rows], "caption": caps}))
+    perturbed_s = time.perf_counter() - began  # the intervened captions (computed or from the cache), the bench's projections
     table = pd.concat(frames, ignore_index=True)
     meta = pd.DataFrame(images_meta, columns=["image_id", "group", "own"]).drop_duplicates("image_id")
     table = table.merge(meta, on="image_id", how="left")
@@ -132,10 +148,12 @@ def evaluate_knowledge(found: Identification, selector: Selector, rule: Rule, in
         "sets": len(found.results), "empty_sets": empty_sets,
         "images": {"k": int((meta["group"] == "k").sum()), "other": int((meta["group"] == "other").sum())},
         "set_sizes": [len(r.neurons) for r in found.results],
+        "skipped_images": skipped,  # evaluation images passed over, with the reason
         "clean": {"S_k": float(clean_rows.loc[clean_rows.group == "k", "hit"].mean()),
                   "S_kbar": float(clean_rows.loc[clean_rows.group == "other", "hit"].mean())},
         "counterfactual": {"S_k": float(np.mean([k.mentioned_in(c) for c in counterfactual_caps])) if k_index else None},
         "table2": None, "table3": None,
+        "timing": {"perturbed_captions": int(len(perturbed)), "perturbed_captions_s": round(perturbed_s, 1)},
     }
     if sizes and len(perturbed):
         scores["curve"] = curve_scores(perturbed, sizes)

@@ -108,16 +108,16 @@ def select_samples(data: CocoScenes, dataset_id: str, captioner: Callable[[list[
             break
         inst = instances[index]
         cand = Candidate(inst.image_id, inst.annotation_id, knowledge.name)
-        try:
+        try:  # an image or a mask that cannot be used rejects this candidate, with the reason
             image = data.load_image(inst.image_id)
+            seg = data.instance_mask(inst.annotation_id)
+            region = opts.mask(image.shape[:2], inst.bbox, seg) > 0
+            cand.reason = overlap_reason(data, catalog, inst.image_id, inst.annotation_id, region)
         except DatasetError as exc:
-            cand.reason = f"image: {exc}"
+            cand.reason = f"data: {exc}"
             rejected.append(cand)
             log.warning("skipping annotation %d: %s", inst.annotation_id, exc)
             continue
-        seg = data.instance_mask(inst.annotation_id)
-        region = opts.mask(image.shape[:2], inst.bbox, seg) > 0
-        cand.reason = overlap_reason(data, catalog, inst.image_id, inst.annotation_id, region)
         if cand.reason:
             rejected.append(cand)
             continue

@@ -43,11 +43,12 @@ class CaptionEvalTask:
 
 def run(session: Session, task: CaptionEvalTask) -> dict:
     cfg, catalog, data = session.cfg, session.catalog, session.data
-    ids = data.image_ids[: task.num_scenes]
+    skipped = [{"image_id": i, "reason": why} for i in data.image_ids[: task.num_scenes] if (why := data.image_problem(i))]
+    ids = [i for i in data.image_ids[: task.num_scenes] if not data.image_problem(i)]  # usable images only; the rest listed
     model = session.adapter
     logger = session.logger()
     gen = cfg.model.generation
-    names = lambda image_id: {catalog.by_coco_id(c).name for c in data.category_ids(image_id)}  # noqa: E731
+    names = lambda image_id: {catalog.by_coco_id(c).name for c in data.category_ids(image_id) if c in catalog.coco_ids}  # noqa: E731
 
     t0 = time.time()
     captions = model.caption([data.load_image(i) for i in ids], batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
@@ -72,7 +73,7 @@ def run(session: Session, task: CaptionEvalTask) -> dict:
             image = data.load_image(image_id)
             segmentation = data.instance_mask(pick.annotation_id) if check["region"] == "segm" else None
             edited.append(opts.apply(image, pick.bbox, segmentation))
-            removed.append(catalog.by_coco_id(pick.category_id).name)
+            removed.append(catalog.by_coco_id(pick.category_id).name if pick.category_id in catalog.coco_ids else str(pick.category_id))
             others.append(names(image_id) - {removed[-1]})
         caps = model.caption(edited, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
         said = [catalog.mentioned(c) for c in caps]
@@ -81,7 +82,8 @@ def run(session: Session, task: CaptionEvalTask) -> dict:
                  for i, r, o, c in zip(multi, removed, others, caps, strict=True)]
     if rows:
         logger.log_table("inpainting", pd.DataFrame(rows))
-    metrics["data"] = {"seed": cfg.data.seed, "split": cfg.data.split, "root": str(cfg.data.root)}
+    metrics["data"] = {"seed": cfg.data.get("seed"), "split": cfg.data.split, "root": str(cfg.data.root),
+                       "faults": data.audit.counts, "skipped_images": skipped}
     metrics["wall_time_s"] = round(time.time() - t0, 1)
     logger.log_metrics(metrics)
     logger.finish()

@@ -18,7 +18,7 @@ import pandas as pd
 
 from knexp.job import Session
 from knexp.reporting.figures import layer_figure, neuron_figures
-from knexp.reporting.outputs import write_identification, write_trace
+from knexp.reporting.outputs import write_data_faults, write_identification, write_trace
 from knexp.resume import finished, mark_finished
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class EvaluateTask:
         if found.results and not self.sizes:
             layer_figure(metrics["per_layer"], found.method.name, found.knowledge, out)
             metrics["neurons"] = neuron_figures(adapter, session.selector, found.results, out)
+        metrics["data_faults"] = write_data_faults(out, session.data.audit)
         metrics["cache"] = {"captions_from_cache": store.hits, "captions_computed": store.misses}
         metrics["wall_time_s"] = round(time.time() - t0, 1)
         logger = session.logger()

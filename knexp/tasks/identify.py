@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from knexp.io import atomic_write_text
 from knexp.job import Session
-from knexp.reporting.outputs import write_identification
+from knexp.reporting.outputs import write_data_faults, write_identification
 
 
 @dataclass
@@ -33,7 +33,7 @@ class IdentifyTask:
             "thresholds": session.rule.name, "samples": len(found.results), "requested": session.selector.per_knowledge,
             "selection": found.selection.message, "skipped": found.skipped, "sizes": [len(r.neurons) for r in found.results],
             "per_layer": found.per_layer(adapter.num_layers), "passes_computed": stats.computed, "stats_from_disk": stats.loaded,
-            "output_dir": str(out),
+            "data_faults": write_data_faults(out, session.data.audit), "output_dir": str(out),
         }
         atomic_write_text(out / "identify.json", json.dumps(summary, indent=1))
         logger = session.logger()
