@@ -165,6 +165,21 @@ def test_selection_and_evaluation_pass_over_bad_images_with_reasons(toy_split, t
     assert {s["image_id"] for s in skipped} >= bad_with_k and all(s["reason"] for s in skipped)
 
 
+def test_strict_stops_at_a_bad_image_that_selection_would_skip(toy_split, tmp_path, catalog):
+    from knexp.counterfactual.cache import InpaintCache, InpaintOptions
+    from knexp.identification.selection import select_samples
+
+    (tmp_path / "val").mkdir()
+    for f in (toy_split / "val").glob("*.png"):
+        (tmp_path / "val" / f.name).write_bytes(f.read_bytes()[:200])  # every image truncated; the annotations are clean
+    (tmp_path / "instances_val.json").write_text((toy_split / "instances_val.json").read_text())
+    data = CocoScenes(tmp_path, "val", strict=True)
+    k = next(k for k in catalog if data.image_ids_with(k.coco_id))
+    with pytest.raises(DatasetError, match="data.strict=false") as stopped:
+        select_samples(data, "strict", lambda images, keys: ["x"] * len(images), catalog, k, 3, 0, InpaintOptions(), InpaintCache(None))
+    assert not isinstance(stopped.value, ImageError)  # not the per-image error that stages skip
+
+
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "WANDB_MODE": "offline", **(env or {})})

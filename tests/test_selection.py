@@ -70,7 +70,7 @@ def test_selection_applies_the_three_constraints_with_reasons(tmp_path, catalog)
                          opts=InpaintOptions(dilation=2, radius=3), cache=InpaintCache(tmp_path / "cache"))
     reasons = {c.image_id: c.reason for c in sel.rejected}
     assert reasons[1].startswith("overlap") and "clock" in reasons[1]
-    assert reasons[4].startswith("image") and "4.png" in reasons[4]
+    assert reasons[4].startswith("data: image") and "4.png" in reasons[4]
     assert {c.image_id for c in sel.accepted} == {2, 3}
     assert all(c.original_caption.endswith("bus.") and "bus" not in c.inpainted_caption for c in sel.accepted)
     assert "only 2 of 5" in sel.message and "continuing with 2" in sel.message

@@ -21,11 +21,11 @@ import cv2
 import numpy as np
 from pycocotools.coco import COCO
 
-from knexp.data.errors import DatasetError, ImageError
+from knexp.data.errors import DatasetError, EntryError, ImageError
 from knexp.data.images import read_rgb
 from knexp.data.validation import Audit, Fault, audit_coco
 
-__all__ = ["CocoScenes", "DatasetError", "ImageError", "Instance", "SIZE_POLICIES"]
+__all__ = ["CocoScenes", "DatasetError", "EntryError", "ImageError", "Instance", "SIZE_POLICIES"]
 log = logging.getLogger(__name__)
 SIZE_POLICIES = ("rescale", "reject")
 ASPECT_TOLERANCE = 0.01  # rescale only when the aspect ratios agree this closely
@@ -149,7 +149,7 @@ class CocoScenes:
         try:
             return self.coco.annToMask(self.coco.anns[annotation_id]).astype(bool)
         except (ValueError, TypeError, IndexError, KeyError, OverflowError, MemoryError) as exc:
-            raise DatasetError(f"annotation {annotation_id}: its segmentation cannot be decoded ({exc!r}); fix or drop it "
+            raise EntryError(f"annotation {annotation_id}: its segmentation cannot be decoded ({exc!r}); fix or drop it "
                                "in the annotation file under data.root") from exc
 
     def captions(self, image_id: int) -> list[str]:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog
-from knexp.data.coco import CocoScenes, DatasetError
+from knexp.data.coco import CocoScenes, EntryError
 from knexp.errors import ConfigError
 from knexp.io import atomic_path
 from knexp.models.adapter import Adapter
@@ -106,7 +106,7 @@ def compute_reference(adapter: Adapter, data: CocoScenes, dataset_id: str, catal
     for i in ids:
         try:
             pics.append(data.load_image(i))
-        except DatasetError as exc:
+        except EntryError as exc:
             log.warning("reference image %d skipped: %s", i, exc)
     moments = _Moments()
     moments.n = len(pics) * adapter.num_image_tokens
@@ -120,7 +120,7 @@ def compute_reference(adapter: Adapter, data: CocoScenes, dataset_id: str, catal
     for inst in chosen:
         try:
             image = data.load_image(inst.image_id)
-        except DatasetError as exc:
+        except EntryError as exc:
             log.warning("reference removal of annotation %d skipped: %s", inst.annotation_id, exc)
             continue
         originals.append(image)

@@ -18,7 +18,7 @@ import numpy as np
 
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog, Knowledge
-from knexp.data.coco import CocoScenes, DatasetError
+from knexp.data.coco import CocoScenes, EntryError
 from knexp.models.captioning import Captioner
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def select_samples(data: CocoScenes, dataset_id: str, captioner: Callable[[list[
             seg = data.instance_mask(inst.annotation_id)
             region = opts.mask(image.shape[:2], inst.bbox, seg) > 0
             cand.reason = overlap_reason(data, catalog, inst.image_id, inst.annotation_id, region)
-        except DatasetError as exc:
+        except EntryError as exc:
             cand.reason = f"data: {exc}"
             rejected.append(cand)
             log.warning("skipping annotation %d: %s", inst.annotation_id, exc)

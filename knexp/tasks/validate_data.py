@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-from knexp.data.coco import CocoScenes, DatasetError
+from knexp.data.coco import CocoScenes, EntryError
 from knexp.data.loading import load_dataset
 from knexp.identification.selection import overlap_reason
 from knexp.io import atomic_write_text
@@ -94,7 +94,7 @@ def _free(data: CocoScenes, session: Session, ann: dict) -> bool:
     try:
         region = session.opts.mask((entry["height"], entry["width"]), tuple(ann["bbox"]), data.instance_mask(ann["id"])) > 0
         return not overlap_reason(data, session.catalog, ann["image_id"], ann["id"], region)
-    except DatasetError:
+    except EntryError:
         return False
 
 
