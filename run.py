@@ -9,8 +9,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from knexp.config import metric_value, register_resolvers, setup_runtime
-from knexp.errors import UserError
 from knexp.job import Session
+from knexp.user_errors import UserError
 
 register_resolvers()
 log = logging.getLogger("knexp")
@@ -26,7 +26,12 @@ def main(cfg: DictConfig) -> float | None:
     except UserError as exc:  # expected: bad data, missing weights, a setting that cannot work
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error("%s (HYDRA_FULL_ERROR=1 shows the traceback)", exc)  # on the console and in the job's log
+        message = f"{exc} (HYDRA_FULL_ERROR=1 shows the traceback)"
+        print(f"knexp: error: {message}", file=sys.stderr)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+        for handler in logging.getLogger().handlers:  # the job's log file too (the console has it already)
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
         sys.exit(1)
 
 

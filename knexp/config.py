@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from knexp.errors import ConfigError
 from knexp.paths import project_root
+from knexp.user_errors import ConfigError
 
 log = logging.getLogger(__name__)
 

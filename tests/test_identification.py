@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from knexp.errors import ConfigError
 from knexp.identification import methods as M
 from knexp.identification.passes import TargetNotFound, compute_stats, locate_target
 from knexp.identification.thresholds import (
@@ -17,6 +16,7 @@ from knexp.identification.thresholds import (
     stage1_score,
 )
 from knexp.models.hooks import record
+from knexp.user_errors import ConfigError
 
 CAPTION = "the image shows a bus and a clock."
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knexp.bench.captioning import MFU_HEADING, REUSE_HEADING, mfu_markdown, reuse_and_decode, reuse_markdown, utilisation
+from knexp.bench.caption_speed import MFU_HEADING, REUSE_HEADING, mfu_markdown, reuse_and_decode, reuse_markdown, utilisation
 from knexp.bench.data import annotation_pass
 from knexp.bench.sweeps import launchers
 from knexp.data.toyworld.scenes import SceneOptions, make_scene

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
-from knexp.errors import ConfigError, UserError
+from knexp.user_errors import ConfigError, UserError
 
 
 class UnknownKnowledgeError(UserError, KeyError):

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from pycocotools.coco import COCO
 
-from knexp.data.errors import DatasetError, EntryError, ImageError
+from knexp.data.data_errors import DatasetError, EntryError, ImageError
 from knexp.data.images import read_rgb
 from knexp.data.validation import Audit, Fault, audit_coco
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from knexp.data.errors import ImageError
+from knexp.data.data_errors import ImageError
 
 WHITE = (255, 255, 255)
 

@@ -13,7 +13,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from knexp.data.errors import DatasetError
+from knexp.data.data_errors import DatasetError
 
 MAX_SIDE = 1 << 16
 

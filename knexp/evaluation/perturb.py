@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from knexp.errors import ConfigError
 from knexp.identification.methods import NeuronSet
 from knexp.models.adapter import Adapter
 from knexp.models.batching import map_batches
 from knexp.models.hooks import LayerEdit, intervene
 from knexp.store import Store, stable_key
+from knexp.user_errors import ConfigError
 
 KINDS = ("noise", "inpainted", "zero", "mean")
 SCALES = ("absolute", "relative", "calibrated")

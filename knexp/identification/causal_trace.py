@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from knexp.data.catalog import Knowledge
-from knexp.errors import ConfigError
 from knexp.identification.passes import Target, TargetNotFound, locate_target
 from knexp.identification.selection import Selector
 from knexp.models.adapter import Adapter
 from knexp.models.hooks import LayerEdit, intervene, record
 from knexp.store import Store, stable_key
+from knexp.user_errors import ConfigError
 
 log = logging.getLogger(__name__)
 

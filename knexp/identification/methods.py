@@ -28,9 +28,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from knexp.errors import ConfigError
 from knexp.identification.passes import SampleStats
 from knexp.identification.thresholds import Rule, RuleContext, TwoStage, allowed_layers, top_flat
+from knexp.user_errors import ConfigError
 
 
 @dataclass

@@ -26,12 +26,12 @@ from safetensors.torch import load_file, save_file
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog
 from knexp.data.coco import CocoScenes, EntryError
-from knexp.errors import ConfigError
 from knexp.io import atomic_path
 from knexp.models.adapter import Adapter
 from knexp.models.batching import map_batches
 from knexp.models.hooks import attached
 from knexp.store import stable_key
+from knexp.user_errors import ConfigError
 
 log = logging.getLogger(__name__)
 REFERENCE_STREAM = 6  # random stream of the reference draw (the dataset's seed, this stream)

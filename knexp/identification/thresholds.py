@@ -32,9 +32,9 @@ from typing import ClassVar
 
 import torch
 
-from knexp.errors import ConfigError
 from knexp.identification.passes import SampleStats
 from knexp.identification.reference import ReferenceStats
+from knexp.user_errors import ConfigError
 
 STAGE1 = ("raw", "abs", "spread", "contrastive")
 LAYERS = ("all", "nonzero", "live")

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from knexp.errors import ConfigError
 from knexp.models.errors import ProjectorWeightsError
 from knexp.models.geometry import PatchGeometry
 from knexp.models.offline import efficientnet_lite0_weights, smollm2_folder
 from knexp.models.spliced import SplicedAdapter, SplicedMLLM
+from knexp.user_errors import ConfigError
 
 log = logging.getLogger(__name__)
 

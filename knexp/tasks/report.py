@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-from knexp.errors import ConfigError
 from knexp.job import Session
 from knexp.reporting.sweep import write_report
+from knexp.user_errors import ConfigError
 
 
 @dataclass

@@ -23,11 +23,11 @@ from safetensors.torch import save_file
 
 from knexp.data.loading import scene_options
 from knexp.data.toyworld.scenes import make_scene
-from knexp.errors import ConfigError
 from knexp.io import atomic_path
 from knexp.job import Session
 from knexp.models.embedded import EmbeddedMLLM, preprocess
 from knexp.models.registry import load_model
+from knexp.user_errors import ConfigError
 
 log = logging.getLogger(__name__)
 TRAIN_STREAM = 1  # the dataset generator uses stream 2

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import OmegaConf
 
-from knexp.errors import ConfigError
 from knexp.io import atomic_write_text
 from knexp.job import Session
+from knexp.user_errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 from knexp.counterfactual.inpaint import inpaint, region_mask
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.toyworld.sprites import render_sprite
-from knexp.errors import ConfigError
+from knexp.user_errors import ConfigError
 
 BACKGROUNDS = ("gradient", "noise", "stripes", "grass", "wood", "tiles", "sky")
 EMPTY_CAPTION = "The image shows an empty scene."

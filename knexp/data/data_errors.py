@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from knexp.errors import UserError
+from knexp.user_errors import UserError
 
 
 class DatasetError(UserError, FileNotFoundError):
