@@ -20,7 +20,7 @@ import torch
 
 from knexp.bench.caption_speed import MFU_HEADING, REUSE_HEADING, mfu_markdown, reuse_and_decode, reuse_markdown, utilisation
 from knexp.bench.data import annotation_pass
-from knexp.bench.sweeps import launchers
+from knexp.bench.sweeps import grids, launchers
 from knexp.data.toyworld.scenes import SceneOptions, make_scene
 from knexp.job import session
 from knexp.models.hooks import LayerEdit, intervene
@@ -163,7 +163,10 @@ def data_markdown(d: dict) -> str:
 SECTIONS = {"reuse": (REUSE_HEADING, lambda: reuse_markdown(reuse_and_decode())),
             "mfu": (MFU_HEADING, lambda: mfu_markdown(utilisation())),
             "launchers": (LAUNCHERS_HEADING, lambda: launchers_markdown(launchers())),
-            "data": (DATA_HEADING, lambda: data_markdown(annotation_pass()))}
+            "data": (DATA_HEADING, lambda: data_markdown(annotation_pass())),
+            # the grids scale the demo's jobs: those of the last full run's raw numbers
+            "grids": (GRIDS_HEADING, lambda: grids_markdown(grids(json.loads((project_root() / "runs" / "bench.json").read_text())
+                                                                 ["sweeps"]["per_job"])))}
 
 
 def machine() -> str:
@@ -187,15 +190,17 @@ def main() -> None:
         print(section)
         return
     from knexp.bench.identification import identification_cost, peak_memory_7b_shape
-    from knexp.bench.sweeps import demo_and_cache, grids
+    from knexp.bench.sweeps import demo_and_cache
 
-    result = {"hook_overhead": hook_overhead(), "identification_cost": identification_cost(), "peak_memory": peak_memory_7b_shape(),
-              "evaluation_throughput": evaluation_throughput(), "reuse": reuse_and_decode(), "utilisation": utilisation(),
-              "sweeps": demo_and_cache(), "launchers": launchers(), "data": annotation_pass()}
-    result["grids"] = grids(result["sweeps"]["per_job"])
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    result: dict = {}
+    steps = {"data": annotation_pass, "launchers": launchers, "hook_overhead": hook_overhead, "identification_cost": identification_cost,
+             "peak_memory": peak_memory_7b_shape, "evaluation_throughput": evaluation_throughput, "reuse": reuse_and_decode,
+             "utilisation": utilisation, "sweeps": demo_and_cache, "grids": lambda: grids(result["sweeps"]["per_job"])}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    for name, step in steps.items():  # the raw numbers are saved after each step: a failure keeps the finished ones
+        result[name] = step()
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     h, c, m = result["hook_overhead"], result["identification_cost"], result["peak_memory"]
     e, s, r = result["evaluation_throughput"], result["sweeps"], result["reuse"]
     text = f"""# Benchmarks
