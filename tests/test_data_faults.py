@@ -64,6 +64,16 @@ def test_each_faulty_entry_is_dropped_or_repaired_and_counted():
     assert "15 faulty entries" in audit.summary() and "data.strict=true" in audit.summary()
 
 
+def test_reading_a_file_names_its_faulty_entries_in_the_log(tmp_path, caplog):
+    (tmp_path / "val").mkdir()
+    (tmp_path / "instances_val.json").write_text(json.dumps(_file()))
+    with caplog.at_level("WARNING", logger="knexp.data.coco"):
+        CocoScenes(tmp_path, "val")
+    assert "annotations[4] (id 5): category_id 99 is not a listed category (unknown_category, skipped)" in caplog.text
+    assert "annotations[6] (id 7)" in caplog.text and "box_clipped, kept" in caplog.text
+    assert "15 faulty entries" in caplog.text and "task=validate_data lists every one" in caplog.text
+
+
 def test_strict_stops_at_the_first_fault_and_damage_to_the_file_always_stops():
     with pytest.raises(DatasetError, match=r"images\[2\] \(id 3\).*data.strict=false"):
         audit_coco(_file(), "instances_val.json", strict=True)

@@ -86,6 +86,17 @@ def evaluation_throughput(images: int = 8, levels: tuple = (40.0, 80.0), draws: 
             "per_caption_per_s": round(len(rows) / single_s, 2), "ratio": round(single_s / batched_s, 2), "target": ">= 20"}
 
 
+def _floor(g: dict, u: dict | None) -> str:
+    """The arithmetic floor of the paper grid: each caption's prompt pass alone (no decoding), at the GEMM peak."""
+    if not u or "profiled" not in u:
+        return ""
+    per_caption = u["profiled"]["prefill"]["gflop"] / u["captions"]  # every layer: the measured sets reach layer 0
+    hours = g["paper_table2_captions"] * per_caption / u["gemm_peak_gflops"] / 3600
+    return (f" A floor no implementation on this machine can beat: each caption's prompt pass through every layer"
+            f" ({per_caption:.1f} GFLOP, as the sets reach layer 0), with no decoding at all, at the measured GEMM peak"
+            f" ({u['gemm_peak_gflops']} GFLOP/s): **{hours:.1f} h**.")
+
+
 LAUNCHERS_HEADING = "## Parallel jobs on one machine (issue: captioning at the machine's limit)"
 GRIDS_HEADING = "## The whole grids, projected (issue: captioning at the machine's limit)"
 
@@ -107,7 +118,7 @@ Both gave the same Table II for every job: {r['same_results']}.
 """
 
 
-def grids_markdown(g: dict) -> str:
+def grids_markdown(g: dict, u: dict | None = None) -> str:
     paper = "\n".join(f"| {j['method']} | {j['set_sizes']} | {j['timing']['perturbed_captions']} | {j['timing']['perturbed_captions_s']} "
                       f"| {j['wall_time_s']} |" for j in g["paper_subset"])
     return f"""{GRIDS_HEADING}
@@ -126,7 +137,7 @@ noise at 40, 80, 120 x 10 draws on 18 images per set, 3 sets: {g['paper_table2_c
 Their perturbed captions ran at {g['paper_captions_per_s']} captions/s: the sets hold about 1500 neurons from layer 0
 up, so no layer is reused, and the noise turns most captions into 32 tokens. Projection (bed's jobs scaled to 10 draws, x
 30 objects): **{g['paper_table2_h']} h** (target {g['target_paper_h']} h). Reaching 3 h would take
-{round(g['paper_table2_captions'] / 10800, 1)} captions/s.
+{round(g['paper_table2_captions'] / 10800, 1)} captions/s.{_floor(g, u)}
 
 **`experiment=embedded_table2` with its curves and noise table**, from the cold demo's jobs above:
 
@@ -178,7 +189,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(project_root() / "BENCHMARKS.md"))
     parser.add_argument("--json", default=str(project_root() / "runs" / "bench.json"))
     parser.add_argument("--only", choices=sorted(SECTIONS), help="run one benchmark and replace its section of --out")
+    parser.add_argument("--render", action="store_true", help="redraw --out from --json's raw numbers, measuring nothing")
     args = parser.parse_args()
+    if args.render:
+        Path(args.out).write_text(render(json.loads(Path(args.json).read_text())))
+        return
     if args.only:
         heading, run = SECTIONS[args.only]
         old = Path(args.out).read_text()
@@ -200,12 +215,21 @@ def main() -> None:
     for name, step in steps.items():  # the raw numbers are saved after each step: a failure keeps the finished ones
         result[name] = step()
         Path(args.json).write_text(json.dumps(result, indent=1))
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    result["machine"], result["stamp"] = machine(), datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    text = render(result)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+def render(result: dict) -> str:
+    """BENCHMARKS.md from a full run's raw numbers (``--render`` redraws it from ``runs/bench.json``)."""
+    stamp = result.get("stamp", "")
     h, c, m = result["hook_overhead"], result["identification_cost"], result["peak_memory"]
     e, s, r = result["evaluation_throughput"], result["sweeps"], result["reuse"]
-    text = f"""# Benchmarks
+    return f"""# Benchmarks
 
-Measured with `make bench` (`python -m knexp.bench`) on {machine()}, {stamp}.
+Measured with `make bench` (`python -m knexp.bench`) on {result.get('machine', '')}, {stamp}.
 Raw numbers: `runs/bench.json`.
 
 ## Hook overhead (issue: instrumentation)
@@ -280,10 +304,8 @@ into a new folder with the cache the cold run left. Resumed: the cold run's fold
 Warm and cold runs gave the same Table II for every job: {s['same_results']}.
 
 {launchers_markdown(result["launchers"])}
-{grids_markdown(result["grids"])}
+{grids_markdown(result["grids"], result["utilisation"])}
 {data_markdown(result["data"])}"""
-    Path(args.out).write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

@@ -77,12 +77,12 @@ def launchers(jobs: str = "knowledge=bed,bear", methods: str = "method=ours,rand
     with tempfile.TemporaryDirectory(prefix="knexp-bench-") as tmp:
         tmp = Path(tmp)
         warm = _cold_cache(tmp / "shared")
-        _sweep(tmp / "warmup", warm, f"hydra.sweeper.params.{jobs}", "hydra.sweeper.params.method=random")  # toy world, trace
+        _sweep(tmp / "warmup", warm, jobs, "method=random")  # toy world, trace
         for name, extra in (("basic", ()), ("parallel", ("hydra/launcher=parallel",))):
             cache = tmp / name
             shutil.copytree(warm, cache, symlinks=True, ignore=shutil.ignore_patterns("captions*", "stats*"))
-            out[f"{name}_s"] = round(_sweep(tmp / f"{name}-sweep", cache, f"hydra.sweeper.params.{jobs}",
-                                            f"hydra.sweeper.params.{methods}", *extra), 1)
+            out[f"{name}_s"] = round(_sweep(tmp / f"{name}-sweep", cache, jobs,
+                                            methods, *extra), 1)
             out[f"{name}_tables"] = [j["table2"] for j in _jobs(tmp / f"{name}-sweep")]
     out["same_results"] = out.pop("basic_tables") == out.pop("parallel_tables")
     out["ratio"] = round(out["basic_s"] / out["parallel_s"], 2)
@@ -110,7 +110,7 @@ def grids(demo_jobs: list[dict], draws: int = 1) -> dict:
     with tempfile.TemporaryDirectory(prefix="knexp-bench-") as tmp:
         tmp = Path(tmp)
         wall = _timed_run("experiment=paper_table2", "model=embedded", "data=toyworld", "logger=none", f"noise_level.draws={draws}",
-                          "hydra.sweeper.params.knowledge=bed", "hydra.sweeper.params.method=ours,pan,schwettmann",
+                          "knowledge=bed", "method=ours,pan,schwettmann",
                           f"hydra.sweep.dir={tmp / 'paper'}", f"paths.cache_dir={_cold_cache(tmp / 'cache')}")
         paper_jobs = _jobs(tmp / "paper")
     per_method = {}

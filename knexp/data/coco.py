@@ -29,6 +29,7 @@ __all__ = ["CocoScenes", "DatasetError", "EntryError", "ImageError", "Instance",
 log = logging.getLogger(__name__)
 SIZE_POLICIES = ("rescale", "reject")
 ASPECT_TOLERANCE = 0.01  # rescale only when the aspect ratios agree this closely
+WARN_PER_KIND = 3  # faulty entries named in the log per kind (data_faults.json and task=validate_data list them all)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,11 @@ class CocoScenes:
         self.captions_coco = self._read(captions) if captions.exists() else None
         self._image_faults: dict[int, Fault | None] = {}
         if self.audit.faults:
-            log.warning("%s", self.audit.summary())
+            for kind, faults in self.audit.to_dict(first=WARN_PER_KIND)["faults"].items():
+                for fault in faults:
+                    log.warning("%s: %s (%s%s)", fault["entry"], fault["detail"], kind, ", kept" if fault["kept"] else ", skipped")
+            log.warning("%s; the first %d of each kind are above, task=validate_data lists every one", self.audit.summary(),
+                        WARN_PER_KIND)
 
     def _read(self, path: Path) -> COCO:
         """The file, checked entry by entry (``audit_coco``, faults into ``audit``) and indexed by pycocotools, whose
