@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def run_py(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python run.py *args`` in a fresh process from the project root: W&B offline, tracebacks as Hydra shortens them,
+    ``env`` on top."""
+    full = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", **(env or {})}
+    return subprocess.run([sys.executable, "run.py", *args], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=timeout, env=full)
 
 
 @pytest.fixture(scope="session")

@@ -2,22 +2,17 @@
 expected errors without tracebacks."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from conftest import INJECTED, faulty_coco_folder
+from conftest import run_py as _run
 from PIL import Image
 
 from knexp.data.coco import CocoScenes, DatasetError, ImageError
 from knexp.data.images import read_rgb
 from knexp.data.validation import FAULT_KINDS, audit_coco
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _file() -> dict:
@@ -190,22 +185,16 @@ def test_strict_stops_at_a_bad_image_that_selection_would_skip(toy_split, tmp_pa
     assert not isinstance(stopped.value, ImageError)  # not the per-image error that stages skip
 
 
-def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "WANDB_MODE": "offline", **(env or {})})
-
-
 def test_expected_errors_print_one_line_and_no_traceback(tmp_path):
     args = ("task=identify", "data=coco2017", f"data.root={tmp_path / 'nowhere'}", "logger=none", f"hydra.run.dir={tmp_path / 'job'}")
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    quiet = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    quiet = _run(*args)
     out = quiet.stdout + quiet.stderr
     assert quiet.returncode == 1 and "Traceback" not in out
     assert "dataset root" in out and "data.root" in out and "HYDRA_FULL_ERROR=1" in out
     assert "data.root" in (tmp_path / "job" / "run.log").read_text()  # the job's log has it too
     full = _run(*args, env={"HYDRA_FULL_ERROR": "1"})
     assert full.returncode == 1 and "Traceback" in full.stderr and "DatasetError" in full.stderr
-    bad_setting = _run("task=tune", "task.split=nope", "logger=none", f"hydra.run.dir={tmp_path / 'tune'}", env=env)
+    bad_setting = _run("task=tune", "task.split=nope", "logger=none", f"hydra.run.dir={tmp_path / 'tune'}")
     assert bad_setting.returncode == 1 and "Traceback" not in bad_setting.stderr and "task.split" in bad_setting.stdout + bad_setting.stderr
 
 
@@ -263,3 +252,15 @@ def test_identify_and_evaluate_run_through_a_faulty_folder(tmp_path, catalog):
         assert all(rejected[i].startswith("data: ") for i in met if i in rejected)
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     assert metrics["table2"] is not None and metrics["data_faults"] == faults["counts"]
+
+
+def test_caption_eval_captions_the_readable_images_and_lists_the_rest(toy_split, tmp_path):
+    facts = faulty_coco_folder(toy_split, tmp_path / "data")
+    r = _run("task=caption_eval", "model=tiny_llava", "data=coco2017", f"data.root={tmp_path / 'data'}", "data.split=val",
+             "data.image_dir=val", "task.num_scenes=12", "task.inpaint_scenes=2", "logger=none", f"hydra.run.dir={tmp_path / 'job'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    first = sorted(json.loads((tmp_path / "data" / "instances_val.json").read_text())["images"], key=lambda i: i["id"])[:12]
+    bad = {i["id"] for i in first} & facts["bad_images"]
+    assert bad and {s["image_id"] for s in metrics["data"]["skipped_images"]} == bad
+    assert all(s["reason"] for s in metrics["data"]["skipped_images"])

@@ -4,15 +4,14 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
+from conftest import run_py
 
 from knexp.paths import project_root
 
-
-def _run(*args, timeout=240):
-    env = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="offline")
-    return subprocess.run([sys.executable, "run.py", *args], cwd=project_root(), capture_output=True, text=True, timeout=timeout, env=env)
+_run = partial(run_py, timeout=240)
 
 
 def test_unknown_knowledge_lists_valid_names():

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from knexp.counterfactual.cache import InpaintOptions
+from knexp.data.coco import ImageError
 from knexp.evaluation.mentions import mention_scores, removal_scores
 from knexp.job import Session
 
@@ -43,15 +44,20 @@ class CaptionEvalTask:
 
 def run(session: Session, task: CaptionEvalTask) -> dict:
     cfg, catalog, data = session.cfg, session.catalog, session.data
-    skipped = [{"image_id": i, "reason": why} for i in data.image_ids[: task.num_scenes] if (why := data.image_problem(i))]
-    ids = [i for i in data.image_ids[: task.num_scenes] if not data.image_problem(i)]  # usable images only; the rest listed
+    ids, images, skipped = [], [], []  # usable images only, each decoded once; the rest listed with the reason
+    for image_id in data.image_ids[: task.num_scenes]:
+        try:
+            images.append(data.load_image(image_id))
+            ids.append(image_id)
+        except ImageError as exc:
+            skipped.append({"image_id": image_id, "reason": str(exc)})
     model = session.adapter
     logger = session.logger()
     gen = cfg.model.generation
     names = lambda image_id: {catalog.by_coco_id(c).name for c in data.category_ids(image_id) if c in catalog.coco_ids}  # noqa: E731
 
     t0 = time.time()
-    captions = model.caption([data.load_image(i) for i in ids], batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
+    captions = model.caption(images, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
     log.info("captioned %d scenes in %.0f s", len(ids), time.time() - t0)
     truth = [names(i) for i in ids]
     named = [catalog.mentioned(c) for c in captions]
@@ -69,7 +75,7 @@ def run(session: Session, task: CaptionEvalTask) -> dict:
         edited, removed, others = [], [], []
         for image_id in multi:
             instances = data.instances(image_id)
-            pick = instances[int(np.random.default_rng([cfg.data.seed, CHECK_STREAM, image_id]).integers(len(instances)))]
+            pick = instances[int(np.random.default_rng([cfg.data.get("seed", cfg.seed), CHECK_STREAM, image_id]).integers(len(instances)))]
             image = data.load_image(image_id)
             segmentation = data.instance_mask(pick.annotation_id) if check["region"] == "segm" else None
             edited.append(opts.apply(image, pick.bbox, segmentation))
