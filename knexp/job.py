@@ -195,7 +195,8 @@ class Session:
         """The model's greedy captioner behind the caption store (``paths.cache_dir``/captions)."""
         gen = self.cfg.model.generation
         return self._once("captioner", lambda: Captioner(self.adapter, self.model_key, Store(self.cache_root, "captions"),
-                                                         batch_size=int(gen.batch_size), max_new_tokens=int(gen.max_new_tokens)))
+                                                         batch_size=int(gen.batch_size), max_new_tokens=int(gen.max_new_tokens),
+                                                         decode_width=gen.get("decode_width")))
 
     @property
     def inpaint_cache(self) -> InpaintCache:
@@ -286,7 +287,7 @@ class Session:
         such as ``"zero"`` or ``"noise"``, noise at ``level`` with the session's seed). ``inpainted`` needs per-image
         counterfactual values, so it applies each neuron's identification shift here."""
         if neurons is None:
-            return self.adapter.caption(images, self.captioner.batch_size, self.captioner.max_new_tokens)
+            return self.adapter.caption(images, self.captioner.batch_size, self.captioner.max_new_tokens, width=self.captioner.decode_width)
         how = intervention if isinstance(intervention, Intervention) else (
             Intervention("noise", (float(level),)) if intervention == "noise" else
             Intervention(intervention) if intervention else self.intervention)
@@ -294,7 +295,8 @@ class Session:
         rows = rows_for(list(range(len(images))), [float(level)], 1) if how.kind == "noise" else how.rows(list(range(len(images))))
         return cached_intervened_captions(Store(None, "captions"), [], self.adapter, images, rows, neurons, how,
                                           set_values(how, neurons, reference, {}), seed=int(self.cfg.seed),
-                                          batch_size=self.captioner.batch_size, max_new_tokens=self.captioner.max_new_tokens)
+                                          batch_size=self.captioner.batch_size, max_new_tokens=self.captioner.max_new_tokens,
+                                          width=self.captioner.decode_width)
 
     def heatmap(self, result: SampleResult, rank: int = 0) -> Heatmap:
         """The ``rank``-th neuron of a sample's set over its image (Fig. 3), with the q95 IoU against the instance."""

@@ -134,8 +134,10 @@ def test_intervened_captions_equal_the_unreused_path(adapter):
 
 @pytest.mark.slow
 def test_reuse_is_exact_on_the_embedded_model(catalog):
-    """Real captions: noise on 40 units in layers 20-29, 0-29 and 12 alone; 4 images x 4 rows each."""
+    """Real captions: noise on 40 units in layers 20-29, 0-29 and 12 alone; 4 images x 4 rows each; in one batch, and in
+    a stream of prompt batches of 4 with up to 8 rows decoding together."""
     from knexp.data.toyworld.scenes import SceneOptions, make_scene
+    from knexp.models.decoding import stream_ids
     from knexp.models.embedded import load_embedded
     from knexp.models.spliced import SplicedAdapter
     from knexp.paths import default_cache_dir, project_root
@@ -155,4 +157,97 @@ def test_reuse_is_exact_on_the_embedded_model(catalog):
             reused = greedy_ids(adapter, prepared, 32, start_layer=lo, groups=groups)
         assert _same(full, reused, adapter.pad_token_id), (lo, hi)
         named += sum(bool(catalog.mentioned(t)) for t in adapter.decode(reused))
+
+        def prompt_pass(rows, lo=lo, hi=hi, units=units, noise=noise):  # the evaluation's way: rows' own noise, by cohort
+            part = adapter.prepare([pics[groups[r]] for r in rows])
+            with intervene(adapter, part, {layer: LayerEdit(units, add=noise[rows]) for layer in range(lo, hi)}):
+                return adapter.prefill(part, start_layer=lo, groups=[groups[r] for r in rows])
+
+        assert _same(full, stream_ids(adapter, 16, prompt_pass, 32, batch_size=4, width=8), adapter.pad_token_id), (lo, hi)
     assert named > 16  # real captions that name objects, not degenerate text
+
+
+def _early_stop(adapter, monkeypatch, free: torch.Tensor) -> int:
+    """Make a stop token of the token of ``free`` (tokens [B, N]) at which the rows would end at the most different
+    steps (a row without it runs to the end); returns it."""
+
+    def spread(token: int) -> int:
+        return len({int((row == token).nonzero()[0]) if bool((row == token).any()) else -1 for row in free})
+
+    stop = max(sorted(set(free.flatten().tolist())), key=spread)
+    monkeypatch.setattr(type(adapter), "stop_token_ids", property(lambda self: [stop]))
+    return stop
+
+
+def _ended_at(free: torch.Tensor, stop: int, pad: int) -> torch.Tensor:
+    """``free`` [B, N] with each row padded after its first ``stop``."""
+    out = free.clone()
+    for row in range(out.shape[0]):
+        hits = (free[row] == stop).nonzero().flatten()
+        if len(hits):
+            out[row, int(hits[0]) + 1:] = pad
+    return out
+
+
+@pytest.mark.parametrize("family", ["llava", "minigpt4"])
+def test_a_stream_of_cohorts_gives_each_rows_own_tokens(family, monkeypatch):
+    """Rows decoded with continuous batching (batches of 3 prefilled as places free up, up to 7 rows in flight, so
+    several cohorts decode together) get the tokens each row gets alone (which are the model's own ``generate``'s,
+    checked here for one row and in the tests above for batches); the MLPs saw rows of several cohorts at once."""
+    from knexp.models.decoding import stream_ids
+    from knexp.models.tiny import tiny_adapter
+
+    adapter = tiny_adapter(family, layers=3)
+    size = 60 if isinstance(adapter, LlavaAdapter) else 224
+    rng = np.random.default_rng(5)
+    pics = [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(11)]
+    alone = torch.stack([greedy_ids(adapter, adapter.prepare([p]), 8)[0] for p in pics])  # [11, 8]: each row alone
+    assert _same(adapter._generate_ids(adapter.prepare(pics[:1]), 8), alone[:1], adapter.pad_token_id)
+    if family == "llava":  # its rows differ (the tiny spliced models repeat one token): make them end at different steps
+        alone = _ended_at(alone, _early_stop(adapter, monkeypatch, alone), adapter.pad_token_id)
+    lm, _ = adapter.language_model()
+    widths, prefills = [], []
+    handle = lm.layers[0].mlp.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[:2]))
+    def prompt_pass(rows):
+        prefills.append(rows)
+        return adapter.prefill(adapter.prepare([pics[r] for r in rows]))
+
+    try:
+        ids = stream_ids(adapter, len(pics), prompt_pass, 8, batch_size=3, width=7)
+    finally:
+        handle.remove()
+    assert torch.equal(ids, alone)
+    if family == "llava":
+        assert 0 < int((ids == adapter.pad_token_id).sum()) and bool((ids[:, -1] != adapter.pad_token_id).any())
+    assert sorted(r for rows in prefills for r in rows) == list(range(11)) and max(len(r) for r in prefills) <= 3
+    decode_widths = [b for b, t in widths if t == 1]
+    assert max(decode_widths) > 3  # one decoding step ran the MLP over rows of more than one prompt batch
+    assert max(decode_widths) <= 7
+
+
+def test_out_of_memory_in_a_stream_halves_it_and_keeps_finished_rows(monkeypatch, caplog):
+    """Out of memory in a prompt pass puts the rows in flight back, halves the prompt batch and the width, and keeps the
+    rows already finished; the tokens are unchanged. At one row, BatchTooLarge names the settings."""
+    from knexp.models.batching import BatchTooLarge
+    from knexp.models.decoding import stream_ids
+    from knexp.models.tiny import tiny_adapter
+
+    adapter = tiny_adapter("llava", layers=3)
+    rng = np.random.default_rng(6)
+    pics = [(rng.random((60, 60, 3)) * 255).astype(np.uint8) for _ in range(9)]
+    _early_stop(adapter, monkeypatch, greedy_ids(adapter, adapter.prepare(pics), 8))
+    prefill = lambda rows: adapter.prefill(adapter.prepare([pics[r] for r in rows]))  # noqa: E731
+    expected = stream_ids(adapter, 9, prefill, 8, batch_size=4, width=8)
+    calls = []
+
+    def tight(rows):
+        calls.append(list(rows))
+        if len(calls) == 3:  # the third prompt pass, with rows in flight and rows finished
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return prefill(rows)
+
+    assert torch.equal(stream_ids(adapter, 9, tight, 8, batch_size=4, width=8), expected)
+    assert "out of memory at batch size 4; retrying with 2" in caplog.text
+    assert max(len(r) for r in calls[3:]) <= 2
+    with pytest.raises(BatchTooLarge, match="max_new_tokens"):
+        stream_ids(adapter, 2, lambda rows: (_ for _ in ()).throw(MemoryError()), 8, batch_size=1)

@@ -259,19 +259,17 @@ def test_out_of_memory_halves_the_batch_keeps_the_captions_and_leaves_no_hook(ad
     rows = rows_for([10, 11], [40.0, 120.0], 2)  # 8 rows
     neurons = _set([0, 1, 2], [3, 4, 9])
     expected = noise_captions(adapter, images, rows, neurons, seed=1, batch_size=8, max_new_tokens=5)
-    import knexp.models.adapter as adapter_module
-
-    real = adapter_module.greedy_ids  # what the adapter's generate decodes with
+    real = adapter.prefill  # each prompt pass of the captions' stream
     seen = []
 
-    def tight_memory(model, prepared, *args):
+    def tight_memory(prepared, *args, **kwargs):
         rows_in = prepared.batch_size
         seen.append(rows_in)
         if rows_in > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, prepared, *args)
+        return real(prepared, *args, **kwargs)
 
-    monkeypatch.setattr(adapter_module, "greedy_ids", tight_memory)
+    monkeypatch.setattr(adapter, "prefill", tight_memory)
     assert noise_captions(adapter, images, rows, neurons, seed=1, batch_size=8, max_new_tokens=5) == expected
     assert seen[:3] == [8, 4, 2] and set(seen[3:]) == {2}  # halved twice, then kept at 2
     assert "out of memory at batch size 8" in caplog.text and "model.generation.batch_size=4" in caplog.text

@@ -36,6 +36,7 @@ def script_captions(session):
     """Give a job's session the scripted captioner in place of its model's (as its stages see it); returns the session."""
     scripted = RedSquareCaptioner()
     scripted.adapter, scripted.model_key, scripted.store, scripted.batch_size, scripted.max_new_tokens = session.adapter, "t", None, 8, 8
+    scripted.decode_width = None
     session.shared["captioner"] = scripted
     return session
 

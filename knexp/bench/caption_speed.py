@@ -27,41 +27,53 @@ def _scenes(catalog, seed: int, count: int) -> list:
     return [make_scene(catalog, np.random.default_rng([seed, 5, i]), SceneOptions(gap_px=8)) for i in range(count)]
 
 
-def reuse_and_decode(images: int = 4, per_image: int = 8, batch_size: int = 16, units: int = 40, max_new_tokens: int = 32,
-                     repeats: int = 2) -> dict:
-    """Perturbed captions per second: the full recompute (the model's own ``generate``: every layer of every row, and
-    decoding until the last row ends) against ``knexp.models.decoding`` (the shared prefix once; finished rows leave the
-    batch; layers below the set's lowest layer l_min run once per image), at l_min = 20 and l_min = 0 of 30. At
-    l_min = 0, also ``greedy_ids`` with the shared prefix off and with finished rows kept: each saving's own ratio. Noise
-    on ``units`` units in every layer from l_min; ``per_image`` rows per image (levels x draws); median of ``repeats``
-    alternating runs."""
+def reuse_and_decode(images: int = 8, per_image: int = 8, batch_size: int = 16, width: int = 32, units: int = 40,
+                     max_new_tokens: int = 32, repeats: int = 2) -> dict:
+    """Perturbed captions per second: the full recompute (the model's own ``generate`` per batch of ``batch_size`` rows:
+    every layer of every row, and decoding until the batch's last row ends) against ``knexp.models.decoding`` as the
+    evaluation runs it (``stream_ids``: the shared prefix once; layers below the set's lowest layer l_min once per
+    image; finished rows leave; up to ``width`` rows decode together, refilled by the next prompt batch as rows end),
+    at l_min = 20 and l_min = 0 of 30. At l_min = 0, also knexp with each saving turned off in turn: each one's own
+    ratio. Noise on ``units`` units in every layer from l_min, one seeded draw per row; ``per_image`` rows per image;
+    median of ``repeats`` alternating runs."""
     from knexp.models.adapter import join_prefix
-    from knexp.models.decoding import PREFIXES, greedy_ids
+    from knexp.models.decoding import PREFIXES, prefill, stream_ids
 
     s = session("model=embedded", "logger=none")
     adapter = s.adapter
     pics = [sc.image for sc in _scenes(s.catalog, 78, images)]
-    groups = [i // per_image for i in range(images * per_image)]
-    batches = [groups[i:i + batch_size] for i in range(0, len(groups), batch_size)]
+    groups = [i // per_image for i in range(images * per_image)]  # each row's image
     chosen = torch.as_tensor(np.random.default_rng(0).choice(adapter.d_ff, units, replace=False))
-    out = {"captions": len(groups), "images": images, "batch_size": batch_size, "units_per_layer": units, "repeats": repeats,
-           "max_new_tokens": max_new_tokens}
-    modes = {"full": {}, "knexp": {}, "prefix_off": {"share_prefix": False}, "keep_finished": {"drop_finished": False}}
+    out = {"captions": len(groups), "images": images, "batch_size": batch_size, "width": width, "units_per_layer": units,
+           "repeats": repeats, "max_new_tokens": max_new_tokens}
+    modes = {"full": {}, "knexp": {}, "prefix_off": {"share_prefix": False}, "keep_finished": {"drop_finished": False},
+             "one_batch_at_a_time": {"continuous": False}}
+
+    def armed(rows: list[int], l_min: int, prepared):
+        draws = [np.random.default_rng([l_min, r]).standard_normal(adapter.num_image_tokens) * 3 for r in rows]
+        noise = torch.tensor(np.stack(draws), dtype=torch.float32)  # [B, P]: one seeded draw per row
+        return intervene(adapter, prepared, {layer: LayerEdit(chosen, add=noise) for layer in range(l_min, adapter.num_layers)})
 
     def run(mode: str, l_min: int) -> list[str]:
-        texts = []
         PREFIXES.clear()  # the prefix's one pass is part of what each run pays
-        for batch in batches:
-            prepared = adapter.prepare([pics[g] for g in batch])
-            noise = torch.tensor(np.random.default_rng([l_min, batch[0]]).standard_normal((len(batch), adapter.num_image_tokens)) * 3,
-                                 dtype=torch.float32)  # [B, P]
-            with intervene(adapter, prepared, {layer: LayerEdit(chosen, add=noise) for layer in range(l_min, adapter.num_layers)}):
-                if mode == "full":
-                    ids = adapter._generate_ids(prepared, max_new_tokens)
-                else:
-                    ids = greedy_ids(adapter, prepared, max_new_tokens, l_min, batch, **modes[mode])
-            texts += [join_prefix(adapter.caption_prefix, t) for t in adapter.decode(ids)]
-        return texts
+        if mode == "full":
+            ids = []
+            for start in range(0, len(groups), batch_size):
+                rows = list(range(start, min(start + batch_size, len(groups))))
+                prepared = adapter.prepare([pics[groups[r]] for r in rows])
+                with armed(rows, l_min, prepared):
+                    ids += adapter.decode(adapter._generate_ids(prepared, max_new_tokens))
+            return [join_prefix(adapter.caption_prefix, t) for t in ids]
+        share = modes[mode].get("share_prefix", True)
+
+        def prompt_pass(rows: list[int]):
+            prepared = adapter.prepare([pics[groups[r]] for r in rows])
+            with armed(rows, l_min, prepared):
+                return prefill(adapter, prepared, l_min, [groups[r] for r in rows], share)
+
+        ids = stream_ids(adapter, len(groups), prompt_pass, max_new_tokens, batch_size, width,
+                         drop_finished=modes[mode].get("drop_finished", True), continuous=modes[mode].get("continuous", True))
+        return [join_prefix(adapter.caption_prefix, t) for t in adapter.decode(ids)]
 
     for l_min, compared in ((20, ("full", "knexp")), (0, tuple(modes))):
         seconds, captions = {m: [] for m in compared}, {}
@@ -76,6 +88,7 @@ def reuse_and_decode(images: int = 4, per_image: int = 8, batch_size: int = 16, 
         for mode in compared[2:]:
             row[f"{mode}_ratio"] = round(median[mode] / median["knexp"], 3)  # that saving alone
         row["identical"] = all(captions[m] == captions["full"] for m in compared)
+        row["generated_tokens"] = sum(len(adapter.tokenize(c[len(adapter.caption_prefix):])) for c in captions["full"])
         out[f"l{l_min}"] = row
     out["targets"] = {"l20": ">= 2", "l0": ">= 0.97"}
     return out
@@ -86,11 +99,12 @@ def reuse_markdown(r: dict) -> str:
     r20, r0 = r["l20"], r["l0"]
     return f"""{REUSE_HEADING}
 
-{r['captions']} perturbed captions ({r['images']} images x {r['captions'] // r['images']} rows, batch {r['batch_size']},
-{r['max_new_tokens']} new tokens, noise on {r['units_per_layer']} units of every layer from l_min) on the embedded model:
-the model's own `generate` (every layer of every row; decoding goes on until the last row ends) against
-`knexp.models.decoding` (the tokens before the image once per model; layers below l_min once per image; finished rows
-leave the batch). Median of {r['repeats']} alternating runs; the captions of every variant are compared in the run.
+{r['captions']} perturbed captions ({r['images']} images x {r['captions'] // r['images']} rows, prompt batch {r['batch_size']},
+{r['max_new_tokens']} new tokens at most, noise on {r['units_per_layer']} units of every layer from l_min) on the embedded
+model: the model's own `generate` per batch (every layer of every row; decoding goes on until the batch's last row ends)
+against `knexp.models.decoding` as the evaluation runs it (the tokens before the image once per model; layers below l_min
+once per image; finished rows leave; up to {r.get('width', r['batch_size'])} rows decode together, the next prompt batch
+joining as rows end). Median of {r['repeats']} alternating runs; the captions of every variant are compared in the run.
 
 | l_min | full recompute, captions / s | knexp, captions / s | ratio | identical captions |
 |---|---|---|---|---|
@@ -103,18 +117,21 @@ Each saving alone, at l_min = 0 (knexp with that one saving turned off, over kne
 |---|---|---|
 | the shared prefix (16 tokens before the image, once per model) | {r0['prefix_off_per_s']} | **{r0['prefix_off_ratio']}x** |
 | finished rows leave the batch | {r0['keep_finished_per_s']} | **{r0['keep_finished_ratio']}x** |
+| continuous batching (else one batch at a time) | {r0['one_batch_at_a_time_per_s']} | **{r0['one_batch_at_a_time_ratio']}x** |
 """
 
 
-def utilisation(images: int = 32, batch_size: int = 32, max_new_tokens: int = 32, top: int = 10) -> dict:
+def utilisation(images: int = 64, batch_size: int = 16, width: int = 32, max_new_tokens: int = 32, top: int = 10) -> dict:
     """Model FLOP utilisation: the FLOPs batched greedy captioning and identification's passes execute
     (``knexp.bench.flops``, from the model's config and the actual token counts) per second, over the float32 GEMM
-    peak torch reaches at the model's shapes on the same threads, measured in the same run. Captioning is timed once
-    plainly, then once under ``torch.profiler`` for its prompt pass and decoding apart and its ``top`` operators."""
+    peak torch reaches at the model's shapes on the same threads, measured in the same run. Captioning runs as the
+    evaluation does (``stream_ids`` at the embedded model's settings: prompt batches of ``batch_size``, up to ``width``
+    rows decoding together), image preprocessing included; it is timed once plainly, then once under
+    ``torch.profiler`` for its prompt pass and decoding apart and its ``top`` operators."""
     from knexp.bench.flops import DecoderShape, decode_flops, gemm_peak, identification_flops, prefill_flops
     from knexp.counterfactual.inpaint import inpaint, region_mask
     from knexp.identification.passes import compute_stats, locate_target
-    from knexp.models.decoding import greedy_ids
+    from knexp.models.decoding import prefill, stream_ids
 
     s = session("model=embedded", "logger=none")
     adapter = s.adapter
@@ -122,20 +139,19 @@ def utilisation(images: int = 32, batch_size: int = 32, max_new_tokens: int = 32
     shape = DecoderShape.of(lm.config)
     peak = gemm_peak(shape)
     scenes = _scenes(s.catalog, 79, images)
+    pics = [sc.image for sc in scenes]
     stop = set(adapter.stop_token_ids)
-    batches = [adapter.prepare([sc.image for sc in scenes[i:i + batch_size]]) for i in range(0, images, batch_size)]
+    sample = adapter.prepare(pics[:1])
+    prompt_len, past = sample.prompt_len, int(sample.image_positions[0, 0])
 
     def caption_all() -> tuple[int, int]:
-        prefill = decode = 0
-        for prepared in batches:
-            ids = greedy_ids(adapter, prepared, max_new_tokens).tolist()
-            generated = [next((i + 1 for i, t in enumerate(row) if t in stop), max_new_tokens) for row in ids]
-            prefill += prefill_flops(shape, prepared.prompt_len, len(generated), int(prepared.image_positions[:, 0].min()))
-            decode += decode_flops(shape, prepared.prompt_len, generated)
-        return prefill, decode
+        ids = stream_ids(adapter, images, lambda rows: prefill(adapter, adapter.prepare([pics[r] for r in rows])), max_new_tokens,
+                         batch_size, width).tolist()
+        generated = [next((i + 1 for i, t in enumerate(row) if t in stop), max_new_tokens) for row in ids]
+        return prefill_flops(shape, prompt_len, images, past), decode_flops(shape, prompt_len, generated)
 
     began = time.perf_counter()
-    prefill, decode = caption_all()
+    prefill_fl, decode_fl = caption_all()
     caption_s = time.perf_counter() - began
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         caption_all()
@@ -155,15 +171,15 @@ def utilisation(images: int = 32, batch_size: int = 32, max_new_tokens: int = 32
     compute_stats(adapter, scene.image, edited, target)
     ident_s = time.perf_counter() - began
     ident_flops = identification_flops(shape, adapter.prepare([scene.image], continuations=[target.context]).prompt_len)
-    flops = prefill + decode
+    flops = prefill_fl + decode_fl
 
     def rate(n: float, seconds: float) -> dict:
         return {"gflop": round(n / 1e9, 1), "s": round(seconds, 3), "gflops_per_s": round(n / seconds / 1e9, 1),
                 "mfu": round(n / seconds / peak, 3)}
 
-    return {"gemm_peak_gflops": round(peak / 1e9, 1), "captions": images, "batch_size": batch_size,
+    return {"gemm_peak_gflops": round(peak / 1e9, 1), "captions": images, "batch_size": batch_size, "width": width,
             "captioning": rate(flops, caption_s), "identification": rate(ident_flops, ident_s),
-            "profiled": {"prefill": rate(prefill, phases["knexp.prefill"]), "decode": rate(decode, phases["knexp.decode"])},
+            "profiled": {"prefill": rate(prefill_fl, phases["knexp.prefill"]), "decode": rate(decode_fl, phases["knexp.decode"])},
             "profile_total_s": round(total_self / 1e6, 2), "operators": profile_rows, "target": ">= 0.60 (captioning)"}
 
 
@@ -183,7 +199,8 @@ the same run: **{u['gemm_peak_gflops']} GFLOP/s**. Target for batched captioning
 
 | | GFLOP | seconds | GFLOP/s | utilisation |
 |---|---|---|---|---|
-{row(f"batched greedy captioning ({u['captions']} images, batch {u['batch_size']})", u['captioning'])}
+{row(f"batched greedy captioning ({u['captions']} images, prompt batch {u['batch_size']}, width {u.get('width', '-')})",
+     u['captioning'])}
 {row("  its prompt pass (profiled run)", p['prefill'])}
 {row("  its decoding steps (profiled run)", p['decode'])}
 {row("identification's passes (`compute_stats`, one sample)", u['identification'])}

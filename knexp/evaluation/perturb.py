@@ -25,7 +25,6 @@ import torch
 
 from knexp.identification.methods import NeuronSet
 from knexp.models.adapter import Adapter
-from knexp.models.batching import map_batches
 from knexp.models.hooks import LayerEdit, intervene
 from knexp.store import Store, stable_key
 from knexp.user_errors import ConfigError
@@ -130,8 +129,10 @@ def _mode(row: Row, how: Intervention, values: SetValues) -> str:
 
 @torch.no_grad()
 def intervened_captions(adapter: Adapter, images: list[np.ndarray], rows: list[Row], neurons: NeuronSet, how: Intervention,
-                        values: SetValues, seed: int, batch_size: int = 16, max_new_tokens: int = 32) -> list[str]:
-    """One caption per row, batched (rows of one mode per batch); an empty neuron set gives the clean captions."""
+                        values: SetValues, seed: int, batch_size: int = 16, max_new_tokens: int = 32,
+                        width: int | None = None) -> list[str]:
+    """One caption per row (rows of one mode per prompt pass, up to ``width`` rows decoding together: ``Adapter.stream``);
+    an empty neuron set gives the clean captions."""
     if how.kind == "inpainted" and values.shift is None:
         raise ValueError("the inpainted intervention needs each neuron's identification shift (SetValues.shift)")
     if how.kind in ("zero", "mean") and values.fixed is None:
@@ -140,21 +141,23 @@ def intervened_captions(adapter: Adapter, images: list[np.ndarray], rows: list[R
     cols = {layer: np.flatnonzero(neurons.layers == layer) for layer in layers}  # the set's neurons in each layer
     units = {layer: torch.as_tensor(neurons.units[c]) for layer, c in cols.items()}
 
-    def run(chunk) -> list[str]:
+    def prefill(chunk: list[Row]):
         prepared = adapter.prepare([images[r.image_index] for r in chunk])
         if not layers:
-            return adapter.generate(prepared, max_new_tokens)
+            return adapter.prefill(prepared)
         mode, tensor = _edit_values(chunk, neurons, how, values, seed, adapter.num_image_tokens)  # [B, P, U]
         key = "add" if mode == "add" else "set_to"
         edits = {layer: LayerEdit(units[layer], **{key: tensor[:, :, cols[layer]]}) for layer in layers}
-        with intervene(adapter, prepared, edits):  # removed on any exit, out-of-memory retries included
+        with intervene(adapter, prepared, edits):  # armed for the prompt's pass only, removed on any exit
             # nothing below the set's lowest layer can change: those layers run once per image of the batch
-            return adapter.generate(prepared, max_new_tokens, start_layer=layers[0], groups=[r.image_index for r in chunk])
+            return adapter.prefill(prepared, start_layer=layers[0], groups=[r.image_index for r in chunk])
 
     out: list[str | None] = [None] * len(rows)
     for mode in ("add", "set"):
         idx = [i for i, r in enumerate(rows) if _mode(r, how, values) == mode]
-        for i, caption in zip(idx, map_batches(run, [rows[i] for i in idx], batch_size, f"captions ({how.kind})"), strict=True):
+        captions = adapter.stream(len(idx), lambda picked, idx=idx: prefill([rows[idx[j]] for j in picked]), batch_size,
+                                  max_new_tokens, width, what=f"captions ({how.kind})")
+        for i, caption in zip(idx, captions, strict=True):
             out[i] = caption
     return out
 
@@ -169,7 +172,7 @@ def noise_captions(adapter: Adapter, images: list[np.ndarray], rows: list[Row], 
 
 def cached_intervened_captions(store: Store, namespace: list, adapter: Adapter, images: list[np.ndarray], rows: list[Row],
                                neurons: NeuronSet, how: Intervention, values: SetValues, seed: int, batch_size: int = 16,
-                               max_new_tokens: int = 32) -> list[str]:
+                               max_new_tokens: int = 32, width: int | None = None) -> list[str]:
     """``intervened_captions`` through the caption store. A row's key is (``namespace`` = model identity, dataset and,
     for ``inpainted``, the counterfactual's identity; the set's neurons; the intervention and the set's values; the
     row's image, level and draw; the seed and the generation settings): everything its caption depends on, since
@@ -178,7 +181,8 @@ def cached_intervened_captions(store: Store, namespace: list, adapter: Adapter, 
     keys = [stable_key("intervened", namespace, set_key, r.image_key, r.level_index, r.level, r.draw, seed, max_new_tokens,
                        adapter.caption_prefix) for r in rows]
     return store.get_many(keys, lambda idx: intervened_captions(adapter, images, [rows[i] for i in idx], neurons, how, values,
-                                                                seed, batch_size, max_new_tokens), chunk=4 * batch_size)
+                                                                seed, batch_size, max_new_tokens, width),
+                          chunk=4 * max(batch_size, width or 0))
 
 
 @torch.no_grad()

@@ -130,7 +130,8 @@ def evaluate_knowledge(found: Identification, selector: Selector, rule: Rule, in
             empty_sets.append({"set_id": set_id, "note": neurons.note})
         caps = cached_intervened_captions(store, namespace, adapter, images, rows, neurons, intervention,
                                           set_values(intervention, neurons, reference, cf), seed=seed,
-                                          batch_size=captioner.batch_size, max_new_tokens=captioner.max_new_tokens)
+                                          batch_size=captioner.batch_size, max_new_tokens=captioner.max_new_tokens,
+                                          width=captioner.decode_width)
         frames.append(pd.DataFrame({"set_id": set_id, "size": len(neurons), "level": [r.level for r in rows],
                                     "draw": [r.draw for r in rows], "image_id": [r.image_key for r in rows], "caption": caps}))
     perturbed_s = time.perf_counter() - began  # the intervened captions (computed or from the cache), the bench's projections

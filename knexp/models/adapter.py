@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from knexp.models.batching import map_batches
-from knexp.models.decoding import greedy_ids
+from knexp.models.decoding import Prefilled, greedy_ids, prefill, stream_ids
 from knexp.models.geometry import PatchGeometry
 
 # METHOD.md, "Evaluation": do_sample=False, temperature=1.0, num_beams=1, max_new_tokens=32, min_length=1,
@@ -186,10 +185,27 @@ class Adapter(ABC):
 
     # ---- captioning --------------------------------------------------------------------------------
     @torch.no_grad()
-    def caption(self, images: list[np.ndarray], batch_size: int = 16, max_new_tokens: int = 32, prefix: str | None = None) -> list[str]:
-        """Greedy captions, caption prefix included, batched."""
-        return map_batches(lambda chunk: self.generate(self.prepare(list(chunk), prefix=prefix), max_new_tokens, prefix),
-                           images, batch_size, "captioning")
+    def caption(self, images: list[np.ndarray], batch_size: int = 16, max_new_tokens: int = 32, prefix: str | None = None,
+                width: int | None = None) -> list[str]:
+        """Greedy captions, caption prefix included, decoded with continuous batching (``stream``)."""
+        return self.stream(len(images), lambda rows: self.prefill(self.prepare([images[i] for i in rows], prefix=prefix)),
+                           batch_size, max_new_tokens, width, prefix, "captioning")
+
+    def prefill(self, prepared: Prepared, start_layer: int = 0, groups: list | None = None) -> Prefilled:
+        """The prompt's pass of an unpadded prepared batch, under whatever hooks are armed on it
+        (``knexp.models.decoding.prefill``: layers below ``start_layer`` once per group of ``groups``)."""
+        return prefill(self, prepared, start_layer, groups)
+
+    def stream(self, count: int, prefill_rows, batch_size: int, max_new_tokens: int = 32, width: int | None = None,
+               prefix: str | None = None, what: str = "captions") -> list[str]:
+        """Greedy captions of rows 0..count-1, caption prefix included: ``prefill_rows(rows)`` gives the ``prefill`` of
+        at most ``batch_size`` rows, and up to ``width`` rows decode together, refilled as rows end
+        (``knexp.models.decoding.stream_ids``)."""
+        if count == 0:
+            return []
+        ids = stream_ids(self, count, prefill_rows, max_new_tokens, batch_size, width, what=what)
+        prefix = self.caption_prefix if prefix is None else prefix
+        return [join_prefix(prefix, t) for t in self.decode(ids)]
 
     @torch.no_grad()
     def generate(self, prepared: Prepared, max_new_tokens: int = 32, prefix: str | None = None, start_layer: int = 0,

@@ -33,6 +33,21 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def halved_after(exc: Exception, size: int, what: str) -> int:
+    """The batch size to retry with after ``exc`` at batch size ``size``: half of it after out of memory (memory freed,
+    a warning logged); ``BatchTooLarge`` at size 1; any other exception is raised again."""
+    if not is_out_of_memory(exc):
+        raise exc
+    _free_memory()
+    if size == 1:
+        raise BatchTooLarge(f"{what}: out of memory with one row per batch; lower model.generation.max_new_tokens, "
+                            "use a smaller model.dtype (bfloat16) or a device with more memory") from exc
+    smaller = max(1, size // 2)
+    log.warning("%s: out of memory at batch size %d; retrying with %d (set model.generation.batch_size=%d to start "
+                "there)", what, size, smaller, smaller)
+    return smaller
+
+
 def map_batches(fn: Callable[[Sequence], list], items: Sequence, batch_size: int, what: str = "images") -> list:
     """``fn(chunk)`` over ``items`` in chunks of ``batch_size`` (halved on out of memory), results concatenated."""
     if batch_size < 1:
@@ -44,15 +59,7 @@ def map_batches(fn: Callable[[Sequence], list], items: Sequence, batch_size: int
         try:
             out += fn(chunk)
         except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            _free_memory()
-            if size == 1:
-                raise BatchTooLarge(f"{what}: out of memory with one row per batch; lower model.generation.max_new_tokens, "
-                                    "use a smaller model.dtype (bfloat16) or a device with more memory") from exc
-            size = max(1, size // 2)
-            log.warning("%s: out of memory at batch size %d; retrying with %d (set model.generation.batch_size=%d to start "
-                        "there)", what, len(chunk), size, size)
+            size = halved_after(exc, len(chunk), what)
             continue
         start += len(chunk)
         if total > batch_size:

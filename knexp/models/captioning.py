@@ -14,12 +14,14 @@ from knexp.store import Store, stable_key
 
 
 class Captioner:
-    def __init__(self, adapter: Adapter, model_key: str, store: Store, batch_size: int = 16, max_new_tokens: int = 32):
+    def __init__(self, adapter: Adapter, model_key: str, store: Store, batch_size: int = 16, max_new_tokens: int = 32,
+                 decode_width: int | None = None):
         self.adapter, self.model_key, self.store = adapter, model_key, store
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.batch_size, self.max_new_tokens, self.decode_width = batch_size, max_new_tokens, decode_width
 
     def __call__(self, images: list[np.ndarray], image_keys: list) -> list[str]:
         """Captions of ``images``, whose identities are ``image_keys`` (JSON-serialisable, one per image)."""
         keys = [stable_key("caption", self.model_key, k, self.adapter.caption_prefix, self.max_new_tokens) for k in image_keys]
         return self.store.get_many(keys, lambda idx: self.adapter.caption(
-            [images[i] for i in idx], batch_size=self.batch_size, max_new_tokens=self.max_new_tokens), chunk=self.batch_size)
+            [images[i] for i in idx], batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, width=self.decode_width),
+            chunk=4 * max(self.batch_size, self.decode_width or 0))

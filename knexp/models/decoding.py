@@ -1,7 +1,8 @@
-"""Greedy captioning that does no work an intervention cannot change.
+"""Greedy captioning that does no work an intervention cannot change, with continuous batching.
 
-``greedy_ids`` gives the same new tokens as the adapter's ``generate`` (greedy, ``GREEDY``) for an unpadded batch of
-prompts, with three savings:
+``prefill`` runs a batch's prompt pass; ``stream_ids`` decodes many such batches together; ``greedy_ids`` is one batch
+through both. They give the same new tokens as the adapter's ``generate`` (greedy, ``GREEDY``) for unpadded prompts,
+with four savings:
 
 * **The shared prefix once.** The prompt tokens before the image (system turn, user header) are the same in every row
   and every batch: their KV cache is computed for one row, once per model and prefix (``PREFIXES``), and shared by all.
@@ -13,27 +14,41 @@ prompts, with three savings:
   combined cache through every layer.
 * **No wasted decode.** A row that has emitted a stop token leaves the running batch (its cache rows are dropped), so
   one long caption does not keep the finished ones decoding.
+* **Continuous batching.** When half a prompt batch of places is free, the next rows' prompt pass runs (under their own
+  hooks) and they join the decoding as a new cohort. A step runs each cohort's attention over its own cache and the
+  norms, MLPs and LM head once over every row in flight, so the decoding GEMMs stay wide instead of thinning out.
 
-Rows are batch-invariant in float32 (tested), so the tokens equal the full recompute's; a test compares them on the tiny
-models of every adapter and on the embedded model, for interventions on one layer and on many. In half precision on a
-GPU, kernels may round differently for other batch shapes, so a near-tie can break differently than in the model's own
-``generate`` (as it could between two batch sizes before); this has not been measured on a GPU. The adapter supplies the
-LLaMA-family decoder stack (``Adapter.language_model``), the prompt embeddings and the stop ids; the layer loop below is
-``LlamaModel.forward``'s, split at ``start_layer``.
+Rows are batch-invariant in float32 (tested), so the tokens equal the full recompute's; tests compare them on the tiny
+models of every adapter and on the embedded model, for interventions on one layer and on many, and for streams of
+several cohorts. In half precision on a GPU, kernels may round differently for other batch shapes, so a near-tie can
+break differently than in the model's own ``generate`` (as it could between two batch sizes before); this has not been
+measured on a GPU. The adapter supplies the LLaMA-family decoder stack (``Adapter.language_model``), the prompt
+embeddings and the stop ids; the layer loops below are ``LlamaModel.forward``'s and ``LlamaDecoderLayer.forward``'s,
+split at ``start_layer`` and, while decoding, between attention (per cohort) and the rest (all rows).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch.profiler import record_function
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from knexp.models.batching import halved_after
 
 if TYPE_CHECKING:  # the adapter calls this module; it needs only the adapter's interface
     from knexp.models.adapter import Adapter, Prepared
+
+log = logging.getLogger("knexp.progress")
 
 
 def _run_layers(lm, hidden: torch.Tensor, start: int, stop: int, cache: DynamicCache, past: int = 0) -> torch.Tensor:
@@ -79,17 +94,23 @@ def _group_rows(groups: list, batch: int) -> tuple[list[int], torch.Tensor]:
     return firsts, torch.tensor([order.index(g) for g in groups])
 
 
+@dataclass
+class Prefilled:
+    """A prompt's pass over a batch: the KV cache of every layer and the logits [B, V] that predict the first new token."""
+
+    cache: DynamicCache
+    logits: torch.Tensor
+
+
 @torch.no_grad()
-def greedy_ids(adapter: Adapter, prepared: Prepared, max_new_tokens: int, start_layer: int = 0, groups: list | None = None,
-               share_prefix: bool = True, drop_finished: bool = True) -> torch.Tensor:
-    """New token ids [B, N] (stop token included, then the pad id), greedy, for an unpadded prepared batch; layers below
-    ``start_layer`` run once per group of ``groups`` (default: every row its own group). Hooks armed on the adapter act
-    as in ``generate``: in the prompt's pass only, for the layers they sit on (all must be >= ``start_layer``).
-    ``share_prefix=False`` or ``drop_finished=False`` turn one saving off (the bench measures each; the tokens are the
-    same)."""
+def prefill(adapter: Adapter, prepared: Prepared, start_layer: int = 0, groups: list | None = None,
+            share_prefix: bool = True) -> Prefilled:
+    """The prompt's pass of an unpadded prepared batch, the tokens before the image from the prefix cache, layers below
+    ``start_layer`` once per group of ``groups`` (default: every row its own group). Hooks armed on the adapter act on
+    the layers they sit on (all must be >= ``start_layer``), at positions ``prepared.cached``..T-1."""
     mask2d = prepared.inputs.get("attention_mask")
     if mask2d is not None and not bool(mask2d.all()):
-        raise ValueError("greedy_ids takes unpadded prompts (every row the same prompt length)")
+        raise ValueError("greedy decoding here takes unpadded prompts (every row the same prompt length)")
     lm, head = adapter.language_model()
     embeds = adapter.prompt_embeddings(prepared)  # [B, T, d_model]
     batch, num_layers = embeds.shape[0], len(lm.layers)
@@ -122,23 +143,136 @@ def greedy_ids(adapter: Adapter, prepared: Prepared, max_new_tokens: int, start_
             hidden = lm.norm(_run_layers(lm, rest, start_layer, num_layers, cache, past))
         finally:
             prepared.cached = 0
-        logits = head(hidden[:, -1:, :])[:, -1].float()  # [B, V]: what predicts the first new token
+        return Prefilled(cache, head(hidden[:, -1:, :])[:, -1].float())
 
-    stop = torch.tensor(adapter.stop_token_ids, device=embeds.device)
-    out = torch.full((batch, max_new_tokens), adapter.pad_token_id, dtype=torch.long, device=embeds.device)
-    alive = torch.arange(batch, device=embeds.device)  # the rows still decoding, in the cache's row order
-    ended = torch.zeros(batch, dtype=torch.bool, device=embeds.device)  # [alive]: ended, kept only if not drop_finished
-    with record_function("knexp.decode"):
-        for step in range(max_new_tokens):
-            token = torch.where(ended, adapter.pad_token_id, logits.argmax(-1))
-            out[alive, step] = token
-            ended = ended | torch.isin(token, stop)
-            if step == max_new_tokens - 1 or bool(ended.all()):
-                break
-            if drop_finished and bool(ended.any()):  # finished rows leave the batch and the cache
-                keep = (~ended).nonzero().flatten()
-                cache.batch_select_indices(keep)
-                alive, token, ended = alive[keep], token[keep], ended[keep]
-            step_out = lm(inputs_embeds=lm.embed_tokens(token)[:, None], past_key_values=cache, use_cache=True)
-            logits = head(step_out.last_hidden_state[:, -1:, :])[:, -1].float()
+
+@dataclass
+class _Cohort:
+    """Rows prefilled together: one cache length, so they attend together. Decoding steps run every cohort at once."""
+
+    rows: torch.Tensor  # long [b]: the caller's row numbers, in the cache's row order
+    cache: DynamicCache
+    logits: torch.Tensor  # float [b, V]: what predicts each row's next token
+    ended: torch.Tensor  # bool [b]: emitted a stop token (such rows stay only with drop_finished=False)
+    step: int = 0  # tokens emitted so far
+    token: torch.Tensor | None = None  # long [b]: the last token emitted, the next step's input
+
+
+def _merged(lm) -> bool:
+    """Whether every layer is a ``LlamaDecoderLayer``, whose forward ``_step`` splits (attention per cohort)."""
+    return all(type(layer).forward is LlamaDecoderLayer.forward for layer in lm.layers)
+
+
+def _step(lm, head, cohorts: list[_Cohort]) -> None:
+    """One decoding step of every cohort: each cohort's ``token`` in, its ``logits`` out.
+
+    ``LlamaDecoderLayer.forward`` with its attention run per cohort (each attends over its own cache, at its own
+    position), and its norms, MLP and the LM head run once over the rows of all cohorts: these act on each row alone, so
+    a row's numbers are those of its cohort alone (rows are batch-invariant in float32, tested), while the GEMMs see
+    every row in flight. One cohort, or another layer type, takes the model's own forward."""
+    if len(cohorts) == 1 or not _merged(lm):
+        for c in cohorts:
+            out = lm(inputs_embeds=lm.embed_tokens(c.token)[:, None], past_key_values=c.cache, use_cache=True)
+            c.logits = head(out.last_hidden_state[:, -1:, :])[:, -1].float()
+        return
+    sizes = [len(c.rows) for c in cohorts]
+    hidden = lm.embed_tokens(torch.cat([c.token for c in cohorts]))[:, None]  # [R, 1, d_model]
+    contexts = []  # per cohort, as LlamaModel.forward makes them: (mask, rotary embeddings, position ids [1, 1])
+    for c, part in zip(cohorts, hidden.split(sizes), strict=True):
+        positions = torch.tensor([[c.cache.get_seq_length()]], device=hidden.device)
+        mask = create_causal_mask(config=lm.config, inputs_embeds=part, attention_mask=None, past_key_values=c.cache,
+                                  position_ids=positions)
+        contexts.append((mask, lm.rotary_emb(part, position_ids=positions), positions))
+    for layer in lm.layers:
+        residual = hidden
+        normed = layer.input_layernorm(hidden)
+        attended = [layer.self_attn(hidden_states=part, attention_mask=mask, position_ids=positions, past_key_values=c.cache,
+                                    use_cache=True, position_embeddings=rotary)[0]
+                    for c, part, (mask, rotary, positions) in zip(cohorts, normed.split(sizes), contexts, strict=True)]
+        hidden = residual + torch.cat(attended)
+        residual = hidden
+        hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+    logits = head(lm.norm(hidden)[:, -1:, :])[:, -1].float()  # [R, V]
+    for c, part in zip(cohorts, logits.split(sizes), strict=True):
+        c.logits = part
+
+
+@torch.no_grad()
+def stream_ids(adapter: Adapter, count: int, prefill_rows: Callable[[list[int]], Prefilled], max_new_tokens: int,
+               batch_size: int, width: int | None = None, drop_finished: bool = True, continuous: bool = True,
+               retry_out_of_memory: bool = True, what: str = "captions") -> torch.Tensor:
+    """New token ids [count, N] (stop token included, then the pad id), greedy, for rows 0..count-1, decoded with
+    continuous batching.
+
+    ``prefill_rows(rows)`` runs the prompt's pass of those rows (at most ``batch_size``, with whatever hooks the rows
+    need). Up to ``width`` rows (default ``batch_size``) decode together. A row that ends leaves at once; when half a
+    prefill batch of places is free, the next rows are prefilled and join the decoding, so one long caption no longer
+    keeps a thinning batch running (``continuous=False``: the next batch waits until every row in flight has ended, the
+    bench's comparison). Out of memory (with ``retry_out_of_memory``) halves ``batch_size`` and ``width``;
+    the rows in flight start again, finished rows are kept. The tokens do not depend on any of this (tested)."""
+    lm, head = adapter.language_model()
+    device = adapter.device
+    stop = torch.tensor(adapter.stop_token_ids, device=device)
+    out = torch.full((count, max_new_tokens), adapter.pad_token_id, dtype=torch.long, device=device)
+    batch_size = max(1, batch_size)
+    width = max(batch_size, width or batch_size)
+    queue, cohorts = deque(range(count)), []
+    done, logged, began = 0, 0, time.time()
+
+    def refill() -> None:
+        alive = sum(len(c.rows) for c in cohorts)
+        while queue and (continuous or not cohorts):
+            take = min(batch_size, width - alive, len(queue))
+            if take < min(len(queue), max(1, batch_size // 2)):
+                return
+            rows = [queue.popleft() for _ in range(take)]
+            cohorts.append(_Cohort(torch.tensor(rows, device=device), None, None, torch.zeros(take, dtype=torch.bool, device=device)))
+            first = prefill_rows(rows)
+            cohorts[-1].cache, cohorts[-1].logits = first.cache, first.logits
+            alive += take
+
+    while queue or cohorts:
+        try:
+            refill()
+            with record_function("knexp.decode"):
+                running = []
+                for c in cohorts:
+                    c.token = torch.where(c.ended, adapter.pad_token_id, c.logits.argmax(-1))
+                    out[c.rows, c.step] = c.token
+                    c.ended |= torch.isin(c.token, stop)
+                    c.step += 1
+                    if c.step == max_new_tokens or bool(c.ended.all()):
+                        done += len(c.rows)
+                        continue
+                    if drop_finished and bool(c.ended.any()):  # finished rows leave the batch and the cache
+                        keep = (~c.ended).nonzero().flatten()
+                        c.cache.batch_select_indices(keep)
+                        done += len(c.rows) - len(keep)
+                        c.rows, c.token, c.ended = c.rows[keep], c.token[keep], c.ended[keep]
+                    running.append(c)
+                cohorts[:] = running
+                if cohorts:
+                    _step(lm, head, cohorts)
+        except Exception as exc:
+            if not retry_out_of_memory:
+                raise
+            smaller = halved_after(exc, batch_size, what)  # re-raises what is not out of memory
+            rows = [int(r) for c in cohorts for r in c.rows]
+            out[rows] = adapter.pad_token_id
+            queue.extendleft(reversed(sorted(rows)))
+            cohorts.clear()
+            batch_size, width = smaller, max(smaller, width // 2)
+            continue
+        if count > batch_size and (done - logged >= batch_size or done == count):
+            log.info("%s: %d/%d (%.1f/s)", what, done, count, done / max(time.time() - began, 1e-9))
+            logged = done
     return out
+
+
+def greedy_ids(adapter: Adapter, prepared: Prepared, max_new_tokens: int, start_layer: int = 0, groups: list | None = None,
+               share_prefix: bool = True, drop_finished: bool = True) -> torch.Tensor:
+    """New token ids [B, N] of one prepared batch (``prefill``, then ``stream_ids``' decoding). ``share_prefix=False`` or
+    ``drop_finished=False`` turn one saving off (the bench measures each; the tokens are the same)."""
+    batch = prepared.batch_size
+    return stream_ids(adapter, batch, lambda rows: prefill(adapter, prepared, start_layer, groups, share_prefix), max_new_tokens,
+                      batch, drop_finished=drop_finished, retry_out_of_memory=False)

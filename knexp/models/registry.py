@@ -54,10 +54,12 @@ def load_model(model_cfg: dict, cache_dir: str | Path) -> Adapter:
 
 
 def model_identity(model_cfg: dict) -> str:
-    """Hash of what a model computes: its resolved config (less ``generation.batch_size``, which no output depends
-    on), with the projector file's bytes in place of its path. Keys of every cache entry derived from the model."""
+    """Hash of what a model computes: its resolved config (less ``generation.batch_size`` and ``decode_width``, which no
+    output depends on), with the projector file's bytes in place of its path. Keys of every cache entry derived from the
+    model."""
     cfg = copy.deepcopy(dict(model_cfg))
-    cfg.get("generation", {}).pop("batch_size", None)
+    for setting in ("batch_size", "decode_width"):
+        cfg.get("generation", {}).pop(setting, None)
     projector = cfg.get("projector_path")
     if projector and Path(projector).exists():  # its bytes, not where the checkout happens to be
         cfg["projector_path"] = hashlib.sha1(Path(projector).read_bytes()).hexdigest()

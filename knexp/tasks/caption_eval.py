@@ -57,7 +57,7 @@ def run(session: Session, task: CaptionEvalTask) -> dict:
     names = lambda image_id: {catalog.by_coco_id(c).name for c in data.category_ids(image_id) if c in catalog.coco_ids}  # noqa: E731
 
     t0 = time.time()
-    captions = model.caption(images, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
+    captions = model.caption(images, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens, width=gen.get("decode_width"))
     log.info("captioned %d scenes in %.0f s", len(ids), time.time() - t0)
     truth = [names(i) for i in ids]
     named = [catalog.mentioned(c) for c in captions]
@@ -81,7 +81,7 @@ def run(session: Session, task: CaptionEvalTask) -> dict:
             edited.append(opts.apply(image, pick.bbox, segmentation))
             removed.append(catalog.by_coco_id(pick.category_id).name if pick.category_id in catalog.coco_ids else str(pick.category_id))
             others.append(names(image_id) - {removed[-1]})
-        caps = model.caption(edited, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens)
+        caps = model.caption(edited, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens, width=gen.get("decode_width"))
         said = [catalog.mentioned(c) for c in caps]
         metrics[f"inpainting_{method}"] = removal_scores(removed, others, said)
         rows += [{"method": method, "image_id": i, "removed": r, "others": ", ".join(sorted(o)), "caption": c}
