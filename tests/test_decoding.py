@@ -251,3 +251,15 @@ def test_out_of_memory_in_a_stream_halves_it_and_keeps_finished_rows(monkeypatch
     assert max(len(r) for r in calls[3:]) <= 2
     with pytest.raises(BatchTooLarge, match="max_new_tokens"):
         stream_ids(adapter, 2, lambda rows: (_ for _ in ()).throw(MemoryError()), 8, batch_size=1)
+
+
+def test_logits_at_chosen_positions_are_those_of_the_full_pass(adapter):
+    """``Adapter.forward(positions=)`` runs the LM head at those positions only: the same logits as the full pass there
+    (up to the rounding of a GEMM of another height), [B, K, V]."""
+    prepared, _ = _rows(adapter, images=2, per_image=1)
+    with torch.no_grad():
+        full = adapter.forward(prepared)  # [B, T, V]
+        chosen = torch.tensor([0, prepared.prompt_len - 1])
+        some = adapter.forward(prepared, positions=chosen)
+    assert some.shape == (2, 2, full.shape[-1])
+    torch.testing.assert_close(some, full[:, chosen], rtol=1e-5, atol=1e-5)

@@ -93,7 +93,7 @@ def test_a_second_method_reuses_the_passes(tmp_path, catalog):
     adapter.model.float()
     calls = []
     real_forward = adapter.forward
-    adapter.forward = lambda prepared: calls.append(1) or real_forward(prepared)
+    adapter.forward = lambda prepared, **kw: calls.append(1) or real_forward(prepared, **kw)
     cand = Candidate(1, 1, "bus", True, "", "the image shows a bus and a clock.", "the image shows a clock.")
     thresholds = QuantileRule(name="quantile", q_a=0.99, q_g=0.5, min_g=0.0)
     captioner = Captioner(adapter, "tiny", Store(None, "captions"))

@@ -125,8 +125,8 @@ def test_compute_stats_leaves_no_hook_behind(fails, catalog):
     if fails:
         real = adapter.forward
 
-        def forward_then_fail(prepared):
-            logits = real(prepared)
+        def forward_then_fail(prepared, **kwargs):
+            logits = real(prepared, **kwargs)
             if logits.requires_grad:  # the original's pass: hooks are armed now
                 assert hooks() > before
                 raise RuntimeError("failed mid-pass")

@@ -27,12 +27,17 @@ def _scenes(catalog, seed: int, count: int) -> list:
     return [make_scene(catalog, np.random.default_rng([seed, 5, i]), SceneOptions(gap_px=8)) for i in range(count)]
 
 
-def reuse_and_decode(images: int = 8, per_image: int = 8, batch_size: int = 16, width: int = 32, units: int = 40,
-                     max_new_tokens: int = 32, repeats: int = 2) -> dict:
+def _settings(s) -> tuple[int, int]:
+    """(prompt batch, decoding width): the embedded model's ``model.generation`` settings, which the evaluation uses."""
+    gen = s.cfg.model.generation
+    return int(gen.batch_size), int(gen.get("decode_width") or gen.batch_size)
+
+
+def reuse_and_decode(images: int = 8, per_image: int = 8, units: int = 40, max_new_tokens: int = 32, repeats: int = 2) -> dict:
     """Perturbed captions per second: the full recompute (the model's own ``generate`` per batch of ``batch_size`` rows:
     every layer of every row, and decoding until the batch's last row ends) against ``knexp.models.decoding`` as the
     evaluation runs it (``stream_ids``: the shared prefix once; layers below the set's lowest layer l_min once per
-    image; finished rows leave; up to ``width`` rows decode together, refilled by the next prompt batch as rows end),
+    image; finished rows leave; up to ``decode_width`` rows decode together, refilled by the next prompt batch as rows end),
     at l_min = 20 and l_min = 0 of 30. At l_min = 0, also knexp with each saving turned off in turn: each one's own
     ratio. Noise on ``units`` units in every layer from l_min, one seeded draw per row; ``per_image`` rows per image;
     median of ``repeats`` alternating runs."""
@@ -41,6 +46,7 @@ def reuse_and_decode(images: int = 8, per_image: int = 8, batch_size: int = 16, 
 
     s = session("model=embedded", "logger=none")
     adapter = s.adapter
+    batch_size, width = _settings(s)
     pics = [sc.image for sc in _scenes(s.catalog, 78, images)]
     groups = [i // per_image for i in range(images * per_image)]  # each row's image
     chosen = torch.as_tensor(np.random.default_rng(0).choice(adapter.d_ff, units, replace=False))
@@ -121,12 +127,12 @@ Each saving alone, at l_min = 0 (knexp with that one saving turned off, over kne
 """
 
 
-def utilisation(images: int = 64, batch_size: int = 16, width: int = 32, max_new_tokens: int = 32, top: int = 10) -> dict:
+def utilisation(images: int = 64, max_new_tokens: int = 32, top: int = 10) -> dict:
     """Model FLOP utilisation: the FLOPs batched greedy captioning and identification's passes execute
     (``knexp.bench.flops``, from the model's config and the actual token counts) per second, over the float32 GEMM
     peak torch reaches at the model's shapes on the same threads, measured in the same run. Captioning runs as the
-    evaluation does (``stream_ids`` at the embedded model's settings: prompt batches of ``batch_size``, up to ``width``
-    rows decoding together), image preprocessing included; it is timed once plainly, then once under
+    evaluation does (``stream_ids`` at the embedded model's ``model.generation`` settings: prompt batches of
+    ``batch_size``, up to ``decode_width`` rows decoding together), image preprocessing included; it is timed once plainly, then once under
     ``torch.profiler`` for its prompt pass and decoding apart and its ``top`` operators."""
     from knexp.bench.flops import DecoderShape, decode_flops, gemm_peak, identification_flops, prefill_flops
     from knexp.counterfactual.inpaint import inpaint, region_mask
@@ -135,6 +141,7 @@ def utilisation(images: int = 64, batch_size: int = 16, width: int = 32, max_new
 
     s = session("model=embedded", "logger=none")
     adapter = s.adapter
+    batch_size, width = _settings(s)
     lm, _ = adapter.language_model()
     shape = DecoderShape.of(lm.config)
     peak = gemm_peak(shape)

@@ -68,9 +68,9 @@ def caption_flops(shape: DecoderShape, prompt_len: int, generated: list[int], pr
 
 def identification_flops(shape: DecoderShape, context_len: int) -> int:
     """``compute_stats``' two passes on a prompt of ``context_len`` tokens (with the caption before the target): a forward
-    on the inpainted image and a forward and backward on the original, the head at every position (``Adapter.forward``);
-    a backward costs two forwards."""
-    forward = shape.tokens(context_len) + shape.head(context_len)
+    on the inpainted image and a forward and backward on the original, the head at t* only; a backward costs two
+    forwards."""
+    forward = shape.tokens(context_len) + shape.head(1)
     return forward + 3 * forward
 
 

@@ -195,7 +195,7 @@ def unit_values(adapter: Adapter, images: list[np.ndarray], neurons: NeuronSet, 
     for start in range(0, len(images), batch_size):
         prepared = adapter.prepare(images[start:start + batch_size])
         with record(adapter, prepared, layers=layers) as rec:
-            adapter.forward(prepared)
+            adapter.run_hooks(prepared)
         for layer in layers:
             c = np.flatnonzero(neurons.layers == layer)
             out[start:start + prepared.batch_size, :, c] = rec.activations[layer][:, :, torch.as_tensor(neurons.units[c])].numpy()

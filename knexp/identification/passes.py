@@ -130,7 +130,7 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
         return hook
 
     with torch.no_grad(), attached(adapter, {("ffn", layer): keep_inpainted(layer) for layer in layers}, prefill=prep_i.prompt_len):
-        adapter.forward(prep_i)
+        adapter.run_hooks(prep_i)
 
     out: dict[str, dict[int, torch.Tensor]] = {k: {} for k in SampleStats.TENSORS}
 
@@ -167,8 +167,8 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
 
     hooks = {("ffn", k): on_original(k) for k in layers} | {("ffn_act", k): on_act(k) for k in layers}
     with torch.enable_grad(), gradient_anchor(adapter, prep_o.prompt_len), attached(adapter, hooks, prefill=prep_o.prompt_len):
-        logits = adapter.forward(prep_o)
-        logits[0, t_star, target.token_id].backward()
+        logits = adapter.forward(prep_o, positions=prep_o.last_position[:1])  # [1, 1, V]: the head at t* only
+        logits[0, 0, target.token_id].backward()
         del logits
     missing = [layer for layer in layers if layer not in out["gradcam_max"]]
     if missing:

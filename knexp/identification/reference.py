@@ -91,7 +91,7 @@ def _image_positions_values(adapter: Adapter, images: list[np.ndarray], on_layer
             return lambda x: on_layer(layer, x[rows, prepared.image_positions].detach().float(), chunk[0])
 
         with attached(adapter, {("ffn", layer): hook_for(layer) for layer in layers}, prefill=prepared.prompt_len):
-            adapter.forward(prepared)
+            adapter.run_hooks(prepared)
         return [None] * len(chunk)
 
     map_batches(run, list(range(len(images))), batch_size, what)

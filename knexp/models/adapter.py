@@ -169,8 +169,13 @@ class Adapter(ABC):
         """The LM's input embeddings [B, T, d_model] of a prepared batch, image features in place."""
 
     @abstractmethod
-    def forward(self, prepared: Prepared) -> torch.Tensor:
-        """Logits [B, T, V] of one forward pass (no cache)."""
+    def forward(self, prepared: Prepared, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, K, V] of one forward pass (no cache) at the sequence positions ``positions`` (long [K], the same
+        for every row; default every position, K = T): the LM head runs at those positions only."""
+
+    def run_hooks(self, prepared: Prepared) -> None:
+        """A forward pass for what the hooks armed on ``prepared`` record or change; the LM head runs at one position."""
+        self.forward(prepared, positions=torch.tensor([prepared.prompt_len - 1], device=self.device))
 
     @abstractmethod
     def _generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:

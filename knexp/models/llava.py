@@ -91,8 +91,8 @@ class LlavaAdapter(Adapter):
         features = torch.cat(features.pooler_output, dim=0).to(embeds.device, embeds.dtype)
         return embeds.masked_scatter(llava.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=features), features)
 
-    def forward(self, prepared: Prepared) -> torch.Tensor:
-        return self._model(**prepared.inputs, use_cache=False).logits
+    def forward(self, prepared: Prepared, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self._model(**prepared.inputs, use_cache=False, logits_to_keep=0 if positions is None else positions).logits
 
     def _generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:
         pad = self.processor.tokenizer.pad_token_id

@@ -132,8 +132,8 @@ class SplicedAdapter(Adapter):
     def prompt_embeddings(self, prepared: Prepared) -> torch.Tensor:
         return prepared.inputs["inputs_embeds"]
 
-    def forward(self, prepared: Prepared) -> torch.Tensor:
-        return self.mllm.lm(**prepared.inputs, use_cache=False).logits
+    def forward(self, prepared: Prepared, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mllm.lm(**prepared.inputs, use_cache=False, logits_to_keep=0 if positions is None else positions).logits
 
     def _generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:
         end = self.mllm.end_token_id

@@ -27,7 +27,7 @@ def neuron_heatmap(adapter: Adapter, image: np.ndarray, layer: int, unit: int, i
     """(float [H, W]: O'^l[p, u] over the pixels each image token p covers, the q95 IoU with ``instance_mask``)."""
     prepared = adapter.prepare([image])
     with record(adapter, prepared, layers=[layer]) as rec:
-        adapter.forward(prepared)
+        adapter.run_hooks(prepared)
     heat = token_heatmap(rec.activations[layer][0, :, unit].numpy(), adapter.geometry, *image.shape[:2])
     return heat, mask_iou(heat, instance_mask)
 
