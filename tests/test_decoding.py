@@ -263,3 +263,22 @@ def test_logits_at_chosen_positions_are_those_of_the_full_pass(adapter):
         some = adapter.forward(prepared, positions=chosen)
     assert some.shape == (2, 2, full.shape[-1])
     torch.testing.assert_close(some, full[:, chosen], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["embedded", "minigpt4"])
+def test_an_image_on_several_rows_is_encoded_once_with_the_same_inputs(family, monkeypatch):
+    """A spliced model's ``prepare`` encodes each distinct image once (one image under several noise draws), never alone
+    when it stands for several rows, and the rows' inputs are those of encoding every row."""
+    from knexp.models.tiny import tiny_adapter
+
+    adapter = tiny_adapter(family, layers=2)
+    rng = np.random.default_rng(8)
+    pics = [(rng.random((224, 224, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    encoded = []
+    real = adapter.mllm.image_embeddings
+    monkeypatch.setattr(adapter.mllm, "image_embeddings", lambda images: encoded.append(len(images)) or real(images))
+    for rows in ([0, 0, 1, 1, 1, 2], [2, 2, 2]):
+        shared = adapter.prepare([pics[r] for r in rows]).inputs["inputs_embeds"]
+        apart = adapter.prepare([pics[r].copy() for r in rows]).inputs["inputs_embeds"]  # distinct arrays: every row encoded
+        assert torch.equal(shared, apart)
+    assert encoded == [3, 6, 2, 3]

@@ -113,10 +113,21 @@ class SplicedAdapter(Adapter):
         input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
         attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
         with torch.no_grad():
-            embeds = self.mllm.embed(input_ids, self.mllm.image_embeddings(images))
+            embeds = self.mllm.embed(input_ids, self._encoded(images))
         positions = image_positions_from_ids(input_ids, self.mllm.image_token_id, self.num_image_tokens)
         last = torch.tensor([len(r) - 1 for r in rows], device=self.device)  # right padding: each row's own end
         return Prepared({"inputs_embeds": embeds, "attention_mask": attention}, input_ids, positions, width, last)
+
+    def _encoded(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Projected image tokens [B, P, d_model] of ``images``, each distinct image (the same array object, e.g. one image
+        on several noise rows) encoded once. An image standing for several rows is never encoded alone: the encoder's
+        kernels round differently at batch 1 than at any larger batch (measured: 1e-5), and a row's inputs must not
+        depend on its batch."""
+        distinct = list({id(im): im for im in images}.values())
+        if len(distinct) == len(images):
+            return self.mllm.image_embeddings(images)
+        index = torch.tensor([[id(d) for d in distinct].index(id(im)) for im in images], device=self.device)
+        return self.mllm.image_embeddings(distinct if len(distinct) > 1 else distinct * 2)[index]
 
     def language_model(self) -> tuple[nn.Module, nn.Module]:
         return self.mllm.lm.model, self.mllm.lm.lm_head
