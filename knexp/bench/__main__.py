@@ -222,6 +222,15 @@ def main() -> None:
     print(text)
 
 
+def _remeasured(result: dict) -> str:
+    """The note of a section measured again alone after a full run (its own ``measured`` field), with both numbers."""
+    h, full = result["hook_overhead"], result.get("hook_overhead_full_run")
+    if not full:
+        return ""
+    return (f"\nMeasured again alone ({h['measured']}); the full run's numbers are kept in `runs/bench.json` as "
+            f"`hook_overhead_full_run` (ratio {full['ratio']}).\n")
+
+
 def render(result: dict) -> str:
     """BENCHMARKS.md from a full run's raw numbers (``--render`` redraws it from ``runs/bench.json``)."""
     stamp = result.get("stamp", "")
@@ -244,7 +253,7 @@ Zero noise reproduces the plain captions exactly (checked in the run).
 | no hooks | {h['plain_s']} |
 | hooks armed, zero noise | {h['hooked_s']} |
 | **ratio** | **{h['ratio']}** (target {h['target']}) |
-
+{_remeasured(result)}
 ## Identification cost (issue: identification)
 
 One sample on the embedded model: `compute_stats` (inpainted forward, original forward and backward, all

@@ -212,8 +212,9 @@ the same run: **{u['gemm_peak_gflops']} GFLOP/s**. Target for batched captioning
 {row("  its decoding steps (profiled run)", p['decode'])}
 {row("identification's passes (`compute_stats`, one sample)", u['identification'])}
 
-The same captioning under `torch.profiler` ({u['profile_total_s']} s profiled), the operators with the most time of their
-own:
+The captioning time includes preparing the images (the image encoder: `mkldnn_convolution`, `native_batch_norm`,
+`clamp` below), whose FLOPs are not counted. The same captioning under `torch.profiler` ({u['profile_total_s']} s
+profiled), the operators with the most time of their own:
 
 | operator | calls | seconds | share |
 |---|---|---|---|

@@ -225,7 +225,7 @@ def stream_ids(adapter: Adapter, count: int, prefill_rows: Callable[[list[int]],
             take = min(batch_size, width - alive, len(queue))
             if take < min(len(queue), max(1, batch_size // 2)):
                 return
-            rows = [queue.popleft() for _ in range(take)]
+            rows = [queue.popleft() for _ in range(take)]  # in flight before their pass: out of memory there puts them back
             cohorts.append(_Cohort(torch.tensor(rows, device=device), None, None, torch.zeros(take, dtype=torch.bool, device=device)))
             first = prefill_rows(rows)
             cohorts[-1].cache, cohorts[-1].logits = first.cache, first.logits
