@@ -175,8 +175,8 @@ def cached_intervened_captions(store: Store, namespace: list, adapter: Adapter, 
                                max_new_tokens: int = 32, width: int | None = None) -> list[str]:
     """``intervened_captions`` through the caption store. A row's key is (``namespace`` = model identity, dataset and,
     for ``inpainted``, the counterfactual's identity; the set's neurons; the intervention and the set's values; the
-    row's image, level and draw; the seed and the generation settings): everything its caption depends on, since
-    rows are batch-invariant."""
+    row's image, level and draw; the seed and the generation settings): everything its caption depends on, since a
+    row's tokens do not depend on its batch (tested; ``knexp.models.decoding`` notes the float32 rounding caveat)."""
     set_key = stable_key(neurons.layers.tolist(), neurons.units.tolist(), how, values.key())
     keys = [stable_key("intervened", namespace, set_key, r.image_key, r.level_index, r.level, r.draw, seed, max_new_tokens,
                        adapter.caption_prefix) for r in rows]

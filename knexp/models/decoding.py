@@ -18,13 +18,16 @@ with four savings:
   hooks) and they join the decoding as a new cohort. A step runs each cohort's attention over its own cache and the
   norms, MLPs and LM head once over every row in flight, so the decoding GEMMs stay wide instead of thinning out.
 
-Rows are batch-invariant in float32 (tested), so the tokens equal the full recompute's; tests compare them on the tiny
-models of every adapter and on the embedded model, for interventions on one layer and on many, and for streams of
-several cohorts. In half precision on a GPU, kernels may round differently for other batch shapes, so a near-tie can
-break differently than in the model's own ``generate`` (as it could between two batch sizes before); this has not been
-measured on a GPU. The adapter supplies the LLaMA-family decoder stack (``Adapter.language_model``), the prompt
-embeddings and the stop ids; the layer loops below are ``LlamaModel.forward``'s and ``LlamaDecoderLayer.forward``'s,
-split at ``start_layer`` and, while decoding, between attention (per cohort) and the rest (all rows).
+A row's tokens do not depend on its batch: tests compare them with the model's own ``generate`` on the tiny models of
+every adapter and on the embedded model, for interventions on one layer and on many, and for streams of several
+cohorts, and the bench compares every caption it times. Its logits can, in the last bit: torch's float32 matrix product
+on the 2-core CPU rounds a row differently when the batch has 1, 2, 3 or 5 rows than when it has 4, 8, 16 or more
+(measured at the LM's shapes), so a near-tie between two tokens could break differently under another batch shape,
+as it could between two batch sizes of ``generate``. In half precision on a GPU this has not been measured.
+
+The adapter supplies the LLaMA-family decoder stack (``Adapter.language_model``), the prompt embeddings and the stop
+ids; the layer loops below are ``LlamaModel.forward``'s and ``LlamaDecoderLayer.forward``'s, split at ``start_layer``
+and, while decoding, between attention (per cohort) and the rest (all rows).
 """
 
 from __future__ import annotations
@@ -168,8 +171,8 @@ def _step(lm, head, cohorts: list[_Cohort]) -> None:
 
     ``LlamaDecoderLayer.forward`` with its attention run per cohort (each attends over its own cache, at its own
     position), and its norms, MLP and the LM head run once over the rows of all cohorts: these act on each row alone, so
-    a row's numbers are those of its cohort alone (rows are batch-invariant in float32, tested), while the GEMMs see
-    every row in flight. One cohort, or another layer type, takes the model's own forward."""
+    a row's tokens are those of its cohort alone (up to the rounding noted in the module docstring), while the GEMMs
+    see every row in flight. One cohort, or another layer type, takes the model's own forward."""
     if len(cohorts) == 1 or not _merged(lm):
         for c in cohorts:
             out = lm(inputs_embeds=lm.embed_tokens(c.token)[:, None], past_key_values=c.cache, use_cache=True)
