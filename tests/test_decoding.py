@@ -282,3 +282,15 @@ def test_an_image_on_several_rows_is_encoded_once_with_the_same_inputs(family, m
         apart = adapter.prepare([pics[r].copy() for r in rows]).inputs["inputs_embeds"]  # distinct arrays: every row encoded
         assert torch.equal(shared, apart)
     assert encoded == [3, 6, 2, 3]
+
+
+@pytest.mark.parametrize("setting, value", [("batch_size", 0), ("batch_size", "8"), ("decode_width", 0), ("decode_width", "wide")])
+def test_a_bad_generation_setting_is_named_with_its_fix(setting, value):
+    from knexp.models.decoding import stream_ids
+    from knexp.models.tiny import tiny_adapter
+    from knexp.user_errors import ConfigError
+
+    adapter = tiny_adapter("llava", layers=2)
+    sizes = {"batch_size": 4, "width": None} | ({"batch_size": value} if setting == "batch_size" else {"width": value})
+    with pytest.raises(ConfigError, match=f"model.generation.{setting}=.*whole number of rows"):
+        stream_ids(adapter, 2, lambda rows: pytest.fail("no prompt pass before the check"), 8, **sizes)

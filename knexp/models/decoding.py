@@ -47,6 +47,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from knexp.models.batching import halved_after
+from knexp.user_errors import ConfigError
 
 if TYPE_CHECKING:  # the adapter calls this module; it needs only the adapter's interface
     from knexp.models.adapter import Adapter, Prepared
@@ -213,11 +214,15 @@ def stream_ids(adapter: Adapter, count: int, prefill_rows: Callable[[list[int]],
     keeps a thinning batch running (``continuous=False``: the next batch waits until every row in flight has ended, the
     bench's comparison). Out of memory (with ``retry_out_of_memory``) halves ``batch_size`` and ``width``;
     the rows in flight start again, finished rows are kept. The tokens do not depend on any of this (tested)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"model.generation.batch_size={batch_size!r}: use a whole number of rows, at least 1")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ConfigError(f"model.generation.decode_width={width!r}: use null (the batch size) or a whole number of rows, "
+                          "at least 1")
     lm, head = adapter.language_model()
     device = adapter.device
     stop = torch.tensor(adapter.stop_token_ids, device=device)
     out = torch.full((count, max_new_tokens), adapter.pad_token_id, dtype=torch.long, device=device)
-    batch_size = max(1, batch_size)
     width = max(batch_size, width or batch_size)
     queue, cohorts = deque(range(count)), []
     done, logged, began = 0, 0, time.time()
