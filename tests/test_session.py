@@ -138,3 +138,17 @@ def test_compute_stats_leaves_no_hook_behind(fails, catalog):
     else:
         compute_stats(adapter, *images, target)
     assert hooks() == before
+
+
+def test_decode_width_reaches_the_captioner_and_stays_out_of_the_cache_key(tmp_path):
+    """``model.generation.decode_width`` (rows decoding together) goes to every caption path through the captioner; like
+    ``batch_size`` it changes no caption, so the model's identity (every cache key) ignores it."""
+    from knexp.models.registry import model_identity
+
+    tiny = ("model=tiny_llava",)
+    wide, narrow = (_session(tmp_path, *tiny, f"model.generation.decode_width={w}") for w in (48, "null"))
+    assert wide.captioner.decode_width == 48 and narrow.captioner.decode_width is None
+    assert wide.captioner.batch_size == narrow.captioner.batch_size == 8
+    assert model_identity(wide.model_cfg) == model_identity(narrow.model_cfg)
+    other = _session(tmp_path, *tiny, "model.generation.max_new_tokens=20")
+    assert model_identity(other.model_cfg) != model_identity(narrow.model_cfg)  # what captions depend on still counts
