@@ -63,8 +63,7 @@ def test_finished_rows_leave_the_batch(monkeypatch):
     monkeypatch.setattr(type(adapter), "stop_token_ids", property(lambda self: [stop]))
     widths = []
     lm, _ = adapter.language_model()
-    handle = lm.layers[0].register_forward_pre_hook(lambda m, args, kw: widths.append(kw["hidden_states"].shape[0] if "hidden_states" in kw
-                                                                                      else args[0].shape[0]), with_kwargs=True)
+    handle = lm.layers[0].mlp.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[0]))  # prompt pass and steps
     try:
         ids = greedy_ids(adapter, prepared, 8)
     finally:
@@ -189,15 +188,18 @@ def _ended_at(free: torch.Tensor, stop: int, pad: int) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["llava", "minigpt4"])
-def test_a_stream_of_cohorts_gives_each_rows_own_tokens(family, monkeypatch):
+def test_a_stream_of_cohorts_gives_each_rows_own_tokens(family, attention, monkeypatch):
     """Rows decoded with continuous batching (batches of 3 prefilled as places free up, up to 7 rows in flight, so
     several cohorts decode together) get the tokens each row gets alone (which are the model's own ``generate``'s,
-    checked here for one row and in the tests above for batches); the MLPs saw rows of several cohorts at once."""
+    checked here for one row and in the tests above for batches); the MLPs saw rows of several cohorts at once. With
+    either attention function (the embedded model's is eager, which ``_attend`` computes without copying the cache)."""
     from knexp.models.decoding import stream_ids
     from knexp.models.tiny import tiny_adapter
 
     adapter = tiny_adapter(family, layers=3)
+    adapter.language_model()[0].config._attn_implementation = attention
     size = 60 if isinstance(adapter, LlavaAdapter) else 224
     rng = np.random.default_rng(5)
     pics = [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(11)]
@@ -294,3 +296,59 @@ def test_a_bad_generation_setting_is_named_with_its_fix(setting, value):
     sizes = {"batch_size": 4, "width": None} | ({"batch_size": value} if setting == "batch_size" else {"width": value})
     with pytest.raises(ConfigError, match=f"model.generation.{setting}=.*whole number of rows"):
         stream_ids(adapter, 2, lambda rows: pytest.fail("no prompt pass before the check"), 8, **sizes)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_one_position_attention_is_the_configured_functions(implementation):
+    """``_attend`` (one query position over a cache, grouped-query heads: 6 query heads on 2 key/value heads, one
+    masked key) gives what transformers' attention function of that name gives; the eager one to the last bit here."""
+    from types import SimpleNamespace
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from knexp.models.decoding import _attend
+
+    gen = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(shape, generator=gen) for shape in ([3, 6, 1, 8], [3, 2, 5, 8], [3, 2, 5, 8]))
+    mask = torch.zeros(3, 1, 1, 5)
+    mask[1, ..., 2] = torch.finfo(torch.float32).min  # row 1 may not see key 2
+    attn = SimpleNamespace(config=SimpleNamespace(_attn_implementation=implementation), scaling=8 ** -0.5,
+                           num_key_value_groups=3, training=False, is_causal=True)
+    reference = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    expected = reference(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)[0].reshape(3, 1, 48)
+    got = _attend(attn, query, key, value, mask)
+    assert got.shape == (3, 1, 48)
+    if implementation == "eager":
+        assert torch.equal(got, expected)
+    torch.testing.assert_close(got, expected)
+    masked = value.clone()
+    masked[1, :, 2] += 100.0  # a masked key's value does not reach the output
+    assert torch.equal(_attend(attn, query, key, masked, mask)[1], got[1])
+
+
+def test_a_caches_spare_positions_hold_what_concatenation_holds():
+    """``_append`` grows a layer's keys and values in place (copying only when its spare room is full or the rows were
+    selected anew) and ends with the tensors ``DynamicCache.update`` makes by concatenation."""
+    from transformers import DynamicCache
+
+    from knexp.models.decoding import _ROOM, _append
+
+    gen = torch.Generator().manual_seed(1)
+    first = [torch.randn(4, 2, 3, 8, generator=gen) for _ in range(2)]  # keys, values of a 3-token prompt
+    ours, theirs = DynamicCache(), DynamicCache()
+    ours.update(*first, 0)
+    theirs.update(*first, 0)
+    stores = set()
+    for step in range(_ROOM + 3):
+        new = [torch.randn(4, 2, 1, 8, generator=gen) for _ in range(2)]
+        if step == 5:  # a row ended: the cache keeps the others (a new tensor, without spare room)
+            for cache in (ours, theirs):
+                cache.batch_select_indices(torch.tensor([0, 2, 3]))
+        new = [t[:3] if step >= 5 else t for t in new]
+        got = _append(ours, 0, *new)
+        expected = theirs.update(*new, 0)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+        stores.add(ours.layers[0].keys.data_ptr())
+    assert ours.get_seq_length() == theirs.get_seq_length() == 3 + _ROOM + 3
+    assert len(stores) == 2  # one buffer before the rows changed, one after: not a new tensor per step

@@ -2,7 +2,7 @@
 
 ``prefill`` runs a batch's prompt pass; ``stream_ids`` decodes many such batches together; ``greedy_ids`` is one batch
 through both. They give the same new tokens as the adapter's ``generate`` (greedy, ``GREEDY``) for unpadded prompts,
-with four savings:
+with these savings:
 
 * **The shared prefix once.** The prompt tokens before the image (system turn, user header) are the same in every row
   and every batch: their KV cache is computed for one row, once per model and prefix (``PREFIXES``), and shared by all.
@@ -15,8 +15,14 @@ with four savings:
 * **No wasted decode.** A row that has emitted a stop token leaves the running batch (its cache rows are dropped), so
   one long caption does not keep the finished ones decoding.
 * **Continuous batching.** When half a prompt batch of places is free, the next rows' prompt pass runs (under their own
-  hooks) and they join the decoding as a new cohort. A step runs each cohort's attention over its own cache and the
-  norms, MLPs and LM head once over every row in flight, so the decoding GEMMs stay wide instead of thinning out.
+  hooks) and they join the decoding as a new cohort. A step runs each cohort's attention proper over its own cache and
+  the norms, the attention's projections, the MLPs and the LM head once over every row in flight, so the decoding GEMMs
+  stay wide instead of thinning out.
+* **No copies of the cache per step.** A cohort's cache grows into spare room (``_append``) instead of being
+  concatenated anew at every step, and eager attention at one query position shares each key/value head among its
+  query heads in place (``_attend``) instead of copying the cache once per query head (``repeat_kv``). On the embedded
+  model, a decoding step of 4 cohorts of 16 rows took 0.62 s with these copies and the projections run per cohort, and
+  0.39 s without (measured under torch.profiler, the same tokens).
 
 A row's tokens do not depend on its batch: tests compare them with the model's own ``generate`` on the tiny models of
 every adapter and on the embedded model, for interventions on one layer and on many, and for streams of several
@@ -26,8 +32,8 @@ on the 2-core CPU rounds a row differently when the batch has 1, 2, 3 or 5 rows 
 as it could between two batch sizes of ``generate``. In half precision on a GPU this has not been measured.
 
 The adapter supplies the LLaMA-family decoder stack (``Adapter.language_model``), the prompt embeddings and the stop
-ids; the layer loops below are ``LlamaModel.forward``'s and ``LlamaDecoderLayer.forward``'s, split at ``start_layer``
-and, while decoding, between attention (per cohort) and the rest (all rows).
+ids; the layer loops below are ``LlamaModel.forward``'s, ``LlamaDecoderLayer.forward``'s and ``LlamaAttention.forward``'s,
+split at ``start_layer`` and, while decoding, between the attention proper (per cohort) and the rest (all rows).
 """
 
 from __future__ import annotations
@@ -43,8 +49,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch.profiler import record_function
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, apply_rotary_pos_emb, eager_attention_forward
 
 from knexp.models.batching import halved_after
 from knexp.user_errors import ConfigError
@@ -147,7 +155,9 @@ def prefill(adapter: Adapter, prepared: Prepared, start_layer: int = 0, groups: 
             hidden = lm.norm(_run_layers(lm, rest, start_layer, num_layers, cache, past))
         finally:
             prepared.cached = 0
-        return Prefilled(cache, head(hidden[:, -1:, :])[:, -1].float())
+        # the last position's rows made contiguous: the head is then one matrix product over the rows, where a strided
+        # [B, 1, d] view takes a batched product of B single rows (measured: 3.4x slower at 16 rows, 49,152 tokens)
+        return Prefilled(cache, head(hidden[:, -1].contiguous()).float())
 
 
 @dataclass
@@ -163,40 +173,89 @@ class _Cohort:
 
 
 def _merged(lm) -> bool:
-    """Whether every layer is a ``LlamaDecoderLayer``, whose forward ``_step`` splits (attention per cohort)."""
-    return all(type(layer).forward is LlamaDecoderLayer.forward for layer in lm.layers)
+    """Whether every layer is a ``LlamaDecoderLayer`` with ``LlamaAttention``, whose forwards ``_step`` splits."""
+    return all(type(layer).forward is LlamaDecoderLayer.forward and type(layer.self_attn).forward is LlamaAttention.forward
+               for layer in lm.layers)
+
+
+_ROOM = 16  # positions a cohort's cache grows by at once (``_append``)
+
+
+def _append(cache: DynamicCache, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cache.update(key, value, layer)`` for one new position (key, value [b, kv_heads, 1, d_head]), without copying
+    the whole cache at every step: the layer's keys and values are views into buffers with ``_ROOM`` spare positions,
+    which are copied only when full, or when the cache's rows changed (``batch_select_indices`` makes new tensors)."""
+    entry = cache.layers[layer]
+    if type(entry) is not DynamicLayer or not entry.is_initialized:
+        return cache.update(key, value, layer)
+    keys, values = entry.keys, entry.values  # [b, kv_heads, n, d_head]
+    b, heads, n, d = keys.shape
+    spare = getattr(entry, "_knexp_buffers", None)  # (keys, values) [b, kv_heads, capacity, d_head]
+    if spare is None or spare[0].data_ptr() != keys.data_ptr() or spare[0].shape[0] != b or spare[0].shape[2] <= n:
+        spare = tuple(torch.empty(b, heads, n + _ROOM, d, dtype=t.dtype, device=t.device) for t in (keys, values))
+        spare[0][:, :, :n], spare[1][:, :, :n] = keys, values
+        entry._knexp_buffers = spare
+    spare[0][:, :, n], spare[1][:, :, n] = key[:, :, 0], value[:, :, 0]
+    entry.keys, entry.values = spare[0][:, :, :n + 1], spare[1][:, :, :n + 1]
+    return entry.keys, entry.values
+
+
+def _attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
+    """Attention of one query position (query [b, heads, 1, d_head]) over key, value [b, kv_heads, n, d_head]:
+    [b, 1, heads * d_head], as ``attn``'s configured attention function computes it. Eager attention's products and
+    softmax are computed with each key/value head shared by its query heads in place, instead of ``repeat_kv``'s copy
+    of the whole cache per query head (at one query position the two are the same products)."""
+    b, heads, _, d = query.shape
+    if attn.config._attn_implementation != "eager":
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        return interface(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)[0].reshape(b, 1, heads * d)
+    grouped = query.reshape(b, key.shape[1], heads // key.shape[1], d)  # [b, kv_heads, groups, d_head]: head h -> h // groups
+    scores = torch.matmul(grouped, key.transpose(2, 3)) * attn.scaling  # [b, kv_heads, groups, n]
+    if mask is not None:
+        scores = scores + mask  # [b, 1, 1, n]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value).reshape(b, 1, heads * d)
 
 
 def _step(lm, head, cohorts: list[_Cohort]) -> None:
     """One decoding step of every cohort: each cohort's ``token`` in, its ``logits`` out.
 
-    ``LlamaDecoderLayer.forward`` with its attention run per cohort (each attends over its own cache, at its own
-    position), and its norms, MLP and the LM head run once over the rows of all cohorts: these act on each row alone, so
-    a row's tokens are those of its cohort alone (up to the rounding noted in the module docstring), while the GEMMs
-    see every row in flight. One cohort, or another layer type, takes the model's own forward."""
-    if len(cohorts) == 1 or not _merged(lm):
+    ``LlamaDecoderLayer.forward`` and ``LlamaAttention.forward`` with the attention proper run per cohort (each attends
+    over its own cache, at its own position), and the norms, the projections, the MLP and the LM head run once over the
+    rows of all cohorts: these act on each row alone, so a row's tokens are those of its cohort alone (up to the
+    rounding noted in the module docstring), while the GEMMs see every row in flight. Another layer type takes the
+    model's own forward, per cohort."""
+    if not _merged(lm):
         for c in cohorts:
             out = lm(inputs_embeds=lm.embed_tokens(c.token)[:, None], past_key_values=c.cache, use_cache=True)
             c.logits = head(out.last_hidden_state[:, -1:, :])[:, -1].float()
         return
     sizes = [len(c.rows) for c in cohorts]
     hidden = lm.embed_tokens(torch.cat([c.token for c in cohorts]))[:, None]  # [R, 1, d_model]
-    contexts = []  # per cohort, as LlamaModel.forward makes them: (mask, rotary embeddings, position ids [1, 1])
+    contexts = []  # per cohort, as LlamaModel.forward makes them: (mask, rotary embeddings (cos, sin))
     for c, part in zip(cohorts, hidden.split(sizes), strict=True):
         positions = torch.tensor([[c.cache.get_seq_length()]], device=hidden.device)
         mask = create_causal_mask(config=lm.config, inputs_embeds=part, attention_mask=None, past_key_values=c.cache,
                                   position_ids=positions)
-        contexts.append((mask, lm.rotary_emb(part, position_ids=positions), positions))
-    for layer in lm.layers:
+        contexts.append((mask, lm.rotary_emb(part, position_ids=positions)))
+    for index, layer in enumerate(lm.layers):
+        attn = layer.self_attn
         residual = hidden
         normed = layer.input_layernorm(hidden)
-        attended = [layer.self_attn(hidden_states=part, attention_mask=mask, position_ids=positions, past_key_values=c.cache,
-                                    use_cache=True, position_embeddings=rotary)[0]
-                    for c, part, (mask, rotary, positions) in zip(cohorts, normed.split(sizes), contexts, strict=True)]
-        hidden = residual + torch.cat(attended)
+        shape = (len(hidden), 1, -1, attn.head_dim)
+        query = attn.q_proj(normed).view(shape).transpose(1, 2)  # [R, heads, 1, d_head]
+        key = attn.k_proj(normed).view(shape).transpose(1, 2)  # [R, kv_heads, 1, d_head]
+        value = attn.v_proj(normed).view(shape).transpose(1, 2)
+        attended = []
+        for c, q, k, v, (mask, (cos, sin)) in zip(cohorts, query.split(sizes), key.split(sizes), value.split(sizes), contexts,
+                                                  strict=True):
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k, v = _append(c.cache, index, k, v)
+            attended.append(_attend(attn, q, k, v, mask))
+        hidden = residual + attn.o_proj(torch.cat(attended))
         residual = hidden
         hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
-    logits = head(lm.norm(hidden)[:, -1:, :])[:, -1].float()  # [R, V]
+    logits = head(lm.norm(hidden[:, 0])).float()  # [R, V]
     for c, part in zip(cohorts, logits.split(sizes), strict=True):
         c.logits = part
 
