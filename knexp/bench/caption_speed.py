@@ -127,13 +127,16 @@ Each saving alone, at l_min = 0 (knexp with that one saving turned off, over kne
 """
 
 
-def utilisation(images: int = 64, max_new_tokens: int = 32, top: int = 10) -> dict:
+def utilisation(images: int = 64, max_new_tokens: int = 32, repeats: int = 3, top: int = 10) -> dict:
     """Model FLOP utilisation: the FLOPs batched greedy captioning and identification's passes execute
     (``knexp.bench.flops``, from the model's config and the actual token counts) per second, over the float32 GEMM
-    peak torch reaches at the model's shapes on the same threads, measured in the same run. Captioning runs as the
+    peak torch reaches at the model's shapes on the same threads, measured in the same run: each timing is divided by the
+    better of the peaks sampled just before and just after it (this machine's speed drifts by tens of percent within
+    minutes; one sample of the whole run gave ratios above 1). Captioning runs as the
     evaluation does (``stream_ids`` at the embedded model's ``model.generation`` settings: prompt batches of
-    ``batch_size``, up to ``decode_width`` rows decoding together), image preprocessing included; it is timed once plainly, then once under
-    ``torch.profiler`` for its prompt pass and decoding apart and its ``top`` operators."""
+    ``batch_size``, up to ``decode_width`` rows decoding together), image preprocessing included and timed apart; it is
+    timed ``repeats`` times plainly (the run of the median ratio is reported), then once under ``torch.profiler`` for
+    its prompt pass and decoding apart and its ``top`` operators."""
     from knexp.bench.flops import DecoderShape, decode_flops, gemm_peak, identification_flops, prefill_flops
     from knexp.counterfactual.inpaint import inpaint, region_mask
     from knexp.identification.passes import compute_stats, locate_target
@@ -144,7 +147,7 @@ def utilisation(images: int = 64, max_new_tokens: int = 32, top: int = 10) -> di
     batch_size, width = _settings(s)
     lm, _ = adapter.language_model()
     shape = DecoderShape.of(lm.config)
-    peak = gemm_peak(shape)
+    peaks = [gemm_peak(shape)]  # sampled between the timings
     scenes = _scenes(s.catalog, 79, images)
     pics = [sc.image for sc in scenes]
     stop = set(adapter.stop_token_ids)
@@ -164,12 +167,24 @@ def utilisation(images: int = 64, max_new_tokens: int = 32, top: int = 10) -> di
         generated = [next((i + 1 for i, t in enumerate(row) if t in stop), max_new_tokens) for row in ids]
         return prefill_flops(shape, prompt_len, images, past), decode_flops(shape, prompt_len, generated)
 
-    began = time.perf_counter()
-    prefill_fl, decode_fl = caption_all()
-    caption_s = time.perf_counter() - began
-    encoder_s = sum(preparing)
+    def rate(n: float, seconds: float, peak: float) -> dict:
+        return {"gflop": round(n / 1e9, 1), "s": round(seconds, 3), "gflops_per_s": round(n / seconds / 1e9, 1),
+                "mfu": round(n / seconds / peak, 3), "peak_gflops": round(peak / 1e9, 1)}
+
+    runs = []  # each timed captioning, over the better of the peaks sampled just before and just after it
+    for _ in range(repeats):
+        preparing.clear()
+        began = time.perf_counter()
+        prefill_fl, decode_fl = caption_all()
+        seconds = time.perf_counter() - began
+        peaks.append(gemm_peak(shape))
+        runs.append((seconds, sum(preparing), max(peaks[-2:])))
+    flops = prefill_fl + decode_fl
+    caption_s, encoder_s, peak = sorted(runs, key=lambda r: flops / r[0] / r[2])[len(runs) // 2]  # the median ratio's run
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         caption_all()
+    peaks.append(gemm_peak(shape))
+    profiled_peak = max(peaks[-2:])
     events = prof.key_averages()
     phases = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in ("knexp.prefill", "knexp.decode")}
     operators = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total, reverse=True)
@@ -182,52 +197,62 @@ def utilisation(images: int = 64, max_new_tokens: int = 32, top: int = 10) -> di
     edited = inpaint(scene.image, region_mask(scene.image.shape[:2], bbox=obj.bbox, dilation=2), 3, "telea")
     target = locate_target(adapter, f"{adapter.caption_prefix} {obj.knowledge.indefinite}.", adapter.caption_prefix, obj.knowledge)
     compute_stats(adapter, scene.image, edited, target)  # warm up
+    peaks.append(gemm_peak(shape))
     began = time.perf_counter()
     compute_stats(adapter, scene.image, edited, target)
     ident_s = time.perf_counter() - began
+    peaks.append(gemm_peak(shape))
     ident_flops = identification_flops(shape, adapter.prepare([scene.image], continuations=[target.context]).prompt_len)
-    flops = prefill_fl + decode_fl
-
-    def rate(n: float, seconds: float) -> dict:
-        return {"gflop": round(n / 1e9, 1), "s": round(seconds, 3), "gflops_per_s": round(n / seconds / 1e9, 1),
-                "mfu": round(n / seconds / peak, 3)}
-
-    return {"gemm_peak_gflops": round(peak / 1e9, 1), "captions": images, "batch_size": batch_size, "width": width,
-            "captioning": rate(flops, caption_s), "language_model": rate(flops, caption_s - encoder_s),
-            "preparing_images_s": round(encoder_s, 3), "identification": rate(ident_flops, ident_s),
-            "profiled": {"prefill": rate(prefill_fl, phases["knexp.prefill"]), "decode": rate(decode_fl, phases["knexp.decode"])},
+    return {"gemm_peak_gflops": round(max(peaks) / 1e9, 1), "gemm_peak_samples": [round(p / 1e9, 1) for p in peaks],
+            "captions": images, "batch_size": batch_size, "width": width, "repeats": repeats,
+            "captioning_runs": [rate(flops, r[0], r[2]) for r in runs],
+            "captioning": rate(flops, caption_s, peak), "language_model": rate(flops, caption_s - encoder_s, peak),
+            "preparing_images_s": round(encoder_s, 3), "identification": rate(ident_flops, ident_s, max(peaks[-2:])),
+            "profiled": {"prefill": rate(prefill_fl, phases["knexp.prefill"], profiled_peak),
+                         "decode": rate(decode_fl, phases["knexp.decode"], profiled_peak)},
             "profile_total_s": round(total_self / 1e6, 2), "operators": profile_rows, "target": ">= 0.60 (captioning)"}
 
 
 def mfu_markdown(u: dict) -> str:
-    """The BENCHMARKS.md section of ``utilisation``'s result."""
+    """The BENCHMARKS.md section of ``utilisation``'s result (also of an older run's, which sampled the peak once)."""
+    peak_of = (lambda r: f" | {r['peak_gflops']}") if "gemm_peak_samples" in u else (lambda r: "")
 
     def row(name: str, r: dict) -> str:
-        return f"| {name} | {r['gflop']} | {r['s']} | {r['gflops_per_s']} | **{r['mfu']}** |"
+        return f"| {name} | {r['gflop']} | {r['s']} | {r['gflops_per_s']}{peak_of(r)} | **{r['mfu']}** |"
 
     ops = "\n".join(f"| `{o['op']}` | {o['calls']} | {o['self_s']} | {o['share']:.1%} |" for o in u["operators"])
     p = u["profiled"]
-    lm = "\n" + row("  the language model alone (the same run, less preparing the images)", u["language_model"]) \
-        if "language_model" in u else ""
-    prep = f"{u['preparing_images_s']} s" if "preparing_images_s" in u else "not timed apart in this run"
+    if "gemm_peak_samples" in u:
+        peak = (f"sampled before and after each timing ({', '.join(map(str, u['gemm_peak_samples']))} GFLOP/s: this machine's "
+                f"speed drifts within minutes), each timing over the better of its two samples")
+        header = "| | GFLOP | seconds | GFLOP/s | peak GFLOP/s | utilisation |\n|---|---|---|---|---|---|"
+        runs = ", ".join(str(r["mfu"]) for r in u["captioning_runs"])
+        timed = (f"The captioning was timed {u['repeats']} times (utilisation {runs}); the table shows the run of the median. "
+                 f"Its time includes preparing the images ({u['preparing_images_s']} s), whose FLOPs are not counted (the image "
+                 "encoder: `mkldnn_convolution`, `native_batch_norm`, `clamp` below); the second row is the same run without "
+                 "that time: the language model's FLOPs over the language model's time.")
+        lm = "\n" + row("  the language model alone (the same run, less preparing the images)", u["language_model"])
+    else:
+        peak = f"measured once in the same run: **{u['gemm_peak_gflops']} GFLOP/s**"
+        header = "| | GFLOP | seconds | GFLOP/s | utilisation |\n|---|---|---|---|---|"
+        timed = ("The captioning time includes preparing the images (the image encoder: `mkldnn_convolution`, "
+                 "`native_batch_norm`, `clamp` below), whose FLOPs are not counted.")
+        lm = ""
     return f"""{MFU_HEADING}
 
 FLOPs counted from the model's config and the actual token counts (`knexp/bench/flops.py`, checked against torch's
-FLOP counter), over the float32 GEMM peak torch reaches at the embedded model's shapes on the same threads, measured in
-the same run: **{u['gemm_peak_gflops']} GFLOP/s**. Target for batched captioning: {u['target']}.
+FLOP counter), over the float32 GEMM peak torch reaches at the embedded model's shapes on the same threads, {peak}.
+Target for batched captioning: {u['target']}.
 
-| | GFLOP | seconds | GFLOP/s | utilisation |
-|---|---|---|---|---|
+{header}
 {row(f"batched greedy captioning ({u['captions']} images, prompt batch {u['batch_size']}, width {u.get('width', '-')})",
      u['captioning'])}{lm}
 {row("  its prompt pass (profiled run)", p['prefill'])}
 {row("  its decoding steps (profiled run)", p['decode'])}
 {row("identification's passes (`compute_stats`, one sample)", u['identification'])}
 
-The first row's time includes preparing the images ({prep}), whose FLOPs are not counted (the image encoder:
-`mkldnn_convolution`, `native_batch_norm`, `clamp` below); the second row is the same run without that time: the language
-model's FLOPs over the language model's time. The same captioning under `torch.profiler` ({u['profile_total_s']} s
-profiled), the operators with the most time of their own:
+{timed} The same captioning under `torch.profiler` ({u['profile_total_s']} s profiled), the operators with the most time
+of their own:
 
 | operator | calls | seconds | share |
 |---|---|---|---|
