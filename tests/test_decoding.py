@@ -254,6 +254,12 @@ def test_out_of_memory_in_a_stream_halves_it_and_keeps_finished_rows(monkeypatch
     with pytest.raises(BatchTooLarge, match="max_new_tokens"):
         stream_ids(adapter, 2, lambda rows: (_ for _ in ()).throw(MemoryError()), 8, batch_size=1)
 
+    calls.clear()
+    one_by_one = stream_ids(adapter, 9, tight, 8, batch_size=1, width=4)  # out of memory with 2 rows in flight
+    assert torch.equal(one_by_one, expected)
+    # not BatchTooLarge at once: the decoding narrows
+    assert "out of memory with up to 4 rows decoding together, one row per prompt pass; retrying with 2" in caplog.text
+
 
 def test_logits_at_chosen_positions_are_those_of_the_full_pass(adapter):
     """``Adapter.forward(positions=)`` runs the LM head at those positions only: the same logits as the full pass there
@@ -332,23 +338,26 @@ def test_a_caches_spare_positions_hold_what_concatenation_holds():
     selected anew) and ends with the tensors ``DynamicCache.update`` makes by concatenation."""
     from transformers import DynamicCache
 
-    from knexp.models.decoding import _ROOM, _append
+    from knexp.models.decoding import _ROOM, _append, _Cohort, _keep_rows
 
     gen = torch.Generator().manual_seed(1)
     first = [torch.randn(4, 2, 3, 8, generator=gen) for _ in range(2)]  # keys, values of a 3-token prompt
-    ours, theirs = DynamicCache(), DynamicCache()
-    ours.update(*first, 0)
+    ours = _Cohort(torch.arange(4), DynamicCache(), None, torch.zeros(4, dtype=torch.bool))
+    theirs = DynamicCache()
+    ours.cache.update(*first, 0)
     theirs.update(*first, 0)
-    stores = set()
-    for step in range(_ROOM + 3):
+    stores = []
+    for step in range(2 * _ROOM + 3):
         new = [torch.randn(4, 2, 1, 8, generator=gen) for _ in range(2)]
-        if step == 5:  # a row ended: the cache keeps the others (a new tensor, without spare room)
-            for cache in (ours, theirs):
-                cache.batch_select_indices(torch.tensor([0, 2, 3]))
+        if step == 5:  # a row ended: the others stay
+            _keep_rows(ours, torch.tensor([0, 2, 3]))
+            theirs.batch_select_indices(torch.tensor([0, 2, 3]))
         new = [t[:3] if step >= 5 else t for t in new]
         got = _append(ours, 0, *new)
         expected = theirs.update(*new, 0)
         assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
-        stores.add(ours.layers[0].keys.data_ptr())
-    assert ours.get_seq_length() == theirs.get_seq_length() == 3 + _ROOM + 3
-    assert len(stores) == 2  # one buffer before the rows changed, one after: not a new tensor per step
+        if not stores or stores[-1] != ours.cache.layers[0].keys.data_ptr():
+            stores.append(ours.cache.layers[0].keys.data_ptr())
+    assert ours.cache.get_seq_length() == theirs.get_seq_length() == 3 + 2 * _ROOM + 3
+    # buffers: the first; the rows kept with their room (no second copy to grow them); full after _ROOM steps, twice
+    assert len(stores) == 4

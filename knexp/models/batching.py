@@ -29,7 +29,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -40,7 +40,7 @@ def halved_after(exc: Exception, size: int, what: str) -> int:
     a warning logged); ``BatchTooLarge`` at size 1; any other exception is raised again."""
     if not is_out_of_memory(exc):
         raise exc
-    _free_memory()
+    free_memory()
     if size == 1:
         raise BatchTooLarge(f"{what}: out of memory with one row per batch; lower model.generation.max_new_tokens, "
                             "use a smaller model.dtype (bfloat16) or a device with more memory") from exc

@@ -43,7 +43,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,7 +54,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, apply_rotary_pos_emb, eager_attention_forward
 
-from knexp.models.batching import halved_after
+from knexp.models.batching import free_memory, halved_after, is_out_of_memory
 from knexp.user_errors import ConfigError
 
 if TYPE_CHECKING:  # the adapter calls this module; it needs only the adapter's interface
@@ -170,6 +170,8 @@ class _Cohort:
     ended: torch.Tensor  # bool [b]: emitted a stop token (such rows stay only with drop_finished=False)
     step: int = 0  # tokens emitted so far
     token: torch.Tensor | None = None  # long [b]: the last token emitted, the next step's input
+    # by layer: (keys, values) [b, kv_heads, capacity, d_head], the buffers with spare room that the cache's tensors view
+    room: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def _merged(lm) -> bool:
@@ -181,23 +183,40 @@ def _merged(lm) -> bool:
 _ROOM = 16  # positions a cohort's cache grows by at once (``_append``)
 
 
-def _append(cache: DynamicCache, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cache.update(key, value, layer)`` for one new position (key, value [b, kv_heads, 1, d_head]), without copying
-    the whole cache at every step: the layer's keys and values are views into buffers with ``_ROOM`` spare positions,
-    which are copied only when full, or when the cache's rows changed (``batch_select_indices`` makes new tensors)."""
-    entry = cache.layers[layer]
+def _in_room(c: _Cohort, layer: int) -> bool:
+    """Whether the cache's tensors of ``layer`` are views of the cohort's buffers for it (not replaced since)."""
+    entry, room = c.cache.layers[layer], c.room.get(layer)
+    return room is not None and room[0].data_ptr() == entry.keys.data_ptr() and room[0].shape[0] == entry.keys.shape[0]
+
+
+def _append(c: _Cohort, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``c.cache.update(key, value, layer)`` for one new position (key, value [b, kv_heads, 1, d_head]), without copying
+    the whole cache at every step: the layer's keys and values are views into buffers (``c.room``) with ``_ROOM`` spare
+    positions, copied only when full or when the cache's tensors were replaced."""
+    entry = c.cache.layers[layer]
     if type(entry) is not DynamicLayer or not entry.is_initialized:
-        return cache.update(key, value, layer)
-    keys, values = entry.keys, entry.values  # [b, kv_heads, n, d_head]
-    b, heads, n, d = keys.shape
-    spare = getattr(entry, "_knexp_buffers", None)  # (keys, values) [b, kv_heads, capacity, d_head]
-    if spare is None or spare[0].data_ptr() != keys.data_ptr() or spare[0].shape[0] != b or spare[0].shape[2] <= n:
-        spare = tuple(torch.empty(b, heads, n + _ROOM, d, dtype=t.dtype, device=t.device) for t in (keys, values))
-        spare[0][:, :, :n], spare[1][:, :, :n] = keys, values
-        entry._knexp_buffers = spare
-    spare[0][:, :, n], spare[1][:, :, n] = key[:, :, 0], value[:, :, 0]
-    entry.keys, entry.values = spare[0][:, :, :n + 1], spare[1][:, :, :n + 1]
+        return c.cache.update(key, value, layer)
+    b, heads, n, d = entry.keys.shape
+    if not _in_room(c, layer) or c.room[layer][0].shape[2] <= n:
+        room = tuple(torch.empty(b, heads, n + _ROOM, d, dtype=t.dtype, device=t.device) for t in (entry.keys, entry.values))
+        room[0][:, :, :n], room[1][:, :, :n] = entry.keys, entry.values
+        c.room[layer] = room
+    keys, values = c.room[layer]
+    keys[:, :, n], values[:, :, n] = key[:, :, 0], value[:, :, 0]
+    entry.keys, entry.values = keys[:, :, :n + 1], values[:, :, :n + 1]
     return entry.keys, entry.values
+
+
+def _keep_rows(c: _Cohort, keep: torch.Tensor) -> None:
+    """``c.cache.batch_select_indices(keep)`` (long [k]: the rows that stay), each layer's rows taken with their spare
+    room: one copy, where selecting the cache's tensors and then growing them again into room would make two."""
+    for layer, entry in enumerate(c.cache.layers):
+        if type(entry) is DynamicLayer and entry.is_initialized and _in_room(c, layer):
+            n = entry.keys.shape[2]
+            keys, values = c.room[layer] = (c.room[layer][0][keep], c.room[layer][1][keep])
+            entry.keys, entry.values = keys[:, :, :n], values[:, :, :n]
+        else:
+            entry.batch_select_indices(keep)
 
 
 def _attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
@@ -250,7 +269,7 @@ def _step(lm, head, cohorts: list[_Cohort]) -> None:
         for c, q, k, v, (mask, (cos, sin)) in zip(cohorts, query.split(sizes), key.split(sizes), value.split(sizes), contexts,
                                                   strict=True):
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            k, v = _append(c.cache, index, k, v)
+            k, v = _append(c, index, k, v)
             attended.append(_attend(attn, q, k, v, mask))
         hidden = residual + attn.o_proj(torch.cat(attended))
         residual = hidden
@@ -271,7 +290,8 @@ def stream_ids(adapter: Adapter, count: int, prefill_rows: Callable[[list[int]],
     need). Up to ``width`` rows (default ``batch_size``) decode together. A row that ends leaves at once; when half a
     prefill batch of places is free, the next rows are prefilled and join the decoding, so one long caption no longer
     keeps a thinning batch running (``continuous=False``: the next batch waits until every row in flight has ended, the
-    bench's comparison). Out of memory (with ``retry_out_of_memory``) halves ``batch_size`` and ``width``;
+    bench's comparison). Out of memory (with ``retry_out_of_memory``) halves ``batch_size`` and ``width`` (at one row
+    per prompt pass, ``width`` alone);
     the rows in flight start again, finished rows are kept. The tokens do not depend on any of this (tested)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"model.generation.batch_size={batch_size!r}: use a whole number of rows, at least 1")
@@ -313,7 +333,7 @@ def stream_ids(adapter: Adapter, count: int, prefill_rows: Callable[[list[int]],
                         continue
                     if drop_finished and bool(c.ended.any()):  # finished rows leave the batch and the cache
                         keep = (~c.ended).nonzero().flatten()
-                        c.cache.batch_select_indices(keep)
+                        _keep_rows(c, keep)
                         done += len(c.rows) - len(keep)
                         c.rows, c.token, c.ended = c.rows[keep], c.token[keep], c.ended[keep]
                     running.append(c)
@@ -323,11 +343,17 @@ def stream_ids(adapter: Adapter, count: int, prefill_rows: Callable[[list[int]],
         except Exception as exc:
             if not retry_out_of_memory:
                 raise
-            smaller = halved_after(exc, batch_size, what)  # re-raises what is not out of memory
             rows = [int(r) for c in cohorts for r in c.rows]
             out[rows] = adapter.pad_token_id
             queue.extendleft(reversed(sorted(rows)))
             cohorts.clear()
+            if batch_size == 1 and width > 1 and is_out_of_memory(exc):  # one row per prompt pass: narrow the decoding
+                free_memory()
+                log.warning("%s: out of memory with up to %d rows decoding together, one row per prompt pass; retrying "
+                            "with %d (set model.generation.decode_width=%d to start there)", what, width, width // 2, width // 2)
+                width //= 2
+                continue
+            smaller = halved_after(exc, batch_size, what)  # re-raises what is not out of memory
             batch_size, width = smaller, max(smaller, width // 2)
             continue
         if count > batch_size and (done - logged >= batch_size or done == count):
