@@ -258,7 +258,7 @@ def test_out_of_memory_in_a_stream_halves_it_and_keeps_finished_rows(monkeypatch
     one_by_one = stream_ids(adapter, 9, tight, 8, batch_size=1, width=4)  # out of memory with 2 rows in flight
     assert torch.equal(one_by_one, expected)
     # not BatchTooLarge at once: the decoding narrows
-    assert "out of memory with up to 4 rows decoding together, one row per prompt pass; retrying with 2" in caplog.text
+    assert "out of memory at decode width 4; retrying with 2 (set model.generation.decode_width=2" in caplog.text
 
 
 def test_logits_at_chosen_positions_are_those_of_the_full_pass(adapter):

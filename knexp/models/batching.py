@@ -29,24 +29,24 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def free_memory() -> None:
+def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def halved_after(exc: Exception, size: int, what: str) -> int:
-    """The batch size to retry with after ``exc`` at batch size ``size``: half of it after out of memory (memory freed,
-    a warning logged); ``BatchTooLarge`` at size 1; any other exception is raised again."""
+def halved_after(exc: Exception, size: int, what: str, setting: str = "batch_size") -> int:
+    """The size to retry with after ``exc`` at ``size`` rows of ``model.generation.<setting>``: half of it after out of
+    memory (memory freed, a warning logged); ``BatchTooLarge`` at size 1; any other exception is raised again."""
     if not is_out_of_memory(exc):
         raise exc
-    free_memory()
+    _free_memory()
     if size == 1:
         raise BatchTooLarge(f"{what}: out of memory with one row per batch; lower model.generation.max_new_tokens, "
                             "use a smaller model.dtype (bfloat16) or a device with more memory") from exc
     smaller = max(1, size // 2)
-    log.warning("%s: out of memory at batch size %d; retrying with %d (set model.generation.batch_size=%d to start "
-                "there)", what, size, smaller, smaller)
+    log.warning("%s: out of memory at %s %d; retrying with %d (set model.generation.%s=%d to start there)", what,
+                setting.replace("_", " "), size, smaller, setting, smaller)
     return smaller
 
 

@@ -54,7 +54,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, apply_rotary_pos_emb, eager_attention_forward
 
-from knexp.models.batching import free_memory, halved_after, is_out_of_memory
+from knexp.models.batching import halved_after
 from knexp.user_errors import ConfigError
 
 if TYPE_CHECKING:  # the adapter calls this module; it needs only the adapter's interface
@@ -211,7 +211,7 @@ def _keep_rows(c: _Cohort, keep: torch.Tensor) -> None:
     """``c.cache.batch_select_indices(keep)`` (long [k]: the rows that stay), each layer's rows taken with their spare
     room: one copy, where selecting the cache's tensors and then growing them again into room would make two."""
     for layer, entry in enumerate(c.cache.layers):
-        if type(entry) is DynamicLayer and entry.is_initialized and _in_room(c, layer):
+        if _in_room(c, layer):  # only _append makes room, for initialised DynamicLayers
             n = entry.keys.shape[2]
             keys, values = c.room[layer] = (c.room[layer][0][keep], c.room[layer][1][keep])
             entry.keys, entry.values = keys[:, :, :n], values[:, :, :n]
@@ -347,14 +347,12 @@ def stream_ids(adapter: Adapter, count: int, prefill_rows: Callable[[list[int]],
             out[rows] = adapter.pad_token_id
             queue.extendleft(reversed(sorted(rows)))
             cohorts.clear()
-            if batch_size == 1 and width > 1 and is_out_of_memory(exc):  # one row per prompt pass: narrow the decoding
-                free_memory()
-                log.warning("%s: out of memory with up to %d rows decoding together, one row per prompt pass; retrying "
-                            "with %d (set model.generation.decode_width=%d to start there)", what, width, width // 2, width // 2)
-                width //= 2
-                continue
-            smaller = halved_after(exc, batch_size, what)  # re-raises what is not out of memory
-            batch_size, width = smaller, max(smaller, width // 2)
+            # halved_after re-raises what is not out of memory
+            if batch_size == 1 and width > 1:  # one row per prompt pass: narrow the decoding
+                width = halved_after(exc, width, what, "decode_width")
+            else:
+                batch_size = halved_after(exc, batch_size, what)
+                width = max(batch_size, width // 2)
             continue
         if count > batch_size and (done - logged >= batch_size or done == count):
             log.info("%s: %d/%d (%.1f/s)", what, done, count, done / max(time.time() - began, 1e-9))
