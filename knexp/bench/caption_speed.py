@@ -114,7 +114,7 @@ def reuse_markdown(r: dict) -> str:
 {r['max_new_tokens']} new tokens at most, noise on {r['units_per_layer']} units of every layer from l_min) on the embedded
 model: the model's own `generate` per batch (every layer of every row; decoding goes on until the batch's last row ends)
 against `knexp.models.decoding` as the evaluation runs it (the tokens before the image once per model; layers below l_min
-once per image; finished rows leave; up to {r.get('width', r['batch_size'])} rows decode together, the next prompt batch
+once per image; finished rows leave; up to {width} rows decode together, the next prompt batch
 joining as rows end). Median of {r['repeats']} alternating runs; the captions of every variant are compared in the run.
 {more}
 
