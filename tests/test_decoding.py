@@ -209,7 +209,9 @@ def test_a_stream_of_cohorts_gives_each_rows_own_tokens(family, attention, monke
         alone = _ended_at(alone, _early_stop(adapter, monkeypatch, alone), adapter.pad_token_id)
     lm, _ = adapter.language_model()
     widths, prefills = [], []
-    handle = lm.layers[0].mlp.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[:2]))
+    # the MLP's input: [B, T, d] in a prompt pass, [R, d] in a decoding step (the hook makes the step call the module)
+    handle = lm.layers[0].mlp.register_forward_pre_hook(lambda m, args: widths.append(tuple(args[0].shape)))
+
     def prompt_pass(rows):
         prefills.append(rows)
         return adapter.prefill(adapter.prepare([pics[r] for r in rows]))
@@ -222,7 +224,7 @@ def test_a_stream_of_cohorts_gives_each_rows_own_tokens(family, attention, monke
     if family == "llava":
         assert 0 < int((ids == adapter.pad_token_id).sum()) and bool((ids[:, -1] != adapter.pad_token_id).any())
     assert sorted(r for rows in prefills for r in rows) == list(range(11)) and max(len(r) for r in prefills) <= 3
-    decode_widths = [b for b, t in widths if t == 1]
+    decode_widths = [shape[0] for shape in widths if len(shape) == 2]
     assert max(decode_widths) > 3  # one decoding step ran the MLP over rows of more than one prompt batch
     assert max(decode_widths) <= 7
 
@@ -361,3 +363,47 @@ def test_a_caches_spare_positions_hold_what_concatenation_holds():
     assert ours.cache.get_seq_length() == theirs.get_seq_length() == 3 + 2 * _ROOM + 3
     # buffers: the first; the rows kept with their room (no second copy to grow them); full after _ROOM steps, twice
     assert len(stores) == 4
+
+
+@pytest.mark.parametrize("rows", [1, 5, 11, 12, 16, 37, 64, 128])
+@pytest.mark.parametrize("inputs, outputs, bias", [(576, 1536, False), (1536, 576, False), (576, 192, True)])
+def test_the_transposed_product_rounds_as_the_linear_layer(rows, inputs, outputs, bias):
+    """``_linear`` (the decoding step's products, transposed from 12 rows) gives ``module(x)`` to the last bit at the
+    embedded model's shapes, for a contiguous input and, from 12 rows, for one laid out transposed (an earlier
+    transposed product's output). Below 12 rows the transposed product would round differently (1 to 11 rows here) and
+    ``F.linear`` itself rounds a transposed input differently from a contiguous one, so there every input stays
+    contiguous and ``module(x)`` is called."""
+    from knexp.models.decoding import _linear
+
+    torch.manual_seed(rows)
+    module = torch.nn.Linear(inputs, outputs, bias=bias)
+    x = torch.randn(rows, inputs)
+    with torch.no_grad():
+        expected = module(x)
+        assert torch.equal(_linear(module, x), expected)
+        if rows >= 12:
+            assert torch.equal(_linear(module, x.T.contiguous().T), expected)
+
+
+def test_the_mlp_without_its_module_call_is_the_modules_own_and_a_hook_still_fires():
+    """``_mlp`` computes ``LlamaMLP.forward`` to the last bit; with a hook armed on a part (Pan et al.'s ``act_fn`` site)
+    it calls the module, so the hook sees the step and its edit counts."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from knexp.models.decoding import _mlp
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=576, intermediate_size=1536, hidden_act="silu"))
+    x = torch.randn(64, 576)
+    with torch.no_grad():
+        expected = mlp(x)
+        assert torch.equal(_mlp(mlp, x), expected)
+        seen = []
+        handle = mlp.act_fn.register_forward_hook(lambda module, args, out: seen.append(out.shape) or out * 0)
+        try:
+            edited = _mlp(mlp, x)
+        finally:
+            handle.remove()
+    assert seen == [(64, 1536)]
+    assert torch.equal(edited, torch.zeros_like(edited))
