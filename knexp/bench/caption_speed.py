@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from knexp.data.toyworld.scenes import SceneOptions, make_scene
 from knexp.job import session
@@ -140,7 +141,8 @@ def utilisation(images: int = 64, max_new_tokens: int = 32, repeats: int = 3, to
     better of the peaks sampled just before and just after it (this machine's speed drifts by tens of percent within
     minutes; one sample of the whole run gave ratios above 1). Captioning runs as the
     evaluation does (``stream_ids`` at the embedded model's ``model.generation`` settings: prompt batches of
-    ``batch_size``, up to ``decode_width`` rows decoding together), image preprocessing included and timed apart; it is
+    ``batch_size``, up to ``decode_width`` rows decoding together), preparing the images included (its FLOPs counted by
+    torch's FLOP counter: the image encoder and projector) and timed apart; it is
     timed ``repeats`` times plainly (the run of the median ratio is reported), then once under ``torch.profiler`` for
     its prompt pass and decoding apart and its ``top`` operators."""
     from knexp.bench.flops import DecoderShape, decode_flops, gemm_peak, identification_flops, prefill_flops
@@ -159,6 +161,9 @@ def utilisation(images: int = 64, max_new_tokens: int = 32, repeats: int = 3, to
     stop = set(adapter.stop_token_ids)
     sample = adapter.prepare(pics[:1])
     prompt_len, past = sample.prompt_len, int(sample.image_positions[0, 0])
+    with FlopCounterMode(display=False) as counter:  # the image encoder and projector, counted by torch (2 images)
+        adapter.mllm.image_embeddings(pics[:2])
+    encoder_flops = counter.get_total_flops() // 2  # per image
 
     preparing = []  # seconds spent preparing each prompt batch's images (the image encoder), inside the captioning
 
@@ -185,8 +190,9 @@ def utilisation(images: int = 64, max_new_tokens: int = 32, repeats: int = 3, to
         seconds = time.perf_counter() - began
         peaks.append(gemm_peak(shape))
         runs.append((seconds, sum(preparing), max(peaks[-2:])))
-    flops = prefill_fl + decode_fl
-    caption_s, encoder_s, peak = sorted(runs, key=lambda r: flops / r[0] / r[2])[len(runs) // 2]  # the median ratio's run
+    flops = prefill_fl + decode_fl  # the language model's
+    whole = flops + images * encoder_flops  # with preparing the images
+    caption_s, encoder_s, peak = sorted(runs, key=lambda r: whole / r[0] / r[2])[len(runs) // 2]  # the median ratio's run
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         caption_all()
     peaks.append(gemm_peak(shape))
@@ -211,9 +217,9 @@ def utilisation(images: int = 64, max_new_tokens: int = 32, repeats: int = 3, to
     ident_flops = identification_flops(shape, adapter.prepare([scene.image], continuations=[target.context]).prompt_len)
     return {"gemm_peak_gflops": round(max(peaks) / 1e9, 1), "gemm_peak_samples": [round(p / 1e9, 1) for p in peaks],
             "captions": images, "batch_size": batch_size, "width": width, "repeats": repeats,
-            "captioning_runs": [rate(flops, r[0], r[2]) for r in runs],
-            "captioning": rate(flops, caption_s, peak), "language_model": rate(flops, caption_s - encoder_s, peak),
-            "preparing_images_s": round(encoder_s, 3), "identification": rate(ident_flops, ident_s, max(peaks[-2:])),
+            "captioning_runs": [rate(whole, r[0], r[2]) for r in runs],
+            "captioning": rate(whole, caption_s, peak), "language_model": rate(flops, caption_s - encoder_s, peak),
+            "preparing_images_s": round(encoder_s, 3), "encoder_gflop_per_image": round(encoder_flops / 1e9, 3), "identification": rate(ident_flops, ident_s, max(peaks[-2:])),
             "profiled": {"prefill": rate(prefill_fl, phases["knexp.prefill"], profiled_peak),
                          "decode": rate(decode_fl, phases["knexp.decode"], profiled_peak)},
             "profile_total_s": round(total_self / 1e6, 2), "operators": profile_rows, "target": ">= 0.60 (captioning)"}
@@ -233,10 +239,13 @@ def mfu_markdown(u: dict) -> str:
                 f"speed drifts within minutes), each timing over the better of its two samples")
         header = "| | GFLOP | seconds | GFLOP/s | peak GFLOP/s | utilisation |\n|---|---|---|---|---|---|"
         runs = ", ".join(str(r["mfu"]) for r in u["captioning_runs"])
+        encoder = (f"whose FLOPs (the image encoder and projector, {u['encoder_gflop_per_image']} GFLOP per image by "
+                   "`torch.utils.flop_counter`) the first row counts" if "encoder_gflop_per_image" in u
+                   else "whose FLOPs are not counted")
         timed = (f"The captioning was timed {u['repeats']} times (utilisation {runs}); the table shows the run of the median. "
-                 f"Its time includes preparing the images ({u['preparing_images_s']} s), whose FLOPs are not counted (the image "
-                 "encoder: `mkldnn_convolution`, `native_batch_norm`, `clamp` below); the second row is the same run without "
-                 "that time: the language model's FLOPs over the language model's time.")
+                 f"Its time includes preparing the images ({u['preparing_images_s']} s), {encoder} (the image encoder is "
+                 "`mkldnn_convolution`, `native_batch_norm`, `clamp` below); the second row is the same run without that time: "
+                 "the language model's FLOPs over the language model's time.")
         lm = "\n" + row("  the language model alone (the same run, less preparing the images)", u["language_model"])
     else:
         peak = f"measured once in the same run: **{u['gemm_peak_gflops']} GFLOP/s**"
