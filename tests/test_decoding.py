@@ -209,8 +209,7 @@ def test_a_stream_of_cohorts_gives_each_rows_own_tokens(family, attention, monke
         alone = _ended_at(alone, _early_stop(adapter, monkeypatch, alone), adapter.pad_token_id)
     lm, _ = adapter.language_model()
     widths, prefills = [], []
-    # the MLP's input: [B, T, d] in a prompt pass, [R, d] in a decoding step (the hook makes the step call the module)
-    handle = lm.layers[0].mlp.register_forward_pre_hook(lambda m, args: widths.append(tuple(args[0].shape)))
+    handle = lm.layers[0].mlp.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[:2]))
 
     def prompt_pass(rows):
         prefills.append(rows)
@@ -224,7 +223,7 @@ def test_a_stream_of_cohorts_gives_each_rows_own_tokens(family, attention, monke
     if family == "llava":
         assert 0 < int((ids == adapter.pad_token_id).sum()) and bool((ids[:, -1] != adapter.pad_token_id).any())
     assert sorted(r for rows in prefills for r in rows) == list(range(11)) and max(len(r) for r in prefills) <= 3
-    decode_widths = [shape[0] for shape in widths if len(shape) == 2]
+    decode_widths = [b for b, t in widths if t == 1]
     assert max(decode_widths) > 3  # one decoding step ran the MLP over rows of more than one prompt batch
     assert max(decode_widths) <= 7
 
@@ -399,11 +398,11 @@ def test_the_mlp_without_its_module_call_is_the_modules_own_and_a_hook_still_fir
     with torch.no_grad():
         expected = mlp(x)
         assert torch.equal(_mlp(mlp, x), expected)
-        seen = []
+        seen = []  # the hook sees one position per row, as in the model's own decoding step
         handle = mlp.act_fn.register_forward_hook(lambda module, args, out: seen.append(out.shape) or out * 0)
         try:
             edited = _mlp(mlp, x)
         finally:
             handle.remove()
-    assert seen == [(64, 1536)]
+    assert seen == [(64, 1, 1536)]
     assert torch.equal(edited, torch.zeros_like(edited))

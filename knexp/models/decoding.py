@@ -240,10 +240,10 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     1536 x 576, 576 x 576 and the 576 x 49,152 LM head) 1.2x to 1.6x faster that way round (a whole 30-layer step at 64
     rows: 0.15 s against 0.23 s), and rounds each element the same as ``F.linear`` from 12 rows on, bit for bit, for
     contiguous and transposed inputs (measured for every R up to 129; tested). Below 12 rows the two round differently
-    in the last bit, so fewer rows take ``module(x)`` itself."""
-    if (type(module) is not nn.Linear or _hooked(module) or x.device.type != "cpu" or x.dim() != 2
-            or x.shape[0] < _TRANSPOSED_FROM):
-        return module(x)
+    in the last bit, so fewer rows take ``module`` itself, as does a module with a hook: it is called on [R, 1, in], one
+    position per row as in the model's own decoding step, so a hook sees the tensors it would see there."""
+    if type(module) is not nn.Linear or _hooked(module) or x.device.type != "cpu" or x.shape[0] < _TRANSPOSED_FROM:
+        return module(x[:, None])[:, 0]
     if module.bias is None:
         return torch.mm(module.weight, x.T).T
     return torch.addmm(module.bias[:, None], module.weight, x.T).T
@@ -251,11 +251,12 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``mlp(x)`` for x [R, d_model]: ``LlamaMLP.forward``, down(act(gate(x)) * up(x)), through ``_linear``, when neither
-    the MLP nor its parts carry hooks (an armed hook, e.g. a test's row counter, makes it call the module)."""
+    the MLP nor its parts carry hooks. An armed hook (e.g. a test's row counter) makes it call the module on [R, 1, d_model],
+    as the model's own decoding step would."""
     parts = (mlp, getattr(mlp, "gate_proj", mlp), getattr(mlp, "up_proj", mlp), getattr(mlp, "down_proj", mlp),
              getattr(mlp, "act_fn", mlp))
     if type(mlp).forward is not LlamaMLP.forward or _hooked(*parts):
-        return mlp(x)
+        return mlp(x[:, None])[:, 0]
     return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
 
 
