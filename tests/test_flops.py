@@ -34,3 +34,4 @@ def test_caption_and_identification_counts_add_up():
     first_step = shape.tokens(1, past=6) + shape.head()  # the row of 2 tokens decodes one step; the row of 1 none
     assert caption_flops(shape, prompt, [2, 1], prefix) == shape.tokens(prefix) + one_row + (one_row - first_step)
     assert identification_flops(shape, 5) == 4 * (shape.tokens(5) + shape.head(1))  # the head at t* only
+    assert identification_flops(shape, 5, 2) == 4 * (shape.tokens(3, past=2) + shape.head(1))  # after the cached prefix

@@ -228,3 +228,41 @@ def test_attribution_ranks_the_most_negative_first(sample):
     assert M.attribution(stats, threshold=1e9).empty
     with pytest.raises(ValueError, match="either"):
         M.attribution(stats)
+
+
+def test_the_passes_after_the_cached_prefix_give_the_full_passes_statistics(adapter, sample, monkeypatch):
+    """``compute_stats`` runs its passes after the tokens before the image (``logits_after_prefix``: they come from the
+    prefix cache); every statistic is the one the full passes give (the function swapped for ``Adapter.forward``)."""
+    from knexp.identification import passes
+
+    original, inpainted, target, stats = sample
+    prep = adapter.prepare([original], continuations=[target.context])
+    assert int(prep.image_positions[0, 0]) > 0  # there is a prefix to skip
+    monkeypatch.setattr(passes, "logits_after_prefix", lambda a, prepared, positions: a.forward(prepared, positions=positions))
+    full = compute_stats(adapter, original, inpainted, target)
+    assert full.target_position == stats.target_position
+    for name in stats.TENSORS:
+        torch.testing.assert_close(getattr(stats, name), getattr(full, name), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_the_cached_prefix_changes_no_statistic_on_the_embedded_model(catalog, monkeypatch):
+    """On the embedded model (real weights, a toy-world scene and its inpainting), the passes after the cached prefix
+    give every statistic of the full passes to the last bit, so the cached statistics and the neurons chosen from them
+    are unchanged."""
+    from knexp.counterfactual.inpaint import inpaint, region_mask
+    from knexp.data.toyworld.scenes import SceneOptions, make_scene
+    from knexp.identification import passes
+    from knexp.models.embedded import load_embedded
+    from knexp.models.spliced import SplicedAdapter
+    from knexp.paths import default_cache_dir, project_root
+
+    adapter = SplicedAdapter(load_embedded(default_cache_dir(), project_root() / "knexp/models/weights/embedded_projector.safetensors"))
+    scene = make_scene(catalog, np.random.default_rng([31, 5, 0]), SceneOptions(gap_px=8))
+    obj = scene.objects[0]
+    edited = inpaint(scene.image, region_mask(scene.image.shape[:2], bbox=obj.bbox, dilation=2), 3, "telea")
+    target = locate_target(adapter, f"{adapter.caption_prefix} {obj.knowledge.indefinite}.", adapter.caption_prefix, obj.knowledge)
+    cached = compute_stats(adapter, scene.image, edited, target)
+    monkeypatch.setattr(passes, "logits_after_prefix", lambda a, prepared, positions: a.forward(prepared, positions=positions))
+    full = compute_stats(adapter, scene.image, edited, target)
+    assert [name for name in cached.TENSORS if not torch.equal(getattr(cached, name), getattr(full, name))] == []

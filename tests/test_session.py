@@ -107,9 +107,10 @@ def test_an_empty_identification_has_zero_counts_per_layer(tmp_path):
 
 
 @pytest.mark.parametrize("fails", [False, True])
-def test_compute_stats_leaves_no_hook_behind(fails, catalog):
+def test_compute_stats_leaves_no_hook_behind(fails, catalog, monkeypatch):
     """Every hook compute_stats attaches (FFN inputs and outputs, act_fn, the gradient anchor) is gone after it returns,
     and after it raises halfway through its backward pass."""
+    from knexp.identification import passes
     from knexp.identification.passes import compute_stats, locate_target
     from knexp.models.tiny import tiny_adapter
 
@@ -123,16 +124,16 @@ def test_compute_stats_leaves_no_hook_behind(fails, catalog):
     before = hooks()
     target = locate_target(adapter, "the image shows a bus.", adapter.caption_prefix, catalog["bus"])
     if fails:
-        real = adapter.forward
+        real = passes.logits_after_prefix  # compute_stats' pass (after the cached prefix)
 
-        def forward_then_fail(prepared, **kwargs):
-            logits = real(prepared, **kwargs)
+        def forward_then_fail(*args):
+            logits = real(*args)
             if logits.requires_grad:  # the original's pass: hooks are armed now
                 assert hooks() > before
                 raise RuntimeError("failed mid-pass")
             return logits
 
-        adapter.forward = forward_then_fail
+        monkeypatch.setattr(passes, "logits_after_prefix", forward_then_fail)
         with pytest.raises(RuntimeError, match="mid-pass"):
             compute_stats(adapter, *images, target)
     else:

@@ -214,12 +214,13 @@ def utilisation(images: int = 64, max_new_tokens: int = 32, repeats: int = 3, to
     compute_stats(adapter, scene.image, edited, target)
     ident_s = time.perf_counter() - began
     peaks.append(gemm_peak(shape))
-    ident_flops = identification_flops(shape, adapter.prepare([scene.image], continuations=[target.context]).prompt_len)
+    ident_flops = identification_flops(shape, adapter.prepare([scene.image], continuations=[target.context]).prompt_len, past)
     return {"gemm_peak_gflops": round(max(peaks) / 1e9, 1), "gemm_peak_samples": [round(p / 1e9, 1) for p in peaks],
             "captions": images, "batch_size": batch_size, "width": width, "repeats": repeats,
             "captioning_runs": [rate(whole, r[0], r[2]) for r in runs],
             "captioning": rate(whole, caption_s, peak), "language_model": rate(flops, caption_s - encoder_s, peak),
-            "preparing_images_s": round(encoder_s, 3), "encoder_gflop_per_image": round(encoder_flops / 1e9, 3), "identification": rate(ident_flops, ident_s, max(peaks[-2:])),
+            "preparing_images_s": round(encoder_s, 3), "encoder_gflop_per_image": round(encoder_flops / 1e9, 3),
+            "identification": rate(ident_flops, ident_s, max(peaks[-2:])),
             "profiled": {"prefill": rate(prefill_fl, phases["knexp.prefill"], profiled_peak),
                          "decode": rate(decode_fl, phases["knexp.decode"], profiled_peak)},
             "profile_total_s": round(total_self / 1e6, 2), "operators": profile_rows, "target": ">= 0.60 (captioning)"}

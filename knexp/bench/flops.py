@@ -66,11 +66,11 @@ def caption_flops(shape: DecoderShape, prompt_len: int, generated: list[int], pr
     return prefill_flops(shape, prompt_len, len(generated), prefix) + decode_flops(shape, prompt_len, generated)
 
 
-def identification_flops(shape: DecoderShape, context_len: int) -> int:
+def identification_flops(shape: DecoderShape, context_len: int, prefix: int = 0) -> int:
     """``compute_stats``' two passes on a prompt of ``context_len`` tokens (with the caption before the target): a forward
-    on the inpainted image and a forward and backward on the original, the head at t* only; a backward costs two
-    forwards."""
-    forward = shape.tokens(context_len) + shape.head(1)
+    on the inpainted image and a forward and backward on the original, each over the tokens after the ``prefix`` ones
+    (cached once per model), the head at t* only; a backward costs two forwards."""
+    forward = shape.tokens(context_len - prefix, past=prefix) + shape.head(1)
     return forward + 3 * forward
 
 

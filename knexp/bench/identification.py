@@ -27,17 +27,18 @@ import torch
 
 from knexp.identification import methods as M
 from knexp.identification.passes import Target, compute_stats
+from knexp.models.decoding import logits_after_prefix
 
 
 def _bare_passes(adapter, original, inpainted, target: Target) -> None:
     prep_i = adapter.prepare([inpainted], continuations=[target.context])
     prep_o = adapter.prepare([original], continuations=[target.context])
-    with torch.no_grad():  # what compute_stats computes, without its hooks: the head at t* only
-        adapter.forward(prep_i, positions=prep_i.last_position[:1])
+    with torch.no_grad():  # what compute_stats computes, without its hooks: the tokens before the image cached, the head at t*
+        logits_after_prefix(adapter, prep_i, prep_i.last_position[:1])
     # differentiate w.r.t. the input embeddings (the embedded model is a spliced model: it has them)
     prep_o.inputs["inputs_embeds"] = prep_o.inputs["inputs_embeds"].detach().requires_grad_(True)
     with torch.enable_grad():
-        adapter.forward(prep_o, positions=prep_o.last_position[:1])[0, 0, target.token_id].backward()
+        logits_after_prefix(adapter, prep_o, prep_o.last_position[:1])[0, 0, target.token_id].backward()
 
 
 def _all_methods(stats) -> None:
@@ -114,12 +115,12 @@ def _memory_child(mode: str) -> None:
     if mode == "bare":
         prep_i = adapter.prepare([inpainted], continuations=[target.context])
         prep_o = adapter.prepare([original], continuations=[target.context])
-        with torch.no_grad():
-            adapter.forward(prep_i, positions=prep_i.last_position[:1])
+        with torch.no_grad():  # the passes compute_stats runs (the tokens before the image cached), without its hooks
+            logits_after_prefix(adapter, prep_i, prep_i.last_position[:1])
         emb = adapter.model.get_input_embeddings()
         emb.weight.requires_grad_(True)  # a leaf so the bare backward runs through every layer
         with torch.enable_grad():
-            adapter.forward(prep_o, positions=prep_o.last_position[:1])[0, 0, target.token_id].backward()
+            logits_after_prefix(adapter, prep_o, prep_o.last_position[:1])[0, 0, target.token_id].backward()
     else:
         stats = compute_stats(adapter, original, inpainted, target)
         assert stats.shape == (32, 11008)

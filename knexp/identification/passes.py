@@ -8,6 +8,10 @@ For one sample (original image o, inpainted image i, the caption of o with targe
    kept (in the model's dtype) until that layer's gradient arrives and then freed, so the peak extra
    memory is about two [L, P, d_f] tensors in half precision (BENCHMARKS.md).
 
+Both passes take the tokens before the image (system turn, user header) from the prefix cache that captioning shares
+(``knexp.models.decoding.logits_after_prefix``): they cannot depend on the image, so each pass runs over the positions
+from the image on, and the hooks see those.
+
 Every method (ours, its ablations, Schwettmann, Pan, random) is a ranking of these statistics
 (``knexp.identification.methods``), so running all methods on a sample costs these two passes once.
 """
@@ -21,6 +25,7 @@ import torch
 
 from knexp.data.catalog import Knowledge
 from knexp.models.adapter import Adapter
+from knexp.models.decoding import logits_after_prefix
 from knexp.models.hooks import attached, gradient_anchor
 
 
@@ -125,29 +130,30 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
     inpainted_acts: dict[int, torch.Tensor] = {}
 
     def keep_inpainted(layer):
-        def hook(x):
-            inpainted_acts[layer] = x[0, pos_i].detach()  # [P, d_f], model dtype: kept until layer's backward
+        def hook(x):  # [1, T - cached, d_f]: the pass after the prefix
+            inpainted_acts[layer] = x[0, pos_i - prep_i.cached].detach()  # [P, d_f], model dtype: kept until layer's backward
         return hook
 
-    with torch.no_grad(), attached(adapter, {("ffn", layer): keep_inpainted(layer) for layer in layers}, prefill=prep_i.prompt_len):
-        adapter.run_hooks(prep_i)
+    with torch.no_grad(), attached(adapter, {("ffn", layer): keep_inpainted(layer) for layer in layers}, prefill=prep_i):
+        logits_after_prefix(adapter, prep_i, prep_i.last_position[:1])
 
     out: dict[str, dict[int, torch.Tensor]] = {k: {} for k in SampleStats.TENSORS}
 
     def on_original(layer):
-        def hook(x):
-            o_det = x[0, pos_o].detach()  # [P, d_f], model dtype: kept with O'_i until this layer's gradient arrives
+        def hook(x):  # [1, T - cached, d_f]
+            here, last = pos_o - prep_o.cached, t_star - prep_o.cached  # the image positions and t* within the pass
+            o_det = x[0, here].detach()  # [P, d_f], model dtype: kept with O'_i until this layer's gradient arrives
             shift = inpainted_acts[layer].float() - o_det.float()  # O'_i - O'_o
             out["diff_max"][layer] = (-shift).amax(0)
             out["diff_absmax"][layer] = shift.abs().amax(0)
             out["shift_mean"][layer] = shift.mean(0)
             out["act_mean"][layer] = o_det.float().mean(0)
             out["act_std"][layer] = o_det.float().std(0, correction=0)
-            out["act_last"][layer] = x[0, t_star].detach().to(torch.float32, copy=True)
+            out["act_last"][layer] = x[0, last].detach().to(torch.float32, copy=True)
             del shift
 
             def catch(grad: torch.Tensor) -> None:
-                g = grad[0, pos_o].float()  # dy_c/dO'_o [P, d_f]
+                g = grad[0, here].float()  # dy_c/dO'_o [P, d_f]
                 o, i = o_det.float(), inpainted_acts.pop(layer).float()
                 gc = o * g  # O'_o * dy_c/dO'_o
                 best, arg = gc.max(0)
@@ -161,13 +167,13 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
         return hook
 
     def on_act(layer):
-        def hook(x):  # act(gate(x)) [1, T, d_f]
-            out["actfn_last"][layer] = x[0, t_star].detach().to(torch.float32, copy=True)
+        def hook(x):  # act(gate(x)) [1, T - cached, d_f]
+            out["actfn_last"][layer] = x[0, t_star - prep_o.cached].detach().to(torch.float32, copy=True)
         return hook
 
     hooks = {("ffn", k): on_original(k) for k in layers} | {("ffn_act", k): on_act(k) for k in layers}
-    with torch.enable_grad(), gradient_anchor(adapter, prep_o.prompt_len), attached(adapter, hooks, prefill=prep_o.prompt_len):
-        logits = adapter.forward(prep_o, positions=prep_o.last_position[:1])  # [1, 1, V]: the head at t* only
+    with torch.enable_grad(), gradient_anchor(adapter, prep_o), attached(adapter, hooks, prefill=prep_o):
+        logits = logits_after_prefix(adapter, prep_o, prep_o.last_position[:1])  # [1, 1, V]: the head at t* only
         logits[0, 0, target.token_id].backward()
         del logits
     missing = [layer for layer in layers if layer not in out["gradcam_max"]]

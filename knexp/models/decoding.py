@@ -57,8 +57,13 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, apply_rotary_pos_emb,
-                                                      eager_attention_forward)
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 
 from knexp.models.batching import halved_after
 from knexp.user_errors import ConfigError
@@ -98,9 +103,51 @@ def _prefix_cache(lm, embeds: torch.Tensor, ids: tuple[int, ...]) -> DynamicCach
         if len(known) >= _PREFIXES_PER_MODEL:
             known.pop(next(iter(known)))
         cache = DynamicCache(config=lm.config)
-        _run_layers(lm, embeds, 0, len(lm.layers), cache)
+        with torch.no_grad():  # constants to every pass, also to identification's differentiated one
+            _run_layers(lm, embeds.detach(), 0, len(lm.layers), cache)
         known[key] = cache
     return known[key]
+
+
+def _shared_prefix(lm, prepared: Prepared, embeds: torch.Tensor, share: bool = True) -> tuple[int, DynamicCache | None]:
+    """(past: how many tokens before the image every row of an unpadded batch shares, 0 if they differ or with
+    ``share=False``; those tokens' cache from ``PREFIXES``, or None)."""
+    mask2d = prepared.inputs.get("attention_mask")
+    if mask2d is not None and not bool(mask2d.all()):
+        raise ValueError("knexp's passes with the shared prefix take unpadded prompts (every row the same prompt length)")
+    ids = prepared.input_ids
+    past = int(prepared.image_positions[:, 0].min()) if share else 0  # the tokens before the image
+    if past and not bool((ids[:, :past] == ids[:1, :past]).all()):
+        past = 0
+    return past, (_prefix_cache(lm, embeds[:1, :past], tuple(ids[0, :past].tolist())) if past else None)
+
+
+def _with_prefix(lm, prefix: DynamicCache | None, rows: int, layers: range) -> DynamicCache:
+    """A cache for ``rows`` rows holding ``prefix``'s keys and values of ``layers`` (expanded views, not copies)."""
+    cache = DynamicCache(config=lm.config)
+    for layer in layers if prefix is not None else ():
+        keys, values = prefix.layers[layer].keys, prefix.layers[layer].values  # [1, heads, past, d_head]
+        cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
+    return cache
+
+
+def logits_after_prefix(adapter: Adapter, prepared: Prepared, positions: torch.Tensor) -> torch.Tensor:
+    """``Adapter.forward(prepared, positions)``'s logits [B, K, V] at sequence positions ``positions`` (long [K], after
+    the image's first token), with the tokens before the image from the prefix cache: the pass runs over positions
+    past..T-1 only. Under the caller's grad mode (identification differentiates through it); hooks armed on ``prepared``
+    see that pass (``prepared.cached`` = past while it runs)."""
+    lm, head = adapter.language_model()
+    embeds = adapter.prompt_embeddings(prepared)  # [B, T, d_model]
+    past, prefix = _shared_prefix(lm, prepared, embeds)
+    if past and int(positions.min()) < past:
+        past, prefix = 0, None
+    cache = _with_prefix(lm, prefix, embeds.shape[0], range(len(lm.layers)))
+    prepared.cached = past
+    try:
+        hidden = _run_layers(lm, embeds[:, past:], 0, len(lm.layers), cache, past)  # [B, T - past, d_model]
+    finally:
+        prepared.cached = 0
+    return head(lm.norm(hidden[:, positions - past]))
 
 
 def _group_rows(groups: list, batch: int) -> tuple[list[int], torch.Tensor]:
@@ -126,33 +173,19 @@ def prefill(adapter: Adapter, prepared: Prepared, start_layer: int = 0, groups: 
     """The prompt's pass of an unpadded prepared batch, the tokens before the image from the prefix cache, layers below
     ``start_layer`` once per group of ``groups`` (default: every row its own group). Hooks armed on the adapter act on
     the layers they sit on (all must be >= ``start_layer``), at positions ``prepared.cached``..T-1."""
-    mask2d = prepared.inputs.get("attention_mask")
-    if mask2d is not None and not bool(mask2d.all()):
-        raise ValueError("greedy decoding here takes unpadded prompts (every row the same prompt length)")
     lm, head = adapter.language_model()
     embeds = adapter.prompt_embeddings(prepared)  # [B, T, d_model]
     batch, num_layers = embeds.shape[0], len(lm.layers)
-    ids = prepared.input_ids
-    past = int(prepared.image_positions[:, 0].min()) if share_prefix else 0  # the tokens before the image
-    if past and not bool((ids[:, :past] == ids[:1, :past]).all()):
-        past = 0
-    prefix = _prefix_cache(lm, embeds[:1, :past], tuple(ids[0, :past].tolist())) if past else None
-
-    def with_prefix(rows: int, layers: range) -> DynamicCache:
-        cache = DynamicCache(config=lm.config)
-        for layer in layers if past else ():
-            keys, values = prefix.layers[layer].keys, prefix.layers[layer].values  # [1, heads, past, d_head]
-            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
-        return cache
+    past, prefix = _shared_prefix(lm, prepared, embeds, share_prefix)
 
     with record_function("knexp.prefill"):  # labels for torch.profiler (the bench's profile by operator)
         rest = embeds[:, past:]  # [B, T - past, d_model]
-        cache = with_prefix(batch, range(start_layer, num_layers))
+        cache = _with_prefix(lm, prefix, batch, range(start_layer, num_layers))
         prepared.cached = past  # the prompt's pass now covers positions past..T-1: hooks index it so
         try:
             if start_layer > 0:
                 firsts, row_group = _group_rows(groups if groups is not None else list(range(batch)), batch)
-                clean = with_prefix(len(firsts), range(start_layer))
+                clean = _with_prefix(lm, prefix, len(firsts), range(start_layer))
                 below = _run_layers(lm, rest[firsts], 0, start_layer, clean, past)  # [G, T - past, d]: clean states entering it
                 index = row_group.to(embeds.device)
                 for layer in range(start_layer):

@@ -73,8 +73,9 @@ def attached(adapter: Adapter, hooks: dict[tuple[str, int], Hook], prefill: int 
 
 
 @contextmanager
-def gradient_anchor(adapter: Adapter, prompt_len: int) -> Iterator[None]:
-    """Make every later activation of a ``prompt_len`` pass part of the autograd graph, cheaply.
+def gradient_anchor(adapter: Adapter, prefill: Prepared | int) -> Iterator[None]:
+    """Make every later activation of a pass of ``prefill`` (a prepared prompt's pass, or a pass of that length) part
+    of the autograd graph, cheaply.
 
     A zero scalar that requires grad is added to the first decoder layer's input: values are unchanged,
     but each layer's O^l now has a gradient path, so a tensor hook on O^l receives dy/dO^l in the one
@@ -84,7 +85,7 @@ def gradient_anchor(adapter: Adapter, prompt_len: int) -> Iterator[None]:
     def anchor(h: torch.Tensor) -> torch.Tensor:
         return h + torch.zeros((), dtype=h.dtype, device=h.device, requires_grad=True)
 
-    with attached(adapter, {("resid_pre", 0): anchor}, prefill=prompt_len):
+    with attached(adapter, {("resid_pre", 0): anchor}, prefill=prefill):
         yield
 
 
@@ -165,7 +166,7 @@ def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = 
 
     with contextlib.ExitStack() as stack:
         if with_grad:
-            stack.enter_context(gradient_anchor(adapter, prepared.prompt_len))
+            stack.enter_context(gradient_anchor(adapter, prepared))
         stack.enter_context(attached(adapter, {(site, layer): make_hook(layer) for layer in layers_}, prepared))
         yield rec
 
