@@ -376,12 +376,12 @@ def test_the_transposed_product_rounds_as_the_linear_layer(rows, inputs, outputs
 
     torch.manual_seed(rows)
     module = torch.nn.Linear(inputs, outputs, bias=bias)
-    x = torch.randn(rows, inputs)
+    x = torch.randn(rows, 1, inputs)  # one position per row, as in a decoding step
     with torch.no_grad():
         expected = module(x)
         assert torch.equal(_linear(module, x), expected)
         if rows >= 12:
-            assert torch.equal(_linear(module, x.T.contiguous().T), expected)
+            assert torch.equal(_linear(module, x[:, 0].T.contiguous().T[:, None]), expected)
 
 
 def test_the_mlp_without_its_module_call_is_the_modules_own_and_a_hook_still_fires():
@@ -394,7 +394,7 @@ def test_the_mlp_without_its_module_call_is_the_modules_own_and_a_hook_still_fir
 
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=576, intermediate_size=1536, hidden_act="silu"))
-    x = torch.randn(64, 576)
+    x = torch.randn(64, 1, 576)
     with torch.no_grad():
         expected = mlp(x)
         assert torch.equal(_mlp(mlp, x), expected)
@@ -406,3 +406,26 @@ def test_the_mlp_without_its_module_call_is_the_modules_own_and_a_hook_still_fir
             handle.remove()
     assert seen == [(64, 1, 1536)]
     assert torch.equal(edited, torch.zeros_like(edited))
+
+
+def test_hooks_guarded_to_the_prompt_pass_keep_the_steps_products_and_other_hooks_are_called():
+    """An intervention's hooks (``attached`` with the prompt's pass as guard) cannot act on a decoding step, so the step
+    still bypasses the modules they sit on; a hook without that guard makes the step call the module (``_mlp``,
+    ``_linear``) or, on a layer, the model's own forward (``_merged``)."""
+    from knexp.models.decoding import _hooked, _merged
+    from knexp.models.tiny import tiny_adapter
+
+    adapter = tiny_adapter("llava", layers=2)
+    lm, _ = adapter.language_model()
+    prepared, _ = _rows(adapter, images=1, per_image=2)
+    down, layer = adapter.site("ffn", 0)[0], lm.layers[1]
+    assert not _hooked(down) and _merged(lm)
+    with intervene(adapter, prepared, {0: LayerEdit(torch.tensor([1]), add=torch.zeros(2, adapter.num_image_tokens))}):
+        assert down._forward_pre_hooks and not _hooked(down)
+    handles = [down.register_forward_pre_hook(lambda m, args: None), layer.register_forward_hook(lambda m, args, out: None)]
+    try:
+        assert _hooked(down) and not _merged(lm)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not _hooked(down) and _merged(lm)

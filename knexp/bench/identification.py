@@ -28,6 +28,7 @@ import torch
 from knexp.identification import methods as M
 from knexp.identification.passes import Target, compute_stats
 from knexp.models.decoding import logits_after_prefix
+from knexp.models.hooks import gradient_anchor
 
 
 def _bare_passes(adapter, original, inpainted, target: Target) -> None:
@@ -117,9 +118,9 @@ def _memory_child(mode: str) -> None:
         prep_o = adapter.prepare([original], continuations=[target.context])
         with torch.no_grad():  # the passes compute_stats runs (the tokens before the image cached), without its hooks
             logits_after_prefix(adapter, prep_i, prep_i.last_position[:1])
-        emb = adapter.model.get_input_embeddings()
-        emb.weight.requires_grad_(True)  # a leaf so the bare backward runs through every layer
-        with torch.enable_grad():
+        # the backward runs through every layer from a zero that requires grad at layer 0's input, compute_stats' own
+        # anchor (the LLaVA adapter builds the prompt's embeddings without autograd)
+        with torch.enable_grad(), gradient_anchor(adapter, prep_o):
             logits_after_prefix(adapter, prep_o, prep_o.last_position[:1])[0, 0, target.token_id].backward()
     else:
         stats = compute_stats(adapter, original, inpainted, target)

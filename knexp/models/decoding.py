@@ -5,7 +5,8 @@ through both. They give the same new tokens as the adapter's ``generate`` (greed
 with these savings:
 
 * **The shared prefix once.** The prompt tokens before the image (system turn, user header) are the same in every row
-  and every batch: their KV cache is computed for one row, once per model and prefix (``PREFIXES``), and shared by all.
+  and every batch: their KV cache is computed for one row, once per model and prefix (``PREFIXES``), and shared by all,
+  identification's passes included (``logits_after_prefix``).
 * **Reuse below the lowest edited layer.** An intervention on layers >= l_min at image positions cannot change any
   position's state below l_min: attention is causal and the FFN acts per position. With ``start_layer = l_min`` and
   ``groups`` (rows of one group share their prompt, e.g. one image under several noise draws), layers 0..l_min-1 run
@@ -25,8 +26,9 @@ with these savings:
   0.39 s without (measured under torch.profiler, the same tokens).
 * **Decoding products the fast way round.** With few rows, torch's float32 product on this CPU runs y^T = W x^T
   1.2x to 1.6x faster than y = x W^T, and from 12 rows it rounds every element the same (``_linear``). A decoding
-  step's projections, MLPs and LM head, and the prompt pass's LM head, take it (the 64 captions of the utilisation
-  bench: 12.2 s -> 10.7 s, the same tokens); a module with a hook armed is called as it is.
+  step's projections, MLPs and LM head, and the prompt pass's LM head, take it (a 30-layer step's products at 64 rows:
+  0.23 s -> 0.15 s; the same tokens). A module with a hook that could act on a step is called as it is; an
+  intervention's hooks, guarded to the prompt's pass, cannot.
 
 A row's tokens do not depend on its batch: tests compare them with the model's own ``generate`` on the tiny models of
 every adapter and on the embedded model, for interventions on one layer and on many, and for streams of several
@@ -196,7 +198,7 @@ def prefill(adapter: Adapter, prepared: Prepared, start_layer: int = 0, groups: 
             prepared.cached = 0
         # the last position's rows made contiguous: the head is then one matrix product over the rows, where a strided
         # [B, 1, d] view takes a batched product of B single rows (measured: 3.4x slower at 16 rows, 49,152 tokens)
-        return Prefilled(cache, _linear(head, hidden[:, -1].contiguous()).float())
+        return Prefilled(cache, _linear(head, hidden[:, -1:].contiguous())[:, 0].float())
 
 
 @dataclass
@@ -214,9 +216,10 @@ class _Cohort:
 
 
 def _merged(lm) -> bool:
-    """Whether every layer is a ``LlamaDecoderLayer`` with ``LlamaAttention``, whose forwards ``_step`` splits."""
+    """Whether every layer is a ``LlamaDecoderLayer`` with ``LlamaAttention``, whose forwards ``_step`` splits, and no
+    hook that could act on a decoding step sits on a layer or its attention (``_step`` does not call them)."""
     return all(type(layer).forward is LlamaDecoderLayer.forward and type(layer.self_attn).forward is LlamaAttention.forward
-               for layer in lm.layers)
+               and not _hooked(layer, layer.self_attn) for layer in lm.layers)
 
 
 _ROOM = 16  # positions a cohort's cache grows by at once (``_append``)
@@ -262,34 +265,37 @@ _TRANSPOSED_FROM = 12  # rows from which ``_linear`` takes the transposed produc
 
 
 def _hooked(*modules: nn.Module) -> bool:
-    """Whether any of ``modules`` has a forward hook or pre-hook (then it must be called, not bypassed)."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    """Whether any of ``modules`` has a forward hook or pre-hook that could act on a decoding step (then the module must
+    be called, not bypassed). Hooks that ``knexp.models.hooks.attached`` guards to a prompt's pass (``prompt_pass_only``:
+    an intervention, a recording) cannot, and do not count."""
+    return any(not getattr(h, "prompt_pass_only", False)
+               for m in modules for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))
 
 
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for x [R, in]: [R, out]. For an ``nn.Linear`` without hooks on the CPU, with at least
-    ``_TRANSPOSED_FROM`` rows, y = x W^T + b is computed as the transposed product (W x^T + b)^T, a view of an [out, R]
-    result. torch's float32 product on this CPU runs the decoding step's shapes (R = 16 to 128 rows against 576 x 1536,
-    1536 x 576, 576 x 576 and the 576 x 49,152 LM head) 1.2x to 1.6x faster that way round (a whole 30-layer step at 64
-    rows: 0.15 s against 0.23 s), and rounds each element the same as ``F.linear`` from 12 rows on, bit for bit, for
-    contiguous and transposed inputs (measured for every R up to 129; tested). Below 12 rows the two round differently
-    in the last bit, so fewer rows take ``module`` itself, as does a module with a hook: it is called on [R, 1, in], one
-    position per row as in the model's own decoding step, so a hook sees the tensors it would see there."""
+    """``module(x)`` for x [R, 1, in] (one position per row): [R, 1, out]. For an ``nn.Linear`` on the CPU with no hook
+    that could act here (``_hooked``) and at least ``_TRANSPOSED_FROM`` rows, y = x W^T + b is computed as the
+    transposed product (W x^T + b)^T, a view of an [out, R] result. torch's float32 product on this CPU runs the
+    decoding step's shapes (R = 16 to 128 rows against 576 x 1536, 1536 x 576, 576 x 576 and the 576 x 49,152 LM head)
+    1.2x to 1.6x faster that way round (a whole 30-layer step's products at 64 rows: 0.15 s against 0.23 s), and rounds
+    each element the same as ``F.linear`` from 12 rows on, bit for bit, for contiguous and transposed inputs (measured
+    for every R up to 129; tested). Below 12 rows the two round differently in the last bit, so fewer rows take the
+    module itself, as does a hooked module (its hooks see what the model's own decoding step would give them)."""
     if type(module) is not nn.Linear or _hooked(module) or x.device.type != "cpu" or x.shape[0] < _TRANSPOSED_FROM:
-        return module(x[:, None])[:, 0]
+        return module(x)
+    rows = x[:, 0]  # [R, in]
     if module.bias is None:
-        return torch.mm(module.weight, x.T).T
-    return torch.addmm(module.bias[:, None], module.weight, x.T).T
+        return torch.mm(module.weight, rows.T).T[:, None]
+    return torch.addmm(module.bias[:, None], module.weight, rows.T).T[:, None]
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mlp(x)`` for x [R, d_model]: ``LlamaMLP.forward``, down(act(gate(x)) * up(x)), through ``_linear``, when neither
-    the MLP nor its parts carry hooks. An armed hook (e.g. a test's row counter) makes it call the module on [R, 1, d_model],
-    as the model's own decoding step would."""
+    """``mlp(x)`` for x [R, 1, d_model]: ``LlamaMLP.forward``, down(act(gate(x)) * up(x)), its products through
+    ``_linear``, when neither the MLP nor its parts carry a hook that could act on a decoding step; else the module."""
     parts = (mlp, getattr(mlp, "gate_proj", mlp), getattr(mlp, "up_proj", mlp), getattr(mlp, "down_proj", mlp),
              getattr(mlp, "act_fn", mlp))
     if type(mlp).forward is not LlamaMLP.forward or _hooked(*parts):
-        return mlp(x[:, None])[:, 0]
+        return mlp(x)
     return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
 
 
@@ -317,21 +323,21 @@ def _step(lm, head, cohorts: list[_Cohort]) -> None:
     over its own cache, at its own position), and the norms, the projections, the MLP and the LM head run once over the
     rows of all cohorts: these act on each row alone, so a row's tokens are those of its cohort alone (up to the
     rounding noted in the module docstring), while the GEMMs see every row in flight. The products go through
-    ``_linear`` and ``_mlp`` (hidden states [R, d_model]). Another layer type takes the model's own forward, per
-    cohort."""
+    ``_linear`` and ``_mlp``. Another layer type, or a hook that could act on the step on a layer or its attention, takes
+    the model's own forward, per cohort."""
     if not _merged(lm):
         for c in cohorts:
             out = lm(inputs_embeds=lm.embed_tokens(c.token)[:, None], past_key_values=c.cache, use_cache=True)
             c.logits = head(out.last_hidden_state[:, -1:, :])[:, -1].float()
         return
     sizes = [len(c.rows) for c in cohorts]
-    hidden = lm.embed_tokens(torch.cat([c.token for c in cohorts]))  # [R, d_model]
+    hidden = lm.embed_tokens(torch.cat([c.token for c in cohorts]))[:, None]  # [R, 1, d_model]
     contexts = []  # per cohort, as LlamaModel.forward makes them: (mask, rotary embeddings (cos, sin))
     for c, part in zip(cohorts, hidden.split(sizes), strict=True):
         positions = torch.tensor([[c.cache.get_seq_length()]], device=hidden.device)
-        mask = create_causal_mask(config=lm.config, inputs_embeds=part[:, None], attention_mask=None, past_key_values=c.cache,
+        mask = create_causal_mask(config=lm.config, inputs_embeds=part, attention_mask=None, past_key_values=c.cache,
                                   position_ids=positions)
-        contexts.append((mask, lm.rotary_emb(part[:, None], position_ids=positions)))
+        contexts.append((mask, lm.rotary_emb(part, position_ids=positions)))
     for index, layer in enumerate(lm.layers):
         attn = layer.self_attn
         residual = hidden
@@ -346,10 +352,10 @@ def _step(lm, head, cohorts: list[_Cohort]) -> None:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             k, v = _append(c, index, k, v)
             attended.append(_attend(attn, q, k, v, mask))
-        hidden = residual + _linear(attn.o_proj, torch.cat(attended)[:, 0])
+        hidden = residual + _linear(attn.o_proj, torch.cat(attended))
         residual = hidden
         hidden = residual + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
-    logits = _linear(head, lm.norm(hidden)).float()  # [R, V]
+    logits = _linear(head, lm.norm(hidden))[:, 0].float()  # [R, V]
     for c, part in zip(cohorts, logits.split(sizes), strict=True):
         c.logits = part
 

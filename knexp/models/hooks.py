@@ -34,7 +34,9 @@ def attached(adapter: Adapter, hooks: dict[tuple[str, int], Hook], prefill: int 
     """Call ``hooks[(site, l)](x)`` on the tensor x [B, T, d] of hook site ``site`` in layer l (``Adapter.site``): an
     input site's hook runs before its module uses x, an output site's after the module made it; a returned tensor
     replaces x. With ``prefill``, only passes of that sequence length are seen (a prepared prompt's: its ``pass_len``,
-    read when the pass runs): the one prefill guard. The hooks are always removed."""
+    read when the pass runs): the one prefill guard. Such hooks are marked ``prompt_pass_only``: a prompt's pass holds
+    the image's tokens, so they never act on a decoding step's one position, and ``knexp.models.decoding`` may compute a
+    step without calling the modules they sit on. The hooks are always removed."""
 
     def seen(x: torch.Tensor) -> bool:
         return prefill is None or x.shape[1] == (prefill.pass_len if isinstance(prefill, Prepared) else prefill)
@@ -50,12 +52,14 @@ def attached(adapter: Adapter, hooks: dict[tuple[str, int], Hook], prefill: int 
                 return args, {**kwargs, "hidden_states": new}
             return (new, *args[1:]), kwargs
 
+        pre_hook.prompt_pass_only = prefill is not None
         return pre_hook
 
     def after(hook: Hook):
         def post_hook(module, args, output):
             return hook(output) if seen(output) else None
 
+        post_hook.prompt_pass_only = prefill is not None
         return post_hook
 
     handles = []
