@@ -87,13 +87,15 @@ def test_selection_is_deterministic_and_stops_at_the_requested_number(tmp_path, 
     assert [x.image_id for x in a.accepted] != [x.image_id for x in c.accepted]
 
 
-def test_a_second_method_reuses_the_passes(tmp_path, catalog):
+def test_a_second_method_reuses_the_passes(tmp_path, catalog, monkeypatch):
+    from knexp.identification import passes
+
     data = _coco(tmp_path, {1: [(6, (10, 10, 30, 30))]})
     adapter = SplicedAdapter(tiny_embedded(layers=3))
     adapter.model.float()
     calls = []
-    real_forward = adapter.forward
-    adapter.forward = lambda prepared, **kw: calls.append(1) or real_forward(prepared, **kw)
+    real_pass = passes.logits_after_prefix  # compute_stats' passes
+    monkeypatch.setattr(passes, "logits_after_prefix", lambda *args: calls.append(1) or real_pass(*args))
     cand = Candidate(1, 1, "bus", True, "", "the image shows a bus and a clock.", "the image shows a clock.")
     thresholds = QuantileRule(name="quantile", q_a=0.99, q_g=0.5, min_g=0.0)
     captioner = Captioner(adapter, "tiny", Store(None, "captions"))
