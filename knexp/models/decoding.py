@@ -140,9 +140,8 @@ def logits_after_prefix(adapter: Adapter, prepared: Prepared, positions: torch.T
     see that pass (``prepared.cached`` = past while it runs)."""
     lm, head = adapter.language_model()
     embeds = adapter.prompt_embeddings(prepared)  # [B, T, d_model]
-    past, prefix = _shared_prefix(lm, prepared, embeds)
-    if past and int(positions.min()) < past:
-        past, prefix = 0, None
+    # a position inside the prefix would need its hidden state: then no prefix (and no cache computed for it)
+    past, prefix = _shared_prefix(lm, prepared, embeds, share=int(positions.min()) >= int(prepared.image_positions[:, 0].min()))
     cache = _with_prefix(lm, prefix, embeds.shape[0], range(len(lm.layers)))
     prepared.cached = past
     try:
@@ -292,9 +291,7 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``mlp(x)`` for x [R, 1, d_model]: ``LlamaMLP.forward``, down(act(gate(x)) * up(x)), its products through
     ``_linear``, when neither the MLP nor its parts carry a hook that could act on a decoding step; else the module."""
-    parts = (mlp, getattr(mlp, "gate_proj", mlp), getattr(mlp, "up_proj", mlp), getattr(mlp, "down_proj", mlp),
-             getattr(mlp, "act_fn", mlp))
-    if type(mlp).forward is not LlamaMLP.forward or _hooked(*parts):
+    if type(mlp).forward is not LlamaMLP.forward or _hooked(mlp, mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn):
         return mlp(x)
     return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
 
