@@ -199,6 +199,11 @@ class Session:
                                                          decode_width=gen.get("decode_width")))
 
     @property
+    def heatmap_store(self) -> Store:
+        """The heatmaps' token values (``paths.cache_dir``/heatmaps, ``knexp.reporting.figures.neuron_heatmap``)."""
+        return self._once("heatmap_store", lambda: Store(self.cache_root, "heatmaps"))
+
+    @property
     def inpaint_cache(self) -> InpaintCache:
         return self._once("inpaint_cache", lambda: InpaintCache(self.cache_root))
 
@@ -304,14 +309,15 @@ class Session:
 
         layer, unit = int(result.neurons.layers[rank]), int(result.neurons.units[rank])
         image = self.data.load_image(result.candidate.image_id)
-        values, iou = neuron_heatmap(self.adapter, image, layer, unit, self.data.instance_mask(result.candidate.annotation_id))
+        values, iou = neuron_heatmap(self.adapter, image, layer, unit, self.data.instance_mask(result.candidate.annotation_id),
+                                     self.heatmap_store, [self.model_key, self.dataset_id, result.candidate.image_id])
         return Heatmap(layer, unit, result.candidate.image_id, values, iou)
 
     def figure(self, result: SampleResult, path: str | Path, rank: int = 0) -> Path:
         """Fig. 3's panel for the ``rank``-th neuron of a sample's set: original, inpainted, heatmap, decoded tokens."""
         from knexp.reporting.figures import sample_panel
 
-        sample_panel(self.adapter, self.selector, result, path, rank)
+        sample_panel(self.adapter, self.selector, result, path, rank, store=self.heatmap_store)
         return Path(path)
 
     # ---- what a job reports --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from knexp.models.geometry import PatchGeometry
 from knexp.models.spliced import SplicedAdapter
 from knexp.models.tiny import tiny_minigpt4
 from knexp.reporting.analysis import decode_neuron, layer_histogram_png, mask_iou, token_heatmap
+from knexp.store import Store
 
 
 def test_decoded_tokens_are_the_top_of_wu_times_wout():
@@ -56,6 +57,18 @@ def test_neuron_heatmap_and_its_panel(tmp_path):
     assert iou == mask_iou(heat, mask) and 0 <= iou <= 1
     path = neuron_panel(image, image[::-1], heat, mask, decode_neuron(adapter, 1, 5), "L1 U5 · ours · q95 IoU 0.10", tmp_path / "p.png")
     assert path.stat().st_size > 20_000  # four panels at 13 x 3.6 inches
+
+    # through a store: the same heatmap, computed once (a rerun draws it without a pass), keyed by image and neuron
+    store, passes = Store(tmp_path / "cache", "heatmaps"), []
+    run_hooks = type(adapter).run_hooks
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(adapter), "run_hooks", lambda self, *a, **kw: passes.append(1) or run_hooks(self, *a, **kw))
+        for _ in range(2):
+            stored, stored_iou = neuron_heatmap(adapter, image, 1, 5, mask, store, ["tiny", "toy", 42])
+            assert np.array_equal(stored, heat) and stored_iou == iou
+        assert (len(passes), store.misses, store.hits) == (1, 1, 1)
+        other, _ = neuron_heatmap(adapter, image, 1, 6, mask, store, ["tiny", "toy", 42])
+        assert len(passes) == 2 and not np.array_equal(other, heat)
 
 
 def test_histogram_file(tmp_path):

@@ -148,6 +148,15 @@ def test_evaluate_on_the_embedded_model_writes_scores_and_figures(tmp_path):
     figures = {p.name for p in (tmp_path / "job" / "figures").iterdir()}
     assert "layers.png" in figures and sum(f.startswith("neuron_") for f in figures) == 2
     assert all(len(n["decoded"][0]["tokens"]) == 10 for n in json.loads((tmp_path / "job" / "neurons.json").read_text()))
+    assert m["cache"]["heatmaps_computed"] == 2
+    # the same job into a new folder: its captions and its figures' heatmaps all come from the cache, unchanged
+    again = subprocess.run([a.replace(f"{tmp_path}/job", f"{tmp_path}/job2") for a in r.args], cwd=project_root(),
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    m2 = json.loads((tmp_path / "job2" / "metrics.json").read_text())
+    assert m2["cache"]["captions_computed"] == 0 and m2["cache"]["heatmaps_computed"] == 0
+    assert m2["neurons"] == m["neurons"] and m2["table2"] == m["table2"]
+    assert (tmp_path / "job2" / "neurons.json").read_text() == (tmp_path / "job" / "neurons.json").read_text()
 
 
 def test_evaluate_with_the_inpainted_patch_at_a_size_ladder(tmp_path):

@@ -165,16 +165,26 @@ def test_deterministic_interventions_equal_a_hand_patch(adapter):
         intervened_captions(adapter, images, rows, neurons, Intervention("inpainted"), SetValues(), 0)
 
 
-def test_counterfactual_values_of_each_set_come_from_one_union_pass(adapter):
+def test_counterfactual_values_of_each_set_come_from_one_union_pass_run_on_the_first_read(adapter, monkeypatch):
     images = _images(3)
     sets = [_set([2, 0, 2], [5, 1, 7]), _set([0, 1], [1, 9]), _set([], [])]
+    passes = []
+    run_hooks = type(adapter).run_hooks
+    monkeypatch.setattr(type(adapter), "run_hooks", lambda self, *a, **kw: passes.append(1) or run_hooks(self, *a, **kw))
     got = counterfactual_values(adapter, {4: images[0], 7: images[2]}, sets)
+    assert [sorted(v) for v in got] == [[4, 7]] * 3 and 7 in got[1] and 5 not in got[1]
+    assert SetValues(counterfactual=got[0]).key()[-1] == [4, 7]  # the caption store's key reads no value
+    assert not passes, "no pass before a value is read"
+    read = [{i: v[i] for i in v} for v in got]
+    assert len(passes) == 1, "one pass (one batch) for every set"
     for neurons, values in zip(sets[:2], got[:2], strict=True):
         direct = unit_values(adapter, [images[0], images[2]], neurons)
         assert set(values) == {4, 7}
         np.testing.assert_allclose(values[4], direct[0], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(values[7], direct[1], rtol=1e-5, atol=1e-6)
-    assert got[2][4].shape == (adapter.num_image_tokens, 0)
+    assert read[2][4].shape == (adapter.num_image_tokens, 0)
+    with pytest.raises(KeyError):
+        got[0][5]
 
 
 def test_curve_scores_by_hand():

@@ -18,6 +18,8 @@ The last three are deterministic: one caption per image (level 0, draw 0).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,7 +84,7 @@ class SetValues:
     scale: np.ndarray | None = None  # noise: the multiplier of v for each neuron
     shift: np.ndarray | None = None  # inpainted, images without k: delta_u
     fixed: np.ndarray | None = None  # zero and mean: the value each neuron is set to
-    counterfactual: dict[int, np.ndarray] | None = None  # inpainted, images with k: image index -> [P, U] values
+    counterfactual: Mapping[int, np.ndarray] | None = None  # inpainted, images with k: image index -> [P, U] values
 
     def key(self) -> list:
         """What captions depend on (for the caption store); counterfactual values follow from the image's identity."""
@@ -202,22 +204,52 @@ def unit_values(adapter: Adapter, images: list[np.ndarray], neurons: NeuronSet, 
     return out
 
 
+class _Deferred(Mapping):
+    """{image index: [P, U] values}, with its keys known up front and its values made by ``compute()`` (shared by
+    several mappings, run at most once) on the first read of any value."""
+
+    def __init__(self, keys: list[int], compute: Callable[[], dict[int, np.ndarray]]):
+        self._keys, self._compute = list(keys), compute
+
+    def __getitem__(self, key: int) -> np.ndarray:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._compute()[key]
+
+    def __contains__(self, key) -> bool:  # Mapping's own reads the value
+        return key in self._keys
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def counterfactual_values(adapter: Adapter, removed: dict[int, np.ndarray], sets: list[NeuronSet],
-                          batch_size: int = 16) -> list[dict[int, np.ndarray]]:
+                          batch_size: int = 16) -> list[Mapping[int, np.ndarray]]:
     """For each set, {image index: [P, U] values of its neurons on that image with k removed} (the inpainted
-    intervention's values on the images of k), from one pass over ``removed`` for the union of the sets' neurons."""
+    intervention's values on the images of k), from one pass over ``removed`` for the union of the sets' neurons.
+    The pass runs when a value is first read, so captions that all come from the caption store (whose keys name the
+    images, not the values: ``SetValues.key``) cost no pass."""
     union = NeuronSet.union(sets)
     column = {pair: c for c, pair in enumerate(zip(union.layers.tolist(), union.units.tolist(), strict=True))}
     index = list(removed)
-    values = unit_values(adapter, [removed[i] for i in index], union, batch_size)  # [N, P, U_union]
-    out = []
-    for neurons in sets:
-        cols = [column[pair] for pair in zip(neurons.layers.tolist(), neurons.units.tolist(), strict=True)]
-        out.append(dict(zip(index, values[:, :, cols], strict=True)))
-    return out
+
+    @functools.cache
+    def per_set() -> list[dict[int, np.ndarray]]:
+        values = unit_values(adapter, [removed[i] for i in index], union, batch_size)  # [N, P, U_union]
+        out = []
+        for neurons in sets:
+            cols = [column[pair] for pair in zip(neurons.layers.tolist(), neurons.units.tolist(), strict=True)]
+            out.append(dict(zip(index, values[:, :, cols], strict=True)))
+        return out
+
+    return [_Deferred(index, lambda s=s: per_set()[s]) for s in range(len(sets))]
 
 
-def set_values(how: Intervention, neurons: NeuronSet, reference=None, counterfactual: dict[int, np.ndarray] | None = None) -> SetValues:
+def set_values(how: Intervention, neurons: NeuronSet, reference=None,
+               counterfactual: Mapping[int, np.ndarray] | None = None) -> SetValues:
     """What ``how`` needs of ``neurons``: its spread (relative noise) or its layer's spread over the ``reference``
     statistics (calibrated noise, ``knexp.identification.reference.ReferenceStats``), its shift and the images'
     ``counterfactual`` values (inpainted), zeros, or its reference mean (mean)."""

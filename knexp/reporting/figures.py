@@ -20,15 +20,30 @@ from knexp.io import atomic_write_text
 from knexp.models.adapter import Adapter
 from knexp.models.hooks import record
 from knexp.reporting.analysis import decode_neuron, layer_histogram_png, mask_iou, pyplot, save_figure, token_heatmap
+from knexp.store import Store, stable_key
 
 
 @torch.no_grad()
-def neuron_heatmap(adapter: Adapter, image: np.ndarray, layer: int, unit: int, instance_mask: np.ndarray) -> tuple[np.ndarray, float]:
-    """(float [H, W]: O'^l[p, u] over the pixels each image token p covers, the q95 IoU with ``instance_mask``)."""
+def token_values(adapter: Adapter, image: np.ndarray, layer: int, unit: int) -> np.ndarray:
+    """float32 [P]: O'^l[p, u] at each image token p of ``image`` (one pass, recorded at ``layer``)."""
     prepared = adapter.prepare([image])
     with record(adapter, prepared, layers=[layer]) as rec:
         adapter.run_hooks(prepared)
-    heat = token_heatmap(rec.activations[layer][0, :, unit].numpy(), adapter.geometry, *image.shape[:2])
+    return rec.activations[layer][0, :, unit].numpy()
+
+
+def neuron_heatmap(adapter: Adapter, image: np.ndarray, layer: int, unit: int, instance_mask: np.ndarray,
+                   store: Store | None = None, image_key: list | None = None) -> tuple[np.ndarray, float]:
+    """(float [H, W]: O'^l[p, u] over the pixels each image token p covers, the q95 IoU with ``instance_mask``). With
+    ``store``, the token values are read from it under ``image_key`` (the model's, the data's and the image's identity)
+    or computed once and stored (float32 values round-trip exactly through JSON)."""
+    if store is None:
+        values = token_values(adapter, image, layer, unit)
+    else:
+        key = stable_key("token_values", image_key, layer, unit)
+        stored = store.get_many([key], lambda _: [token_values(adapter, image, layer, unit).tolist()])[0]
+        values = np.asarray(stored, np.float32)
+    heat = token_heatmap(values, adapter.geometry, *image.shape[:2])
     return heat, mask_iou(heat, instance_mask)
 
 
@@ -58,21 +73,24 @@ def neuron_panel(original: np.ndarray, inpainted: np.ndarray, heat: np.ndarray, 
 
 
 def sample_panel(adapter: Adapter, selector: Selector, result: SampleResult, path: str | Path, rank: int = 0,
-                 tokens: list[str] | None = None) -> tuple[np.ndarray, float]:
+                 tokens: list[str] | None = None, store: Store | None = None) -> tuple[np.ndarray, float]:
     """Fig. 3's panel for the ``rank``-th neuron of a sample's set, written to ``path`` (``tokens``: its decoded top tokens,
-    decoded here when not given); returns (the heatmap float [H, W], its q95 IoU with the instance)."""
+    decoded here when not given; ``store``: the heatmaps' token values, ``neuron_heatmap``); returns (the heatmap float
+    [H, W], its q95 IoU with the instance)."""
     cand = result.candidate
     image, mask = selector.data.load_image(cand.image_id), selector.data.instance_mask(cand.annotation_id)
     layer, unit = int(result.neurons.layers[rank]), int(result.neurons.units[rank])
-    heat, iou = neuron_heatmap(adapter, image, layer, unit, mask)
+    heat, iou = neuron_heatmap(adapter, image, layer, unit, mask, store, [selector.captioner.model_key, selector.dataset_id, cand.image_id])
     neuron_panel(image, selector.inpainted(cand), heat, mask, decode_neuron(adapter, layer, unit) if tokens is None else tokens,
                  f"L{layer} U{unit} · {result.neurons.method} · {cand.knowledge} · q95 IoU {iou:.2f}", path)
     return heat, iou
 
 
-def neuron_figures(adapter: Adapter, selector: Selector, results: list[SampleResult], out: str | Path) -> list[dict]:
+def neuron_figures(adapter: Adapter, selector: Selector, results: list[SampleResult], out: str | Path,
+                   store: Store | None = None) -> list[dict]:
     """A panel for the top neuron of each sample's set (``figures/neuron_<image>_L<l>_U<u>.png``) and ``neurons.json``
-    (that neuron, its q95 IoU and the decoded top-10 tokens of the set's five best neurons); returns the summary rows."""
+    (that neuron, its q95 IoU and the decoded top-10 tokens of the set's five best neurons); returns the summary rows.
+    ``store`` keeps the heatmaps' token values, so a rerun draws them without a pass."""
     fig_dir = Path(out) / "figures"
     rows = []
     for res in results:
@@ -83,7 +101,7 @@ def neuron_figures(adapter: Adapter, selector: Selector, results: list[SampleRes
         decoded = [{"layer": int(lay), "unit": int(u), "tokens": decode_neuron(adapter, int(lay), int(u))}
                    for lay, u in zip(res.neurons.layers[:5], res.neurons.units[:5], strict=True)]
         name = f"neuron_{cand.image_id}_L{layer}_U{unit}.png"
-        _, iou = sample_panel(adapter, selector, res, fig_dir / name, tokens=decoded[0]["tokens"])
+        _, iou = sample_panel(adapter, selector, res, fig_dir / name, tokens=decoded[0]["tokens"], store=store)
         rows.append({"image_id": cand.image_id, "top_neuron": [layer, unit], "figure": name, "iou_q95": iou, "decoded": decoded})
     atomic_write_text(Path(out) / "neurons.json", json.dumps(rows, indent=1))
     return [{k: r[k] for k in ("image_id", "top_neuron", "iou_q95")} for r in rows]

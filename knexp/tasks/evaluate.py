@@ -57,9 +57,10 @@ class EvaluateTask:
         metrics["neurons"] = []
         if found.results and not self.sizes:
             layer_figure(metrics["per_layer"], found.method.name, found.knowledge, out)
-            metrics["neurons"] = neuron_figures(adapter, session.selector, found.results, out)
+            metrics["neurons"] = neuron_figures(adapter, session.selector, found.results, out, session.heatmap_store)
         metrics["data_faults"] = write_data_faults(out, session.data.audit)
-        metrics["cache"] = {"captions_from_cache": store.hits, "captions_computed": store.misses}
+        metrics["cache"] = {"captions_from_cache": store.hits, "captions_computed": store.misses,
+                            "heatmaps_computed": session.heatmap_store.misses}
         metrics["wall_time_s"] = round(time.time() - t0, 1)
         logger = session.logger()
         logger.log_table("captions", evaluation.table)
