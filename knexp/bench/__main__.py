@@ -2,7 +2,8 @@
 
 hook_overhead: batched greedy captioning on the embedded model with intervention hooks armed (zero
 noise on ``units`` neurons in every layer) versus no hooks; the target is a ratio <= 1.05. Runs
-alternate (plain, hooked) and the median of each is compared, so drift on a busy machine hits both.
+alternate, in the reverse order every other round (``knexp.bench.timing``), and the median of each is compared, so
+drift on a busy machine and the order of the pair hit both.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,13 +21,14 @@ import torch
 from knexp.bench.caption_speed import MFU_HEADING, REUSE_HEADING, mfu_markdown, reuse_and_decode, reuse_markdown, utilisation
 from knexp.bench.data import annotation_pass
 from knexp.bench.sweeps import grids, launchers
+from knexp.bench.timing import alternating
 from knexp.data.toyworld.scenes import SceneOptions, make_scene
 from knexp.job import session
 from knexp.models.hooks import LayerEdit, intervene
 from knexp.paths import project_root
 
 
-def hook_overhead(images: int = 32, batch_size: int = 16, units: int = 64, repeats: int = 3, max_new_tokens: int = 32) -> dict:
+def hook_overhead(images: int = 32, batch_size: int = 16, units: int = 64, repeats: int = 4, max_new_tokens: int = 32) -> dict:
     s = session("model=embedded", "logger=none")
     adapter, catalog = s.adapter, s.catalog
     pics = [make_scene(catalog, np.random.default_rng([2024, 5, i]), SceneOptions(gap_px=8)).image for i in range(images)]
@@ -49,13 +50,8 @@ def hook_overhead(images: int = 32, batch_size: int = 16, units: int = 64, repea
         return out
 
     assert plain() == hooked(), "zero noise must reproduce the plain captions"  # also warms up
-    times = {"plain": [], "hooked": []}
-    for _ in range(repeats):
-        for name, fn in (("plain", plain), ("hooked", hooked)):
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    plain_s, hooked_s = statistics.median(times["plain"]), statistics.median(times["hooked"])
+    median, _ = alternating({"plain": plain, "hooked": hooked}, repeats)
+    plain_s, hooked_s = median["plain"], median["hooked"]
     return {
         "images": images, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "armed_layers": adapter.num_layers,
         "units_per_layer": units, "repeats": repeats, "plain_s": round(plain_s, 3), "hooked_s": round(hooked_s, 3),
@@ -245,7 +241,8 @@ Raw numbers: `runs/bench.json`.
 
 Batched greedy captioning on the embedded model ({h['images']} toy-world images, batch {h['batch_size']},
 {h['max_new_tokens']} new tokens), with intervention hooks armed on {h['units_per_layer']} units in each of
-the {h['armed_layers']} layers and zero noise, against no hooks. Median of {h['repeats']} alternating runs.
+the {h['armed_layers']} layers and zero noise, against no hooks. Median of {h['repeats']} runs each,
+the pair's order reversed every other round.
 Zero noise reproduces the plain captions exactly (checked in the run).
 
 | | seconds |
@@ -258,7 +255,7 @@ Zero noise reproduces the plain captions exactly (checked in the run).
 
 One sample on the embedded model: `compute_stats` (inpainted forward, original forward and backward, all
 reductions) plus every method's ranking, against the bare passes any gradient method needs (the same
-forwards and the backward of y_c, no hooks). Median of {c['repeats']} runs.
+forwards and the backward of y_c, no hooks). Median of {c['repeats']} runs each, in the reverse order every other round.
 
 | | seconds |
 |---|---|

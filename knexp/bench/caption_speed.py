@@ -8,7 +8,6 @@ captioning (prompt pass and decoding apart) and identification's passes, with a 
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from knexp.bench.timing import alternating
 from knexp.data.toyworld.scenes import SceneOptions, make_scene
 from knexp.job import session
 from knexp.models.hooks import LayerEdit, intervene
@@ -41,9 +41,10 @@ def reuse_and_decode(images: int = 16, per_image: int = 8, units: int = 40, max_
     image; finished rows leave; up to ``decode_width`` rows decode together, refilled by the next prompt batch as rows end),
     at l_min = 20 and l_min = 0 of 30. At l_min = 0, also knexp with each saving turned off in turn: each one's own
     ratio. Noise on ``units`` units in every layer from l_min, one seeded draw per row; ``per_image`` rows per image;
-    median of ``repeats`` alternating runs. There are twice as many rows as the embedded model's ``decode_width`` (64),
-    as in an evaluation: with no more rows than the width, every row starts at once, and neither continuous batching nor
-    finished rows leaving can let later rows in earlier (measured at 64 rows: rows leaving 0.92x, i.e. a cost)."""
+    median of ``repeats`` runs each, in the reverse order every other round (``knexp.bench.timing``). There are twice as
+    many rows as the embedded model's ``decode_width`` (64), as in an evaluation: with no more rows than the width, every
+    row starts at once, and neither continuous batching nor finished rows leaving can let later rows in earlier (measured
+    at 64 rows: rows leaving 0.92x, i.e. a cost)."""
     from knexp.models.adapter import join_prefix
     from knexp.models.decoding import PREFIXES, prefill, stream_ids
 
@@ -85,13 +86,7 @@ def reuse_and_decode(images: int = 16, per_image: int = 8, units: int = 40, max_
         return [join_prefix(adapter.caption_prefix, t) for t in adapter.decode(ids)]
 
     for l_min, compared in ((20, ("full", "knexp")), (0, tuple(modes))):
-        seconds, captions = {m: [] for m in compared}, {}
-        for _ in range(repeats):
-            for mode in compared:
-                t = time.perf_counter()
-                captions[mode] = run(mode, l_min)
-                seconds[mode].append(time.perf_counter() - t)
-        median = {m: statistics.median(v) for m, v in seconds.items()}
+        median, captions = alternating({m: (lambda m=m, l_min=l_min: run(m, l_min)) for m in compared}, repeats)
         row = {f"{m}_per_s": round(len(groups) / median[m], 2) for m in compared}
         row["ratio"] = round(median["full"] / median["knexp"], 2)
         for mode in compared[2:]:
@@ -116,7 +111,8 @@ def reuse_markdown(r: dict) -> str:
 model: the model's own `generate` per batch (every layer of every row; decoding goes on until the batch's last row ends)
 against `knexp.models.decoding` as the evaluation runs it (the tokens before the image once per model; layers below l_min
 once per image; finished rows leave; up to {width} rows decode together, the next prompt batch
-joining as rows end). Median of {r['repeats']} alternating runs; the captions of every variant are compared in the run.
+joining as rows end). Median of {r['repeats']} runs each, in the reverse order every other round; the captions of every
+variant are compared in the run.
 {more}
 
 | l_min | full recompute, captions / s | knexp, captions / s | ratio | identical captions |

@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from knexp.bench.timing import alternating
 from knexp.identification import methods as M
 from knexp.identification.passes import Target, compute_stats
 from knexp.models.decoding import logits_after_prefix
@@ -54,7 +55,7 @@ def _all_methods(stats) -> None:
     M.random_matched(ref, stats.shape[1], 0)
 
 
-def identification_cost(repeats: int = 5) -> dict:
+def identification_cost(repeats: int = 6) -> dict:
     from knexp.counterfactual.inpaint import inpaint, region_mask
     from knexp.data.toyworld.scenes import SceneOptions, make_scene
     from knexp.identification.passes import locate_target
@@ -69,15 +70,9 @@ def identification_cost(repeats: int = 5) -> dict:
     target = locate_target(adapter, caption, adapter.caption_prefix, obj.knowledge)
     _bare_passes(adapter, scene.image, edited, target)  # warm-up
     _all_methods(compute_stats(adapter, scene.image, edited, target))
-    bare, ident = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        _bare_passes(adapter, scene.image, edited, target)
-        bare.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        _all_methods(compute_stats(adapter, scene.image, edited, target))
-        ident.append(time.perf_counter() - t)
-    b, i = float(np.median(bare)), float(np.median(ident))
+    median, _ = alternating({"bare": lambda: _bare_passes(adapter, scene.image, edited, target),
+                             "identification": lambda: _all_methods(compute_stats(adapter, scene.image, edited, target))}, repeats)
+    b, i = median["bare"], median["identification"]
     return {"bare_s": round(b, 4), "identification_s": round(i, 4), "ratio": round(i / b, 4), "repeats": repeats, "target": "<= 1.3"}
 
 

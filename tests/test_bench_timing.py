@@ -1,0 +1,22 @@
+"""The bench's side-by-side timing: each variant runs first as often as second, and the medians are compared."""
+
+from knexp.bench.timing import alternating
+
+
+def test_alternating_reverses_the_order_every_other_round_and_takes_medians(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr("knexp.bench.timing.time.perf_counter", lambda: now[0])
+    order = []
+    durations = {"a": iter([1.0, 5.0, 2.0, 9.0]), "b": iter([4.0, 4.0, 6.0, 4.0]), "c": iter([3.0, 1.0, 2.0, 8.0])}
+
+    def variant(name: str):
+        def run():
+            order.append(name)
+            now[0] += next(durations[name])
+            return name.upper()
+        return run
+
+    median, results = alternating({name: variant(name) for name in "abc"}, 4)
+    assert order == ["a", "b", "c", "c", "b", "a"] * 2
+    assert results == {"a": "A", "b": "B", "c": "C"}
+    assert median == {"a": 3.5, "b": 4.0, "c": 2.5}
