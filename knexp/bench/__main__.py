@@ -192,7 +192,7 @@ def main() -> None:
         return
     if args.only:
         heading, run = SECTIONS[args.only]
-        old = Path(args.out).read_text()
+        old = Path(args.out).read_text() if Path(args.out).exists() else ""  # a new file gets the one section
         start = old.index(heading) if heading in old else len(old)
         end = (old.find("\n## ", start + 1) + 1 or len(old)) if heading in old else start
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
