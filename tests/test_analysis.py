@@ -69,6 +69,8 @@ def test_neuron_heatmap_and_its_panel(tmp_path):
         assert (len(passes), store.misses, store.hits) == (1, 1, 1)
         other, _ = neuron_heatmap(adapter, image, 1, 6, mask, store, ["tiny", "toy", 42])
         assert len(passes) == 2 and not np.array_equal(other, heat)
+    with pytest.raises(ValueError, match="image_key"):
+        neuron_heatmap(adapter, image, 1, 5, mask, store)
 
 
 def test_histogram_file(tmp_path):

@@ -40,6 +40,8 @@ def neuron_heatmap(adapter: Adapter, image: np.ndarray, layer: int, unit: int, i
     if store is None:
         values = token_values(adapter, image, layer, unit)
     else:
+        if not image_key:
+            raise ValueError("neuron_heatmap with a store needs image_key (the model's, the data's and the image's identity)")
         key = stable_key("token_values", image_key, layer, unit)
         stored = store.get_many([key], lambda _: [token_values(adapter, image, layer, unit).tolist()])[0]
         values = np.asarray(stored, np.float32)
