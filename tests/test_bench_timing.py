@@ -20,3 +20,18 @@ def test_alternating_reverses_the_order_every_other_round_and_takes_medians(monk
     assert order == ["a", "b", "c", "c", "b", "a"] * 2
     assert results == {"a": "A", "b": "B", "c": "C"}
     assert median == {"a": 3.5, "b": 4.0, "c": 2.5}
+
+
+def test_only_into_a_new_file_writes_that_one_section(tmp_path, monkeypatch):
+    import sys
+
+    import knexp.bench.__main__ as bench
+
+    monkeypatch.setattr(bench, "SECTIONS", {"data": ("## A section", lambda: "## A section\n\nmeasured\n")})
+    out = tmp_path / "new.md"
+    monkeypatch.setattr(sys, "argv", ["knexp.bench", "--only", "data", "--out", str(out)])
+    bench.main()
+    text = out.read_text()
+    assert text.startswith("## A section\n\nmeasured\n") and "Measured alone (`--only data`)" in text
+    bench.main()  # again: the section is replaced, not added
+    assert out.read_text().count("## A section") == 1
