@@ -364,54 +364,10 @@ def test_a_caches_spare_positions_hold_what_concatenation_holds():
     assert len(stores) == 4
 
 
-@pytest.mark.parametrize("rows", [1, 5, 11, 12, 16, 37, 64, 128])
-@pytest.mark.parametrize("inputs, outputs, bias", [(576, 1536, False), (1536, 576, False), (576, 192, True)])
-def test_the_transposed_product_rounds_as_the_linear_layer(rows, inputs, outputs, bias):
-    """``_linear`` (the decoding step's products, transposed from 12 rows) gives ``module(x)`` to the last bit at the
-    embedded model's shapes, for a contiguous input and, from 12 rows, for one laid out transposed (an earlier
-    transposed product's output). Below 12 rows the transposed product would round differently (1 to 11 rows here) and
-    ``F.linear`` itself rounds a transposed input differently from a contiguous one, so there every input stays
-    contiguous and ``module(x)`` is called."""
-    from knexp.models.decoding import _linear
-
-    torch.manual_seed(rows)
-    module = torch.nn.Linear(inputs, outputs, bias=bias)
-    x = torch.randn(rows, 1, inputs)  # one position per row, as in a decoding step
-    with torch.no_grad():
-        expected = module(x)
-        assert torch.equal(_linear(module, x), expected)
-        if rows >= 12:
-            assert torch.equal(_linear(module, x[:, 0].T.contiguous().T[:, None]), expected)
-
-
-def test_the_mlp_without_its_module_call_is_the_modules_own_and_a_hook_still_fires():
-    """``_mlp`` computes ``LlamaMLP.forward`` to the last bit; with a hook armed on a part (Pan et al.'s ``act_fn`` site)
-    it calls the module, so the hook sees the step and its edit counts."""
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
-    from knexp.models.decoding import _mlp
-
-    torch.manual_seed(0)
-    mlp = LlamaMLP(LlamaConfig(hidden_size=576, intermediate_size=1536, hidden_act="silu"))
-    x = torch.randn(64, 1, 576)
-    with torch.no_grad():
-        expected = mlp(x)
-        assert torch.equal(_mlp(mlp, x), expected)
-        seen = []  # the hook sees one position per row, as in the model's own decoding step
-        handle = mlp.act_fn.register_forward_hook(lambda module, args, out: seen.append(out.shape) or out * 0)
-        try:
-            edited = _mlp(mlp, x)
-        finally:
-            handle.remove()
-    assert seen == [(64, 1, 1536)]
-    assert torch.equal(edited, torch.zeros_like(edited))
-
-
 def test_hooks_guarded_to_the_prompt_pass_keep_the_steps_products_and_other_hooks_are_called():
     """An intervention's hooks (``attached`` with the prompt's pass as guard) cannot act on a decoding step, so the step
-    still bypasses the modules they sit on; a hook without that guard makes the step call the module (``_mlp``,
-    ``_linear``) or, on a layer, the model's own forward (``_merged``)."""
+    keeps its merged layer loop; a hook without that guard on a layer makes the step take the model's own forward
+    (``_merged``)."""
     from knexp.models.decoding import _hooked, _merged
     from knexp.models.tiny import tiny_adapter
 

@@ -24,11 +24,11 @@ with these savings:
   query heads in place (``_attend``) instead of copying the cache once per query head (``repeat_kv``). On the embedded
   model, a decoding step of 4 cohorts of 16 rows took 0.62 s with these copies and the projections run per cohort, and
   0.39 s without (measured under torch.profiler, the same tokens).
-* **Decoding products the fast way round.** With few rows, torch's float32 product on this CPU runs y^T = W x^T
-  1.2x to 1.6x faster than y = x W^T, and from 12 rows it rounds every element the same (``_linear``). A decoding
-  step's projections, MLPs and LM head, and the prompt pass's LM head, take it (a 30-layer step's products at 64 rows:
-  0.23 s -> 0.15 s; the same tokens). A module with a hook that could act on a step is called as it is; an
-  intervention's hooks, guarded to the prompt's pass, cannot.
+
+Every product is the module's own (``nn.Linear``'s ``F.linear``). Computing it transposed, (W x^T)^T, was faster on
+one CPU and rounded the same there from 12 rows on; on another (AVX-512, MKL 2024.2) it rounded differently up to 15
+rows and for some transposed inputs, with no speed gained, so it was removed: no product here depends on the machine
+for its rounding beyond what ``F.linear`` itself does.
 
 A row's tokens do not depend on its batch: tests compare them with the model's own ``generate`` on the tiny models of
 every adapter and on the embedded model, for interventions on one layer and on many, and for streams of several
@@ -62,7 +62,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
-    LlamaMLP,
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
@@ -197,7 +196,7 @@ def prefill(adapter: Adapter, prepared: Prepared, start_layer: int = 0, groups: 
             prepared.cached = 0
         # the last position's rows made contiguous: the head is then one matrix product over the rows, where a strided
         # [B, 1, d] view takes a batched product of B single rows (measured: 3.4x slower at 16 rows, 49,152 tokens)
-        return Prefilled(cache, _linear(head, hidden[:, -1:].contiguous())[:, 0].float())
+        return Prefilled(cache, head(hidden[:, -1:].contiguous())[:, 0].float())
 
 
 @dataclass
@@ -260,40 +259,12 @@ def _keep_rows(c: _Cohort, keep: torch.Tensor) -> None:
             entry.batch_select_indices(keep)
 
 
-_TRANSPOSED_FROM = 12  # rows from which ``_linear`` takes the transposed product
-
-
 def _hooked(*modules: nn.Module) -> bool:
     """Whether any of ``modules`` has a forward hook or pre-hook that could act on a decoding step (then the module must
     be called, not bypassed). Hooks that ``knexp.models.hooks.attached`` guards to a prompt's pass (``prompt_pass_only``:
     an intervention, a recording) cannot, and do not count."""
     return any(not getattr(h, "prompt_pass_only", False)
                for m in modules for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))
-
-
-def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for x [R, 1, in] (one position per row): [R, 1, out]. For an ``nn.Linear`` on the CPU with no hook
-    that could act here (``_hooked``) and at least ``_TRANSPOSED_FROM`` rows, y = x W^T + b is computed as the
-    transposed product (W x^T + b)^T, a view of an [out, R] result. torch's float32 product on this CPU runs the
-    decoding step's shapes (R = 16 to 128 rows against 576 x 1536, 1536 x 576, 576 x 576 and the 576 x 49,152 LM head)
-    1.2x to 1.6x faster that way round (a whole 30-layer step's products at 64 rows: 0.15 s against 0.23 s), and rounds
-    each element the same as ``F.linear`` from 12 rows on, bit for bit, for contiguous and transposed inputs (measured
-    for every R up to 129; tested). Below 12 rows the two round differently in the last bit, so fewer rows take the
-    module itself, as does a hooked module (its hooks see what the model's own decoding step would give them)."""
-    if type(module) is not nn.Linear or _hooked(module) or x.device.type != "cpu" or x.shape[0] < _TRANSPOSED_FROM:
-        return module(x)
-    rows = x[:, 0]  # [R, in]
-    if module.bias is None:
-        return torch.mm(module.weight, rows.T).T[:, None]
-    return torch.addmm(module.bias[:, None], module.weight, rows.T).T[:, None]
-
-
-def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mlp(x)`` for x [R, 1, d_model]: ``LlamaMLP.forward``, down(act(gate(x)) * up(x)), its products through
-    ``_linear``, when neither the MLP nor its parts carry a hook that could act on a decoding step; else the module."""
-    if type(mlp).forward is not LlamaMLP.forward or _hooked(mlp, mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn):
-        return mlp(x)
-    return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
 
 
 def _attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
@@ -319,9 +290,9 @@ def _step(lm, head, cohorts: list[_Cohort]) -> None:
     ``LlamaDecoderLayer.forward`` and ``LlamaAttention.forward`` with the attention proper run per cohort (each attends
     over its own cache, at its own position), and the norms, the projections, the MLP and the LM head run once over the
     rows of all cohorts: these act on each row alone, so a row's tokens are those of its cohort alone (up to the
-    rounding noted in the module docstring), while the GEMMs see every row in flight. The products go through
-    ``_linear`` and ``_mlp``. Another layer type, or a hook that could act on the step on a layer or its attention, takes
-    the model's own forward, per cohort."""
+    rounding noted in the module docstring), while the GEMMs see every row in flight. Each module is called (its hooks
+    fire; an intervention's, guarded to the prompt's pass, do nothing). Another layer type, or a hook that could act on
+    the step on a layer or its attention, takes the model's own forward, per cohort."""
     if not _merged(lm):
         for c in cohorts:
             out = lm(inputs_embeds=lm.embed_tokens(c.token)[:, None], past_key_values=c.cache, use_cache=True)
@@ -340,19 +311,19 @@ def _step(lm, head, cohorts: list[_Cohort]) -> None:
         residual = hidden
         normed = layer.input_layernorm(hidden)
         shape = (len(hidden), 1, -1, attn.head_dim)
-        query = _linear(attn.q_proj, normed).reshape(shape).transpose(1, 2)  # [R, heads, 1, d_head]
-        key = _linear(attn.k_proj, normed).reshape(shape).transpose(1, 2)  # [R, kv_heads, 1, d_head]
-        value = _linear(attn.v_proj, normed).reshape(shape).transpose(1, 2)
+        query = attn.q_proj(normed).reshape(shape).transpose(1, 2)  # [R, heads, 1, d_head]
+        key = attn.k_proj(normed).reshape(shape).transpose(1, 2)  # [R, kv_heads, 1, d_head]
+        value = attn.v_proj(normed).reshape(shape).transpose(1, 2)
         attended = []
         for c, q, k, v, (mask, (cos, sin)) in zip(cohorts, query.split(sizes), key.split(sizes), value.split(sizes), contexts,
                                                   strict=True):
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             k, v = _append(c, index, k, v)
             attended.append(_attend(attn, q, k, v, mask))
-        hidden = residual + _linear(attn.o_proj, torch.cat(attended))
+        hidden = residual + attn.o_proj(torch.cat(attended))
         residual = hidden
-        hidden = residual + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
-    logits = _linear(head, lm.norm(hidden))[:, 0].float()  # [R, V]
+        hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+    logits = head(lm.norm(hidden))[:, 0].float()  # [R, V]
     for c, part in zip(cohorts, logits.split(sizes), strict=True):
         c.logits = part
 
