@@ -5,11 +5,10 @@ import os
 import sys
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from knexp.config import metric_value, register_resolvers, setup_runtime
-from knexp.job import Session
+from knexp.job import build_job
 from knexp.user_errors import UserError
 
 register_resolvers()
@@ -18,10 +17,11 @@ log = logging.getLogger("knexp")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    setup_runtime(cfg)
     try:
-        task = instantiate(cfg.task, _convert_="all")  # conf/task/<name>.yaml names the task's class by _target_
-        result = task(Session.from_config(cfg))
+        setup_runtime(cfg)
+        # every setting is checked here, before any model is loaded: conf/task/<name>.yaml names the task's class by _target_
+        task, session = build_job(cfg)
+        result = task(session)
         return metric_value(result, cfg.get("optimized_metric"))  # what an optimising sweeper (Optuna) reads
     except UserError as exc:  # expected: bad data, missing weights, a setting that cannot work
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

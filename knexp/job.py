@@ -4,7 +4,9 @@
 knowledge (both from the config, so ``knowledge.synonyms=[...]`` takes effect), the data and its id, the model's
 adapter, identity and captioner (with the caption store), the inpainting options and the caches, the threshold
 rule and the method (``conf/thresholds`` and ``conf/method`` name their classes by ``_target_``), and the
-intervention. The stages (``identification``, ``evaluation``) receive these objects, never the config. The
+intervention. Every group's settings are checked while it is built, before any model is loaded or any data read
+(``knexp.settings``): a value that cannot work raises ``SettingError`` naming its key. ``build_job`` adds the task.
+The stages (``identification``, ``evaluation``) receive these objects, never the config. The
 model, the caches, the live window and the reference statistics are shared by every session derived with
 ``for_knowledge``, so ``task=tune`` loads the model once for all its objects.
 
@@ -31,25 +33,26 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from knexp.config import build, check_top_level
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.coco import CocoScenes
-from knexp.data.loading import load_dataset
+from knexp.data.loading import check_data, load_dataset
 from knexp.evaluation.perturb import Intervention, cached_intervened_captions, rows_for, set_values
 from knexp.evaluation.protocol import Evaluation, evaluate_knowledge
-from knexp.identification.causal_trace import KINDS, SampleTrace, live_window, span, trace_objects
+from knexp.identification.causal_trace import KINDS, SampleTrace, TraceSettings, live_window, span, trace_objects
 from knexp.identification.methods import Method, NeuronSet
 from knexp.identification.pipeline import Identification, SampleResult, identify_knowledge
-from knexp.identification.reference import ReferenceCache, ReferenceStats, compute_reference
+from knexp.identification.reference import ReferenceCache, ReferenceSettings, ReferenceStats, compute_reference
 from knexp.identification.selection import Selection, Selector
 from knexp.identification.stats_cache import StatsCache
 from knexp.identification.thresholds import Rule, RuleContext
 from knexp.models.adapter import Adapter
-from knexp.models.captioning import Captioner
-from knexp.models.registry import load_model, model_identity
+from knexp.models.captioning import Captioner, Generation
+from knexp.models.registry import check_model, load_model, model_identity
+from knexp.settings import Text, from_mapping
 from knexp.store import Store
 
 log = logging.getLogger(__name__)
@@ -86,13 +89,17 @@ class Heatmap:
     iou_q95: float
 
 
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
 def build_catalog(cfg: DictConfig) -> tuple[Catalog, Knowledge]:
     """The catalog of the composed config (``catalog``), with the job's ``knowledge`` as composed (overrides included)
     in place of its own entry; and that knowledge."""
     from knexp.data.catalog import knowledge_from_dict
 
-    entries = {name: knowledge_from_dict(OmegaConf.to_container(entry, resolve=True)) for name, entry in cfg.catalog.items()}
-    knowledge = knowledge_from_dict(OmegaConf.to_container(cfg.knowledge, resolve=True))
+    entries = {name: knowledge_from_dict(_plain(entry), f"catalog.{name}") for name, entry in cfg.catalog.items()}
+    knowledge = knowledge_from_dict(_plain(cfg.knowledge))
     entries = {k: v for k, v in entries.items() if v.name != knowledge.name} | {knowledge.name: knowledge}
     return Catalog(list(entries.values())), knowledge
 
@@ -107,12 +114,12 @@ def default_catalog() -> Catalog:
 
 
 def build_intervention(cfg: DictConfig) -> Intervention:
-    """The configured intervention (``intervention`` group; noise takes its levels from ``noise_level``)."""
-    if cfg.intervention.name != "noise":
-        return Intervention(cfg.intervention.name)
-    noise = cfg.noise_level
-    return Intervention("noise", tuple(float(v) for v in noise.levels), int(noise.draws), bool(noise.per_neuron),
-                        str(noise.get("scale", "absolute")))
+    """The configured intervention (``intervention`` group; noise takes its levels from ``noise_level``). The
+    ``noise_level`` group is checked whatever the intervention, so that a typo there never waits for a noise job."""
+    noise = _plain(cfg.noise_level)
+    Text()("noise_level.name", noise.get("name"))  # the report's label of the levels
+    noised = Intervention("noise", noise.get("levels"), noise.get("draws"), noise.get("per_neuron"), noise.get("scale", "absolute"))
+    return noised if cfg.intervention.name == "noise" else Intervention(cfg.intervention.name)
 
 
 @dataclass
@@ -128,19 +135,34 @@ class Session:
     method: Method
     intervention: Intervention
     opts: InpaintOptions
+    generation: Generation = field(default_factory=Generation)
+    trace_settings: TraceSettings = field(default_factory=TraceSettings)
+    reference_settings: ReferenceSettings = field(default_factory=ReferenceSettings)
+    log_to: object = None  # the logger group's settings (knexp.reporting.logger.FilesOnly or Wandb)
     shared: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Session:
+        """Build and check every group of the composed config (module docstring); nothing is loaded or read yet."""
+        check_top_level(cfg)
         catalog, knowledge = build_catalog(cfg)
-        return cls(cfg, catalog, knowledge, Path(cfg.paths.output_dir), instantiate(cfg.thresholds, _convert_="all"),
-                   instantiate(cfg.method, _convert_="all"), build_intervention(cfg),
-                   InpaintOptions(**OmegaConf.to_container(cfg.inpaint, resolve=True)))
+        for name, objects in _plain(cfg.splits).items():
+            catalog.named(objects, f"splits.{name}")
+        rule = build(cfg.thresholds, "thresholds")
+        rule.check_knowledge(knowledge.name)
+        generation = check_model(_plain(cfg.model))
+        trace = from_mapping(TraceSettings, _plain(cfg.trace), "trace")
+        catalog.named(trace.objects, "trace.objects")
+        check_data(cfg.data, catalog)
+        return cls(cfg, catalog, knowledge, Path(cfg.paths.output_dir), rule, build(cfg.method, "method"), build_intervention(cfg),
+                   from_mapping(InpaintOptions, _plain(cfg.inpaint), "inpaint"), generation, trace,
+                   from_mapping(ReferenceSettings, _plain(cfg.reference), "reference"), build(cfg.logger, "logger"))
 
     def for_knowledge(self, name: str, output_dir: str | Path | None = None) -> Session:
         """The same session for another knowledge of the catalog, writing to ``output_dir`` (sharing the model and the
         caches); its config says so too, so its job key (``knexp.resume``) is that object's."""
         knowledge = self.catalog[name]
+        self.rule.check_knowledge(knowledge.name)
         out = Path(output_dir or self.output_dir)
         cfg = self.cfg.copy()
         with open_dict(cfg):
@@ -193,10 +215,10 @@ class Session:
     @property
     def captioner(self) -> Captioner:
         """The model's greedy captioner behind the caption store (``paths.cache_dir``/captions)."""
-        gen = self.cfg.model.generation
+        gen = self.generation
         return self._once("captioner", lambda: Captioner(self.adapter, self.model_key, Store(self.cache_root, "captions"),
-                                                         batch_size=int(gen.batch_size), max_new_tokens=int(gen.max_new_tokens),
-                                                         decode_width=gen.get("decode_width")))
+                                                         batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens,
+                                                         decode_width=gen.decode_width))
 
     @property
     def heatmap_store(self) -> Store:
@@ -211,6 +233,11 @@ class Session:
     def stats_cache(self) -> StatsCache:
         return self._once("stats_cache", lambda: StatsCache(self.cache_root))
 
+    def damaged_entries(self) -> int:
+        """Cache entries this session's caches found damaged and rebuilt (``knexp.checked``), for metrics.json."""
+        caches = [self.shared[k] for k in ("captioner", "heatmap_store", "inpaint_cache", "stats_cache") if k in self.shared]
+        return sum(getattr(getattr(c, "store", c), "damaged", 0) for c in caches)  # the captioner's count is its store's
+
     @property
     def selector(self) -> Selector:
         return Selector(self.data, self.dataset_id, self.catalog, self.captioner, self.opts, self.inpaint_cache,
@@ -223,7 +250,7 @@ class Session:
         from hydra import compose
 
         with _config_dir():
-            return instantiate(compose("config", overrides=[f"method={name}"]).method, _convert_="all")
+            return build(compose("config", overrides=[f"method={name}"]).method, "method")
 
     # ---- stages --------------------------------------------------------------------------------------------------
     def select(self, knowledge: str | None = None) -> Selection:
@@ -233,11 +260,11 @@ class Session:
     def trace(self, objects: list[str] | None = None, kinds: tuple[str, ...] = KINDS, captions: bool = True) -> Trace:
         """The causal trace of ``trace.per_object`` selected samples of each of ``objects`` (default ``trace.objects``)
         and the live window it gives (``knexp.identification.causal_trace``); cached per model, data and sample."""
-        tc = self.cfg.trace
+        tc = self.trace_settings
         names = list(objects if objects is not None else tc.objects)
-        samples = trace_objects(self.selector, [self.catalog[n] for n in names], int(tc.per_object),
+        samples = trace_objects(self.selector, [self.catalog[n] for n in names], tc.per_object,
                                 Store(self.cache_root, "trace"), kinds, captions)
-        return Trace(self.model_name, live_window(samples, float(tc.frac)), samples)
+        return Trace(self.model_name, live_window(samples, tc.frac), samples)
 
     def live_window(self) -> Trace:
         """The live window of ``trace.objects`` (residual patching only, no captions), once per session family."""
@@ -252,11 +279,11 @@ class Session:
 
     def reference(self) -> ReferenceStats:
         """The model's reference statistics on this data (``knexp.identification.reference``), cached."""
-        ref = self.cfg.reference
-        parts = [self.model_key, self.dataset_id, self.opts, int(ref.images), int(ref.removals), int(ref.seed)]
+        ref = self.reference_settings
+        parts = [self.model_key, self.dataset_id, self.opts, ref.images, ref.removals, ref.seed]
         return self._once("reference", lambda: ReferenceCache(self.cache_root).get(parts, lambda: compute_reference(
-            self.adapter, self.data, self.dataset_id, self.catalog, self.opts, self.inpaint_cache, int(ref.images),
-            int(ref.removals), int(ref.seed), self.captioner.batch_size)))
+            self.adapter, self.data, self.dataset_id, self.catalog, self.opts, self.inpaint_cache, ref.images,
+            ref.removals, ref.seed, self.captioner.batch_size)))
 
     def needs_reference(self) -> bool:
         """Whether the rule or the intervention needs the reference statistics."""
@@ -333,8 +360,19 @@ class Session:
         cfg = self.cfg
         groups = ("model", "knowledge", "method", "thresholds", "noise_level")
         tags = [f"{g}:{cfg[g].name}" for g in groups if g in cfg and "name" in cfg[g]]
-        return instantiate(cfg.logger)(out_dir=self.output_dir, run_config=OmegaConf.to_container(cfg, resolve=True),
-                                       tags=tags + list(cfg.get("tags") or []), job_type=str(cfg.task.name))
+        log_to = self.log_to or build(cfg.logger, "logger")
+        return log_to.open(self.output_dir, run_config=_plain(cfg), tags=tags + list(cfg.get("tags") or []), job_type=str(cfg.task.name))
+
+
+def build_job(cfg: DictConfig) -> tuple[object, Session]:
+    """(the task, its session): everything ``run.py`` runs, built from the composed config with every setting checked,
+    before any model is loaded or any data read. A task may check what depends on the session's config as well
+    (``check_session``: ``task=tune``'s split, ``task=report``'s ``sweep_dir``)."""
+    task = build(cfg.task, "task", _recursive_=False)  # a task that holds another's settings builds it itself (tune)
+    session = Session.from_config(cfg)
+    if hasattr(task, "check_session"):
+        task.check_session(session)
+    return task, session
 
 
 class _config_dir:

@@ -1,10 +1,11 @@
-"""A content-addressed on-disk store of JSON values (captions), shared by concurrent jobs.
+"""A content-addressed on-disk store of JSON values (captions, traces, heatmaps), shared by concurrent jobs.
 
-A value lives in ``<root>/<name>/<key[:2]>/<key>.json`` as ``{"sha1": ..., "value": ...}``: the key is a hash
-of everything the value depends on (model identity, input, options; see ``stable_key``), the checksum covers
-the value, and files are written under a temporary name and renamed. So two jobs may compute the same entry
-at once (the last rename wins, both are equal), a reader never sees half a file, and a truncated or edited
-entry fails its checksum and is recomputed. ``root=None`` disables the store (every ``get`` misses).
+A value lives in ``<root>/<name>/<key[:2]>/<key>.json`` as ``{"key": ..., "sha1": ..., "value": ...}``: the key is a
+hash of everything the value depends on (model identity, input, options; see ``stable_key``), the checksum covers the
+key and the value, and files are written under a temporary name and renamed. So two jobs may compute the same entry
+at once (the last rename wins, both are equal), a reader never sees half a file, and an entry that is cut short,
+edited or another entry's file fails its check and is recomputed, with a warning (``knexp.checked.damaged``); an entry
+written by an older knexp without its key is recomputed quietly. ``root=None`` disables the store (every ``get`` misses).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from knexp.checked import damaged
 from knexp.io import atomic_write_text
 
 
@@ -32,31 +34,37 @@ def _digest(value: Any) -> str:
 class Store:
     def __init__(self, root: str | Path | None, name: str):
         self.root = Path(root) / name if root is not None else None
-        self.hits = self.misses = self.corrupt = 0
+        self.name = name
+        self.hits = self.misses = self.damaged = 0
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
     def get(self, key: str) -> Any | None:
-        """The stored value, or None on a miss (absent, unreadable or failing its checksum)."""
+        """The stored value, or None on a miss (absent, or failing its check: then it is recomputed by the caller)."""
         if self.root is None:
             return None
         path = self._path(key)
         try:
             entry = json.loads(path.read_text())
-            value = entry["value"]
-            if entry["sha1"] != _digest(value):
-                raise ValueError("checksum mismatch")
+            if isinstance(entry, dict) and "key" not in entry and "sha1" in entry:
+                return None  # an older knexp's entry (no key): recomputed and rewritten, no warning
+            why = ("not an entry" if not isinstance(entry, dict) or not {"key", "sha1", "value"} <= set(entry)
+                   else "written for another entry" if entry["key"] != key
+                   else "fails its checksum" if entry["sha1"] != _digest([key, entry["value"]]) else "")
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError):
-            self.corrupt += 1  # torn or edited: recompute and overwrite
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # cut short, not UTF-8, not JSON
+            why = f"unreadable: {exc}"
+        if why:
+            self.damaged += 1
+            damaged(self.name, path, why)
             return None
-        return value
+        return entry["value"]
 
     def put(self, key: str, value: Any) -> None:
         if self.root is not None:
-            atomic_write_text(self._path(key), json.dumps({"sha1": _digest(value), "value": value}))
+            atomic_write_text(self._path(key), json.dumps({"key": key, "sha1": _digest([key, value]), "value": value}))
 
     def get_many(self, keys: list[str], compute: Callable[[list[int]], list], chunk: int = 16) -> list:
         """Values for ``keys``; ``compute(indices)`` makes the missing ones, ``chunk`` at a time, each chunk

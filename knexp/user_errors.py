@@ -14,5 +14,6 @@ class UserError(Exception):
         return str(self.args[0]) if self.args else self.__class__.__name__
 
 
-class ConfigError(UserError, ValueError):
-    """A setting that cannot work; the message names the key and its valid values."""
+class ConfigError(UserError):
+    """A setting that cannot work; the message names the key and its valid values. Not a ``ValueError``, so that no
+    handler of bad data can take it for one (a sample is skipped only for ``SampleSkipped``)."""

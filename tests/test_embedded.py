@@ -13,6 +13,7 @@ from knexp.models.embedded import load_embedded
 from knexp.models.spliced import SplicedAdapter
 from knexp.paths import default_cache_dir, project_root
 from knexp.tasks.train_projector import caption_batch, caption_loss
+from knexp.user_errors import ConfigError
 
 pytestmark = pytest.mark.slow
 SHIPPED = project_root() / "knexp/models/weights/embedded_projector.safetensors"
@@ -65,7 +66,7 @@ def test_caption_batch_puts_labels_on_the_caption_only(embedded):
     row = labels[1][labels[1] != -100]
     assert embedded.tokenizer.decode(row) == " a banana and an umbrella.<|im_end|>"
     assert (ids[:, :n_prompt] == torch.tensor(embedded.prompt_ids())).all()
-    with pytest.raises(ValueError, match="caption prefix"):
+    with pytest.raises(ConfigError, match="caption prefix"):
         caption_batch(embedded, ["A bus."])
 
 

@@ -22,6 +22,7 @@ from knexp.evaluation.text_metrics import caption_metrics
 from knexp.identification.methods import NeuronSet
 from knexp.models.spliced import SplicedAdapter
 from knexp.models.tiny import tiny_embedded
+from knexp.settings import SettingError
 from knexp.store import Store, cache_report
 
 
@@ -108,9 +109,9 @@ def test_noise_scale_multiplies_each_neurons_noise(adapter):
     # a scale of s at level n is the absolute level n * s (the same seeded draw, scaled)
     scaled = noise_captions(adapter, images, rows_for([10, 11], [3.0], 2), neurons, scale=np.full(3, 40.0), **kw)
     assert scaled == noise_captions(adapter, images, rows_for([10, 11], [120.0], 2), neurons, **kw)
-    with pytest.raises(ValueError, match="levels"):
+    with pytest.raises(SettingError, match=r"noise_level\.levels=\[\]"):
         Intervention("noise", (), 1)
-    with pytest.raises(ValueError, match="unknown intervention"):
+    with pytest.raises(SettingError, match="intervention.name='blur'"):
         Intervention("blur")
 
 
@@ -248,18 +249,25 @@ def test_cached_intervened_captions_equal_fresh_ones_and_resume_from_finished_ch
     assert other.hits == 0
 
 
-def test_store_detects_truncated_and_edited_entries(tmp_path):
+def test_store_detects_truncated_edited_and_foreign_entries(tmp_path, caplog):
     store = Store(tmp_path, "captions")
     store.put("abcdef", "a caption")
+    store.put("abxyz0", "another entry's caption")
     path = next((tmp_path / "captions").rglob("abcdef.json"))
     text = path.read_text()
     path.write_text(text[: len(text) // 2])  # torn
-    assert store.get("abcdef") is None and store.corrupt == 1
+    with caplog.at_level("WARNING"):
+        assert store.get("abcdef") is None and store.damaged == 1
+    assert str(path) in caplog.text and "rebuilding" in caplog.text  # the warning names the entry
     path.write_text(text.replace("a caption", "another caption"))  # edited: checksum fails
-    assert store.get("abcdef") is None and store.corrupt == 2
+    assert store.get("abcdef") is None and store.damaged == 2
+    path.write_bytes(next((tmp_path / "captions").rglob("abxyz0.json")).read_bytes())  # another entry's file, intact
+    assert store.get("abcdef") is None and store.damaged == 3
+    path.write_bytes(b"\x89PNG not json")
+    assert store.get("abcdef") is None and store.damaged == 4
     assert store.get_many(["abcdef"], lambda idx: ["recomputed"]) == ["recomputed"] and store.get("abcdef") == "recomputed"
     assert Store(None, "captions").get_many(["x"], lambda idx: ["y"]) == ["y"]  # disabled: computes, keeps nothing
-    assert cache_report(tmp_path)["captions"]["files"] == 1
+    assert cache_report(tmp_path)["captions"]["files"] == 2
 
 
 def test_out_of_memory_halves_the_batch_keeps_the_captions_and_leaves_no_hook(adapter, monkeypatch, caplog):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from knexp.identification import methods as M
-from knexp.identification.passes import TargetNotFound, compute_stats, locate_target
+from knexp.identification.passes import SampleSkipped, TargetNotFound, compute_stats, locate_target
 from knexp.identification.thresholds import (
     BudgetRule,
     LayerQuantileRule,
@@ -171,9 +171,9 @@ def test_layer_restrictions(sample):
     assert not nonzero[-1] and nonzero[:-1].all()  # the last layer's gradient at image positions is 0
     live = allowed_layers(stats, "live", RuleContext("bus", live_layers=[0, n - 1]))
     assert live.tolist() == [True] + [False] * (n - 1)
-    with pytest.raises(ValueError, match="live window"):
+    with pytest.raises(ConfigError, match="live window"):
         allowed_layers(stats, "live", RuleContext("bus"))
-    with pytest.raises(ValueError, match="no layer"):
+    with pytest.raises(SampleSkipped, match="no layer"):  # a sample-level cause: identification skips the sample
         allowed_layers(stats, "live", RuleContext("bus", live_layers=[n - 1]))
 
 
@@ -226,7 +226,7 @@ def test_attribution_ranks_the_most_negative_first(sample):
     within[0] = True
     assert set(M.attribution(stats, n=4, within=within).layers.tolist()) == {0}
     assert M.attribution(stats, threshold=1e9).empty
-    with pytest.raises(ValueError, match="either"):
+    with pytest.raises(ConfigError, match="either"):
         M.attribution(stats)
 
 
@@ -248,8 +248,9 @@ def test_the_passes_after_the_cached_prefix_give_the_full_passes_statistics(adap
 @pytest.mark.slow
 def test_the_cached_prefix_changes_no_statistic_on_the_embedded_model(catalog, monkeypatch):
     """On the embedded model (real weights, a toy-world scene and its inpainting), the passes after the cached prefix
-    give every statistic of the full passes to the last bit, so the cached statistics and the neurons chosen from them
-    are unchanged."""
+    give every statistic of the full passes to float32 rounding (bit for bit on one CPU; within 3e-6 of the statistic's
+    scale on another, where the attention's products over the cached prefix round differently), and the neurons that
+    stage 1, stage 2 and the attribution rank first are the same."""
     from knexp.counterfactual.inpaint import inpaint, region_mask
     from knexp.data.toyworld.scenes import SceneOptions, make_scene
     from knexp.identification import passes
@@ -265,4 +266,12 @@ def test_the_cached_prefix_changes_no_statistic_on_the_embedded_model(catalog, m
     cached = compute_stats(adapter, scene.image, edited, target)
     monkeypatch.setattr(passes, "logits_after_prefix", lambda a, prepared, positions: a.forward(prepared, positions=positions))
     full = compute_stats(adapter, scene.image, edited, target)
-    assert [name for name in cached.TENSORS if not torch.equal(getattr(cached, name), getattr(full, name))] == []
+    for name in cached.TENSORS:
+        a, b = getattr(cached, name), getattr(full, name)
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()), msg=name)
+        else:
+            assert torch.equal(a, b), name
+    for name in ("diff_absmax", "gradcam_max", "attribution"):
+        top = [set(torch.argsort(-getattr(s, name).flatten().double(), stable=True)[:1000].tolist()) for s in (cached, full)]
+        assert top[0] == top[1], name

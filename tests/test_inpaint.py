@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from knexp.counterfactual import inpaint, region_mask
+from knexp.user_errors import ConfigError
 
 
 def test_bbox_region_rounds_outwards_and_dilates():
@@ -33,7 +34,7 @@ def test_telea_removes_a_square_and_touches_nothing_else():
 
 
 def test_bad_arguments_say_what_to_use():
-    with pytest.raises(ValueError, match="telea"):
+    with pytest.raises(ConfigError, match="telea"):
         inpaint(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8), method="fast")
     with pytest.raises(ValueError, match="bbox"):
         region_mask((4, 4), region="box")

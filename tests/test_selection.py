@@ -10,6 +10,7 @@ import torch
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.coco import CocoScenes
 from knexp.identification import methods as M
+from knexp.identification.passes import SampleSkipped
 from knexp.identification.pipeline import identify_sample
 from knexp.identification.selection import Candidate, Selector, select_samples
 from knexp.identification.stats_cache import StatsCache
@@ -136,5 +137,5 @@ def test_nan_statistics_are_reported(tmp_path, catalog):
     tensors["gradcam_max"].fill_(float("nan"))
     tensors["gradcam_argmax"] = z.long()
     stats = SampleStats(**tensors, target_id=0, target_position=0)
-    with pytest.raises(ValueError, match="gradcam_max"):
+    with pytest.raises(SampleSkipped, match="gradcam_max"):
         stats.check_finite()

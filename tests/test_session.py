@@ -98,6 +98,36 @@ def test_an_unusable_sample_is_skipped_with_its_reason_and_written(tmp_path, cat
     assert json.loads((tmp_path / "job" / "selection.json").read_text())["skipped"] == found.skipped
 
 
+@pytest.mark.parametrize("raised, skipped", [("setting", False), ("sample", True)])
+def test_only_a_sample_level_cause_skips_a_sample_and_a_setting_error_stops_the_job(tmp_path, monkeypatch, raised, skipped):
+    """A ``ConfigError`` raised inside a sample's work (here from its passes) is never taken for a skip: it stops the
+    job. A ``SampleSkipped`` skips the sample, and the identification's status says no sample was usable."""
+    from test_selection import _coco, script_captions
+
+    from knexp.identification import pipeline
+    from knexp.identification.passes import SampleSkipped
+    from knexp.user_errors import ConfigError
+
+    _coco(tmp_path / "data", {1: [(6, (10, 10, 40, 40))]})
+    s = _session(tmp_path, "model=tiny_minigpt4", "knowledge=bus", "data=coco2017", f"data.root={tmp_path}/data", "data.split=val",
+                 "data.image_dir=val", "data.per_knowledge=1", "thresholds.layers=nonzero", "task.cache=false")
+    script_captions(s)
+    error = SampleSkipped("no usable patch") if raised == "sample" else ConfigError("thresholds.x=1: use something else")
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pipeline, "compute_stats", failing)
+    if not skipped:
+        with pytest.raises(ConfigError, match="thresholds.x"):
+            s.identify()
+        return
+    found = s.identify()
+    assert found.results == [] and found.skipped[0]["reason"] == "no usable patch"
+    status = found.status()
+    assert status["state"] == "no_samples" and status["usable"] == 0 and "no usable patch" in status["reasons"]
+
+
 def test_an_empty_identification_has_zero_counts_per_layer(tmp_path):
     from knexp.identification.pipeline import Identification
     from knexp.identification.selection import Selection

@@ -43,7 +43,8 @@ def test_no_task_imports_another_task():
 
 def test_models_are_layered_and_adapters_import_nothing_above_them():
     base = {"knexp.models.errors", "knexp.models.geometry", "knexp.models.batching", "knexp.models.decoding"}
-    layers = {  # each module may import knexp modules from these only (besides knexp.user_errors, knexp.io and knexp.store)
+    layers = {  # each module may import knexp modules from these only (besides knexp.user_errors, knexp.io, knexp.store and
+        # knexp.settings, the checks of settings)
         "errors": set(), "geometry": set(), "batching": {"knexp.models.errors"},
         "decoding": {"knexp.models.adapter", "knexp.models.batching"},
         "adapter": base, "spliced": base | {"knexp.models.adapter"}, "llava": base | {"knexp.models.adapter"},
@@ -51,7 +52,7 @@ def test_models_are_layered_and_adapters_import_nothing_above_them():
     }
     for name, allowed in layers.items():
         used = {m for m in _imports(PACKAGE / "models" / f"{name}.py") if m.startswith("knexp.")}
-        shared = {"knexp.user_errors", "knexp.io", "knexp.store"}
+        shared = {"knexp.user_errors", "knexp.io", "knexp.store", "knexp.settings"}
         used = {m for m in used if not any(m == a or m.startswith(a + ".") for a in allowed | shared)}
         assert not used, f"models/{name}.py imports {sorted(used)} from above its layer"
     assert "knexp" not in " ".join(_imports(PACKAGE / "models" / "__init__.py")), "the package's __init__ imports nothing"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from functools import partial
@@ -91,6 +92,32 @@ def test_evaluate_task_runs_and_logs_files_offline(tmp_path):
     assert m2["cache"]["captions_computed"] == 0 and m2["cache"]["captions_from_cache"] > 0
     assert (tmp_path / "job2" / "captions.csv").read_text() == (tmp_path / "job" / "captions.csv").read_text()
     assert m2["table2"] == metrics["table2"]
+
+
+def test_a_job_with_no_usable_sample_says_so_and_the_report_marks_it(tmp_path):
+    """A random tiny model never names the bus: the job ends (status 0, the sweep goes on), says so in its last line and
+    in metrics.json with the first reasons, and a report over the sweep lists it apart from the scored jobs."""
+    from test_report import _job
+
+    from knexp.reporting.sweep import write_report
+
+    sweep = tmp_path / "sweep"
+    r = _run("task=evaluate", "model=tiny_llava", "knowledge=bus", "data.num_images=20", "task.k_images=1", "task.other_images=1",
+             f"data.root={tmp_path}/tw", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={sweep}/0", "logger=none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    status = json.loads((sweep / "0" / "metrics.json").read_text())["status"]
+    assert status["state"] == "no_samples" and status["usable"] == 0
+    assert status["reasons"][0].startswith("bus: only 0 of 3") and any("does not name it" in why for why in status["reasons"])
+    last = [line for line in r.stdout.splitlines() if line.strip()][-1]  # the job's log goes to stdout
+    assert "bus: no usable sample" in last and "metrics.json" in last
+    _job(sweep / "1", "bed", "ours", 0.8, 0.6, [1, 2, 0])  # a scored job beside it
+    report = write_report(sweep, tmp_path / "report")
+    text = report.markdown.read_text()
+    assert "1 more had no usable sample" in text and "## Jobs with no usable sample" in text
+    assert re.search(r"\|\s+0 \| bus\s+\| ours\s+\| bus: only 0 of 3", text)  # the job's folder, its labels and why
+    assert (tmp_path / "report" / "unusable_jobs.csv").read_text().count("\n") == 2
+    only_empty = write_report(sweep / "0", tmp_path / "report_empty")  # a sweep of nothing but such jobs still reports
+    assert "Jobs with no usable sample" in only_empty.markdown.read_text()
 
 
 def test_report_without_sweep_dir_says_what_to_pass(tmp_path):

@@ -30,8 +30,8 @@ def _scenes(catalog, seed: int, count: int) -> list:
 
 def _settings(s) -> tuple[int, int]:
     """(prompt batch, decoding width): the embedded model's ``model.generation`` settings, which the evaluation uses."""
-    gen = s.cfg.model.generation
-    return int(gen.batch_size), int(gen.get("decode_width") or gen.batch_size)
+    gen = s.generation
+    return gen.batch_size, gen.decode_width or gen.batch_size
 
 
 def reuse_and_decode(images: int = 16, per_image: int = 8, units: int = 40, max_new_tokens: int = 32, repeats: int = 2) -> dict:

@@ -1,7 +1,9 @@
 """Inpainted images cached on disk, keyed by dataset, image, annotation and inpainting options.
 
 Files are PNG (lossless) named by a hash of the key, written to a temporary name and renamed, so
-concurrent jobs never read a torn file. ``InpaintOptions`` are the knobs of METHOD.md's Stage 1.
+concurrent jobs never read a torn file. Each carries its key and a checksum of its pixels (``knexp.checked``): a file
+cut short, edited or copied from another entry is inpainted again, with a warning. ``InpaintOptions`` are the knobs
+of METHOD.md's Stage 1.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from knexp.counterfactual.inpaint import inpaint, region_mask
-from knexp.io import atomic_path
+from knexp.checked import Damaged, damaged, read_png, write_png
+from knexp.counterfactual.inpaint import INPAINT_METHODS, REGIONS, inpaint, region_mask
+from knexp.settings import Choice, Integer, Number, check_fields
 from knexp.store import stable_key
 
 
@@ -23,6 +25,11 @@ class InpaintOptions:
     dilation: int = 0  # pixels
     radius: float = 3.0
     method: str = "telea"  # or "ns" (Navier-Stokes)
+
+    def __post_init__(self):
+        """Check the settings (``inpaint.*``): each raises ``SettingError`` naming the key."""
+        check_fields(self, "inpaint", region=Choice(REGIONS), dilation=Integer(low=0), radius=Number(low=0.0, low_open=True),
+                     method=Choice(tuple(INPAINT_METHODS)))
 
     def mask(self, shape: tuple[int, int], bbox, segmentation: np.ndarray | None) -> np.ndarray:
         return region_mask(shape, bbox=bbox, segmentation=segmentation, region=self.region, dilation=self.dilation)
@@ -44,7 +51,7 @@ class InpaintCache:
 
     def __init__(self, root: str | Path | None):
         self.root = Path(root) / "inpainted" if root is not None else None
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.damaged = 0
 
     def get(self, dataset_id: str, image_id: int, annotation_id: int, image: np.ndarray, bbox, segmentation: np.ndarray | None,
             opts: InpaintOptions) -> np.ndarray:
@@ -55,17 +62,24 @@ class InpaintCache:
         """The image with the instances ``annotation_ids`` (their ``regions``: (bbox, segmentation)) inpainted away."""
         path = None
         ids = annotation_ids[0] if len(annotation_ids) == 1 else sorted(annotation_ids)  # one id: the single-instance key
+        key = stable_key(dataset_id, image_id, ids, opts)
         if self.root is not None:
-            path = self.root / f"{stable_key(dataset_id, image_id, ids, opts)}.png"
-            cached = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.exists() else None
-            if cached is not None and cached.shape[:2] == image.shape[:2]:
+            path = self.root / f"{key}.png"
+            try:
+                cached = read_png(path, key)
+                if cached.shape != image.shape:
+                    raise Damaged(f"sized {cached.shape[:2]}, the image {image.shape[:2]}")
                 self.hits += 1
-                return cv2.cvtColor(cached, cv2.COLOR_BGR2RGB)
+                return cached
+            except FileNotFoundError:
+                pass
+            except Damaged as exc:
+                self.damaged += 1
+                damaged("inpainted images", path, str(exc))
         self.misses += 1
         out = opts.apply_many(image, regions)
         if path is not None:
-            with atomic_path(path) as tmp:
-                cv2.imwrite(str(tmp), cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
+            write_png(path, out, key)
         return out
 
     def without(self, data, dataset_id: str, image_id: int, category_id: int, opts: InpaintOptions) -> np.ndarray:

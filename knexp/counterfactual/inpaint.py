@@ -15,6 +15,7 @@ import numpy as np
 from knexp.user_errors import ConfigError
 
 INPAINT_METHODS = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
+REGIONS = ("bbox", "segm")
 
 
 def region_mask(

@@ -95,22 +95,40 @@ class Catalog:
     def names(self) -> list[str]:
         return list(self._by_name)
 
+    def named(self, names, key: str) -> list[Knowledge]:
+        """The entries ``names`` (a list from the setting ``key``, e.g. ``trace.objects``), or ``SettingError`` naming the
+        first that is not in the catalog and the valid names."""
+        from knexp.settings import Many, SettingError, Text
+
+        names = Many(Text(), min_len=0)(key, names)
+        for name in names:
+            if name not in self:
+                raise SettingError(key, list(names), f"{name!r} is not in the catalog; valid names: {', '.join(self.names)}")
+        return [self[name] for name in names]
+
     def mentioned(self, caption: str) -> set[str]:
         """Names of all catalog objects named in ``caption``."""
         return {k.name for k in self if k.mentioned_in(caption)}
 
 
-def knowledge_from_dict(d: dict) -> Knowledge:
-    """Build a Knowledge from a ``conf/knowledge/*.yaml`` mapping (or the composed ``cfg.knowledge``)."""
+def knowledge_from_dict(d: dict, prefix: str = "knowledge") -> Knowledge:
+    """Build a Knowledge from a ``conf/knowledge/*.yaml`` mapping (or the composed ``cfg.knowledge``), its settings checked
+    as ``<prefix>.*`` (``catalog.<name>`` for the catalog's entries)."""
+    from knexp.settings import Integer, Many, Text, check_mapping, unknown
+
     missing = {"name", "coco_id", "supercategory"} - set(d)
     if missing:
         raise ConfigError(f"knowledge entry {d.get('name', d)!r} lacks {sorted(missing)}; add them to its conf/knowledge yaml")
+    words = Many(Text(), min_len=0, optional=True)
+    unknown(d, prefix, ("name", "coco_id", "supercategory", "singular", "plural", "synonyms", "phrase"))
+    d = check_mapping(d, prefix, name=Text(), coco_id=Integer(low=1), supercategory=Text(), singular=Text(optional=True),
+                      plural=words, synonyms=words, phrase=Text(optional=True))
     return Knowledge(
-        name=str(d["name"]),
-        coco_id=int(d["coco_id"]),
-        supercategory=str(d["supercategory"]),
-        singular=str(d.get("singular") or d["name"]),
-        plural=tuple(d.get("plural") or ()),
-        synonyms=tuple(d.get("synonyms") or ()),
-        phrase=str(d.get("phrase") or ""),
+        name=d["name"],
+        coco_id=d["coco_id"],
+        supercategory=d["supercategory"],
+        singular=d["singular"] or d["name"],
+        plural=tuple(d["plural"] or ()),
+        synonyms=tuple(d["synonyms"] or ()),
+        phrase=d["phrase"] or "",
     )

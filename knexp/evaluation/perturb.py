@@ -28,8 +28,8 @@ import torch
 from knexp.identification.methods import NeuronSet
 from knexp.models.adapter import Adapter
 from knexp.models.hooks import LayerEdit, intervene
+from knexp.settings import Choice, Flag, Integer, Many, Number, check_fields
 from knexp.store import Store, stable_key
-from knexp.user_errors import ConfigError
 
 KINDS = ("noise", "inpainted", "zero", "mean")
 SCALES = ("absolute", "relative", "calibrated")
@@ -55,11 +55,13 @@ class Intervention:
     scale: str = "absolute"
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ConfigError(f"unknown intervention {self.kind!r}; use one of {KINDS}")
-        if self.kind == "noise" and (self.scale not in SCALES or not self.levels or self.draws < 1):
-            raise ConfigError(f"noise needs levels, draws >= 1 and a scale in {SCALES} (got {self.levels}, {self.draws}, "
-                             f"{self.scale!r})")
+        """Check the settings: ``intervention.name``, and for noise the ``noise_level`` group's (each raises
+        ``SettingError`` naming the key)."""
+        object.__setattr__(self, "kind", Choice(KINDS)("intervention.name", self.kind))  # the config names the kind `name`
+        if self.kind == "noise":
+            check_fields(self, "noise_level", levels=Many(Number(low=0.0)), draws=Integer(low=1), per_neuron=Flag(),
+                         scale=Choice(SCALES))
+            object.__setattr__(self, "levels", tuple(float(v) for v in self.levels))
 
     @property
     def deterministic(self) -> bool:

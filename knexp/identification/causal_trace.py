@@ -31,6 +31,7 @@ from knexp.identification.passes import Target, TargetNotFound, locate_target
 from knexp.identification.selection import Selector
 from knexp.models.adapter import Adapter
 from knexp.models.hooks import LayerEdit, intervene, record
+from knexp.settings import Integer, Many, Number, Text, check_fields
 from knexp.store import Store, stable_key
 from knexp.user_errors import ConfigError
 
@@ -38,6 +39,20 @@ log = logging.getLogger(__name__)
 
 KINDS = ("resid", "ffn", "ffn_upto", "ffn_from")
 SITE = {"resid": "resid_pre", "ffn": "ffn", "ffn_upto": "ffn", "ffn_from": "ffn"}  # each kind's hook site
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    """``trace``: the objects traced (catalog names), selected samples per object, and the share of the whole
+    counterfactual a residual layer must reach to be live. Checked when the session is built."""
+
+    objects: tuple[str, ...] = ()
+    per_object: int = 1
+    frac: float = 0.5
+
+    def __post_init__(self):
+        check_fields(self, "trace", objects=Many(Text()), per_object=Integer(low=1), frac=Number(0.0, 1.0, low_open=True))
+        object.__setattr__(self, "objects", tuple(self.objects))
 
 
 def patched_layers(kind: str, layer: int, num_layers: int) -> range:

@@ -29,8 +29,12 @@ import pandas as pd
 import torch
 
 from knexp.identification.passes import SampleStats
-from knexp.identification.thresholds import Rule, RuleContext, TwoStage, allowed_layers, top_flat
+from knexp.identification.thresholds import LAYERS, Rule, RuleContext, TwoStage, allowed_layers, top_flat
+from knexp.settings import Choice, Integer, Number, check_fields
 from knexp.user_errors import ConfigError
+
+VARIANTS = ("paper", "authors")  # Schwettmann's and Pan's: as the paper describes them, or as the authors' code runs
+FORMS = ("matched", "top_n", "threshold")
 
 
 @dataclass
@@ -194,6 +198,12 @@ class Method:
     name: str = ""
     variant: str = ""
 
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Check the method's settings (``method.*``) when it is built: each raises ``SettingError`` naming the key."""
+
     def select(self, stats: SampleStats, ts: TwoStage, rule: Rule, ctx: RuleContext, d_ff: int) -> NeuronSet:
         raise NotImplementedError
 
@@ -241,6 +251,9 @@ class Schwettmann(Method):
 
     variant: str = "paper"
 
+    def check(self) -> None:
+        check_fields(self, "method", variant=Choice(VARIANTS))
+
     def select(self, stats, ts, rule, ctx, d_ff):
         return schwettmann(stats, len(from_two_stage(ts)), self.variant)
 
@@ -250,6 +263,9 @@ class Pan(Method):
     """Pan et al. 2024 over all layers (variant ``paper`` or ``authors``)."""
 
     variant: str = "paper"
+
+    def check(self) -> None:
+        check_fields(self, "method", variant=Choice(VARIANTS))
 
     def select(self, stats, ts, rule, ctx, d_ff):
         return pan(stats, len(from_two_stage(ts)), self.variant)
@@ -264,6 +280,9 @@ class Attribution(Method):
     n: int = 300
     threshold: float = 0.02
     layers: str = "all"
+
+    def check(self) -> None:
+        check_fields(self, "method", form=Choice(FORMS), n=Integer(low=1), threshold=Number(low=0.0), layers=Choice(LAYERS))
 
     def select(self, stats, ts, rule, ctx, d_ff):
         within = _within(stats, self.layers, ctx)
@@ -287,6 +306,9 @@ class RandomControl(Method):
     """The layer-matched random control of ours' set (seeded)."""
 
     seed: int = 0
+
+    def check(self) -> None:
+        check_fields(self, "method", seed=Integer(low=0))
 
     def select(self, stats, ts, rule, ctx, d_ff):
         return random_matched(from_two_stage(ts), d_ff, seed=int(self.seed))

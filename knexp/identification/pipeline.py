@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from knexp.data.catalog import Knowledge
+from knexp.data.data_errors import EntryError
 from knexp.identification import methods as M
-from knexp.identification.passes import SampleStats, TargetNotFound, compute_stats, locate_target
+from knexp.identification.passes import SampleSkipped, SampleStats, compute_stats, locate_target
 from knexp.identification.selection import Candidate, Selection, Selector
 from knexp.identification.stats_cache import StatsCache
 from knexp.identification.thresholds import Rule, RuleContext
@@ -68,6 +69,15 @@ class Identification:
         """Identified neurons per layer, summed over samples (L zeros when no sample gave a set)."""
         return np.sum([r.neurons.per_layer(num_layers) for r in self.results], axis=0).tolist() if self.results else [0] * num_layers
 
+    def status(self, first: int = 3) -> dict:
+        """``{"state": "ok" | "no_samples", "usable": n, "reasons": [...]}``. With no usable sample, ``reasons`` holds the
+        selection's message and the first ``first`` distinct reasons of the skipped samples and rejected candidates.
+        Written to metrics.json; the sweep report marks such a job."""
+        if self.results:
+            return {"state": "ok", "usable": len(self.results), "reasons": []}
+        reasons = [s["reason"] for s in self.skipped] + [c.reason for c in self.selection.rejected]
+        return {"state": "no_samples", "usable": 0, "reasons": [self.selection.message, *list(dict.fromkeys(reasons))[:first]]}
+
 
 def annotate(neurons: M.NeuronSet, stats: SampleStats) -> M.NeuronSet:
     """Attach each neuron's spread (std_p O'_o) and shift (mean_p (O'_i - O'_o)) on its identification sample."""
@@ -77,13 +87,22 @@ def annotate(neurons: M.NeuronSet, stats: SampleStats) -> M.NeuronSet:
 
 
 def sample_stats(selector: Selector, candidate: Candidate, knowledge: Knowledge, stats_cache: StatsCache) -> tuple[SampleStats, str, int]:
-    """(the sample's statistics, from the cache where it holds them; the target word; its token id)."""
+    """(the sample's statistics, from the cache where it holds them; the target word; its token id). Raises
+    ``SampleSkipped`` for a sample that cannot be used (no target in its caption, an unreadable image, statistics that
+    are not finite)."""
     adapter = selector.captioner.adapter
     target = locate_target(adapter, candidate.original_caption, adapter.caption_prefix, knowledge)
     key = stable_key(selector.captioner.model_key, selector.dataset_id, candidate.image_id, candidate.annotation_id, selector.opts,
                      candidate.original_caption)
-    stats = stats_cache.get(key, lambda: compute_stats(adapter, selector.data.load_image(candidate.image_id),
-                                                        selector.inpainted(candidate), target))
+
+    def compute() -> SampleStats:
+        try:
+            original, inpainted = selector.data.load_image(candidate.image_id), selector.inpainted(candidate)
+        except EntryError as exc:  # with data.strict the data layer raises a DatasetError instead, which stops the job
+            raise SampleSkipped(f"unusable image: {exc}") from exc
+        return compute_stats(adapter, original, inpainted, target)
+
+    stats = stats_cache.get(key, compute)
     stats.check_finite()
     return stats, target.word, target.token_id
 
@@ -100,14 +119,15 @@ def identify_sample(selector: Selector, candidate: Candidate, knowledge: Knowled
 
 def identify_knowledge(selector: Selector, knowledge: Knowledge, rule: Rule, method: M.Method, stats_cache: StatsCache,
                        ctx: RuleContext, selection: Selection | None = None) -> Identification:
-    """Select samples of ``knowledge`` (unless ``selection`` is given) and identify neurons on each; a sample whose
-    caption gives no target token or whose statistics are not finite is skipped with its reason."""
+    """Select samples of ``knowledge`` (unless ``selection`` is given) and identify neurons on each. A sample that cannot
+    be used (``SampleSkipped``: no target token in its caption, statistics that are not finite, an unreadable image, no
+    layer left) is skipped with its reason; any other error, a setting that cannot work among them, stops the job."""
     selection = selection or selector(knowledge)
     results, skipped = [], []
     for cand in selection.accepted:
         try:
             res = identify_sample(selector, cand, knowledge, stats_cache, rule, method, ctx)
-        except (TargetNotFound, ValueError) as exc:
+        except SampleSkipped as exc:
             skipped.append({"image_id": cand.image_id, "annotation_id": cand.annotation_id, "reason": str(exc)})
             log.warning("skipping image %d annotation %d: %s", cand.image_id, cand.annotation_id, exc)
             continue

@@ -14,27 +14,39 @@ Everything is computed from forwards without gradients and cached per model, dat
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from knexp.checked import Damaged, damaged, load_tensors, save_tensors
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog
 from knexp.data.coco import CocoScenes, EntryError
-from knexp.io import atomic_path
 from knexp.models.adapter import Adapter
 from knexp.models.batching import map_batches
 from knexp.models.hooks import attached
+from knexp.settings import Integer, check_fields
 from knexp.store import stable_key
 from knexp.user_errors import ConfigError
 
 log = logging.getLogger(__name__)
 REFERENCE_STREAM = 6  # random stream of the reference draw (the dataset's seed, this stream)
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """``reference``: images for each neuron's mean and spread, reference removals (the null of stage 1), and the seed
+    of their draw. Checked when the session is built."""
+
+    images: int = 32
+    removals: int = 48
+    seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self, "reference", images=Integer(low=1), removals=Integer(low=0), seed=Integer(low=0))
 
 
 @dataclass
@@ -153,27 +165,28 @@ def _removal_diff(adapter: Adapter, original: np.ndarray, edited: np.ndarray, ou
 
 
 class ReferenceCache:
-    """``get(key parts, compute)``: reference statistics from ``<root>/reference/<key>.safetensors`` or computed."""
+    """``get(key parts, compute)``: reference statistics from ``<root>/reference/<key>.safetensors`` or computed. A file
+    that fails its check (``knexp.checked``: cut short, edited, another entry's) is recomputed, with a warning."""
 
     def __init__(self, root: str | Path | None):
         self.root = Path(root) / "reference" if root is not None else None
-        self.computed = 0
+        self.computed = self.damaged = 0
 
     def get(self, parts: list, compute) -> ReferenceStats:
-        path = self.root / f"{stable_key(*parts)}.safetensors" if self.root is not None else None
-        if path is not None and path.exists():
+        key = stable_key(*parts)
+        path = self.root / f"{key}.safetensors" if self.root is not None else None
+        if path is not None:
             try:
-                from safetensors import safe_open
-
-                with safe_open(str(path), "pt") as f:
-                    meta = json.loads(f.metadata()["meta"])
-                return ReferenceStats(**load_file(str(path)), **meta)
-            except (OSError, KeyError, ValueError, TypeError):
-                log.warning("reference statistics %s unreadable; recomputing", path)
+                tensors, meta = load_tensors(path, key)
+                return ReferenceStats(**tensors, **meta)
+            except FileNotFoundError:
+                pass
+            except (Damaged, TypeError) as exc:  # TypeError: another format (an older knexp's file)
+                self.damaged += 1
+                damaged("reference statistics", path, str(exc))
         stats = compute()
         self.computed += 1
         if path is not None:
-            with atomic_path(path) as tmp:
-                save_file({k: getattr(stats, k).contiguous() for k in ReferenceStats.TENSORS}, str(tmp),
-                          metadata={"meta": json.dumps({"removal_objects": stats.removal_objects, "images": stats.images})})
+            save_tensors(path, {k: getattr(stats, k) for k in ReferenceStats.TENSORS},
+                         {"removal_objects": stats.removal_objects, "images": stats.images}, key)
         return stats

@@ -32,8 +32,9 @@ from typing import ClassVar
 
 import torch
 
-from knexp.identification.passes import SampleStats
+from knexp.identification.passes import SampleSkipped, SampleStats
 from knexp.identification.reference import ReferenceStats
+from knexp.settings import Choice, Integer, Number, SettingError, check_fields
 from knexp.user_errors import ConfigError
 
 STAGE1 = ("raw", "abs", "spread", "contrastive")
@@ -101,7 +102,7 @@ def allowed_layers(stats: SampleStats, layers: str, ctx: RuleContext) -> torch.T
         window[list(ctx.live_layers)] = True
         allowed &= window
     if not allowed.any():
-        raise ValueError(f"layers={layers!r} leaves no layer for candidates on this sample")
+        raise SampleSkipped(f"layers={layers!r} leaves no layer for candidates on this sample")
     return allowed
 
 
@@ -123,6 +124,17 @@ class Rule:
     q_g: float = 0.5
 
     automatic: ClassVar[bool] = True
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Check the settings (``thresholds.*``) when the rule is built: each raises ``SettingError`` naming the key."""
+        check_fields(self, "thresholds", layers=Choice(LAYERS), stage1=Choice(STAGE1), stage2=Choice(STAGE2),
+                     q_g=Number(0.0, 1.0))
+
+    def check_knowledge(self, name: str) -> None:
+        """Raise ``ConfigError`` when the rule has nothing for knowledge ``name`` (checked when a job's session is built)."""
 
     def apply(self, stats: SampleStats, ctx: RuleContext) -> TwoStage:
         raise NotImplementedError
@@ -155,9 +167,6 @@ class Rule:
 
     def _scores(self, stats: SampleStats, ctx: RuleContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """(stage-1 score, stage-2 score, bool [L, d_f] of the allowed layers, what the rule used)."""
-        for setting, value, valid in (("layers", self.layers, LAYERS), ("stage1", self.stage1, STAGE1), ("stage2", self.stage2, STAGE2)):
-            if value not in valid:
-                raise ConfigError(f"unknown thresholds.{setting}={value!r}; use one of {', '.join(valid)}")
         s1, g_score = stage1_score(stats, self.stage1, ctx), stage2_score(stats, self.stage2)
         layers = allowed_layers(stats, self.layers, ctx)
         info = {"stage1": self.stage1, "stage2": self.stage2, "layers": self.layers, "allowed_layers": layers.nonzero().flatten().tolist()}
@@ -177,10 +186,23 @@ class PaperRule(Rule):
     per_knowledge: dict = field(default_factory=dict)
     automatic: ClassVar[bool] = False
 
+    def check(self) -> None:
+        super().check()
+        if not isinstance(self.per_knowledge, dict):
+            raise SettingError("thresholds.per_knowledge", self.per_knowledge, "use a mapping of knowledge name -> {a: ..., g: ...}")
+        for name, entry in self.per_knowledge.items():
+            key = f"thresholds.per_knowledge.{name.replace(' ', '_')}"
+            if not isinstance(entry, dict) or set(entry) != {"a", "g"}:
+                raise SettingError(key, entry, "use {a: <stage-1 threshold>, g: <stage-2 threshold>}")
+            self.per_knowledge[name] = {t: Number()(f"{key}.{t}", entry[t]) for t in ("a", "g")}
+
+    def check_knowledge(self, name: str) -> None:
+        if name not in self.per_knowledge:
+            raise ConfigError(f"thresholds=paper has no entry for {name!r}; use an automatic rule (thresholds=budget or "
+                              "thresholds=quantile) or thresholds=fixed")
+
     def apply(self, stats: SampleStats, ctx: RuleContext) -> TwoStage:
-        if ctx.knowledge not in self.per_knowledge:
-            raise ConfigError(f"thresholds=paper has no entry for {ctx.knowledge!r}; use an automatic rule (thresholds=budget or "
-                           "thresholds=quantile) or thresholds=fixed")
+        self.check_knowledge(ctx.knowledge)
         entry = self.per_knowledge[ctx.knowledge]
         return _scalar_pair(stats, float(entry["a"]), float(entry["g"]))
 
@@ -193,6 +215,10 @@ class FixedRule(Rule):
     g: float = 0.0
     automatic: ClassVar[bool] = False
 
+    def check(self) -> None:
+        super().check()
+        check_fields(self, "thresholds", a=Number(), g=Number())
+
     def apply(self, stats: SampleStats, ctx: RuleContext) -> TwoStage:
         return _scalar_pair(stats, float(self.a), float(self.g))
 
@@ -204,6 +230,10 @@ class QuantileRule(Rule):
 
     q_a: float = 0.999
     min_g: float = 0.0
+
+    def check(self) -> None:
+        super().check()
+        check_fields(self, "thresholds", q_a=Number(0.0, 1.0), min_g=Number())
 
     def candidates(self, s1: torch.Tensor, inside: torch.Tensor, info: dict) -> torch.Tensor:
         a = _quantile(s1[inside], float(self.q_a))
@@ -237,6 +267,10 @@ class BudgetRule(Rule):
     them with the highest stage-2 score (the two quantiles at a fixed size)."""
 
     n: int = 1000
+
+    def check(self) -> None:
+        super().check()
+        check_fields(self, "thresholds", n=Integer(low=1), q_g=Number(0.0, 1.0, high_open=True))  # C^k = n / (1 - q_g)
 
     def apply(self, stats: SampleStats, ctx: RuleContext) -> TwoStage:
         s1, g_score, inside, info = self._scores(stats, ctx)

@@ -7,10 +7,27 @@ inpainted image). Greedy captions do not depend on the batch (tested), so cached
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from knexp.models.adapter import Adapter
+from knexp.settings import Integer, check_fields
 from knexp.store import Store, stable_key
+
+
+@dataclass(frozen=True)
+class Generation:
+    """``model.generation``: prompt rows per batch, new tokens per caption, and rows decoding together (null: the batch
+    size; ``knexp.models.decoding.stream_ids``). Checked when the session is built."""
+
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    decode_width: int | None = None
+
+    def __post_init__(self):
+        check_fields(self, "model.generation", batch_size=Integer(low=1), max_new_tokens=Integer(low=1),
+                     decode_width=Integer(low=1, optional=True))
 
 
 class Captioner:

@@ -22,6 +22,7 @@ from knexp.models.errors import ProjectorWeightsError
 from knexp.models.geometry import PatchGeometry
 from knexp.models.offline import efficientnet_lite0_weights, smollm2_folder
 from knexp.models.spliced import SplicedAdapter, SplicedMLLM
+from knexp.settings import DTYPES, Choice, Device, Fields, Integer, SettingError, Text, takes
 from knexp.user_errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,23 @@ def preprocess(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
         batch.append(im)
     x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
+
+
+PROJECTORS = ("linear", "mlp")
+
+
+class PromptSettings(Fields):
+    """``model.prompt``: the chat turns, the caption prefix, and where the image tokens go (``user`` holds the marker
+    once)."""
+
+    def __init__(self):
+        super().__init__({name: Text() for name in ("system", "user", "caption_prefix", "image_marker", "image_token")})
+
+    def __call__(self, key: str, value) -> dict:
+        prompt = super().__call__(key, value)
+        if prompt["user"].count(prompt["image_marker"]) != 1:
+            raise SettingError(f"{key}.user", prompt["user"], f"must hold {key}.image_marker={prompt['image_marker']!r} exactly once")
+        return prompt
 
 
 def build_projector(kind: str, hidden: int, out_dim: int) -> nn.Module:
@@ -146,6 +164,8 @@ def load_projector(projector: nn.Module, path: str | Path) -> None:
         ) from exc
 
 
+@takes(projector_path=Text(), projector_kind=Choice(PROJECTORS), projector_hidden=Integer(low=1), dtype=Choice(DTYPES),
+       attn_implementation=Choice(("eager", "sdpa")), device=Device(), prompt=PromptSettings())
 def load_adapter(model_cfg: dict, device: torch.device, cache_dir: Path):
     """``model=embedded``: the embedded MLLM in its adapter (the loader named in conf/model/embedded.yaml)."""
     mllm = load_embedded(

@@ -17,6 +17,7 @@ from torch import nn
 from knexp.models.adapter import GREEDY, LLAMA_SITES, Adapter, Prepared, image_positions_from_ids, last_positions
 from knexp.models.errors import ModelWeightsMissing
 from knexp.models.geometry import PatchGeometry
+from knexp.settings import DTYPES, Choice, Device, Flag, Integer, Text, takes
 
 LLAVA15_TEMPLATE = "USER: <image>\n{question} ASSISTANT: {prefix}"
 
@@ -100,6 +101,8 @@ class LlavaAdapter(Adapter):
         return gen[:, prepared.prompt_len :]
 
 
+@takes(path=Text(), dtype=Choice(DTYPES), trust_remote_code=Flag(), device=Device(), num_additional_image_tokens=Integer(low=0),
+       question=Text())
 def load_adapter(model_cfg: dict, device: torch.device, cache_dir: Path) -> LlavaAdapter:
     """``model=llava15_7b``: HF LLaVA from a hub id or local folder; the processor is told about CLIP's CLS."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration

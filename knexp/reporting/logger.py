@@ -1,8 +1,9 @@
 """Result logging: files in the job directory always, Weights & Biases on top when ``logger=wandb``.
 
 No result depends on W&B: metrics go to ``metrics.json`` and tables to CSV in the job directory first.
-``conf/logger/*.yaml`` names the class by ``_target_`` (a partial: ``knexp.job.Session.logger`` adds the job's
-folder, config, tags and type).
+``conf/logger/*.yaml`` names its settings class by ``_target_`` (``FilesOnly`` or ``Wandb``), built and checked when the
+session is built; ``open`` starts the job's logger (``knexp.job.Session.logger`` gives it the job's folder, config, tags
+and type).
 W&B runs offline unless the user asks for online mode; online mode without credentials falls back to
 offline with a warning rather than waiting on a network or a prompt.
 """
@@ -12,11 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from knexp.io import atomic_path, atomic_write_text
+from knexp.settings import Choice, Text, check_fields
+
+WANDB_MODES = ("online", "offline", "disabled")
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +119,35 @@ class WandbLogger(RunLogger):
 
     def finish(self) -> None:
         self.run.finish()
+
+
+@dataclass
+class FilesOnly:
+    """``logger=none``: metrics.json and tables in the job directory only."""
+
+    name: str = "none"
+
+    def open(self, out_dir: str | Path, run_config: dict | None = None, tags: list[str] | None = None, job_type: str = "") -> RunLogger:
+        return RunLogger(out_dir)
+
+
+@dataclass
+class Wandb(FilesOnly):
+    """``logger=wandb``: the files, mirrored to a W&B run (``WandbLogger``); its settings are checked when built."""
+
+    name: str = "wandb"
+    project: str = "knexp"
+    entity: str | None = None
+    mode: str = "offline"
+    group: str | None = None
+    dir: str | None = None
+
+    def __post_init__(self):
+        check_fields(self, "logger", project=Text(), entity=Text(optional=True), mode=Choice(WANDB_MODES), group=Text(optional=True),
+                     dir=Text(optional=True))
+
+    def open(self, out_dir: str | Path, run_config: dict | None = None, tags: list[str] | None = None, job_type: str = "") -> RunLogger:
+        return WandbLogger(out_dir, self.name, run_config, tags, job_type, self.project, self.entity, self.mode, self.group, self.dir)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

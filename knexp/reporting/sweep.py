@@ -6,7 +6,9 @@ interruption) counts once, the newest file winning. Method labels carry their va
 object ``splits`` (conf/splits), every table is given per split, so tuning objects never mix with held-out ones.
 The report holds: Table II averaged and per knowledge, Table III, the size curves (S_se, S_re, S_mean against the
 set size, and each method's area under S_mean over log n), the causal trace (``trace.json`` of any job) and Fig. 2 (every
-method's neurons per layer, side by side). It is written as ``report.md`` and as one self-contained ``report.html``.
+method's neurons per layer, side by side). A job that ran but had no usable sample (``status`` "no_samples" in its
+metrics.json) has no scores: the report lists it apart, with its first reasons, and counts it in its summary. It is
+written as ``report.md`` and as one self-contained ``report.html``.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ KEY = ["model", "knowledge", "method", "thresholds", "intervention", "noise_leve
 SCORES = ["S_se", "S_re", "S_mean"]
 
 
-def collect(sweep_dir: str | Path) -> list[dict]:
-    """All evaluation results under ``sweep_dir``, one per key (newest file wins)."""
+def _newest(sweep_dir: str | Path, keep) -> list[dict]:
+    """The evaluation jobs under ``sweep_dir`` whose metrics ``keep`` accepts, one per key (newest file wins), in folder
+    order; methods labelled with their variant."""
     found: dict[tuple, tuple[float, dict]] = {}
     for path in Path(sweep_dir).rglob("metrics.json"):
         m = json.loads(path.read_text())
-        if not (m.get("table2") or m.get("curve")):
+        if not keep(m):
             continue
         m["method"] = f"{m['method']}:{m['variant']}" if m.get("variant") and m["variant"] != "paper" else m["method"]
         m.setdefault("intervention", "noise")  # jobs from before interventions existed
@@ -49,6 +52,19 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         if key not in found or mtime > found[key][0]:
             found[key] = (mtime, {**m, "job_dir": str(path.parent)})
     return [v for _, v in sorted(found.values(), key=lambda kv: kv[1]["job_dir"])]
+
+
+def collect(sweep_dir: str | Path) -> list[dict]:
+    """All evaluation results under ``sweep_dir``, one per key (newest file wins)."""
+    return _newest(sweep_dir, lambda m: m.get("table2") or m.get("curve"))
+
+
+def unusable(sweep_dir: str | Path, results: list[dict]) -> list[dict]:
+    """The jobs under ``sweep_dir`` that had no usable sample (``status`` "no_samples"), less those whose key a result
+    of ``results`` has (a rerun that found samples)."""
+    scored = {tuple(m.get(k) for k in KEY) for m in results}
+    empty = _newest(sweep_dir, lambda m: (m.get("status") or {}).get("state") == "no_samples" and "knowledge" in m)
+    return [m for m in empty if tuple(m.get(k) for k in KEY) not in scored]
 
 
 def split_of(knowledge: str, splits: dict | None) -> str:
@@ -114,7 +130,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = collect(sweep_dir)
-    if not results:
+    empty = unusable(sweep_dir, results)
+    if not results and not empty:
         raise FileNotFoundError(f"no evaluation results (metrics.json with table2 or a size curve) under {sweep_dir}; set "
                                 "sweep_dir to a multirun folder of task=evaluate jobs")
     t = tables(results, splits)
@@ -125,9 +142,10 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
     def listed(key: str) -> str:
         return ", ".join(sorted({str(m.get(key)) for m in results}))
 
+    none = f" {len(empty)} more had no usable sample and no scores (listed at the end)." if empty else ""
     blocks: list[tuple] = [("h1", f"knexp report: {Path(sweep_dir)}"),
                            ("p", f"{len(results)} evaluation jobs; knowledge: {listed('knowledge')}; models: {listed('model')}; "
-                                 f"thresholds: {listed('thresholds')}; interventions: {listed('intervention')}.")]
+                                 f"thresholds: {listed('thresholds')}; interventions: {listed('intervention')}.{none}")]
     if splits:
         blocks.append(("p", "Objects by split: " + "; ".join(f"{name}: {', '.join(sorted(objs))}" for name, objs in splits.items()) + "."))
     if len(t["table2"]):
@@ -163,6 +181,15 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
     if per_method:
         figures.append(layer_histogram_png(per_method, out_dir / "fig2_layers.png", "identified neurons per layer, by method"))
         blocks += [("h2", "Fig. 2: identified neurons per layer"), ("img", figures[-1], "layers")]
+    if empty:
+        rows = [{"job": Path(m["job_dir"]).relative_to(sweep_dir).as_posix(), "knowledge": m["knowledge"], "method": m["method"],
+                 "why": " / ".join(m["status"]["reasons"])} for m in empty]
+        t["unusable_jobs"] = pd.DataFrame(rows)
+        t["unusable_jobs"].to_csv(out_dir / "unusable_jobs.csv", index=False)
+        blocks += [("h2", "Jobs with no usable sample"),
+                   ("p", "These jobs ran but no selected sample could be used, so they have no scores and the tables above "
+                         "leave them out. Each row gives the selection's message and the first reasons."),
+                   ("table", t["unusable_jobs"], False)]
     markdown = out_dir / "report.md"
     markdown.write_text(_markdown(blocks))
     html = out_dir / "report.html"

@@ -23,6 +23,7 @@ from knexp.counterfactual.cache import InpaintOptions
 from knexp.data.coco import ImageError
 from knexp.evaluation.mentions import mention_scores, removal_scores
 from knexp.job import Session
+from knexp.settings import Flag, Integer, Many, SettingError, Text, check_fields, unknown
 
 log = logging.getLogger(__name__)
 CHECK_STREAM = 3  # which object the inpainting check removes
@@ -37,6 +38,20 @@ class CaptionEvalTask:
     inpaint_scenes: int = 120
     inpaint: dict = field(default_factory=lambda: {"region": "bbox", "dilation": 4, "radius": 5, "methods": ["telea", "ns"]})
     cache: bool = True
+
+    def __post_init__(self):
+        check_fields(self, "task", num_scenes=Integer(low=1), inpaint_scenes=Integer(low=0), cache=Flag())
+        check = self.inpaint
+        if not isinstance(check, dict):
+            raise SettingError("task.inpaint", check, "use a mapping of region, dilation, radius, methods")
+        unknown(check, "task.inpaint", ("region", "dilation", "radius", "methods"))
+        Many(Text())("task.inpaint.methods", check.get("methods"))
+        for method in check["methods"]:  # each as the inpaint group's options check it
+            try:
+                InpaintOptions(region=check.get("region"), dilation=check.get("dilation"), radius=check.get("radius"), method=method)
+            except SettingError as exc:
+                raise (exc.under("inpaint.method", "task.inpaint.methods") if exc.key == "inpaint.method"
+                       else exc.under("inpaint", "task.inpaint")) from None
 
     def __call__(self, session: Session) -> dict:
         return run(session, self)
@@ -53,11 +68,11 @@ def run(session: Session, task: CaptionEvalTask) -> dict:
             skipped.append({"image_id": image_id, "reason": str(exc)})
     model = session.adapter
     logger = session.logger()
-    gen = cfg.model.generation
+    gen = session.generation
     names = lambda image_id: {catalog.by_coco_id(c).name for c in data.category_ids(image_id) if c in catalog.coco_ids}  # noqa: E731
 
     t0 = time.time()
-    captions = model.caption(images, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens, width=gen.get("decode_width"))
+    captions = model.caption(images, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens, width=gen.decode_width)
     log.info("captioned %d scenes in %.0f s", len(ids), time.time() - t0)
     truth = [names(i) for i in ids]
     named = [catalog.mentioned(c) for c in captions]
@@ -81,7 +96,7 @@ def run(session: Session, task: CaptionEvalTask) -> dict:
             edited.append(opts.apply(image, pick.bbox, segmentation))
             removed.append(catalog.by_coco_id(pick.category_id).name if pick.category_id in catalog.coco_ids else str(pick.category_id))
             others.append(names(image_id) - {removed[-1]})
-        caps = model.caption(edited, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens, width=gen.get("decode_width"))
+        caps = model.caption(edited, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens, width=gen.decode_width)
         said = [catalog.mentioned(c) for c in caps]
         metrics[f"inpainting_{method}"] = removal_scores(removed, others, said)
         rows += [{"method": method, "image_id": i, "removed": r, "others": ", ".join(sorted(o)), "caption": c}

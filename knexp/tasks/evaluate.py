@@ -20,6 +20,7 @@ from knexp.job import Session
 from knexp.reporting.figures import layer_figure, neuron_figures
 from knexp.reporting.outputs import write_data_faults, write_identification, write_trace
 from knexp.resume import finished, mark_finished
+from knexp.settings import Flag, Integer, Many, Text, check_fields
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ class EvaluateTask:
     cache: bool = True
     sizes: list[int] | None = None
 
+    def __post_init__(self):
+        check_fields(self, "task", k_images=Integer(low=0), other_images=Integer(low=0), bertscore_model=Text(optional=True),
+                     bertscore_layers=Integer(low=1), cache=Flag(), sizes=Many(Integer(low=1), optional=True))
+
     def __call__(self, session: Session) -> dict:
         t0 = time.time()
         out = session.output_dir
@@ -45,8 +50,10 @@ class EvaluateTask:
         found = session.identify()
         evaluation = session.evaluate(found, self.k_images, self.other_images, self.sizes, self.bertscore_model, self.bertscore_layers)
         adapter, store = session.adapter, session.captioner.store
-        metrics = {**session.labels(), **evaluation.scores, "selection": found.selection.message, "skipped": found.skipped,
-                   "rule": [r.rule for r in found.results][:1], "per_layer": evaluation.per_layer(adapter.num_layers)}
+        status = found.status()
+        metrics = {**session.labels(), "status": status, **evaluation.scores, "selection": found.selection.message,
+                   "skipped": found.skipped, "rule": [r.rule for r in found.results][:1],
+                   "per_layer": evaluation.per_layer(adapter.num_layers)}
         write_identification(out, found, adapter.num_layers)
         if found.context and found.context.live_layers is not None:
             window = session.live_window()
@@ -60,7 +67,7 @@ class EvaluateTask:
             metrics["neurons"] = neuron_figures(adapter, session.selector, found.results, out, session.heatmap_store)
         metrics["data_faults"] = write_data_faults(out, session.data.audit)
         metrics["cache"] = {"captions_from_cache": store.hits, "captions_computed": store.misses,
-                            "heatmaps_computed": session.heatmap_store.misses}
+                            "heatmaps_computed": session.heatmap_store.misses, "damaged_entries_rebuilt": session.damaged_entries()}
         metrics["wall_time_s"] = round(time.time() - t0, 1)
         logger = session.logger()
         logger.log_table("captions", evaluation.table)
@@ -75,4 +82,6 @@ class EvaluateTask:
         print(json.dumps({"output_dir": str(out), "knowledge": found.knowledge, "method": found.method.name, "sets": len(found.results),
                           **{s: t2.get(s) for s in ("S_se", "S_re", "S_mean")},
                           **({"curve_area": metrics["curve_area"]} if self.sizes else {})}, indent=1))
+        if status["state"] != "ok":
+            log.warning("%s: no usable sample, so no scores (metrics.json status): %s", found.knowledge, "; ".join(status["reasons"]))
         return metrics

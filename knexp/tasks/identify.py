@@ -9,11 +9,15 @@ with scores, captions, target, thresholds, counts per layer) and ``identify.json
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 from knexp.io import atomic_write_text
 from knexp.job import Session
 from knexp.reporting.outputs import write_data_faults, write_identification
+from knexp.settings import Flag, check_fields
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,6 +27,9 @@ class IdentifyTask:
     name: str = "identify"
     cache: bool = True
 
+    def __post_init__(self):
+        check_fields(self, "task", cache=Flag())
+
     def __call__(self, session: Session) -> dict:
         out, adapter = session.output_dir, session.adapter
         found = session.identify()
@@ -30,14 +37,18 @@ class IdentifyTask:
         stats = session.stats_cache
         summary = {
             **{k: v for k, v in session.labels().items() if k in ("knowledge", "method", "variant", "model")},
-            "thresholds": session.rule.name, "samples": len(found.results), "requested": session.selector.per_knowledge,
+            "thresholds": session.rule.name, "status": found.status(), "samples": len(found.results),
+            "requested": session.selector.per_knowledge,
             "selection": found.selection.message, "skipped": found.skipped, "sizes": [len(r.neurons) for r in found.results],
             "per_layer": found.per_layer(adapter.num_layers), "passes_computed": stats.computed, "stats_from_disk": stats.loaded,
             "data_faults": write_data_faults(out, session.data.audit), "output_dir": str(out),
         }
         atomic_write_text(out / "identify.json", json.dumps(summary, indent=1))
         logger = session.logger()
-        logger.log_metrics({"identify": {k: summary[k] for k in ("samples", "sizes", "per_layer", "passes_computed")}})
+        logger.log_metrics({"status": summary["status"],
+                            "identify": {k: summary[k] for k in ("samples", "sizes", "per_layer", "passes_computed")}})
         logger.finish()
         print(f"identification results: {out} ({len(found.results)} samples; {out / 'identify.json'})")
+        if summary["status"]["state"] != "ok":
+            log.warning("%s: no usable sample (identify.json status): %s", found.knowledge, "; ".join(summary["status"]["reasons"]))
         return summary

@@ -7,12 +7,13 @@ figures beside them, and mirrors the figures (Fig. 2: every method's layer histo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from knexp.job import Session
 from knexp.reporting.sweep import write_report
-from knexp.user_errors import ConfigError
+from knexp.settings import Flag, SettingError, check_fields
 
 
 @dataclass
@@ -22,11 +23,18 @@ class ReportTask:
     name: str = "report"
     cache: bool = True
 
+    def __post_init__(self):
+        check_fields(self, "task", cache=Flag())
+
+    def check_session(self, session: Session) -> None:
+        """``sweep_dir`` names a folder (checked when the job is built)."""
+        where = session.cfg.get("sweep_dir")
+        if not isinstance(where, str) or not Path(where).is_dir():
+            raise SettingError("sweep_dir", where, "task=report needs a multirun folder of task=evaluate jobs, e.g. "
+                               "sweep_dir=runs/evaluate/multiruns/2026-01-01_12-00-00")
+
     def __call__(self, session: Session) -> dict:
         cfg = session.cfg
-        if not cfg.get("sweep_dir"):
-            raise ConfigError("task=report needs sweep_dir=<a multirun folder of task=evaluate jobs>, e.g. "
-                             "sweep_dir=runs/evaluate/multiruns/2026-01-01_12-00-00")
         splits = OmegaConf.to_container(cfg.splits, resolve=True) if cfg.get("splits") else None
         report = write_report(cfg.sweep_dir, session.output_dir, splits)
         logger = session.logger()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from knexp.io import atomic_write_text
 from knexp.job import Session
+from knexp.settings import Flag, check_fields
 
 
 @dataclass
@@ -20,6 +21,9 @@ class SelectTask:
     name: str = "select"
     all_knowledge: bool = False
     cache: bool = True
+
+    def __post_init__(self):
+        check_fields(self, "task", all_knowledge=Flag(), cache=Flag())
 
     def __call__(self, session: Session) -> dict:
         names = session.catalog.names if self.all_knowledge else [session.knowledge.name]

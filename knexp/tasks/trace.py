@@ -14,6 +14,7 @@ from knexp.identification.causal_trace import span
 from knexp.job import Session
 from knexp.reporting.analysis import trace_png
 from knexp.reporting.outputs import write_trace
+from knexp.settings import Flag, check_fields
 
 
 @dataclass
@@ -22,6 +23,9 @@ class TraceTask:
 
     name: str = "trace"
     cache: bool = True
+
+    def __post_init__(self):
+        check_fields(self, "task", cache=Flag())
 
     def __call__(self, session: Session) -> dict:
         out = session.output_dir

@@ -27,6 +27,7 @@ from knexp.io import atomic_path
 from knexp.job import Session
 from knexp.models.embedded import EmbeddedMLLM, preprocess
 from knexp.models.registry import load_model
+from knexp.settings import DTYPES, Choice, Flag, Integer, Number, Text, check_fields
 from knexp.user_errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,13 @@ class TrainProjectorTask:
     resume_from: str | None = None
     output: str = "projector.safetensors"
     cache: bool = True
+
+    def __post_init__(self):
+        check_fields(self, "task", seed=Integer(low=0), lm_dtype=Choice(DTYPES), steps=Integer(low=1), batch_size=Integer(low=1),
+                     lr=Number(low=0.0, low_open=True), warmup_steps=Integer(low=0), min_lr_ratio=Number(0.0, 1.0),
+                     weight_decay=Number(low=0.0), grad_clip=Number(low=0.0, low_open=True), ghost_prob=Number(0.0, 1.0),
+                     empty_prob=Number(0.0, 1.0), log_every=Integer(low=1), checkpoint_every=Integer(low=1),
+                     resume_from=Text(optional=True), output=Text(), cache=Flag())
 
     def __call__(self, session: Session) -> dict:
         return run(session, self)

@@ -12,33 +12,46 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from omegaconf import OmegaConf
 
+from knexp.config import build
 from knexp.io import atomic_write_text
 from knexp.job import Session
-from knexp.user_errors import ConfigError
+from knexp.settings import Flag, SettingError, Text, check_fields
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TuneTask:
-    """``conf/task/tune.yaml``: ``job`` is the evaluation task Hydra built from ``task.job``."""
+    """``conf/task/tune.yaml``: ``job`` is the evaluation task built from ``task.job`` (its settings checked as
+    ``task.job.*``)."""
 
     job: Callable[[Session], dict]
     name: str = "tune"
     split: str = "tuning"
     cache: bool = True
 
+    def __post_init__(self):
+        if isinstance(self.job, Mapping):  # knexp.job.build_job builds tasks without recursing: the job is built here
+            try:
+                self.job = build(OmegaConf.create(dict(self.job)), "task")
+            except SettingError as exc:
+                raise exc.under("task", "task.job") from None
+        check_fields(self, "task", split=Text(), cache=Flag())  # after the job: task.cache is task.job.cache
+
+    def check_session(self, session: Session) -> None:
+        """``task.split`` is one of the splits (checked when the job is built)."""
+        if self.split not in session.cfg.splits:
+            raise SettingError("task.split", self.split, f"use one of the splits: {', '.join(session.cfg.splits)} (conf/splits)")
+
     def __call__(self, session: Session) -> dict:
         splits = session.cfg.splits
-        if self.split not in splits:
-            raise ConfigError(f"task.split={self.split!r} is not one of the splits ({', '.join(splits)}; conf/splits)")
-        names = [session.catalog[n].name for n in splits[self.split]]  # unknown names fail here, before any work
+        names = [session.catalog[n].name for n in splits[self.split]]
         out = session.output_dir
         per_object = {}
         for name in names:

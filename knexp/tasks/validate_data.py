@@ -27,6 +27,7 @@ from knexp.data.loading import load_dataset
 from knexp.identification.selection import overlap_reason
 from knexp.io import atomic_write_text
 from knexp.job import Session
+from knexp.settings import Flag, Integer, check_fields
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("knexp.progress")
@@ -40,6 +41,9 @@ class ValidateDataTask:
     images: bool = True  # decode every image too (progress in the log); false: the annotation pass only
     first: int = 5  # entries shown per fault kind (data_report.json lists them all)
     progress_every: int = 500  # images between progress lines
+
+    def __post_init__(self):
+        check_fields(self, "task", images=Flag(), first=Integer(low=0), progress_every=Integer(low=1))
 
     def __call__(self, session: Session) -> dict:
         began = time.perf_counter()

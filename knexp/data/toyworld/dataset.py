@@ -3,15 +3,14 @@
 Scene ``i`` of a split is drawn from ``np.random.default_rng([seed, DATASET_STREAM, i])``: the split is
 the same on every machine, and no scene coincides with a training scene (another stream). Segmentations
 are polygons traced from the exact sprite masks (``cv2.findContours``), so ``COCO.annToMask`` gives the
-object's region back. A finished split is marked by ``manifest.json``; a half-written one is redone.
+object's region back. A finished split is described by ``<split>/manifest.json``: its settings and every file's sha1,
+checked whenever the split is used (``knexp.manifest``). A half-written or damaged split is made again (it is the same
+bytes: PNG and JSON of the same scenes), with a warning; a split made with other settings is never overwritten.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from knexp.data.catalog import Catalog
 from knexp.data.toyworld.scenes import SceneOptions, make_scene
+from knexp.manifest import built
 
 DATASET_STREAM = 2
 MANIFEST = "manifest.json"
@@ -33,34 +33,16 @@ def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
 
 
 def generate_split(root: str | Path, split: str, num_images: int, seed: int, catalog: Catalog, opts: SceneOptions | None = None) -> Path:
-    """Create (once) the split under ``root``; returns ``root``. Safe when several jobs race to make it."""
+    """Create (once) the split under ``root``, or check it when it is there; returns ``root``. A damaged split is made
+    again, with a warning; one made with other settings raises ``knexp.manifest.FolderInUse`` naming the folder. Safe
+    when several jobs race to make it."""
     root = Path(root)
     opts = opts or SceneOptions()
-    manifest = {"split": split, "num_images": num_images, "seed": seed, "stream": DATASET_STREAM, "scene": asdict(opts)}
-    manifest = json.loads(json.dumps(manifest))  # tuples -> lists, as read back
-    done = root / split / MANIFEST
-    if done.exists():
-        if json.loads(done.read_text()) == manifest:
-            return root
-        raise FileExistsError(
-            f"{root / split} holds a toy-world split made with other settings; choose another data.root or delete it"
-        )
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=root))
-    try:
-        _write(tmp, split, num_images, seed, catalog, opts)
-        (tmp / split / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for name in (f"instances_{split}.json", f"captions_{split}.json"):
-            os.replace(tmp / name, root / name)
-        if (root / split).exists():
-            shutil.rmtree(root / split)  # an interrupted earlier attempt (no manifest)
-        os.replace(tmp / split, root / split)
-    except OSError:
-        if not done.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    settings = {"split": split, "num_images": num_images, "seed": seed, "stream": DATASET_STREAM, "scene": asdict(opts)}
+    refuse = (f"{root / split} holds a toy-world split made with other settings; choose another data.root, or delete "
+              f"{root / split} and {root}/instances_{split}.json to make it again")
+    return built(root, f"{split}/{MANIFEST}", settings, lambda folder: _write(folder, split, num_images, seed, catalog, opts),
+                 f"toy-world split {split!r}", refuse=refuse)
 
 
 def _write(folder: Path, split: str, num_images: int, seed: int, catalog: Catalog, opts: SceneOptions) -> None:

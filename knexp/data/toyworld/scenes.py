@@ -15,6 +15,7 @@ import numpy as np
 from knexp.counterfactual.inpaint import inpaint, region_mask
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.toyworld.sprites import render_sprite
+from knexp.settings import Integer, Many, Number, SettingError, check_fields
 from knexp.user_errors import ConfigError
 
 BACKGROUNDS = ("gradient", "noise", "stripes", "grass", "wood", "tiles", "sky")
@@ -35,6 +36,19 @@ class SceneOptions:
     ghost_dilation: tuple[int, int] = (2, 8)
     ghost_radius: tuple[int, int] = (3, 7)
     ghost_methods: tuple[str, ...] = ("telea", "ns")
+
+    def __post_init__(self):
+        """Check the settings a split is drawn with (``data.scene.*``; training's probabilities are ``task.*``)."""
+        check_fields(self, "data.scene", size=Integer(low=32), min_objects=Integer(low=0), max_objects=Integer(low=0),
+                     object_px=Many(Integer(low=24), min_len=2), gap_px=Integer(low=0))
+        check_fields(self, "task", empty_prob=Number(0.0, 1.0), ghost_prob=Number(0.0, 1.0))
+        lo, hi = self.object_px[0], self.object_px[-1]
+        if len(self.object_px) != 2 or lo > hi or hi > self.size - 2:
+            raise SettingError("data.scene.object_px", list(self.object_px), f"use [smallest, largest] with 24 <= smallest <= "
+                               f"largest <= data.scene.size - 2 = {self.size - 2}")
+        if self.max_objects < self.min_objects:
+            raise SettingError("data.scene.max_objects", self.max_objects, f"use at least data.scene.min_objects={self.min_objects}")
+        self.object_px = (lo, hi)
 
 
 @dataclass
