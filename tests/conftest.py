@@ -52,9 +52,10 @@ def random_pair():
     return _random_pair
 
 
-def _job_files(job: Path) -> dict[str, bytes]:
+def _job_files(job: Path, also: tuple[str, ...] = ()) -> dict[str, bytes]:
     """Every result file of a job directory, minus logs, Hydra's copy of the config (it names the folder), W&B
-    and wall times (``wall_time_s``, ``timing``), which are the only things allowed to differ between two runs of one config."""
+    and wall times (``wall_time_s``, ``timing``), which are the only things allowed to differ between two runs of one config;
+    ``also``: metrics.json keys left out too (``cache``: what the caches held, when their contents differ on purpose)."""
     files = {}
     for path in sorted(job.rglob("*")):
         rel = path.relative_to(job).as_posix()
@@ -64,7 +65,8 @@ def _job_files(job: Path) -> dict[str, bytes]:
         if rel == "metrics.json":
             m = json.loads(data)
             m.pop("wall_time_s")
-            m.pop("timing", None)  # seconds too
+            for key in ("timing", *also):  # seconds too
+                m.pop(key, None)
             data = json.dumps(m, sort_keys=True).encode()
         files[rel] = data
     return files

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_py
+from conftest import _job_files, run_py
 
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.identification.passes import SampleStats
@@ -28,20 +28,9 @@ JOB = ("task=evaluate", "model=tiny_llava", "knowledge=cell_phone", "data.num_im
 
 
 def _results(job: Path) -> dict[str, bytes]:
-    """A job's result files, less what may differ between two runs of one config: logs, wall times and the cache's counts."""
-    out = {}
-    for path in sorted(job.rglob("*")):
-        rel = path.relative_to(job).as_posix()
-        if not path.is_file() or rel.endswith(".log") or rel.startswith((".hydra/", "wandb/")) or rel == "done.json":
-            continue
-        data = path.read_bytes()
-        if rel == "metrics.json":
-            m = json.loads(data)
-            for key in ("wall_time_s", "timing", "cache"):
-                m.pop(key, None)
-            data = json.dumps(m, sort_keys=True).encode()
-        out[rel] = data
-    return out
+    """A job's result files, less what may differ between two runs of one config (``conftest._job_files``) and what the
+    caches held."""
+    return _job_files(job, also=("cache",))
 
 
 def _cut_every_file(root: Path) -> int:
