@@ -57,7 +57,7 @@ def check_top_level(cfg: DictConfig) -> dict:
 def setup_runtime(cfg: DictConfig) -> None:
     """Seeds and thread count from the config (before any model is built; both checked first): ``num_threads``, or under a
     parallel launcher (``hydra/launcher=parallel``) each job's share of the cores, cores // n_jobs, so that jobs do not
-    fight over cores (two 2-thread torch processes on 2 cores were measured at up to 10x slower each)."""
+    fight over cores (two torch processes that each use every core slow each other down; BENCHMARKS.md)."""
     top = check_top_level(cfg)
     seed_everything(top["seed"])
     threads = top["num_threads"] or parallel_share()

@@ -4,7 +4,7 @@ A manifest inside the folder records the settings the folder was built with and 
 sha1. ``built`` then:
 
 * returns at once when the manifest holds these settings and every file it lists is whole (the common case: reading
-  the manifest and hashing the files, e.g. 0.05 s for a 300-image split);
+  the manifest and hashing the files; BENCHMARKS.md has what that costs);
 * builds the folder when there is none;
 * rebuilds it, with a warning that names what is damaged, when a file is missing, cut short or changed, or the
   manifest itself is unreadable;

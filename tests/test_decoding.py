@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from knexp.models.decoding import greedy_ids
 from knexp.models.hooks import LayerEdit, intervene
 from knexp.models.llava import LlavaAdapter
+from knexp.models.streaming import greedy_ids
 
 
 def _rows(adapter, images: int = 2, per_image: int = 3, seed: int = 0):
@@ -33,7 +33,7 @@ def _edits(adapter, layers, batch, seed=1, scale=5.0):
 
 def test_clean_tokens_are_the_models_own(adapter):
     prepared, _ = _rows(adapter)
-    assert _same(adapter._generate_ids(prepared, 10), greedy_ids(adapter, prepared, 10), adapter.pad_token_id)
+    assert _same(adapter.generate_ids(prepared, 10), greedy_ids(adapter, prepared, 10), adapter.pad_token_id)
 
 
 @pytest.mark.parametrize("span", ["one layer", "every layer from 1"])
@@ -41,13 +41,13 @@ def test_reusing_the_layers_below_an_intervention_gives_the_full_recomputes_toke
     prepared, groups = _rows(adapter)
     layers = [2] if span == "one layer" else list(range(1, adapter.num_layers))
     with intervene(adapter, prepared, _edits(adapter, layers, prepared.batch_size)):
-        full = adapter._generate_ids(prepared, 10)
+        full = adapter.generate_ids(prepared, 10)
     with intervene(adapter, prepared, _edits(adapter, layers, prepared.batch_size)) as edits:
         reused = greedy_ids(adapter, prepared, 10, start_layer=layers[0], groups=groups)
     assert all(e.applied == 1 for e in edits.values())  # each edit acted once: on the prompt's pass of its layer
     assert _same(full, reused, adapter.pad_token_id)
     with intervene(adapter, prepared, _edits(adapter, layers, prepared.batch_size, scale=0.0)):
-        assert _same(adapter._generate_ids(prepared, 10), greedy_ids(adapter, prepared, 10, start_layer=layers[0], groups=groups),
+        assert _same(adapter.generate_ids(prepared, 10), greedy_ids(adapter, prepared, 10, start_layer=layers[0], groups=groups),
                      adapter.pad_token_id)  # zero noise: the clean tokens, through the reused layers
 
 
@@ -81,7 +81,7 @@ def test_finished_rows_leave_the_batch(monkeypatch):
 def test_the_prefix_is_computed_once_per_model_and_again_after_a_weight_edit(adapter):
     """Batches of one model share the tokens before the image (one pass of one row); an in-place weight edit, as a planted
     neuron makes, computes it again. Turning each saving off gives the same tokens."""
-    from knexp.models.decoding import PREFIXES
+    from knexp.models.prefix_cache import PREFIXES
 
     lm, _ = adapter.language_model()
     PREFIXES.pop(lm, None)
@@ -127,7 +127,7 @@ def test_intervened_captions_equal_the_unreused_path(adapter):
     prepared = adapter.prepare([images[r.image_index] for r in rows])
     edits = {1: LayerEdit(torch.tensor([3, 7]), add=noise), 2: LayerEdit(torch.tensor([5]), add=noise)}
     with intervene(adapter, prepared, edits):
-        expected = [join_prefix(adapter.caption_prefix, t) for t in adapter.decode(adapter._generate_ids(prepared, 8))]
+        expected = [join_prefix(adapter.caption_prefix, t) for t in adapter.decode(adapter.generate_ids(prepared, 8))]
     assert got == expected
 
 
@@ -136,9 +136,9 @@ def test_reuse_is_exact_on_the_embedded_model(catalog):
     """Real captions: noise on 40 units in layers 20-29, 0-29 and 12 alone; 4 images x 4 rows each; in one batch, and in
     a stream of prompt batches of 4 with up to 8 rows decoding together."""
     from knexp.data.toyworld.scenes import SceneOptions, make_scene
-    from knexp.models.decoding import stream_ids
     from knexp.models.embedded import load_embedded
     from knexp.models.spliced import SplicedAdapter
+    from knexp.models.streaming import stream_ids
     from knexp.paths import default_cache_dir, project_root
 
     adapter = SplicedAdapter(load_embedded(default_cache_dir(), project_root() / "knexp/models/weights/embedded_projector.safetensors"))
@@ -151,7 +151,7 @@ def test_reuse_is_exact_on_the_embedded_model(catalog):
         units = torch.as_tensor(rng.choice(adapter.d_ff, 40, replace=False))
         noise = torch.tensor(rng.standard_normal((16, adapter.num_image_tokens)) * 3, dtype=torch.float32)
         with intervene(adapter, prepared, {layer: LayerEdit(units, add=noise) for layer in range(lo, hi)}):
-            full = adapter._generate_ids(prepared, 32)
+            full = adapter.generate_ids(prepared, 32)
         with intervene(adapter, prepared, {layer: LayerEdit(units, add=noise) for layer in range(lo, hi)}):
             reused = greedy_ids(adapter, prepared, 32, start_layer=lo, groups=groups)
         assert _same(full, reused, adapter.pad_token_id), (lo, hi)
@@ -195,7 +195,7 @@ def test_a_stream_of_cohorts_gives_each_rows_own_tokens(family, attention, monke
     several cohorts decode together) get the tokens each row gets alone (which are the model's own ``generate``'s,
     checked here for one row and in the tests above for batches); the MLPs saw rows of several cohorts at once. With
     either attention function (the embedded model's is eager, which ``_attend`` computes without copying the cache)."""
-    from knexp.models.decoding import stream_ids
+    from knexp.models.streaming import stream_ids
     from knexp.models.tiny import tiny_adapter
 
     adapter = tiny_adapter(family, layers=3)
@@ -204,7 +204,7 @@ def test_a_stream_of_cohorts_gives_each_rows_own_tokens(family, attention, monke
     rng = np.random.default_rng(5)
     pics = [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(11)]
     alone = torch.stack([greedy_ids(adapter, adapter.prepare([p]), 8)[0] for p in pics])  # [11, 8]: each row alone
-    assert _same(adapter._generate_ids(adapter.prepare(pics[:1]), 8), alone[:1], adapter.pad_token_id)
+    assert _same(adapter.generate_ids(adapter.prepare(pics[:1]), 8), alone[:1], adapter.pad_token_id)
     if family == "llava":  # its rows differ (the tiny spliced models repeat one token): make them end at different steps
         alone = _ended_at(alone, _early_stop(adapter, monkeypatch, alone), adapter.pad_token_id)
     lm, _ = adapter.language_model()
@@ -232,7 +232,7 @@ def test_out_of_memory_in_a_stream_halves_it_and_keeps_finished_rows(monkeypatch
     """Out of memory in a prompt pass puts the rows in flight back, halves the prompt batch and the width, and keeps the
     rows already finished; the tokens are unchanged. At one row, BatchTooLarge names the settings."""
     from knexp.models.batching import BatchTooLarge
-    from knexp.models.decoding import stream_ids
+    from knexp.models.streaming import stream_ids
     from knexp.models.tiny import tiny_adapter
 
     adapter = tiny_adapter("llava", layers=3)
@@ -295,13 +295,13 @@ def test_an_image_on_several_rows_is_encoded_once_with_the_same_inputs(family, m
 
 @pytest.mark.parametrize("setting, value", [("batch_size", 0), ("batch_size", "8"), ("decode_width", 0), ("decode_width", "wide")])
 def test_a_bad_generation_setting_is_named_with_its_fix(setting, value):
-    from knexp.models.decoding import stream_ids
+    from knexp.models.streaming import stream_ids
     from knexp.models.tiny import tiny_adapter
     from knexp.user_errors import ConfigError
 
     adapter = tiny_adapter("llava", layers=2)
     sizes = {"batch_size": 4, "width": None} | ({"batch_size": value} if setting == "batch_size" else {"width": value})
-    with pytest.raises(ConfigError, match=f"model.generation.{setting}=.*whole number of rows"):
+    with pytest.raises(ConfigError, match=f"model.generation.{setting}=.*use an integer >= 1"):
         stream_ids(adapter, 2, lambda rows: pytest.fail("no prompt pass before the check"), 8, **sizes)
 
 
@@ -314,7 +314,7 @@ def test_one_position_attention_is_the_configured_functions(implementation):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    from knexp.models.decoding import _attend
+    from knexp.models.decode_step import _attend
 
     gen = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(shape, generator=gen) for shape in ([3, 6, 1, 8], [3, 2, 5, 8], [3, 2, 5, 8]))
@@ -339,11 +339,11 @@ def test_a_caches_spare_positions_hold_what_concatenation_holds():
     selected anew) and ends with the tensors ``DynamicCache.update`` makes by concatenation."""
     from transformers import DynamicCache
 
-    from knexp.models.decoding import _ROOM, _append, _Cohort, _keep_rows
+    from knexp.models.decode_step import _ROOM, Cohort, _append, keep_rows
 
     gen = torch.Generator().manual_seed(1)
     first = [torch.randn(4, 2, 3, 8, generator=gen) for _ in range(2)]  # keys, values of a 3-token prompt
-    ours = _Cohort(torch.arange(4), DynamicCache(), None, torch.zeros(4, dtype=torch.bool))
+    ours = Cohort(torch.arange(4), DynamicCache(), None, torch.zeros(4, dtype=torch.bool))
     theirs = DynamicCache()
     ours.cache.update(*first, 0)
     theirs.update(*first, 0)
@@ -351,7 +351,7 @@ def test_a_caches_spare_positions_hold_what_concatenation_holds():
     for step in range(2 * _ROOM + 3):
         new = [torch.randn(4, 2, 1, 8, generator=gen) for _ in range(2)]
         if step == 5:  # a row ended: the others stay
-            _keep_rows(ours, torch.tensor([0, 2, 3]))
+            keep_rows(ours, torch.tensor([0, 2, 3]))
             theirs.batch_select_indices(torch.tensor([0, 2, 3]))
         new = [t[:3] if step >= 5 else t for t in new]
         got = _append(ours, 0, *new)
@@ -368,7 +368,7 @@ def test_hooks_guarded_to_the_prompt_pass_keep_the_steps_products_and_other_hook
     """An intervention's hooks (``attached`` with the prompt's pass as guard) cannot act on a decoding step, so the step
     keeps its merged layer loop; a hook without that guard on a layer makes the step take the model's own forward
     (``_merged``)."""
-    from knexp.models.decoding import _hooked, _merged
+    from knexp.models.decode_step import _hooked, _merged
     from knexp.models.tiny import tiny_adapter
 
     adapter = tiny_adapter("llava", layers=2)

@@ -134,7 +134,7 @@ def _hand_patched(adapter, images, neurons, values):
                     x[0, pos, int(neurons.units[c])] = torch.as_tensor(new[:, c], dtype=x.dtype)
                 return (x,)
 
-            handles.append(adapter.ffn_out(layer).register_forward_pre_hook(hook))
+            handles.append(adapter.down_proj(layer).register_forward_pre_hook(hook))
         try:
             out += adapter.generate(prepared, 5)
         finally:

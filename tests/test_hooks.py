@@ -26,7 +26,7 @@ def prepared(adapter):
 
 
 def _no_hooks_left(adapter):
-    modules = [adapter.ffn_out(layer) for layer in range(adapter.num_layers)] + adapter.decoder_layers()
+    modules = [adapter.down_proj(layer) for layer in range(adapter.num_layers)] + adapter.decoder_layers()
     return all(not m._forward_pre_hooks and not m._forward_hooks for m in modules)
 
 
@@ -34,7 +34,7 @@ def test_ffn_out_of_the_activation_is_the_mlp_output_exactly(adapter, prepared):
     got = {}
     handles = []
     for layer in range(adapter.num_layers):
-        handles.append(adapter.ffn_out(layer).register_forward_pre_hook(lambda m, a, layer=layer: got.__setitem__(("O", layer), a[0])))
+        handles.append(adapter.down_proj(layer).register_forward_pre_hook(lambda m, a, layer=layer: got.__setitem__(("O", layer), a[0])))
         handles.append(adapter.ffn(layer).register_forward_hook(lambda m, a, out, layer=layer: got.__setitem__(("mlp", layer), out)))
     try:
         with torch.no_grad():
@@ -44,7 +44,7 @@ def test_ffn_out_of_the_activation_is_the_mlp_output_exactly(adapter, prepared):
             h.remove()
     for layer in range(adapter.num_layers):
         with torch.no_grad():
-            assert torch.equal(adapter.ffn_out(layer)(got[("O", layer)]), got[("mlp", layer)])
+            assert torch.equal(adapter.down_proj(layer)(got[("O", layer)]), got[("mlp", layer)])
         assert got[("O", layer)].shape[-1] == adapter.d_ff
     assert adapter.w_out(0).shape == (adapter.unembedding().shape[1], adapter.d_ff)
 
@@ -58,9 +58,9 @@ def test_every_hook_site_of_the_table_is_the_tensor_it_names(adapter, prepared):
     assert set(adapter.sites) == {"resid_pre", "ffn_in", "ffn_act", "ffn", "ffn_out"}
     layer = adapter.num_layers - 1
     got = {}
-    hooks = {(site, lay): (lambda x, key=(site, lay): got.__setitem__(key, x.detach().clone()))
+    hooks = {(site, lay): (lambda x, start, key=(site, lay): got.__setitem__(key, x.detach().clone()))
              for site in adapter.sites for lay in (0, layer)}
-    with torch.no_grad(), attached(adapter, hooks, prefill=prepared.prompt_len):
+    with torch.no_grad(), attached(adapter, hooks, prefill=prepared):
         adapter.forward(prepared)
         short = adapter.prepare(_images(1, _size(adapter)))
         seen = dict(got)
@@ -172,7 +172,7 @@ def test_reduced_recording_keeps_only_the_reduction(adapter, prepared):
 
 
 def _capture_inputs(adapter, layer, store):
-    return adapter.ffn_out(layer).register_forward_hook(lambda m, a, out: store.append(a[0].detach().clone()))
+    return adapter.down_proj(layer).register_forward_hook(lambda m, a, out: store.append(a[0].detach().clone()))
 
 
 def test_intervention_touches_only_chosen_units_at_image_positions_in_prefill(adapter, prepared):
@@ -202,7 +202,7 @@ def test_intervention_is_prefill_only_during_generation(adapter):
     prepared = adapter.prepare(_images(2, _size(adapter), seed=3))
     edit = LayerEdit(torch.tensor([1]), add=torch.zeros(2, adapter.num_image_tokens))
     calls = []
-    h = adapter.ffn_out(0).register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
+    h = adapter.down_proj(0).register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
     try:
         with intervene(adapter, prepared, {0: edit}):
             adapter.generate(prepared, max_new_tokens=4)

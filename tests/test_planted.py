@@ -58,7 +58,7 @@ def plant(adapter, original, inpainted, target, layer: int, unit: int, scale: fl
     mlp.gate_proj.weight[unit] = w.to(mlp.gate_proj.weight.dtype)
     mlp.up_proj.weight[unit] = w.to(mlp.up_proj.weight.dtype)
     g = grad[spot].sum(0).float()
-    w_out = adapter.ffn_out(layer).weight
+    w_out = adapter.down_proj(layer).weight
     w_out[:, unit] = (g / g.norm() * scale * w_out.float().norm(dim=0).median()).to(w_out.dtype)
 
 

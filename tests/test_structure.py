@@ -42,13 +42,16 @@ def test_no_task_imports_another_task():
 
 
 def test_models_are_layered_and_adapters_import_nothing_above_them():
-    base = {"knexp.models.errors", "knexp.models.geometry", "knexp.models.batching", "knexp.models.decoding"}
+    decoding = {"knexp.models.prefix_cache", "knexp.models.prefill", "knexp.models.decode_step", "knexp.models.streaming"}
+    base = {"knexp.models.errors", "knexp.models.geometry", "knexp.models.batching", "knexp.models.prepared"} | decoding
     layers = {  # each module may import knexp modules from these only (besides knexp.user_errors, knexp.io, knexp.store and
         # knexp.settings, the checks of settings)
-        "errors": set(), "geometry": set(), "batching": {"knexp.models.errors"},
-        "decoding": {"knexp.models.adapter", "knexp.models.batching"},
+        "errors": set(), "geometry": set(), "batching": {"knexp.models.errors"}, "prepared": set(),
+        "prefix_cache": {"knexp.models.prepared"}, "decode_step": set(),
+        "prefill": {"knexp.models.prepared", "knexp.models.prefix_cache"},
+        "streaming": {"knexp.models.prepared", "knexp.models.prefill", "knexp.models.decode_step", "knexp.models.batching"},
         "adapter": base, "spliced": base | {"knexp.models.adapter"}, "llava": base | {"knexp.models.adapter"},
-        "hooks": {"knexp.models.adapter"},
+        "hooks": {"knexp.models.adapter", "knexp.models.prepared"},
     }
     for name, allowed in layers.items():
         used = {m for m in _imports(PACKAGE / "models" / f"{name}.py") if m.startswith("knexp.")}
@@ -56,6 +59,27 @@ def test_models_are_layered_and_adapters_import_nothing_above_them():
         used = {m for m in used if not any(m == a or m.startswith(a + ".") for a in allowed | shared)}
         assert not used, f"models/{name}.py imports {sorted(used)} from above its layer"
     assert "knexp" not in " ".join(_imports(PACKAGE / "models" / "__init__.py")), "the package's __init__ imports nothing"
+
+
+def test_no_module_of_models_imports_in_a_circle():
+    """The import graph of ``knexp.models`` (module -> the knexp.models modules it imports, at any depth) has no cycle."""
+    names = {p.stem for p in _modules("models") if p.stem != "__init__"}
+    graph = {n: {m.split(".")[2] for m in _imports(PACKAGE / "models" / f"{n}.py") if m.startswith("knexp.models.")} & names
+             for n in names}
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != "open", f"import circle: {' -> '.join([*path, node, nxt])}"
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = "done"
+
+    for name in sorted(names):
+        if name not in state:
+            visit(name, [])
+    assert "adapter" in graph and graph["prefill"] and not graph["prepared"] & names
 
 
 def test_no_two_modules_share_a_basename():

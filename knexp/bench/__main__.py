@@ -150,6 +150,30 @@ once, so these are upper bounds.
 
 
 DATA_HEADING = "## The dataset doctor's annotation pass (issue: real COCO-format datasets)"
+NOTES = """## Measurement notes (numbers the code's comments cite)
+
+Measured by hand on the 2-core x86_64 CPU (AVX2) of earlier sessions, unless a line says otherwise; `make bench` does
+not remeasure them.
+
+- Two torch processes that each use both cores slow each other down by up to 10x (`knexp.config.setup_runtime` splits
+  the cores under the parallel launcher).
+- The embedded model's decoding step, 4 cohorts of 16 rows: 0.62 s with a copy of the cache per step and the
+  attention's projections run per cohort, 0.39 s with the cache grown into spare room and the projections over every
+  row at once (`knexp.models.decode_step`; torch.profiler, the same tokens).
+- The LM head of a prompt pass at 16 rows and 49,152 tokens: a strided [B, 1, d] view takes a batched product of B
+  single rows, 3.4x slower than the rows made contiguous first (`knexp.models.prefill`).
+- torch's float32 matrix product rounds a row differently when the batch has 1, 2, 3 or 5 rows than when it has 4, 8,
+  16 or more (the LM's shapes), so a near-tie between two tokens could break differently under another batch shape
+  (`knexp.models.streaming`). EfficientNet-Lite0's kernels round an image differently at batch 1 than at any larger
+  batch, by about 1e-5 (`knexp.models.spliced`).
+- The transposed product (W x^T)^T ran a decoding step's products 1.2x to 1.6x faster than F.linear there and rounded
+  the same from 12 rows on. On an AVX-512 CPU with MKL 2024.2 (2026-12-02) it rounded differently up to 15 rows and for
+  some transposed inputs, and was no faster (0.64 vs 0.62 ms at 64 rows, 1536 x 576): it was removed.
+- Checking a cache folder against its manifest (`knexp.manifest`): 0.03 s for a 300-image toy-world split, 0.4 s for the
+  converted SmolLM2 (538 MB) once per process (2026-12-02, AVX-512 CPU).
+- Results are bit for bit the same at one `num_threads`; across thread counts float32 sums round differently (the
+  embedded model, 1 against 2 threads: scores and trace values agree to about 1e-6, the neuron sets were the same).
+"""
 
 
 def data_markdown(d: dict) -> str:
@@ -311,7 +335,8 @@ Warm and cold runs gave the same Table II for every job: {s['same_results']}.
 
 {launchers_markdown(result["launchers"])}
 {grids_markdown(result["grids"], result["utilisation"])}
-{data_markdown(result["data"])}"""
+{data_markdown(result["data"])}
+{NOTES}"""
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Captioning at the machine's limit: what ``knexp.models.decoding`` saves, and how close it comes to the arithmetic peak.
+"""Captioning at the machine's limit: what knexp's decoding (``knexp.models.prefill``, ``knexp.models.streaming``) saves,
+and how close it comes to the arithmetic peak.
 
 reuse_and_decode: perturbed captions per second, the model's own ``generate`` against ``greedy_ids`` at l_min = 20 and 0,
 and at l_min = 0 each saving turned off in turn (the shared prefix; dropping finished rows), captions compared in the run.
@@ -36,7 +37,7 @@ def _settings(s) -> tuple[int, int]:
 
 def reuse_and_decode(images: int = 16, per_image: int = 8, units: int = 40, max_new_tokens: int = 32, repeats: int = 2) -> dict:
     """Perturbed captions per second: the full recompute (the model's own ``generate`` per batch of ``batch_size`` rows:
-    every layer of every row, and decoding until the batch's last row ends) against ``knexp.models.decoding`` as the
+    every layer of every row, and decoding until the batch's last row ends) against knexp's decoding as the
     evaluation runs it (``stream_ids``: the shared prefix once; layers below the set's lowest layer l_min once per
     image; finished rows leave; up to ``decode_width`` rows decode together, refilled by the next prompt batch as rows end),
     at l_min = 20 and l_min = 0 of 30. At l_min = 0, also knexp with each saving turned off in turn: each one's own
@@ -46,7 +47,9 @@ def reuse_and_decode(images: int = 16, per_image: int = 8, units: int = 40, max_
     row starts at once, and neither continuous batching nor finished rows leaving can let later rows in earlier (measured
     at 64 rows: rows leaving 0.92x, i.e. a cost)."""
     from knexp.models.adapter import join_prefix
-    from knexp.models.decoding import PREFIXES, prefill, stream_ids
+    from knexp.models.prefill import prefill
+    from knexp.models.prefix_cache import PREFIXES
+    from knexp.models.streaming import stream_ids
 
     s = session("model=embedded", "logger=none")
     adapter = s.adapter
@@ -72,7 +75,7 @@ def reuse_and_decode(images: int = 16, per_image: int = 8, units: int = 40, max_
                 rows = list(range(start, min(start + batch_size, len(groups))))
                 prepared = adapter.prepare([pics[groups[r]] for r in rows])
                 with armed(rows, l_min, prepared):
-                    ids += adapter.decode(adapter._generate_ids(prepared, max_new_tokens))
+                    ids += adapter.decode(adapter.generate_ids(prepared, max_new_tokens))
             return [join_prefix(adapter.caption_prefix, t) for t in ids]
         share = modes[mode].get("share_prefix", True)
 
@@ -109,10 +112,10 @@ def reuse_markdown(r: dict) -> str:
 {r['captions']} perturbed captions ({r['images']} images x {r['captions'] // r['images']} rows, prompt batch {r['batch_size']},
 {r['max_new_tokens']} new tokens at most, noise on {r['units_per_layer']} units of every layer from l_min) on the embedded
 model: the model's own `generate` per batch (every layer of every row; decoding goes on until the batch's last row ends)
-against `knexp.models.decoding` as the evaluation runs it (the tokens before the image once per model; layers below l_min
-once per image; finished rows leave; up to {width} rows decode together, the next prompt batch
-joining as rows end). Median of {r['repeats']} runs each, in the reverse order every other round; the captions of every
-variant are compared in the run.
+against knexp's decoding (`knexp.models.prefill`, `knexp.models.streaming`) as the evaluation runs it (the tokens
+before the image once per model; layers below l_min once per image; finished rows leave; up to {width} rows decode
+together, the next prompt batch joining as rows end). Median of {r['repeats']} runs each, in the reverse order every
+other round; the captions of every variant are compared in the run.
 {more}
 
 | l_min | full recompute, captions / s | knexp, captions / s | ratio | identical captions |
@@ -144,7 +147,8 @@ def utilisation(images: int = 64, max_new_tokens: int = 32, repeats: int = 3, to
     from knexp.bench.flops import DecoderShape, decode_flops, gemm_peak, identification_flops, prefill_flops
     from knexp.counterfactual.inpaint import inpaint, region_mask
     from knexp.identification.passes import compute_stats, locate_target
-    from knexp.models.decoding import prefill, stream_ids
+    from knexp.models.prefill import prefill
+    from knexp.models.streaming import stream_ids
 
     s = session("model=embedded", "logger=none")
     adapter = s.adapter

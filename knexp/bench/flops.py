@@ -50,7 +50,7 @@ class DecoderShape:
 
 
 def prefill_flops(shape: DecoderShape, prompt_len: int, rows: int, prefix: int = 0) -> int:
-    """The prompt's pass of greedy captioning (``knexp.models.decoding``): the ``prefix`` tokens before the image once,
+    """The prompt's pass of greedy captioning (``knexp.models.prefill``): the ``prefix`` tokens before the image once,
     then each of ``rows`` rows' remaining prompt and the head at its last position."""
     return (shape.tokens(prefix) if prefix else 0) + rows * (shape.tokens(prompt_len - prefix, past=prefix) + shape.head())
 

@@ -28,8 +28,8 @@ import torch
 from knexp.bench.timing import alternating
 from knexp.identification import methods as M
 from knexp.identification.passes import Target, compute_stats
-from knexp.models.decoding import logits_after_prefix
 from knexp.models.hooks import gradient_anchor
+from knexp.models.prefix_cache import logits_after_prefix
 
 
 def _bare_passes(adapter, original, inpainted, target: Target) -> None:

@@ -148,13 +148,13 @@ def intervened_captions(adapter: Adapter, images: list[np.ndarray], rows: list[R
     def prefill(chunk: list[Row]):
         prepared = adapter.prepare([images[r.image_index] for r in chunk])
         if not layers:
-            return adapter.prefill(prepared)
+            return adapter.prefill(prepared, max_new_tokens=max_new_tokens)
         mode, tensor = _edit_values(chunk, neurons, how, values, seed, adapter.num_image_tokens)  # [B, P, U]
         key = "add" if mode == "add" else "set_to"
         edits = {layer: LayerEdit(units[layer], **{key: tensor[:, :, cols[layer]]}) for layer in layers}
         with intervene(adapter, prepared, edits):  # armed for the prompt's pass only, removed on any exit
             # nothing below the set's lowest layer can change: those layers run once per image of the batch
-            return adapter.prefill(prepared, start_layer=layers[0], groups=[r.image_index for r in chunk])
+            return adapter.prefill(prepared, start_layer=layers[0], groups=[r.image_index for r in chunk], max_new_tokens=max_new_tokens)
 
     out: list[str | None] = [None] * len(rows)
     for mode in ("add", "set"):
@@ -180,7 +180,7 @@ def cached_intervened_captions(store: Store, namespace: list, adapter: Adapter, 
     """``intervened_captions`` through the caption store. A row's key is (``namespace`` = model identity, dataset and,
     for ``inpainted``, the counterfactual's identity; the set's neurons; the intervention and the set's values; the
     row's image, level and draw; the seed and the generation settings): everything its caption depends on, since a
-    row's tokens do not depend on its batch (tested; ``knexp.models.decoding`` notes the float32 rounding caveat)."""
+    row's tokens do not depend on its batch (tested; ``knexp.models.streaming`` notes the float32 rounding caveat)."""
     set_key = stable_key(neurons.layers.tolist(), neurons.units.tolist(), how, values.key())
     keys = [stable_key("intervened", namespace, set_key, r.image_key, r.level_index, r.level, r.draw, seed, max_new_tokens,
                        adapter.caption_prefix) for r in rows]

@@ -9,7 +9,7 @@ For one sample (original image o, inpainted image i, the caption of o with targe
    memory is about two [L, P, d_f] tensors in half precision (BENCHMARKS.md).
 
 Both passes take the tokens before the image (system turn, user header) from the prefix cache that captioning shares
-(``knexp.models.decoding.logits_after_prefix``): they cannot depend on the image, so each pass runs over the positions
+(``knexp.models.prefix_cache.logits_after_prefix``): they cannot depend on the image, so each pass runs over the positions
 from the image on, and the hooks see those. The statistics equal the full passes' to float32 rounding: the attention's
 products over a cached prefix have other shapes, so on some CPUs the last bits differ (within 3e-6 of each statistic's
 scale on the embedded model), and the neurons ranked first are the same (tested).
@@ -27,8 +27,8 @@ import torch
 
 from knexp.data.catalog import Knowledge
 from knexp.models.adapter import Adapter
-from knexp.models.decoding import logits_after_prefix
 from knexp.models.hooks import attached, gradient_anchor
+from knexp.models.prefix_cache import logits_after_prefix
 
 
 class SampleSkipped(Exception):
@@ -138,8 +138,8 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
     inpainted_acts: dict[int, torch.Tensor] = {}
 
     def keep_inpainted(layer):
-        def hook(x):  # [1, T - cached, d_f]: the pass after the prefix
-            inpainted_acts[layer] = x[0, pos_i - prep_i.cached].detach()  # [P, d_f], model dtype: kept until layer's backward
+        def hook(x, start):  # [1, T - start, d_f]: the pass after the prefix
+            inpainted_acts[layer] = x[0, pos_i - start].detach()  # [P, d_f], model dtype: kept until layer's backward
         return hook
 
     with torch.no_grad(), attached(adapter, {("ffn", layer): keep_inpainted(layer) for layer in layers}, prefill=prep_i):
@@ -148,8 +148,8 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
     out: dict[str, dict[int, torch.Tensor]] = {k: {} for k in SampleStats.TENSORS}
 
     def on_original(layer):
-        def hook(x):  # [1, T - cached, d_f]
-            here, last = pos_o - prep_o.cached, t_star - prep_o.cached  # the image positions and t* within the pass
+        def hook(x, start):  # [1, T - start, d_f]
+            here, last = pos_o - start, t_star - start  # the image positions and t* within the pass
             o_det = x[0, here].detach()  # [P, d_f], model dtype: kept with O'_i until this layer's gradient arrives
             shift = inpainted_acts[layer].float() - o_det.float()  # O'_i - O'_o
             out["diff_max"][layer] = (-shift).amax(0)
@@ -175,8 +175,8 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
         return hook
 
     def on_act(layer):
-        def hook(x):  # act(gate(x)) [1, T - cached, d_f]
-            out["actfn_last"][layer] = x[0, t_star - prep_o.cached].detach().to(torch.float32, copy=True)
+        def hook(x, start):  # act(gate(x)) [1, T - start, d_f]
+            out["actfn_last"][layer] = x[0, t_star - start].detach().to(torch.float32, copy=True)
         return hook
 
     hooks = {("ffn", k): on_original(k) for k in layers} | {("ffn_act", k): on_act(k) for k in layers}

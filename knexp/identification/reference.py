@@ -100,9 +100,9 @@ def _image_positions_values(adapter: Adapter, images: list[np.ndarray], on_layer
         rows = torch.arange(prepared.batch_size)[:, None]
 
         def hook_for(layer):
-            return lambda x: on_layer(layer, x[rows, prepared.image_positions].detach().float(), chunk[0])
+            return lambda x, start: on_layer(layer, x[rows, prepared.image_positions - start].detach().float(), chunk[0])
 
-        with attached(adapter, {("ffn", layer): hook_for(layer) for layer in layers}, prefill=prepared.prompt_len):
+        with attached(adapter, {("ffn", layer): hook_for(layer) for layer in layers}, prefill=prepared):
             adapter.run_hooks(prepared)
         return [None] * len(chunk)
 

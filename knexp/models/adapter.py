@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from knexp.models.decoding import Prefilled, greedy_ids, prefill, stream_ids
 from knexp.models.geometry import PatchGeometry
+from knexp.models.prefill import Prefilled, prefill
+from knexp.models.prepared import Prepared
+from knexp.models.streaming import greedy_ids, stream_ids
 
 # METHOD.md, "Evaluation": do_sample=False, temperature=1.0, num_beams=1, max_new_tokens=32, min_length=1,
 # top_p=0.9, repetition_penalty=1, length_penalty=1 (greedy: temperature and top_p have no effect).
@@ -46,48 +48,14 @@ LLAMA_SITES: dict[str, HookSite] = {
 }
 
 
-@dataclass
-class Prepared:
-    """A batch ready for the model: forward kwargs plus where the image tokens are and which position predicts.
-
-    ``image_positions``: long [B, P], the sequence index of image token p in row b (ascending; rows may differ under
-    left padding). ``last_position``: long [B], each row's last real position, whose logits predict the next token
-    (t* in METHOD.md's Stage 2), under left, right or no padding. ``prompt_len``: sequence length T of the prefill.
-    """
-
-    inputs: dict[str, torch.Tensor]
-    input_ids: torch.Tensor  # long [B, T], image tokens included
-    image_positions: torch.Tensor
-    prompt_len: int
-    last_position: torch.Tensor
-    # prompt positions already in the KV cache when the prompt's pass runs in two parts (knexp.models.decoding computes
-    # the tokens before the image once): that pass covers positions cached..T-1, and hooks index it so
-    cached: int = 0
-
-    @property
-    def pass_len(self) -> int:
-        """The sequence length of the prompt's pass (T, less the cached positions)."""
-        return self.prompt_len - self.cached
-
-    @property
-    def batch_size(self) -> int:
-        return self.image_positions.shape[0]
-
-
-def last_positions(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
-    """long [B]: each row's last position whose attention mask is 1 (T - 1 for every row without a mask)."""
-    if attention_mask is None:
-        return torch.full((batch,), length - 1, dtype=torch.long)
-    index = torch.arange(length, device=attention_mask.device)
-    return torch.where(attention_mask.bool(), index, -1).amax(dim=1).long()
-
-
 class Adapter(ABC):
-    """One model family. Subclasses fill in structure, prompting and the forward pass."""
+    """One model family. Subclasses fill in structure, prompting and the forward pass. ``fast_paths``: knexp may run the
+    decoder layer by layer (``knexp.models.prepared.Decodable``)."""
 
     caption_prefix: str
     geometry: PatchGeometry
     sites: ClassVar[dict[str, HookSite]] = LLAMA_SITES
+    fast_paths: bool = True
 
     # ---- structure ---------------------------------------------------------------------------------
     @property
@@ -118,11 +86,12 @@ class Adapter(ABC):
         return (layer_module.get_submodule(site.path) if site.path else layer_module), site.when
 
     def ffn(self, layer: int) -> nn.Module:
-        """The whole FFN (MLP) module of ``layer``: ``ffn(x) == ffn_out(O^l)``."""
+        """The whole FFN (MLP) module of ``layer``: its output, the hook site ``ffn_out``, is ``down_proj(layer)(O^l)``."""
         return self.site("ffn_in", layer)[0]
 
-    def ffn_out(self, layer: int) -> nn.Linear:
-        """The FFN output projection of ``layer``; its input is the neuron activation O^l [B, T, d_f]."""
+    def down_proj(self, layer: int) -> nn.Linear:
+        """The FFN's output projection of ``layer`` (``down_proj``); its input is the neuron activation O^l [B, T, d_f],
+        the hook site ``ffn``."""
         return self.site("ffn", layer)[0]
 
     @property
@@ -131,7 +100,7 @@ class Adapter(ABC):
 
     @property
     def d_ff(self) -> int:
-        return self.ffn_out(0).in_features
+        return self.down_proj(0).in_features
 
     @property
     def num_image_tokens(self) -> int:
@@ -139,7 +108,7 @@ class Adapter(ABC):
 
     def w_out(self, layer: int) -> torch.Tensor:
         """W_out^l [d_model, d_f]: column u is what neuron u writes into the residual stream."""
-        return self.ffn_out(layer).weight
+        return self.down_proj(layer).weight
 
     @property
     def device(self) -> torch.device:
@@ -148,7 +117,7 @@ class Adapter(ABC):
     @abstractmethod
     def language_model(self) -> tuple[nn.Module, nn.Module]:
         """(the decoder stack: a transformers LLaMA-family model with ``layers``, ``norm``, ``rotary_emb``, ``embed_tokens`` and
-        ``config``; the LM head): what ``knexp.models.decoding`` runs layer by layer."""
+        ``config``; the LM head): what ``knexp.models.prefill`` and ``knexp.models.decode_step`` run layer by layer."""
 
     @property
     @abstractmethod
@@ -178,7 +147,7 @@ class Adapter(ABC):
         self.forward(prepared, positions=torch.tensor([prepared.prompt_len - 1], device=self.device))
 
     @abstractmethod
-    def _generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:
+    def generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:
         """New token ids [B, N] after the prompt, greedy (``GREEDY``) with the KV cache."""
 
     def decode(self, ids: torch.Tensor) -> list[str]:
@@ -193,19 +162,22 @@ class Adapter(ABC):
     def caption(self, images: list[np.ndarray], batch_size: int = 16, max_new_tokens: int = 32, prefix: str | None = None,
                 width: int | None = None) -> list[str]:
         """Greedy captions, caption prefix included, decoded with continuous batching (``stream``)."""
-        return self.stream(len(images), lambda rows: self.prefill(self.prepare([images[i] for i in rows], prefix=prefix)),
+        return self.stream(len(images), lambda rows: self.prefill(self.prepare([images[i] for i in rows], prefix=prefix),
+                                                                  max_new_tokens=max_new_tokens),
                            batch_size, max_new_tokens, width, prefix, "captioning")
 
-    def prefill(self, prepared: Prepared, start_layer: int = 0, groups: list | None = None) -> Prefilled:
+    def prefill(self, prepared: Prepared, start_layer: int = 0, groups: list | None = None, max_new_tokens: int | None = None
+                ) -> Prefilled:
         """The prompt's pass of an unpadded prepared batch, under whatever hooks are armed on it
-        (``knexp.models.decoding.prefill``: layers below ``start_layer`` once per group of ``groups``)."""
-        return prefill(self, prepared, start_layer, groups)
+        (``knexp.models.prefill.prefill``: layers below ``start_layer`` once per group of ``groups``; without
+        ``fast_paths``, the model's own ``generate`` of ``max_new_tokens``)."""
+        return prefill(self, prepared, start_layer, groups, max_new_tokens=max_new_tokens)
 
     def stream(self, count: int, prefill_rows, batch_size: int, max_new_tokens: int = 32, width: int | None = None,
                prefix: str | None = None, what: str = "captions") -> list[str]:
         """Greedy captions of rows 0..count-1, caption prefix included: ``prefill_rows(rows)`` gives the ``prefill`` of
         at most ``batch_size`` rows, and up to ``width`` rows decode together, refilled as rows end
-        (``knexp.models.decoding.stream_ids``)."""
+        (``knexp.models.streaming.stream_ids``)."""
         if count == 0:
             return []
         ids = stream_ids(self, count, prefill_rows, max_new_tokens, batch_size, width, what=what)
@@ -217,7 +189,7 @@ class Adapter(ABC):
                  groups: list | None = None) -> list[str]:
         """Captions of an already prepared batch (so hooks can be armed on exactly this batch).
 
-        An unpadded batch decodes with ``knexp.models.decoding.greedy_ids`` (finished rows leave the batch; with
+        An unpadded batch decodes with ``knexp.models.streaming.greedy_ids`` (finished rows leave the batch; with
         ``start_layer`` > 0, layers below it run once per group of ``groups``: only for hooks on layers >= ``start_layer``);
         a padded one with the model's own ``generate``. Both give the same tokens (tested)."""
         prefix = self.caption_prefix if prefix is None else prefix
@@ -227,7 +199,7 @@ class Adapter(ABC):
         elif start_layer:
             raise ValueError("reusing the layers below start_layer needs unpadded prompts")
         else:
-            ids = self._generate_ids(prepared, max_new_tokens)
+            ids = self.generate_ids(prepared, max_new_tokens)
         return [join_prefix(prefix, t) for t in self.decode(ids)]
 
 
@@ -238,12 +210,3 @@ def join_prefix(prefix: str, continuation: str) -> str:
     if continuation[0].isspace() or continuation[0] in ".,;:!?" or not prefix:
         return (prefix + continuation).strip()
     return (prefix + " " + continuation).strip()
-
-
-def image_positions_from_ids(input_ids: torch.Tensor, image_token_id: int, expected: int) -> torch.Tensor:
-    """long [B, P] positions of ``image_token_id`` per row; each row must hold exactly ``expected``."""
-    mask = input_ids == image_token_id
-    counts = mask.sum(1)
-    if not (counts == expected).all():
-        raise ValueError(f"expected {expected} image tokens per row, found {counts.tolist()}")
-    return mask.nonzero()[:, 1].view(input_ids.shape[0], expected)

@@ -2,10 +2,10 @@
 
 ``map_batches`` applies a batch function chunk by chunk, logging done/total and the rate. When a chunk runs
 out of memory (CUDA or host), the batch size is halved and the chunk retried; the smaller size is kept for the
-rest of the call. A row's caption does not depend on its batch (tested; see ``knexp.models.decoding`` for the
+rest of the call. A row's caption does not depend on its batch (tested; see ``knexp.models.streaming`` for the
 float32 rounding that could in principle break a near-tie), so the results are those of the configured size. Out of
 memory at batch size 1 raises ``BatchTooLarge`` naming the settings to lower. ``halved_after`` is the same rule for
-``knexp.models.decoding.stream_ids``.
+``knexp.models.streaming.stream_ids``.
 """
 
 from __future__ import annotations

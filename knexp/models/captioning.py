@@ -19,7 +19,7 @@ from knexp.store import Store, stable_key
 @dataclass(frozen=True)
 class Generation:
     """``model.generation``: prompt rows per batch, new tokens per caption, and rows decoding together (null: the batch
-    size; ``knexp.models.decoding.stream_ids``). Checked when the session is built."""
+    size; ``knexp.models.streaming.stream_ids``). Checked when the session is built."""
 
     batch_size: int = 16
     max_new_tokens: int = 32

@@ -6,9 +6,11 @@ Hooks sit at the adapter's hook sites (``Adapter.sites``), each a tensor [B, T, 
   ``resid_pre``  the residual stream entering decoder layer l [B, T, d_model] (the causal trace's state (a));
   ``ffn_act``    act(gate(x)) [B, T, d_f] (a module's output: Pan et al.'s hook point).
 ``attached`` is the one place hooks are registered: it takes ``(site, layer)`` keys for input and output sites
-alike, and its one prefill guard lets a hook act only on a pass whose sequence length is the prepared prompt's:
-cached decoding steps (length 1) are untouched, so an intervention reaches generation through the KV cache
-alone. Every hook is removed when its ``with`` block ends, also on an exception.
+alike, and gives each hook the tensor and where its pass starts in the prompt (``start``: x[:, j] is prompt position
+start + j). Its one prefill guard lets a hook act only on a pass of the prepared prompt that covers the image tokens
+(``Prepared.pass_start``): cached decoding steps and a shared prefix computed alone are untouched, so an intervention
+reaches generation through the KV cache alone. Every hook is removed when its ``with`` block ends, also on an
+exception.
 """
 
 from __future__ import annotations
@@ -20,56 +22,89 @@ from dataclasses import dataclass, field
 
 import torch
 
-from knexp.models.adapter import Adapter, Prepared
+from knexp.models.adapter import Adapter
+from knexp.models.prepared import Prepared
 
 REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "max": lambda t: t.amax(dim=1),  # over image positions: [B, P, d_f] -> [B, d_f]
     "mean": lambda t: t.mean(dim=1),
 }
-Hook = Callable[[torch.Tensor], "torch.Tensor | None"]
+Hook = Callable[[torch.Tensor, int], "torch.Tensor | None"]  # (x [B, n, d], the pass's first prompt position) -> new x or None
+
+
+def _first_position(kwargs: dict) -> int | None:
+    """The first position a decoder layer is given (``position_ids`` [B, n], sequence positions), or None: a layer
+    given none, or multimodal positions [3, B, n], whose first entry is no sequence index."""
+    pos = kwargs.get("position_ids")
+    return int(pos[0, 0]) if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.numel() else None
 
 
 @contextmanager
-def attached(adapter: Adapter, hooks: dict[tuple[str, int], Hook], prefill: int | Prepared | None = None) -> Iterator[None]:
-    """Call ``hooks[(site, l)](x)`` on the tensor x [B, T, d] of hook site ``site`` in layer l (``Adapter.site``): an
-    input site's hook runs before its module uses x, an output site's after the module made it; a returned tensor
-    replaces x. With ``prefill``, only passes of that sequence length are seen (a prepared prompt's: its ``pass_len``,
-    read when the pass runs): the one prefill guard. Such hooks are marked ``prompt_pass_only``: a prompt's pass holds
-    the image's tokens, so they never act on a decoding step's one position, and ``knexp.models.decoding`` may compute a
-    step without calling the modules they sit on. The hooks are always removed."""
+def attached(adapter: Adapter, hooks: dict[tuple[str, int], Hook], prefill: Prepared) -> Iterator[None]:
+    """Call ``hooks[(site, l)](x, start)`` on the tensor x [B, n, d] of hook site ``site`` in layer l (``Adapter.site``)
+    during each pass of the prepared prompt ``prefill``: an input site's hook runs before its module uses x, an output
+    site's after the module made it; a returned tensor replaces x. ``start`` is the prompt position of x[:, 0]
+    (``Prepared.pass_start``, from the positions the decoder layer is given): knexp's passes after a shared prefix start
+    there. Other passes (a decoding step, a shared prefix computed alone) are not seen: the one prefill guard. The hooks
+    are marked ``prompt_pass_only``, so ``knexp.models.decode_step`` may compute a step without calling the modules
+    they sit on. The hooks are always removed."""
+    starts: dict[int, int | None] = {}  # by layer, while the layer runs: where its pass starts (None: no pass of the prompt)
 
-    def seen(x: torch.Tensor) -> bool:
-        return prefill is None or x.shape[1] == (prefill.pass_len if isinstance(prefill, Prepared) else prefill)
+    def locate(layer: int):
+        def pre_hook(module, args, kwargs):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            starts[layer] = prefill.pass_start(x.shape[1], _first_position(kwargs))
 
-    def before(hook: Hook):
+        pre_hook.prompt_pass_only = True  # it changes nothing
+        return pre_hook
+
+    def forget(layer: int):
+        def post_hook(module, args, output):
+            starts[layer] = None
+
+        post_hook.prompt_pass_only = True
+        return post_hook
+
+    def start_of(layer: int, x: torch.Tensor) -> int | None:
+        """The pass start of ``x`` in ``layer``: the layer's, when it runs a pass of the prompt that ends where x does."""
+        start = starts.get(layer)
+        return start if start is not None and start + x.shape[1] == prefill.prompt_len else None
+
+    def before(hook: Hook, layer: int):
         def pre_hook(module, args, kwargs):
             from_kwargs = "hidden_states" in kwargs
             x = kwargs["hidden_states"] if from_kwargs else args[0]
-            new = hook(x) if seen(x) else None
+            start = start_of(layer, x)
+            new = hook(x, start) if start is not None else None
             if new is None:
                 return None
             if from_kwargs:
                 return args, {**kwargs, "hidden_states": new}
             return (new, *args[1:]), kwargs
 
-        pre_hook.prompt_pass_only = prefill is not None
+        pre_hook.prompt_pass_only = True
         return pre_hook
 
-    def after(hook: Hook):
+    def after(hook: Hook, layer: int):
         def post_hook(module, args, output):
-            return hook(output) if seen(output) else None
+            start = start_of(layer, output)
+            return hook(output, start) if start is not None else None
 
-        post_hook.prompt_pass_only = prefill is not None
+        post_hook.prompt_pass_only = True
         return post_hook
 
     handles = []
     try:
+        for layer in sorted({layer for _, layer in hooks}):  # first: each layer's pass start, before any site in it
+            layer_module = adapter.decoder_layers()[layer]
+            handles.append(layer_module.register_forward_pre_hook(locate(layer), with_kwargs=True, prepend=True))
+            handles.append(layer_module.register_forward_hook(forget(layer), always_call=True))
         for (site, layer), hook in hooks.items():
             module, when = adapter.site(site, layer)
             if when == "pre":
-                handles.append(module.register_forward_pre_hook(before(hook), with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(before(hook, layer), with_kwargs=True))
             else:
-                handles.append(module.register_forward_hook(after(hook)))
+                handles.append(module.register_forward_hook(after(hook, layer)))
         yield
     finally:
         for h in handles:
@@ -77,7 +112,7 @@ def attached(adapter: Adapter, hooks: dict[tuple[str, int], Hook], prefill: int 
 
 
 @contextmanager
-def gradient_anchor(adapter: Adapter, prefill: Prepared | int) -> Iterator[None]:
+def gradient_anchor(adapter: Adapter, prefill: Prepared) -> Iterator[None]:
     """Make every later activation of a pass of ``prefill`` (a prepared prompt's pass, or a pass of that length) part
     of the autograd graph, cheaply.
 
@@ -86,7 +121,7 @@ def gradient_anchor(adapter: Adapter, prefill: Prepared | int) -> Iterator[None]
     backward pass. Nothing is copied or detached, so no path between layers is cut.
     """
 
-    def anchor(h: torch.Tensor) -> torch.Tensor:
+    def anchor(h: torch.Tensor, start: int) -> torch.Tensor:
         return h + torch.zeros((), dtype=h.dtype, device=h.device, requires_grad=True)
 
     with attached(adapter, {("resid_pre", 0): anchor}, prefill=prefill):
@@ -145,8 +180,8 @@ def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = 
     rec = Recording()
 
     def make_hook(layer: int):
-        def hook(x: torch.Tensor) -> None:  # [B, T, d]
-            here = pos - prepared.cached  # the image positions within this pass
+        def hook(x: torch.Tensor, start: int) -> None:  # [B, n, d]: prompt positions start..T-1
+            here = pos - start  # the image positions within this pass
             o_det = x[rows, here].detach().float()  # [B, P, d]
             rec.activations[layer] = REDUCTIONS[reduce](o_det) if reduce else o_det
             if layer == layers_[0]:
@@ -224,9 +259,9 @@ def intervene(adapter: Adapter, prepared: Prepared, edits: dict[int, LayerEdit],
     def make_hook(edit: LayerEdit):
         units = None if edit.units is None else edit.units.to(pos.device)
 
-        def hook(x: torch.Tensor) -> torch.Tensor:
+        def hook(x: torch.Tensor, start: int) -> torch.Tensor:
             x = x.clone()
-            here = pos - prepared.cached  # the image positions within this pass
+            here = pos - start  # the image positions within this pass
             if units is None:
                 x[rows, here] = edit.apply(x[rows, here])
             else:

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from knexp.models.adapter import GREEDY, LLAMA_SITES, Adapter, Prepared, image_positions_from_ids, last_positions
+from knexp.models.adapter import GREEDY, LLAMA_SITES, Adapter
 from knexp.models.errors import ModelWeightsMissing
 from knexp.models.geometry import PatchGeometry
+from knexp.models.prepared import Prepared, image_positions_from_ids, last_positions
 from knexp.settings import DTYPES, Choice, Device, Flag, Integer, Text, takes
 
 LLAVA15_TEMPLATE = "USER: <image>\n{question} ASSISTANT: {prefix}"
@@ -95,7 +96,7 @@ class LlavaAdapter(Adapter):
     def forward(self, prepared: Prepared, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self._model(**prepared.inputs, use_cache=False, logits_to_keep=0 if positions is None else positions).logits
 
-    def _generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:
+    def generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:
         pad = self.processor.tokenizer.pad_token_id
         gen = self._model.generate(**prepared.inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **GREEDY)
         return gen[:, prepared.prompt_len :]

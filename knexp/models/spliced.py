@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from knexp.models.adapter import GREEDY, LLAMA_SITES, Adapter, Prepared, image_positions_from_ids
+from knexp.models.adapter import GREEDY, LLAMA_SITES, Adapter
 from knexp.models.geometry import PatchGeometry
+from knexp.models.prepared import Prepared, image_positions_from_ids
 
 
 class SplicedMLLM(nn.Module):
@@ -121,7 +122,7 @@ class SplicedAdapter(Adapter):
     def _encoded(self, images: list[np.ndarray]) -> torch.Tensor:
         """Projected image tokens [B, P, d_model] of ``images``, each distinct image (the same array object, e.g. one image
         on several noise rows) encoded once. An image standing for several rows is never encoded alone: the encoder's
-        kernels round differently at batch 1 than at any larger batch (measured: 1e-5), and a row's inputs must not
+        kernels round differently at batch 1 than at any larger batch (BENCHMARKS.md), and a row's inputs must not
         depend on its batch."""
         distinct = list({id(im): im for im in images}.values())
         if len(distinct) == len(images):
@@ -146,6 +147,6 @@ class SplicedAdapter(Adapter):
     def forward(self, prepared: Prepared, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.mllm.lm(**prepared.inputs, use_cache=False, logits_to_keep=0 if positions is None else positions).logits
 
-    def _generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:
+    def generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:
         end = self.mllm.end_token_id
         return self.mllm.lm.generate(**prepared.inputs, max_new_tokens=max_new_tokens, eos_token_id=end, pad_token_id=end, **GREEDY)
