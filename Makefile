@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test test-fast lint bench clean-cache table2
+.PHONY: install run test test-fast lint bench gpu-check clean-cache table2
 
 install: $(STAMP)
 
@@ -51,3 +51,7 @@ clean-cache:
 
 bench: install
 	$(BIN)/python -m knexp.bench
+
+# real shapes in bfloat16 on a CUDA GPU (knexp/bench/gpu.py): its section of BENCHMARKS.md; says so and exits 0 without one
+gpu-check: install
+	$(BIN)/python -m knexp.bench --only gpu

@@ -30,7 +30,7 @@ def catalog():
 @pytest.fixture(scope="module", params=["embedded", "llava", "minigpt4"])
 def adapter(request):
     """Each tiny model family in its adapter (float32), with the test module's ``ADAPTER_LAYERS`` decoder layers (3)."""
-    from knexp.models.tiny import tiny_adapter
+    from knexp.models.tiny_vlm import tiny_adapter
 
     return tiny_adapter(request.param, layers=getattr(request.module, "ADAPTER_LAYERS", 3))
 
@@ -39,9 +39,9 @@ def _random_pair(adapter, seed: int):
     """Two random uint8 RGB images ("original", "inpainted") at the adapter's input size (60 px for the tiny LLaVA)."""
     import numpy as np
 
-    from knexp.models.llava import LlavaAdapter
+    from knexp.models.vlm import VLMAdapter
 
-    size = 60 if isinstance(adapter, LlavaAdapter) else 224
+    size = 60 if isinstance(adapter, VLMAdapter) else 224
     rng = np.random.default_rng(seed)
     return [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(2)]
 

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from knexp.models.hooks import LayerEdit, intervene
-from knexp.models.llava import LlavaAdapter
 from knexp.models.streaming import greedy_ids
+from knexp.models.vlm import VLMAdapter
 
 
 def _rows(adapter, images: int = 2, per_image: int = 3, seed: int = 0):
     """(prepared batch of ``images`` random images, each on ``per_image`` rows; the rows' groups)."""
-    size = 60 if isinstance(adapter, LlavaAdapter) else 224
+    size = 60 if isinstance(adapter, VLMAdapter) else 224
     rng = np.random.default_rng(seed)
     pics = [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(images)]
     groups = [i // per_image for i in range(images * per_image)]
@@ -54,7 +54,7 @@ def test_reusing_the_layers_below_an_intervention_gives_the_full_recomputes_toke
 def test_finished_rows_leave_the_batch(monkeypatch):
     """With a stop token that some rows emit early, those rows end there (pad after it) and later steps run on fewer rows
     (on the tiny LLaVA, whose rows differ: the tiny spliced models repeat one token)."""
-    from knexp.models.tiny import tiny_adapter
+    from knexp.models.tiny_vlm import tiny_adapter
 
     adapter = tiny_adapter("llava")
     prepared, _ = _rows(adapter, images=3, per_image=1)
@@ -115,7 +115,7 @@ def test_intervened_captions_equal_the_unreused_path(adapter):
     from knexp.identification.methods import NeuronSet
     from knexp.models.adapter import join_prefix
 
-    size = 60 if isinstance(adapter, LlavaAdapter) else 224
+    size = 60 if isinstance(adapter, VLMAdapter) else 224
     rng = np.random.default_rng(3)
     images = [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(2)]
     neurons = NeuronSet("t", "", np.array([1, 1, 2]), np.array([3, 7, 5]), np.zeros(3))
@@ -196,11 +196,11 @@ def test_a_stream_of_cohorts_gives_each_rows_own_tokens(family, attention, monke
     checked here for one row and in the tests above for batches); the MLPs saw rows of several cohorts at once. With
     either attention function (the embedded model's is eager, which ``_attend`` computes without copying the cache)."""
     from knexp.models.streaming import stream_ids
-    from knexp.models.tiny import tiny_adapter
+    from knexp.models.tiny_vlm import tiny_adapter
 
     adapter = tiny_adapter(family, layers=3)
     adapter.language_model()[0].config._attn_implementation = attention
-    size = 60 if isinstance(adapter, LlavaAdapter) else 224
+    size = 60 if isinstance(adapter, VLMAdapter) else 224
     rng = np.random.default_rng(5)
     pics = [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(11)]
     alone = torch.stack([greedy_ids(adapter, adapter.prepare([p]), 8)[0] for p in pics])  # [11, 8]: each row alone
@@ -233,7 +233,7 @@ def test_out_of_memory_in_a_stream_halves_it_and_keeps_finished_rows(monkeypatch
     rows already finished; the tokens are unchanged. At one row, BatchTooLarge names the settings."""
     from knexp.models.batching import BatchTooLarge
     from knexp.models.streaming import stream_ids
-    from knexp.models.tiny import tiny_adapter
+    from knexp.models.tiny_vlm import tiny_adapter
 
     adapter = tiny_adapter("llava", layers=3)
     rng = np.random.default_rng(6)
@@ -278,7 +278,7 @@ def test_logits_at_chosen_positions_are_those_of_the_full_pass(adapter):
 def test_an_image_on_several_rows_is_encoded_once_with_the_same_inputs(family, monkeypatch):
     """A spliced model's ``prepare`` encodes each distinct image once (one image under several noise draws), never alone
     when it stands for several rows, and the rows' inputs are those of encoding every row."""
-    from knexp.models.tiny import tiny_adapter
+    from knexp.models.tiny_vlm import tiny_adapter
 
     adapter = tiny_adapter(family, layers=2)
     rng = np.random.default_rng(8)
@@ -296,7 +296,7 @@ def test_an_image_on_several_rows_is_encoded_once_with_the_same_inputs(family, m
 @pytest.mark.parametrize("setting, value", [("batch_size", 0), ("batch_size", "8"), ("decode_width", 0), ("decode_width", "wide")])
 def test_a_bad_generation_setting_is_named_with_its_fix(setting, value):
     from knexp.models.streaming import stream_ids
-    from knexp.models.tiny import tiny_adapter
+    from knexp.models.tiny_vlm import tiny_adapter
     from knexp.user_errors import ConfigError
 
     adapter = tiny_adapter("llava", layers=2)
@@ -369,7 +369,7 @@ def test_hooks_guarded_to_the_prompt_pass_keep_the_steps_products_and_other_hook
     keeps its merged layer loop; a hook without that guard on a layer makes the step take the model's own forward
     (``_merged``)."""
     from knexp.models.decode_step import _hooked, _merged
-    from knexp.models.tiny import tiny_adapter
+    from knexp.models.tiny_vlm import tiny_adapter
 
     adapter = tiny_adapter("llava", layers=2)
     lm, _ = adapter.language_model()

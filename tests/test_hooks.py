@@ -6,8 +6,8 @@ import torch
 
 from knexp.models.geometry import PatchGeometry
 from knexp.models.hooks import LayerEdit, intervene, record
-from knexp.models.llava import LlavaAdapter
 from knexp.models.spliced import SplicedAdapter
+from knexp.models.vlm import VLMAdapter
 
 
 def _images(n, size, seed=0):
@@ -16,7 +16,7 @@ def _images(n, size, seed=0):
 
 
 def _size(adapter):
-    return 60 if isinstance(adapter, LlavaAdapter) else 224
+    return 60 if isinstance(adapter, VLMAdapter) else 224
 
 
 @pytest.fixture()
@@ -111,7 +111,7 @@ def test_image_span_holds_the_inserted_image_features(adapter, prepared):
     torch.testing.assert_close(at_span, feats.to(at_span.dtype))
     spans = prepared.image_positions
     assert ((spans.diff(dim=1)) == 1).all(), "one contiguous span per row"
-    if isinstance(adapter, LlavaAdapter):
+    if isinstance(adapter, VLMAdapter):
         assert spans[0, 0] != spans[1, 0], "left padding moves the span of the shorter row"
 
 
@@ -240,7 +240,7 @@ def test_per_row_interventions_equal_one_row_at_a_time(adapter):
         with torch.no_grad(), intervene(adapter, one, {1: LayerEdit(units[keep], add=noise[b : b + 1, :, keep])}):
             single = adapter.forward(one)
         n = single.shape[1]
-        row = batched[b, -n:] if isinstance(adapter, LlavaAdapter) else batched[b, :n]
+        row = batched[b, -n:] if isinstance(adapter, VLMAdapter) else batched[b, :n]
         torch.testing.assert_close(row, single[0], atol=1e-4, rtol=1e-4)
 
 

@@ -29,9 +29,9 @@ def test_tiny_llava_expands_image_to_grid_tokens():
 
 
 def test_llava_captions_batched_equal_single_rows():
-    from knexp.models.llava import LlavaAdapter
+    from knexp.models.tiny_vlm import tiny_vlm
 
-    cap = LlavaAdapter(*tiny_llava(grid=4), caption_prefix="the image shows")
+    cap = tiny_vlm("llava")
     imgs = _images(3, seed=1)
     batched = cap.caption(imgs, batch_size=3, max_new_tokens=5)
     single = [cap.caption([im], batch_size=1, max_new_tokens=5)[0] for im in imgs]
@@ -67,22 +67,15 @@ def test_missing_projector_says_how_to_get_one(tmp_path):
         load_projector(build_projector("linear", 0, 32), tmp_path / "absent.safetensors")
 
 
-@pytest.mark.parametrize("setting, expected", [(None, False), (True, True)])
-def test_llava_loader_keeps_remote_code_off_unless_set(monkeypatch, setting, expected):
+def test_the_generic_loader_names_a_missing_folder_and_runs_no_remote_code(tmp_path):
     import torch
-    import transformers
 
     from knexp.models.errors import ModelWeightsMissing
-    from knexp.models.llava import load_adapter
+    from knexp.models.vlm import load_adapter
+    from knexp.user_errors import ConfigError
 
-    seen = {}
-
-    def refuse(path, **kw):
-        seen.update(kw)
-        raise OSError("no such folder")
-
-    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", refuse)
-    cfg = {"path": "/nowhere/llava", "dtype": "float16", **({"trust_remote_code": setting} if setting else {})}
-    with pytest.raises(ModelWeightsMissing, match="model.path"):
+    cfg = {"family": "llava", "path": str(tmp_path / "no-llava"), "dtype": "auto", "question": "q", "prompt": {"caption_prefix": "p"}}
+    with pytest.raises(ModelWeightsMissing, match=r"model.path=.*no-llava"):
         load_adapter(cfg, torch.device("cpu"), None)
-    assert seen["trust_remote_code"] is expected
+    with pytest.raises(ConfigError, match="model.trust_remote_code"):
+        load_adapter({**cfg, "trust_remote_code": True}, torch.device("cpu"), None)

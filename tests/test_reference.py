@@ -9,7 +9,7 @@ from knexp.evaluation.perturb import Intervention, set_values
 from knexp.identification.methods import NeuronSet
 from knexp.identification.reference import ReferenceCache, compute_reference
 from knexp.models.hooks import record
-from knexp.models.tiny import tiny_adapter
+from knexp.models.tiny_vlm import tiny_adapter
 
 
 def _acts(adapter, images):

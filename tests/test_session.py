@@ -142,7 +142,7 @@ def test_compute_stats_leaves_no_hook_behind(fails, catalog, monkeypatch):
     and after it raises halfway through its backward pass."""
     from knexp.identification import passes
     from knexp.identification.passes import compute_stats, locate_target
-    from knexp.models.tiny import tiny_adapter
+    from knexp.models.tiny_vlm import tiny_adapter
 
     adapter = tiny_adapter("llava")
 

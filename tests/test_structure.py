@@ -50,7 +50,8 @@ def test_models_are_layered_and_adapters_import_nothing_above_them():
         "prefix_cache": {"knexp.models.prepared"}, "decode_step": set(),
         "prefill": {"knexp.models.prepared", "knexp.models.prefix_cache"},
         "streaming": {"knexp.models.prepared", "knexp.models.prefill", "knexp.models.decode_step", "knexp.models.batching"},
-        "adapter": base, "spliced": base | {"knexp.models.adapter"}, "llava": base | {"knexp.models.adapter"},
+        "adapter": base, "spliced": base | {"knexp.models.adapter"}, "families": {"knexp.models.errors", "knexp.models.geometry"},
+        "vlm": base | {"knexp.models.adapter", "knexp.models.families"},
         "hooks": {"knexp.models.adapter", "knexp.models.prepared"},
     }
     for name, allowed in layers.items():

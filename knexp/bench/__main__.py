@@ -20,42 +20,26 @@ import torch
 
 from knexp.bench.caption_speed import MFU_HEADING, REUSE_HEADING, mfu_markdown, reuse_and_decode, reuse_markdown, utilisation
 from knexp.bench.data import annotation_pass
+from knexp.bench.family_costs import HEADING as FAMILIES_HEADING
+from knexp.bench.family_costs import family_costs, family_markdown
+from knexp.bench.gpu import HEADING as GPU_HEADING
+from knexp.bench.gpu import NO_GPU, gpu_check, gpu_markdown
 from knexp.bench.sweeps import grids, launchers
-from knexp.bench.timing import alternating
 from knexp.data.toyworld.scenes import SceneOptions, make_scene
 from knexp.job import session
-from knexp.models.hooks import LayerEdit, intervene
 from knexp.paths import project_root
 
 
 def hook_overhead(images: int = 32, batch_size: int = 16, units: int = 64, repeats: int = 4, max_new_tokens: int = 32) -> dict:
+    from knexp.bench.family_costs import hooked_captions
+
     s = session("model=embedded", "logger=none")
     adapter, catalog = s.adapter, s.catalog
     pics = [make_scene(catalog, np.random.default_rng([2024, 5, i]), SceneOptions(gap_px=8)).image for i in range(images)]
-    batches = [pics[i : i + batch_size] for i in range(0, images, batch_size)]
-    prepared = [adapter.prepare(b) for b in batches]
-    rng = np.random.default_rng(0)
-
-    def plain() -> list[str]:
-        return [c for p in prepared for c in adapter.generate(p, max_new_tokens)]
-
-    def hooked() -> list[str]:
-        out = []
-        for p in prepared:
-            edits = {layer: LayerEdit(torch.as_tensor(rng.choice(adapter.d_ff, units, replace=False)),
-                                      add=torch.zeros(p.batch_size, adapter.num_image_tokens))
-                     for layer in range(adapter.num_layers)}
-            with intervene(adapter, p, edits):
-                out += adapter.generate(p, max_new_tokens)
-        return out
-
-    assert plain() == hooked(), "zero noise must reproduce the plain captions"  # also warms up
-    median, _ = alternating({"plain": plain, "hooked": hooked}, repeats)
-    plain_s, hooked_s = median["plain"], median["hooked"]
+    timed = hooked_captions(adapter, pics, batch_size, units, repeats, max_new_tokens)
     return {
         "images": images, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "armed_layers": adapter.num_layers,
-        "units_per_layer": units, "repeats": repeats, "plain_s": round(plain_s, 3), "hooked_s": round(hooked_s, 3),
-        "ratio": round(hooked_s / plain_s, 4), "target": "<= 1.05",
+        "units_per_layer": units, "repeats": repeats, **timed, "target": "<= 1.05",
     }
 
 
@@ -195,6 +179,8 @@ SECTIONS = {"reuse": (REUSE_HEADING, lambda: reuse_markdown(reuse_and_decode()))
             "mfu": (MFU_HEADING, lambda: mfu_markdown(utilisation())),
             "launchers": (LAUNCHERS_HEADING, lambda: launchers_markdown(launchers())),
             "data": (DATA_HEADING, lambda: data_markdown(annotation_pass())),
+            "families": (FAMILIES_HEADING, lambda: family_markdown(family_costs())),
+            "gpu": (GPU_HEADING, lambda: gpu_markdown(gpu_check())),
             # the grids scale the demo's jobs: those of the last full run's raw numbers
             "grids": (GRIDS_HEADING, lambda: grids_markdown(grids(json.loads((project_root() / "runs" / "bench.json").read_text())
                                                                  ["sweeps"]["per_job"])))}
@@ -214,6 +200,9 @@ def main() -> None:
     if args.render:
         Path(args.out).write_text(render(json.loads(Path(args.json).read_text())))
         return
+    if args.only == "gpu" and not torch.cuda.is_available():
+        print(NO_GPU)  # nothing measured, BENCHMARKS.md left as it is
+        return
     if args.only:
         heading, run = SECTIONS[args.only]
         old = Path(args.out).read_text() if Path(args.out).exists() else ""  # a new file gets the one section
@@ -230,7 +219,8 @@ def main() -> None:
     result: dict = {}
     steps = {"data": annotation_pass, "launchers": launchers, "hook_overhead": hook_overhead, "identification_cost": identification_cost,
              "peak_memory": peak_memory_7b_shape, "evaluation_throughput": evaluation_throughput, "reuse": reuse_and_decode,
-             "utilisation": utilisation, "sweeps": demo_and_cache, "grids": lambda: grids(result["sweeps"]["per_job"])}
+             "utilisation": utilisation, "sweeps": demo_and_cache, "grids": lambda: grids(result["sweeps"]["per_job"]),
+             "families": family_costs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     for name, step in steps.items():  # the raw numbers are saved after each step: a failure keeps the finished ones
         result[name] = step()
@@ -336,6 +326,7 @@ Warm and cold runs gave the same Table II for every job: {s['same_results']}.
 {launchers_markdown(result["launchers"])}
 {grids_markdown(result["grids"], result["utilisation"])}
 {data_markdown(result["data"])}
+{family_markdown(result["families"]) if "families" in result else ""}
 {NOTES}"""
 
 

@@ -80,8 +80,10 @@ def identification_cost(repeats: int = 6) -> dict:
 def _seven_b_shaped():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from knexp.models.llava import LlavaAdapter
+    from knexp.models.families import FAMILIES
     from knexp.models.tiny import word_tokenizer
+    from knexp.models.tiny_vlm import LLAVA15_TEMPLATE
+    from knexp.models.vlm import VLMAdapter
 
     tok = word_tokenizer()
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=336,
@@ -95,8 +97,9 @@ def _seven_b_shaped():
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-                               tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    return LlavaAdapter(model, processor, caption_prefix="the image shows")
+                               tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA15_TEMPLATE)
+    return VLMAdapter(model, processor, FAMILIES["llava"], caption_prefix="the image shows")
 
 
 def _memory_child(mode: str) -> None:

@@ -13,11 +13,14 @@ class PatchGeometry:
 
     ``boxes`` is float [P, 4] of ``(x0, y0, x1, y1)`` in [0, 1] image coordinates (of the image as the
     model sees it, i.e. after its resize). ``grid`` is the (rows, cols) layout for heatmaps when tokens
-    tile a regular grid row-major, else None.
+    tile a regular grid row-major, else None. ``views`` (int8 [P], default all 0) keeps apart the views of the image a
+    model sees more than once: 0 is the finest (the tiles; the heatmaps use it), 1 a coarser view of the whole image
+    (LLaVA-NeXT's base image, Idefics3's global image, CLIP's CLS token).
     """
 
     boxes: np.ndarray
     grid: tuple[int, int] | None
+    views: np.ndarray | None = None
 
     @classmethod
     def row_major(cls, rows: int, cols: int) -> PatchGeometry:
@@ -29,3 +32,13 @@ class PatchGeometry:
 
     def __len__(self) -> int:
         return len(self.boxes)
+
+    @property
+    def finest(self) -> np.ndarray:
+        """bool [P]: the tokens of the finest view (every token when there is one view)."""
+        return np.ones(len(self), bool) if self.views is None else np.asarray(self.views) == 0
+
+    def tokens_covering(self, x: float, y: float) -> np.ndarray:
+        """The tokens whose box holds the point (x, y) (image coordinates in [0, 1])."""
+        b = self.boxes
+        return np.flatnonzero((b[:, 0] <= x) & (x < b[:, 2]) & (b[:, 1] <= y) & (y < b[:, 3]))

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from knexp.models.llava import LlavaAdapter
 from knexp.models.spliced import SplicedAdapter
 from knexp.settings import Device, Integer, takes
 
@@ -41,20 +40,23 @@ OBJECT_WORDS = (
 ).split()
 
 
-def word_tokenizer(extra_words: list[str] | None = None):
+def word_tokenizer(extra_words: list[str] | None = None, special: dict[str, str] | None = None, markers: list[str] | None = None):
     """A PreTrainedTokenizerFast over whitespace/punctuation-split words (``WORDS``, ``OBJECT_WORDS`` and
-    ``extra_words``)."""
+    ``extra_words``). ``special``: the named special tokens a family's processor reads (default ``image_token``:
+    ``<image>``); ``markers``: more tokens split out before word splitting (a family's image and chat markers)."""
     from transformers import PreTrainedTokenizerFast
 
+    special = {"image_token": "<image>", **(special or {})}
+    markers = list(dict.fromkeys([*SPECIALS[5:], *special.values(), *(markers or [])]))
     words = WORDS + OBJECT_WORDS + list(extra_words or [])
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIALS + words))}
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIALS + markers + words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens=special,
     )
-    fast.add_tokens(SPECIALS[5:], special_tokens=True)  # chat markers, split out before word splitting
+    fast.add_tokens(markers, special_tokens=True)  # chat and image markers, split out before word splitting
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
     return fast
@@ -125,28 +127,6 @@ def tiny_minigpt4(layers: int = 3, seed: int = 0):
     for p in model.visual_encoder.parameters():  # a random but not degenerate encoder
         torch.nn.init.normal_(p, std=0.2)
     return model.eval().requires_grad_(False)
-
-
-def tiny_adapter(kind: str, layers: int = 3):
-    """A float32 adapter of one tiny model: ``embedded``, ``llava`` (4 x 4 grid) or ``minigpt4``; for tests."""
-    if kind == "embedded":
-        adapter = SplicedAdapter(tiny_embedded(layers=layers))
-    elif kind == "minigpt4":
-        adapter = SplicedAdapter(tiny_minigpt4(layers=layers))
-    elif kind == "llava":
-        adapter = LlavaAdapter(*tiny_llava(grid=4, layers=layers), caption_prefix="the image shows")
-    else:
-        raise ValueError(f"unknown tiny model {kind!r}; use embedded, llava or minigpt4")
-    adapter.model.float()
-    return adapter
-
-
-@takes(grid=Integer(low=1), patch_size=Integer(low=1), hidden=Integer(low=2), layers=Integer(low=1), seed=Integer(low=0), device=Device())
-def load_tiny_llava(model_cfg: dict, device: torch.device, cache_dir: Path):
-    """``model=tiny_llava``."""
-    model, processor = tiny_llava(grid=model_cfg["grid"], patch_size=model_cfg["patch_size"], hidden=model_cfg["hidden"],
-                                  layers=model_cfg["layers"], seed=model_cfg["seed"])
-    return LlavaAdapter(model.to(device), processor, caption_prefix=model_cfg["prompt"]["caption_prefix"])
 
 
 @takes(layers=Integer(low=1), seed=Integer(low=0), device=Device())

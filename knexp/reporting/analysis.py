@@ -27,12 +27,14 @@ def decode_neuron(adapter: Adapter, layer: int, unit: int, k: int = 10, final_no
 
 
 def token_heatmap(values: np.ndarray, geometry: PatchGeometry, height: int, width: int) -> np.ndarray:
-    """float [H, W]: token t's value over the pixels of ``geometry.boxes[t]`` (mean where boxes overlap)."""
+    """float [H, W]: token t's value over the pixels of ``geometry.boxes[t]`` (mean where boxes overlap), from the tokens
+    of the finest view only (``PatchGeometry.views``: a model's global view is not mixed into its tiles)."""
     values = np.asarray(values, np.float64)
     if len(values) != len(geometry):
         raise ValueError(f"{len(values)} values for {len(geometry)} image tokens")
     total, count = np.zeros((height, width)), np.zeros((height, width))
-    for v, (x0, y0, x1, y1) in zip(values, geometry.boxes, strict=True):
+    keep = geometry.finest
+    for v, (x0, y0, x1, y1) in zip(values[keep], geometry.boxes[keep], strict=True):
         r0, r1 = int(round(y0 * height)), max(int(round(y1 * height)), int(round(y0 * height)) + 1)
         c0, c1 = int(round(x0 * width)), max(int(round(x1 * width)), int(round(x0 * width)) + 1)
         total[r0:r1, c0:c1] += v
