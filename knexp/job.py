@@ -40,7 +40,8 @@ from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.coco import CocoScenes
 from knexp.data.loading import check_data, load_dataset
-from knexp.evaluation.perturb import Intervention, cached_intervened_captions, rows_for, set_values
+from knexp.evaluation.interventions import Intervention, Noise, named
+from knexp.evaluation.perturb import cached_intervened_captions, set_values
 from knexp.evaluation.protocol import Evaluation, evaluate_knowledge
 from knexp.identification.causal_trace import KINDS, SampleTrace, TraceSettings, live_window, span, trace_objects
 from knexp.identification.methods import Method, NeuronSet
@@ -52,7 +53,7 @@ from knexp.identification.thresholds import Rule, RuleContext
 from knexp.models.adapter import Adapter
 from knexp.models.captioning import Captioner, Generation
 from knexp.models.registry import check_model, load_model, model_identity
-from knexp.settings import Text, from_mapping
+from knexp.settings import SettingError, Text, from_mapping
 from knexp.store import Store
 
 log = logging.getLogger(__name__)
@@ -114,12 +115,16 @@ def default_catalog() -> Catalog:
 
 
 def build_intervention(cfg: DictConfig) -> Intervention:
-    """The configured intervention (``intervention`` group; noise takes its levels from ``noise_level``). The
-    ``noise_level`` group is checked whatever the intervention, so that a typo there never waits for a noise job."""
+    """The configured intervention (``intervention`` group, by ``_target_``; noise takes its levels from ``noise_level``).
+    The ``noise_level`` group is checked whatever the intervention, so that a typo there never waits for a noise job."""
     noise = _plain(cfg.noise_level)
     Text()("noise_level.name", noise.get("name"))  # the report's label of the levels
-    noised = Intervention("noise", noise.get("levels"), noise.get("draws"), noise.get("per_neuron"), noise.get("scale", "absolute"))
-    return noised if cfg.intervention.name == "noise" else Intervention(cfg.intervention.name)
+    Noise(name="noise", levels=noise.get("levels"), draws=noise.get("draws"), per_neuron=noise.get("per_neuron"),
+          scale=noise.get("scale", "absolute"))
+    try:
+        return build(cfg.intervention, "intervention")
+    except SettingError as exc:  # a noise setting given to the intervention itself, not through noise_level
+        raise exc.under("noise_level", "intervention") from None
 
 
 @dataclass
@@ -321,10 +326,10 @@ class Session:
         if neurons is None:
             return self.adapter.caption(images, self.captioner.batch_size, self.captioner.max_new_tokens, width=self.captioner.decode_width)
         how = intervention if isinstance(intervention, Intervention) else (
-            Intervention("noise", (float(level),)) if intervention == "noise" else
-            Intervention(intervention) if intervention else self.intervention)
+            Noise(name="noise", levels=(float(level),), draws=1) if intervention == "noise" else
+            named(intervention) if intervention else self.intervention)
         reference = self.reference() if how.needs_reference else None
-        rows = rows_for(list(range(len(images))), [float(level)], 1) if how.kind == "noise" else how.rows(list(range(len(images))))
+        rows = how.rows(list(range(len(images))))
         return cached_intervened_captions(Store(None, "captions"), [], self.adapter, images, rows, neurons, how,
                                           set_values(how, neurons, reference, {}), seed=int(self.cfg.seed),
                                           batch_size=self.captioner.batch_size, max_new_tokens=self.captioner.max_new_tokens,

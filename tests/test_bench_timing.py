@@ -35,3 +35,19 @@ def test_only_into_a_new_file_writes_that_one_section(tmp_path, monkeypatch):
     assert text.startswith("## A section\n\nmeasured\n") and "Measured alone (`--only data`)" in text
     bench.main()  # again: the section is replaced, not added
     assert out.read_text().count("## A section") == 1
+
+
+def test_paired_ratio_takes_the_median_of_each_rounds_ratio(monkeypatch):
+    from knexp.bench.timing import paired_ratio
+
+    now = [0.0]
+    monkeypatch.setattr("knexp.bench.timing.time.perf_counter", lambda: now[0])
+    base, other = iter([1.0, 2.0, 4.0]), iter([1.1, 2.2, 4.4])  # the machine slows down, the ratio stays 1.1
+
+    def run(durations):
+        def go():
+            now[0] += next(durations)
+        return go
+
+    b, o, ratio = paired_ratio(run(base), run(other), 3)
+    assert b == 2.0 and abs(o - 2.2) < 1e-9 and abs(ratio - 1.1) < 1e-9

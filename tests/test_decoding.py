@@ -111,7 +111,8 @@ def test_the_prefix_is_computed_once_per_model_and_again_after_a_weight_edit(ada
 
 def test_intervened_captions_equal_the_unreused_path(adapter):
     """perturb.intervened_captions (reuse below the set's lowest layer, grouped by image) against HF generate per chunk."""
-    from knexp.evaluation.perturb import Intervention, SetValues, intervened_captions, noise_for, rows_for
+    from knexp.evaluation.interventions import Noise, SetValues, noise_for, rows_for
+    from knexp.evaluation.perturb import intervened_captions
     from knexp.identification.methods import NeuronSet
     from knexp.models.adapter import join_prefix
 
@@ -120,7 +121,7 @@ def test_intervened_captions_equal_the_unreused_path(adapter):
     images = [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(2)]
     neurons = NeuronSet("t", "", np.array([1, 1, 2]), np.array([3, 7, 5]), np.zeros(3))
     rows = rows_for([10, 11], [50.0], 2)
-    how = Intervention("noise", (50.0,), 2)
+    how = Noise(levels=(50.0,), draws=2)
     got = intervened_captions(adapter, images, rows, neurons, how, SetValues(), seed=0, batch_size=4, max_new_tokens=8)
 
     noise = torch.tensor(np.stack([noise_for(r, 0, adapter.num_image_tokens, 3, False) for r in rows]), dtype=torch.float32)

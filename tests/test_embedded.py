@@ -114,7 +114,8 @@ def test_identify_on_the_embedded_model(tmp_path, method):
 
 
 def test_noise_on_many_neurons_changes_captions_and_zero_noise_does_not(adapter, catalog):
-    from knexp.evaluation.perturb import noise_captions, rows_for
+    from knexp.evaluation.interventions import rows_for
+    from knexp.evaluation.perturb import noise_captions
     from knexp.identification.methods import NeuronSet
 
     images = [make_scene(catalog, np.random.default_rng([55, DATASET_STREAM, i])).image for i in range(2)]
@@ -187,7 +188,8 @@ def test_evaluate_with_the_inpainted_patch_at_a_size_ladder(tmp_path):
 
 def test_perturbed_captions_do_not_depend_on_the_batch(adapter, catalog):
     """The default float32 LM is batch-invariant; in bfloat16 4 of these 32 captions changed with the batch."""
-    from knexp.evaluation.perturb import noise_captions, rows_for
+    from knexp.evaluation.interventions import rows_for
+    from knexp.evaluation.perturb import noise_captions
     from knexp.identification.methods import NeuronSet
 
     images = [make_scene(catalog, np.random.default_rng([77, 5, i]), SceneOptions(gap_px=8)).image for i in range(8)]

@@ -5,18 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from knexp.evaluation.perturb import (
-    Intervention,
-    Row,
-    SetValues,
-    cached_intervened_captions,
-    counterfactual_values,
-    intervened_captions,
-    noise_captions,
-    noise_for,
-    rows_for,
-    unit_values,
-)
+from knexp.evaluation.interventions import Inpainted, Mean, Noise, Row, SetValues, Zero, named, noise_for, rows_for
+from knexp.evaluation.perturb import cached_intervened_captions, counterfactual_values, intervened_captions, noise_captions, unit_values
 from knexp.evaluation.scores import curve_scores, suppression_scores
 from knexp.evaluation.text_metrics import caption_metrics
 from knexp.identification.methods import NeuronSet
@@ -110,9 +100,9 @@ def test_noise_scale_multiplies_each_neurons_noise(adapter):
     scaled = noise_captions(adapter, images, rows_for([10, 11], [3.0], 2), neurons, scale=np.full(3, 40.0), **kw)
     assert scaled == noise_captions(adapter, images, rows_for([10, 11], [120.0], 2), neurons, **kw)
     with pytest.raises(SettingError, match=r"noise_level\.levels=\[\]"):
-        Intervention("noise", (), 1)
+        Noise(levels=(), draws=1)
     with pytest.raises(SettingError, match="intervention.name='blur'"):
-        Intervention("blur")
+        named("blur")
 
 
 def _hand_patched(adapter, images, neurons, values):
@@ -146,24 +136,24 @@ def _hand_patched(adapter, images, neurons, values):
 def test_deterministic_interventions_equal_a_hand_patch(adapter):
     images = _images(3)
     neurons = _set([0, 1, 1], [3, 4, 9])
-    rows = Intervention("zero").rows([10, 11, 12])
+    rows = Zero().rows([10, 11, 12])
     assert len(rows) == 3 and {(r.level, r.draw) for r in rows} == {(0.0, 0)}
     p = adapter.num_image_tokens
-    zero = intervened_captions(adapter, images, rows, neurons, Intervention("zero"), SetValues(fixed=np.zeros(3)), 0, max_new_tokens=5)
+    zero = intervened_captions(adapter, images, rows, neurons, Zero(), SetValues(fixed=np.zeros(3)), 0, max_new_tokens=5)
     assert zero == _hand_patched(adapter, images, neurons, [np.zeros((p, 3))] * 3)
     fixed = np.array([5.0, -3.0, 8.0])
-    mean = intervened_captions(adapter, images, rows, neurons, Intervention("mean"), SetValues(fixed=fixed), 0, max_new_tokens=5)
+    mean = intervened_captions(adapter, images, rows, neurons, Mean(), SetValues(fixed=fixed), 0, max_new_tokens=5)
     assert mean == _hand_patched(adapter, images, neurons, [np.tile(fixed, (p, 1))] * 3)
     # inpainted: images 0 and 2 contain k (set to their counterfactual values); image 1 does not (its values + shift)
     rng = np.random.default_rng(1)
     cf = {0: rng.normal(size=(p, 3)) * 4, 2: rng.normal(size=(p, 3)) * 4}
     shift = np.array([2.0, -1.0, 3.0])
-    got = intervened_captions(adapter, images, rows, neurons, Intervention("inpainted"), SetValues(shift=shift, counterfactual=cf), 0,
+    got = intervened_captions(adapter, images, rows, neurons, Inpainted(), SetValues(shift=shift, counterfactual=cf), 0,
                               batch_size=2, max_new_tokens=5)
     own = unit_values(adapter, images, neurons)  # [N, P, U] each image's own values
     assert got == _hand_patched(adapter, images, neurons, [cf[0], own[1] + shift, cf[2]])
     with pytest.raises(ValueError, match="shift"):
-        intervened_captions(adapter, images, rows, neurons, Intervention("inpainted"), SetValues(), 0)
+        intervened_captions(adapter, images, rows, neurons, Inpainted(), SetValues(), 0)
 
 
 def test_counterfactual_values_of_each_set_come_from_one_union_pass_run_on_the_first_read(adapter, monkeypatch):
@@ -216,7 +206,7 @@ def test_cached_intervened_captions_equal_fresh_ones_and_resume_from_finished_ch
     images = _images(2)
     rows = rows_for([10, 11], [40.0, 120.0], 3)  # 12 rows
     neurons = _set([0, 1, 2], [3, 4, 9])
-    how, values = Intervention("noise", (40.0, 120.0), 3), SetValues()
+    how, values = Noise(levels=(40.0, 120.0), draws=3), SetValues()
     kw = dict(seed=2, batch_size=2, max_new_tokens=5)
     fresh = intervened_captions(adapter, images, rows, neurons, how, values, **kw)
     store = Store(tmp_path, "captions")

@@ -41,7 +41,7 @@ def test_every_method_intervention_the_trace_and_the_report_run_on_a_family(fami
     """Through the Python API: every method identifies on the cached statistics, every intervention captions, the trace
     draws its four kinds with captions, and the report summarises a sweep of the family's jobs."""
     import knexp
-    from knexp.evaluation.perturb import Intervention
+    from knexp.evaluation.interventions import Noise
     from knexp.reporting.sweep import write_report
 
     overrides = [o for o in _common(family, tmp_path) if not o.startswith("task.")]
@@ -58,7 +58,7 @@ def test_every_method_intervention_the_trace_and_the_report_run_on_a_family(fami
     for how in ("zero", "mean", "inpainted", "noise"):
         caption = s.caption([image], neurons=neurons, intervention=how, level=40.0)
         assert caption[0].startswith(s.adapter.caption_prefix), how
-    s.intervention = Intervention("noise", (40.0,), 1)
+    s.intervention = Noise(name="noise", levels=(40.0,), draws=1)
     evaluation = s.evaluate(found, k_images=1, other_images=1)
     assert evaluation.scores["table2"] is not None
     trace = s.trace(objects=[found.knowledge])

@@ -5,7 +5,8 @@ import torch
 from test_selection import _coco
 
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
-from knexp.evaluation.perturb import Intervention, set_values
+from knexp.evaluation.interventions import Mean, Noise
+from knexp.evaluation.perturb import set_values
 from knexp.identification.methods import NeuronSet
 from knexp.identification.reference import ReferenceCache, compute_reference
 from knexp.models.hooks import record
@@ -66,7 +67,7 @@ def test_reference_cache_round_trip_and_calibrated_noise_uses_layer_spreads(tmp_
     again = ReferenceCache(tmp_path / "cache").get(["m", "t"], compute)
     assert len(calls) == 1 and torch.equal(first.std, again.std) and again.removal_objects == first.removal_objects
     neurons = NeuronSet("ours", "", np.array([0, 2, 2]), np.array([1, 5, 9]), np.zeros(3))
-    values = set_values(Intervention("noise", (8.0,), 1, scale="calibrated"), neurons, again)
+    values = set_values(Noise(levels=(8.0,), draws=1, scale="calibrated"), neurons, again)
     np.testing.assert_allclose(values.scale, again.layer_spread[[0, 2, 2]].numpy())
-    mean = set_values(Intervention("mean"), neurons, again)
+    mean = set_values(Mean(), neurons, again)
     np.testing.assert_allclose(mean.fixed, again.mean[[0, 2, 2], [1, 5, 9]].numpy())

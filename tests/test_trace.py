@@ -71,8 +71,9 @@ def test_trace_kinds_agree_where_they_coincide(adapter, traced):
     assert tr.delta["ffn_upto"][0] == pytest.approx(tr.delta["ffn"][0], abs=1e-4)
     assert tr.delta["ffn_from"][n - 1] == pytest.approx(tr.delta["ffn"][n - 1], abs=1e-4)
     # the last FFN's output at the image positions feeds nothing (the residual entering the last layer still
-    # feeds that layer's attention): patching it cannot move y_c
-    assert tr.delta["ffn"][n - 1] == 0
+    # feeds that layer's attention): patching it cannot move y_c, beyond the rounding of the batch it runs in (the patched
+    # rows run batched, y_o alone: on some CPUs the kernels round differently by batch size, -4e-8 on an AMD EPYC)
+    assert tr.delta["ffn"][n - 1] == pytest.approx(0, abs=1e-6)
 
 
 def test_live_window_is_where_hand_patching_reaches_the_fraction(adapter, traced):

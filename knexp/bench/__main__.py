@@ -45,7 +45,8 @@ def hook_overhead(images: int = 32, batch_size: int = 16, units: int = 64, repea
 
 def evaluation_throughput(images: int = 8, levels: tuple = (40.0, 80.0), draws: int = 2, batch_size: int = 32) -> dict:
     """Perturbed captions per second: batched rows (one seeded generator per row) vs one generate per caption."""
-    from knexp.evaluation.perturb import noise_captions, rows_for
+    from knexp.evaluation.interventions import rows_for
+    from knexp.evaluation.perturb import noise_captions
     from knexp.identification.methods import NeuronSet
 
     s = session("model=embedded", "logger=none")
@@ -155,6 +156,10 @@ not remeasure them.
   some transposed inputs, and was no faster (0.64 vs 0.62 ms at 64 rows, 1536 x 576): it was removed.
 - Checking a cache folder against its manifest (`knexp.manifest`): 0.03 s for a 300-image toy-world split, 0.4 s for the
   converted SmolLM2 (538 MB) once per process (2026-12-02, AVX-512 CPU).
+- The family bench's hook overhead (a pair of about 1.4 s) varied between runs of the same code more than the overhead
+  itself: four runs on 2026-12-02 (AVX-512 CPU) gave per family 0.98 to 1.06 (Gemma 3: 1.03, 1.04, 1.00, 1.06; Qwen3-VL:
+  1.10, 0.98, 1.03, 1.02, the first before the layer hooks were left out for models without fast paths). A hook's own
+  work is about 10 microseconds a call against about 20 ms a decoding step at this size.
 - Results are bit for bit the same at one `num_threads`; across thread counts float32 sums round differently (the
   embedded model, 1 against 2 threads: scores and trace values agree to about 1e-6, the neuron sets were the same).
 """

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from knexp.bench.timing import alternating
+from knexp.bench.timing import alternating, paired_ratio
 
 HEADING = "## Every family at mid size: hook overhead and identification (issue: any Hugging Face VLM)"
 
@@ -45,9 +45,8 @@ def hooked_captions(adapter, pics: list[np.ndarray], batch_size: int, units: int
         return out
 
     assert plain() == hooked(), "zero noise must reproduce the plain captions"  # also warms up
-    median, _ = alternating({"plain": plain, "hooked": hooked}, repeats)
-    return {"plain_s": round(median["plain"], 3), "hooked_s": round(median["hooked"], 3),
-            "ratio": round(median["hooked"] / median["plain"], 4)}
+    plain_s, hooked_s, ratio = paired_ratio(plain, hooked, repeats)
+    return {"plain_s": round(plain_s, 3), "hooked_s": round(hooked_s, 3), "ratio": round(ratio, 4)}
 
 
 def identification_cost(adapter, catalog, repeats: int) -> dict:
@@ -76,7 +75,7 @@ def identification_cost(adapter, catalog, repeats: int) -> dict:
             "ratio": round(median["identification"] / median["bare"], 4)}
 
 
-def family_costs(images: int = 16, batch_size: int = 8, units: int = 64, repeats: int = 4, max_new_tokens: int = 16,
+def family_costs(images: int = 32, batch_size: int = 8, units: int = 64, repeats: int = 8, max_new_tokens: int = 16,
                  width: int = 512, layers: int = 8) -> dict:
     """The hook overhead and identification's cost of every family at ``width`` x ``layers`` (module docstring)."""
     from knexp.job import default_catalog
@@ -88,7 +87,7 @@ def family_costs(images: int = 16, batch_size: int = 8, units: int = 64, repeats
         adapter = tiny_vlm(family, layers=layers, size=Size(width, 8))
         rows[family] = {"fast_paths": adapter.fast_paths, "image_tokens": adapter.num_image_tokens,
                         "hooks": hooked_captions(adapter, _images(adapter, images, 0), batch_size, units, repeats, max_new_tokens),
-                        "identification": identification_cost(adapter, catalog, repeats + 2)}
+                        "identification": identification_cost(adapter, catalog, repeats)}
     return {"width": width, "layers": layers, "images": images, "batch_size": batch_size, "units_per_layer": units,
             "max_new_tokens": max_new_tokens, "repeats": repeats, "families": rows,
             "targets": {"hooks": "<= 1.05", "identification": "<= 1.3"}}
@@ -108,8 +107,8 @@ def family_markdown(r: dict) -> str:
 Each family's real classes with a {r['width']}-wide, {r['layers']}-layer decoder and random weights (`knexp.bench.family_costs`), on its
 small test images. Hooks: {r['images']} captions in batches of {r['batch_size']}, {r['max_new_tokens']} new tokens, hooks on
 {r['units_per_layer']} units of every layer with zero noise, against none. Identification: one sample's `compute_stats` and every
-method's ranking against the bare passes. Medians of {r['repeats']} (hooks) and {r['repeats'] + 2} (identification) runs, the
-order reversed every other round.
+method's ranking against the bare passes. Hooks: the median over {r['repeats']} rounds of each round's ratio; identification:
+the ratio of the medians of {r['repeats']} runs; the order reversed every other round.
 
 {header}
 |---|---|---|---|---|---|---|

@@ -58,7 +58,7 @@ def build(shape: Shape, device: torch.device, dtype: torch.dtype):
 
     from knexp.models.families import FAMILIES
     from knexp.models.tiny import word_tokenizer
-    from knexp.models.tiny_vlm import LLAVA15_TEMPLATE, _template
+    from knexp.models.tiny_vlm import LLAVA15_TEMPLATE, _mrope, _template
     from knexp.models.vlm import VLMAdapter, without_video
 
     vw, vf, vl, vh = shape.vision
@@ -86,11 +86,9 @@ def build(shape: Shape, device: torch.device, dtype: torch.dtype):
         tok = word_tokenizer(special={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
                              markers=["<|vision_start|>", "<|vision_end|>"])
         patch = 14
-        half = head_dim // 2
-        section = [half - 2 * (half // 4 + half // 8), half // 4 + half // 8, half // 4 + half // 8]
         text = dict(vocab_size=len(tok), hidden_size=shape.width, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
                     num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, pad_token_id=tok.pad_token_id,
-                    rope_scaling={"rope_type": "default", "mrope_section": section})
+                    rope_scaling={"rope_type": "default", "mrope_section": _mrope(head_dim)})
         vision = dict(depth=vl, hidden_size=vw, intermediate_size=vf, num_heads=vh, out_hidden_size=shape.width, patch_size=patch,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=list(range(vl - 1, -1, -8))[::-1])
         ids = {name: tok.convert_tokens_to_ids(t) for name, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),

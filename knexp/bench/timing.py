@@ -25,3 +25,18 @@ def alternating(variants: dict[str, Callable[[], Any]], rounds: int) -> tuple[di
             results[name] = variants[name]()
             seconds[name].append(time.perf_counter() - t)
     return {name: statistics.median(s) for name, s in seconds.items()}, results
+
+
+def paired_ratio(base: Callable[[], Any], other: Callable[[], Any], rounds: int) -> tuple[float, float, float]:
+    """(median seconds of ``base``, of ``other``, median over rounds of other / base within the round). Each round runs
+    both, in the reverse order every other round; the ratio within a round cancels the machine's drift between rounds,
+    which the ratio of two medians keeps."""
+    seconds: dict[str, list[float]] = {"base": [], "other": []}
+    for r in range(rounds):
+        for name, run in ((("base", base), ("other", other)) if r % 2 == 0 else (("other", other), ("base", base))):
+            t = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - t)
+    ratios = [o / b for b, o in zip(seconds["base"], seconds["other"], strict=True)]
+    return statistics.median(seconds["base"]), statistics.median(seconds["other"]), statistics.median(ratios)
+

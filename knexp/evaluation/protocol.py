@@ -26,7 +26,8 @@ import pandas as pd
 
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.coco import CocoScenes
-from knexp.evaluation.perturb import Intervention, cached_intervened_captions, counterfactual_values, set_values
+from knexp.evaluation.interventions import Intervention
+from knexp.evaluation.perturb import cached_intervened_captions, counterfactual_values, set_values
 from knexp.evaluation.scores import curve_area, curve_scores, suppression_scores
 from knexp.evaluation.text_metrics import caption_metrics
 from knexp.identification.methods import NeuronSet
@@ -119,11 +120,11 @@ def evaluate_knowledge(found: Identification, selector: Selector, rule: Rule, in
     counterfactual_caps = captioner([k_removed[i] for i in k_index], [[dataset_id, keys[i], "without", k.name, opts] for i in k_index])
     sizes = [int(n) for n in sizes or []]
     sets = neuron_sets(found, rule, sizes)
-    namespace = [captioner.model_key, dataset_id] + ([k.name, opts] if intervention.kind == "inpainted" else [])
+    namespace = [captioner.model_key, dataset_id] + ([k.name, opts] if intervention.uses_counterfactual else [])
     empty_sets = []
     rows = intervention.rows(keys)  # the same rows for every set
     began = time.perf_counter()
-    cfs = (counterfactual_values(adapter, k_removed, [n for _, _, n in sets], captioner.batch_size) if intervention.kind == "inpainted"
+    cfs = (counterfactual_values(adapter, k_removed, [n for _, _, n in sets], captioner.batch_size) if intervention.uses_counterfactual
            else [None] * len(sets))
     for (set_id, _, neurons), cf in zip(sets, cfs, strict=True):
         if neurons.empty:

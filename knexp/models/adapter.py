@@ -110,6 +110,11 @@ class Adapter(ABC):
         """W_out^l [d_model, d_f]: column u is what neuron u writes into the residual stream."""
         return self.down_proj(layer).weight
 
+    def write_gain(self, layer: int) -> torch.Tensor | None:
+        """float [d_model]: what multiplies every write of layer ``layer``'s FFN into the residual stream (a norm after
+        the FFN), or None where nothing does: ``w_out(layer) == down_proj(layer).weight * write_gain(layer)[:, None]``."""
+        return None
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

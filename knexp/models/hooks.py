@@ -5,12 +5,14 @@ Hooks sit at the adapter's hook sites (``Adapter.sites``), each a tensor [B, T, 
                  (``Adapter.ffn_out``; METHOD.md, "Notation"), the default of ``record`` and ``intervene``;
   ``resid_pre``  the residual stream entering decoder layer l [B, T, d_model] (the causal trace's state (a));
   ``ffn_act``    act(gate(x)) [B, T, d_f] (a module's output: Pan et al.'s hook point).
-``attached`` is the one place hooks are registered: it takes ``(site, layer)`` keys for input and output sites
+``attached`` is the one place hooks on a prompt's pass are registered: it takes ``(site, layer)`` keys for input and output sites
 alike, and gives each hook the tensor and where its pass starts in the prompt (``start``: x[:, j] is prompt position
 start + j). Its one prefill guard lets a hook act only on a pass of the prepared prompt that covers the image tokens
 (``Prepared.pass_start``): cached decoding steps and a shared prefix computed alone are untouched, so an intervention
 reaches generation through the KV cache alone. Every hook is removed when its ``with`` block ends, also on an
-exception.
+exception. ``everywhere`` is its unguarded twin: hooks on every pass at every position (the prompt, a shared prefix,
+each decoding step), which is what a weight edit changes (``knexp.editing``: the exactness check). ``banned`` keeps
+some tokens from ever being generated (the decoding-time filter that edits are compared with).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from knexp.models.adapter import Adapter
+from knexp.models.prefix_cache import forget
 from knexp.models.prepared import Prepared
 
 REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -44,16 +47,19 @@ def attached(adapter: Adapter, hooks: dict[tuple[str, int], Hook], prefill: Prep
     """Call ``hooks[(site, l)](x, start)`` on the tensor x [B, n, d] of hook site ``site`` in layer l (``Adapter.site``)
     during each pass of the prepared prompt ``prefill``: an input site's hook runs before its module uses x, an output
     site's after the module made it; a returned tensor replaces x. ``start`` is the prompt position of x[:, 0]
-    (``Prepared.pass_start``, from the positions the decoder layer is given): knexp's passes after a shared prefix start
-    there. Other passes (a decoding step, a shared prefix computed alone) are not seen: the one prefill guard. The hooks
-    are marked ``prompt_pass_only``, so ``knexp.models.decode_step`` may compute a step without calling the modules
-    they sit on. The hooks are always removed."""
+    (``Prepared.pass_start``: from the positions the decoder layer is given, where knexp's own passes may start after a
+    shared prefix; from the length alone for a model without fast paths, which runs only its own passes). Other passes
+    (a decoding step, a shared prefix computed alone) are not seen: the one prefill guard. The hooks are marked
+    ``prompt_pass_only``, so ``knexp.models.decode_step`` may compute a step without calling the modules they sit on.
+    The hooks are always removed."""
     starts: dict[int, int | None] = {}  # by layer, while the layer runs: where its pass starts (None: no pass of the prompt)
+
+    shortest = prefill.prompt_len - prefill.first_image  # a pass shorter than this holds no image token (a decoding step)
 
     def locate(layer: int):
         def pre_hook(module, args, kwargs):
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            starts[layer] = prefill.pass_start(x.shape[1], _first_position(kwargs))
+            starts[layer] = None if x.shape[1] < shortest else prefill.pass_start(x.shape[1], _first_position(kwargs))
 
         pre_hook.prompt_pass_only = True  # it changes nothing
         return pre_hook
@@ -65,8 +71,16 @@ def attached(adapter: Adapter, hooks: dict[tuple[str, int], Hook], prefill: Prep
         post_hook.prompt_pass_only = True
         return post_hook
 
+    located = adapter.fast_paths  # only knexp's own passes start after a shared prefix (or compute one alone)
+
     def start_of(layer: int, x: torch.Tensor) -> int | None:
-        """The pass start of ``x`` in ``layer``: the layer's, when it runs a pass of the prompt that ends where x does."""
+        """The pass start of ``x`` in ``layer``: the layer's, when it runs a pass of the prompt that ends where x does. A
+        model without fast paths runs only its own passes, the prompt's whole (from 0) and one position per decoding
+        step: the length tells them apart."""
+        if x.shape[1] < shortest:
+            return None
+        if not located:
+            return prefill.pass_start(x.shape[1])
         start = starts.get(layer)
         return start if start is not None and start + x.shape[1] == prefill.prompt_len else None
 
@@ -95,7 +109,7 @@ def attached(adapter: Adapter, hooks: dict[tuple[str, int], Hook], prefill: Prep
 
     handles = []
     try:
-        for layer in sorted({layer for _, layer in hooks}):  # first: each layer's pass start, before any site in it
+        for layer in sorted({layer for _, layer in hooks}) if located else ():  # each layer's pass start, before its sites
             layer_module = adapter.decoder_layers()[layer]
             handles.append(layer_module.register_forward_pre_hook(locate(layer), with_kwargs=True, prepend=True))
             handles.append(layer_module.register_forward_hook(forget(layer), always_call=True))
@@ -274,3 +288,59 @@ def intervene(adapter: Adapter, prepared: Prepared, edits: dict[int, LayerEdit],
 
     with attached(adapter, {(site, layer): make_hook(e) for layer, e in edits.items()}, prepared):
         yield edits
+
+
+@contextmanager
+def everywhere(adapter: Adapter, hooks: dict[tuple[str, int], Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
+    """Call ``hooks[(site, l)](x)`` on the tensor x [B, n, d] of hook site ``site`` in layer l on *every* pass, at every
+    position: the prompt's, a shared prefix's and each decoding step's (a returned tensor replaces x). This is what a
+    weight edit of the site's module computes, applied as a run-time intervention. The hooks are not
+    ``prompt_pass_only``, so ``knexp.models.decode_step`` calls the modules they sit on; the shared prefixes' KV
+    caches (``knexp.models.prefix_cache``) are forgotten on entry and on exit, so none is computed with the hooks and
+    used without them, or the reverse. The hooks are always removed."""
+    def before(hook):
+        def pre_hook(module, args, kwargs):
+            from_kwargs = "hidden_states" in kwargs
+            new = hook(kwargs["hidden_states"] if from_kwargs else args[0])
+            if new is None:
+                return None
+            return (args, {**kwargs, "hidden_states": new}) if from_kwargs else ((new, *args[1:]), kwargs)
+
+        return pre_hook
+
+    def after(hook):
+        return lambda module, args, output: hook(output)
+
+    lm = adapter.language_model()[0]
+    handles = []
+    forget(lm)
+    try:
+        for (site, layer), hook in hooks.items():
+            module, when = adapter.site(site, layer)
+            handles.append(module.register_forward_pre_hook(before(hook), with_kwargs=True) if when == "pre"
+                           else module.register_forward_hook(after(hook)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        forget(lm)
+
+
+@contextmanager
+def banned(adapter: Adapter, token_ids: list[int]) -> Iterator[None]:
+    """Logits of ``token_ids`` set to -inf wherever the LM head runs (every pass and decoding step, knexp's decoding
+    and a model's own ``generate`` alike), so greedy decoding never picks them: the decoding-time filter that bans an
+    object's word forms. Removed on exit."""
+    head = adapter.language_model()[1]
+    ids = torch.as_tensor(sorted(set(int(t) for t in token_ids)), dtype=torch.long)
+
+    def mask(module, args, output):
+        out = output.clone()
+        out[..., ids.to(out.device)] = float("-inf")
+        return out
+
+    handle = head.register_forward_hook(mask)
+    try:
+        yield
+    finally:
+        handle.remove()

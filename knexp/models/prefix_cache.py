@@ -39,6 +39,11 @@ PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PREFIXES_PER_MODEL = 8
 
 
+def forget(lm) -> None:
+    """Drop every shared prefix's cache of ``lm`` (hooks that act on every pass came or went: ``hooks.everywhere``)."""
+    PREFIXES.pop(lm, None)
+
+
 def _prefix_cache(lm, embeds: torch.Tensor, ids: tuple[int, ...]) -> DynamicCache:
     """The KV cache of every layer over the prefix ``ids`` (embeddings [1, past, d_model]), from ``PREFIXES`` or computed
     once. Its tensors are never written to: rows take expanded views of them. The key holds each weight's storage and

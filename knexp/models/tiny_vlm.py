@@ -57,6 +57,13 @@ def _finish(model, tok):
     return model.eval().requires_grad_(False)
 
 
+def _mrope(head_dim: int) -> list[int]:
+    """Qwen's multimodal RoPE sections (time, height, width) for ``head_dim``: they sum to head_dim / 2."""
+    half = head_dim // 2
+    side = half // 4 + half // 8
+    return [half - 2 * side, side, side]
+
+
 def _qwen(version: str, layers: int, size: Size):
     """Qwen2-VL, Qwen2.5-VL or Qwen3-VL: 112 px images, 14 px patches (16 for Qwen3-VL) merged 2 x 2."""
     import transformers
@@ -76,18 +83,18 @@ def _qwen(version: str, layers: int, size: Size):
         vision |= dict(fullatt_block_indexes=[1], window_size=4 * patch)
         config_class, processor_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLProcessor
         model_class = transformers.Qwen2_5_VLForConditionalGeneration
-        text = _text(tok, layers, size, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
+        text = _text(tok, layers, size, rope_scaling={"rope_type": "default", "mrope_section": _mrope(head_dim)})
     elif version == "2":
         vision = dict(depth=2, embed_dim=16, hidden_size=size.width, mlp_ratio=2, num_heads=2, patch_size=patch, spatial_merge_size=2,
                       temporal_patch_size=2, in_channels=3)
         config_class, processor_class = transformers.Qwen2VLConfig, transformers.Qwen2VLProcessor
         model_class = transformers.Qwen2VLForConditionalGeneration
-        text = _text(tok, layers, size, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
+        text = _text(tok, layers, size, rope_scaling={"rope_type": "default", "mrope_section": _mrope(head_dim)})
     else:
         vision |= dict(num_position_embeddings=64, deepstack_visual_indexes=[0])
         config_class, processor_class = transformers.Qwen3VLConfig, transformers.Qwen3VLProcessor
         model_class = transformers.Qwen3VLForConditionalGeneration
-        text = _text(tok, layers, size, head_dim=head_dim, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
+        text = _text(tok, layers, size, head_dim=head_dim, rope_scaling={"rope_type": "default", "mrope_section": _mrope(head_dim),
                                                                     "mrope_interleaved": True})
     config = config_class(text_config=text, vision_config=vision, **ids)
     images = Qwen2VLImageProcessorPil(min_pixels=pixels * pixels, max_pixels=pixels * pixels, patch_size=patch, merge_size=2,

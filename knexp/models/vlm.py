@@ -89,13 +89,15 @@ class VLMAdapter(Adapter):
 
     def w_out(self, layer: int) -> torch.Tensor:
         """W_out^l [d_model, d_f], each column scaled by the gain of the norm after the FFN where the family has one."""
-        weight = self.down_proj(layer).weight
+        weight, gain = self.down_proj(layer).weight, self.write_gain(layer)
+        return weight if gain is None else weight * gain[:, None].to(weight.dtype)
+
+    def write_gain(self, layer: int) -> torch.Tensor | None:
         block = self.decoder_layers()[layer]
         if self.family.post_ffn_norm is None or not hasattr(block, self.family.post_ffn_norm):
-            return weight
+            return None
         norm = block.get_submodule(self.family.post_ffn_norm)
-        gain = norm.weight.float() + self.family.norm_offset  # Gemma's norms scale by (1 + weight)
-        return weight * gain[:, None].to(weight.dtype)
+        return norm.weight.float() + self.family.norm_offset  # Gemma's norms scale by (1 + weight)
 
     @property
     def stop_token_ids(self) -> list[int]:

@@ -59,7 +59,7 @@ class EvaluateTask:
             window = session.live_window()
             metrics["live_window"] = window.window["neuron_layers"]
             write_trace(out, window.to_dict())  # the report draws the trace figure
-        if found.context and found.context.reference is not None and session.intervention.scale == "calibrated":
+        if found.context and found.context.reference is not None and getattr(session.intervention, "scale", None) == "calibrated":
             metrics["noise_unit"] = [round(float(v), 6) for v in found.context.reference.layer_spread]  # s_l per layer
         metrics["neurons"] = []
         if found.results and not self.sizes:
