@@ -135,8 +135,10 @@ class Adapter(ABC):
 
     # ---- inputs ------------------------------------------------------------------------------------
     @abstractmethod
-    def prepare(self, images: list[np.ndarray], continuations: list[str] | None = None, prefix: str | None = None) -> Prepared:
-        """Prompt + images (+ optional text after the prefix, e.g. a caption for teacher forcing)."""
+    def prepare(self, images: list[np.ndarray], continuations: list[str] | None = None, prefix: str | None = None,
+                question: str | None = None) -> Prepared:
+        """Prompt + images (+ optional text after the prefix, e.g. a caption for teacher forcing). ``question`` replaces the
+        model's caption question in the user turn (another prompt on the same images, e.g. an edit's T-generality)."""
 
     @abstractmethod
     def prompt_embeddings(self, prepared: Prepared) -> torch.Tensor:
@@ -146,6 +148,19 @@ class Adapter(ABC):
     def forward(self, prepared: Prepared, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, K, V] of one forward pass (no cache) at the sequence positions ``positions`` (long [K], the same
         for every row; default every position, K = T): the LM head runs at those positions only."""
+
+    def text_logits(self, texts: list[str]) -> torch.Tensor:
+        """float32 [B, V]: the LM's logits after each of ``texts`` alone, no image (the tokenizer's special tokens added, as a
+        text-only prompt is given to the model), at each text's last token: what an edit's T-locality compares. Rows
+        are right-padded, which causal attention never sees from earlier positions."""
+        decoder, head = self.language_model()
+        rows = [self.tokenizer(t)["input_ids"] for t in texts]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [self.pad_token_id] * (width - len(r)) for r in rows], device=self.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, d_model], normed
+        last = torch.tensor([len(r) - 1 for r in rows], device=self.device)
+        return head(hidden[torch.arange(len(rows), device=self.device), last]).float()
 
     def run_hooks(self, prepared: Prepared) -> None:
         """A forward pass for what the hooks armed on ``prepared`` record or change; the LM head runs at one position."""
@@ -165,9 +180,10 @@ class Adapter(ABC):
     # ---- captioning --------------------------------------------------------------------------------
     @torch.no_grad()
     def caption(self, images: list[np.ndarray], batch_size: int = 16, max_new_tokens: int = 32, prefix: str | None = None,
-                width: int | None = None) -> list[str]:
-        """Greedy captions, caption prefix included, decoded with continuous batching (``stream``)."""
-        return self.stream(len(images), lambda rows: self.prefill(self.prepare([images[i] for i in rows], prefix=prefix),
+                width: int | None = None, question: str | None = None) -> list[str]:
+        """Greedy captions, caption prefix included, decoded with continuous batching (``stream``); ``question`` in place
+        of the model's caption question."""
+        return self.stream(len(images), lambda rows: self.prefill(self.prepare([images[i] for i in rows], prefix=prefix, question=question),
                                                                   max_new_tokens=max_new_tokens),
                            batch_size, max_new_tokens, width, prefix, "captioning")
 

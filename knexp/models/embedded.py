@@ -107,8 +107,9 @@ class EmbeddedMLLM(SplicedMLLM):
     def image_embeddings(self, images: list[np.ndarray]) -> torch.Tensor:
         return self.project(self.encode_images(preprocess(images)))
 
-    def prompt_text(self, prefix: str) -> str:
-        messages = [{"role": "system", "content": self.prompt.system}, {"role": "user", "content": self.prompt.user}]
+    def prompt_text(self, prefix: str, question: str | None = None) -> str:
+        user = self.prompt.user if question is None else f"{self.image_marker}\n{question}"
+        messages = [{"role": "system", "content": self.prompt.system}, {"role": "user", "content": user}]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix
 
 

@@ -156,8 +156,8 @@ class MiniGPT4(SplicedMLLM):
         merged = feats.reshape(b, n // self.eva.merge, d * self.eva.merge)  # 4 consecutive patches per token
         return self.llama_proj(merged.to(self.llama_proj.weight.dtype)).to(self.lm.dtype)
 
-    def prompt_text(self, prefix: str) -> str:
-        return self.template.format(question=self.question, prefix=prefix)
+    def prompt_text(self, prefix: str, question: str | None = None) -> str:
+        return self.template.format(question=self.question if question is None else question, prefix=prefix)
 
 
 # ---- loading ------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ class SplicedMLLM(nn.Module):
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.end_token_id = tokenizer.convert_tokens_to_ids(end_token)
-        self._prompt_ids: dict[str, list[int]] = {}
+        self._prompt_ids: dict[tuple[str | None, str], list[int]] = {}
 
     # ---- what a subclass provides ---------------------------------------------------------------
     @property
@@ -43,8 +43,9 @@ class SplicedMLLM(nn.Module):
         """Projected image tokens [B, P, d_model] in the LM's dtype, from RGB uint8 images."""
 
     @abstractmethod
-    def prompt_text(self, prefix: str) -> str:
-        """The full prompt text, holding ``self.image_marker`` once and ending with ``prefix``."""
+    def prompt_text(self, prefix: str, question: str | None = None) -> str:
+        """The full prompt text, holding ``self.image_marker`` once and ending with ``prefix``; ``question`` in place of the
+        model's own question."""
 
     # ---- shared ---------------------------------------------------------------------------------
     @property
@@ -55,19 +56,21 @@ class SplicedMLLM(nn.Module):
     def device(self) -> torch.device:
         return self.lm.get_input_embeddings().weight.device
 
-    def prompt_ids(self, prefix: str | None = None) -> list[int]:
-        """Token ids of the prompt with P image placeholders, ending with the caption prefix (cached)."""
+    def prompt_ids(self, prefix: str | None = None, question: str | None = None) -> list[int]:
+        """Token ids of the prompt with P image placeholders, ending with the caption prefix (cached per question and
+        prefix)."""
         prefix = self.caption_prefix if prefix is None else prefix
-        if prefix not in self._prompt_ids:
-            text = self.prompt_text(prefix)
+        key = (question, prefix)
+        if key not in self._prompt_ids:
+            text = self.prompt_text(prefix, question)
             if text.count(self.image_marker) != 1:
                 raise ValueError(f"the prompt must contain the image marker {self.image_marker!r} exactly once: {text!r}")
             text = text.replace(self.image_marker, self.image_token * self.num_image_tokens)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if sum(i == self.image_token_id for i in ids) != self.num_image_tokens:
                 raise ValueError(f"image token {self.image_token!r} does not tokenize to one id per image token")
-            self._prompt_ids[prefix] = ids
-        return self._prompt_ids[prefix]
+            self._prompt_ids[key] = ids
+        return self._prompt_ids[key]
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, T, d] with the placeholder positions replaced by ``image_embeds`` [B, P, d]."""
@@ -101,11 +104,12 @@ class SplicedAdapter(Adapter):
     def final_norm(self) -> nn.Module:
         return self.mllm.lm.model.norm
 
-    def prepare(self, images: list[np.ndarray], continuations: list[str] | None = None, prefix: str | None = None) -> Prepared:
+    def prepare(self, images: list[np.ndarray], continuations: list[str] | None = None, prefix: str | None = None,
+                question: str | None = None) -> Prepared:
         """Same prompt for every row; continuations (teacher forcing) are right-padded, which causal
         attention never sees from earlier positions, so image positions are identical across rows."""
         prefix = self.caption_prefix if prefix is None else prefix
-        prompt = self.mllm.prompt_ids(prefix)
+        prompt = self.mllm.prompt_ids(prefix, question)
         rows = [prompt + (self.tokenize(c) if continuations else []) for c in (continuations or [""] * len(images))]
         if len(rows) != len(images):
             raise ValueError(f"{len(images)} images but {len(rows)} continuations")

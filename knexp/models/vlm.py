@@ -114,9 +114,11 @@ class VLMAdapter(Adapter):
     def _blank(self) -> np.ndarray:
         return np.full((*self.image_size, 3), 127, np.uint8)
 
-    def prompt_text(self, prefix: str) -> str:
-        """The chat template's user turn with the image and the question, then the assistant's turn opened by ``prefix``."""
-        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]}]
+    def prompt_text(self, prefix: str, question: str | None = None) -> str:
+        """The chat template's user turn with the image and the question (``question``, default the model's), then the
+        assistant's turn opened by ``prefix``."""
+        text = self.question if question is None else question
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return self.processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False) + prefix
 
     def _sized(self, image: np.ndarray) -> np.ndarray:
@@ -127,9 +129,10 @@ class VLMAdapter(Adapter):
         images = [[self._sized(im)] for im in images]  # one image per prompt, nested as every processor reads it
         return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
 
-    def prepare(self, images: list[np.ndarray], continuations: list[str] | None = None, prefix: str | None = None) -> Prepared:
+    def prepare(self, images: list[np.ndarray], continuations: list[str] | None = None, prefix: str | None = None,
+                question: str | None = None) -> Prepared:
         prefix = self.caption_prefix if prefix is None else prefix
-        base = self.prompt_text(prefix)
+        base = self.prompt_text(prefix, question)
         texts = [base + c for c in continuations] if continuations else [base] * len(images)
         if len(texts) != len(images):
             raise ValueError(f"{len(images)} images but {len(texts)} continuations")
