@@ -18,6 +18,8 @@ From a notebook::
     s.caption(images, neurons=found.results[0].neurons, intervention="inpainted")
     s.trace()                                     # Trace: the causal trace and the live window
     s.heatmap(found.results[0])                   # Heatmap: the top neuron over its image
+    with s.edit(found, op="erase", rule="kn"):    # the model edited (knexp.editing) for the block, restored after
+        s.caption(images)
 
 Results are dataclasses (``Identification``, ``Trace``, ``Heatmap``) with pandas views (``.frame()``).
 """
@@ -27,6 +29,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +44,8 @@ from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog, Knowledge
 from knexp.data.coco import CocoScenes
 from knexp.data.loading import check_data, load_dataset
+from knexp.editing.make import EditSettings
+from knexp.editing.weights import WeightEdit
 from knexp.evaluation.interventions import Intervention, Noise, named
 from knexp.evaluation.perturb import cached_intervened_captions, set_values
 from knexp.evaluation.protocol import Evaluation, evaluate_knowledge
@@ -144,6 +150,7 @@ class Session:
     trace_settings: TraceSettings = field(default_factory=TraceSettings)
     reference_settings: ReferenceSettings = field(default_factory=ReferenceSettings)
     log_to: object = None  # the logger group's settings (knexp.reporting.logger.FilesOnly or Wandb)
+    edit_settings: EditSettings | None = None  # the edit group (conf/edit): task=edit and Session.edit
     shared: dict = field(default_factory=dict)
 
     @classmethod
@@ -159,9 +166,12 @@ class Session:
         trace = from_mapping(TraceSettings, _plain(cfg.trace), "trace")
         catalog.named(trace.objects, "trace.objects")
         check_data(cfg.data, catalog)
+        edit = build(cfg.edit, "edit", _recursive_=False) if "edit" in cfg else None
+        if edit is not None and edit.replacement is not None:
+            catalog.named([edit.replacement], "edit.replacement")
         return cls(cfg, catalog, knowledge, Path(cfg.paths.output_dir), rule, build(cfg.method, "method"), build_intervention(cfg),
                    from_mapping(InpaintOptions, _plain(cfg.inpaint), "inpaint"), generation, trace,
-                   from_mapping(ReferenceSettings, _plain(cfg.reference), "reference"), build(cfg.logger, "logger"))
+                   from_mapping(ReferenceSettings, _plain(cfg.reference), "reference"), build(cfg.logger, "logger"), edit)
 
     def for_knowledge(self, name: str, output_dir: str | Path | None = None) -> Session:
         """The same session for another knowledge of the catalog, writing to ``output_dir`` (sharing the model and the
@@ -351,6 +361,54 @@ class Session:
 
         sample_panel(self.adapter, self.selector, result, path, rank, store=self.heatmap_store)
         return Path(path)
+
+    # ---- editing ---------------------------------------------------------------------------------------------------
+    def edit_rule_named(self, name: str | None):
+        """The session's edit rule, or the rule ``conf/edit/rule/<name>.yaml`` configures."""
+        if name is None or name == self.edit_settings.rule.name:
+            return self.edit_settings.rule
+        from hydra import compose
+
+        with _config_dir():
+            return build(compose("config", overrides=[f"edit/rule={name}"]).edit.rule, "edit.rule")
+
+    def edit_context(self, rule, found: Identification, target, locality: list[np.ndarray] | None = None) -> dict:
+        """What ``rule`` needs beyond the set: the reference statistics (``mean``), or the fitting data (``optimized``: the
+        identification images teacher-forced up to k, ``locality`` images without k, T-locality's text prompts)."""
+        from knexp.editing.make import fit_data
+
+        context = {}
+        if rule.name == "mean":
+            context["reference"] = self.reference()
+        if rule.name == "optimized":
+            samples = [(self.data.load_image(r.candidate.image_id), r.candidate.original_caption) for r in found.results]
+            settings = self.edit_settings
+            texts = settings.texts + settings.about_k(target.knowledge)
+            context["fit"] = fit_data(self.adapter, target.knowledge, samples, locality or [], texts, self.captioner.batch_size)
+        return context
+
+    @contextmanager
+    def edit(self, found: Identification, op: str | None = None, rule: str | None = None, replacement: str | None = None,
+             size: int | None = None, locality: list[np.ndarray] | None = None) -> Iterator[WeightEdit]:
+        """The model edited for the block by ``rule`` (default ``edit.rule``) on the consensus set of ``size`` neurons of
+        ``found`` (``knexp.editing.sets.object_set``), to ``op`` (erase or swap) k; the weights are restored bit for bit on
+        exit. Yields the ``WeightEdit`` (``knexp.editing.weights.save`` writes it as a file)::
+
+            with s.edit(found, op="erase", rule="kn") as edit:
+                s.caption(images)
+        """
+        from knexp.editing.make import make
+        from knexp.editing.sets import object_set
+        from knexp.editing.weights import applied
+
+        settings = dataclasses.replace(self.edit_settings, **{k: v for k, v in {"op": op, "replacement": replacement,
+                                                                                 "size": size}.items() if v is not None})
+        how = self.edit_rule_named(rule)
+        target = settings.target(self.catalog, self.catalog[found.knowledge])
+        neurons = object_set(found, self.rule, settings.size)
+        edit, _ = make(self.adapter, how, neurons, target, self.edit_context(how, found, target, locality))
+        with applied(self.adapter, edit):
+            yield edit
 
     # ---- what a job reports --------------------------------------------------------------------------------------
     def labels(self) -> dict:

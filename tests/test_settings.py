@@ -27,9 +27,12 @@ WRONG = ("bogus-value", 12345)  # a word where a number or a choice belongs, a n
 
 
 def _options():
-    """Every option of every config group (two of the 30 knowledge files: they share one layout)."""
+    """Every option of every config group, nested groups (``edit/rule``) included (two of the 30 knowledge files: they
+    share one layout)."""
     out = []
-    for group in sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and p.name != "hydra"):
+    root = conf_dir()
+    groups = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir() and not p.is_relative_to(root / "hydra"))
+    for group in groups:
         files = sorted((conf_dir() / group).glob("*.yaml"))
         out += [f"{group}={f.stem}" for f in (files[:2] if group == "knowledge" else files)]
     return out
@@ -63,8 +66,9 @@ def _walk():
     for option in _options():
         group = option.split("=")[0]
         cfg = _compose(option)
-        root = cfg if group in ("experiment", "hparams_search") else cfg[group.replace("/", ".")] if group in cfg else cfg
-        prefix = "" if root is cfg else group
+        node = OmegaConf.select(cfg, group.replace("/", "."))
+        root = cfg if group in ("experiment", "hparams_search") or node is None else node
+        prefix = "" if root is cfg else group.replace("/", ".")
         for key in _leaves(root, prefix):
             if key.startswith("catalog.") and not key.startswith("catalog.banana."):
                 continue  # the catalog's entries share one layout: banana's stands for all
@@ -89,9 +93,10 @@ def test_the_walk_covers_every_group_and_its_settings(cases):
     keys = {_general(k) for _, k in cases}
     groups = {k.split(".")[0] for k in keys}
     assert {"model", "data", "knowledge", "catalog", "thresholds", "method", "intervention", "noise_level", "inpaint", "splits",
-            "trace", "reference", "logger", "task", "paths", "seed", "num_threads", "tags"} <= groups
+            "trace", "reference", "logger", "task", "paths", "seed", "num_threads", "tags", "edit"} <= groups
     assert {"thresholds.n", "thresholds.q_a", "method.form", "model.generation.decode_width", "task.k_images", "task.job.k_images",
-            "data.scene.object_px", "noise_level.levels", "catalog.*.coco_id", "thresholds.per_knowledge.*.a"} <= keys
+            "data.scene.object_px", "noise_level.levels", "catalog.*.coco_id", "thresholds.per_knowledge.*.a", "edit.op",
+            "edit.rule.lam_erase", "edit.rule.steps", "edit.prompts.yes_no", "model.edit"} <= keys
     assert len(cases) > 250
 
 
@@ -153,7 +158,10 @@ OUT_OF_RANGE = [
     ("seed=-3", "seed"), ("num_threads=0", "num_threads"), ("knowledge.coco_id=0", "knowledge.coco_id"),
     ("splits.tuning=[pizza,zebra]", "splits.tuning"), ("task=tune task.split=val", "task.split"),
     ("task=tune task.job.other_images=-2", "task.job.other_images"), ("thresholds=fixed thresholds.g=???", "thresholds.g"),
-    ("model.generation.batchsize=4", "model.generation.batchsize"),
+    ("model.generation.batchsize=4", "model.generation.batchsize"), ("edit.op=move", "edit.op"), ("edit.size=0", "edit.size"),
+    ("edit.rule.lam_erase=-1", "edit.rule.lam_erase"), ("edit.op=swap edit.replacement=zebra", "edit.replacement"),
+    ("edit.prompts.yes_no=Is_it_there", "edit.prompts.yes_no"), ("model.edit=/nowhere.safetensors", "model.edit"),
+    ("task=edit task.baselines=[rome]", "task.baselines[0]"),
 ]
 GROUPS = {p.name for p in conf_dir().iterdir() if p.is_dir()}
 
@@ -180,6 +188,7 @@ def test_a_value_out_of_range_is_refused_by_name(composed, overrides, key):
     ("model.generation.decode_width=0", "model.generation.decode_width"), ("noise_level.draws=0", "noise_level.draws"),
     ("data.per_knowledge=0", "data.per_knowledge"), ("trace.frac=1.5", "trace.frac"), ("logger.mode=live", "logger.mode"),
     ("knowledge.coco_id=x", "knowledge.coco_id"), ("task=tune task.job.other_images=-2", "task.job.other_images"),
+    ("task=edit edit.size=0", "edit.size"), ("model.edit=/nowhere.safetensors", "model.edit"),
 ])
 def test_a_bad_value_exits_1_before_any_work_with_one_line_naming_it(tmp_path, overrides, key):
     cache = tmp_path / "cache"

@@ -53,6 +53,9 @@ def check_model(model_cfg: dict) -> Generation:
     check_mapping(prompt, "model.prompt", caption_prefix=Text())
     for key, check in getattr(loader, "settings", {}).items():
         check(f"model.{key}", model_cfg.get(key))
+    edit = Text(optional=True)("model.edit", model_cfg.get("edit"))
+    if edit is not None and not Path(edit).is_file():
+        raise SettingError("model.edit", edit, "is no file; give an edit file written by task=edit (its job folder's edit.safetensors)")
     return generation
 
 
@@ -65,6 +68,10 @@ def load_model(model_cfg: dict, cache_dir: str | Path) -> Adapter:
     if key in _LAST:
         return _LAST[key]
     adapter = _loader(model_cfg)(model_cfg, resolve_device(model_cfg.get("device", "cpu")), Path(cache_dir))
+    if model_cfg.get("edit"):  # the edit checked against the model it was made for, then applied in memory only
+        from knexp.editing.weights import load, permanent
+
+        permanent(adapter, load(model_cfg["edit"], adapter, model_identity({**model_cfg, "edit": None})))
     _LAST.clear()  # one model at a time: a sweep over models must not hold them all
     _LAST[key] = adapter
     return adapter
@@ -72,11 +79,15 @@ def load_model(model_cfg: dict, cache_dir: str | Path) -> Adapter:
 
 def model_identity(model_cfg: dict) -> str:
     """Hash of what a model computes: its resolved config (less ``generation.batch_size`` and ``decode_width``, which no
-    output depends on), with the projector file's bytes in place of its path. Keys of every cache entry derived from the
-    model."""
+    output depends on), with the bytes of the projector file and of the edit file (``model.edit``) in place of their
+    paths. Keys of every cache entry derived from the model."""
     cfg = copy.deepcopy(dict(model_cfg))
     for setting in ("batch_size", "decode_width"):
         cfg.get("generation", {}).pop(setting, None)
+    if cfg.get("edit"):  # an edited model computes what its edit file's bytes say
+        cfg["edit"] = hashlib.sha1(Path(cfg["edit"]).read_bytes()).hexdigest()
+    else:
+        cfg.pop("edit", None)  # no edit: the identity of the model as it was before edits existed
     projector = cfg.get("projector_path")
     if projector and Path(projector).exists():  # its bytes, not where the checkout happens to be
         cfg["projector_path"] = hashlib.sha1(Path(projector).read_bytes()).hexdigest()

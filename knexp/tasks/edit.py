@@ -1,0 +1,148 @@
+"""``python run.py task=edit knowledge=banana method=ours edit/rule=kn``: identification, then a weight edit of the
+found neurons, scored like multimodal editing benchmarks against baselines on the same footing.
+
+1. Identify k's neurons (``Session.identify``) and take the consensus set of ``edit.size`` (``knexp.editing.sets``).
+2. Images (``knexp.evaluation.protocol.evaluation_images``): the identification images (reliability), ``k_images``
+   held-out images of k (M- and T-generality) and ``other_images`` + ``edit.fit_other`` images without k; the last
+   ``edit.fit_other`` of those feed only the optimized rule's KL term, the rest are M-locality's.
+3. The edit (``edit.rule``), and the baselines of ``baselines``: ``random``, the same rule on layer-matched random
+   neurons scaled to the same ||Delta||_F; ``finetune``, the optimized rule (``conf/edit/rule/optimized.yaml``) on as many
+   random ``down_proj`` columns of any layer; ``banned``, greedy decoding that never emits the first token of any of k's
+   word forms (``knexp.models.hooks.banned``), the trivial bound of an erase.
+4. Every variant and the unedited model scored by ``knexp.evaluation.edit_measures``; the edit saved as
+   ``edit.safetensors`` (``model.edit=<file>`` loads it).
+Writes ``metrics.json`` (per variant: the measures and the cost), ``edit_captions.csv`` and ``selection.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from knexp.editing.make import make
+from knexp.editing.rules import matched_norm
+from knexp.editing.sets import layer_matched_random, object_set, random_columns
+from knexp.editing.weights import applied, save
+from knexp.evaluation.edit_measures import EditMeasures, Probe, Variant
+from knexp.evaluation.protocol import evaluation_images
+from knexp.job import Session
+from knexp.models.hooks import banned
+from knexp.reporting.outputs import write_data_faults, write_identification
+from knexp.resume import finished, mark_finished
+from knexp.settings import Choice, Flag, Integer, Many, Text, check_fields
+from knexp.store import stable_key
+
+log = logging.getLogger(__name__)
+BASELINES = ("random", "finetune", "banned")
+
+
+def banned_ids(adapter, knowledge) -> list[int]:
+    """The first token of each word form of ``knowledge``, after a space and not, lower-case and capitalised."""
+    forms = [v for f in knowledge.forms for v in (f, f.capitalize())]
+    return sorted({adapter.tokenize(s + f)[0] for f in forms for s in ("", " ")})
+
+
+@dataclass
+class EditTask:
+    """``conf/task/edit.yaml`` (module docstring)."""
+
+    name: str = "edit"
+    k_images: int = 6
+    other_images: int = 9
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    save: bool = True
+    bertscore_model: str | None = None
+    bertscore_layers: int = 6
+    cache: bool = True
+
+    def __post_init__(self):
+        check_fields(self, "task", k_images=Integer(low=0), other_images=Integer(low=0), baselines=Many(Choice(BASELINES), min_len=0),
+                     save=Flag(), bertscore_model=Text(optional=True), bertscore_layers=Integer(low=1), cache=Flag())
+
+    def __call__(self, session: Session) -> dict:
+        t0 = time.time()
+        out = session.output_dir
+        if (done := finished(session.cfg, out)) is not None:
+            log.info("%s: finished before with this config; skipped (delete %s/done.json to rerun)", out, out)
+            return done
+        settings, adapter, catalog, k = session.edit_settings, session.adapter, session.catalog, session.knowledge
+        found = session.identify()
+        status = found.status()
+        write_identification(out, found, adapter.num_layers)
+        target = settings.target(catalog, k)
+        metrics = {**session.labels(), "task": "edit", "status": status, "op": target.op, "rule": settings.rule.name,
+                   "replacement": target.replacement.name if target.replacement else None, "size": settings.size,
+                   "selection": found.selection.message, "skipped": found.skipped, "variants": {}}
+        if found.results:
+            metrics["variants"], table, edit = self._edit(session, found, target)
+            table.to_csv(out / "edit_captions.csv", index=False)
+            if self.save and edit is not None:
+                save(edit, out / "edit.safetensors", adapter, session.model_key)
+        else:
+            log.warning("%s: no usable sample, so no edit (metrics.json status): %s", k.name, "; ".join(status["reasons"]))
+        metrics["data_faults"] = write_data_faults(out, session.data.audit)
+        metrics["wall_time_s"] = round(time.time() - t0, 1)
+        logger = session.logger()
+        logger.log_metrics(metrics)
+        logger.finish()
+        mark_finished(session.cfg, out, metrics)
+        print(json.dumps({"output_dir": str(out), "knowledge": k.name, "op": target.op, "rule": settings.rule.name,
+                          **{name: {m: v.get(m) for m in ("reliability", "m_generality")} for name, v in metrics["variants"].items()}},
+                         indent=1))
+        return metrics
+
+    def _edit(self, session: Session, found, target) -> tuple[dict, pd.DataFrame, object]:
+        settings, adapter, data, k = session.edit_settings, session.adapter, session.data, session.knowledge
+        seed = int(session.cfg.seed)
+        ident_ids = [r.candidate.image_id for r in found.results]
+        rows = evaluation_images(data, session.catalog, k, ident_ids, self.k_images, self.other_images + settings.fit_other, seed)
+        others = [r for r in rows if r[1] == "other"]
+        measured, fitting = others[:self.other_images], others[self.other_images:]
+
+        def probe_rows(part):
+            return [([session.dataset_id, image_id], data.load_image(image_id), session.catalog[own]) for image_id, _, own in part]
+
+        k_rows = [r for r in rows if r[1] == "k"]
+        probe = Probe(k, target.replacement, target.op, probe_rows([r for r in k_rows if r[0] in ident_ids]),
+                      probe_rows([r for r in k_rows if r[0] not in ident_ids]), probe_rows(measured), list(settings.texts),
+                      settings.about_k(k), settings.prompts)
+        measures = EditMeasures(session.captioner, probe, self.bertscore_model, self.bertscore_layers)
+        locality = [data.load_image(image_id) for image_id, _, _ in fitting]
+        neurons = object_set(found, session.rule, settings.size)
+        rule = settings.rule
+        edit, seconds = make(adapter, rule, neurons, target, session.edit_context(rule, found, target, locality))
+
+        def edited(name, e, secs):
+            variant = Variant(name, stable_key(session.model_key, "edit", e.digest()), lambda: applied(adapter, e))
+            return variant, {"seconds": round(secs, 3), "relative_norm": e.relative_norm(adapter), "norm": e.norm(),
+                             "parameters_changed": e.parameters_changed, "neurons": sum(len(d.units) for d in e.layers.values()),
+                             **{key: e.provenance[key] for key in ("steps_run", "target_met") if key in e.provenance}}
+
+        plan = [edited("edit", edit, seconds)]
+        d_ff = adapter.d_ff
+        if "random" in self.baselines:
+            control, secs = make(adapter, rule, layer_matched_random(neurons, d_ff, seed), target,
+                                 session.edit_context(rule, found, target, locality))
+            plan.append(edited("random", matched_norm(control, edit.norm()), secs))
+        if "finetune" in self.baselines:
+            tune = session.edit_rule_named("optimized")
+            columns = random_columns(len(neurons), adapter.num_layers, d_ff, seed)
+            tuned, secs = make(adapter, tune, columns, target, session.edit_context(tune, found, target, locality))
+            plan.append(edited("finetune", tuned, secs))
+        if "banned" in self.baselines:
+            ids = banned_ids(adapter, k)
+            plan.append((Variant("banned", stable_key(session.model_key, "banned", ids), lambda: banned(adapter, ids)),
+                         {"seconds": 0.0, "banned_tokens": len(ids)}))
+        results = {"unedited": measures.score(Variant("unedited", session.captioner.model_key, None))}
+        for variant, cost in plan:
+            results[variant.name] = {**measures.score(variant), "cost": cost}
+        frames = []
+        for name, scores in results.items():
+            for group, captions in scores.pop("captions").items():
+                frames.append(pd.DataFrame({"variant": name, "group": group, "caption": captions}))
+        results["edit"]["set"] = {"method": neurons.method, "size": len(neurons), "per_layer": neurons.per_layer(adapter.num_layers)}
+        return results, pd.concat(frames, ignore_index=True), edit

@@ -1,0 +1,324 @@
+"""Weight edits of found neurons (knexp.editing): exactness against the run-time intervention on every adapter, the
+weights restored bit for bit, edit files (round trip, refusals, ``model.edit``), the rules, the sets, and ``task=edit``
+on the tiny model of every adapter."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_py
+
+from knexp.editing.rules import EditTarget, Kn, Mean, Optimized, Zero, word_direction, word_ids
+from knexp.editing.sets import layer_matched_random, object_set, random_columns
+from knexp.editing.weights import ColumnDelta, EditFileError, WeightEdit, applied, load, save
+from knexp.identification.methods import NeuronSet
+from knexp.models.hooks import banned, everywhere
+from knexp.models.tiny_vlm import TINY, tiny_adapter
+from knexp.models.vlm import VLMAdapter
+
+KINDS = ["embedded", "minigpt4", *TINY]
+
+
+def _images(adapter, n=2, seed=0):
+    size = 60 if isinstance(adapter, VLMAdapter) else 224
+    rng = np.random.default_rng(seed)
+    return [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(n)]
+
+
+def _set(layers, units):
+    return NeuronSet("test", "", np.array(layers), np.array(units), np.zeros(len(units)))
+
+
+def _weights(adapter):
+    return [p.detach().clone() for p in adapter.model.parameters()]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def tiny(request):
+    return tiny_adapter(request.param, layers=2)
+
+
+def test_the_zero_weight_edit_equals_the_runtime_zero_at_every_position(tiny):
+    """Item 5 of the issue: W_out[:, u] = 0 computes exactly what setting O'[..., u] = 0 at every position of every pass
+    does: identical logits (torch.equal) and identical greedy captions; afterwards the weights are bit-identical."""
+    images = _images(tiny)
+    units = {0: torch.tensor([1, 3, 7]), 1: torch.tensor([0, 2, 5])}
+    neurons = _set([0, 0, 0, 1, 1, 1], [1, 3, 7, 0, 2, 5])
+    before = _weights(tiny)
+    edit = Zero().make(tiny, neurons, None, {})
+
+    def zero(layer):
+        def hook(x):
+            x = x.clone()
+            x[..., units[layer]] = 0
+            return x
+        return hook
+
+    with torch.no_grad():
+        prepared = tiny.prepare(images)
+        with applied(tiny, edit):
+            logits_edit, caps_edit = tiny.forward(prepared), tiny.caption(images, max_new_tokens=6)
+            assert all(bool((tiny.down_proj(layer).weight[:, u] == 0).all()) for layer, u in units.items())
+        with everywhere(tiny, {("ffn", layer): zero(layer) for layer in units}):
+            logits_hook, caps_hook = tiny.forward(prepared), tiny.caption(images, max_new_tokens=6)
+        logits_clean = tiny.forward(prepared)
+    assert torch.equal(logits_edit, logits_hook) and caps_edit == caps_hook
+    assert not torch.equal(logits_edit, logits_clean)  # the edit changed something
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny.model.parameters(), strict=True))
+
+
+def test_an_edit_is_undone_bit_for_bit_after_an_exception_and_a_created_bias_is_removed():
+    adapter = tiny_adapter("embedded", layers=2)
+    before = _weights(adapter)
+    edit = WeightEdit({1: ColumnDelta(torch.tensor([2, 4]), torch.randn(adapter.down_proj(1).out_features, 2),
+                                      torch.randn(adapter.down_proj(1).out_features))})
+    assert adapter.down_proj(1).bias is None
+    with pytest.raises(RuntimeError, match="inside"), applied(adapter, edit):
+        assert adapter.down_proj(1).bias is not None
+        raise RuntimeError("inside")
+    assert adapter.down_proj(1).bias is None
+    assert all(torch.equal(a, b) for a, b in zip(before, adapter.model.parameters(), strict=True))
+
+
+def test_the_mean_rule_gives_the_neurons_their_mean_output_through_a_bias():
+    """W_out[:, u] = 0 and b = sum_u W_out[:, u] m_u: the FFN's output is what it is with O'[..., u] = m_u everywhere."""
+    adapter = tiny_adapter("embedded", layers=2)
+    d_ff = adapter.d_ff
+
+    class Reference:
+        mean = torch.linspace(-1, 1, 2 * d_ff).reshape(2, d_ff)
+
+    neurons = _set([0, 1, 1], [3, 1, 6])
+    edit = Mean().make(adapter, neurons, None, {"reference": Reference})
+    units = {0: [3], 1: [1, 6]}
+
+    def to_mean(layer):
+        def hook(x):
+            x = x.clone()
+            x[..., units[layer]] = Reference.mean[layer, units[layer]].to(x.dtype)
+            return x
+        return hook
+
+    images = _images(adapter)
+    with torch.no_grad():
+        prepared = adapter.prepare(images)
+        with applied(adapter, edit):
+            edited = adapter.forward(prepared)
+        with everywhere(adapter, {("ffn", layer): to_mean(layer) for layer in units}):
+            hooked = adapter.forward(prepared)
+    torch.testing.assert_close(edited, hooked, rtol=1e-5, atol=1e-5)  # a bias sums in another order: not bit-exact
+
+
+def test_the_kn_rule_moves_each_column_by_its_own_norm_along_the_unembedding_of_the_word(catalog):
+    adapter = tiny_adapter("embedded", layers=2)
+    k = catalog["banana"]
+    neurons = _set([0, 1], [4, 9])
+    edit = Kn(lam_erase=0.5).make(adapter, neurons, EditTarget("erase", k), {})
+    e = word_direction(adapter, k)
+    assert abs(float(e.norm()) - 1) < 1e-5
+    for layer, unit in ((0, 4), (1, 9)):
+        w = adapter.down_proj(layer).weight[:, unit].float()
+        delta = edit.layers[layer].delta[:, 0]
+        torch.testing.assert_close(delta, -0.5 * w.norm() * e)
+    swap = Kn(lam_erase=0.5, lam_swap=2.0).make(adapter, neurons, EditTarget("swap", k, catalog["cake"]), {})
+    assert float(swap.layers[0].delta[:, 0] @ word_direction(adapter, catalog["cake"])) > 0
+
+
+def test_the_optimized_rule_lowers_the_objects_probability_and_touches_only_its_columns(catalog):
+    """The fit (hooks adding O'[..., u] @ Delta^T) and the applied edit (W_out[:, u] += Delta) compute the same thing, and
+    the fitted edit lowers p(k) at the fitting samples' target position."""
+    from knexp.editing.fit import last_logits, with_columns
+    from knexp.editing.make import fit_data
+    from knexp.editing.rules import by_layer
+
+    adapter = tiny_adapter("embedded", layers=2)
+    k = catalog["banana"]
+    images = _images(adapter, 3)
+    samples = [(im, adapter.caption_prefix + " a banana") for im in images[:2]]
+    data = fit_data(adapter, k, samples, images[2:], ["hello there"], batch=4)
+    goal = word_ids(adapter, k)
+
+    def p_goal():
+        with torch.no_grad():
+            return float(torch.softmax(last_logits(adapter, data.samples[0]), -1)[:, goal].sum(-1).mean())
+
+    before, weights = p_goal(), _weights(adapter)
+    neurons = _set([0] * 12 + [1] * 12, list(range(12)) * 2)
+    rule = Optimized(steps=30, lr=1.0, kl_weight=0.0, norm_weight=0.0, target_prob=1e-4)  # the tiny O' are ~0.005: no penalty
+    edit = rule.make(adapter, neurons, EditTarget("erase", k), {"fit": data})
+    assert all(torch.equal(a, b) for a, b in zip(weights, adapter.model.parameters(), strict=True))  # fitting left W alone
+    with with_columns(adapter, {layer: d.delta for layer, d in edit.layers.items()}, by_layer(neurons)):
+        hooked = p_goal()
+    with applied(adapter, edit):
+        after = p_goal()
+    assert after < 0.75 * before, (before, after)  # a tiny random LM saturates near 0.68x (its final norm caps the change)
+    assert abs(after - hooked) < 1e-6 * max(1.0, before)
+    assert set(edit.layers) == {0, 1} and edit.layers[1].delta.shape == (adapter.down_proj(1).out_features, 12)
+
+
+def test_an_edit_file_round_trips_and_a_foreign_or_broken_file_is_refused_in_one_line(tmp_path, catalog):
+    adapter = tiny_adapter("embedded", layers=2)
+    edit = Kn().make(adapter, _set([0, 1], [4, 9]), EditTarget("erase", catalog["banana"]), {})
+    edit.provenance.update(rule="kn", knowledge="banana")
+    path = save(edit, tmp_path / "e.safetensors", adapter, "model-a")
+    back = load(path, adapter, "model-a")
+    assert back.digest() == edit.digest() and back.provenance["knowledge"] == "banana"
+    with pytest.raises(EditFileError, match="made for another model"):
+        load(path, adapter, "model-b")
+    with pytest.raises(EditFileError, match="shape"):
+        load(path, tiny_adapter("embedded", layers=3), "model-a")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(EditFileError, match="not a knexp edit file"):
+        load(tmp_path / "bad.safetensors", adapter, "model-a")
+    for err in (pytest.raises(EditFileError, match="no such file"),):
+        with err:
+            load(tmp_path / "missing.safetensors", adapter, "model-a")
+
+
+def test_the_banned_filter_never_emits_a_banned_token_and_is_removed_after(tiny):
+    images = _images(tiny)
+    with torch.no_grad():
+        free = tiny.prepare(images)
+        ids = tiny.forward(free, positions=free.last_position[:1])[:, -1].argmax(-1).tolist()  # the first token it would emit
+        with banned(tiny, ids):
+            caps = tiny.caption(images, max_new_tokens=5)
+            first = tiny.forward(free, positions=free.last_position[:1])[:, -1].argmax(-1).tolist()
+        again = tiny.forward(free, positions=free.last_position[:1])[:, -1].argmax(-1).tolist()
+    assert not set(first) & set(ids) and again == ids
+    for caption in caps:
+        body = tiny.tokenize(caption[len(tiny.caption_prefix):]) if caption.startswith(tiny.caption_prefix) else []
+        assert not set(body) & set(ids) or len(set(ids)) == 0
+
+
+def test_text_logits_are_the_lms_own_after_the_text_alone(tiny):
+    decoder, head = tiny.language_model()
+    ids = tiny.tokenizer("the image shows a cat")["input_ids"]
+    with torch.no_grad():
+        direct = head(decoder(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state)[0, -1].float()
+        batch = tiny.text_logits(["the image shows a cat", "a"])
+    torch.testing.assert_close(batch[0], direct, rtol=1e-5, atol=1e-5)
+
+
+def test_another_question_changes_the_prompt_and_the_default_does_not(tiny):
+    images = _images(tiny, 1)
+    own = tiny.prepare(images)
+    asked = tiny.prepare(images, question="is there a dog here?")
+    assert not torch.equal(own.input_ids[:, -own.input_ids.shape[1]:], asked.input_ids[:, -own.input_ids.shape[1]:]) \
+        or own.input_ids.shape != asked.input_ids.shape
+    assert torch.equal(tiny.prepare(images, question=None).input_ids, own.input_ids)
+
+
+def test_the_consensus_set_ranks_neurons_found_on_more_samples_first():
+    class Stats:
+        shape = (2, 16)
+
+    class Method:
+        name = "stub"
+
+        def __init__(self, ranked):
+            self._ranked = iter(ranked)
+
+        def ranked(self, stats, rule, context, n, d_ff):
+            return next(self._ranked)
+
+    class Result:
+        stats = Stats()
+
+    class Found:
+        results = [Result(), Result()]
+        context = None
+
+    found = Found()
+    found.method = Method([_set([0, 1, 1], [5, 2, 3]), _set([1, 0, 0], [3, 7, 8])])
+    chosen = object_set(found, rule=None, size=3)
+    assert list(zip(chosen.layers.tolist(), chosen.units.tolist(), strict=True)) == [(1, 3), (0, 5), (0, 7)]
+
+
+def test_random_controls_match_the_layers_and_avoid_the_set():
+    neurons = _set([0, 0, 2], [1, 2, 3])
+    control = layer_matched_random(neurons, d_ff=8, seed=0)
+    assert sorted(control.layers.tolist()) == [0, 0, 2]
+    assert not neurons.pairs() & control.pairs()
+    assert layer_matched_random(neurons, 8, 0).pairs() == control.pairs()  # seeded
+    columns = random_columns(5, num_layers=3, d_ff=8, seed=1)
+    assert len(columns.pairs()) == 5 and columns.layers.max() < 3 and columns.units.max() < 8
+
+
+# ---- through run.py on the tiny model of every adapter ----------------------------------------------------------------
+SETUPS = {
+    "llava": ("cell_phone", 60, 0), "qwen2_5_vl": ("cell_phone", 60, 0), "qwen2_vl": ("pizza", 60, 0), "qwen3_vl": ("bear", 60, 0),
+    "gemma3": ("pizza", 60, 0), "llava_next": ("suitcase", 60, 2), "llava_onevision": ("horse", 60, 0), "idefics3": ("horse", 60, 0),
+    "smolvlm": ("horse", 60, 0), "internvl": ("bear", 150, 1),
+}
+
+
+def _edit_job(family: str, tmp_path, *extra: str):
+    knowledge, scenes, seed = SETUPS[family]
+    return run_py("task=edit", f"model=tiny_{family}", f"model.seed={seed}", f"knowledge={knowledge}", f"data.num_images={scenes}",
+                  "thresholds.n=20", "thresholds.layers=nonzero", "task.k_images=1", "task.other_images=2", "edit.size=8",
+                  "edit.fit_other=1", "edit/rule=optimized", "edit.rule.steps=3", "logger=none", "num_threads=1",
+                  f"data.root={tmp_path}/tw", f"paths.cache_dir={tmp_path}/cache", *extra, timeout=300)
+
+
+@pytest.mark.parametrize("family", sorted(SETUPS))
+def test_task_edit_runs_on_a_family_and_its_file_reloads_to_the_same_captions(family, tmp_path):
+    r = _edit_job(family, tmp_path, f"hydra.run.dir={tmp_path}/job")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    assert metrics["status"]["state"] == "ok" and set(metrics["variants"]) == {"unedited", "edit", "random", "finetune", "banned"}
+    edit = metrics["variants"]["edit"]
+    assert edit["cost"]["neurons"] == 8 and edit["cost"]["parameters_changed"] > 0 and edit["reliability_n"] > 0
+    assert metrics["variants"]["unedited"]["reliability"] == 0.0  # the identification captions name k
+    if family != "llava":
+        return
+    # the saved edit, loaded by model.edit with no hook attached, captions as the in-memory edit did
+    import pandas as pd
+
+    from knexp.job import session
+
+    path = tmp_path / "job" / "edit.safetensors"
+    s = session(f"model=tiny_{family}", f"model.edit={path}", f"data.num_images={SETUPS[family][1]}", f"data.root={tmp_path}/tw",
+                f"paths.cache_dir={tmp_path}/cache2", "thresholds.n=20", output_dir=tmp_path / "api")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in s.adapter.model.modules())
+    table = pd.read_csv(tmp_path / "job" / "edit_captions.csv").fillna("")
+    ident = json.loads((tmp_path / "job" / "selection.json").read_text())
+    ids = [c["image_id"] for c in ident["accepted"]]
+    reloaded = s.caption([s.data.load_image(i) for i in ids])
+    assert reloaded == table[(table.variant == "edit") & (table.group == "ident")]["caption"].tolist()
+
+
+def test_a_foreign_edit_file_exits_1_with_one_line(tmp_path):
+    r = _edit_job("llava", tmp_path, f"hydra.run.dir={tmp_path}/job")
+    assert r.returncode == 0, r.stderr[-2000:]
+    other = run_py("task=identify", "model=tiny_qwen2_vl", f"model.edit={tmp_path}/job/edit.safetensors", "logger=none",
+                   f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/other", timeout=120)
+    lines = [line for line in other.stderr.splitlines() if line.strip()]
+    assert other.returncode == 1 and len(lines) == 1 and "another model" in lines[0], other.stderr[-2000:]
+    missing = run_py("task=identify", "model=tiny_llava", f"model.edit={tmp_path}/nothing.safetensors", "logger=none",
+                     f"paths.cache_dir={tmp_path}/cache3", f"hydra.run.dir={tmp_path}/missing", timeout=120)
+    lines = [line for line in missing.stderr.splitlines() if line.strip()]
+    assert missing.returncode == 1 and len(lines) == 1 and lines[0].startswith("knexp: error: model.edit="), missing.stderr[-2000:]
+    assert not (tmp_path / "cache3").exists()  # refused before anything was computed
+
+
+def test_session_edit_changes_the_model_for_the_block_only(tmp_path):
+    """``Session.edit`` through the Python API: the consensus set's columns changed inside, the weights bit-identical after."""
+    from knexp.job import session
+
+    knowledge, scenes, seed = SETUPS["llava"]
+    s = session("model=tiny_llava", f"model.seed={seed}", f"knowledge={knowledge}", f"data.num_images={scenes}", "thresholds.n=20",
+                "thresholds.layers=nonzero", "logger=none", f"data.root={tmp_path}/tw", f"paths.cache_dir={tmp_path}/cache",
+                output_dir=tmp_path / "api")
+    found = s.identify()
+    assert found.results
+    before = _weights(s.adapter)
+    with s.edit(found, rule="zero", size=6) as edit:
+        assert sum(len(d.units) for d in edit.layers.values()) == 6
+        for layer, d in edit.layers.items():
+            assert bool((s.adapter.down_proj(layer).weight[:, d.units] == 0).all())
+        assert edit.provenance["rule"] == "zero" and edit.provenance["knowledge"] == found.knowledge
+    assert all(torch.equal(a, b) for a, b in zip(before, s.adapter.model.parameters(), strict=True))
+    with s.edit(found, op="swap", size=6) as edit:  # the default rule (kn), k's partner in its supercategory
+        assert edit.provenance["replacement"] == "keyboard" and edit.provenance["rule"] == "kn"
+    assert all(torch.equal(a, b) for a, b in zip(before, s.adapter.model.parameters(), strict=True))
