@@ -36,7 +36,7 @@ def job_key(cfg: DictConfig) -> str:
 
 
 def finished(cfg: DictConfig, out: Path) -> dict | None:
-    """The stored result when ``out`` holds a finished job of this config, else None."""
+    """The stored result when ``out`` holds a finished job of this config (logged: the job is skipped), else None."""
     path = Path(out) / DONE
     try:
         done = json.loads(path.read_text())
@@ -45,6 +45,7 @@ def finished(cfg: DictConfig, out: Path) -> dict | None:
     if done.get("key") != job_key(cfg):
         log.warning("%s holds a finished job of another config; rerunning it here", out)
         return None
+    log.info("%s: finished before with this config; skipped (delete %s/%s to rerun)", out, out, DONE)
     return done.get("result")
 
 

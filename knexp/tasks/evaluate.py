@@ -45,7 +45,6 @@ class EvaluateTask:
         t0 = time.time()
         out = session.output_dir
         if (done := finished(session.cfg, out)) is not None:
-            log.info("%s: finished before with this config; skipped (delete %s/done.json to rerun)", out, out)
             return done
         found = session.identify()
         evaluation = session.evaluate(found, self.k_images, self.other_images, self.sizes, self.bertscore_model, self.bertscore_layers)
