@@ -7,8 +7,10 @@ found neurons, scored like multimodal editing benchmarks against baselines on th
    ``edit.fit_other`` of those feed only the optimized rule's KL term, the rest are M-locality's.
 3. The edit (``edit.rule``), and the baselines of ``baselines``: ``random``, the same rule on layer-matched random
    neurons scaled to the same ||Delta||_F; ``finetune``, the optimized rule (``conf/edit/rule/optimized.yaml``) on as many
-   random ``down_proj`` columns of any layer; ``banned``, greedy decoding that never emits the first token of any of k's
-   word forms (``knexp.models.hooks.banned``), the trivial bound of an erase.
+   random ``down_proj`` columns of any layer; ``rank_one``, a ROME-style update of one ``down_proj``
+   (``knexp.editing.rank_one``; its covariance from ``task.rank_one.covariance_images`` more images without k);
+   ``banned``, greedy decoding that never emits the first token of any of k's word forms (``knexp.models.hooks.banned``),
+   the trivial bound of an erase.
 4. Every variant and the unedited model scored by ``knexp.evaluation.edit_measures``; the edit saved as
    ``edit.safetensors`` (``model.edit=<file>`` loads it).
 Writes ``metrics.json`` (per variant: the measures and the cost), ``edit_captions.csv`` and ``selection.json``.
@@ -21,9 +23,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from knexp.editing.make import make
+from knexp.editing.rank_one import RankOne, RankOneData, patch_tokens
 from knexp.editing.rules import matched_norm
 from knexp.editing.sets import layer_matched_random, object_set, random_columns
 from knexp.editing.weights import applied, save
@@ -33,11 +37,11 @@ from knexp.job import Session
 from knexp.models.hooks import banned
 from knexp.reporting.outputs import write_data_faults, write_identification
 from knexp.resume import finished, mark_finished
-from knexp.settings import Choice, Flag, Integer, Many, Text, check_fields
+from knexp.settings import Choice, Flag, Integer, Many, Text, check_fields, from_mapping
 from knexp.store import stable_key
 
 log = logging.getLogger(__name__)
-BASELINES = ("random", "finetune", "banned")
+BASELINES = ("random", "finetune", "rank_one", "banned")
 
 
 def banned_ids(adapter, knowledge) -> list[int]:
@@ -54,6 +58,7 @@ class EditTask:
     k_images: int = 6
     other_images: int = 9
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    rank_one: dict = field(default_factory=dict)  # the rank-one baseline's settings (knexp.editing.rank_one.RankOne)
     save: bool = True
     bertscore_model: str | None = None
     bertscore_layers: int = 6
@@ -62,19 +67,20 @@ class EditTask:
     def __post_init__(self):
         check_fields(self, "task", k_images=Integer(low=0), other_images=Integer(low=0), baselines=Many(Choice(BASELINES), min_len=0),
                      save=Flag(), bertscore_model=Text(optional=True), bertscore_layers=Integer(low=1), cache=Flag())
+        self.rank_one = from_mapping(RankOne, self.rank_one, "task.rank_one")
 
     def __call__(self, session: Session) -> dict:
         t0 = time.time()
         out = session.output_dir
         if (done := finished(session.cfg, out)) is not None:
-            log.info("%s: finished before with this config; skipped (delete %s/done.json to rerun)", out, out)
             return done
         settings, adapter, catalog, k = session.edit_settings, session.adapter, session.catalog, session.knowledge
-        found = session.identify()
+        found = session.identify(method=settings.source)  # the set's source: edit.source, or the job's method
         status = found.status()
         write_identification(out, found, adapter.num_layers)
         target = settings.target(catalog, k)
-        metrics = {**session.labels(), "task": "edit", "status": status, "op": target.op, "rule": settings.rule.name,
+        metrics = {**session.labels(), "method": found.method.name, "variant": found.method.variant, "task": "edit", "status": status,
+                   "op": target.op, "rule": settings.rule.name,
                    "replacement": target.replacement.name if target.replacement else None, "size": settings.size,
                    "selection": found.selection.message, "skipped": found.skipped, "variants": {}}
         if found.results:
@@ -99,9 +105,11 @@ class EditTask:
         settings, adapter, data, k = session.edit_settings, session.adapter, session.data, session.knowledge
         seed = int(session.cfg.seed)
         ident_ids = [r.candidate.image_id for r in found.results]
-        rows = evaluation_images(data, session.catalog, k, ident_ids, self.k_images, self.other_images + settings.fit_other, seed)
-        others = [r for r in rows if r[1] == "other"]
-        measured, fitting = others[:self.other_images], others[self.other_images:]
+        extra = self.rank_one.covariance_images if "rank_one" in self.baselines else 0
+        rows = evaluation_images(data, session.catalog, k, ident_ids, self.k_images, self.other_images + settings.fit_other + extra, seed)
+        others = [r for r in rows if r[1] == "other"]  # the first ones are the same whatever the count
+        measured, fitting = others[:self.other_images], others[self.other_images:self.other_images + settings.fit_other]
+        covariance = others[self.other_images + settings.fit_other:]
 
         def probe_rows(part):
             return [([session.dataset_id, image_id], data.load_image(image_id), session.catalog[own]) for image_id, _, own in part]
@@ -133,6 +141,8 @@ class EditTask:
             columns = random_columns(len(neurons), adapter.num_layers, d_ff, seed)
             tuned, secs = make(adapter, tune, columns, target, session.edit_context(tune, found, target, locality))
             plan.append(edited("finetune", tuned, secs))
+        if "rank_one" in self.baselines:
+            plan.append(edited("rank_one", *self._rank_one(session, found, neurons, target, covariance)))
         if "banned" in self.baselines:
             ids = banned_ids(adapter, k)
             plan.append((Variant("banned", stable_key(session.model_key, "banned", ids), lambda: banned(adapter, ids)),
@@ -146,3 +156,28 @@ class EditTask:
                 frames.append(pd.DataFrame({"variant": name, "group": group, "caption": captions}))
         results["edit"]["set"] = {"method": neurons.method, "size": len(neurons), "per_layer": neurons.per_layer(adapter.num_layers)}
         return results, pd.concat(frames, ignore_index=True), edit
+
+    def _rank_one(self, session: Session, found, neurons, target, covariance) -> tuple[object, float]:
+        """The rank-one baseline's edit (``knexp.editing.rank_one``) and its seconds, at ``task.rank_one.layer`` or the layer
+        holding most of ``neurons``."""
+        import time as clock
+
+        from knexp.identification.passes import SampleSkipped, locate_target
+
+        adapter, data = session.adapter, session.data
+        layer = self.rank_one.layer if self.rank_one.layer is not None else int(np.bincount(neurons.layers).argmax())
+        if layer == adapter.num_layers - 1:
+            log.warning("rank_one: layer %d is the last: its output at the image positions feeds nothing a caption reads, so "
+                        "the edit cannot act there; set task.rank_one.layer to an earlier one", layer)
+        samples, patches = [], []
+        for r in found.results:
+            try:
+                context = locate_target(adapter, r.candidate.original_caption, adapter.caption_prefix, target.knowledge).context
+            except SampleSkipped:
+                continue
+            samples.append(adapter.prepare([data.load_image(r.candidate.image_id)], continuations=[context]))
+            patches.append(patch_tokens(adapter.geometry, data.instance_mask(r.candidate.annotation_id)))
+        began = clock.perf_counter()
+        edit = self.rank_one.make(adapter, layer, target, RankOneData(samples, patches, [data.load_image(i) for i, _, _ in covariance]),
+                                  session.captioner.batch_size)
+        return edit, clock.perf_counter() - began
