@@ -59,6 +59,7 @@ from knexp.identification.thresholds import Rule, RuleContext
 from knexp.models.adapter import Adapter
 from knexp.models.captioning import Captioner, Generation
 from knexp.models.registry import check_model, load_model, model_identity
+from knexp.paths import conf_dir
 from knexp.settings import SettingError, Text, from_mapping
 from knexp.store import Store
 
@@ -169,6 +170,8 @@ class Session:
         edit = build(cfg.edit, "edit", _recursive_=False) if "edit" in cfg else None
         if edit is not None and edit.replacement is not None:
             catalog.named([edit.replacement], "edit.replacement")
+        if edit is not None and edit.source is not None and not (conf_dir() / "method" / f"{edit.source}.yaml").is_file():
+            raise SettingError("edit.source", edit.source, "name a method of conf/method (e.g. ours, attribution) or null for the job's")
         return cls(cfg, catalog, knowledge, Path(cfg.paths.output_dir), rule, build(cfg.method, "method"), build_intervention(cfg),
                    from_mapping(InpaintOptions, _plain(cfg.inpaint), "inpaint"), generation, trace,
                    from_mapping(ReferenceSettings, _plain(cfg.reference), "reference"), build(cfg.logger, "logger"), edit)
@@ -374,7 +377,8 @@ class Session:
 
     def edit_context(self, rule, found: Identification, target, locality: list[np.ndarray] | None = None) -> dict:
         """What ``rule`` needs beyond the set: the reference statistics (``mean``), or the fitting data (``optimized``: the
-        identification images teacher-forced up to k, ``locality`` images without k, T-locality's text prompts)."""
+        identification images teacher-forced up to k, ``locality`` images without k with their unedited captions,
+        T-locality's text prompts)."""
         from knexp.editing.make import fit_data
 
         context = {}
@@ -384,7 +388,10 @@ class Session:
             samples = [(self.data.load_image(r.candidate.image_id), r.candidate.original_caption) for r in found.results]
             settings = self.edit_settings
             texts = settings.texts + settings.about_k(target.knowledge)
-            context["fit"] = fit_data(self.adapter, target.knowledge, samples, locality or [], texts, self.captioner.batch_size)
+            images = list(locality or [])
+            captions = self.adapter.caption(images, self.captioner.batch_size, self.captioner.max_new_tokens) if images else []
+            context["fit"] = fit_data(self.adapter, target.knowledge, samples, list(zip(images, captions, strict=True)), texts,
+                                      self.captioner.batch_size)
         return context
 
     @contextmanager

@@ -121,6 +121,13 @@ def test_the_kn_rule_moves_each_column_by_its_own_norm_along_the_unembedding_of_
         w = adapter.down_proj(layer).weight[:, unit].float()
         delta = edit.layers[layer].delta[:, 0]
         torch.testing.assert_close(delta, -0.5 * w.norm() * e)
+    negative = _set([0, 1], [4, 9])
+    negative.info["act_mean"] = [-0.3, 0.2]  # unit 4 fires negative on k: its column moves the other way
+    signed = Kn(lam_erase=0.5).make(adapter, negative, EditTarget("erase", k), {})
+    torch.testing.assert_close(signed.layers[0].delta[:, 0], -edit.layers[0].delta[:, 0])
+    torch.testing.assert_close(signed.layers[1].delta[:, 0], edit.layers[1].delta[:, 0])
+    literal = Kn(lam_erase=0.5, signed=False).make(adapter, negative, EditTarget("erase", k), {})
+    torch.testing.assert_close(literal.layers[0].delta[:, 0], edit.layers[0].delta[:, 0])
     swap = Kn(lam_erase=0.5, lam_swap=2.0).make(adapter, neurons, EditTarget("swap", k, catalog["cake"]), {})
     assert float(swap.layers[0].delta[:, 0] @ word_direction(adapter, catalog["cake"])) > 0
 
@@ -136,7 +143,7 @@ def test_the_optimized_rule_lowers_the_objects_probability_and_touches_only_its_
     k = catalog["banana"]
     images = _images(adapter, 3)
     samples = [(im, adapter.caption_prefix + " a banana") for im in images[:2]]
-    data = fit_data(adapter, k, samples, images[2:], ["hello there"], batch=4)
+    data = fit_data(adapter, k, samples, [(images[2], adapter.caption_prefix + " a cat")], ["hello there"], batch=4)
     goal = word_ids(adapter, k)
 
     def p_goal():
@@ -212,6 +219,7 @@ def test_another_question_changes_the_prompt_and_the_default_does_not(tiny):
 def test_the_consensus_set_ranks_neurons_found_on_more_samples_first():
     class Stats:
         shape = (2, 16)
+        act_mean = torch.arange(32, dtype=torch.float32).reshape(2, 16) - 20  # negative except (1, 4..15)
 
     class Method:
         name = "stub"
@@ -233,6 +241,7 @@ def test_the_consensus_set_ranks_neurons_found_on_more_samples_first():
     found.method = Method([_set([0, 1, 1], [5, 2, 3]), _set([1, 0, 0], [3, 7, 8])])
     chosen = object_set(found, rule=None, size=3)
     assert list(zip(chosen.layers.tolist(), chosen.units.tolist(), strict=True)) == [(1, 3), (0, 5), (0, 7)]
+    assert chosen.info["act_mean"] == [-1.0, -15.0, -13.0]  # mean_p O'_o of each, for the kn rule's sign
 
 
 def test_random_controls_match_the_layers_and_avoid_the_set():
@@ -266,7 +275,8 @@ def test_task_edit_runs_on_a_family_and_its_file_reloads_to_the_same_captions(fa
     r = _edit_job(family, tmp_path, f"hydra.run.dir={tmp_path}/job")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
-    assert metrics["status"]["state"] == "ok" and set(metrics["variants"]) == {"unedited", "edit", "random", "finetune", "banned"}
+    assert metrics["status"]["state"] == "ok" and set(metrics["variants"]) == {"unedited", "edit", "random", "finetune", "rank_one",
+                                                                                   "banned"}
     edit = metrics["variants"]["edit"]
     assert edit["cost"]["neurons"] == 8 and edit["cost"]["parameters_changed"] > 0 and edit["reliability_n"] > 0
     assert metrics["variants"]["unedited"]["reliability"] == 0.0  # the identification captions name k
@@ -322,3 +332,53 @@ def test_session_edit_changes_the_model_for_the_block_only(tmp_path):
     with s.edit(found, op="swap", size=6) as edit:  # the default rule (kn), k's partner in its supercategory
         assert edit.provenance["replacement"] == "keyboard" and edit.provenance["rule"] == "kn"
     assert all(torch.equal(a, b) for a, b in zip(before, s.adapter.model.parameters(), strict=True))
+
+
+def test_the_rank_one_update_maps_the_objects_key_to_the_learned_value(catalog):
+    """W' k* = W k* + delta* (u . k* = 1) and the update is rank one."""
+    from knexp.editing.rank_one import RankOne, RankOneData, patch_tokens
+    adapter = tiny_adapter("embedded", layers=2)
+    k = catalog["banana"]
+    images = _images(adapter, 6)
+    mask = np.zeros((224, 224), bool)
+    mask[60:160, 60:160] = True
+    patches = patch_tokens(adapter.geometry, mask)
+    assert 0 < len(patches) < len(adapter.geometry)
+    samples = [adapter.prepare([im], continuations=[" a"]) for im in images[:2]]
+    rule = RankOne(steps=20, lr=0.5, norm_weight=0.0, covariance_images=4, target_prob=1e-6)  # a tiny LM gives k 0.013
+    # layer 0: the last layer's output at the image positions feeds nothing the last position reads
+    edit = rule.make(adapter, 0, EditTarget("erase", k), RankOneData(samples, [patches, patches], images[2:]), batch=4)
+    update = edit.layers[0].delta  # [d_model, d_f]
+    assert torch.linalg.matrix_rank(update).item() == 1 and edit.provenance["delta_norm"] > 0
+    key, _ = rule._key_and_covariance(adapter, 0, RankOneData(samples, [patches, patches], images[2:]), 4)
+    delta_dir = update @ key  # = delta*, since u . k* = 1
+    assert abs(float(delta_dir.norm()) - edit.provenance["delta_norm"]) < 1e-3 * max(1.0, edit.provenance["delta_norm"])
+    # where the update's other tokens take it is the baseline's business (measured by task=edit), not checked here
+
+
+def test_the_report_averages_edit_jobs_over_objects_with_bootstrap_intervals(tmp_path):
+    from knexp.reporting.sweep import write_report
+
+    def job(name, knowledge, reliability, s_re):
+        folder = tmp_path / "sweep" / name
+        folder.mkdir(parents=True)
+        variant = {"reliability": reliability, "m_generality": reliability / 2, "t_generality": {"what": 0.5, "yes_no": None, "mean": 0.5},
+                   "m_locality": {"S_re": s_re, "top1": 0.9}, "t_locality": {"other": {"top1": 1.0, "kl": 0.01}},
+                   "fluency": {"ngram_entropy": 3.0, "repetition": 0.0}, "cost": {"relative_norm": 0.01, "seconds": 0.1}}
+        unedited = {**variant, "reliability": 0.0}
+        (folder / "metrics.json").write_text(json.dumps({"task": "edit", "model": "embedded", "knowledge": knowledge, "method": "ours",
+                                                          "rule": "zero", "op": "erase", "size": 30, "replacement": None,
+                                                          "variants": {"edit": variant, "unedited": unedited}}))
+
+    job("0", "banana", 1.0, 0.8)
+    job("1", "cake", 0.5, 1.0)
+    job("2", "pizza", 0.0, 1.0)
+    report = write_report(tmp_path / "sweep", tmp_path / "report", {"tuning": ["pizza"], "heldout": ["banana", "cake"]})
+    table = report.tables["edit_summary"]
+    held = table.loc[("heldout", "erase", "ours", "zero", 30, "edit")]
+    assert held["objects"] == 2 and held["reliability"] == pytest.approx(0.75) and held["m_loc_S_re"] == pytest.approx(0.9)
+    assert 0.5 <= held["reliability_lo"] <= held["reliability"] <= held["reliability_hi"] <= 1.0
+    assert table.loc[("tuning", "erase", "ours", "zero", 30, "edit")]["reliability"] == 0.0  # the splits never mix
+    text = report.markdown.read_text()
+    assert "Editing (task=edit)" in text and "0.750 [0.50, 1.00]" in text
+    assert (tmp_path / "report" / "edit_rows.csv").exists()

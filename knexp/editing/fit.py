@@ -7,8 +7,8 @@ per step, over the fitting data (``FitData``):
   erase   sum_s -log(1 - p_s(k))             p_s(k): the probability of k's word forms (their first tokens) at
                                               sample s's target position (the caption's context before k)
   swap    sum_s -log p_s(k')                 the same for the replacement's word forms
-  + kl_weight * mean KL(p_edit || p_base)    at the last position of each locality prompt (images without k, and
-                                              text-only prompts), against the unedited model
+  + kl_weight * mean KL(p_edit || p_base)    against the unedited model, at every position of the unedited caption of
+                                              each image without k (teacher-forced), and after each text-only prompt
   + norm_weight * ||Delta||_F^2
 
 Adam on Delta, from zero; it stops as soon as every fitting sample meets the target (erase: p(k) < ``target_prob``; swap: k' is the
@@ -33,11 +33,12 @@ from knexp.models.prepared import Prepared
 @dataclass
 class FitData:
     """What an edit is fitted on: teacher-forced prompts whose last position predicts the object (``samples``), and
-    locality prompts (``locality``: images without k; ``texts``: text-only) with the unedited model's log-probabilities
-    there (``base``), filled by ``baseline``."""
+    locality prompts (``locality``: images without k with their unedited captions, and the positions that predict the
+    caption's tokens; ``texts``: text-only) with the unedited model's log-probabilities there (``base``, float [n, V]
+    each), filled by ``baseline``."""
 
     samples: list[Prepared]
-    locality: list[Prepared] = field(default_factory=list)
+    locality: list[tuple[Prepared, torch.Tensor]] = field(default_factory=list)  # (one image + its caption, positions [n])
     texts: list[list[str]] = field(default_factory=list)  # batches of text-only prompts
     base: list[torch.Tensor] = field(default_factory=list)
 
@@ -51,8 +52,15 @@ def last_logits(adapter, prepared: Prepared) -> torch.Tensor:
 
 
 def _last_logprobs(adapter, prompt) -> torch.Tensor:
-    """float32 [B, V]: log-probabilities after each row of a prepared batch, or of text-only prompts (a list of str)."""
-    logits = adapter.text_logits(prompt) if isinstance(prompt, list) else last_logits(adapter, prompt)
+    """float32 [n, V]: log-probabilities after each row of a prepared batch, after each of text-only prompts (a list of
+    str), or at the given positions of a one-row batch (a (Prepared, positions) pair)."""
+    if isinstance(prompt, list):
+        logits = adapter.text_logits(prompt)
+    elif isinstance(prompt, tuple):
+        prepared, positions = prompt
+        logits = adapter.forward(prepared, positions=positions)[0].float()  # [n, V]
+    else:
+        logits = last_logits(adapter, prompt)
     return F.log_softmax(logits, -1)
 
 

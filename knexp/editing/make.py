@@ -25,12 +25,14 @@ from knexp.settings import Choice, Integer, Many, SettingError, Text, check_fiel
 
 @dataclass
 class EditSettings:
-    """``conf/edit`` (built with ``_recursive_=False``: the rule is built here): the rule, erase or swap (and k'), the
+    """``conf/edit`` (built with ``_recursive_=False``: the rule is built here): the rule, the method whose neurons it edits
+    (``source``, a ``conf/method`` name; null: the job's ``method``), erase or swap (and k'), the
     set size, the images without k the optimized rule's KL term sees (``fit_other``), T-locality's text-only prompts
     (``texts``; ``k_texts`` are templates about k: ``{k}``, ``{a_k}``) and T-generality's prompts (``prompts``:
     ``knexp.evaluation.edit_measures.Prompts``)."""
 
     rule: EditRule
+    source: str | None = None
     op: str = "erase"
     replacement: str | None = None
     size: int = 30
@@ -48,7 +50,8 @@ class EditSettings:
             self.rule = build(OmegaConf.create(self.rule), "edit.rule")
         if not isinstance(self.rule, EditRule):
             raise SettingError("edit.rule", self.rule, "use a rule of conf/edit/rule, e.g. edit/rule=kn")
-        check_fields(self, "edit", op=Choice(OPS), replacement=Text(optional=True), size=Integer(low=1), fit_other=Integer(low=0),
+        check_fields(self, "edit", source=Text(optional=True), op=Choice(OPS), replacement=Text(optional=True), size=Integer(low=1),
+                     fit_other=Integer(low=0),
                      texts=Many(Text(), min_len=0), k_texts=Many(Text(), min_len=0))
         from knexp.evaluation.edit_measures import Prompts
         from knexp.settings import from_mapping
@@ -85,10 +88,11 @@ def partner(catalog: Catalog, k: Knowledge) -> Knowledge:
     return same[(names.index(k.name) + 1) % len(same)]
 
 
-def fit_data(adapter, knowledge: Knowledge, samples: list[tuple[np.ndarray, str]], locality: list[np.ndarray], texts: list[str],
-             batch: int) -> FitData:
-    """The optimized rule's data: each sample (image, unedited caption naming k) teacher-forced up to k, the images
-    without k at the caption's first position, and the text prompts; with the unedited model's log-probabilities."""
+def fit_data(adapter, knowledge: Knowledge, samples: list[tuple[np.ndarray, str]], locality: list[tuple[np.ndarray, str]],
+             texts: list[str], batch: int) -> FitData:
+    """The optimized rule's data: each sample (image, unedited caption naming k) teacher-forced up to k, each image without
+    k with its unedited caption (every caption position is a KL position), and the text prompts; with the unedited
+    model's log-probabilities."""
     forced = []
     for image, caption in samples:
         try:
@@ -97,7 +101,13 @@ def fit_data(adapter, knowledge: Knowledge, samples: list[tuple[np.ndarray, str]
             continue
     chunks = [forced[i:i + batch] for i in range(0, len(forced), batch)]
     prepared = [adapter.prepare([im for im, _ in c], continuations=[ctx for _, ctx in c]) for c in chunks]
-    loc = [adapter.prepare(locality[i:i + batch]) for i in range(0, len(locality), batch)]
+    loc = []
+    for image, caption in locality:
+        prefix = adapter.caption_prefix
+        body = caption[len(prefix):] if caption.startswith(prefix) else ""
+        start = adapter.prepare([image]).prompt_len  # the caption's first token sits here
+        forced_caption = adapter.prepare([image], continuations=[body])
+        loc.append((forced_caption, torch.arange(start - 1, forced_caption.prompt_len, device=adapter.device)))  # ... and after it
     return baseline(adapter, FitData(prepared, loc, [texts[i:i + batch] for i in range(0, len(texts), batch)]))
 
 

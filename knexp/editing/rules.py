@@ -11,7 +11,10 @@ k (``EditTarget.knowledge``), and for a swap k' takes its place (``EditTarget.re
 ``kn``         Dai et al.'s update, norm-scaled (METHOD.md): w_u -= lam_erase ||w_u|| e_k / ||e_k|| for erase (and
                += lam_swap ||w_u|| e_k' / ||e_k'|| for a swap), e_k the *unembedding* row of the first token of k's word
                (not its input embedding), divided by the write gain of a norm after the FFN (Gemma), so that the
-               residual stream moves by that much.
+               residual stream moves by that much. With ``signed`` (the default), each column's move is also multiplied by
+               the sign of the neuron's mean activation on k's images (``NeuronSet.info["act_mean"]``, from
+               ``knexp.editing.sets.object_set``): a gated FFN's neuron may fire negative on k, and the literal update
+               (``signed=false``) would then write k in, not out.
 ``optimized``  a learned Delta on the set's columns only (``knexp.editing.fit``): the unlikelihood of k's word forms
                at the caption's target position (erase) or the likelihood of k' there (swap), a KL term to the unedited
                model on locality images and text prompts, and a norm penalty; it stops once the target is met.
@@ -22,12 +25,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from knexp.data.catalog import Knowledge
 from knexp.editing.weights import ColumnDelta, WeightEdit
 from knexp.identification.methods import NeuronSet
-from knexp.settings import Choice, Integer, Number, check_fields
+from knexp.settings import Choice, Flag, Integer, Number, check_fields
 
 OPS = ("erase", "swap")
 
@@ -113,26 +117,31 @@ class Kn(EditRule):
     """Dai et al.'s update, norm-scaled (module docstring); ``lam_erase`` and ``lam_swap`` are the lambdas."""
 
     name: str = "kn"
-    lam_erase: float = 1.0
+    lam_erase: float = 0.3
     lam_swap: float = 8.0
+    signed: bool = True
 
     def __post_init__(self):
-        check_fields(self, "edit.rule", lam_erase=Number(low=0.0), lam_swap=Number(low=0.0))
+        check_fields(self, "edit.rule", lam_erase=Number(low=0.0), lam_swap=Number(low=0.0), signed=Flag())
 
     def make(self, adapter, neurons, target, context):
         direction = -self.lam_erase * word_direction(adapter, target.knowledge)
         if target.op == "swap":
             direction = direction + self.lam_swap * word_direction(adapter, target.replacement)
+        act = neurons.info.get("act_mean")
+        signs = torch.as_tensor(np.sign(act) if self.signed and act is not None else np.ones(len(neurons)), dtype=torch.float32)
+        sign_of = {(int(a), int(b)): float(g) or 1.0 for a, b, g in zip(neurons.layers, neurons.units, signs, strict=True)}
 
         def delta(layer, units, w):
             d = direction.to(w.device)
             gain = adapter.write_gain(layer)
             if gain is not None:  # the norm after the FFN multiplies the write: divide, so the residual moves by d
                 d = d / gain.to(w.device).clamp_min(1e-6)
-            return w.norm(dim=0, keepdim=True) * d[:, None], None  # [d_model, U]: each column moved by its own norm
+            s = torch.tensor([sign_of[(layer, int(u))] for u in units], device=w.device)  # [U]
+            return w.norm(dim=0, keepdim=True) * s[None, :] * d[:, None], None  # [d_model, U]: each column by its own norm
 
         edit = _columns(adapter, neurons, delta)
-        edit.provenance.update(rule=self.name, lam_erase=self.lam_erase, lam_swap=self.lam_swap)
+        edit.provenance.update(rule=self.name, lam_erase=self.lam_erase, lam_swap=self.lam_swap, signed=self.signed)
         return edit
 
 

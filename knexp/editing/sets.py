@@ -25,9 +25,12 @@ def object_set(found: Identification, rule: Rule, size: int) -> NeuronSet:
         for r, pair in enumerate(zip(ranked.layers.tolist(), ranked.units.tolist(), strict=True)):
             score[pair] += 1.0 - r / size
     best = sorted(score, key=lambda p: (-score[p], p))[:size]
-    return NeuronSet(found.method.name, "consensus", np.array([p[0] for p in best], np.int64), np.array([p[1] for p in best], np.int64),
-                     np.array([score[p] for p in best]), note=f"consensus of {len(found.results)} samples",
-                     info={"samples": len(found.results)})
+    layers, units = np.array([p[0] for p in best], np.int64), np.array([p[1] for p in best], np.int64)
+    # each neuron's mean activation on k's images (mean_p O'_o, averaged over the samples): its sign says which way the
+    # neuron fires when k is there, which a gated FFN's neurons may do either way (the kn rule reads it)
+    act = np.mean([res.stats.act_mean[layers, units].numpy() for res in found.results], axis=0) if best else np.zeros(0)
+    return NeuronSet(found.method.name, "consensus", layers, units, np.array([score[p] for p in best]),
+                     note=f"consensus of {len(found.results)} samples", info={"samples": len(found.results), "act_mean": act.tolist()})
 
 
 def layer_matched_random(neurons: NeuronSet, d_ff: int, seed: int) -> NeuronSet:
