@@ -23,6 +23,7 @@ import pandas as pd
 
 from knexp.evaluation.scores import curve_area
 from knexp.reporting.analysis import curves_png, layer_histogram_png
+from knexp.reporting.edit_tables import edit_rows, headline, summary
 
 # METHOD.md: the paper's averages on MiniGPT-4 (Tables II and III), for the report's comparison column.
 PAPER = {
@@ -131,20 +132,24 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
     out_dir.mkdir(parents=True, exist_ok=True)
     results = collect(sweep_dir)
     empty = unusable(sweep_dir, results)
-    if not results and not empty:
-        raise FileNotFoundError(f"no evaluation results (metrics.json with table2 or a size curve) under {sweep_dir}; set "
-                                "sweep_dir to a multirun folder of task=evaluate jobs")
+    edits = edit_rows(sweep_dir, lambda k: split_of(k, splits))
+    if not results and not empty and edits.empty:
+        raise FileNotFoundError(f"no evaluation results (metrics.json with table2, a size curve or task=edit's variants) under "
+                                f"{sweep_dir}; set sweep_dir to a multirun folder of task=evaluate or task=edit jobs")
     t = tables(results, splits)
+    if len(edits):
+        t["edit_rows"], t["edit_summary"] = edits, summary(edits)
     for name, df in t.items():
         if len(df):
-            df.to_csv(out_dir / f"{name}.csv", index=name in ("table2", "table3", "curves", "curve_areas"))
+            df.to_csv(out_dir / f"{name}.csv", index=name in ("table2", "table3", "curves", "curve_areas", "edit_summary"))
 
     def listed(key: str) -> str:
         return ", ".join(sorted({str(m.get(key)) for m in results}))
 
     none = f" {len(empty)} more had no usable sample and no scores (listed at the end)." if empty else ""
     blocks: list[tuple] = [("h1", f"knexp report: {Path(sweep_dir)}"),
-                           ("p", f"{len(results)} evaluation jobs; knowledge: {listed('knowledge')}; models: {listed('model')}; "
+                           ("p", f"{len(results)} evaluation jobs, {edits['knowledge'].nunique() if len(edits) else 0} objects edited; "
+                                 f"knowledge: {listed('knowledge')}; models: {listed('model')}; "
                                  f"thresholds: {listed('thresholds')}; interventions: {listed('intervention')}.{none}")]
     if splits:
         blocks.append(("p", "Objects by split: " + "; ".join(f"{name}: {', '.join(sorted(objs))}" for name, objs in splits.items()) + "."))
@@ -181,6 +186,12 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
     if per_method:
         figures.append(layer_histogram_png(per_method, out_dir / "fig2_layers.png", "identified neurons per layer, by method"))
         blocks += [("h2", "Fig. 2: identified neurons per layer"), ("img", figures[-1], "layers")]
+    if len(edits):
+        blocks += [("h2", "Editing (task=edit): means over objects, 95% bootstrap intervals over objects"),
+                   ("p", "One row per split, op, set source, rule, set size and variant (the edit, its baselines on the same "
+                         "images, the unedited model). Rates count only inputs on which the unedited model showed the "
+                         "knowledge; edit_summary.csv has every measure, edit_rows.csv every object."),
+                   ("table", headline(t["edit_summary"]), True)]
     if empty:
         rows = [{"job": Path(m["job_dir"]).relative_to(sweep_dir).as_posix(), "knowledge": m["knowledge"], "method": m["method"],
                  "why": " / ".join(m["status"]["reasons"])} for m in empty]

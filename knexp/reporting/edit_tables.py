@@ -1,0 +1,93 @@
+"""The editing tables of a sweep of ``task=edit`` jobs: one row per (object, set source, rule, op, variant), and their
+means over objects with bootstrap intervals.
+
+A job's ``metrics.json`` holds every variant it scored (the edit, its baselines, the unedited model); each becomes a
+row of the measures in ``MEASURES`` (``knexp.evaluation.edit_measures``), flattened. ``summary`` averages them over
+objects per split, set source, rule, op and variant, with a 95% interval from ``draws`` bootstrap resamples of the
+objects (seeded), so an interval says how much the mean rests on which objects were drawn.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+MEASURES = {
+    "reliability": ("reliability",), "m_generality": ("m_generality",), "t_gen_what": ("t_generality", "what"),
+    "t_gen_rephrased": ("t_generality", "rephrased"), "t_gen_yes_no": ("t_generality", "yes_no"), "t_gen_mean": ("t_generality", "mean"),
+    "m_loc_S_re": ("m_locality", "S_re"), "m_loc_bleu": ("m_locality", "bleu"), "m_loc_bertscore": ("m_locality", "bertscore_f1"),
+    "m_loc_top1": ("m_locality", "top1"), "t_loc_top1": ("t_locality", "other", "top1"), "t_loc_kl": ("t_locality", "other", "kl"),
+    "t_loc_about_k_top1": ("t_locality", "about_k", "top1"), "entropy": ("fluency", "ngram_entropy"),
+    "repetition": ("fluency", "repetition"), "relative_norm": ("cost", "relative_norm"), "seconds": ("cost", "seconds"),
+}
+KEYS = ["split", "op", "method", "rule", "size", "variant"]
+
+
+def _get(d: dict, path: tuple):
+    for part in path:
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def edit_rows(sweep_dir: str | Path, split_of) -> pd.DataFrame:
+    """Every variant of every ``task=edit`` job under ``sweep_dir`` (newest file per job key), flattened; ``split_of``
+    names an object's split."""
+    newest: dict[tuple, tuple[float, dict]] = {}
+    for path in Path(sweep_dir).rglob("metrics.json"):
+        m = json.loads(path.read_text())
+        if m.get("task") != "edit" or not m.get("variants"):
+            continue
+        key = (m.get("model"), m["knowledge"], m["method"], m["rule"], m["op"], m.get("size"), m.get("replacement"))
+        if key not in newest or path.stat().st_mtime > newest[key][0]:
+            newest[key] = (path.stat().st_mtime, m)
+    rows = []
+    for _, m in sorted(newest.values(), key=lambda v: str(v[1].get("knowledge"))):
+        for variant, scores in m["variants"].items():
+            rows.append({"split": split_of(m["knowledge"]), "knowledge": m["knowledge"], "op": m["op"], "method": m["method"],
+                         "rule": m["rule"], "size": m.get("size"), "variant": variant,
+                         **{name: _get(scores, path) for name, path in MEASURES.items()}})
+    return pd.DataFrame(rows)
+
+
+def summary(rows: pd.DataFrame, draws: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Per (split, op, method, rule, size, variant): the mean of each measure over objects, ``<measure>_lo`` and
+    ``<measure>_hi`` its 95% bootstrap interval over objects, and ``objects``."""
+    if rows.empty:
+        return pd.DataFrame()
+    rng = np.random.default_rng(seed)
+    out = []
+    for labels, group in rows.groupby(KEYS, dropna=False):
+        entry = dict(zip(KEYS, labels, strict=True)) | {"objects": int(group["knowledge"].nunique())}
+        for name in MEASURES:
+            values = group[name].astype(float).dropna().to_numpy()
+            entry[name] = float(values.mean()) if len(values) else None
+            if len(values) > 1:
+                means = rng.choice(values, size=(draws, len(values))).mean(1)
+                entry[f"{name}_lo"], entry[f"{name}_hi"] = (float(q) for q in np.quantile(means, [0.025, 0.975]))
+        out.append(entry)
+    return pd.DataFrame(out).set_index(KEYS)
+
+
+def headline(table: pd.DataFrame, measures: tuple[str, ...] = ("reliability", "m_generality", "t_gen_mean", "t_gen_yes_no",
+                                                                "m_loc_S_re", "m_loc_top1", "t_loc_top1", "relative_norm")) -> pd.DataFrame:
+    """The summary's main measures as "mean [lo, hi]" strings (the report's table)."""
+    shown = {}
+    for name in measures:
+        if name not in table:
+            continue
+        lo, hi = table.get(f"{name}_lo"), table.get(f"{name}_hi")
+        cells = []
+        for i, v in enumerate(table[name]):
+            if pd.isna(v):
+                cells.append("-")
+            elif lo is None or pd.isna(lo.iloc[i]):
+                cells.append(f"{v:.3f}")
+            else:
+                cells.append(f"{v:.3f} [{lo.iloc[i]:.2f}, {hi.iloc[i]:.2f}]")
+        shown[name] = cells
+    return pd.DataFrame(shown, index=table.index).assign(objects=table["objects"])
