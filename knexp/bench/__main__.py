@@ -20,6 +20,8 @@ import torch
 
 from knexp.bench.caption_speed import MFU_HEADING, REUSE_HEADING, mfu_markdown, reuse_and_decode, reuse_markdown, utilisation
 from knexp.bench.data import annotation_pass
+from knexp.bench.edit_costs import HEADING as EDIT_HEADING
+from knexp.bench.edit_costs import edit_costs, edit_markdown
 from knexp.bench.family_costs import HEADING as FAMILIES_HEADING
 from knexp.bench.family_costs import family_costs, family_markdown
 from knexp.bench.gpu import HEADING as GPU_HEADING
@@ -186,6 +188,7 @@ SECTIONS = {"reuse": (REUSE_HEADING, lambda: reuse_markdown(reuse_and_decode()))
             "data": (DATA_HEADING, lambda: data_markdown(annotation_pass())),
             "families": (FAMILIES_HEADING, lambda: family_markdown(family_costs())),
             "gpu": (GPU_HEADING, lambda: gpu_markdown(gpu_check())),
+            "edit": (EDIT_HEADING, lambda: edit_markdown(edit_costs())),
             # the grids scale the demo's jobs: those of the last full run's raw numbers
             "grids": (GRIDS_HEADING, lambda: grids_markdown(grids(json.loads((project_root() / "runs" / "bench.json").read_text())
                                                                  ["sweeps"]["per_job"])))}
@@ -225,7 +228,7 @@ def main() -> None:
     steps = {"data": annotation_pass, "launchers": launchers, "hook_overhead": hook_overhead, "identification_cost": identification_cost,
              "peak_memory": peak_memory_7b_shape, "evaluation_throughput": evaluation_throughput, "reuse": reuse_and_decode,
              "utilisation": utilisation, "sweeps": demo_and_cache, "grids": lambda: grids(result["sweeps"]["per_job"]),
-             "families": family_costs}
+             "families": family_costs, "edit": edit_costs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     for name, step in steps.items():  # the raw numbers are saved after each step: a failure keeps the finished ones
         result[name] = step()
@@ -332,6 +335,7 @@ Warm and cold runs gave the same Table II for every job: {s['same_results']}.
 {grids_markdown(result["grids"], result["utilisation"])}
 {data_markdown(result["data"])}
 {family_markdown(result["families"]) if "families" in result else ""}
+{edit_markdown(result["edit"]) if "edit" in result else ""}
 {NOTES}"""
 
 

@@ -1,0 +1,57 @@
+"""What an edit costs on the embedded model (``make bench``, section ``edit``): the seconds to make each rule's edit
+of one object's consensus set, and of the rank-one baseline; the issue's targets are <= 5 s for a closed-form rule and
+<= 3 min per object for ``optimized``. The identification before it is not timed (its statistics are cached)."""
+
+from __future__ import annotations
+
+import time
+
+HEADING = "## Edits: seconds per object (issue: editing with the found neurons)"
+
+
+def edit_costs(knowledge: str = "pizza", size: int = 30) -> dict:
+    from knexp.editing.make import make
+    from knexp.editing.rank_one import RankOne, RankOneData, patch_tokens
+    from knexp.editing.sets import object_set
+    from knexp.evaluation.protocol import evaluation_images
+    from knexp.identification.passes import locate_target
+    from knexp.job import session
+
+    s = session("model=embedded", f"knowledge={knowledge}", "logger=none")
+    found = s.identify()
+    adapter, data = s.adapter, s.data
+    target = s.edit_settings.target(s.catalog, s.knowledge)
+    neurons = object_set(found, s.rule, size)
+    rows = evaluation_images(data, s.catalog, s.knowledge, [r.candidate.image_id for r in found.results], 0, 20, int(s.cfg.seed))
+    others = [data.load_image(i) for i, group, _ in rows if group == "other"]
+    out = {"knowledge": knowledge, "size": len(neurons), "samples": len(found.results), "rules": {}}
+    for name in ("zero", "mean", "kn", "optimized"):
+        rule = s.edit_rule_named(name)
+        context = s.edit_context(rule, found, target, others[:4])  # the reference statistics are cached: not timed
+        edit, seconds = make(adapter, rule, neurons, target, context)
+        steps = {k: edit.provenance[k] for k in ("steps_run", "target_met") if k in edit.provenance}
+        out["rules"][name] = {"seconds": round(seconds, 3), **steps}
+    samples, patches = [], []
+    for r in found.results:
+        context = locate_target(adapter, r.candidate.original_caption, adapter.caption_prefix, s.knowledge).context
+        samples.append(adapter.prepare([data.load_image(r.candidate.image_id)], continuations=[context]))
+        patches.append(patch_tokens(adapter.geometry, data.instance_mask(r.candidate.annotation_id)))
+    rank_one = RankOne()
+    began = time.perf_counter()
+    edit = rank_one.make(adapter, int(neurons.layers.max()), target, RankOneData(samples, patches, others[4:20]), s.captioner.batch_size)
+    out["rules"]["rank_one"] = {"seconds": round(time.perf_counter() - began, 3), "steps_run": edit.provenance["steps_run"]}
+    return out
+
+
+def edit_markdown(r: dict) -> str:
+    rows = "\n".join(f"| {name} | {v['seconds']:.2f} | {v.get('steps_run', '-')} |" for name, v in r["rules"].items())
+    closed = max(r["rules"][n]["seconds"] for n in ("zero", "mean", "kn"))
+    return f"""{HEADING}
+One object ({r['knowledge']}), its consensus set of {r['size']} neurons over {r['samples']} samples, on the embedded model.
+Targets: a closed-form rule <= 5 s (slowest here: {closed:.2f} s), `optimized` <= 3 min
+({r['rules']['optimized']['seconds'] / 60:.1f} min here).
+
+| rule | seconds | steps |
+|---|---|---|
+{rows}
+"""
