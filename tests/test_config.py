@@ -133,6 +133,13 @@ def test_the_study_experiments_keep_the_splits_apart():
         parts = [compose("config", overrides=[f"experiment={e}"], return_hydra_config=True)
                  for e in ("embedded_table2", "embedded_table2_curves", "embedded_table2_noise")]
     assert tuning.hydra.sweeper.params.knowledge.split(",") == list(tuning.splits.tuning)  # the rule is chosen there only
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        edit_tuning = compose("config", overrides=["experiment=embedded_edit_tuning"], return_hydra_config=True)
+    assert edit_tuning.hydra.sweeper.params.knowledge.split(",") == list(edit_tuning.splits.tuning)  # the edit's defaults too
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        edit_held = compose("config", overrides=["experiment=embedded_edit"], return_hydra_config=True)
+    held = [o.replace("_", " ") for o in edit_held.hydra.sweeper.params.knowledge.split(",")]
+    assert held == list(edit_held.splits.heldout) and edit_held.task.baselines  # measured there, beside every baseline
     assert all(p.hydra.sweeper.params.knowledge == "glob(*)" for p in parts[:2]) and all(p.model.name == "embedded" for p in parts)
     noise_objects = parts[2].hydra.sweeper.params.knowledge.split(",")  # the cut noise part: held-out objects only
     assert len(noise_objects) == 12 and {o.replace("_", " ") for o in noise_objects} <= set(parts[2].splits.heldout)
