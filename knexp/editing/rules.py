@@ -23,7 +23,7 @@ k (``EditTarget.knowledge``), and for a swap k' takes its place (``EditTarget.re
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -68,6 +68,12 @@ class EditRule(ABC):
     """A rule (``conf/edit/*.yaml``... its ``rule``): ``make`` gives the edit of a set for a target."""
 
     name: str = ""
+
+    @property
+    def label(self) -> str:
+        """The rule and its settings, e.g. ``kn(lam_erase=0.3, lam_swap=8.0, signed=True)``: how reports tell rules apart."""
+        settings = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "name"]
+        return f"{self.name}({', '.join(settings)})" if settings else self.name
 
     @abstractmethod
     def make(self, adapter, neurons: NeuronSet, target: EditTarget, context: dict) -> WeightEdit:

@@ -2,9 +2,10 @@
 means over objects with bootstrap intervals.
 
 A job's ``metrics.json`` holds every variant it scored (the edit, its baselines, the unedited model); each becomes a
-row of the measures in ``MEASURES`` (``knexp.evaluation.edit_measures``), flattened. ``summary`` averages them over
-objects per split, set source, rule, op and variant, with a 95% interval from ``draws`` bootstrap resamples of the
-objects (seeded), so an interval says how much the mean rests on which objects were drawn.
+row of the measures in ``MEASURES`` (``knexp.evaluation.edit_measures``), flattened, its rule named with its settings
+(``EditRule.label``). ``summary`` averages them over objects per split, set source, rule, op and variant, with a 95%
+interval from ``draws`` bootstrap resamples of the objects (seeded), so an interval says how much the mean rests on
+which objects were drawn.
 """
 
 from __future__ import annotations
@@ -42,14 +43,14 @@ def edit_rows(sweep_dir: str | Path, split_of) -> pd.DataFrame:
         m = json.loads(path.read_text())
         if m.get("task") != "edit" or not m.get("variants"):
             continue
-        key = (m.get("model"), m["knowledge"], m["method"], m["rule"], m["op"], m.get("size"), m.get("replacement"))
+        key = (m.get("model"), m["knowledge"], m["method"], m.get("rule_label", m["rule"]), m["op"], m.get("size"), m.get("replacement"))
         if key not in newest or path.stat().st_mtime > newest[key][0]:
             newest[key] = (path.stat().st_mtime, m)
     rows = []
     for _, m in sorted(newest.values(), key=lambda v: str(v[1].get("knowledge"))):
         for variant, scores in m["variants"].items():
             rows.append({"split": split_of(m["knowledge"]), "knowledge": m["knowledge"], "op": m["op"], "method": m["method"],
-                         "rule": m["rule"], "size": m.get("size"), "variant": variant,
+                         "rule": m.get("rule_label", m["rule"]), "size": m.get("size"), "variant": variant,
                          **{name: _get(scores, path) for name, path in MEASURES.items()}})
     return pd.DataFrame(rows)
 

@@ -80,7 +80,7 @@ class EditTask:
         write_identification(out, found, adapter.num_layers)
         target = settings.target(catalog, k)
         metrics = {**session.labels(), "method": found.method.name, "variant": found.method.variant, "task": "edit", "status": status,
-                   "op": target.op, "rule": settings.rule.name,
+                   "op": target.op, "rule": settings.rule.name, "rule_label": settings.rule.label,
                    "replacement": target.replacement.name if target.replacement else None, "size": settings.size,
                    "selection": found.selection.message, "skipped": found.skipped, "variants": {}}
         if found.results:
