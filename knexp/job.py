@@ -376,15 +376,15 @@ class Session:
             return build(compose("config", overrides=[f"edit/rule={name}"]).edit.rule, "edit.rule")
 
     def edit_context(self, rule, found: Identification, target, locality: list[np.ndarray] | None = None) -> dict:
-        """What ``rule`` needs beyond the set: the reference statistics (``mean``), or the fitting data (``optimized``: the
-        identification images teacher-forced up to k, ``locality`` images without k with their unedited captions,
-        T-locality's text prompts)."""
+        """What ``rule`` needs beyond the set (``EditRule.needs``): the reference statistics (``mean``), or the fitting data
+        (``optimized``: the identification images teacher-forced up to k, ``locality`` images without k with their
+        unedited captions, T-locality's text prompts)."""
         from knexp.editing.make import fit_data
 
         context = {}
-        if rule.name == "mean":
+        if "reference" in rule.needs:
             context["reference"] = self.reference()
-        if rule.name == "optimized":
+        if "fit" in rule.needs:
             samples = [(self.data.load_image(r.candidate.image_id), r.candidate.original_caption) for r in found.results]
             settings = self.edit_settings
             texts = settings.texts + settings.about_k(target.knowledge)

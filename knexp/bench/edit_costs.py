@@ -12,10 +12,9 @@ HEADING = "## Edits: seconds per object (issue: editing with the found neurons)"
 
 def edit_costs(knowledge: str = "pizza", size: int = 30) -> dict:
     from knexp.editing.make import make
-    from knexp.editing.rank_one import RankOne, RankOneData, patch_tokens
+    from knexp.editing.rank_one import RankOne, rank_one_data
     from knexp.editing.sets import object_set
     from knexp.evaluation.protocol import evaluation_images
-    from knexp.identification.passes import locate_target
     from knexp.job import session
 
     s = session("model=embedded", f"knowledge={knowledge}", "logger=none")
@@ -33,14 +32,10 @@ def edit_costs(knowledge: str = "pizza", size: int = 30) -> dict:
         edit, seconds = make(adapter, rule, neurons, target, context)
         steps = {k: edit.provenance[k] for k in ("steps_run", "target_met") if k in edit.provenance}
         out["rules"][name] = {"seconds": round(seconds, 3), **steps}
-    samples, patches = [], []
-    for r in found.results:
-        context = locate_target(adapter, r.candidate.original_caption, adapter.caption_prefix, s.knowledge).context
-        samples.append(adapter.prepare([data.load_image(r.candidate.image_id)], continuations=[context]))
-        patches.append(patch_tokens(adapter.geometry, data.instance_mask(r.candidate.annotation_id)))
+    inputs = rank_one_data(adapter, data, found.results, s.knowledge, others[4:20])
     rank_one = RankOne()
     began = time.perf_counter()
-    edit = rank_one.make(adapter, int(neurons.layers.max()), target, RankOneData(samples, patches, others[4:20]), s.captioner.batch_size)
+    edit = rank_one.make(adapter, int(neurons.layers.max()), target, inputs, s.captioner.batch_size)
     out["rules"]["rank_one"] = {"seconds": round(time.perf_counter() - began, 3), "steps_run": edit.provenance["steps_run"]}
     return out
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from knexp.editing.rules import by_layer, word_ids
 from knexp.editing.weights import ColumnDelta, WeightEdit
+from knexp.identification.passes import SampleSkipped, locate_target
 from knexp.models.hooks import everywhere
 from knexp.models.prepared import Prepared
 
@@ -41,6 +42,23 @@ class FitData:
     locality: list[tuple[Prepared, torch.Tensor]] = field(default_factory=list)  # (one image + its caption, positions [n])
     texts: list[list[str]] = field(default_factory=list)  # batches of text-only prompts
     base: list[torch.Tensor] = field(default_factory=list)
+
+
+def target_context(adapter, caption: str, knowledge) -> str | None:
+    """The caption's text before its first mention of ``knowledge`` (``locate_target``'s context: teacher-forced, its last
+    position predicts k), or None where the caption gives no target."""
+    try:
+        return locate_target(adapter, caption, adapter.caption_prefix, knowledge).context
+    except SampleSkipped:
+        return None
+
+
+def forced_caption(adapter, image, caption: str) -> tuple[Prepared, int]:
+    """(the image's prompt with the caption after its prefix teacher-forced, the position of the caption's first token):
+    positions start - 1 .. T - 2 predict the caption's tokens. A caption without the prefix forces nothing."""
+    prefix = adapter.caption_prefix
+    body = caption[len(prefix):] if caption.startswith(prefix) else ""
+    return adapter.prepare([image], continuations=[body]), adapter.prepare([image]).prompt_len
 
 
 def last_logits(adapter, prepared: Prepared) -> torch.Tensor:

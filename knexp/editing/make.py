@@ -8,18 +8,16 @@ fixed partner per object). ``make`` times a rule on a set and returns the edit w
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from knexp.data.catalog import Catalog, Knowledge
-from knexp.editing.fit import FitData, baseline
+from knexp.editing.fit import FitData, baseline, forced_caption, target_context
 from knexp.editing.rules import OPS, EditRule, EditTarget
 from knexp.editing.weights import WeightEdit
 from knexp.identification.methods import NeuronSet
-from knexp.identification.passes import SampleSkipped, locate_target
 from knexp.settings import Choice, Integer, Many, SettingError, Text, check_fields
 
 
@@ -93,29 +91,21 @@ def fit_data(adapter, knowledge: Knowledge, samples: list[tuple[np.ndarray, str]
     """The optimized rule's data: each sample (image, unedited caption naming k) teacher-forced up to k, each image without
     k with its unedited caption (every caption position is a KL position), and the text prompts; with the unedited
     model's log-probabilities."""
-    forced = []
-    for image, caption in samples:
-        try:
-            forced.append((image, locate_target(adapter, caption, adapter.caption_prefix, knowledge).context))
-        except SampleSkipped:
-            continue
+    contexts = [(image, target_context(adapter, caption, knowledge)) for image, caption in samples]
+    forced = [(image, context) for image, context in contexts if context is not None]
     chunks = [forced[i:i + batch] for i in range(0, len(forced), batch)]
     prepared = [adapter.prepare([im for im, _ in c], continuations=[ctx for _, ctx in c]) for c in chunks]
     loc = []
     for image, caption in locality:
-        prefix = adapter.caption_prefix
-        body = caption[len(prefix):] if caption.startswith(prefix) else ""
-        start = adapter.prepare([image]).prompt_len  # the caption's first token sits here
-        forced_caption = adapter.prepare([image], continuations=[body])
-        loc.append((forced_caption, torch.arange(start - 1, forced_caption.prompt_len, device=adapter.device)))  # ... and after it
+        forced_one, start = forced_caption(adapter, image, caption)
+        loc.append((forced_one, torch.arange(start - 1, forced_one.prompt_len, device=adapter.device)))  # the caption, and after it
     return baseline(adapter, FitData(prepared, loc, [texts[i:i + batch] for i in range(0, len(texts), batch)]))
 
 
 def make(adapter, rule: EditRule, neurons: NeuronSet, target: EditTarget, context: dict) -> tuple[WeightEdit, float]:
     """(the edit ``rule`` makes of ``neurons`` for ``target``, the seconds it took); provenance filled in."""
     began = time.perf_counter()
-    with torch.no_grad() if rule.name != "optimized" else nullcontext():
-        edit = rule.make(adapter, neurons, target, context)
+    edit = rule.make(adapter, neurons, target, context)  # closed-form rules compute under no_grad; the fit has its own
     seconds = time.perf_counter() - began
     edit.provenance.update(op=target.op, knowledge=target.knowledge.name,
                            replacement=target.replacement.name if target.replacement else None,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from knexp.editing.fit import target_context
 from knexp.editing.rules import word_ids
 from knexp.editing.weights import ColumnDelta, WeightEdit
 from knexp.models.hooks import attached, record
@@ -50,6 +51,20 @@ class RankOneData:
     samples: list[Prepared]
     patches: list[np.ndarray]
     others: list[np.ndarray]
+
+
+def rank_one_data(adapter, data, results, knowledge, covariance: list[np.ndarray]) -> RankOneData:
+    """The rank-one edit's data from identification results (``SampleResult``: the image, its unedited caption and the
+    object's annotation): each sample teacher-forced up to k with its object's patch tokens, and the ``covariance``
+    images without k."""
+    samples, patches = [], []
+    for r in results:
+        context = target_context(adapter, r.candidate.original_caption, knowledge)
+        if context is None:
+            continue
+        samples.append(adapter.prepare([data.load_image(r.candidate.image_id)], continuations=[context]))
+        patches.append(patch_tokens(adapter.geometry, data.instance_mask(r.candidate.annotation_id)))
+    return RankOneData(samples, patches, covariance)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -65,9 +66,11 @@ def word_direction(adapter, knowledge: Knowledge) -> torch.Tensor:
 
 @dataclass
 class EditRule(ABC):
-    """A rule (``conf/edit/*.yaml``... its ``rule``): ``make`` gives the edit of a set for a target."""
+    """A rule (``conf/edit/rule/*.yaml``): ``make`` gives the edit of a set for a target. ``needs`` names what the rule
+    reads from ``make``'s context (``reference``: the reference statistics; ``fit``: the optimized rule's data)."""
 
     name: str = ""
+    needs: ClassVar[tuple[str, ...]] = ()
 
     @property
     def label(self) -> str:
@@ -77,8 +80,7 @@ class EditRule(ABC):
 
     @abstractmethod
     def make(self, adapter, neurons: NeuronSet, target: EditTarget, context: dict) -> WeightEdit:
-        """The edit; ``context`` holds what a rule may need (``reference``: the reference statistics; ``fit``: the
-        optimized rule's data)."""
+        """The edit; ``context`` holds what the rule ``needs``."""
 
 
 def _columns(adapter, neurons: NeuronSet, delta_of) -> WeightEdit:
@@ -105,6 +107,7 @@ class Zero(EditRule):
 @dataclass
 class Mean(EditRule):
     name: str = "mean"
+    needs: ClassVar[tuple[str, ...]] = ("reference",)
 
     def make(self, adapter, neurons, target, context):
         reference = context["reference"]
@@ -156,6 +159,7 @@ class Optimized(EditRule):
     """A learned Delta on the set's columns (``knexp.editing.fit.fit_columns``)."""
 
     name: str = "optimized"
+    needs: ClassVar[tuple[str, ...]] = ("fit",)
     steps: int = 60
     lr: float = 0.05
     kl_weight: float = 1.0

@@ -36,10 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from knexp.data.catalog import Knowledge
-from knexp.editing.fit import last_logits
+from knexp.editing.fit import forced_caption, last_logits, target_context
 from knexp.editing.rules import word_ids
 from knexp.evaluation.text_metrics import bertscore_f1
-from knexp.identification.passes import SampleSkipped, locate_target
 from knexp.models.captioning import Captioner
 from knexp.settings import SettingError, Text, check_fields
 
@@ -150,23 +149,20 @@ class EditMeasures:
         """The top-1 token at the position predicting k in each unedited caption that names k (teacher-forced)."""
         tops = []
         for (_, image, _), caption in zip(rows, clean, strict=True):
-            try:
-                target = locate_target(self.adapter, caption, self.adapter.caption_prefix, self.probe.knowledge)
-            except SampleSkipped:
+            context = target_context(self.adapter, caption, self.probe.knowledge)
+            if context is None:
                 continue
-            prepared = self.adapter.prepare([image], continuations=[target.context])
+            prepared = self.adapter.prepare([image], continuations=[context])
             tops.append(int(last_logits(self.adapter, prepared).argmax(-1)))
         return tops
 
     def _caption_tops(self, captions: list[str]) -> list[torch.Tensor]:
         """long [n_i] per image without k: the top-1 token at each of the n_i positions that predict a token of its
         unedited caption (teacher-forced; the caption prefix is part of the prompt)."""
-        tops, prefix = [], self.adapter.caption_prefix
+        tops = []
         for (_, image, _), caption in zip(self.probe.others, captions, strict=True):
-            body = caption[len(prefix):] if caption.startswith(prefix) else ""
-            start = self.adapter.prepare([image]).prompt_len  # the caption's first token sits here
-            prepared = self.adapter.prepare([image], continuations=[body])
-            if not body or prepared.prompt_len <= start:
+            prepared, start = forced_caption(self.adapter, image, caption)
+            if prepared.prompt_len <= start:
                 tops.append(torch.zeros(0, dtype=torch.long))
                 continue
             here = torch.arange(start - 1, prepared.prompt_len - 1, device=self.adapter.device)  # [n]: each predicts the next

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from knexp.editing.make import make
-from knexp.editing.rank_one import RankOne, RankOneData, patch_tokens
+from knexp.editing.rank_one import RankOne, rank_one_data
 from knexp.editing.rules import matched_norm
 from knexp.editing.sets import layer_matched_random, object_set, random_columns
 from knexp.editing.weights import applied, save
@@ -121,8 +121,15 @@ class EditTask:
         measures = EditMeasures(session.captioner, probe, self.bertscore_model, self.bertscore_layers)
         locality = [data.load_image(image_id) for image_id, _, _ in fitting]
         neurons = object_set(found, session.rule, settings.size)
+        contexts: dict[tuple, dict] = {}  # by what a rule needs: the edit, its random control and the fine-tuning share one
+
+        def context(rule):
+            if rule.needs not in contexts:
+                contexts[rule.needs] = session.edit_context(rule, found, target, locality)
+            return contexts[rule.needs]
+
         rule = settings.rule
-        edit, seconds = make(adapter, rule, neurons, target, session.edit_context(rule, found, target, locality))
+        edit, seconds = make(adapter, rule, neurons, target, context(rule))
 
         def edited(name, e, secs):
             variant = Variant(name, stable_key(session.model_key, "edit", e.digest()), lambda: applied(adapter, e))
@@ -133,13 +140,12 @@ class EditTask:
         plan = [edited("edit", edit, seconds)]
         d_ff = adapter.d_ff
         if "random" in self.baselines:
-            control, secs = make(adapter, rule, layer_matched_random(neurons, d_ff, seed), target,
-                                 session.edit_context(rule, found, target, locality))
+            control, secs = make(adapter, rule, layer_matched_random(neurons, d_ff, seed), target, context(rule))
             plan.append(edited("random", matched_norm(control, edit.norm()), secs))
         if "finetune" in self.baselines:
             tune = session.edit_rule_named("optimized")
             columns = random_columns(len(neurons), adapter.num_layers, d_ff, seed)
-            tuned, secs = make(adapter, tune, columns, target, session.edit_context(tune, found, target, locality))
+            tuned, secs = make(adapter, tune, columns, target, context(tune))
             plan.append(edited("finetune", tuned, secs))
         if "rank_one" in self.baselines:
             plan.append(edited("rank_one", *self._rank_one(session, found, neurons, target, covariance)))
@@ -160,24 +166,12 @@ class EditTask:
     def _rank_one(self, session: Session, found, neurons, target, covariance) -> tuple[object, float]:
         """The rank-one baseline's edit (``knexp.editing.rank_one``) and its seconds, at ``task.rank_one.layer`` or the layer
         holding most of ``neurons``."""
-        import time as clock
-
-        from knexp.identification.passes import SampleSkipped, locate_target
-
         adapter, data = session.adapter, session.data
         layer = self.rank_one.layer if self.rank_one.layer is not None else int(np.bincount(neurons.layers).argmax())
         if layer == adapter.num_layers - 1:
             log.warning("rank_one: layer %d is the last: its output at the image positions feeds nothing a caption reads, so "
                         "the edit cannot act there; set task.rank_one.layer to an earlier one", layer)
-        samples, patches = [], []
-        for r in found.results:
-            try:
-                context = locate_target(adapter, r.candidate.original_caption, adapter.caption_prefix, target.knowledge).context
-            except SampleSkipped:
-                continue
-            samples.append(adapter.prepare([data.load_image(r.candidate.image_id)], continuations=[context]))
-            patches.append(patch_tokens(adapter.geometry, data.instance_mask(r.candidate.annotation_id)))
-        began = clock.perf_counter()
-        edit = self.rank_one.make(adapter, layer, target, RankOneData(samples, patches, [data.load_image(i) for i, _, _ in covariance]),
-                                  session.captioner.batch_size)
-        return edit, clock.perf_counter() - began
+        inputs = rank_one_data(adapter, data, found.results, target.knowledge, [data.load_image(i) for i, _, _ in covariance])
+        began = time.perf_counter()
+        edit = self.rank_one.make(adapter, layer, target, inputs, session.captioner.batch_size)
+        return edit, time.perf_counter() - began
