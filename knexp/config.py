@@ -16,6 +16,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from knexp.paths import project_root
+from knexp.reporting.progress import quiet_third_party
 from knexp.settings import Integer, Many, SettingError, Text, check_mapping
 from knexp.user_errors import ConfigError, UserError
 
@@ -55,10 +56,12 @@ def check_top_level(cfg: DictConfig) -> dict:
 
 
 def setup_runtime(cfg: DictConfig) -> None:
-    """Seeds and thread count from the config (before any model is built; both checked first): ``num_threads``, or under a
-    parallel launcher (``hydra/launcher=parallel``) each job's share of the cores, cores // n_jobs, so that jobs do not
-    fight over cores (two torch processes that each use every core slow each other down; BENCHMARKS.md)."""
+    """Third-party loggers quieted (``quiet_third_party``), seeds and thread count from the config (before any model
+    is built; both checked first): ``num_threads``, or under a parallel launcher (``hydra/launcher=parallel``) each job's
+    share of the cores, cores // n_jobs, so that jobs do not fight over cores (two torch processes that each use every
+    core slow each other down; BENCHMARKS.md)."""
     top = check_top_level(cfg)
+    quiet_third_party()
     seed_everything(top["seed"])
     threads = top["num_threads"] or parallel_share()
     if threads:

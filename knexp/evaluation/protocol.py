@@ -127,6 +127,8 @@ def evaluate_knowledge(found: Identification, selector: Selector, rule: Rule, in
     cfs = (counterfactual_values(adapter, k_removed, [n for _, _, n in sets], captioner.batch_size) if intervention.uses_counterfactual
            else [None] * len(sets))
     for (set_id, _, neurons), cf in zip(sets, cfs, strict=True):
+        log.info("%s: captions with set %d/%d intervened (%d neurons, %s, %d rows)", k.name, set_id + 1, len(sets), len(neurons),
+                 type(intervention).__name__, len(rows))
         if neurons.empty:
             empty_sets.append({"set_id": set_id, "note": neurons.note})
         caps = cached_intervened_captions(store, namespace, adapter, images, rows, neurons, intervention,
@@ -163,6 +165,8 @@ def evaluate_knowledge(found: Identification, selector: Selector, rule: Rule, in
     elif len(perturbed):
         scores["table2"] = suppression_scores(perturbed)
         on_ident = perturbed[perturbed["masked_caption"].notna()]
+        log.info("%s: scoring %d perturbed captions (S_se, S_re) and %d against the masked captions (BLEU, ROUGE, BERTScore)",
+                 k.name, len(perturbed), len(on_ident))
         scores["table3"] = caption_metrics(on_ident["caption"].tolist(), on_ident["masked_caption"].tolist(), bertscore_model,
                                            int(bertscore_layers))
     else:

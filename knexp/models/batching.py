@@ -1,6 +1,7 @@
 """Batching with progress and out-of-memory recovery.
 
-``map_batches`` applies a batch function chunk by chunk, logging done/total and the rate. When a chunk runs
+``map_batches`` applies a batch function chunk by chunk, logging done/total and the rate (``progress_due``: each
+chunk of a call of several, and at least every 10 s). When a chunk runs
 out of memory (CUDA or host), the batch size is halved and the chunk retried; the smaller size is kept for the
 rest of the call. A row's caption does not depend on its batch (tested; see ``knexp.models.streaming`` for the
 float32 rounding that could in principle break a near-tie), so the results are those of the configured size. Out of
@@ -50,12 +51,19 @@ def halved_after(exc: Exception, size: int, what: str, setting: str = "batch_siz
     return smaller
 
 
+def progress_due(batch_done: bool, since_last_s: float, finished: bool) -> bool:
+    """Whether a progress line is due: a batch's worth of rows more in a call of several batches (``batch_done``), or
+    rows done 10 s after the last line, or the call's end 5 s after it, so that a long call of one batch is not silent."""
+    return batch_done or since_last_s >= 10 or (finished and since_last_s >= 5)
+
+
 def map_batches(fn: Callable[[Sequence], list], items: Sequence, batch_size: int, what: str = "images") -> list:
     """``fn(chunk)`` over ``items`` in chunks of ``batch_size`` (halved on out of memory), results concatenated."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out: list = []
     total, began, start, size = len(items), time.time(), 0, batch_size
+    last = began  # when the last progress line was logged
     while start < total:
         chunk = items[start : start + size]
         try:
@@ -64,6 +72,7 @@ def map_batches(fn: Callable[[Sequence], list], items: Sequence, batch_size: int
             size = halved_after(exc, len(chunk), what)
             continue
         start += len(chunk)
-        if total > batch_size:
+        if progress_due(total > batch_size, time.time() - last, start == total):
             log.info("%s: %d/%d (%.1f/s)", what, start, total, start / max(time.time() - began, 1e-9))
+            last = time.time()
     return out

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch.profiler import record_function
 
-from knexp.models.batching import halved_after
+from knexp.models.batching import halved_after, progress_due
 from knexp.models.decode_step import Cohort, keep_rows, step
 from knexp.models.prefill import Prefilled, prefill
 from knexp.models.prepared import Decodable, Prepared
@@ -61,6 +61,7 @@ def stream_ids(model: Decodable, count: int, prefill_rows: Callable[[list[int]],
     width = max(batch_size, width or batch_size)
     queue, cohorts = deque(range(count)), []
     done, logged, began = 0, 0, time.time()
+    last = began  # when the last progress line was logged
 
     def refill() -> None:
         nonlocal done
@@ -116,9 +117,10 @@ def stream_ids(model: Decodable, count: int, prefill_rows: Callable[[list[int]],
                 batch_size = halved_after(exc, batch_size, what)
                 width = max(batch_size, width // 2)
             continue
-        if count > batch_size and (done - logged >= batch_size or done == count):
+        if done > logged and progress_due(count > batch_size and (done - logged >= batch_size or done == count),
+                                           time.time() - last, done == count):
             log.info("%s: %d/%d (%.1f/s)", what, done, count, done / max(time.time() - began, 1e-9))
-            logged = done
+            logged, last = done, time.time()
     return out
 
 

@@ -153,8 +153,10 @@ class EditTask:
             ids = banned_ids(adapter, k)
             plan.append((Variant("banned", stable_key(session.model_key, "banned", ids), lambda: banned(adapter, ids)),
                          {"seconds": 0.0, "banned_tokens": len(ids)}))
+        log.info("%s: measuring the unedited model and %d variants (%s)", k.name, len(plan), ", ".join(v.name for v, _ in plan))
         results = {"unedited": measures.score(Variant("unedited", session.captioner.model_key, None))}
-        for variant, cost in plan:
+        for i, (variant, cost) in enumerate(plan):
+            log.info("%s: measuring %s (%d/%d)", k.name, variant.name, i + 1, len(plan))
             results[variant.name] = {**measures.score(variant), "cost": cost}
         frames = []
         for name, scores in results.items():

@@ -1,0 +1,98 @@
+"""What the console shows during long runs: a sweep's place and ETA, and quiet third-party libraries.
+
+``SweepProgress`` is a Hydra callback (``conf/hydra/default.yaml``, ``hydra.callbacks.progress``). At each job's start it
+logs "job i/N", the time since the sweep began and an ETA: the mean time of the jobs so far times the jobs left, so a
+resumed sweep, whose finished jobs are skipped in a second, starts with a short ETA that grows. N is the product of the
+swept values' counts (Hydra's basic sweeper, the command line's and ``hydra.sweeper.params``'), or ``n_trials`` for an
+optimising sweeper; the sweep's start is the time the sweeper wrote ``multirun.yaml`` into the sweep folder, so the
+count and the times are the same in a job that a parallel launcher runs in another process.
+
+``quiet_third_party`` lowers the libraries that print between knexp's lines (absl's "Using default tokenizer" from
+rouge-score, matplotlib's font cache, the weight-loading progress bars of transformers and huggingface_hub) to warnings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+log = logging.getLogger("knexp.progress")
+
+
+def sweep_size(config: DictConfig) -> int | None:
+    """The number of jobs the sweep of ``config`` launches: the product of every swept key's value count (the basic
+    sweeper's rule), ``n_trials`` for a sweeper that has it (Optuna), None when it cannot be told."""
+    sweeper = config.hydra.get("sweeper") or {}
+    if sweeper.get("n_trials") is not None:
+        return int(sweeper.n_trials)
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    try:
+        overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+        return len(BasicSweeper.split_arguments(overrides, None)[0])
+    except Exception:  # a sweep syntax the basic sweeper does not know (ranges, intervals): no count
+        return None
+
+
+def eta_line(index: int, total: int | None, elapsed_s: float) -> str:
+    """ "job i/N · <elapsed> elapsed · ETA <left>" for the job numbered ``index`` (0-based) of ``total``, ``elapsed_s``
+    seconds after the sweep began; the ETA is elapsed / jobs done x jobs left (none before the first job ends)."""
+    line = f"job {index + 1}/{total if total else '?'} · {_clock(elapsed_s)} elapsed"
+    if total and index > 0:
+        line += f" · ETA {_clock(elapsed_s / index * (total - index))}"
+    return line
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class SweepProgress(Callback):
+    """Logs "job i/N · elapsed · ETA" as each job of a multirun starts and "job i/N done in <time>" as it ends."""
+
+    def __init__(self) -> None:
+        self.total: int | None = None
+        self.job_began = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.total = sweep_size(config)
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        if self.total is None:  # a job in another process (a parallel launcher): count again
+            self.total = sweep_size(config)
+        started = Path(config.hydra.sweep.dir) / "multirun.yaml"
+        self.job_began = time.time()
+        elapsed = self.job_began - started.stat().st_mtime if started.exists() else 0.0
+        overrides = " ".join(o for o in config.hydra.overrides.task if not o.startswith("experiment="))
+        log.info("%s · %s", eta_line(int(config.hydra.job.num), self.total, elapsed), overrides)
+
+    def on_job_end(self, config: DictConfig, job_return=None, **kwargs) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN and self.job_began:
+            log.info("job %d/%s done in %s", int(config.hydra.job.num) + 1, self.total or "?", _clock(time.time() - self.job_began))
+
+
+def quiet_third_party() -> None:
+    """Third-party loggers to warnings and their progress bars off (module docstring); knexp's own lines are untouched."""
+    for name in ("absl", "matplotlib", "matplotlib.font_manager", "PIL", "filelock", "urllib3", "fsspec"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_warning()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
