@@ -145,3 +145,110 @@ def test_report_task_writes_the_page_and_logs_tables_and_figures_to_wandb(tmp_pa
     assert result["html"] == str(tmp_path / "report" / "report.html") and "fig2_layers.png" not in Path(result["html"]).read_text()
     run = next((tmp_path / "report" / "wandb").glob("offline-run-*"))
     assert (tmp_path / "report" / "report_table2.csv").exists() and any(run.rglob("*.wandb"))
+
+
+def _panel(job: Path, knowledge: str, layer: int, unit: int):
+    """What an evaluate job writes for Fig. 3: neurons.json and the panel it names."""
+    import cv2
+    import numpy as np
+
+    (job / "figures").mkdir(parents=True, exist_ok=True)
+    name = f"neuron_1_L{layer}_U{unit}.png"
+    cv2.imwrite(str(job / "figures" / name), np.full((20, 40, 3), 200, np.uint8))
+    rows = [{"image_id": 1, "top_neuron": [layer, unit], "sign": -1, "figure": name, "iou_q95": 0.25, "decoded": []}]
+    (job / "neurons.json").write_text(json.dumps(rows))
+
+
+class _Page:
+    """The report page through the standard library's HTML parser: every image's source, every table's id and rows."""
+
+    def __init__(self, text: str):
+        from html.parser import HTMLParser
+
+        self.images, self.tables, self.headings = [], {}, []
+        page, current = self, {"table": None, "in_body": False, "heading": False}
+
+        class Parser(HTMLParser):
+            def handle_starttag(self, tag, attrs):
+                a = dict(attrs)
+                if tag == "img":
+                    page.images.append(a["src"])
+                elif tag == "table":
+                    current["table"] = a.get("id")
+                    page.tables[current["table"]] = 0
+                elif tag == "tbody":
+                    current["in_body"] = True
+                elif tag == "tr" and current["in_body"]:
+                    page.tables[current["table"]] += 1
+                elif tag in ("h2", "h3"):
+                    current["heading"] = True
+
+            def handle_endtag(self, tag):
+                if tag == "tbody":
+                    current["in_body"] = False
+                elif tag in ("h2", "h3"):
+                    current["heading"] = False
+
+            def handle_data(self, data):
+                if current["heading"]:
+                    page.headings.append(data)
+
+        Parser().feed(text)
+
+
+def test_the_page_parses_its_images_decode_and_its_tables_have_their_csv_rows(tmp_path):
+    import base64
+
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    from knexp.identification.causal_trace import SampleTrace, live_window
+    from knexp.reporting.outputs import write_trace
+
+    sweep = tmp_path / "sweep"
+    jobs = [("bear", "random", 0.1), ("bed", "pan", 0.3), ("bear", "ours", 0.9), ("pizza", "attribution", 0.7),
+            ("bed", "ours", 0.7), ("pizza", "ours", 0.6), ("bear", "pan", 0.2), ("bed", "random", 0.0)]
+    for i, (knowledge, method, s_se) in enumerate(jobs):
+        _job(sweep / str(i), knowledge, method, s_se, 0.8, [1, 0, 2])
+        _panel(sweep / str(i), knowledge, 2, 10 + i)
+    window_only = [SampleTrace("bed", 1, 2, 10.0, 2.0, {"resid": [-8.0, -8.0, -8.0]}, {})]
+    write_trace(sweep / "0", {"model": "embedded", "window": live_window(window_only, 0.5),
+                              "samples": [t.to_dict() for t in window_only]})
+    (sweep / "edit").mkdir()
+    (sweep / "edit" / "metrics.json").write_text(json.dumps(
+        {"task": "edit", "model": "embedded", "knowledge": "bed", "method": "attribution", "rule": "optimized", "op": "erase",
+         "size": 30, "variants": {"unedited": {"reliability": 0.0}, "edit": {"reliability": 0.8, "m_locality": {"S_re": 0.9}}}}))
+    splits = {"tuning": ["pizza"], "heldout": ["bed", "bear"]}
+    out = tmp_path / "out"
+    report = write_report(sweep, out, splits)
+    text = report.html.read_text()
+    page = _Page(text)
+    # every image is an inline PNG that decodes to a picture of nonzero size
+    assert len(page.images) == len(jobs) + 2  # the gallery, the trace, Fig. 2
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        picture = cv2.imdecode(np.frombuffer(base64.b64decode(src.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+        assert picture is not None and picture.shape[0] > 0 and picture.shape[1] > 0
+    # every table has the rows of its CSV
+    assert set(page.tables) == {"table2", "table3", "table2_per_knowledge", "edit_summary"}
+    for name, rows in page.tables.items():
+        assert rows == len(pd.read_csv(out / f"{name}.csv")), name
+    # plain labels, no NaN, means with intervals, the paper's empty cells
+    assert "NaN" not in text and "nan" not in report.markdown.read_text() and "('" not in text
+    assert "<th>split</th>" in text and "0.8000 [" in text  # ours on the held-out pair: mean 0.8 with its interval
+    # the paper's order: per object, then ours, schwettmann, pan, attribution, ..., random; tuning before held-out
+    per_object = pd.read_csv(out / "table2_per_knowledge.csv")
+    assert list(zip(per_object["knowledge"], per_object["method"], strict=True)) == [
+        ("pizza", "ours"), ("pizza", "attribution"), ("bear", "ours"), ("bear", "pan"), ("bear", "random"),
+        ("bed", "ours"), ("bed", "pan"), ("bed", "random")]
+    means = pd.read_csv(out / "table2.csv")
+    assert list(zip(means["split"], means["method"], strict=True)) == [
+        ("tuning", "ours"), ("tuning", "attribution"), ("heldout", "ours"), ("heldout", "pan"), ("heldout", "random")]
+    assert means["S_se_lo"].isna().tolist() == [True, True, False, False, False]  # no interval for one object
+    # Fig. 3's gallery grouped by method in that order, each object's panel once
+    methods = [h for h in page.headings if h in ("ours", "pan", "attribution", "random")]
+    assert methods == ["ours", "pan", "attribution", "random"]
+    assert sorted(p.name for p in (out / "fig3").iterdir()) == sorted(f"{m}__{k}.png" for k, m, _ in jobs)
+    trace = cv2.imread(str(out / "trace.png"))
+    assert trace.shape[0] < 0.6 * trace.shape[1]  # a window-only trace: one row of panels, no empty captions row

@@ -1,6 +1,7 @@
 """Qualitative analysis (METHOD.md): decoded neurons, activation heatmaps with mask IoU, layer histograms.
 
-decode_neuron   top-k tokens of W_U . W_out[:, u] (optionally through the final norm first).
+decode_neuron   top-k tokens of W_U . (s W_out[:, u]), s the sign of the neuron's change (optionally through the
+                final norm first).
 token_heatmap   a neuron's activation over image tokens painted onto the image by the adapter's geometry,
                 each token filling the box it covers (a 7 x 7 grid, LLaVA's 24 x 24, MiniGPT-4's 16 x 4 strips).
 mask_iou        IoU of the heatmap's top (1 - q) region (the q-quantile mask, q = 0.95) with an instance mask.
@@ -8,6 +9,7 @@ mask_iou        IoU of the heatmap's top (1 - q) region (the q-quantile mask, q 
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,10 @@ from knexp.models.geometry import PatchGeometry
 
 
 @torch.no_grad()
-def decode_neuron(adapter: Adapter, layer: int, unit: int, k: int = 10, final_norm: bool = False) -> list[str]:
-    column = adapter.w_out(layer)[:, unit].float()  # [d_model]: what the neuron writes
+def decode_neuron(adapter: Adapter, layer: int, unit: int, k: int = 10, final_norm: bool = False, sign: int = 1) -> list[str]:
+    """The top-``k`` tokens of W_U . (sign x W_out[:, u]): what the neuron writes when it moves in the direction
+    ``sign`` (+1: as it rises; -1: as it falls, for a neuron whose change V is negative on the object)."""
+    column = sign * adapter.w_out(layer)[:, unit].float()  # [d_model]: what the neuron writes
     if final_norm:
         column = adapter.final_norm()(column.to(adapter.w_out(layer).dtype)[None, None])[0, 0].float()
     logits = adapter.unembedding().float() @ column  # [V]
@@ -67,7 +71,7 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")  # the saved area grows to hold every title and label
     plt.close(fig)
     return path
 
@@ -90,7 +94,8 @@ def layer_histogram_png(per_method: dict[str, list[int]], path: str | Path, titl
 def trace_png(traces, window: dict, path: str | Path, title: str = "") -> Path:
     """The causal trace (``knexp.identification.causal_trace``): per patch kind, the share of the whole counterfactual's
     Δy_c that the patch reaches at each layer (top row) and the share of captions that still name the object
-    (bottom row); thin lines per object, the thick line their average, the live window shaded."""
+    (bottom row, only where the trace has captions); thin lines per object, the thick line their average, the live
+    window shaded. The title is wrapped to the figure's width."""
     plt = pyplot()
 
     from knexp.identification.causal_trace import KINDS, normalised
@@ -99,33 +104,37 @@ def trace_png(traces, window: dict, path: str | Path, title: str = "") -> Path:
               "ffn_from": "(c) FFN of layers l..L-1"}
     objects = sorted({t.knowledge for t in traces})
     kinds = [k for k in KINDS if k in traces[0].delta]
-    fig, axes = plt.subplots(2, len(kinds), figsize=(4 * len(kinds) + 1, 6), sharex=True, squeeze=False)
+    captioned = {kind: all(kind in t.named for t in traces) for kind in kinds}
+    rows = 2 if any(captioned.values()) else 1  # the captions' row only where a trace has them (task=trace draws them)
+    fig, axes = plt.subplots(rows, len(kinds), figsize=(max(4 * len(kinds) + 1, 8), 3 * rows + 0.6), sharex=True, squeeze=False)
     layers = np.arange(len(traces[0].delta["resid"]))
     for col, kind in enumerate(kinds):
-        top, bottom = axes[0, col], axes[1, col]
-        captioned = all(kind in t.named for t in traces)
+        top = axes[0, col]
         for obj in objects:
             mine = [t for t in traces if t.knowledge == obj]
             top.plot(layers, normalised(mine, kind), lw=0.8, alpha=0.6, label=obj)
-            if captioned:
-                bottom.plot(layers, np.mean([t.named[kind] for t in mine], axis=0), lw=0.8, alpha=0.6)
+            if captioned[kind]:
+                axes[1, col].plot(layers, np.mean([t.named[kind] for t in mine], axis=0), lw=0.8, alpha=0.6)
         top.plot(layers, normalised(traces, kind), lw=2.5, color="black", label="average")
-        if captioned:
-            bottom.plot(layers, np.mean([t.named[kind] for t in traces], axis=0), lw=2.5, color="black")
-        else:
-            bottom.text(0.5, 0.5, "traced without captions\n(python run.py task=trace draws them)", ha="center",
-                        va="center", transform=bottom.transAxes, fontsize=8)
-        for ax in (top, bottom):
+        if captioned[kind]:
+            axes[1, col].plot(layers, np.mean([t.named[kind] for t in traces], axis=0), lw=2.5, color="black")
+        elif rows == 2:
+            axes[1, col].axis("off")
+        for ax in axes[:, col]:
             if window["resid_layers"]:
                 ax.axvspan(min(window["resid_layers"]) - 0.5, max(window["resid_layers"]) + 0.5, color="tab:green", alpha=0.08)
             ax.grid(alpha=0.3)
         top.set_title(labels[kind], fontsize=10)
-        bottom.set_xlabel("layer l")
-    axes[0, 0].set_ylabel("Δy_c / (y_c(inpainted) - y_c(original))")
-    axes[1, 0].set_ylabel("captions still naming the object")
+        axes[-1, col].set_xlabel("layer l")
+    axes[0, 0].set_ylabel("Δy_c / (y_c(inpainted) - y_c(original))", fontsize=9)
+    if rows == 2:
+        axes[1, 0].set_ylabel("captions still naming the object", fontsize=9)
     axes[0, 0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{title}\nlive window (shaded): residual layers reaching {window['frac']:.0%} of the counterfactual; "
-                 f"neurons act in layers {window['neuron_layers'][:1] + window['neuron_layers'][-1:]}", fontsize=10)
+    span = window["neuron_layers"][:1] + window["neuron_layers"][-1:]
+    subtitle = (f"live window (shaded): residual layers reaching {window['frac']:.0%} of the counterfactual; neurons act in "
+                f"layers {span[0]}-{span[-1]}" if span else "no live window")
+    width = int(fig.get_figwidth() * 11)  # characters that fit the figure's width at this font size
+    fig.suptitle("\n".join(textwrap.wrap(title, width) + textwrap.wrap(subtitle, width)), fontsize=10)
     return save_figure(fig, path)
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+
+from knexp.reporting.tables import means, shown
 
 MEASURES = {
     "reliability": ("reliability",), "m_generality": ("m_generality",), "t_gen_what": ("t_generality", "what"),
@@ -56,39 +57,18 @@ def edit_rows(sweep_dir: str | Path, split_of) -> pd.DataFrame:
 
 
 def summary(rows: pd.DataFrame, draws: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Per (split, op, method, rule, size, variant): the mean of each measure over objects, ``<measure>_lo`` and
-    ``<measure>_hi`` its 95% bootstrap interval over objects, and ``objects``."""
+    """Per (split, op, method, rule, size, variant), in the report's order: the mean of each measure over objects,
+    ``<measure>_lo`` and ``<measure>_hi`` its 95% bootstrap interval over objects, and ``objects``
+    (``knexp.reporting.tables.means``)."""
     if rows.empty:
         return pd.DataFrame()
-    rng = np.random.default_rng(seed)
-    out = []
-    for labels, group in rows.groupby(KEYS, dropna=False):
-        entry = dict(zip(KEYS, labels, strict=True)) | {"objects": int(group["knowledge"].nunique())}
-        for name in MEASURES:
-            values = group[name].astype(float).dropna().to_numpy()
-            entry[name] = float(values.mean()) if len(values) else None
-            if len(values) > 1:
-                means = rng.choice(values, size=(draws, len(values))).mean(1)
-                entry[f"{name}_lo"], entry[f"{name}_hi"] = (float(q) for q in np.quantile(means, [0.025, 0.975]))
-        out.append(entry)
-    return pd.DataFrame(out).set_index(KEYS)
+    return means(rows, KEYS, list(MEASURES), seed, draws)
 
 
-def headline(table: pd.DataFrame, measures: tuple[str, ...] = ("reliability", "m_generality", "t_gen_mean", "t_gen_yes_no",
-                                                                "m_loc_S_re", "m_loc_top1", "t_loc_top1", "relative_norm")) -> pd.DataFrame:
-    """The summary's main measures as "mean [lo, hi]" strings (the report's table)."""
-    shown = {}
-    for name in measures:
-        if name not in table:
-            continue
-        lo, hi = table.get(f"{name}_lo"), table.get(f"{name}_hi")
-        cells = []
-        for i, v in enumerate(table[name]):
-            if pd.isna(v):
-                cells.append("-")
-            elif lo is None or pd.isna(lo.iloc[i]):
-                cells.append(f"{v:.3f}")
-            else:
-                cells.append(f"{v:.3f} [{lo.iloc[i]:.2f}, {hi.iloc[i]:.2f}]")
-        shown[name] = cells
-    return pd.DataFrame(shown, index=table.index).assign(objects=table["objects"])
+HEADLINE = ("reliability", "m_generality", "t_gen_mean", "t_gen_yes_no", "m_loc_S_re", "m_loc_top1", "t_loc_top1", "relative_norm")
+
+
+def headline(table: pd.DataFrame, measures: tuple[str, ...] = HEADLINE) -> pd.DataFrame:
+    """The summary's main measures as the page prints them: labels as columns, "mean [lo, hi]" cells."""
+    cols = [c for name in measures if name in table for c in (name, f"{name}_lo", f"{name}_hi") if c in table]
+    return shown(table[cols + ["objects"]], digits=3)

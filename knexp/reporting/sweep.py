@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pandas as pd
 from knexp.evaluation.scores import curve_area
 from knexp.reporting.analysis import curves_png, layer_histogram_png
 from knexp.reporting.edit_tables import edit_rows, headline, summary
+from knexp.reporting.tables import METHOD_ORDER, means, ordered, rank_of, shown
 
 # METHOD.md: the paper's averages on MiniGPT-4 (Tables II and III), for the report's comparison column.
 PAPER = {
@@ -75,11 +77,15 @@ def split_of(knowledge: str, splits: dict | None) -> str:
     return "all" if not splits else "other"
 
 
-def _grouped(df: pd.DataFrame, cols: list[str], extra: list[str] | None = None) -> pd.DataFrame:
-    """Means of ``cols`` per method and per every key that varies in ``df`` (never averaged across models, rules or
-    interventions); ``dropna=False`` keeps a job from before a key existed as its own group."""
-    varied = [c for c in KEY + ["split"] if c not in ("knowledge", "method") and c in df and df[c].nunique(dropna=False) > 1]
-    return df.groupby(varied + (extra or []) + ["method"], dropna=False)[cols].mean()
+def _grouped(df: pd.DataFrame, cols: list[str], extra: list[str] | None = None, intervals: bool = True) -> pd.DataFrame:
+    """Means of ``cols`` over objects per method and per every key that varies in ``df`` (never averaged across models,
+    rules or interventions), with 95% bootstrap intervals over the objects (``knexp.reporting.tables.means``), in the
+    report's order; a job from before a key existed is a group of its own."""
+    varied = [c for c in ["split"] + KEY if c not in ("knowledge", "method") and c in df and df[c].nunique(dropna=False) > 1]
+    by = varied + (extra or []) + ["method"]
+    if intervals:
+        return means(df, by, cols)
+    return ordered(df).groupby(by, dropna=False, sort=False)[cols].mean()
 
 
 def tables(results: list[dict], splits: dict | None = None) -> dict[str, pd.DataFrame]:
@@ -94,26 +100,26 @@ def tables(results: list[dict], splits: dict | None = None) -> dict[str, pd.Data
         levels += [{**base, "level": float(lv), **{s: v[s] for s in SCORES}} for lv, v in t2["per_level"].items()]
         if m.get("table3"):
             rows3.append({**base, **{s: m["table3"][s] for s in ("bleu", "rouge1", "rougeL", "bertscore_f1")}})
-    per_knowledge = pd.DataFrame(rows2)
+    per_knowledge = ordered(pd.DataFrame(rows2))
     out = {"table2_per_knowledge": per_knowledge, "table2_per_level": pd.DataFrame(levels)}
     out["table2"] = _grouped(per_knowledge, SCORES) if rows2 else pd.DataFrame()
     out["table3"] = _grouped(pd.DataFrame(rows3), ["bleu", "rouge1", "rougeL", "bertscore_f1"]) if rows3 else pd.DataFrame()
     curves = pd.DataFrame(curve_rows)
-    out["curves"] = _grouped(curves, SCORES, ["size"]) if curve_rows else pd.DataFrame()
+    out["curves"] = _grouped(curves, SCORES, ["size"], intervals=False) if curve_rows else pd.DataFrame()
     out["curve_areas"] = _areas(curves) if curve_rows else pd.DataFrame()
     return out
 
 
 def _areas(curves: pd.DataFrame) -> pd.DataFrame:
     """Each method's area under its averaged S_mean curve over log n, divided by the log range (its mean height)."""
-    mean = _grouped(curves, SCORES, ["size"]).reset_index()
+    mean = _grouped(curves, SCORES, ["size"], intervals=False).reset_index()
     keys = [c for c in mean.columns if c not in SCORES + ["size"]]
     rows = []
     for labels, g in mean.groupby(keys, dropna=False):
         pts = [{"size": int(r["size"]), "S_mean": r["S_mean"]} for _, r in g.iterrows()]
         rows.append({**dict(zip(keys, labels if isinstance(labels, tuple) else (labels,), strict=True)),
                      "sizes": ",".join(str(p["size"]) for p in sorted(pts, key=lambda p: p["size"])), "area_S_mean": curve_area(pts)})
-    return pd.DataFrame(rows).set_index(keys)
+    return ordered(pd.DataFrame(rows)).set_index(keys)
 
 
 @dataclass
@@ -141,7 +147,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
         t["edit_rows"], t["edit_summary"] = edits, summary(edits)
     for name, df in t.items():
         if len(df):
-            df.to_csv(out_dir / f"{name}.csv", index=name in ("table2", "table3", "curves", "curve_areas", "edit_summary"))
+            df.to_csv(out_dir / f"{name}.csv", index=name in INDEXED)
 
     def listed(key: str) -> str:
         return ", ".join(sorted({str(m.get(key)) for m in results}))
@@ -154,18 +160,28 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
     if splits:
         blocks.append(("p", "Objects by split: " + "; ".join(f"{name}: {', '.join(sorted(objs))}" for name, objs in splits.items()) + "."))
     if len(t["table2"]):
-        blocks += [("h2", "Table II (averaged over knowledge; the paper's MiniGPT-4 averages beside)"),
-                   ("p", "The paper's columns were measured on MiniGPT-4 under its noise at 40/80/120, whatever the row's "
-                         "model and intervention."),
-                   ("table", _beside(t["table2"], PAPER["table2"]), True), ("h2", "Table III (perturbed vs masked captions)"),
-                   ("table", _beside(t["table3"], PAPER["table3"]), True) if len(t["table3"]) else ("p", "no Table III rows"),
-                   ("h2", "Table II per knowledge"), ("table", t["table2_per_knowledge"], False)]
-    figures = []
+        blocks += [("h2", "Table II (averaged over objects; the paper's MiniGPT-4 averages beside)"),
+                   ("p", "Each mean has its 95% bootstrap interval over the objects in brackets (none for one object). The "
+                         "paper's columns were measured on MiniGPT-4 under its noise at 40/80/120, whatever the row's model "
+                         "and intervention; they are empty for the methods the paper does not have."),
+                   ("table", _beside(t["table2"], PAPER["table2"]), "table2"), ("h2", "Table III (perturbed vs masked captions)"),
+                   ("table", _beside(t["table3"], PAPER["table3"]), "table3") if len(t["table3"]) else ("p", "no Table III rows"),
+                   ("h2", "Table II per object"), ("table", t["table2_per_knowledge"], "table2_per_knowledge")]
+    gallery = _fig3_gallery(results, out_dir / "fig3")
+    figures = [path for _, items in gallery for path, _ in items]
+    if gallery:
+        blocks += [("h2", "Fig. 3: each method's top neuron on each object"),
+                   ("p", "The top neuron of each job's first sample: the image, the image with the object inpainted away, the "
+                         "neuron's activation over the image tokens in the direction of its change (signed: a neuron that "
+                         "falls on the object is shown negated, and its title says so) with the object outlined, and the "
+                         "tokens it writes in that direction. q95 IoU: the overlap of the map's top 5% with the object.")]
+        for method, items in gallery:
+            blocks += [("h3", method), ("gallery", items)]
     if len(t["curves"]):
         figures.append(curves_png(t["curves"], out_dir / "size_curves.png", "scores against the set size (top-n of each ranking)"))
         blocks += [("h2", "Size curves (every ranking method at each set size n)"),
                    ("p", "Area under S_mean over log n, divided by the log range (the curve's mean height):"),
-                   ("table", t["curve_areas"], True), ("table", t["curves"], True), ("img", figures[-1], "size curves")]
+                   ("table", t["curve_areas"], "curve_areas"), ("table", t["curves"], "curves"), ("img", figures[-1], "size curves")]
     trace = _fullest_trace(sweep_dir)
     if trace is not None:
         from knexp.identification.causal_trace import SampleTrace
@@ -184,6 +200,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
             counts = per_method.setdefault(m["method"], [0] * len(m["per_layer"]))
             per_method[m["method"]] = [a + b for a, b in zip(counts, m["per_layer"], strict=True)]
     if per_method:
+        per_method = dict(sorted(per_method.items(), key=lambda kv: rank_of(METHOD_ORDER, kv[0])))
         figures.append(layer_histogram_png(per_method, out_dir / "fig2_layers.png", "identified neurons per layer, by method"))
         blocks += [("h2", "Fig. 2: identified neurons per layer"), ("img", figures[-1], "layers")]
     if len(edits):
@@ -191,7 +208,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
                    ("p", "One row per split, op, set source, rule, set size and variant (the edit, its baselines on the same "
                          "images, the unedited model). Rates count only inputs on which the unedited model showed the "
                          "knowledge; edit_summary.csv has every measure, edit_rows.csv every object."),
-                   ("table", headline(t["edit_summary"]), True)]
+                   ("table", headline(t["edit_summary"]), "edit_summary")]
     if empty:
         rows = [{"job": Path(m["job_dir"]).relative_to(sweep_dir).as_posix(), "knowledge": m["knowledge"], "method": m["method"],
                  "why": " / ".join(m["status"]["reasons"])} for m in empty]
@@ -200,44 +217,78 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
         blocks += [("h2", "Jobs with no usable sample"),
                    ("p", "These jobs ran but no selected sample could be used, so they have no scores and the tables above "
                          "leave them out. Each row gives the selection's message and the first reasons."),
-                   ("table", t["unusable_jobs"], False)]
+                   ("table", t["unusable_jobs"], "unusable_jobs")]
     markdown = out_dir / "report.md"
-    markdown.write_text(_markdown(blocks))
+    markdown.write_text(_markdown(blocks, out_dir))
     html = out_dir / "report.html"
     html.write_text(_html(blocks, f"knexp report: {Path(sweep_dir).name}"))
     return Report(markdown, html, t, figures)
 
 
-def _markdown(blocks: list[tuple]) -> str:
+INDEXED = ("table2", "table3", "curves", "curve_areas", "edit_summary")  # the tables whose CSV keeps the index (their labels)
+
+
+def _fig3_gallery(results: list[dict], out: Path) -> list[tuple[str, list[tuple[Path, str]]]]:
+    """Fig. 3's panels for the report, by method in the report's order: per object, the panel of the top neuron of the
+    job's first sample (``neurons.json`` and ``figures/`` of each evaluation job), copied to ``out`` as
+    ``<method>__<object>.png``; [(method, [(panel, caption)])]."""
+    by_method: dict[str, list[tuple[str, Path, str]]] = {}
+    for m in results:
+        listed = Path(m["job_dir"]) / "neurons.json"
+        rows = json.loads(listed.read_text()) if m.get("table2") and listed.exists() else []
+        panel = Path(m["job_dir"]) / "figures" / rows[0]["figure"] if rows else None
+        if panel is None or not panel.exists():
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        copy = out / f"{m['method'].replace(':', '-')}__{m['knowledge'].replace(' ', '_')}.png"
+        shutil.copyfile(panel, copy)
+        layer, unit = rows[0]["top_neuron"]
+        by_method.setdefault(m["method"], []).append(
+            (m["knowledge"], copy, f"{m['knowledge']}: L{layer} U{unit}, q95 IoU {rows[0]['iou_q95']:.2f}"))
+    return [(method, [(path, caption) for _, path, caption in sorted(items, key=lambda x: x[0])])
+            for method, items in sorted(by_method.items(), key=lambda kv: rank_of(METHOD_ORDER, kv[0]))]
+
+
+def _markdown(blocks: list[tuple], out_dir: Path) -> str:
     out = []
     for kind, value, *rest in blocks:
-        if kind in ("h1", "h2"):
-            out.append(f"{'#' if kind == 'h1' else '##'} {value}")
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"{'#' * int(kind[1])} {value}")
         elif kind == "p":
             out.append(value)
         elif kind == "table":
-            out.append(value.to_markdown(index=rest[0], floatfmt=".4f"))
+            out.append(shown(value).to_markdown(index=False, disable_numparse=True))
+        elif kind == "gallery":
+            out.append("\n\n".join(f"![{caption}]({path.relative_to(out_dir).as_posix()})\n*{caption}*" for path, caption in value))
         else:
             out.append(f"![{rest[0]}]({Path(value).name})")
     return "\n\n".join(out) + "\n"
 
 
+def _png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
 def _html(blocks: list[tuple], title: str) -> str:
-    """One self-contained page: tables as HTML, figures inline as base64 PNG (no file beside it is needed)."""
+    """One self-contained page: tables as HTML (each ``id`` the name of its CSV), figures inline as base64 PNG (no file
+    beside it is needed)."""
     body = []
     for kind, value, *rest in blocks:
-        if kind in ("h1", "h2"):
+        if kind in ("h1", "h2", "h3"):
             body.append(f"<{kind}>{html.escape(value)}</{kind}>")
         elif kind == "p":
             body.append(f"<p>{html.escape(value)}</p>")
         elif kind == "table":
-            body.append(value.to_html(index=rest[0], float_format=lambda v: f"{v:.4f}", border=0, classes="t"))
+            body.append(shown(value).to_html(index=False, border=0, classes="t", table_id=rest[0]))
+        elif kind == "gallery":
+            body.append('<div class="gallery">' + "".join(
+                f'<figure><img alt="{html.escape(caption)}" src="{_png(path)}"><figcaption>{html.escape(caption)}</figcaption>'
+                f"</figure>" for path, caption in value) + "</div>")
         else:
-            data = base64.b64encode(Path(value).read_bytes()).decode()
-            body.append(f'<figure><img alt="{html.escape(rest[0])}" src="data:image/png;base64,{data}"></figure>')
+            body.append(f'<figure><img alt="{html.escape(rest[0])}" src="{_png(value)}"></figure>')
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}table.t{border-collapse:collapse;"
              "font-size:13px;margin:1em 0}.t th,.t td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
-             "img{max-width:100%}")
+             "img{max-width:100%}figure{margin:1em 0}figcaption{font-size:12px;color:#444}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
             f"</head><body>{''.join(body)}</body></html>\n")
 
@@ -254,10 +305,16 @@ def _fullest_trace(sweep_dir: str | Path) -> Path | None:
 
 
 def _beside(ours: pd.DataFrame, paper: dict) -> pd.DataFrame:
-    """``ours`` with a "(paper)" column beside each score, holding the paper's value for the method."""
-    df = ours.copy()
-    for col in list(df.columns):
-        methods = df.index.get_level_values("method")
+    """``ours`` with a "(paper)" column after each score (and its interval), holding the paper's value for the method
+    (missing for a method the paper does not have: an empty cell on the page)."""
+    methods = ours.index.get_level_values("method")
+    scores = [c for c in ours.columns if not c.endswith(("_lo", "_hi")) and c != "objects"]
+    df = pd.DataFrame(index=ours.index)
+    for col in scores:
+        for c in (col, f"{col}_lo", f"{col}_hi"):
+            if c in ours:
+                df[c] = ours[c]
         df[f"{col} (paper)"] = [paper.get(m, {}).get(col, float("nan")) for m in methods]
+    if "objects" in ours:
+        df["objects"] = ours["objects"]
     return df
-
