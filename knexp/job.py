@@ -87,14 +87,16 @@ class Trace:
 
 @dataclass
 class Heatmap:
-    """A neuron's activation over the image tokens of one image, painted onto the image (``values``: float [H, W]),
-    and the IoU of its top 5% with the instance mask."""
+    """A neuron's activation over the image tokens of one image in the direction of its change, painted onto the image
+    (``values``: float [H, W], sign x O'; ``knexp.reporting.figures.change_sign``), and the IoU of its top 5% with the
+    instance mask."""
 
     layer: int
     unit: int
     image_id: int
     values: np.ndarray
     iou_q95: float
+    sign: int = 1
 
 
 def _plain(node) -> dict:
@@ -350,13 +352,13 @@ class Session:
 
     def heatmap(self, result: SampleResult, rank: int = 0) -> Heatmap:
         """The ``rank``-th neuron of a sample's set over its image (Fig. 3), with the q95 IoU against the instance."""
-        from knexp.reporting.figures import neuron_heatmap
+        from knexp.reporting.figures import change_sign, neuron_heatmap
 
         layer, unit = int(result.neurons.layers[rank]), int(result.neurons.units[rank])
-        image = self.data.load_image(result.candidate.image_id)
+        image, sign = self.data.load_image(result.candidate.image_id), change_sign(result.neurons, rank)
         values, iou = neuron_heatmap(self.adapter, image, layer, unit, self.data.instance_mask(result.candidate.annotation_id),
-                                     self.heatmap_store, [self.model_key, self.dataset_id, result.candidate.image_id])
-        return Heatmap(layer, unit, result.candidate.image_id, values, iou)
+                                     self.heatmap_store, [self.model_key, self.dataset_id, result.candidate.image_id], sign)
+        return Heatmap(layer, unit, result.candidate.image_id, values, iou, sign)
 
     def figure(self, result: SampleResult, path: str | Path, rank: int = 0) -> Path:
         """Fig. 3's panel for the ``rank``-th neuron of a sample's set: original, inpainted, heatmap, decoded tokens."""

@@ -76,3 +76,31 @@ def test_neuron_heatmap_and_its_panel(tmp_path):
 def test_histogram_file(tmp_path):
     path = layer_histogram_png({"ours": [0, 2, 5], "pan": [1, 0, 3]}, tmp_path / "fig2.png", "banana")
     assert path.exists() and path.stat().st_size > 1000
+
+
+def test_a_negated_neuron_gets_the_same_signed_heatmap_iou_and_tokens():
+    """Signed Fig. 3: negate neuron u's activation (its up_proj row) and its output column (so the model computes the
+    same): with the sign of its change (-1) the negated neuron's heatmap, IoU and decoded tokens are the original's."""
+    from knexp.identification.methods import NeuronSet
+    from knexp.reporting.figures import change_sign, neuron_heatmap
+
+    adapter = SplicedAdapter(tiny_minigpt4())
+    adapter.model.float()
+    image = (np.random.default_rng(1).random((224, 224, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((224, 224), bool)
+    mask[40:140, 60:160] = True
+    heat, iou = neuron_heatmap(adapter, image, 1, 5, mask)
+    words = decode_neuron(adapter, 1, 5)
+    ffn = adapter.ffn(1)
+    with torch.no_grad():
+        ffn.up_proj.weight[5] *= -1
+        ffn.down_proj.weight[:, 5] *= -1
+    flipped, _ = neuron_heatmap(adapter, image, 1, 5, mask)
+    assert np.allclose(flipped, -heat, atol=1e-6)  # the activation is negated
+    signed, signed_iou = neuron_heatmap(adapter, image, 1, 5, mask, sign=-1)
+    np.testing.assert_allclose(signed, heat, atol=1e-6)
+    assert signed_iou == pytest.approx(iou) and decode_neuron(adapter, 1, 5, sign=-1) == words
+    assert decode_neuron(adapter, 1, 5) != words  # unsigned, the negated neuron reads as another one
+    # the sign is that of mean_p V = -shift: a neuron whose activation is lower with the object there is -1
+    found = NeuronSet("ours", "", np.array([1, 1]), np.array([5, 6]), np.array([2.0, 1.0]), shift=np.array([0.3, -0.2]))
+    assert (change_sign(found, 0), change_sign(found, 1)) == (-1, 1)

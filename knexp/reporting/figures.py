@@ -4,6 +4,11 @@ One panel per neuron (the top neuron of each sample's set): the original image, 
 activation over the image tokens as a heatmap with a colour bar and the instance's outline, and the top tokens the
 neuron writes (``decode_neuron``). The title names the layer, the unit, the method and the IoU of the heatmap's top 5%
 with the instance mask (q95 IoU). ``neurons.json`` lists the same with the five best neurons of each set decoded.
+
+Everything follows the sign s of the neuron's change on its sample (``change_sign``: the sign of mean_p V, V = O'_o -
+O'_i, METHOD.md Stage 1): the heatmap shows s x O', the IoU thresholds its top 5%, and the decoded tokens are those of
+s x W_out[:, u]. A neuron that falls where the object is (s = -1) is shown as one that rises there, and its title says
+"falls on the object".
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from knexp.identification.methods import NeuronSet
 from knexp.identification.pipeline import SampleResult
 from knexp.identification.selection import Selector
 from knexp.io import atomic_write_text
@@ -32,11 +38,19 @@ def token_values(adapter: Adapter, image: np.ndarray, layer: int, unit: int) -> 
     return rec.activations[layer][0, :, unit].numpy()
 
 
+def change_sign(neurons: NeuronSet, rank: int) -> int:
+    """+1 when the ``rank``-th neuron's mean change on its sample, mean_p V = mean_p (O'_o - O'_i) = -shift, is >= 0
+    (it is higher with the object there), else -1; +1 for a set without shifts."""
+    if neurons.shift is None or rank >= len(neurons.shift):
+        return 1
+    return 1 if float(neurons.shift[rank]) <= 0 else -1
+
+
 def neuron_heatmap(adapter: Adapter, image: np.ndarray, layer: int, unit: int, instance_mask: np.ndarray,
-                   store: Store | None = None, image_key: list | None = None) -> tuple[np.ndarray, float]:
-    """(float [H, W]: O'^l[p, u] over the pixels each image token p covers, the q95 IoU with ``instance_mask``). With
-    ``store``, the token values are read from it under ``image_key`` (the model's, the data's and the image's identity)
-    or computed once and stored (float32 values round-trip exactly through JSON)."""
+                   store: Store | None = None, image_key: list | None = None, sign: int = 1) -> tuple[np.ndarray, float]:
+    """(float [H, W]: sign x O'^l[p, u] over the pixels each image token p covers, the q95 IoU of that map with
+    ``instance_mask``). With ``store``, the token values are read from it under ``image_key`` (the model's, the data's
+    and the image's identity) or computed once and stored, unsigned (float32 values round-trip exactly through JSON)."""
     if store is None:
         values = token_values(adapter, image, layer, unit)
     else:
@@ -45,7 +59,7 @@ def neuron_heatmap(adapter: Adapter, image: np.ndarray, layer: int, unit: int, i
         key = stable_key("token_values", image_key, layer, unit)
         stored = store.get_many([key], lambda _: [token_values(adapter, image, layer, unit).tolist()])[0]
         values = np.asarray(stored, np.float32)
-    heat = token_heatmap(values, adapter.geometry, *image.shape[:2])
+    heat = token_heatmap(sign * values, adapter.geometry, *image.shape[:2])
     return heat, mask_iou(heat, instance_mask)
 
 
@@ -82,9 +96,12 @@ def sample_panel(adapter: Adapter, selector: Selector, result: SampleResult, pat
     cand = result.candidate
     image, mask = selector.data.load_image(cand.image_id), selector.data.instance_mask(cand.annotation_id)
     layer, unit = int(result.neurons.layers[rank]), int(result.neurons.units[rank])
-    heat, iou = neuron_heatmap(adapter, image, layer, unit, mask, store, [selector.captioner.model_key, selector.dataset_id, cand.image_id])
-    neuron_panel(image, selector.inpainted(cand), heat, mask, decode_neuron(adapter, layer, unit) if tokens is None else tokens,
-                 f"L{layer} U{unit} · {result.neurons.method} · {cand.knowledge} · q95 IoU {iou:.2f}", path)
+    sign = change_sign(result.neurons, rank)
+    heat, iou = neuron_heatmap(adapter, image, layer, unit, mask, store, [selector.captioner.model_key, selector.dataset_id, cand.image_id],
+                               sign)
+    direction = "rises on the object" if sign > 0 else "falls on the object (map negated)"
+    neuron_panel(image, selector.inpainted(cand), heat, mask, decode_neuron(adapter, layer, unit, sign=sign) if tokens is None else tokens,
+                 f"L{layer} U{unit} · {result.neurons.method} · {cand.knowledge} · {direction} · q95 IoU {iou:.2f}", path)
     return heat, iou
 
 
@@ -100,13 +117,15 @@ def neuron_figures(adapter: Adapter, selector: Selector, results: list[SampleRes
             continue
         cand = res.candidate
         layer, unit = int(res.neurons.layers[0]), int(res.neurons.units[0])
-        decoded = [{"layer": int(lay), "unit": int(u), "tokens": decode_neuron(adapter, int(lay), int(u))}
-                   for lay, u in zip(res.neurons.layers[:5], res.neurons.units[:5], strict=True)]
+        decoded = [{"layer": int(lay), "unit": int(u), "sign": change_sign(res.neurons, i),
+                    "tokens": decode_neuron(adapter, int(lay), int(u), sign=change_sign(res.neurons, i))}
+                   for i, (lay, u) in enumerate(zip(res.neurons.layers[:5], res.neurons.units[:5], strict=True))]
         name = f"neuron_{cand.image_id}_L{layer}_U{unit}.png"
         _, iou = sample_panel(adapter, selector, res, fig_dir / name, tokens=decoded[0]["tokens"], store=store)
-        rows.append({"image_id": cand.image_id, "top_neuron": [layer, unit], "figure": name, "iou_q95": iou, "decoded": decoded})
+        rows.append({"image_id": cand.image_id, "top_neuron": [layer, unit], "sign": decoded[0]["sign"], "figure": name,
+                     "iou_q95": iou, "decoded": decoded})
     atomic_write_text(Path(out) / "neurons.json", json.dumps(rows, indent=1))
-    return [{k: r[k] for k in ("image_id", "top_neuron", "iou_q95")} for r in rows]
+    return [{k: r[k] for k in ("image_id", "top_neuron", "sign", "iou_q95")} for r in rows]
 
 
 def layer_figure(per_layer: list[int], method: str, knowledge: str, out: str | Path) -> Path:
