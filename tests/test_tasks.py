@@ -114,7 +114,7 @@ def test_a_job_with_no_usable_sample_says_so_and_the_report_marks_it(tmp_path):
     report = write_report(sweep, tmp_path / "report")
     text = report.markdown.read_text()
     assert "1 more had no usable sample" in text and "## Jobs with no usable sample" in text
-    assert re.search(r"\|\s+0 \| bus\s+\| ours\s+\| bus: only 0 of 3", text)  # the job's folder, its labels and why
+    assert re.search(r"\|\s+0\s+\| bus\s+\| ours\s+\| bus: only 0 of 3", text)  # the job's folder, its labels and why
     assert (tmp_path / "report" / "unusable_jobs.csv").read_text().count("\n") == 2
     only_empty = write_report(sweep / "0", tmp_path / "report_empty")  # a sweep of nothing but such jobs still reports
     assert "Jobs with no usable sample" in only_empty.markdown.read_text()

@@ -136,6 +136,30 @@ once, so these are upper bounds.
 """
 
 
+RUN_NOTES = """## Reading the last full run (2026-11-27, moved from the README)
+
+Ratios are comparable across runs on this shared machine, seconds less so: this run's machine was slower throughout
+(the GEMM peak 95 to 148 GFLOP/s against 142 to 168, the hook benchmark's plain captions 10.9 s against 7.7 s), so its
+absolute rates and the grid projections are worse than the run before's with no change to the code they time. Two
+changes in this run's code: a rerun no longer repeats a stored model pass (the inpainted intervention's counterfactual
+values are computed only when a caption is; the figures' heatmap values are cached), which took the warm demo from
+122 s to 93 s; and side-by-side timings now alternate their order. In a fixed order, whichever variant ran second was
+about 5% slower: the hook overhead measured 1.079 plain-first and 0.967 hooked-first on the same code, so earlier
+runs' 0.97x to 1.12x were mostly the order; its profile puts the hooks' own work at about 2% of the captioning. With the
+order balanced, finished rows leaving the batch measured 0.92x, a cost (1.19x and 1.02x in earlier fixed-order runs).
+The cause is not established: copying every layer's cache when rows leave is not it, since letting ended rows ride
+along until they were a quarter of their cohort measured the same 0.92x (tried and not kept). Nor is the result robust:
+in another run of 128 rows (16 images, noise of 1 and 2 on 40 units of every layer, 2 rounds each in alternating
+order), rows leaving was 1.10x faster, with 30% fewer row-steps but 4.1 cohorts per step against 2.9. Continuous
+batching, which rows leaving feeds, gains 1.14x on its own. The paper grid cannot reach 3 h here: its sets reach
+layer 0, so no layer is reused, and each caption's prompt pass alone, at the GEMM peak and with no decoding, already
+adds up to 3.4 h (at the run before's peak) to 3.9 h (this run's).
+
+The evaluation speed-up falls short of its target on this machine. With 2 cores, a batch of 32 runs little
+faster per token than a single row, so batching saves mostly Python and dispatch overhead. The
+measurement stays in `make bench`; it has not been taken on a GPU here.
+"""
+
 DATA_HEADING = "## The dataset doctor's annotation pass (issue: real COCO-format datasets)"
 NOTES = """## Measurement notes (numbers the code's comments cite)
 
@@ -336,6 +360,7 @@ Warm and cold runs gave the same Table II for every job: {s['same_results']}.
 {data_markdown(result["data"])}
 {family_markdown(result["families"]) if "families" in result else ""}
 {edit_markdown(result["edit"]) if "edit" in result else ""}
+{RUN_NOTES}
 {NOTES}"""
 
 

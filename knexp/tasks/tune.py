@@ -4,7 +4,7 @@ Runs the evaluation job (``task.job``: ``task=evaluate``'s settings, composed in
 object of ``splits[task.split]``, each in ``<job dir>/<object>/``, resumable and cached as usual, with one loaded model,
 and returns the mean of their Table II scores. ``run.py`` hands ``optimized_metric`` of this result to the sweeper, so
 ``hparams_search=thresholds_optuna`` tunes the threshold rule's parameters for S_mean on the tuning objects;
-``task.split=heldout`` with the best parameters then measures them on objects the tuning never saw (README,
+``task.split=heldout`` with the best parameters then measures them on objects the tuning never saw (docs/guide.md,
 "Threshold tuning").
 """
 
