@@ -154,9 +154,9 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
 
     none = f" {len(empty)} more had no usable sample and no scores (listed at the end)." if empty else ""
     blocks: list[tuple] = [("h1", f"knexp report: {Path(sweep_dir)}"),
-                           ("p", f"{len(results)} evaluation jobs, {edits['knowledge'].nunique() if len(edits) else 0} objects edited; "
-                                 f"knowledge: {listed('knowledge')}; models: {listed('model')}; "
-                                 f"thresholds: {listed('thresholds')}; interventions: {listed('intervention')}.{none}")]
+                           ("p", f"{len(results)} evaluation jobs, {edits['knowledge'].nunique() if len(edits) else 0} objects edited"
+                                 + (f"; knowledge: {listed('knowledge')}; models: {listed('model')}; thresholds: {listed('thresholds')}; "
+                                    f"interventions: {listed('intervention')}" if results else "") + f".{none}")]
     if splits:
         blocks.append(("p", "Objects by split: " + "; ".join(f"{name}: {', '.join(sorted(objs))}" for name, objs in splits.items()) + "."))
     if len(t["table2"]):
@@ -279,7 +279,7 @@ def _html(blocks: list[tuple], title: str) -> str:
         elif kind == "p":
             body.append(f"<p>{html.escape(value)}</p>")
         elif kind == "table":
-            body.append(shown(value).to_html(index=False, border=0, classes="t", table_id=rest[0]))
+            body.append('<div class="wide">' + shown(value).to_html(index=False, border=0, classes="t", table_id=rest[0]) + "</div>")
         elif kind == "gallery":
             body.append('<div class="gallery">' + "".join(
                 f'<figure><img alt="{html.escape(caption)}" src="{_png(path)}"><figcaption>{html.escape(caption)}</figcaption>'
@@ -287,7 +287,7 @@ def _html(blocks: list[tuple], title: str) -> str:
         else:
             body.append(f'<figure><img alt="{html.escape(rest[0])}" src="{_png(value)}"></figure>')
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}table.t{border-collapse:collapse;"
-             "font-size:13px;margin:1em 0}.t th,.t td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
+             "font-size:13px;margin:1em 0}.t th,.t td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}.wide{overflow-x:auto}"
              "img{max-width:100%}figure{margin:1em 0}figcaption{font-size:12px;color:#444}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
             f"</head><body>{''.join(body)}</body></html>\n")
