@@ -39,16 +39,22 @@ def test_mask_iou_by_hand():
     assert mask_iou(heat, inst, q=0.9) == pytest.approx(10 / 20)
 
 
+def _adapter_image_mask(seed: int, box: tuple[slice, slice]):
+    """The tiny MiniGPT-4 in float32, a random 224 x 224 image and an instance mask over ``box``."""
+    adapter = SplicedAdapter(tiny_minigpt4())
+    adapter.model.float()
+    image = (np.random.default_rng(seed).random((224, 224, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((224, 224), bool)
+    mask[box] = True
+    return adapter, image, mask
+
+
 def test_neuron_heatmap_and_its_panel(tmp_path):
     """Fig. 3 for one neuron: the heatmap is the recorded O'[:, u] painted by the geometry, and the panel is drawn."""
     from knexp.models.hooks import record
     from knexp.reporting.figures import neuron_heatmap, neuron_panel
 
-    adapter = SplicedAdapter(tiny_minigpt4())
-    adapter.model.float()
-    image = (np.random.default_rng(0).random((224, 224, 3)) * 255).astype(np.uint8)
-    mask = np.zeros((224, 224), bool)
-    mask[20:120, 30:90] = True
+    adapter, image, mask = _adapter_image_mask(0, (slice(20, 120), slice(30, 90)))
     heat, iou = neuron_heatmap(adapter, image, 1, 5, mask)
     prepared = adapter.prepare([image])
     with torch.no_grad(), record(adapter, prepared, layers=[1]) as rec:
@@ -84,11 +90,7 @@ def test_a_negated_neuron_gets_the_same_signed_heatmap_iou_and_tokens():
     from knexp.identification.methods import NeuronSet
     from knexp.reporting.figures import change_sign, neuron_heatmap
 
-    adapter = SplicedAdapter(tiny_minigpt4())
-    adapter.model.float()
-    image = (np.random.default_rng(1).random((224, 224, 3)) * 255).astype(np.uint8)
-    mask = np.zeros((224, 224), bool)
-    mask[40:140, 60:160] = True
+    adapter, image, mask = _adapter_image_mask(1, (slice(40, 140), slice(60, 160)))
     heat, iou = neuron_heatmap(adapter, image, 1, 5, mask)
     words = decode_neuron(adapter, 1, 5)
     ffn = adapter.ffn(1)

@@ -117,9 +117,9 @@ def neuron_figures(adapter: Adapter, selector: Selector, results: list[SampleRes
             continue
         cand = res.candidate
         layer, unit = int(res.neurons.layers[0]), int(res.neurons.units[0])
-        decoded = [{"layer": int(lay), "unit": int(u), "sign": change_sign(res.neurons, i),
-                    "tokens": decode_neuron(adapter, int(lay), int(u), sign=change_sign(res.neurons, i))}
-                   for i, (lay, u) in enumerate(zip(res.neurons.layers[:5], res.neurons.units[:5], strict=True))]
+        best = [(int(lay), int(u), change_sign(res.neurons, i))
+                for i, (lay, u) in enumerate(zip(res.neurons.layers[:5], res.neurons.units[:5], strict=True))]
+        decoded = [{"layer": lay, "unit": u, "sign": sign, "tokens": decode_neuron(adapter, lay, u, sign=sign)} for lay, u, sign in best]
         name = f"neuron_{cand.image_id}_L{layer}_U{unit}.png"
         _, iou = sample_panel(adapter, selector, res, fig_dir / name, tokens=decoded[0]["tokens"], store=store)
         rows.append({"image_id": cand.image_id, "top_neuron": [layer, unit], "sign": decoded[0]["sign"], "figure": name,

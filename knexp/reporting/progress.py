@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -38,7 +39,7 @@ def sweep_size(config: DictConfig) -> int | None:
     try:
         overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
         return len(BasicSweeper.split_arguments(overrides, None)[0])
-    except Exception:  # a sweep syntax the basic sweeper does not know (ranges, intervals): no count
+    except HydraException:  # a sweep the basic sweeper cannot count (an interval), or one it cannot parse: no count
         return None
 
 

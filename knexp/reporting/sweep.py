@@ -106,13 +106,14 @@ def tables(results: list[dict], splits: dict | None = None) -> dict[str, pd.Data
     out["table3"] = _grouped(pd.DataFrame(rows3), ["bleu", "rouge1", "rougeL", "bertscore_f1"]) if rows3 else pd.DataFrame()
     curves = pd.DataFrame(curve_rows)
     out["curves"] = _grouped(curves, SCORES, ["size"], intervals=False) if curve_rows else pd.DataFrame()
-    out["curve_areas"] = _areas(curves) if curve_rows else pd.DataFrame()
+    out["curve_areas"] = _areas(out["curves"]) if curve_rows else pd.DataFrame()
     return out
 
 
-def _areas(curves: pd.DataFrame) -> pd.DataFrame:
-    """Each method's area under its averaged S_mean curve over log n, divided by the log range (its mean height)."""
-    mean = _grouped(curves, SCORES, ["size"], intervals=False).reset_index()
+def _areas(averaged: pd.DataFrame) -> pd.DataFrame:
+    """Each method's area under its averaged S_mean curve (``averaged``: the ``curves`` table) over log n, divided by
+    the log range (its mean height)."""
+    mean = averaged.reset_index()
     keys = [c for c in mean.columns if c not in SCORES + ["size"]]
     rows = []
     for labels, g in mean.groupby(keys, dropna=False):
@@ -287,7 +288,8 @@ def _html(blocks: list[tuple], title: str) -> str:
         else:
             body.append(f'<figure><img alt="{html.escape(rest[0])}" src="{_png(value)}"></figure>')
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}table.t{border-collapse:collapse;"
-             "font-size:13px;margin:1em 0}.t th,.t td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}.wide{overflow-x:auto}"
+             "font-size:13px;margin:1em 0}.t th,.t td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}"
+             ".wide{overflow-x:auto}"
              "img{max-width:100%}figure{margin:1em 0}figcaption{font-size:12px;color:#444}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
             f"</head><body>{''.join(body)}</body></html>\n")
