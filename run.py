@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from knexp.config import metric_value, register_resolvers, setup_runtime
 from knexp.job import build_job
+from knexp.reporting.progress import heartbeat
 from knexp.user_errors import UserError
 
 register_resolvers()
@@ -21,7 +22,8 @@ def main(cfg: DictConfig) -> float | None:
         setup_runtime(cfg)
         # every setting is checked here, before any model is loaded: conf/task/<name>.yaml names the task's class by _target_
         task, session = build_job(cfg)
-        result = task(session)
+        with heartbeat():  # a line at least every 20 s, also inside a long phase
+            result = task(session)
         return metric_value(result, cfg.get("optimized_metric"))  # what an optimising sweeper (Optuna) reads
     except UserError as exc:  # expected: bad data, missing weights, a setting that cannot work
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -286,3 +286,31 @@ def test_same_config_and_seed_give_byte_identical_neuron_sets_captions_and_metri
     a, b = job_files(tmp_path / "a"), job_files(tmp_path / "b")
     assert len([f for f in a if f.startswith("samples/")]) == 2 and "neurons.json" in a
     assert a == b
+
+
+def _log_gaps(log: str) -> list[float]:
+    """Seconds between consecutive timestamped lines of a Hydra job log."""
+    from datetime import datetime
+
+    stamps = [datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f") for line in log.splitlines() if line.startswith("[20")]
+    return [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def test_the_demo_console_is_never_silent_for_30_s_and_shows_the_sweeps_progress(tmp_path):
+    """The demo's settings on a small sweep (bed x ours, random), cold cache: the first job pays the toy world, the
+    selection and the live window's trace. Every job's log has a line at least every 30 s, and says job i/2 with an ETA."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
+    r = subprocess.run([sys.executable, "run.py", "experiment=demo", "hydra.sweeper.params.knowledge=bed",
+                        "hydra.sweeper.params.method=ours,random", f"hydra.sweep.dir={tmp_path}/sweep", f"paths.cache_dir={cache}",
+                        "logger=none"], cwd=project_root(), capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = [(tmp_path / "sweep" / str(n) / "run.log").read_text() for n in range(2)]
+    assert "job 1/2 · " in logs[0] and "job 2/2 · " in logs[1] and " · ETA " in logs[1] and "job 2/2 done in" in logs[1]
+    assert "trace: pizza" in logs[0] and "captions with set 3/3" in logs[0]  # the first job did the slow phases
+    gaps = [gap for log in logs for gap in _log_gaps(log)]
+    assert len(gaps) > 20 and max(gaps) <= 30, sorted(gaps)[-5:]

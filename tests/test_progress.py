@@ -1,8 +1,10 @@
 import logging
+import os
+from types import SimpleNamespace
 
 from omegaconf import OmegaConf
 
-from knexp.reporting.progress import SweepProgress, eta_line, quiet_third_party, sweep_size
+from knexp.reporting.progress import SweepProgress, eta_line, heartbeat, quiet_third_party, sweep_size
 
 
 def _cfg(params=None, task=(), n_trials=None, sweep_dir="."):
@@ -23,6 +25,31 @@ def test_the_eta_is_the_mean_job_time_times_the_jobs_left():
     assert eta_line(0, 6, 5.0) == "job 1/6 · 0:05 elapsed"  # no ETA before a job has ended
     assert eta_line(2, 6, 120.0) == "job 3/6 · 2:00 elapsed · ETA 4:00"
     assert eta_line(3, None, 4000.0) == "job 4/? · 1:06:40 elapsed"
+    # the first job's one-off costs (caches, the live window) do not count once a later job has ended
+    assert eta_line(3, 6, 200.0, [20.0, 40.0]) == "job 4/6 · 3:20 elapsed · ETA 1:30"
+
+
+def test_the_callback_leaves_the_first_job_out_of_the_eta(tmp_path, caplog, monkeypatch):
+    from hydra.types import RunMode
+
+    import knexp.reporting.progress as progress_module
+
+    cfg = _cfg({"knowledge": "a,b,c,d"}, sweep_dir=tmp_path)
+    cfg.hydra.mode = RunMode.MULTIRUN
+    (tmp_path / "multirun.yaml").write_text("{}")
+    os.utime(tmp_path / "multirun.yaml", (1000, 1000))  # the sweep began at t = 1000 s
+    clock = iter([1000.0, 1100.0, 1100.0, 1110.0, 1110.0])  # job 1 takes 100 s, job 2 takes 10 s
+    monkeypatch.setattr(progress_module, "time", SimpleNamespace(time=lambda: next(clock)))
+    progress = SweepProgress()
+    progress.on_multirun_start(cfg)
+    with caplog.at_level(logging.INFO, logger="knexp.progress"):
+        for num in range(3):
+            cfg.hydra.job.num = num
+            progress.on_job_start(cfg)
+            if num < 2:
+                progress.on_job_end(cfg)
+    assert progress.later_jobs_s == [10.0]
+    assert "job 3/4 · 1:50 elapsed · ETA 0:20" in caplog.records[-1].getMessage()  # 2 left x 10 s, not x 55 s
 
 
 def test_the_callback_logs_the_job_and_its_eta(tmp_path, caplog):
@@ -50,3 +77,22 @@ def test_third_party_loggers_are_quieted():
     assert not hf_logging.is_progress_bar_enabled()
 
 
+
+
+def test_the_heartbeat_fills_a_silence_with_the_phase_still_running_and_stops_after(caplog):
+    import threading
+    import time
+
+    work = logging.getLogger("knexp.some_stage")
+    with caplog.at_level(logging.INFO, logger="knexp"):
+        with heartbeat(every_s=0.2):
+            work.info("tracing pizza")
+            time.sleep(0.75)  # silent for about 3 beats
+            work.info("tracing giraffe")
+        beats = [r.getMessage() for r in caplog.records if r.name == "knexp.progress"]
+        time.sleep(0.5)
+        after = [r for r in caplog.records if r.name == "knexp.progress"]
+    assert 2 <= len(beats) <= 4 and all(b.startswith("still at work on: tracing pizza (0:0") for b in beats)
+    assert len(after) == len(beats)  # nothing after the block
+    assert not any(t.name == "knexp-heartbeat" for t in threading.enumerate())
+    assert not any(type(h).__name__ == "_LastLine" for h in logging.getLogger("knexp").handlers)

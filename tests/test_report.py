@@ -144,7 +144,8 @@ def test_report_task_writes_the_page_and_logs_tables_and_figures_to_wandb(tmp_pa
     result = ReportTask()(session)
     assert result["html"] == str(tmp_path / "report" / "report.html") and "fig2_layers.png" not in Path(result["html"]).read_text()
     run = next((tmp_path / "report" / "wandb").glob("offline-run-*"))
-    assert (tmp_path / "report" / "report_table2.csv").exists() and any(run.rglob("*.wandb"))
+    assert (tmp_path / "report" / "table2.csv").exists() and not (tmp_path / "report" / "report_table2.csv").exists()
+    assert b"report_table2" in next(run.rglob("*.wandb")).read_bytes()  # mirrored to W&B, not copied beside its CSV
 
 
 def _panel(job: Path, knowledge: str, layer: int, unit: int):

@@ -178,13 +178,13 @@ def cached_trace(store, key_parts: list, sample: tuple[str, int, int], compute, 
 
 def trace_objects(selector: Selector, objects: list[Knowledge], per_object: int, store: Store, kinds: tuple[str, ...] = KINDS,
                   captions: bool = True) -> list[SampleTrace]:
-    """The trace (``kinds``, with or without captions) of the first ``per_object`` selected samples of every object,
-    from the trace ``store`` where it holds them."""
+    """The trace (``kinds``, with or without captions) of the first ``per_object`` selected samples of every object
+    (``Selector.first``: only as many candidates captioned as that takes), from the trace ``store`` where it holds them."""
     captioner = selector.captioner
     adapter = captioner.adapter
     traces = []
     for knowledge in objects:
-        for cand in selector(knowledge).accepted[:per_object]:
+        for cand in selector.first(knowledge, per_object).accepted:
             try:
                 target = locate_target(adapter, cand.original_caption, adapter.caption_prefix, knowledge)
             except TargetNotFound as exc:

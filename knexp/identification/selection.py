@@ -49,7 +49,7 @@ class Selection:
     def message(self) -> str:
         n = len(self.accepted)
         if n >= self.requested:
-            return f"{self.knowledge}: {n} samples selected"
+            return f"{self.knowledge}: {n} sample{'' if n == 1 else 's'} selected"
         reasons: dict[str, int] = {}
         for c in self.rejected:
             key = c.reason.split(":")[0]
@@ -147,6 +147,14 @@ class Selector:
     def __call__(self, knowledge: Knowledge) -> Selection:
         return select_samples(self.data, self.dataset_id, self.captioner, self.catalog, knowledge, self.per_knowledge, self.seed,
                               self.opts, self.inpaint_cache, batch=self.captioner.batch_size)
+
+    def first(self, knowledge: Knowledge, n: int) -> Selection:
+        """The first ``min(n, per_knowledge)`` samples of ``selector(knowledge)``, captioning no more candidates than it
+        takes: candidates go to the captioner 2 per missing sample at a time, not a full batch. The visiting order is
+        the same and a caption does not depend on its batch (float32), so the samples are the same, for a fraction
+        of the captions when n is small (the live window's trace takes one per object)."""
+        return select_samples(self.data, self.dataset_id, self.captioner, self.catalog, knowledge, min(n, self.per_knowledge),
+                              self.seed, self.opts, self.inpaint_cache, batch=1)
 
     def inpainted(self, candidate: Candidate) -> np.ndarray:
         """The candidate's image with its instance inpainted away (from the cache where it holds it)."""

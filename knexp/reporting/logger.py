@@ -43,7 +43,11 @@ class RunLogger:
         path = self.out_dir / f"{name}.csv"
         with atomic_path(path) as tmp:
             table.to_csv(tmp, index=False)
+        self.mirror_table(name, table)
         return path
+
+    def mirror_table(self, name: str, table: pd.DataFrame) -> None:
+        """A table already written as a file (the report's CSVs): only trackers log it."""
 
     def log_histogram(self, name: str, counts: list[int]) -> Path:
         """Counts per bin (e.g. neurons per layer), written as ``<name>_histogram.csv``."""
@@ -95,12 +99,10 @@ class WandbLogger(RunLogger):
         super().log_metrics(metrics)
         self.run.summary.update(_flatten(metrics))
 
-    def log_table(self, name: str, table: pd.DataFrame) -> Path:
+    def mirror_table(self, name: str, table: pd.DataFrame) -> None:
         import wandb
 
-        path = super().log_table(name, table)
         self.run.log({name: wandb.Table(dataframe=table)})
-        return path
 
     def log_histogram(self, name: str, counts: list[int]) -> Path:
         import numpy as np

@@ -40,7 +40,7 @@ class ReportTask:
         logger = session.logger()
         for name, table in report.tables.items():
             if len(table):
-                logger.log_table(f"report_{name}", table.reset_index())
+                logger.mirror_table(f"report_{name}", table.reset_index())  # its CSV is beside the report already
         logger.log_images({p.stem: p for p in report.figures})
         logger.finish()
         print(f"report: {report.markdown} and {report.html} (tables and figures beside them)")
