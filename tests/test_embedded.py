@@ -305,8 +305,8 @@ def test_the_demo_console_is_never_silent_for_30_s_and_shows_the_sweeps_progress
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
-    r = subprocess.run([sys.executable, "run.py", "experiment=demo", "hydra.sweeper.params.knowledge=bed",
-                        "hydra.sweeper.params.method=ours,random", f"hydra.sweep.dir={tmp_path}/sweep", f"paths.cache_dir={cache}",
+    r = subprocess.run([sys.executable, "run.py", "experiment=demo", "knowledge=bed",
+                        "method=ours,random", f"hydra.sweep.dir={tmp_path}/sweep", f"paths.cache_dir={cache}",
                         "logger=none"], cwd=project_root(), capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     logs = [(tmp_path / "sweep" / str(n) / "run.log").read_text() for n in range(2)]

@@ -112,7 +112,8 @@ def test_report_draws_the_trace_a_job_wrote(tmp_path):
     write_trace(sweep / "0", trace(live_window(window_only, 0.5), window_only))  # an evaluate job's window
     write_trace(sweep / "trace", trace(live_window(traces, 0.5), traces))  # task=trace's, found later in path order
     text = write_report(sweep, tmp_path / "out").markdown.read_text()
-    assert "Live window (neuron layers): 0-0" in text and (tmp_path / "out" / "trace.png").exists()  # the full one
+    assert "neurons of layers 0-0 of 3" in text and "(`trace/trace.json`)" in text  # the full one
+    assert (tmp_path / "out" / "trace.png").exists()
 
 
 def test_wandb_summary_flattens_nested_results_and_a_curve_is_logged_offline(tmp_path):
@@ -220,7 +221,7 @@ def test_the_page_parses_its_images_decode_and_its_tables_have_their_csv_rows(tm
     (sweep / "edit" / "metrics.json").write_text(json.dumps(
         {"task": "edit", "model": "embedded", "knowledge": "bed", "method": "attribution", "rule": "optimized", "op": "erase",
          "size": 30, "variants": {"unedited": {"reliability": 0.0}, "edit": {"reliability": 0.8, "m_locality": {"S_re": 0.9}}}}))
-    splits = {"tuning": ["pizza"], "heldout": ["bed", "bear"]}
+    splits = {"tuning": ["pizza", "giraffe"], "heldout": ["bed", "bear", "bus"]}
     out = tmp_path / "out"
     report = write_report(sweep, out, splits)
     text = report.html.read_text()
@@ -251,5 +252,8 @@ def test_the_page_parses_its_images_decode_and_its_tables_have_their_csv_rows(tm
     methods = [h for h in page.headings if h in ("ours", "pan", "attribution", "random")]
     assert methods == ["ours", "pan", "attribution", "random"]
     assert sorted(p.name for p in (out / "fig3").iterdir()) == sorted(f"{m}__{k}.png" for k, m, _ in jobs)
+    # the header lists this sweep's objects by split, not every object of the splits; the trace names its samples
+    assert "tuning: pizza; heldout: bear, bed." in text and "giraffe" not in text and "bus" not in text
+    assert "neurons of layers 0-1 of 3" in text and "traced samples of bed (<code>0/trace.json</code>)" in text
     trace = cv2.imread(str(out / "trace.png"))
     assert trace.shape[0] < 0.6 * trace.shape[1]  # a window-only trace: one row of panels, no empty captions row

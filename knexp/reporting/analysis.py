@@ -87,7 +87,7 @@ def layer_histogram_png(per_method: dict[str, list[int]], path: str | Path, titl
     ax.set_xlabel("layer")
     ax.set_ylabel("neurons")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars, never over them
     return save_figure(fig, path, dpi=120)
 
 

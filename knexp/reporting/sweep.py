@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,11 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
                                  + (f"; knowledge: {listed('knowledge')}; models: {listed('model')}; thresholds: {listed('thresholds')}; "
                                     f"interventions: {listed('intervention')}" if results else "") + f".{none}")]
     if splits:
-        blocks.append(("p", "Objects by split: " + "; ".join(f"{name}: {', '.join(sorted(objs))}" for name, objs in splits.items()) + "."))
+        ours = {str(m["knowledge"]) for m in results} | (set(edits["knowledge"]) if len(edits) else set())
+        by_split = {name: sorted(ours & set(objs)) for name, objs in splits.items()}
+        by_split["in no split"] = sorted(ours - {o for objs in splits.values() for o in objs})
+        blocks.append(("p", "This sweep's objects by split (`splits`): "
+                            + "; ".join(f"{name}: {', '.join(objs)}" for name, objs in by_split.items() if objs) + "."))
     if len(t["table2"]):
         blocks += [("h2", "Table II (averaged over objects; the paper's MiniGPT-4 averages beside)"),
                    ("p", "Each mean has its 95% bootstrap interval over the objects in brackets (none for one object). The "
@@ -185,16 +190,18 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
                    ("table", t["curve_areas"], "curve_areas"), ("table", t["curves"], "curves"), ("img", figures[-1], "size curves")]
     trace = _fullest_trace(sweep_dir)
     if trace is not None:
-        from knexp.identification.causal_trace import SampleTrace
+        from knexp.identification.causal_trace import SampleTrace, span
         from knexp.reporting.analysis import trace_png
 
         data = json.loads(trace.read_text())
         figures.append(trace_png([SampleTrace(**s) for s in data["samples"]], data["window"], out_dir / "trace.png",
                                  f"causal trace: {data['model']}"))
-        w = data["window"]["neuron_layers"]
+        w = data["window"]
+        traced = sorted({s["knowledge"] for s in data["samples"]})
         blocks += [("h2", "Causal trace of the image tokens"),
-                   ("p", f"Live window (neuron layers): {w[0]}-{w[-1]} of {len(data['window']['resid_share'])}; traced samples: "
-                         f"{data['window']['samples']} (from {trace.parent.name})."), ("img", figures[-1], "trace")]
+                   ("p", f"Live window: neurons of layers {span(w['neuron_layers'])} of {len(w['resid_share'])} (residual patching "
+                         f"there reaches {w['frac']:.0%} of the whole counterfactual), from {w['samples']} traced samples of "
+                         f"{', '.join(traced)} (`{trace.relative_to(sweep_dir).as_posix()}`)."), ("img", figures[-1], "trace")]
     per_method: dict[str, list[int]] = {}
     for m in results:
         if m.get("table2"):
@@ -278,7 +285,7 @@ def _html(blocks: list[tuple], title: str) -> str:
         if kind in ("h1", "h2", "h3"):
             body.append(f"<{kind}>{html.escape(value)}</{kind}>")
         elif kind == "p":
-            body.append(f"<p>{html.escape(value)}</p>")
+            body.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(value)) + "</p>")  # markdown's code spans
         elif kind == "table":
             body.append('<div class="wide">' + shown(value).to_html(index=False, border=0, classes="t", table_id=rest[0]) + "</div>")
         elif kind == "gallery":
