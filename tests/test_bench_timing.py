@@ -51,3 +51,26 @@ def test_paired_ratio_takes_the_median_of_each_rounds_ratio(monkeypatch):
 
     b, o, ratio = paired_ratio(run(base), run(other), 3)
     assert b == 2.0 and abs(o - 2.2) < 1e-9 and abs(ratio - 1.1) < 1e-9
+
+
+def test_the_hand_written_notes_survive_a_render_and_a_new_section_goes_before_them(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    import knexp.bench.__main__ as bench
+
+    out, raw = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    hand = f"{bench.HAND_HEADING}\n\n### A note\n\nmeasured by hand\n"
+    out.write_text("# Benchmarks\n\n## Old section\n\nold numbers\n\n" + hand)
+    raw.write_text(json.dumps({}))
+    monkeypatch.setattr(bench, "render", lambda result: "# Benchmarks\n\n## Rendered\n\nnew numbers\n\n")
+    monkeypatch.setattr(sys, "argv", ["knexp.bench", "--render", "--out", str(out), "--json", str(raw)])
+    bench.main()
+    assert out.read_text() == "# Benchmarks\n\n## Rendered\n\nnew numbers\n\n" + hand  # the old numbers gone, the notes kept
+    monkeypatch.setattr(bench, "SECTIONS", {"data": ("## Added", lambda: "## Added\n\nmeasured\n")})
+    monkeypatch.setattr(sys, "argv", ["knexp.bench", "--only", "data", "--out", str(out)])
+    bench.main()
+    text = out.read_text()
+    assert text.index("## Added") < text.index(bench.HAND_HEADING) and text.endswith(hand)
+    bench.main()  # replacing the section keeps the notes too
+    assert out.read_text().count("## Added") == 1 and out.read_text().endswith(hand)

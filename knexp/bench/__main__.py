@@ -162,59 +162,15 @@ once, so these are upper bounds.
 """
 
 
-RUN_NOTES = """## Reading the last full run (2026-11-27, moved from the README)
-
-Ratios are comparable across runs on this shared machine, seconds less so: this run's machine was slower throughout
-(the GEMM peak 95 to 148 GFLOP/s against 142 to 168, the hook benchmark's plain captions 10.9 s against 7.7 s), so its
-absolute rates and the grid projections are worse than the run before's with no change to the code they time. Two
-changes in this run's code: a rerun no longer repeats a stored model pass (the inpainted intervention's counterfactual
-values are computed only when a caption is; the figures' heatmap values are cached), which took the warm demo from
-122 s to 93 s; and side-by-side timings now alternate their order. In a fixed order, whichever variant ran second was
-about 5% slower: the hook overhead measured 1.079 plain-first and 0.967 hooked-first on the same code, so earlier
-runs' 0.97x to 1.12x were mostly the order; its profile puts the hooks' own work at about 2% of the captioning. With the
-order balanced, finished rows leaving the batch measured 0.92x, a cost (1.19x and 1.02x in earlier fixed-order runs).
-The cause is not established: copying every layer's cache when rows leave is not it, since letting ended rows ride
-along until they were a quarter of their cohort measured the same 0.92x (tried and not kept). Nor is the result robust:
-in another run of 128 rows (16 images, noise of 1 and 2 on 40 units of every layer, 2 rounds each in alternating
-order), rows leaving was 1.10x faster, with 30% fewer row-steps but 4.1 cohorts per step against 2.9. Continuous
-batching, which rows leaving feeds, gains 1.14x on its own. The paper grid cannot reach 3 h here: its sets reach
-layer 0, so no layer is reused, and each caption's prompt pass alone, at the GEMM peak and with no decoding, already
-adds up to 3.4 h (at the run before's peak) to 3.9 h (this run's).
-
-The evaluation speed-up falls short of its target on this machine. With 2 cores, a batch of 32 runs little
-faster per token than a single row, so batching saves mostly Python and dispatch overhead. The
-measurement stays in `make bench`; it has not been taken on a GPU here.
-"""
 
 DATA_HEADING = "## The dataset doctor's annotation pass (issue: real COCO-format datasets)"
-NOTES = """## Measurement notes (numbers the code's comments cite)
+# BENCHMARKS.md from this heading on is written by hand (how to read a run, notes measured by hand): every render keeps it
+HAND_HEADING = "## Notes written by hand (`make bench` keeps this part as it is)"
 
-Measured by hand on the 2-core x86_64 CPU (AVX2) of earlier sessions, unless a line says otherwise; `make bench` does
-not remeasure them.
 
-- Two torch processes that each use both cores slow each other down by up to 10x (`knexp.config.setup_runtime` splits
-  the cores under the parallel launcher).
-- The embedded model's decoding step, 4 cohorts of 16 rows: 0.62 s with a copy of the cache per step and the
-  attention's projections run per cohort, 0.39 s with the cache grown into spare room and the projections over every
-  row at once (`knexp.models.decode_step`; torch.profiler, the same tokens).
-- The LM head of a prompt pass at 16 rows and 49,152 tokens: a strided [B, 1, d] view takes a batched product of B
-  single rows, 3.4x slower than the rows made contiguous first (`knexp.models.prefill`).
-- torch's float32 matrix product rounds a row differently when the batch has 1, 2, 3 or 5 rows than when it has 4, 8,
-  16 or more (the LM's shapes), so a near-tie between two tokens could break differently under another batch shape
-  (`knexp.models.streaming`). EfficientNet-Lite0's kernels round an image differently at batch 1 than at any larger
-  batch, by about 1e-5 (`knexp.models.spliced`).
-- The transposed product (W x^T)^T ran a decoding step's products 1.2x to 1.6x faster than F.linear there and rounded
-  the same from 12 rows on. On an AVX-512 CPU with MKL 2024.2 (2026-12-02) it rounded differently up to 15 rows and for
-  some transposed inputs, and was no faster (0.64 vs 0.62 ms at 64 rows, 1536 x 576): it was removed.
-- Checking a cache folder against its manifest (`knexp.manifest`): 0.03 s for a 300-image toy-world split, 0.4 s for the
-  converted SmolLM2 (538 MB) once per process (2026-12-02, AVX-512 CPU).
-- The family bench's hook overhead (a pair of about 1.4 s) varied between runs of the same code more than the overhead
-  itself: four runs on 2026-12-02 (AVX-512 CPU) gave per family 0.98 to 1.06 (Gemma 3: 1.03, 1.04, 1.00, 1.06; Qwen3-VL:
-  1.10, 0.98, 1.03, 1.02, the first before the layer hooks were left out for models without fast paths). A hook's own
-  work is about 10 microseconds a call against about 20 ms a decoding step at this size.
-- Results are bit for bit the same at one `num_threads`; across thread counts float32 sums round differently (the
-  embedded model, 1 against 2 threads: scores and trace values agree to about 1e-6, the neuron sets were the same).
-"""
+def hand_written(old: str) -> str:
+    """The hand-written tail of BENCHMARKS.md's text ``old`` (from ``HAND_HEADING`` on), or '' where it has none."""
+    return old[old.index(HAND_HEADING):] if HAND_HEADING in old else ""
 
 
 def data_markdown(d: dict) -> str:
@@ -262,16 +218,16 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(SECTIONS), help="run one benchmark and replace its section of --out")
     parser.add_argument("--render", action="store_true", help="redraw --out from --json's raw numbers, measuring nothing")
     args = parser.parse_args()
+    old = Path(args.out).read_text() if Path(args.out).exists() else ""
     if args.render:
-        Path(args.out).write_text(render(json.loads(Path(args.json).read_text())))
+        Path(args.out).write_text(render(json.loads(Path(args.json).read_text())) + hand_written(old))
         return
     if args.only == "gpu" and not torch.cuda.is_available():
         print(NO_GPU)  # nothing measured, BENCHMARKS.md left as it is
         return
     if args.only:
         heading, run = SECTIONS[args.only]
-        old = Path(args.out).read_text() if Path(args.out).exists() else ""  # a new file gets the one section
-        start = old.index(heading) if heading in old else len(old)
+        start = old.index(heading) if heading in old else len(old) - len(hand_written(old))  # a new one before the notes
         end = (old.find("\n## ", start + 1) + 1 or len(old)) if heading in old else start
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         section = run() + f"\nMeasured alone (`--only {args.only}`) on {machine()}, {stamp}.\n\n"
@@ -293,7 +249,7 @@ def main() -> None:
     result["machine"], result["stamp"] = machine(), datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     Path(args.json).write_text(json.dumps(result, indent=1))
     text = render(result)
-    Path(args.out).write_text(text)
+    Path(args.out).write_text(text + hand_written(Path(args.out).read_text() if Path(args.out).exists() else ""))
     print(text)
 
 
@@ -307,7 +263,8 @@ def _remeasured(result: dict) -> str:
 
 
 def render(result: dict) -> str:
-    """BENCHMARKS.md from a full run's raw numbers (``--render`` redraws it from ``runs/bench.json``)."""
+    """BENCHMARKS.md from a full run's raw numbers, up to its hand-written notes (``--render`` redraws it from
+    ``runs/bench.json``)."""
     stamp = result.get("stamp", "")
     h, c, m = result["hook_overhead"], result["identification_cost"], result["peak_memory"]
     e, s, r = result["evaluation_throughput"], result["sweeps"], result["reuse"]
@@ -376,8 +333,7 @@ captions are identical (checked in the run).
 {data_markdown(result["data"])}
 {family_markdown(result["families"]) if "families" in result else ""}
 {edit_markdown(result["edit"]) if "edit" in result else ""}
-{RUN_NOTES}
-{NOTES}"""
+"""
 
 
 if __name__ == "__main__":
