@@ -130,6 +130,12 @@ def select_samples(data: CocoScenes, dataset_id: str, captioner: Callable[[list[
     return selection
 
 
+# Candidates per caption call in ``Selector.first`` (the trace's one sample per object): float32 matrix products round a
+# row at 4, 8 or 16+ rows as in a full batch, but not at 1, 2, 3 or 5 (BENCHMARKS.md, measurement notes), so a near-tie
+# between two tokens breaks as it would in a full selection.
+SMALL_BATCH = 4
+
+
 @dataclass
 class Selector:
     """Selection with fixed settings: ``selector(knowledge)`` selects ``per_knowledge`` samples of it from ``data`` (the
@@ -150,11 +156,11 @@ class Selector:
 
     def first(self, knowledge: Knowledge, n: int) -> Selection:
         """The first ``min(n, per_knowledge)`` samples of ``selector(knowledge)``, captioning no more candidates than it
-        takes: candidates go to the captioner 2 per missing sample at a time, not a full batch. The visiting order is
-        the same and a caption does not depend on its batch (float32), so the samples are the same, for a fraction
-        of the captions when n is small (the live window's trace takes one per object)."""
+        takes: candidates go to the captioner ``SMALL_BATCH`` at a time (or 2 per missing sample), not a full batch.
+        The visiting order is the same and the captions do not depend on their batch, so the samples are the same, for
+        a fraction of the captions when n is small (the live window's trace takes one per object)."""
         return select_samples(self.data, self.dataset_id, self.captioner, self.catalog, knowledge, min(n, self.per_knowledge),
-                              self.seed, self.opts, self.inpaint_cache, batch=1)
+                              self.seed, self.opts, self.inpaint_cache, batch=SMALL_BATCH)
 
     def inpainted(self, candidate: Candidate) -> np.ndarray:
         """The candidate's image with its instance inpainted away (from the cache where it holds it)."""
