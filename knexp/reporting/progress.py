@@ -130,7 +130,7 @@ class _LastLine(logging.Handler):
 
 @contextmanager
 def heartbeat(every_s: float = 20.0, logger: str = "knexp") -> Iterator[None]:
-    """While the block runs, log "still at work on <phase> (<time> since it began)" whenever ``logger`` and its children
+    """While the block runs, log "still at work on: <phase> (<time> since that line)" whenever ``logger`` and its children
     have been silent for ``every_s`` seconds (module docstring). The watching thread is stopped and the handler removed
     on the way out, also on an error."""
     watched = logging.getLogger(logger)
