@@ -77,8 +77,6 @@ def test_third_party_loggers_are_quieted():
     assert not hf_logging.is_progress_bar_enabled()
 
 
-
-
 def test_the_heartbeat_fills_a_silence_with_the_phase_still_running_and_stops_after(caplog):
     import threading
     import time

@@ -161,9 +161,6 @@ The demo's cold jobs include one-off costs (generating the toy world, the live w
 once, so these are upper bounds.
 """
 
-
-
-DATA_HEADING = "## The dataset doctor's annotation pass (issue: real COCO-format datasets)"
 # BENCHMARKS.md from this heading on is written by hand (how to read a run, notes measured by hand): every render keeps it
 HAND_HEADING = "## Notes written by hand (`make bench` keeps this part as it is)"
 
@@ -171,6 +168,14 @@ HAND_HEADING = "## Notes written by hand (`make bench` keeps this part as it is)
 def hand_written(old: str) -> str:
     """The hand-written tail of BENCHMARKS.md's text ``old`` (from ``HAND_HEADING`` on), or '' where it has none."""
     return old[old.index(HAND_HEADING):] if HAND_HEADING in old else ""
+
+
+def _kept(out: Path) -> str:
+    """The hand-written tail of the file ``out`` as it is now ('' for a new file)."""
+    return hand_written(out.read_text()) if out.exists() else ""
+
+
+DATA_HEADING = "## The dataset doctor's annotation pass (issue: real COCO-format datasets)"
 
 
 def data_markdown(d: dict) -> str:
@@ -218,15 +223,15 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(SECTIONS), help="run one benchmark and replace its section of --out")
     parser.add_argument("--render", action="store_true", help="redraw --out from --json's raw numbers, measuring nothing")
     args = parser.parse_args()
-    old = Path(args.out).read_text() if Path(args.out).exists() else ""
     if args.render:
-        Path(args.out).write_text(render(json.loads(Path(args.json).read_text())) + hand_written(old))
+        Path(args.out).write_text(render(json.loads(Path(args.json).read_text())) + _kept(Path(args.out)))
         return
     if args.only == "gpu" and not torch.cuda.is_available():
         print(NO_GPU)  # nothing measured, BENCHMARKS.md left as it is
         return
     if args.only:
         heading, run = SECTIONS[args.only]
+        old = Path(args.out).read_text() if Path(args.out).exists() else ""
         start = old.index(heading) if heading in old else len(old) - len(hand_written(old))  # a new one before the notes
         end = (old.find("\n## ", start + 1) + 1 or len(old)) if heading in old else start
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -235,12 +240,11 @@ def main() -> None:
         print(section)
         return
     from knexp.bench.identification import identification_cost, peak_memory_7b_shape
-    from knexp.bench.sweeps import demo_and_cache
 
     result: dict = {}
     steps = {"data": annotation_pass, "launchers": launchers, "hook_overhead": hook_overhead, "identification_cost": identification_cost,
              "peak_memory": peak_memory_7b_shape, "evaluation_throughput": evaluation_throughput, "reuse": reuse_and_decode,
-             "utilisation": utilisation, "sweeps": demo_and_cache, "grids": lambda: grids(result["sweeps"]["per_job"]),
+             "utilisation": utilisation, "sweeps": _demo_and_cache, "grids": lambda: grids(result["sweeps"]["per_job"]),
              "families": family_costs, "edit": edit_costs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     for name, step in steps.items():  # the raw numbers are saved after each step: a failure keeps the finished ones
@@ -249,7 +253,7 @@ def main() -> None:
     result["machine"], result["stamp"] = machine(), datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     Path(args.json).write_text(json.dumps(result, indent=1))
     text = render(result)
-    Path(args.out).write_text(text + hand_written(Path(args.out).read_text() if Path(args.out).exists() else ""))
+    Path(args.out).write_text(text + _kept(Path(args.out)))  # read now: notes edited during the run are kept
     print(text)
 
 
