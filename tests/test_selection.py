@@ -88,6 +88,36 @@ def test_selection_is_deterministic_and_stops_at_the_requested_number(tmp_path, 
     assert [x.image_id for x in a.accepted] != [x.image_id for x in c.accepted]
 
 
+def test_first_gives_a_full_selections_first_samples_for_fewer_captions(tmp_path, catalog):
+    """``Selector.first`` (the live window's trace) visits candidates in the same order but captions them
+    ``SMALL_BATCH`` at a time, so it stops long before a full batch."""
+    from knexp.identification.selection import SMALL_BATCH
+
+    # 20 buses, every third one too small to be named in its caption (rejected by the caption constraint)
+    boxes = {i: [(6, (10, 10, 30, 30) if i % 3 else (10, 10, 3, 3))] for i in range(1, 21)}
+    data = _coco(tmp_path, boxes)
+
+    class Counting(RedSquareCaptioner):
+        batch_size = 16
+        calls: list[int] = []
+
+        def __call__(self, images, image_keys):
+            self.calls.append(len(images))
+            return super().__call__(images, image_keys)
+
+    def selector(per_knowledge):
+        return Selector(data, "t", catalog, Counting(), InpaintOptions(dilation=2), InpaintCache(None), per_knowledge, seed=3)
+
+    full = selector(3)(catalog["bus"])
+    for n in (1, 2, 3):
+        Counting.calls = []
+        first = selector(3).first(catalog["bus"], n)
+        assert [(c.image_id, c.original_caption, c.inpainted_caption) for c in first.accepted] == \
+               [(c.image_id, c.original_caption, c.inpainted_caption) for c in full.accepted[:n]]
+        assert max(Counting.calls) <= max(SMALL_BATCH, 2 * n) < 16  # never a full batch of candidates
+    assert len(selector(1).first(catalog["bus"], 3).accepted) == 1  # no more than per_knowledge
+
+
 def test_a_second_method_reuses_the_passes(tmp_path, catalog, monkeypatch):
     from knexp.identification import passes
 
