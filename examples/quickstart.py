@@ -15,8 +15,8 @@ import knexp
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart")
 # a small toy-world split and one traced object keep it quick; drop these overrides for the full defaults
-s = knexp.session("model=embedded", "knowledge=banana", "data.num_images=60", "data.per_knowledge=1", "trace.objects=[banana]",
-                  "logger=none", output_dir=out)
+s = knexp.session("model=embedded", "knowledge=banana", "data.num_images=60", "data.per_knowledge=1",
+                  "trace.objects=[banana]", "logger=none", output_dir=out)
 
 found = s.identify(method="ours")  # selection under the paper's constraints, then stage 1 and stage 2
 print(found.selection.message)
@@ -38,10 +38,10 @@ heat = s.heatmap(sample)
 figure = s.figure(sample, out / "neuron.png")
 print(f"top neuron L{heat.layer} U{heat.unit}: q95 IoU with the banana {heat.iou_q95:.2f} -> {figure}")
 
-summary = {"knowledge": found.knowledge, "image_id": sample.candidate.image_id, "selected_caption": sample.candidate.original_caption,
-           "rule": sample.rule, "size": len(neurons),
-           "layers": sorted(set(neurons.layers.tolist())), "live_window": found.context.live_layers, "captions": captions,
-           "top_neuron": [heat.layer, heat.unit], "iou_q95": heat.iou_q95, "figure": str(figure),
+summary = {"knowledge": found.knowledge, "image_id": sample.candidate.image_id,
+           "selected_caption": sample.candidate.original_caption, "rule": sample.rule, "size": len(neurons),
+           "layers": sorted(set(neurons.layers.tolist())), "live_window": found.context.live_layers,
+           "captions": captions, "top_neuron": [heat.layer, heat.unit], "iou_q95": heat.iou_q95, "figure": str(figure),
            "mentions": {name: s.knowledge.mentioned_in(text) for name, text in captions.items()}}
 out.mkdir(parents=True, exist_ok=True)
 (out / "quickstart.json").write_text(json.dumps(summary, indent=1))

@@ -15,8 +15,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from knexp.console import quiet_third_party
 from knexp.paths import project_root
-from knexp.reporting.progress import quiet_third_party
 from knexp.settings import Integer, Many, SettingError, Text, check_mapping
 from knexp.user_errors import ConfigError, UserError
 
@@ -51,15 +51,16 @@ def check_top_level(cfg: DictConfig) -> dict:
         paths = OmegaConf.to_container(cfg.paths, resolve=True)
         check_mapping(paths, "paths", **{name: Text() for name in paths})
     return check_mapping({k: cfg.get(k) for k in ("seed", "num_threads", "tags", "sweep_dir", "optimized_metric")}, "",
-                         seed=Integer(low=0), num_threads=Integer(low=1, optional=True), tags=Many(Text(), min_len=0, optional=True),
+                         seed=Integer(low=0), num_threads=Integer(low=1, optional=True),
+                         tags=Many(Text(), min_len=0, optional=True),
                          sweep_dir=Text(optional=True), optimized_metric=Text(optional=True))
 
 
 def setup_runtime(cfg: DictConfig) -> None:
     """Third-party loggers quieted (``quiet_third_party``), seeds and thread count from the config (before any model
-    is built; both checked first): ``num_threads``, or under a parallel launcher (``hydra/launcher=parallel``) each job's
-    share of the cores, cores // n_jobs, so that jobs do not fight over cores (two torch processes that each use every
-    core slow each other down; BENCHMARKS.md)."""
+    is built; both checked first): ``num_threads``, or under a parallel launcher (``hydra/launcher=parallel``) each
+    job's share of the cores, cores // n_jobs, so that jobs do not fight over cores (two torch processes that each use
+    every core slow each other down; BENCHMARKS.md)."""
     top = check_top_level(cfg)
     quiet_third_party()
     seed_everything(top["seed"])
@@ -121,8 +122,19 @@ def build(node, key: str, **kwargs):
         raise
 
 
+def build_with(node: DictConfig, key: str, **built):
+    """``build`` for a group whose constructor also takes objects built apart (``built``, e.g. an edit's rule, so that
+    its own errors name its own keys): the group's other keys come from ``node``, the objects are passed as they are
+    (Hydra would turn a dataclass instance back into a config)."""
+    own = OmegaConf.masked_copy(node, [k for k in node if k not in built])
+    make = build(own, key, _partial_=True, _recursive_=False)
+    _refuse_unknown(own, key, get_object(str(node["_target_"])))
+    return make(**built)
+
+
 def _refuse_unknown(node: DictConfig, key: str, target) -> None:
-    """``SettingError`` for a key of ``node`` that ``target`` takes no argument for (``+task.foo=1``, a misspelt key)."""
+    """``SettingError`` for a key of ``node`` that ``target`` takes no argument for (``+task.foo=1``, a misspelt
+    key)."""
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):
@@ -131,7 +143,8 @@ def _refuse_unknown(node: DictConfig, key: str, target) -> None:
         return
     for name in node:
         if not str(name).startswith("_") and name not in params:
-            raise SettingError(f"{key}.{name}", node[name], f"is not a setting here; the settings are {', '.join(params)}")
+            raise SettingError(f"{key}.{name}", node[name],
+                               f"is not a setting here; the settings are {', '.join(params)}")
 
 
 def _importable(path: str) -> bool:

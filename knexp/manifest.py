@@ -45,7 +45,8 @@ def _sha1(path: Path) -> str:
 
 
 def problem(root: Path, manifest: str, settings: dict) -> tuple[str, str]:
-    """(state, detail) of the folder: ("ok", ""), ("absent", ""), ("other", the settings it holds) or ("damaged", what)."""
+    """(state, detail) of the folder: ("ok", ""), ("absent", ""), ("other", the settings it holds) or ("damaged",
+    what)."""
     path = root / manifest
     try:
         text = path.read_text()
@@ -76,8 +77,9 @@ def problem(root: Path, manifest: str, settings: dict) -> tuple[str, str]:
 
 def built(root: str | Path, manifest: str, settings: dict, build: Callable[[Path], None], what: str,
           refuse: str | None = None) -> Path:
-    """``root`` holding, whole, the files ``build(folder)`` writes into an empty ``folder`` for ``settings`` (JSON-like),
-    with the manifest at ``root / manifest`` (module docstring). ``what`` names the folder's content in warnings."""
+    """``root`` holding, whole, the files ``build(folder)`` writes into an empty ``folder`` for ``settings``
+    (JSON-like), with the manifest at ``root / manifest`` (module docstring). ``what`` names the folder's content in
+    warnings."""
     root = Path(root)
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as the manifest reads back
     if problem(root, manifest, settings)[0] == "ok":
@@ -103,7 +105,8 @@ def built(root: str | Path, manifest: str, settings: dict, build: Callable[[Path
             for rel in files:
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp / rel, root / rel)
-            atomic_write_text(root / manifest, json.dumps({"what": what, "settings": settings, "files": files}, indent=1))
+            atomic_write_text(root / manifest,
+                              json.dumps({"what": what, "settings": settings, "files": files}, indent=1))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return root

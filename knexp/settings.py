@@ -6,9 +6,10 @@ type, or raises ``SettingError``, whose one-line message names the key, the valu
     thresholds.n=0: use an integer >= 1
 
 The checks live beside the objects they build (``Rule.__post_init__`` checks ``thresholds.*``, ``Method``'s check
-``method.*``, and so on). ``knexp.job.build_job`` builds every object of the composed config once, before any model is
-loaded. So a setting that cannot work stops the job at once, and never turns into skipped samples or empty results.
-Nothing here imports Hydra: the stages use these checks on plain values (``knexp.config.build`` instantiates a group).
+``method.*``, and so on). ``knexp.job.session.build_job`` builds every object of the composed config once, before any
+model is loaded. So a setting that cannot work stops the job at once, and never turns into skipped samples or empty
+results. Nothing here imports Hydra: the stages use these checks on plain values (``knexp.config.build`` instantiates a
+group).
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ class Many:
         if value is None and self.optional:
             return None
         if isinstance(value, str) or not isinstance(value, Sequence) or len(value) < self.min_len:
-            raise SettingError(key, value if isinstance(value, (str, int, float)) or value is None else list(value), self.expected)
+            raise SettingError(key, value if isinstance(value, (str, int, float)) or value is None else list(value),
+                               self.expected)
         return [self.item(f"{key}[{i}]", v) for i, v in enumerate(value)]
 
 
@@ -204,7 +206,8 @@ def unknown(values: Mapping, prefix: str, known) -> None:
     """Refuse a key of ``values`` that is not in ``known`` (a typo such as ``model.generation.batchsize``)."""
     for name in values:
         if name not in known:
-            raise SettingError(_key(prefix, name), values[name], f"is not a setting here; the settings are {', '.join(known)}")
+            raise SettingError(_key(prefix, name), values[name],
+                               f"is not a setting here; the settings are {', '.join(known)}")
 
 
 def from_mapping(cls, values: Mapping, prefix: str):
@@ -249,8 +252,8 @@ def _key(prefix: str, name: str) -> str:
 
 
 def check_fields(obj: Any, prefix: str, **checks) -> None:
-    """Check the attributes ``checks`` names on ``obj`` (a dataclass, frozen or not) as the settings ``<prefix>.<name>``,
-    and store each back in its proper type."""
+    """Check the attributes ``checks`` names on ``obj`` (a dataclass, frozen or not) as the settings
+    ``<prefix>.<name>``, and store each back in its proper type."""
     for name, check in checks.items():
         object.__setattr__(obj, name, check(_key(prefix, name), getattr(obj, name)))
 

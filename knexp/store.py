@@ -5,7 +5,8 @@ hash of everything the value depends on (model identity, input, options; see ``s
 key and the value, and files are written under a temporary name and renamed. So two jobs may compute the same entry
 at once (the last rename wins, both are equal), a reader never sees half a file, and an entry that is cut short,
 edited or another entry's file fails its check and is recomputed, with a warning (``knexp.checked.damaged``); an entry
-written by an older knexp without its key is recomputed quietly. ``root=None`` disables the store (every ``get`` misses).
+written by an older knexp without its key is recomputed quietly. ``root=None`` disables the store (every ``get``
+misses).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from knexp.io import atomic_write_text
 
 def stable_key(*parts) -> str:
     """A short hash of JSON-serialisable parts (dataclasses included)."""
-    text = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True, default=str)
+    text = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True,
+                      default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
@@ -103,4 +105,5 @@ if __name__ == "__main__":
     print(f"cache at {where}")
     for name, row in rows.items():
         print(f"  {name:24s} {row['files']:8d} files {row['MiB']:10.2f} MiB")
-    print(f"  {'total':24s} {sum(r['files'] for r in rows.values()):8d} files {sum(r['MiB'] for r in rows.values()):10.2f} MiB")
+    print(f"  {'total':24s} {sum(r['files'] for r in rows.values()):8d} files "
+          f"{sum(r['MiB'] for r in rows.values()):10.2f} MiB")

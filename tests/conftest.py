@@ -16,13 +16,13 @@ def run_py(*args: str, timeout: int = 600, env: dict | None = None) -> subproces
     """``python run.py *args`` in a fresh process from the project root: W&B offline, tracebacks as Hydra shortens them,
     ``env`` on top."""
     full = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", **(env or {})}
-    return subprocess.run([sys.executable, "run.py", *args], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          timeout=timeout, env=full)
+    return subprocess.run([sys.executable, "run.py", *args], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=timeout, env=full)
 
 
 @pytest.fixture(scope="session")
 def catalog():
-    from knexp.job import default_catalog
+    from knexp.job.spec import default_catalog
 
     return default_catalog()
 
@@ -30,7 +30,7 @@ def catalog():
 @pytest.fixture(scope="module", params=["embedded", "llava", "minigpt4"])
 def adapter(request):
     """Each tiny model family in its adapter (float32), with the test module's ``ADAPTER_LAYERS`` decoder layers (3)."""
-    from knexp.models.tiny_vlm import tiny_adapter
+    from knexp.models.tiny.tiny_vlm import tiny_adapter
 
     return tiny_adapter(request.param, layers=getattr(request.module, "ADAPTER_LAYERS", 3))
 
@@ -39,7 +39,7 @@ def _random_pair(adapter, seed: int):
     """Two random uint8 RGB images ("original", "inpainted") at the adapter's input size (60 px for the tiny LLaVA)."""
     import numpy as np
 
-    from knexp.models.vlm import VLMAdapter
+    from knexp.models.adapters.vlm import VLMAdapter
 
     size = 60 if isinstance(adapter, VLMAdapter) else 224
     rng = np.random.default_rng(seed)
@@ -54,8 +54,9 @@ def random_pair():
 
 def _job_files(job: Path, also: tuple[str, ...] = ()) -> dict[str, bytes]:
     """Every result file of a job directory, minus logs, Hydra's copy of the config (it names the folder), W&B
-    and wall times (``wall_time_s``, ``timing``), which are the only things allowed to differ between two runs of one config;
-    ``also``: metrics.json keys left out too (``cache``: what the caches held, when their contents differ on purpose)."""
+    and wall times (``wall_time_s``, ``timing``), which are the only things allowed to differ between two runs of one
+    config; ``also``: metrics.json keys left out too (``cache``: what the caches held, when their contents differ on
+    purpose)."""
     files = {}
     for path in sorted(job.rglob("*")):
         rel = path.relative_to(job).as_posix()
@@ -85,10 +86,10 @@ INJECTED = {"image_rescaled": 1, "image_size": 1, "image_unreadable": 3, "degene
 
 def faulty_coco_folder(base: Path, root: Path, spare: set[int] = frozenset()) -> dict:
     """Copy the toy-world split at ``base`` (``instances_val.json`` and ``val/``) to ``root`` and inject ``INJECTED``'s
-    faults into images and entries whose ids are not in ``spare``, plus images in every format a viewer reads (grayscale,
-    palette, RGBA, 16-bit, EXIF-rotated JPEG) that must stay usable. Returns {"bad_images", "odd_formats": {id: RGB},
-    "good_annotations"}: the image ids that must be skipped, the readable odd images with the pixels they must read as,
-    and the ids of the original annotations that must all survive."""
+    faults into images and entries whose ids are not in ``spare``, plus images in every format a viewer reads
+    (grayscale, palette, RGBA, 16-bit, EXIF-rotated JPEG) that must stay usable. Returns {"bad_images", "odd_formats":
+    {id: RGB}, "good_annotations"}: the image ids that must be skipped, the readable odd images with the pixels they
+    must read as, and the ids of the original annotations that must all survive."""
     import shutil
 
     import cv2

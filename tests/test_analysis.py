@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from knexp.models.adapters.spliced import SplicedAdapter
 from knexp.models.geometry import PatchGeometry
-from knexp.models.spliced import SplicedAdapter
-from knexp.models.tiny import tiny_minigpt4
+from knexp.models.tiny.tiny_models import tiny_minigpt4
 from knexp.reporting.analysis import decode_neuron, layer_histogram_png, mask_iou, token_heatmap
 from knexp.store import Store
 
@@ -16,7 +16,8 @@ def test_decoded_tokens_are_the_top_of_wu_times_wout():
     assert words == [adapter.tokenizer.decode([i]) for i in torch.topk(logits, 10).indices.tolist()]
     with torch.no_grad():  # through the final norm first: W_U . norm(W_out[:, u])
         normed = adapter.final_norm()(adapter.w_out(1)[:, 5][None, None])[0, 0].float()
-    expected = [adapter.tokenizer.decode([i]) for i in torch.topk(adapter.unembedding().float() @ normed, 3).indices.tolist()]
+    expected = [adapter.tokenizer.decode([i]) for i in torch.topk(adapter.unembedding().float() @ normed,
+                                                                  3).indices.tolist()]
     assert decode_neuron(adapter, 1, 5, k=3, final_norm=True) == expected
 
 
@@ -51,7 +52,7 @@ def _adapter_image_mask(seed: int, box: tuple[slice, slice]):
 
 def test_neuron_heatmap_and_its_panel(tmp_path):
     """Fig. 3 for one neuron: the heatmap is the recorded O'[:, u] painted by the geometry, and the panel is drawn."""
-    from knexp.models.hooks import record
+    from knexp.models.hooks.record import record
     from knexp.reporting.figures import neuron_heatmap, neuron_panel
 
     adapter, image, mask = _adapter_image_mask(0, (slice(20, 120), slice(30, 90)))
@@ -61,7 +62,8 @@ def test_neuron_heatmap_and_its_panel(tmp_path):
         adapter.forward(prepared)
     np.testing.assert_allclose(heat, token_heatmap(rec.activations[1][0, :, 5].numpy(), adapter.geometry, 224, 224))
     assert iou == mask_iou(heat, mask) and 0 <= iou <= 1
-    path = neuron_panel(image, image[::-1], heat, mask, decode_neuron(adapter, 1, 5), "L1 U5 · ours · q95 IoU 0.10", tmp_path / "p.png")
+    path = neuron_panel(image, image[::-1], heat, mask, decode_neuron(adapter, 1, 5), "L1 U5 · ours · q95 IoU 0.10",
+                        tmp_path / "p.png")
     assert path.stat().st_size > 20_000  # four panels at 13 x 3.6 inches
 
     # through a store: the same heatmap, computed once (a rerun draws it without a pass), keyed by image and neuron

@@ -66,7 +66,8 @@ def test_the_hand_written_notes_survive_a_render_and_a_new_section_goes_before_t
     monkeypatch.setattr(bench, "render", lambda result: "# Benchmarks\n\n## Rendered\n\nnew numbers\n\n")
     monkeypatch.setattr(sys, "argv", ["knexp.bench", "--render", "--out", str(out), "--json", str(raw)])
     bench.main()
-    assert out.read_text() == "# Benchmarks\n\n## Rendered\n\nnew numbers\n\n" + hand  # the old numbers gone, the notes kept
+    # the old numbers gone, the notes kept
+    assert out.read_text() == "# Benchmarks\n\n## Rendered\n\nnew numbers\n\n" + hand
     monkeypatch.setattr(bench, "SECTIONS", {"data": ("## Added", lambda: "## Added\n\nmeasured\n")})
     monkeypatch.setattr(sys, "argv", ["knexp.bench", "--only", "data", "--out", str(out)])
     bench.main()

@@ -23,8 +23,8 @@ from knexp.paths import project_root
 # statistics, reference statistics (the mean intervention) and heatmaps (the Fig. 3 panels). The random tiny LLaVA names
 # a cell phone in one of these 60 scenes and not once it is inpainted, so the job has one sample.
 JOB = ("task=evaluate", "model=tiny_llava", "knowledge=cell_phone", "data.num_images=60", "thresholds.n=20",
-       "thresholds.layers=nonzero", "intervention=mean", "reference.images=4", "reference.removals=4", "task.k_images=1",
-       "task.other_images=2", "logger=none")
+       "thresholds.layers=nonzero", "intervention=mean", "reference.images=4", "reference.removals=4",
+       "task.k_images=1", "task.other_images=2", "logger=none")
 
 
 def _results(job: Path) -> dict[str, bytes]:
@@ -56,8 +56,8 @@ def test_a_run_over_a_cache_with_every_entry_cut_short_gives_the_clean_results(t
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
     assert _results(tmp_path / "again") == _results(tmp_path / "clean")
     log = again.stdout + again.stderr
-    for name in ("toy-world split", "captions cache", "inpainted images cache", "statistics cache", "reference statistics cache",
-                 "heatmaps cache"):
+    for name in ("toy-world split", "captions cache", "inpainted images cache", "statistics cache",
+                 "reference statistics cache", "heatmaps cache"):
         assert name in log and "damaged" in log, name
     assert json.loads((tmp_path / "again" / "metrics.json").read_text())["cache"]["damaged_entries_rebuilt"] > 0
 
@@ -145,16 +145,19 @@ def split(tmp_path, catalog):
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and ".lock" not in p.name}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".lock" not in p.name}
 
 
-@pytest.mark.parametrize("damage", ["image cut short", "annotations cut short", "manifest cut short", "another split's image",
+@pytest.mark.parametrize("damage",
+                         ["image cut short", "annotations cut short", "manifest cut short", "another split's image",
                                     "image deleted"])
 def test_a_damaged_toy_world_split_is_made_again_the_same(split, tmp_path, caplog, damage):
     root = split()
     clean = _files(root)
     other = split(tmp_path / "other", seed=6)
-    image, annotations, manifest = root / "val" / "val_000003.png", root / "instances_val.json", root / "val" / "manifest.json"
+    image, manifest = root / "val" / "val_000003.png", root / "val" / "manifest.json"
+    annotations = root / "instances_val.json"
     if damage == "image cut short":
         image.write_bytes(image.read_bytes()[:100])
     elif damage == "annotations cut short":
@@ -220,8 +223,10 @@ def test_two_identical_jobs_at_once_on_one_new_cache_give_identical_results(tmp_
     cache = tmp_path / "cache"
     common = (*JOB, f"data.root={cache}/toyworld", f"paths.cache_dir={cache}", "num_threads=1")
     env = {"HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}
-    procs = [subprocess.Popen([sys.executable, "run.py", *common, f"hydra.run.dir={tmp_path}/{name}"], cwd=project_root(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**__import__("os").environ, **env})
+    procs = [subprocess.Popen([sys.executable, "run.py", *common, f"hydra.run.dir={tmp_path}/{name}"],
+                              cwd=project_root(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**__import__("os").environ, **env})
              for name in ("a", "b")]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]

@@ -10,7 +10,8 @@ def test_catalog_has_the_30_objects_of_method_md(catalog):
     assert catalog["tennis_racket"].coco_id == 43  # file-style name works too
     assert catalog["umbrella"].supercategory == "accessory"
     supercats = {k.supercategory for k in catalog}
-    assert supercats == {"food", "animal", "vehicle", "furniture", "appliance", "sports", "outdoor", "electronic", "indoor", "accessory"}
+    assert supercats == {"food", "animal", "vehicle", "furniture", "appliance", "sports", "outdoor", "electronic",
+                         "indoor", "accessory"}
 
 
 @pytest.mark.parametrize(

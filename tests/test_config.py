@@ -18,7 +18,7 @@ def _compose(*overrides):
 
 
 def _model(cfg) -> dict:
-    """The model config as ``knexp.job.Session`` hands it to ``load_model``."""
+    """The model config as ``knexp.job.spec.JobSpec.model`` hands it to ``load_model``."""
     return OmegaConf.to_container(cfg.model, resolve=True, throw_on_missing=True)
 
 
@@ -28,7 +28,8 @@ def test_default_config_has_every_group():
         assert group in cfg and cfg[group].name, group
     assert cfg.task.name == "evaluate" and cfg.model.name == "embedded"
     assert cfg.logger.name == "wandb" and cfg.thresholds.name == "budget" and cfg.intervention.name == "inpainted"
-    assert (cfg.thresholds.layers, cfg.thresholds.stage1, cfg.thresholds.n) == ("live", "abs", 1000)  # chosen on the tuning split
+    # chosen on the tuning split
+    assert (cfg.thresholds.layers, cfg.thresholds.stage1, cfg.thresholds.n) == ("live", "abs", 1000)
 
 
 @pytest.mark.parametrize("level", [40, 80, 120])
@@ -116,14 +117,18 @@ def test_demo_and_paper_experiments_are_whole_sweeps():
     demo = _compose("experiment=demo")
     assert demo.task.name == "evaluate" and demo.model.name == "embedded"
     defaults = _compose()
-    assert (demo.thresholds, demo.intervention) == (defaults.thresholds, defaults.intervention)  # the demo shows the defaults
+    # the demo shows the defaults
+    assert (demo.thresholds, demo.intervention) == (defaults.thresholds, defaults.intervention)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         h = compose("config", overrides=["experiment=demo"], return_hydra_config=True).hydra
         paper = compose("config", overrides=["experiment=paper_table2"], return_hydra_config=True)
     assert h.mode.name == "MULTIRUN" and h.sweep.dir.endswith("demo/multirun")  # fixed: a rerun resumes
-    assert dict(h.sweeper.params) == {"knowledge": "bed,bear,banana", "method": "ours,pan,schwettmann,attribution,random"}
-    assert paper.model.name == "minigpt4_llama2" and paper.thresholds.name == "paper" and list(paper.noise_level.levels) == [40, 80, 120]
-    assert paper.intervention.name == "noise" and paper.noise_level.scale == "absolute"  # the paper's protocol, whatever the defaults
+    assert dict(h.sweeper.params) == {"knowledge": "bed,bear,banana",
+                                      "method": "ours,pan,schwettmann,attribution,random"}
+    assert paper.model.name == "minigpt4_llama2" and paper.thresholds.name == "paper"
+    assert list(paper.noise_level.levels) == [40, 80, 120]
+    # the paper's protocol, whatever the defaults
+    assert paper.intervention.name == "noise" and paper.noise_level.scale == "absolute"
     assert paper.noise_level.draws == 10 and paper.hydra.sweeper.params.knowledge == "glob(*)"
 
 
@@ -132,23 +137,27 @@ def test_the_study_experiments_keep_the_splits_apart():
         tuning = compose("config", overrides=["experiment=embedded_tuning"], return_hydra_config=True)
         parts = [compose("config", overrides=[f"experiment={e}"], return_hydra_config=True)
                  for e in ("embedded_table2", "embedded_table2_curves", "embedded_table2_noise")]
-    assert tuning.hydra.sweeper.params.knowledge.split(",") == list(tuning.splits.tuning)  # the rule is chosen there only
+    # the rule is chosen there only
+    assert tuning.hydra.sweeper.params.knowledge.split(",") == list(tuning.splits.tuning)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         edit_tuning = compose("config", overrides=["experiment=embedded_edit_tuning"], return_hydra_config=True)
-    assert edit_tuning.hydra.sweeper.params.knowledge.split(",") == list(edit_tuning.splits.tuning)  # the edit's defaults too
+    # the edit's defaults too
+    assert edit_tuning.hydra.sweeper.params.knowledge.split(",") == list(edit_tuning.splits.tuning)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         edit_held = compose("config", overrides=["experiment=embedded_edit"], return_hydra_config=True)
     held = [o.replace("_", " ") for o in edit_held.hydra.sweeper.params.knowledge.split(",")]
     assert held == list(edit_held.splits.heldout) and edit_held.task.baselines  # measured there, beside every baseline
-    assert all(p.hydra.sweeper.params.knowledge == "glob(*)" for p in parts[:2]) and all(p.model.name == "embedded" for p in parts)
+    assert all(p.hydra.sweeper.params.knowledge == "glob(*)" for p in parts[:2])
+    assert all(p.model.name == "embedded" for p in parts)
     noise_objects = parts[2].hydra.sweeper.params.knowledge.split(",")  # the cut noise part: held-out objects only
     assert len(noise_objects) == 12 and {o.replace("_", " ") for o in noise_objects} <= set(parts[2].splits.heldout)
-    assert [p.intervention.name for p in parts] == ["inpainted", "inpainted", "noise"] and parts[2].noise_level.scale == "calibrated"
+    assert [p.intervention.name for p in parts] == ["inpainted", "inpainted",
+                                                    "noise"] and parts[2].noise_level.scale == "calibrated"
     assert parts[1].task.sizes and len({p.hydra.sweep.dir for p in parts}) == 3
 
 
 def test_job_key_covers_what_results_depend_on_and_nothing_else(tmp_path):
-    from knexp.resume import job_key
+    from knexp.job.spec import job_key
 
     def key(*overrides):  # outside a Hydra job the output folder must be given
         return job_key(_compose(f"paths.output_dir={tmp_path}/job", *overrides))

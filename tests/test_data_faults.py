@@ -18,10 +18,13 @@ from knexp.data.validation import FAULT_KINDS, audit_coco
 def _file() -> dict:
     """Two good images and annotations, then one entry per annotation-level fault kind."""
     poly = [10.0, 10.0, 40.0, 10.0, 40.0, 40.0, 10.0, 40.0]
-    good = {"image_id": 1, "category_id": 6, "bbox": [10, 10, 30, 30], "area": 900.0, "segmentation": [poly], "iscrowd": 0}
+    good = {"image_id": 1, "category_id": 6, "bbox": [10, 10, 30, 30], "area": 900.0, "segmentation": [poly],
+            "iscrowd": 0}
     return {
-        "images": [{"id": 1, "file_name": "1.png", "height": 64, "width": 64}, {"id": 2, "file_name": "2.png", "height": 64, "width": 64},
-                   {"id": 3, "file_name": "3.png", "height": 0, "width": 64}, {"id": 2, "file_name": "again.png", "height": 8, "width": 8}],
+        "images": [{"id": 1, "file_name": "1.png", "height": 64, "width": 64},
+                   {"id": 2, "file_name": "2.png", "height": 64, "width": 64},
+                   {"id": 3, "file_name": "3.png", "height": 0, "width": 64},
+                   {"id": 2, "file_name": "again.png", "height": 8, "width": 8}],
         "categories": [{"id": 6, "name": "bus"}, {"id": "7", "name": "train"}],
         "annotations": [
             {**good, "id": 1}, {**good, "id": 2, "image_id": 2},
@@ -45,8 +48,10 @@ def test_each_faulty_entry_is_dropped_or_repaired_and_counted():
     data = _file()
     audit = audit_coco(data, "instances_val.json")
     assert audit.counts == {"image_fields": 1, "duplicate_image_id": 1, "category_fields": 1, "degenerate_polygon": 2,
-                            "unknown_category": 1, "zero_area_box": 1, "box_clipped": 1, "box_outside_image": 1, "unknown_image": 1,
-                            "duplicate_annotation_id": 1, "bad_rle": 1, "bad_iscrowd": 1, "annotation_fields": 1, "bad_segmentation": 1}
+                            "unknown_category": 1, "zero_area_box": 1, "box_clipped": 1, "box_outside_image": 1,
+                            "unknown_image": 1,
+                            "duplicate_annotation_id": 1, "bad_rle": 1, "bad_iscrowd": 1, "annotation_fields": 1,
+                            "bad_segmentation": 1}
     assert set(audit.counts) <= set(FAULT_KINDS)
     kept = {a["id"]: a for a in data["annotations"]}
     assert sorted(kept) == [1, 2, 4, 7]
@@ -101,7 +106,8 @@ def test_images_read_as_a_viewer_shows_them(tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     side.save(tmp_path / "exif.jpg", quality=100, exif=exif)
     upright = read_rgb(tmp_path / "exif.jpg")
-    assert upright.shape == smooth.shape and np.abs(upright.astype(int) - smooth).mean() < 5  # upright, JPEG's loss only
+    # upright, JPEG's loss only
+    assert upright.shape == smooth.shape and np.abs(upright.astype(int) - smooth).mean() < 5
     ok, jpeg = cv2.imencode(".jpg", px)
     (tmp_path / "cut.jpg").write_bytes(jpeg.tobytes()[: len(jpeg) // 2])
     (tmp_path / "junk.png").write_bytes(b"not an image at all")
@@ -115,7 +121,8 @@ def toy_split(tmp_path_factory, catalog):
     from knexp.data.toyworld.dataset import generate_split
     from knexp.data.toyworld.scenes import SceneOptions
 
-    return generate_split(tmp_path_factory.mktemp("tw"), "val", 40, seed=5, catalog=catalog, opts=SceneOptions(gap_px=8))
+    return generate_split(tmp_path_factory.mktemp("tw"), "val", 40, seed=5, catalog=catalog,
+                          opts=SceneOptions(gap_px=8))
 
 
 def test_a_faulty_folder_keeps_its_good_entries_and_skips_the_rest_with_reasons(toy_split, tmp_path):
@@ -160,7 +167,8 @@ def test_selection_and_evaluation_pass_over_bad_images_with_reasons(toy_split, t
     def captioner(images, keys):
         return [f"The image shows {k.indefinite}." if len(key) == 2 else "The image shows nothing." for key in keys]
 
-    sel = select_samples(data, "faulty", captioner, catalog, k, per_knowledge=50, seed=0, opts=InpaintOptions(), cache=InpaintCache(None))
+    sel = select_samples(data, "faulty", captioner, catalog, k, per_knowledge=50, seed=0, opts=InpaintOptions(),
+                         cache=InpaintCache(None))
     rejected = {c.image_id: c.reason for c in sel.rejected}
     assert bad_with_k <= set(rejected) and all(rejected[i].startswith("data: ") for i in bad_with_k)
     assert sel.accepted and not {c.image_id for c in sel.accepted} & facts["bad_images"]
@@ -176,17 +184,20 @@ def test_strict_stops_at_a_bad_image_that_selection_would_skip(toy_split, tmp_pa
 
     (tmp_path / "val").mkdir()
     for f in (toy_split / "val").glob("*.png"):
-        (tmp_path / "val" / f.name).write_bytes(f.read_bytes()[:200])  # every image truncated; the annotations are clean
+        # every image truncated; the annotations are clean
+        (tmp_path / "val" / f.name).write_bytes(f.read_bytes()[:200])
     (tmp_path / "instances_val.json").write_text((toy_split / "instances_val.json").read_text())
     data = CocoScenes(tmp_path, "val", strict=True)
     k = next(k for k in catalog if data.image_ids_with(k.coco_id))
     with pytest.raises(DatasetError, match="data.strict=false") as stopped:
-        select_samples(data, "strict", lambda images, keys: ["x"] * len(images), catalog, k, 3, 0, InpaintOptions(), InpaintCache(None))
+        select_samples(data, "strict", lambda images, keys: ["x"] * len(images), catalog, k, 3, 0, InpaintOptions(),
+                       InpaintCache(None))
     assert not isinstance(stopped.value, ImageError)  # not the per-image error that stages skip
 
 
 def test_expected_errors_print_one_line_and_no_traceback(tmp_path):
-    args = ("task=identify", "data=coco2017", f"data.root={tmp_path / 'nowhere'}", "logger=none", f"hydra.run.dir={tmp_path / 'job'}")
+    args = ("task=identify", "data=coco2017", f"data.root={tmp_path / 'nowhere'}", "logger=none",
+            f"hydra.run.dir={tmp_path / 'job'}")
     quiet = _run(*args)
     out = quiet.stdout + quiet.stderr
     assert quiet.returncode == 1 and "Traceback" not in out
@@ -195,29 +206,31 @@ def test_expected_errors_print_one_line_and_no_traceback(tmp_path):
     full = _run(*args, env={"HYDRA_FULL_ERROR": "1"})
     assert full.returncode == 1 and "Traceback" in full.stderr and "DatasetError" in full.stderr
     bad_setting = _run("task=tune", "task.split=nope", "logger=none", f"hydra.run.dir={tmp_path / 'tune'}")
-    assert bad_setting.returncode == 1 and "Traceback" not in bad_setting.stderr and "task.split" in bad_setting.stdout + bad_setting.stderr
+    assert bad_setting.returncode == 1 and "Traceback" not in bad_setting.stderr
+    assert "task.split" in bad_setting.stdout + bad_setting.stderr
 
 
 def test_unexpected_errors_keep_their_traceback(tmp_path):
     """An error knexp does not expect (here a model loader that is some other function: it imports, so no setting check
     can tell, and fails when it is called) shows where it happened."""
-    r = _run("task=identify", "model=tiny_llava", "model.loader=knexp.paths.project_root", "logger=none", f"hydra.run.dir={tmp_path}",
+    r = _run("task=identify", "model=tiny_llava", "model.loader=knexp.paths.project_root", "logger=none",
+             f"hydra.run.dir={tmp_path}",
              f"paths.cache_dir={tmp_path}/cache", f"data.root={tmp_path}/tw", "data.num_images=2")
     assert r.returncode == 1 and "Traceback" in r.stderr and "TypeError" in r.stderr
 
 
 def test_the_dataset_doctor_reports_every_fault_kind(toy_split, tmp_path):
     facts = faulty_coco_folder(toy_split, tmp_path / "data")
-    r = _run("task=validate_data", "data=coco2017", f"data.root={tmp_path / 'data'}", "data.split=val", "data.image_dir=val", "logger=none",
-             f"hydra.run.dir={tmp_path / 'job'}")
+    r = _run("task=validate_data", "data=coco2017", f"data.root={tmp_path / 'data'}", "data.split=val",
+             "data.image_dir=val", "logger=none", f"hydra.run.dir={tmp_path / 'job'}")
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "job" / "data_report.json").read_text())
     assert report["counts"] == INJECTED and report["unusable_images"] == len(facts["bad_images"])
     for kind in INJECTED:
         assert f"  {kind}: {INJECTED[kind]}" in r.stdout
     assert set(report["objects"]) and all(row["candidates"] <= row["instances"] for row in report["objects"].values())
-    quick = _run("task=validate_data", "data=coco2017", f"data.root={tmp_path / 'data'}", "data.split=val", "data.image_dir=val",
-                 "logger=none", "task.images=false", f"hydra.run.dir={tmp_path / 'quick'}")
+    quick = _run("task=validate_data", "data=coco2017", f"data.root={tmp_path / 'data'}", "data.split=val",
+                 "data.image_dir=val", "logger=none", "task.images=false", f"hydra.run.dir={tmp_path / 'quick'}")
     quick_report = json.loads((tmp_path / "quick" / "data_report.json").read_text())
     assert quick.returncode == 0 and quick_report["seconds"]["image_pass"] is None
     assert set(quick_report["counts"]) == {k for k in INJECTED if not k.startswith("image_")}
@@ -235,8 +248,10 @@ def test_identify_and_evaluate_run_through_a_faulty_folder(tmp_path, catalog):
     spare = {img["id"] for img in json.loads((base / "instances_val.json").read_text())["images"]}
     spare -= set(CocoScenes(base, "val").image_ids_with(bed))  # the faults go into bed's images
     facts = faulty_coco_folder(base, tmp_path / "data", spare)
-    common = ("data=coco2017", f"data.root={tmp_path / 'data'}", "data.split=val", "data.image_dir=val", "model=embedded", "knowledge=bed",
-              "method=ours", "thresholds=budget", "thresholds.layers=all", "logger=none", f"paths.cache_dir={tmp_path / 'cache'}")
+    common = ("data=coco2017", f"data.root={tmp_path / 'data'}", "data.split=val", "data.image_dir=val",
+              "model=embedded", "knowledge=bed",
+              "method=ours", "thresholds=budget", "thresholds.layers=all", "logger=none",
+              f"paths.cache_dir={tmp_path / 'cache'}")
     for task in ("identify", "evaluate"):
         extra = ("task.k_images=2", "task.other_images=3") if task == "evaluate" else ()
         r = _run(f"task={task}", *common, *extra, f"hydra.run.dir={tmp_path / task}")
@@ -249,7 +264,8 @@ def test_identify_and_evaluate_run_through_a_faulty_folder(tmp_path, catalog):
         used = {c["image_id"] for c in selection["accepted"]}
         assert len(used) == 3 and not used & facts["bad_images"]
         rejected = {c["image_id"]: c["reason"] for c in selection["rejected"]}
-        met = {int(f["entry"].split()[-1]) for kind in ("image_unreadable", "image_size") for f in faults["faults"].get(kind, [])}
+        met = {int(f["entry"].split()[-1]) for kind in ("image_unreadable",
+                                                        "image_size") for f in faults["faults"].get(kind, [])}
         assert met and met <= facts["bad_images"]
         assert all(rejected[i].startswith("data: ") for i in met if i in rejected)
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
@@ -258,11 +274,14 @@ def test_identify_and_evaluate_run_through_a_faulty_folder(tmp_path, catalog):
 
 def test_caption_eval_captions_the_readable_images_and_lists_the_rest(toy_split, tmp_path):
     facts = faulty_coco_folder(toy_split, tmp_path / "data")
-    r = _run("task=caption_eval", "model=tiny_llava", "data=coco2017", f"data.root={tmp_path / 'data'}", "data.split=val",
-             "data.image_dir=val", "task.num_scenes=12", "task.inpaint_scenes=2", "logger=none", f"hydra.run.dir={tmp_path / 'job'}")
+    r = _run("task=caption_eval", "model=tiny_llava", "data=coco2017", f"data.root={tmp_path / 'data'}",
+             "data.split=val",
+             "data.image_dir=val", "task.num_scenes=12", "task.inpaint_scenes=2", "logger=none",
+             f"hydra.run.dir={tmp_path / 'job'}")
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
-    first = sorted(json.loads((tmp_path / "data" / "instances_val.json").read_text())["images"], key=lambda i: i["id"])[:12]
+    first = sorted(json.loads((tmp_path / "data" / "instances_val.json").read_text())["images"],
+                   key=lambda i: i["id"])[:12]
     bad = {i["id"] for i in first} & facts["bad_images"]
     assert bad and {s["image_id"] for s in metrics["data"]["skipped_images"]} == bad
     assert all(s["reason"] for s in metrics["data"]["skipped_images"])

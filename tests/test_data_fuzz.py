@@ -17,11 +17,13 @@ from knexp.data.coco import CocoScenes, DatasetError, ImageError
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=True,
+                                                                   allow_infinity=True) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=20,
 )
-FIELDS = ["id", "image_id", "category_id", "bbox", "area", "segmentation", "iscrowd", "file_name", "height", "width", "name", "caption"]
+FIELDS = ["id", "image_id", "category_id", "bbox", "area", "segmentation", "iscrowd", "file_name", "height", "width",
+          "name", "caption"]
 
 
 def _valid() -> dict:
@@ -196,7 +198,7 @@ def test_selection_and_evaluation_read_a_folder_of_good_and_broken_images(kinds,
     from knexp.counterfactual.cache import InpaintCache, InpaintOptions
     from knexp.evaluation.protocol import evaluation_images
     from knexp.identification.selection import select_samples
-    from knexp.job import default_catalog
+    from knexp.job.spec import default_catalog
 
     catalog = default_catalog()
     k = catalog["bus"]
@@ -213,20 +215,26 @@ def test_selection_and_evaluation_read_a_folder_of_good_and_broken_images(kinds,
             ok, png = cv2.imencode(".png", (rng.random((64, 64, 3)) * 255).astype(np.uint8))
             raw = png.tobytes()
             payload = {"good": raw, "truncated": raw[: int(rng.integers(8, len(raw) // 2))], "garbage": rng.bytes(300),
-                       "empty": b"", "small": cv2.imencode(".png", np.zeros((32, 48, 3), np.uint8))[1].tobytes()}.get(kind)
+                       "empty": b"",
+                       "small": cv2.imencode(".png", np.zeros((32, 48, 3), np.uint8))[1].tobytes()}.get(kind)
             if payload is not None:
                 (folder / "val" / f"{i + 1}.png").write_bytes(payload)
         scenes = CocoScenes(folder, "val")
-        captioner = lambda images, keys: [f"The image shows {k.indefinite}." if len(key) == 2 else "Nothing." for key in keys]  # noqa: E731
-        sel = select_samples(scenes, "fuzz", captioner, catalog, k, per_knowledge=len(kinds), seed=0, opts=InpaintOptions(),
-                             cache=InpaintCache(None))
+
+        def captioner(images, keys):
+            return [f"The image shows {k.indefinite}." if len(key) == 2 else "Nothing." for key in keys]
+
+        sel = select_samples(scenes, "fuzz", captioner, catalog, k, per_knowledge=len(kinds), seed=0,
+                             opts=InpaintOptions(), cache=InpaintCache(None))
         good = {i + 1 for i, kind in enumerate(kinds) if kind == "good"}
         assert {c.image_id for c in sel.accepted} == good
         assert {c.image_id for c in sel.rejected} == set(range(1, len(kinds) + 1)) - good
         assert all(c.reason.startswith("data: ") for c in sel.rejected)
         skipped = []
         rows = evaluation_images(scenes, catalog, k, [], k_images=len(kinds), other_images=0, seed=0, skipped=skipped)
-        assert {i for i, _, _ in rows} == good and {s["image_id"] for s in skipped} == set(range(1, len(kinds) + 1)) - good
+        assert {i for i, _, _ in rows} == good and {s["image_id"] for s in skipped} == set(range(1,
+                                                                                                 len(kinds) + 1)) - good
         for image_id in good:
-            assert InpaintCache(None).without(scenes, "fuzz", image_id, k.coco_id, InpaintOptions()).shape == (64, 64, 3)
+            assert InpaintCache(None).without(scenes, "fuzz", image_id, k.coco_id, InpaintOptions()).shape == (64, 64,
+                                                                                                               3)
     _in_tmp(run)

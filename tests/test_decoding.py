@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from knexp.models.hooks import LayerEdit, intervene
-from knexp.models.streaming import greedy_ids
-from knexp.models.vlm import VLMAdapter
+from knexp.models.adapters.vlm import VLMAdapter
+from knexp.models.decoding.streaming import greedy_ids
+from knexp.models.hooks.intervene import ActivationPatch, intervene
 
 
 def _rows(adapter, images: int = 2, per_image: int = 3, seed: int = 0):
@@ -28,7 +28,7 @@ def _edits(adapter, layers, batch, seed=1, scale=5.0):
     rng = np.random.default_rng(seed)
     units = torch.as_tensor(rng.choice(adapter.d_ff, 6, replace=False))
     noise = torch.tensor(rng.standard_normal((batch, adapter.num_image_tokens)) * scale, dtype=torch.float32)  # [B, P]
-    return {layer: LayerEdit(units, add=noise) for layer in layers}
+    return {layer: ActivationPatch(units, add=noise) for layer in layers}
 
 
 def test_clean_tokens_are_the_models_own(adapter):
@@ -47,14 +47,15 @@ def test_reusing_the_layers_below_an_intervention_gives_the_full_recomputes_toke
     assert all(e.applied == 1 for e in edits.values())  # each edit acted once: on the prompt's pass of its layer
     assert _same(full, reused, adapter.pad_token_id)
     with intervene(adapter, prepared, _edits(adapter, layers, prepared.batch_size, scale=0.0)):
-        assert _same(adapter.generate_ids(prepared, 10), greedy_ids(adapter, prepared, 10, start_layer=layers[0], groups=groups),
+        assert _same(adapter.generate_ids(prepared, 10),
+                     greedy_ids(adapter, prepared, 10, start_layer=layers[0], groups=groups),
                      adapter.pad_token_id)  # zero noise: the clean tokens, through the reused layers
 
 
 def test_finished_rows_leave_the_batch(monkeypatch):
-    """With a stop token that some rows emit early, those rows end there (pad after it) and later steps run on fewer rows
-    (on the tiny LLaVA, whose rows differ: the tiny spliced models repeat one token)."""
-    from knexp.models.tiny_vlm import tiny_adapter
+    """With a stop token that some rows emit early, those rows end there (pad after it) and later steps run on fewer
+    rows (on the tiny LLaVA, whose rows differ: the tiny spliced models repeat one token)."""
+    from knexp.models.tiny.tiny_vlm import tiny_adapter
 
     adapter = tiny_adapter("llava")
     prepared, _ = _rows(adapter, images=3, per_image=1)
@@ -63,7 +64,8 @@ def test_finished_rows_leave_the_batch(monkeypatch):
     monkeypatch.setattr(type(adapter), "stop_token_ids", property(lambda self: [stop]))
     widths = []
     lm, _ = adapter.language_model()
-    handle = lm.layers[0].mlp.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[0]))  # prompt pass and steps
+    # prompt pass and steps
+    handle = lm.layers[0].mlp.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[0]))
     try:
         ids = greedy_ids(adapter, prepared, 8)
     finally:
@@ -79,9 +81,9 @@ def test_finished_rows_leave_the_batch(monkeypatch):
 
 
 def test_the_prefix_is_computed_once_per_model_and_again_after_a_weight_edit(adapter):
-    """Batches of one model share the tokens before the image (one pass of one row); an in-place weight edit, as a planted
-    neuron makes, computes it again. Turning each saving off gives the same tokens."""
-    from knexp.models.prefix_cache import PREFIXES
+    """Batches of one model share the tokens before the image (one pass of one row); an in-place weight edit, as a
+    planted neuron makes, computes it again. Turning each saving off gives the same tokens."""
+    from knexp.models.decoding.prefix_cache import PREFIXES
 
     lm, _ = adapter.language_model()
     PREFIXES.pop(lm, None)
@@ -110,11 +112,12 @@ def test_the_prefix_is_computed_once_per_model_and_again_after_a_weight_edit(ada
 
 
 def test_intervened_captions_equal_the_unreused_path(adapter):
-    """perturb.intervened_captions (reuse below the set's lowest layer, grouped by image) against HF generate per chunk."""
+    """perturb.intervened_captions (reuse below the set's lowest layer, grouped by image) against HF generate per
+    chunk."""
     from knexp.evaluation.interventions import Noise, SetValues, noise_for, rows_for
     from knexp.evaluation.perturb import intervened_captions
     from knexp.identification.methods import NeuronSet
-    from knexp.models.adapter import join_prefix
+    from knexp.models.adapters.adapter import join_prefix
 
     size = 60 if isinstance(adapter, VLMAdapter) else 224
     rng = np.random.default_rng(3)
@@ -124,9 +127,10 @@ def test_intervened_captions_equal_the_unreused_path(adapter):
     how = Noise(levels=(50.0,), draws=2)
     got = intervened_captions(adapter, images, rows, neurons, how, SetValues(), seed=0, batch_size=4, max_new_tokens=8)
 
-    noise = torch.tensor(np.stack([noise_for(r, 0, adapter.num_image_tokens, 3, False) for r in rows]), dtype=torch.float32)
+    noise = torch.tensor(np.stack([noise_for(r, 0, adapter.num_image_tokens, 3, False) for r in rows]),
+                         dtype=torch.float32)
     prepared = adapter.prepare([images[r.image_index] for r in rows])
-    edits = {1: LayerEdit(torch.tensor([3, 7]), add=noise), 2: LayerEdit(torch.tensor([5]), add=noise)}
+    edits = {1: ActivationPatch(torch.tensor([3, 7]), add=noise), 2: ActivationPatch(torch.tensor([5]), add=noise)}
     with intervene(adapter, prepared, edits):
         expected = [join_prefix(adapter.caption_prefix, t) for t in adapter.decode(adapter.generate_ids(prepared, 8))]
     assert got == expected
@@ -137,12 +141,13 @@ def test_reuse_is_exact_on_the_embedded_model(catalog):
     """Real captions: noise on 40 units in layers 20-29, 0-29 and 12 alone; 4 images x 4 rows each; in one batch, and in
     a stream of prompt batches of 4 with up to 8 rows decoding together."""
     from knexp.data.toyworld.scenes import SceneOptions, make_scene
-    from knexp.models.embedded import load_embedded
-    from knexp.models.spliced import SplicedAdapter
-    from knexp.models.streaming import stream_ids
+    from knexp.models.adapters.spliced import SplicedAdapter
+    from knexp.models.decoding.streaming import stream_ids
+    from knexp.models.zoo.embedded import load_embedded
     from knexp.paths import default_cache_dir, project_root
 
-    adapter = SplicedAdapter(load_embedded(default_cache_dir(), project_root() / "knexp/models/weights/embedded_projector.safetensors"))
+    adapter = SplicedAdapter(load_embedded(default_cache_dir(),
+                                           project_root() / "knexp/models/weights/embedded_projector.safetensors"))
     pics = [make_scene(catalog, np.random.default_rng([77, 5, i]), SceneOptions(gap_px=8)).image for i in range(4)]
     groups = [i // 4 for i in range(16)]
     prepared = adapter.prepare([pics[g] for g in groups])
@@ -151,19 +156,21 @@ def test_reuse_is_exact_on_the_embedded_model(catalog):
         rng = np.random.default_rng(lo)
         units = torch.as_tensor(rng.choice(adapter.d_ff, 40, replace=False))
         noise = torch.tensor(rng.standard_normal((16, adapter.num_image_tokens)) * 3, dtype=torch.float32)
-        with intervene(adapter, prepared, {layer: LayerEdit(units, add=noise) for layer in range(lo, hi)}):
+        with intervene(adapter, prepared, {layer: ActivationPatch(units, add=noise) for layer in range(lo, hi)}):
             full = adapter.generate_ids(prepared, 32)
-        with intervene(adapter, prepared, {layer: LayerEdit(units, add=noise) for layer in range(lo, hi)}):
+        with intervene(adapter, prepared, {layer: ActivationPatch(units, add=noise) for layer in range(lo, hi)}):
             reused = greedy_ids(adapter, prepared, 32, start_layer=lo, groups=groups)
         assert _same(full, reused, adapter.pad_token_id), (lo, hi)
         named += sum(bool(catalog.mentioned(t)) for t in adapter.decode(reused))
 
-        def prompt_pass(rows, lo=lo, hi=hi, units=units, noise=noise):  # the evaluation's way: rows' own noise, by cohort
+        # the evaluation's way: rows' own noise, by cohort
+        def prompt_pass(rows, lo=lo, hi=hi, units=units, noise=noise):
             part = adapter.prepare([pics[groups[r]] for r in rows])
-            with intervene(adapter, part, {layer: LayerEdit(units, add=noise[rows]) for layer in range(lo, hi)}):
+            with intervene(adapter, part, {layer: ActivationPatch(units, add=noise[rows]) for layer in range(lo, hi)}):
                 return adapter.prefill(part, start_layer=lo, groups=[groups[r] for r in rows])
 
-        assert _same(full, stream_ids(adapter, 16, prompt_pass, 32, batch_size=4, width=8), adapter.pad_token_id), (lo, hi)
+        assert _same(full, stream_ids(adapter, 16, prompt_pass, 32, batch_size=4, width=8), adapter.pad_token_id), (lo,
+                                                                                                                    hi)
     assert named > 16  # real captions that name objects, not degenerate text
 
 
@@ -196,8 +203,8 @@ def test_a_stream_of_cohorts_gives_each_rows_own_tokens(family, attention, monke
     several cohorts decode together) get the tokens each row gets alone (which are the model's own ``generate``'s,
     checked here for one row and in the tests above for batches); the MLPs saw rows of several cohorts at once. With
     either attention function (the embedded model's is eager, which ``_attend`` computes without copying the cache)."""
-    from knexp.models.streaming import stream_ids
-    from knexp.models.tiny_vlm import tiny_adapter
+    from knexp.models.decoding.streaming import stream_ids
+    from knexp.models.tiny.tiny_vlm import tiny_adapter
 
     adapter = tiny_adapter(family, layers=3)
     adapter.language_model()[0].config._attn_implementation = attention
@@ -206,7 +213,8 @@ def test_a_stream_of_cohorts_gives_each_rows_own_tokens(family, attention, monke
     pics = [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(11)]
     alone = torch.stack([greedy_ids(adapter, adapter.prepare([p]), 8)[0] for p in pics])  # [11, 8]: each row alone
     assert _same(adapter.generate_ids(adapter.prepare(pics[:1]), 8), alone[:1], adapter.pad_token_id)
-    if family == "llava":  # its rows differ (the tiny spliced models repeat one token): make them end at different steps
+    # its rows differ (the tiny spliced models repeat one token): make them end at different steps
+    if family == "llava":
         alone = _ended_at(alone, _early_stop(adapter, monkeypatch, alone), adapter.pad_token_id)
     lm, _ = adapter.language_model()
     widths, prefills = [], []
@@ -232,9 +240,9 @@ def test_a_stream_of_cohorts_gives_each_rows_own_tokens(family, attention, monke
 def test_out_of_memory_in_a_stream_halves_it_and_keeps_finished_rows(monkeypatch, caplog):
     """Out of memory in a prompt pass puts the rows in flight back, halves the prompt batch and the width, and keeps the
     rows already finished; the tokens are unchanged. At one row, BatchTooLarge names the settings."""
-    from knexp.models.batching import BatchTooLarge
-    from knexp.models.streaming import stream_ids
-    from knexp.models.tiny_vlm import tiny_adapter
+    from knexp.models.decoding.batching import BatchTooLarge
+    from knexp.models.decoding.streaming import stream_ids
+    from knexp.models.tiny.tiny_vlm import tiny_adapter
 
     adapter = tiny_adapter("llava", layers=3)
     rng = np.random.default_rng(6)
@@ -279,7 +287,7 @@ def test_logits_at_chosen_positions_are_those_of_the_full_pass(adapter):
 def test_an_image_on_several_rows_is_encoded_once_with_the_same_inputs(family, monkeypatch):
     """A spliced model's ``prepare`` encodes each distinct image once (one image under several noise draws), never alone
     when it stands for several rows, and the rows' inputs are those of encoding every row."""
-    from knexp.models.tiny_vlm import tiny_adapter
+    from knexp.models.tiny.tiny_vlm import tiny_adapter
 
     adapter = tiny_adapter(family, layers=2)
     rng = np.random.default_rng(8)
@@ -289,15 +297,17 @@ def test_an_image_on_several_rows_is_encoded_once_with_the_same_inputs(family, m
     monkeypatch.setattr(adapter.mllm, "image_embeddings", lambda images: encoded.append(len(images)) or real(images))
     for rows in ([0, 0, 1, 1, 1, 2], [2, 2, 2]):
         shared = adapter.prepare([pics[r] for r in rows]).inputs["inputs_embeds"]
-        apart = adapter.prepare([pics[r].copy() for r in rows]).inputs["inputs_embeds"]  # distinct arrays: every row encoded
+        # distinct arrays: every row encoded
+        apart = adapter.prepare([pics[r].copy() for r in rows]).inputs["inputs_embeds"]
         assert torch.equal(shared, apart)
     assert encoded == [3, 6, 2, 3]
 
 
-@pytest.mark.parametrize("setting, value", [("batch_size", 0), ("batch_size", "8"), ("decode_width", 0), ("decode_width", "wide")])
+@pytest.mark.parametrize("setting, value",
+                         [("batch_size", 0), ("batch_size", "8"), ("decode_width", 0), ("decode_width", "wide")])
 def test_a_bad_generation_setting_is_named_with_its_fix(setting, value):
-    from knexp.models.streaming import stream_ids
-    from knexp.models.tiny_vlm import tiny_adapter
+    from knexp.models.decoding.streaming import stream_ids
+    from knexp.models.tiny.tiny_vlm import tiny_adapter
     from knexp.user_errors import ConfigError
 
     adapter = tiny_adapter("llava", layers=2)
@@ -315,7 +325,7 @@ def test_one_position_attention_is_the_configured_functions(implementation):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    from knexp.models.decode_step import _attend
+    from knexp.models.decoding.decode_step import _attend
 
     gen = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(shape, generator=gen) for shape in ([3, 6, 1, 8], [3, 2, 5, 8], [3, 2, 5, 8]))
@@ -340,7 +350,7 @@ def test_a_caches_spare_positions_hold_what_concatenation_holds():
     selected anew) and ends with the tensors ``DynamicCache.update`` makes by concatenation."""
     from transformers import DynamicCache
 
-    from knexp.models.decode_step import _ROOM, Cohort, _append, keep_rows
+    from knexp.models.decoding.decode_step import _ROOM, Cohort, _append, keep_rows
 
     gen = torch.Generator().manual_seed(1)
     first = [torch.randn(4, 2, 3, 8, generator=gen) for _ in range(2)]  # keys, values of a 3-token prompt
@@ -369,17 +379,19 @@ def test_hooks_guarded_to_the_prompt_pass_keep_the_steps_products_and_other_hook
     """An intervention's hooks (``attached`` with the prompt's pass as guard) cannot act on a decoding step, so the step
     keeps its merged layer loop; a hook without that guard on a layer makes the step take the model's own forward
     (``_merged``)."""
-    from knexp.models.decode_step import _hooked, _merged
-    from knexp.models.tiny_vlm import tiny_adapter
+    from knexp.models.decoding.decode_step import _hooked, _merged
+    from knexp.models.tiny.tiny_vlm import tiny_adapter
 
     adapter = tiny_adapter("llava", layers=2)
     lm, _ = adapter.language_model()
     prepared, _ = _rows(adapter, images=1, per_image=2)
     down, layer = adapter.site("ffn", 0)[0], lm.layers[1]
     assert not _hooked(down) and _merged(lm)
-    with intervene(adapter, prepared, {0: LayerEdit(torch.tensor([1]), add=torch.zeros(2, adapter.num_image_tokens))}):
+    with intervene(adapter, prepared,
+                   {0: ActivationPatch(torch.tensor([1]), add=torch.zeros(2, adapter.num_image_tokens))}):
         assert down._forward_pre_hooks and not _hooked(down)
-    handles = [down.register_forward_pre_hook(lambda m, args: None), layer.register_forward_hook(lambda m, args, out: None)]
+    handles = [down.register_forward_pre_hook(lambda m, args: None),
+               layer.register_forward_hook(lambda m, args, out: None)]
     try:
         assert _hooked(down) and not _merged(lm)
     finally:

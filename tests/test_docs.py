@@ -1,5 +1,7 @@
 """The documentation's links: every relative link of README.md and docs/*.md names a file of the checkout, and every
-#anchor a heading of that file (GitHub's heading slugs), so that what moved out of the README stays reachable."""
+#anchor a heading of that file (GitHub's heading slugs), so that what moved out of the README stays reachable. Nothing
+links outside the checkout, and every citation of the method's spec (``docs/method.md, "<section>"``) names a section of
+it."""
 
 import re
 
@@ -35,8 +37,28 @@ def test_every_relative_link_and_anchor_resolves(page):
             continue  # a web address
         path, _, anchor = target.partition("#")
         linked = (page.parent / path).resolve() if path else page
-        if ROOT not in linked.parents and linked != ROOT:
-            continue  # outside the checkout (../shared/METHOD.md)
-        if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
+        outside = ROOT not in linked.parents and linked != ROOT
+        if outside or not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
             broken.append(target)
     assert not broken, f"{page.name}: {broken}"
+
+
+def _text_files():
+    for folder in ("knexp", "conf", "tests", "docs", "examples"):
+        yield from (p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".yaml",
+                                                                          ".md") and "__pycache__" not in p.parts)
+    yield from (ROOT / name for name in ("README.md", "BENCHMARKS.md", "Makefile", "run.py", "pyproject.toml"))
+
+
+def test_nothing_names_a_file_outside_the_checkout():
+    outside = "../" + "shared"  # written apart, so that this file does not name it either
+    assert not [p.name for p in _text_files() if outside in p.read_text()]
+
+
+def test_every_citation_of_the_spec_names_a_section_of_it():
+    headings = [m.group(1) for m in re.finditer(r"^#{1,6} (.+)$", (ROOT / "docs" / "method.md").read_text(),
+                                                flags=re.M)]
+    cited = {re.sub(r"[\s#]+", " ", m.group(1)) for p in _text_files() if p.name not in ("method.md", "test_docs.py")
+             for m in re.finditer(r'docs/method\.md, "([^"]+)"', p.read_text())}
+    assert len(cited) >= 10
+    assert not [c for c in cited if not any(h.startswith(c) for h in headings)]

@@ -9,13 +9,15 @@ import pytest
 import torch
 from conftest import run_py
 
-from knexp.editing.rules import EditTarget, Kn, Mean, Optimized, Zero, word_direction, word_ids
-from knexp.editing.sets import layer_matched_random, object_set, random_columns
-from knexp.editing.weights import ColumnDelta, EditFileError, WeightEdit, applied, load, save
+from knexp.editing.rules import Kn, Mean, Optimized, Zero
+from knexp.editing.sets import disjoint_random, object_set, random_columns
+from knexp.editing.target import Erase, Swap, word_direction
 from knexp.identification.methods import NeuronSet
-from knexp.models.hooks import banned, everywhere
-from knexp.models.tiny_vlm import TINY, tiny_adapter
-from knexp.models.vlm import VLMAdapter
+from knexp.models.adapters.vlm import VLMAdapter
+from knexp.models.hooks.attach import everywhere
+from knexp.models.hooks.banned import banned
+from knexp.models.tiny.tiny_vlm import TINY, tiny_adapter
+from knexp.models.weight_edit import EditFileError, LayerDelta, WeightEdit, applied, load, save
 
 KINDS = ["embedded", "minigpt4", *TINY]
 
@@ -46,7 +48,7 @@ def test_the_zero_weight_edit_equals_the_runtime_zero_at_every_position(tiny):
     units = {0: torch.tensor([1, 3, 7]), 1: torch.tensor([0, 2, 5])}
     neurons = _set([0, 0, 0, 1, 1, 1], [1, 3, 7, 0, 2, 5])
     before = _weights(tiny)
-    edit = Zero().make(tiny, neurons, None, {})
+    edit = Zero().make(tiny, neurons, None, None)
 
     def zero(layer):
         def hook(x):
@@ -71,8 +73,8 @@ def test_the_zero_weight_edit_equals_the_runtime_zero_at_every_position(tiny):
 def test_an_edit_is_undone_bit_for_bit_after_an_exception_and_a_created_bias_is_removed():
     adapter = tiny_adapter("embedded", layers=2)
     before = _weights(adapter)
-    edit = WeightEdit({1: ColumnDelta(torch.tensor([2, 4]), torch.randn(adapter.down_proj(1).out_features, 2),
-                                      torch.randn(adapter.down_proj(1).out_features))})
+    d_model = adapter.down_proj(1).out_features
+    edit = WeightEdit([LayerDelta.columns(1, torch.tensor([2, 4]), torch.randn(d_model, 2), torch.randn(d_model))])
     assert adapter.down_proj(1).bias is None
     with pytest.raises(RuntimeError, match="inside"), applied(adapter, edit):
         assert adapter.down_proj(1).bias is not None
@@ -82,7 +84,8 @@ def test_an_edit_is_undone_bit_for_bit_after_an_exception_and_a_created_bias_is_
 
 
 def test_the_mean_rule_gives_the_neurons_their_mean_output_through_a_bias():
-    """W_out[:, u] = 0 and b = sum_u W_out[:, u] m_u: the FFN's output is what it is with O'[..., u] = m_u everywhere."""
+    """W_out[:, u] = 0 and b = sum_u W_out[:, u] m_u: the FFN's output is what it is with O'[..., u] = m_u
+    everywhere."""
     adapter = tiny_adapter("embedded", layers=2)
     d_ff = adapter.d_ff
 
@@ -90,7 +93,7 @@ def test_the_mean_rule_gives_the_neurons_their_mean_output_through_a_bias():
         mean = torch.linspace(-1, 1, 2 * d_ff).reshape(2, d_ff)
 
     neurons = _set([0, 1, 1], [3, 1, 6])
-    edit = Mean().make(adapter, neurons, None, {"reference": Reference})
+    edit = Mean().make(adapter, neurons, None, Reference)
     units = {0: [3], 1: [1, 6]}
 
     def to_mean(layer):
@@ -114,37 +117,37 @@ def test_the_kn_rule_moves_each_column_by_its_own_norm_along_the_unembedding_of_
     adapter = tiny_adapter("embedded", layers=2)
     k = catalog["banana"]
     neurons = _set([0, 1], [4, 9])
-    edit = Kn(lam_erase=0.5).make(adapter, neurons, EditTarget("erase", k), {})
+    edit = Kn(lam_erase=0.5).make(adapter, neurons, Erase(k), None)
     e = word_direction(adapter, k)
     assert abs(float(e.norm()) - 1) < 1e-5
     for layer, unit in ((0, 4), (1, 9)):
         w = adapter.down_proj(layer).weight[:, unit].float()
-        delta = edit.layers[layer].delta[:, 0]
+        delta = edit.at(layer).delta[:, 0]
         torch.testing.assert_close(delta, -0.5 * w.norm() * e)
     negative = _set([0, 1], [4, 9])
     negative.info["act_mean"] = [-0.3, 0.2]  # unit 4 fires negative on k: its column moves the other way
-    signed = Kn(lam_erase=0.5).make(adapter, negative, EditTarget("erase", k), {})
-    torch.testing.assert_close(signed.layers[0].delta[:, 0], -edit.layers[0].delta[:, 0])
-    torch.testing.assert_close(signed.layers[1].delta[:, 0], edit.layers[1].delta[:, 0])
-    literal = Kn(lam_erase=0.5, signed=False).make(adapter, negative, EditTarget("erase", k), {})
-    torch.testing.assert_close(literal.layers[0].delta[:, 0], edit.layers[0].delta[:, 0])
-    swap = Kn(lam_erase=0.5, lam_swap=2.0).make(adapter, neurons, EditTarget("swap", k, catalog["cake"]), {})
-    assert float(swap.layers[0].delta[:, 0] @ word_direction(adapter, catalog["cake"])) > 0
+    signed = Kn(lam_erase=0.5).make(adapter, negative, Erase(k), None)
+    torch.testing.assert_close(signed.at(0).delta[:, 0], -edit.at(0).delta[:, 0])
+    torch.testing.assert_close(signed.at(1).delta[:, 0], edit.at(1).delta[:, 0])
+    literal = Kn(lam_erase=0.5, signed=False).make(adapter, negative, Erase(k), None)
+    torch.testing.assert_close(literal.at(0).delta[:, 0], edit.at(0).delta[:, 0])
+    swap = Kn(lam_erase=0.5, lam_swap=2.0).make(adapter, neurons, Swap(k, catalog["cake"]), None)
+    assert float(swap.at(0).delta[:, 0] @ word_direction(adapter, catalog["cake"])) > 0
 
 
 def test_the_optimized_rule_lowers_the_objects_probability_and_touches_only_its_columns(catalog):
-    """The fit (hooks adding O'[..., u] @ Delta^T) and the applied edit (W_out[:, u] += Delta) compute the same thing, and
-    the fitted edit lowers p(k) at the fitting samples' target position."""
-    from knexp.editing.fit import last_logits, with_columns
-    from knexp.editing.make import fit_data
-    from knexp.editing.rules import by_layer
+    """The fit (hooks adding O'[..., u] @ Delta^T) and the applied edit (W_out[:, u] += Delta) compute the same thing,
+    and the fitted edit lowers p(k) at the fitting samples' target position."""
+    from knexp.editing.fit import fit_data, with_columns
+    from knexp.editing.forcing import last_logits
+    from knexp.editing.sets import by_layer
 
     adapter = tiny_adapter("embedded", layers=2)
     k = catalog["banana"]
     images = _images(adapter, 3)
     samples = [(im, adapter.caption_prefix + " a banana") for im in images[:2]]
     data = fit_data(adapter, k, samples, [(images[2], adapter.caption_prefix + " a cat")], ["hello there"], batch=4)
-    goal = word_ids(adapter, k)
+    goal = Erase(k).goal_ids(adapter)
 
     def p_goal():
         with torch.no_grad():
@@ -152,21 +155,24 @@ def test_the_optimized_rule_lowers_the_objects_probability_and_touches_only_its_
 
     before, weights = p_goal(), _weights(adapter)
     neurons = _set([0] * 12 + [1] * 12, list(range(12)) * 2)
-    rule = Optimized(steps=30, lr=1.0, kl_weight=0.0, norm_weight=0.0, target_prob=1e-4)  # the tiny O' are ~0.005: no penalty
-    edit = rule.make(adapter, neurons, EditTarget("erase", k), {"fit": data})
-    assert all(torch.equal(a, b) for a, b in zip(weights, adapter.model.parameters(), strict=True))  # fitting left W alone
-    with with_columns(adapter, {layer: d.delta for layer, d in edit.layers.items()}, by_layer(neurons)):
+    # the tiny O' are ~0.005: no penalty
+    rule = Optimized(steps=30, lr=1.0, kl_weight=0.0, norm_weight=0.0, target_prob=1e-4)
+    edit = rule.make(adapter, neurons, Erase(k), data)
+    # fitting left W alone
+    assert all(torch.equal(a, b) for a, b in zip(weights, adapter.model.parameters(), strict=True))
+    with with_columns(adapter, {d.layer: d.delta for d in edit.deltas}, by_layer(neurons)):
         hooked = p_goal()
     with applied(adapter, edit):
         after = p_goal()
-    assert after < 0.75 * before, (before, after)  # a tiny random LM saturates near 0.68x (its final norm caps the change)
+    # a tiny random LM saturates near 0.68x (its final norm caps the change)
+    assert after < 0.75 * before, (before, after)
     assert abs(after - hooked) < 1e-6 * max(1.0, before)
-    assert set(edit.layers) == {0, 1} and edit.layers[1].delta.shape == (adapter.down_proj(1).out_features, 12)
+    assert set(edit.layers) == {0, 1} and edit.at(1).delta.shape == (adapter.down_proj(1).out_features, 12)
 
 
 def test_an_edit_file_round_trips_and_a_foreign_or_broken_file_is_refused_in_one_line(tmp_path, catalog):
     adapter = tiny_adapter("embedded", layers=2)
-    edit = Kn().make(adapter, _set([0, 1], [4, 9]), EditTarget("erase", catalog["banana"]), {})
+    edit = Kn().make(adapter, _set([0, 1], [4, 9]), Erase(catalog["banana"]), None)
     edit.provenance.update(rule="kn", knowledge="banana")
     path = save(edit, tmp_path / "e.safetensors", adapter, "model-a")
     back = load(path, adapter, "model-a")
@@ -183,11 +189,71 @@ def test_an_edit_file_round_trips_and_a_foreign_or_broken_file_is_refused_in_one
             load(tmp_path / "missing.safetensors", adapter, "model-a")
 
 
+@pytest.mark.parametrize("fault, found", [
+    ("nan", "NaN or Inf"), ("unit out of range", "outside 0..63"), ("repeated unit", "not distinct"),
+    ("wrong width", r"its delta is \(32, 3\)"), ("layer out of range", "layer 7 is outside"),
+    ("unknown tensor", "no edit writes"), ("old format", "another version of knexp"),
+])
+def test_a_damaged_edit_file_is_refused_whole_before_anything_is_applied(tmp_path, catalog, fault, found):
+    """Every tensor is checked against the model and the file's own names before the edit is applied: a fault is one
+    ``EditFileError`` line naming the file and the fault, and the model's weights are untouched."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    adapter = tiny_adapter("embedded", layers=2)
+    edit = Kn().make(adapter, _set([0, 1, 1], [4, 9, 11]), Erase(catalog["banana"]), None)
+    path = save(edit, tmp_path / "e.safetensors", adapter, "model-a")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["knexp_edit"])
+    tensors = load_file(str(path))
+    if fault == "nan":
+        tensors["1.down_proj.delta"][0, 0] = float("nan")
+    elif fault == "unit out of range":
+        tensors["1.down_proj.columns"][0] = 64
+    elif fault == "repeated unit":
+        tensors["1.down_proj.columns"][1] = tensors["1.down_proj.columns"][0]
+    elif fault == "wrong width":
+        tensors["1.down_proj.delta"] = torch.zeros(32, 3)
+    elif fault == "layer out of range":
+        tensors["7.down_proj.delta"] = tensors.pop("1.down_proj.delta")
+        tensors["7.down_proj.columns"] = tensors.pop("1.down_proj.columns")
+    elif fault == "unknown tensor":
+        tensors["1.units"] = torch.tensor([4])
+    else:
+        meta.pop("format")
+    save_file(tensors, str(path), metadata={"knexp_edit": json.dumps(meta)})
+    before = _weights(adapter)
+    with pytest.raises(EditFileError, match=found) as err:
+        load(path, adapter, "model-a")
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, adapter.model.parameters(), strict=True))
+
+
+def test_an_edit_of_rows_and_of_a_whole_matrix_applies_and_restores_bit_for_bit(tmp_path):
+    """The file format holds ``gate_proj``/``up_proj`` rows and whole matrices beside ``down_proj`` columns: each
+    round-trips through a file, changes exactly its part of the weights, and is undone bit for bit."""
+    adapter = tiny_adapter("embedded", layers=2)
+    gate, down = adapter.ffn_linear(0, "gate_proj"), adapter.ffn_linear(1, "down_proj")
+    rows = torch.tensor([2, 5])
+    edit = WeightEdit([LayerDelta(0, "gate_proj", "rows", torch.randn(2, gate.in_features), rows),
+                       LayerDelta(1, "down_proj", "whole", torch.randn_like(down.weight))])
+    back = load(save(edit, tmp_path / "rows.safetensors", adapter, "m"), adapter, "m")
+    assert back.digest() == edit.digest() and edit.units_changed == 2 + adapter.d_ff
+    before, gate_before, down_before = _weights(adapter), gate.weight.clone(), down.weight.clone()
+    with applied(adapter, back):
+        assert torch.equal(gate.weight[rows], gate_before[rows] + edit.at(0, "gate_proj").delta)
+        others = [i for i in range(gate.out_features) if i not in rows.tolist()]
+        assert torch.equal(gate.weight[others], gate_before[others])
+        assert torch.equal(down.weight, down_before + edit.at(1).delta)
+    assert all(torch.equal(a, b) for a, b in zip(before, adapter.model.parameters(), strict=True))
+
+
 def test_the_banned_filter_never_emits_a_banned_token_and_is_removed_after(tiny):
     images = _images(tiny)
     with torch.no_grad():
         free = tiny.prepare(images)
-        ids = tiny.forward(free, positions=free.last_position[:1])[:, -1].argmax(-1).tolist()  # the first token it would emit
+        # the first token it would emit
+        ids = tiny.forward(free, positions=free.last_position[:1])[:, -1].argmax(-1).tolist()
         with banned(tiny, ids):
             caps = tiny.caption(images, max_new_tokens=5)
             first = tiny.forward(free, positions=free.last_position[:1])[:, -1].argmax(-1).tolist()
@@ -246,27 +312,32 @@ def test_the_consensus_set_ranks_neurons_found_on_more_samples_first():
 
 def test_random_controls_match_the_layers_and_avoid_the_set():
     neurons = _set([0, 0, 2], [1, 2, 3])
-    control = layer_matched_random(neurons, d_ff=8, seed=0)
+    control = disjoint_random(neurons, d_ff=8, seed=0)
     assert sorted(control.layers.tolist()) == [0, 0, 2]
     assert not neurons.pairs() & control.pairs()
-    assert layer_matched_random(neurons, 8, 0).pairs() == control.pairs()  # seeded
+    assert disjoint_random(neurons, 8, 0).pairs() == control.pairs()  # seeded
     columns = random_columns(5, num_layers=3, d_ff=8, seed=1)
     assert len(columns.pairs()) == 5 and columns.layers.max() < 3 and columns.units.max() < 8
 
 
-# ---- through run.py on the tiny model of every adapter ----------------------------------------------------------------
+# ---- through run.py on the tiny model of every adapter
+# ----------------------------------------------------------------
 SETUPS = {
-    "llava": ("cell_phone", 60, 0), "qwen2_5_vl": ("cell_phone", 60, 0), "qwen2_vl": ("pizza", 60, 0), "qwen3_vl": ("bear", 60, 0),
-    "gemma3": ("pizza", 60, 0), "llava_next": ("suitcase", 60, 2), "llava_onevision": ("horse", 60, 0), "idefics3": ("horse", 60, 0),
-    "smolvlm": ("horse", 60, 0), "internvl": ("bear", 150, 1),
+    "llava": ("cell_phone", 60, 0), "qwen2_5_vl": ("cell_phone", 60, 0), "qwen2_vl": ("pizza", 60, 0),
+    "qwen3_vl": ("bear", 60, 0),
+    "gemma3": ("pizza", 60, 0), "llava_next": ("suitcase", 60, 2), "llava_onevision": ("horse", 60, 0),
+    "idefics3": ("horse", 60, 0), "smolvlm": ("horse", 60, 0), "internvl": ("bear", 150, 1),
 }
 
 
 def _edit_job(family: str, tmp_path, *extra: str):
     knowledge, scenes, seed = SETUPS[family]
-    return run_py("task=edit", f"model=tiny_{family}", f"model.seed={seed}", f"knowledge={knowledge}", f"data.num_images={scenes}",
-                  "thresholds.n=20", "thresholds.layers=nonzero", "task.k_images=1", "task.other_images=2", "edit.size=8",
-                  "edit.source=ours",  # a tiny model's live window may be empty: attribution (the default) would find nothing
+    return run_py("task=edit", f"model=tiny_{family}", f"model.seed={seed}", f"knowledge={knowledge}",
+                  f"data.num_images={scenes}",
+                  "thresholds.n=20", "thresholds.layers=nonzero", "task.k_images=1", "task.other_images=2",
+                  "edit.size=8",
+                  # a tiny model's live window may be empty: attribution (the default) would find nothing
+                  "edit.source=ours",
                   "edit.fit_other=1", "edit/rule=optimized", "edit.rule.steps=3", "logger=none", "num_threads=1",
                   f"data.root={tmp_path}/tw", f"paths.cache_dir={tmp_path}/cache", *extra, timeout=300)
 
@@ -276,7 +347,8 @@ def test_task_edit_runs_on_a_family_and_its_file_reloads_to_the_same_captions(fa
     r = _edit_job(family, tmp_path, f"hydra.run.dir={tmp_path}/job")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
-    assert metrics["status"]["state"] == "ok" and set(metrics["variants"]) == {"unedited", "edit", "random", "finetune", "rank_one",
+    assert metrics["status"]["state"] == "ok" and set(metrics["variants"]) == {"unedited", "edit", "random", "finetune",
+                                                                               "rank_one",
                                                                                    "banned"}
     edit = metrics["variants"]["edit"]
     assert edit["cost"]["neurons"] == 8 and edit["cost"]["parameters_changed"] > 0 and edit["reliability_n"] > 0
@@ -286,10 +358,11 @@ def test_task_edit_runs_on_a_family_and_its_file_reloads_to_the_same_captions(fa
     # the saved edit, loaded by model.edit with no hook attached, captions as the in-memory edit did
     import pandas as pd
 
-    from knexp.job import session
+    from knexp.job.session import session
 
     path = tmp_path / "job" / "edit.safetensors"
-    s = session(f"model=tiny_{family}", f"model.edit={path}", f"data.num_images={SETUPS[family][1]}", f"data.root={tmp_path}/tw",
+    s = session(f"model=tiny_{family}", f"model.edit={path}", f"data.num_images={SETUPS[family][1]}",
+                f"data.root={tmp_path}/tw",
                 f"paths.cache_dir={tmp_path}/cache2", "thresholds.n=20", output_dir=tmp_path / "api")
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in s.adapter.model.modules())
     table = pd.read_csv(tmp_path / "job" / "edit_captions.csv").fillna("")
@@ -309,25 +382,28 @@ def test_a_foreign_edit_file_exits_1_with_one_line(tmp_path):
     missing = run_py("task=identify", "model=tiny_llava", f"model.edit={tmp_path}/nothing.safetensors", "logger=none",
                      f"paths.cache_dir={tmp_path}/cache3", f"hydra.run.dir={tmp_path}/missing", timeout=120)
     lines = [line for line in missing.stderr.splitlines() if line.strip()]
-    assert missing.returncode == 1 and len(lines) == 1 and lines[0].startswith("knexp: error: model.edit="), missing.stderr[-2000:]
+    assert missing.returncode == 1 and len(lines) == 1, missing.stderr[-2000:]
+    assert lines[0].startswith("knexp: error: model.edit="), missing.stderr[-2000:]
     assert not (tmp_path / "cache3").exists()  # refused before anything was computed
 
 
 def test_session_edit_changes_the_model_for_the_block_only(tmp_path):
-    """``Session.edit`` through the Python API: the consensus set's columns changed inside, the weights bit-identical after."""
-    from knexp.job import session
+    """``Session.edit`` through the Python API: the consensus set's columns changed inside, the weights bit-identical
+    after."""
+    from knexp.job.session import session
 
     knowledge, scenes, seed = SETUPS["llava"]
-    s = session("model=tiny_llava", f"model.seed={seed}", f"knowledge={knowledge}", f"data.num_images={scenes}", "thresholds.n=20",
-                "thresholds.layers=nonzero", "logger=none", f"data.root={tmp_path}/tw", f"paths.cache_dir={tmp_path}/cache",
-                output_dir=tmp_path / "api")
+    s = session("model=tiny_llava", f"model.seed={seed}", f"knowledge={knowledge}", f"data.num_images={scenes}",
+                "thresholds.n=20",
+                "thresholds.layers=nonzero", "logger=none", f"data.root={tmp_path}/tw",
+                f"paths.cache_dir={tmp_path}/cache", output_dir=tmp_path / "api")
     found = s.identify()
     assert found.results
     before = _weights(s.adapter)
     with s.edit(found, rule="zero", size=6) as edit:
-        assert sum(len(d.units) for d in edit.layers.values()) == 6
-        for layer, d in edit.layers.items():
-            assert bool((s.adapter.down_proj(layer).weight[:, d.units] == 0).all())
+        assert edit.units_changed == 6
+        for d in edit.deltas:
+            assert bool((s.adapter.down_proj(d.layer).weight[:, d.index] == 0).all())
         assert edit.provenance["rule"] == "zero" and edit.provenance["knowledge"] == found.knowledge
     assert all(torch.equal(a, b) for a, b in zip(before, s.adapter.model.parameters(), strict=True))
     with s.edit(found, op="swap", rule="kn", size=6) as edit:  # k's partner in its supercategory
@@ -337,19 +413,20 @@ def test_session_edit_changes_the_model_for_the_block_only(tmp_path):
 
 def test_the_rank_one_update_maps_the_objects_key_to_the_learned_value(catalog):
     """W' k* = W k* + delta* (u . k* = 1) and the update is rank one."""
-    from knexp.editing.rank_one import RankOne, RankOneData, patch_tokens
+    from knexp.editing.rank_one import RankOne, RankOneData
+
     adapter = tiny_adapter("embedded", layers=2)
     k = catalog["banana"]
     images = _images(adapter, 6)
     mask = np.zeros((224, 224), bool)
     mask[60:160, 60:160] = True
-    patches = patch_tokens(adapter.geometry, mask)
+    patches = adapter.geometry.object_tokens(mask)
     assert 0 < len(patches) < len(adapter.geometry)
     samples = [adapter.prepare([im], continuations=[" a"]) for im in images[:2]]
     rule = RankOne(steps=20, lr=0.5, norm_weight=0.0, covariance_images=4, target_prob=1e-6)  # a tiny LM gives k 0.013
     # layer 0: the last layer's output at the image positions feeds nothing the last position reads
-    edit = rule.make(adapter, 0, EditTarget("erase", k), RankOneData(samples, [patches, patches], images[2:]), batch=4)
-    update = edit.layers[0].delta  # [d_model, d_f]
+    edit = rule.make(adapter, 0, Erase(k), RankOneData(samples, [patches, patches], images[2:]), batch=4)
+    update = edit.at(0).delta  # [d_model, d_f]
     assert torch.linalg.matrix_rank(update).item() == 1 and edit.provenance["delta_norm"] > 0
     key, _ = rule._key_and_covariance(adapter, 0, RankOneData(samples, [patches, patches], images[2:]), 4)
     delta_dir = update @ key  # = delta*, since u . k* = 1
@@ -363,12 +440,16 @@ def test_the_report_averages_edit_jobs_over_objects_with_bootstrap_intervals(tmp
     def job(name, knowledge, reliability, s_re):
         folder = tmp_path / "sweep" / name
         folder.mkdir(parents=True)
-        variant = {"reliability": reliability, "m_generality": reliability / 2, "t_generality": {"what": 0.5, "yes_no": None, "mean": 0.5},
+        variant = {"reliability": reliability, "m_generality": reliability / 2,
+                   "t_generality": {"what": 0.5, "yes_no": None, "mean": 0.5},
                    "m_locality": {"S_re": s_re, "top1": 0.9}, "t_locality": {"other": {"top1": 1.0, "kl": 0.01}},
-                   "fluency": {"ngram_entropy": 3.0, "repetition": 0.0}, "cost": {"relative_norm": 0.01, "seconds": 0.1}}
+                   "fluency": {"ngram_entropy": 3.0, "repetition": 0.0},
+                   "cost": {"relative_norm": 0.01, "seconds": 0.1}}
         unedited = {**variant, "reliability": 0.0}
-        (folder / "metrics.json").write_text(json.dumps({"task": "edit", "model": "embedded", "knowledge": knowledge, "method": "ours",
-                                                          "rule": "zero", "op": "erase", "size": 30, "replacement": None,
+        (folder / "metrics.json").write_text(json.dumps({"task": "edit", "model": "embedded", "knowledge": knowledge,
+                                                         "method": "ours",
+                                                          "rule": "zero", "op": "erase", "size": 30,
+                                                          "replacement": None,
                                                           "variants": {"edit": variant, "unedited": unedited}}))
 
     job("0", "banana", 1.0, 0.8)
@@ -377,7 +458,8 @@ def test_the_report_averages_edit_jobs_over_objects_with_bootstrap_intervals(tmp
     report = write_report(tmp_path / "sweep", tmp_path / "report", {"tuning": ["pizza"], "heldout": ["banana", "cake"]})
     table = report.tables["edit_summary"]
     held = table.loc[("heldout", "erase", "ours", "zero", 30, "edit")]
-    assert held["objects"] == 2 and held["reliability"] == pytest.approx(0.75) and held["m_loc_S_re"] == pytest.approx(0.9)
+    assert held["objects"] == 2 and held["reliability"] == pytest.approx(0.75)
+    assert held["m_loc_S_re"] == pytest.approx(0.9)
     assert 0.5 <= held["reliability_lo"] <= held["reliability"] <= held["reliability_hi"] <= 1.0
     assert table.loc[("tuning", "erase", "ours", "zero", 30, "edit")]["reliability"] == 0.0  # the splits never mix
     text = report.markdown.read_text()

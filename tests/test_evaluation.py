@@ -5,13 +5,19 @@ import pandas as pd
 import pytest
 import torch
 
-from knexp.evaluation.interventions import Inpainted, Mean, Noise, Row, SetValues, Zero, named, noise_for, rows_for
-from knexp.evaluation.perturb import cached_intervened_captions, counterfactual_values, intervened_captions, noise_captions, unit_values
+from knexp.evaluation.interventions import Inpainted, Mean, Noise, Row, SetValues, Zero, noise_for, rows_for
+from knexp.evaluation.perturb import (
+    cached_intervened_captions,
+    counterfactual_values,
+    intervened_captions,
+    noise_captions,
+    unit_values,
+)
 from knexp.evaluation.scores import curve_scores, suppression_scores
 from knexp.evaluation.text_metrics import caption_metrics
 from knexp.identification.methods import NeuronSet
-from knexp.models.spliced import SplicedAdapter
-from knexp.models.tiny import tiny_embedded
+from knexp.models.adapters.spliced import SplicedAdapter
+from knexp.models.tiny.tiny_models import tiny_embedded
 from knexp.settings import SettingError
 from knexp.store import Store, cache_report
 
@@ -45,12 +51,14 @@ def test_scores_by_hand():
     # level 40: S_k = (0.5 + 0) / 2 = 0.25, S_kbar = (1 + 0.5) / 2 = 0.75; level 80: S_k = 0, S_kbar = 1
     assert s["per_level"][40.0]["S_k"] == pytest.approx(0.25) and s["per_level"][40.0]["S_kbar"] == pytest.approx(0.75)
     assert s["S_k"] == pytest.approx(0.125) and s["S_kbar"] == pytest.approx(0.875)
-    assert s["S_se"] == pytest.approx(0.875) and s["S_re"] == pytest.approx(0.875) and s["S_mean"] == pytest.approx(0.875)
+    assert s["S_se"] == pytest.approx(0.875) and s["S_re"] == pytest.approx(0.875)
+    assert s["S_mean"] == pytest.approx(0.875)
 
 
 def test_caption_metrics_by_hand_and_with_empty_captions():
     same = caption_metrics(["the image shows a bus ."], ["the image shows a bus ."])
-    assert same["bleu"] == pytest.approx(1.0) and same["rouge1"] == pytest.approx(1.0) and same["rougeL"] == pytest.approx(1.0)
+    assert same["bleu"] == pytest.approx(1.0) and same["rouge1"] == pytest.approx(1.0)
+    assert same["rougeL"] == pytest.approx(1.0)
     assert same["bertscore_f1"] == pytest.approx(1.0, abs=1e-4)
     m = caption_metrics(["the image shows a bus", ""], ["the image shows a bus and a clock", "a clock"])
     # ROUGE-1 F of pair 1: P = 5/5, R = 5/8 -> F = 10/13; pair 2 (empty) -> 0
@@ -82,8 +90,10 @@ def test_batched_equals_one_row_at_a_time(adapter):
     rows = rows_for([10, 11], [40.0, 120.0], 2)
     neurons = _set([0, 1, 2], [3, 4, 9])
     for per_neuron in (False, True):
-        batched = noise_captions(adapter, images, rows, neurons, seed=1, per_neuron=per_neuron, batch_size=8, max_new_tokens=5)
-        single = [noise_captions(adapter, images, [r], neurons, seed=1, per_neuron=per_neuron, batch_size=1, max_new_tokens=5)[0]
+        batched = noise_captions(adapter, images, rows, neurons, seed=1, per_neuron=per_neuron, batch_size=8,
+                                 max_new_tokens=5)
+        single = [noise_captions(adapter, images, [r], neurons, seed=1, per_neuron=per_neuron, batch_size=1,
+                                 max_new_tokens=5)[0]
                   for r in rows]
         assert batched == single
 
@@ -93,16 +103,18 @@ def test_noise_scale_multiplies_each_neurons_noise(adapter):
     rows = rows_for([10, 11], [3.0], 2)
     neurons = _set([0, 1, 2], [3, 4, 9])
     kw = dict(seed=4, max_new_tokens=5)
-    assert noise_captions(adapter, images, rows, neurons, scale=np.ones(3), **kw) == noise_captions(adapter, images, rows, neurons, **kw)
+    assert noise_captions(adapter, images, rows, neurons, scale=np.ones(3), **kw) == noise_captions(adapter, images,
+                                                                                                    rows, neurons, **kw)
     clean = adapter.caption(images, max_new_tokens=5)
-    assert noise_captions(adapter, images, rows, neurons, scale=np.zeros(3), **kw) == [clean[0], clean[0], clean[1], clean[1]]
+    assert noise_captions(adapter, images, rows, neurons, scale=np.zeros(3), **kw) == [clean[0], clean[0], clean[1],
+                                                                                       clean[1]]
     # a scale of s at level n is the absolute level n * s (the same seeded draw, scaled)
     scaled = noise_captions(adapter, images, rows_for([10, 11], [3.0], 2), neurons, scale=np.full(3, 40.0), **kw)
     assert scaled == noise_captions(adapter, images, rows_for([10, 11], [120.0], 2), neurons, **kw)
     with pytest.raises(SettingError, match=r"noise_level\.levels=\[\]"):
         Noise(levels=(), draws=1)
     with pytest.raises(SettingError, match="intervention.name='blur'"):
-        named("blur")
+        Zero(name="blur")  # a name is its class's label: another would label one intervention as another
 
 
 def _hand_patched(adapter, images, neurons, values):
@@ -139,7 +151,8 @@ def test_deterministic_interventions_equal_a_hand_patch(adapter):
     rows = Zero().rows([10, 11, 12])
     assert len(rows) == 3 and {(r.level, r.draw) for r in rows} == {(0.0, 0)}
     p = adapter.num_image_tokens
-    zero = intervened_captions(adapter, images, rows, neurons, Zero(), SetValues(fixed=np.zeros(3)), 0, max_new_tokens=5)
+    zero = intervened_captions(adapter, images, rows, neurons, Zero(), SetValues(fixed=np.zeros(3)), 0,
+                               max_new_tokens=5)
     assert zero == _hand_patched(adapter, images, neurons, [np.zeros((p, 3))] * 3)
     fixed = np.array([5.0, -3.0, 8.0])
     mean = intervened_captions(adapter, images, rows, neurons, Mean(), SetValues(fixed=fixed), 0, max_new_tokens=5)
@@ -161,7 +174,8 @@ def test_counterfactual_values_of_each_set_come_from_one_union_pass_run_on_the_f
     sets = [_set([2, 0, 2], [5, 1, 7]), _set([0, 1], [1, 9]), _set([], [])]
     passes = []
     run_hooks = type(adapter).run_hooks
-    monkeypatch.setattr(type(adapter), "run_hooks", lambda self, *a, **kw: passes.append(1) or run_hooks(self, *a, **kw))
+    monkeypatch.setattr(type(adapter), "run_hooks", lambda self, *a,
+                        **kw: passes.append(1) or run_hooks(self, *a, **kw))
     got = counterfactual_values(adapter, {4: images[0], 7: images[2]}, sets)
     assert [sorted(v) for v in got] == [[4, 7]] * 3 and 7 in got[1] and 5 not in got[1]
     assert SetValues(counterfactual=got[0]).key()[-1] == [4, 7]  # the caption store's key reads no value
@@ -190,7 +204,7 @@ def test_curve_scores_by_hand():
 
 
 def test_unit_values_are_the_recorded_activations(adapter):
-    from knexp.models.hooks import record
+    from knexp.models.hooks.record import record
 
     images = _images(3)
     neurons = _set([2, 0, 2], [5, 1, 7])
@@ -199,7 +213,8 @@ def test_unit_values_are_the_recorded_activations(adapter):
     with torch.no_grad(), record(adapter, prepared) as rec:
         adapter.forward(prepared)
     for c, (layer, unit) in enumerate(zip(neurons.layers, neurons.units, strict=True)):
-        np.testing.assert_allclose(got[:, :, c], rec.activations[int(layer)][:, :, int(unit)].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[:, :, c], rec.activations[int(layer)][:, :, int(unit)].numpy(), rtol=1e-5,
+                                   atol=1e-6)
 
 
 def test_cached_intervened_captions_equal_fresh_ones_and_resume_from_finished_chunks(adapter, tmp_path):
@@ -235,7 +250,8 @@ def test_cached_intervened_captions_equal_fresh_ones_and_resume_from_finished_ch
     other = Store(tmp_path, "captions")
     cached_intervened_captions(other, ["m", "d"], adapter, images, rows, _set([0, 1, 2], [3, 4, 8]), how, values, **kw)
     cached_intervened_captions(other, ["m2", "d"], adapter, images, rows, neurons, how, values, **kw)
-    cached_intervened_captions(other, ["m", "d"], adapter, images, rows, neurons, how, SetValues(scale=np.full(3, 2.0)), **kw)
+    cached_intervened_captions(other, ["m", "d"], adapter, images, rows, neurons, how, SetValues(scale=np.full(3, 2.0)),
+                               **kw)
     assert other.hits == 0
 
 
@@ -255,13 +271,14 @@ def test_store_detects_truncated_edited_and_foreign_entries(tmp_path, caplog):
     assert store.get("abcdef") is None and store.damaged == 3
     path.write_bytes(b"\x89PNG not json")
     assert store.get("abcdef") is None and store.damaged == 4
-    assert store.get_many(["abcdef"], lambda idx: ["recomputed"]) == ["recomputed"] and store.get("abcdef") == "recomputed"
+    assert store.get_many(["abcdef"],
+                          lambda idx: ["recomputed"]) == ["recomputed"] and store.get("abcdef") == "recomputed"
     assert Store(None, "captions").get_many(["x"], lambda idx: ["y"]) == ["y"]  # disabled: computes, keeps nothing
     assert cache_report(tmp_path)["captions"]["files"] == 2
 
 
 def test_out_of_memory_halves_the_batch_keeps_the_captions_and_leaves_no_hook(adapter, monkeypatch, caplog):
-    from knexp.models.batching import BatchTooLarge, map_batches
+    from knexp.models.decoding.batching import BatchTooLarge, map_batches
 
     images = _images(2)
     rows = rows_for([10, 11], [40.0, 120.0], 2)  # 8 rows

@@ -2,7 +2,8 @@
 a Fig. 3 panel), and through the Python API every method, every intervention, the trace and the report.
 
 A tiny random model captions random words, so each family runs on an object its random captions happen to name in one
-of these toy-world scenes and not once the object is inpainted away (found with ``task=select task.all_knowledge=true``).
+of these toy-world scenes and not once the object is inpainted away (found with ``task=select
+task.all_knowledge=true``).
 """
 
 import json
@@ -12,7 +13,8 @@ from conftest import run_py
 
 # family -> (knowledge, scenes, model seed): a sample the tiny model's captions select
 SETUPS = {
-    "qwen2_5_vl": ("cell_phone", 60, 0), "qwen2_vl": ("pizza", 60, 0), "qwen3_vl": ("bear", 60, 0), "gemma3": ("pizza", 60, 0),
+    "qwen2_5_vl": ("cell_phone", 60, 0), "qwen2_vl": ("pizza", 60, 0), "qwen3_vl": ("bear", 60, 0),
+    "gemma3": ("pizza", 60, 0),
     "llava": ("cell_phone", 60, 0), "llava_next": ("suitcase", 60, 2), "llava_onevision": ("horse", 60, 0),
     "idefics3": ("horse", 60, 0), "smolvlm": ("horse", 60, 0), "internvl": ("bear", 150, 1),
 }
@@ -20,8 +22,8 @@ SETUPS = {
 
 def _common(family: str, tmp_path) -> list[str]:
     knowledge, scenes, seed = SETUPS[family]
-    return [f"model=tiny_{family}", f"model.seed={seed}", f"knowledge={knowledge}", f"data.num_images={scenes}", "thresholds.n=20",
-            "thresholds.layers=nonzero", "task.k_images=1", "task.other_images=2", "logger=none",
+    return [f"model=tiny_{family}", f"model.seed={seed}", f"knowledge={knowledge}", f"data.num_images={scenes}",
+            "thresholds.n=20", "thresholds.layers=nonzero", "task.k_images=1", "task.other_images=2", "logger=none",
             f"data.root={tmp_path}/tw", f"paths.cache_dir={tmp_path}/cache"]
 
 
@@ -50,9 +52,10 @@ def test_every_method_intervention_the_trace_and_the_report_run_on_a_family(fami
     assert found.results, found.selection.message
     for method in ("ours", "stage1_only", "stage2_only", "schwettmann", "pan", "random"):
         assert s.identify(method=method).results, method
-    live = s.identify(method="attribution")  # in the live window, traced on the family's own object: a tiny model's may be empty
+    # in the live window, traced on the family's own object: a tiny model's may be empty
+    live = s.identify(method="attribution")
     assert live.results or all("leaves no layer" in why["reason"] for why in live.skipped)
-    assert s.stats_cache.computed == len(found.results)  # every method ranked the same cached statistics
+    assert s.resources.stats_cache.computed == len(found.results)  # every method ranked the same cached statistics
     image = s.data.load_image(found.results[0].candidate.image_id)
     neurons = found.results[0].neurons
     for how in ("zero", "mean", "inpainted", "noise"):
@@ -66,7 +69,8 @@ def test_every_method_intervention_the_trace_and_the_report_run_on_a_family(fami
     heat = s.heatmap(found.results[0])
     assert heat.values.shape == image.shape[:2]
     (tmp_path / "sweep" / "0").mkdir(parents=True)
-    metrics = {**s.labels(), "status": found.status(), **evaluation.scores, "per_layer": evaluation.per_layer(s.adapter.num_layers)}
+    metrics = {**s.spec.labels(), "status": found.status(), **evaluation.scores,
+               "per_layer": evaluation.per_layer(s.adapter.num_layers)}
     (tmp_path / "sweep" / "0" / "metrics.json").write_text(json.dumps(metrics))
     report = write_report(tmp_path / "sweep", tmp_path / "report")
     assert "Table II" in report.markdown.read_text()

@@ -4,7 +4,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from knexp.bench.flops import DecoderShape, caption_flops, identification_flops
-from knexp.models.tiny import tiny_lm, word_tokenizer
+from knexp.models.tiny.tiny_models import tiny_lm, word_tokenizer
 
 
 def test_decoder_flops_match_torchs_counter():

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from knexp.models.adapters.spliced import SplicedAdapter
+from knexp.models.adapters.vlm import VLMAdapter
 from knexp.models.geometry import PatchGeometry
-from knexp.models.hooks import LayerEdit, intervene, record
-from knexp.models.spliced import SplicedAdapter
-from knexp.models.vlm import VLMAdapter
+from knexp.models.hooks.intervene import ActivationPatch, intervene
+from knexp.models.hooks.record import record
 
 
 def _images(n, size, seed=0):
@@ -34,8 +35,11 @@ def test_ffn_out_of_the_activation_is_the_mlp_output_exactly(adapter, prepared):
     got = {}
     handles = []
     for layer in range(adapter.num_layers):
-        handles.append(adapter.down_proj(layer).register_forward_pre_hook(lambda m, a, layer=layer: got.__setitem__(("O", layer), a[0])))
-        handles.append(adapter.ffn(layer).register_forward_hook(lambda m, a, out, layer=layer: got.__setitem__(("mlp", layer), out)))
+        handles.append(adapter.down_proj(layer).register_forward_pre_hook(lambda m, a,
+                                                                          layer=layer: got.__setitem__(("O", layer),
+                                                                                                       a[0])))
+        handles.append(adapter.ffn(layer).register_forward_hook(lambda m, a, out,
+                                                                layer=layer: got.__setitem__(("mlp", layer), out)))
     try:
         with torch.no_grad():
             adapter.forward(prepared)
@@ -53,7 +57,7 @@ def test_every_hook_site_of_the_table_is_the_tensor_it_names(adapter, prepared):
     """Through ``attached``, one (site, layer) key per entry of the adapter's site table, input and output sites alike:
     ffn_act = act(gate(ffn_in)), ffn = ffn_act * up(ffn_in), ffn_out = down(ffn) = mlp(ffn_in), and resid_pre of layer 0
     is the input embeddings; the prefill guard ignores passes of another length."""
-    from knexp.models.hooks import attached
+    from knexp.models.hooks.attach import attached
 
     assert set(adapter.sites) == {"resid_pre", "ffn_in", "ffn_act", "ffn", "ffn_out"}
     layer = adapter.num_layers - 1
@@ -152,7 +156,7 @@ def test_recorded_gradient_matches_finite_differences(adapter, prepared):
         for sign in (1, -1):
             add = torch.zeros(2, adapter.num_image_tokens, 1)
             add[:, p, 0] = sign * eps
-            with torch.no_grad(), intervene(adapter, prepared, {layer: LayerEdit(torch.tensor([u]), add=add)}):
+            with torch.no_grad(), intervene(adapter, prepared, {layer: ActivationPatch(torch.tensor([u]), add=add)}):
                 vals.append(y_of(adapter.forward(prepared)).item())
         fd = (vals[0] - vals[1]) / (2 * eps)
         analytic = rec.gradients[layer][:, p, u].sum().item()
@@ -183,7 +187,7 @@ def test_intervention_touches_only_chosen_units_at_image_positions_in_prefill(ad
         adapter.forward(prepared)
     h.remove()
     add = torch.randn(2, adapter.num_image_tokens) * 3
-    edit = LayerEdit(units, add=add)
+    edit = ActivationPatch(units, add=add)
     h = _capture_inputs(adapter, layer, edited)
     with torch.no_grad(), intervene(adapter, prepared, {layer: edit}):
         adapter.forward(prepared)
@@ -200,7 +204,7 @@ def test_intervention_touches_only_chosen_units_at_image_positions_in_prefill(ad
 
 def test_intervention_is_prefill_only_during_generation(adapter):
     prepared = adapter.prepare(_images(2, _size(adapter), seed=3))
-    edit = LayerEdit(torch.tensor([1]), add=torch.zeros(2, adapter.num_image_tokens))
+    edit = ActivationPatch(torch.tensor([1]), add=torch.zeros(2, adapter.num_image_tokens))
     calls = []
     h = adapter.down_proj(0).register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
     try:
@@ -219,7 +223,7 @@ def test_zero_noise_reproduces_unhooked_captions(adapter):
     clean = adapter.caption(images, max_new_tokens=6)
     prepared = adapter.prepare(images)
     zero = torch.zeros(3, adapter.num_image_tokens)
-    edits = {layer: LayerEdit(torch.arange(adapter.d_ff), add=zero) for layer in range(adapter.num_layers)}
+    edits = {layer: ActivationPatch(torch.arange(adapter.d_ff), add=zero) for layer in range(adapter.num_layers)}
     with intervene(adapter, prepared, edits):
         assert adapter.generate(prepared, max_new_tokens=6) == clean
 
@@ -232,12 +236,12 @@ def test_per_row_interventions_equal_one_row_at_a_time(adapter):
     units = torch.tensor([2, 7])
     mask = torch.tensor([[True, False], [True, True]])  # row 0 edits unit 2 only
     both = adapter.prepare(images, continuations=conts)
-    with torch.no_grad(), intervene(adapter, both, {1: LayerEdit(units, add=noise, row_mask=mask)}):
+    with torch.no_grad(), intervene(adapter, both, {1: ActivationPatch(units, add=noise, row_mask=mask)}):
         batched = adapter.forward(both)
     for b in range(2):
         one = adapter.prepare(images[b : b + 1], continuations=conts[b : b + 1])
         keep = mask[b]
-        with torch.no_grad(), intervene(adapter, one, {1: LayerEdit(units[keep], add=noise[b : b + 1, :, keep])}):
+        with torch.no_grad(), intervene(adapter, one, {1: ActivationPatch(units[keep], add=noise[b : b + 1, :, keep])}):
             single = adapter.forward(one)
         n = single.shape[1]
         row = batched[b, -n:] if isinstance(adapter, VLMAdapter) else batched[b, :n]
@@ -250,7 +254,7 @@ def test_hooks_are_removed_after_exit_and_after_an_exception(adapter, prepared):
         assert adapter.decoder_layers()[0]._forward_pre_hooks  # the gradient anchor
     assert _no_hooks_left(adapter)
     with pytest.raises(RuntimeError, match="boom"):
-        with intervene(adapter, prepared, {0: LayerEdit(torch.tensor([0]), scale=0.0)}):
+        with intervene(adapter, prepared, {0: ActivationPatch(torch.tensor([0]), scale=0.0)}):
             raise RuntimeError("boom")
     assert _no_hooks_left(adapter)
     with pytest.raises(RuntimeError, match="enable_grad"):
@@ -269,9 +273,9 @@ def test_scale_and_set_edits(adapter, prepared):
     h = _capture_inputs(adapter, layer, out)
     with torch.no_grad():
         adapter.forward(prepared)
-        with intervene(adapter, prepared, {layer: LayerEdit(units, scale=torch.tensor([0.0, 2.0]))}):
+        with intervene(adapter, prepared, {layer: ActivationPatch(units, scale=torch.tensor([0.0, 2.0]))}):
             adapter.forward(prepared)
-        with intervene(adapter, prepared, {layer: LayerEdit(units, set_to=7.0)}):
+        with intervene(adapter, prepared, {layer: ActivationPatch(units, set_to=7.0)}):
             adapter.forward(prepared)
     h.remove()
     rows = torch.arange(2)[:, None]

@@ -15,7 +15,7 @@ from knexp.identification.thresholds import (
     allowed_layers,
     stage1_score,
 )
-from knexp.models.hooks import record
+from knexp.models.hooks.record import record
 from knexp.user_errors import ConfigError
 
 CAPTION = "the image shows a bus and a clock."
@@ -59,18 +59,22 @@ def test_statistics_equal_their_formulas(adapter, sample):
     torch.testing.assert_close(stats.act_mean, o.mean(1))
     torch.testing.assert_close(stats.act_std, o.std(1, correction=0))
     torch.testing.assert_close(stats.shift_mean, (i - o).mean(1))
-    torch.testing.assert_close(stats.attribution, ((i - o) * g).sum(1))  # METHOD.md, "Attribution"
+    torch.testing.assert_close(stats.attribution, ((i - o) * g).sum(1))  # docs/method.md, "Attribution"
     assert torch.equal(stats.gradcam_argmax, (o * g).argmax(1))
-    full = (adapter.unembedding().float() @ torch.stack([adapter.w_out(layer).float() for layer in range(adapter.num_layers)]))
-    torch.testing.assert_close(stats.wout_dot_wu, full[:, target.token_id], rtol=1e-4, atol=1e-5)  # [L, V, d_f] -> row c
-    assert torch.count_nonzero(stats.gradcam_max[-1]) == 0  # METHOD.md: the last layer's gradient at image positions is 0
+    w_out = torch.stack([adapter.w_out(layer).float() for layer in range(adapter.num_layers)])
+    full = adapter.unembedding().float() @ w_out
+    # [L, V, d_f] -> row c
+    torch.testing.assert_close(stats.wout_dot_wu, full[:, target.token_id], rtol=1e-4, atol=1e-5)
+    # docs/method.md: the last layer's gradient at image positions is 0
+    assert torch.count_nonzero(stats.gradcam_max[-1]) == 0
 
 
 def test_pan_authors_variant_uses_act_fn_at_the_predicting_position(adapter, sample):
     original, _, target, stats = sample
     prep = adapter.prepare([original], continuations=[target.context])
     seen = {}
-    hooks = [adapter.site("ffn_act", layer)[0].register_forward_hook(lambda m, a, out, layer=layer: seen.__setitem__(layer, out[0, -1]))
+    hooks = [adapter.site("ffn_act", layer)[0].register_forward_hook(lambda m, a, out,
+                                                                     layer=layer: seen.__setitem__(layer, out[0, -1]))
              for layer in range(adapter.num_layers)]
     try:
         with torch.no_grad():
@@ -143,7 +147,8 @@ def _reference_stats(stats, knowledge_names, seed=0):
     n_layers, d_ff = stats.shape
     std = torch.rand(n_layers, d_ff, generator=g) + 0.1
     diff = torch.randn(len(knowledge_names), n_layers, d_ff, generator=g)
-    return ReferenceStats(torch.randn(n_layers, d_ff, generator=g), std, std.median(1).values, diff, list(knowledge_names), [0])
+    return ReferenceStats(torch.randn(n_layers, d_ff, generator=g), std, std.median(1).values, diff,
+                          list(knowledge_names), [0])
 
 
 def test_threshold_rules(sample):
@@ -151,7 +156,8 @@ def test_threshold_rules(sample):
     ctx = RuleContext("bus")
     paper = PaperRule(name="paper", per_knowledge={"bus": {"a": 1.5, "g": 0.0001}})
     ts = paper.apply(stats, ctx)
-    assert torch.equal(ts.candidates, stats.diff_max > 1.5) and torch.equal(ts.keep, ts.candidates & (stats.gradcam_max > 0.0001))
+    assert torch.equal(ts.candidates, stats.diff_max > 1.5)
+    assert torch.equal(ts.keep, ts.candidates & (stats.gradcam_max > 0.0001))
     assert M.from_two_stage(ts).pairs() == M.ours(stats, 1.5, 0.0001).pairs()
     with pytest.raises(ConfigError, match="quantile"):
         paper.apply(stats, RuleContext("clock"))
@@ -199,7 +205,8 @@ def test_budget_rule_keeps_n_of_the_top_candidates(sample, kind, second):
     ref = _reference_stats(stats, ["bus", "clock", "bear", "clock"])
     ctx = RuleContext("bus", reference=ref)
     score = {"raw": stats.diff_max, "abs": stats.diff_absmax, "spread": stats.diff_max / ref.std,
-             "contrastive": (stats.diff_max - ref.removal_diff[1:].mean(0)) / ref.removal_diff[1:].std(0, correction=0)}[kind]
+             "contrastive": (stats.diff_max - ref.removal_diff[1:].mean(0)) / ref.removal_diff[1:].std(0,
+                                                                                                       correction=0)}[kind]
     torch.testing.assert_close(stage1_score(stats, kind, ctx), score)  # the bus removal is left out of bus's null
     rule = BudgetRule(name="budget", n=7, q_g=0.75, layers="nonzero", stage1=kind, stage2=second)
     ts = rule.apply(stats, ctx)
@@ -218,7 +225,8 @@ def test_attribution_ranks_the_most_negative_first(sample):
     top = M.attribution(stats, n=9)
     np.testing.assert_allclose(top.scores, torch.topk(-stats.attribution.flatten().double(), 9).values.numpy())
     assert torch.equal(-stats.attribution[top.layers, top.units].double(), torch.as_tensor(top.scores))
-    assert int((-stats.attribution.double() > top.scores[-1]).sum()) == 8  # nothing outside the set beats its last member
+    # nothing outside the set beats its last member
+    assert int((-stats.attribution.double() > top.scores[-1]).sum()) == 8
     cut = float(-top.scores[4])  # a <= cut keeps exactly the 5 most negative (no ties at random values)
     thr = M.attribution(stats, threshold=-cut)
     assert thr.pairs() == {tuple(x) for x in (stats.attribution <= cut).nonzero().tolist()} and len(thr) == 5
@@ -238,7 +246,8 @@ def test_the_passes_after_the_cached_prefix_give_the_full_passes_statistics(adap
     original, inpainted, target, stats = sample
     prep = adapter.prepare([original], continuations=[target.context])
     assert int(prep.image_positions[0, 0]) > 0  # there is a prefix to skip
-    monkeypatch.setattr(passes, "logits_after_prefix", lambda a, prepared, positions: a.forward(prepared, positions=positions))
+    monkeypatch.setattr(passes, "logits_after_prefix", lambda a, prepared,
+                        positions: a.forward(prepared, positions=positions))
     full = compute_stats(adapter, original, inpainted, target)
     assert full.target_position == stats.target_position
     for name in stats.TENSORS:
@@ -254,17 +263,20 @@ def test_the_cached_prefix_changes_no_statistic_on_the_embedded_model(catalog, m
     from knexp.counterfactual.inpaint import inpaint, region_mask
     from knexp.data.toyworld.scenes import SceneOptions, make_scene
     from knexp.identification import passes
-    from knexp.models.embedded import load_embedded
-    from knexp.models.spliced import SplicedAdapter
+    from knexp.models.adapters.spliced import SplicedAdapter
+    from knexp.models.zoo.embedded import load_embedded
     from knexp.paths import default_cache_dir, project_root
 
-    adapter = SplicedAdapter(load_embedded(default_cache_dir(), project_root() / "knexp/models/weights/embedded_projector.safetensors"))
+    adapter = SplicedAdapter(load_embedded(default_cache_dir(),
+                                           project_root() / "knexp/models/weights/embedded_projector.safetensors"))
     scene = make_scene(catalog, np.random.default_rng([31, 5, 0]), SceneOptions(gap_px=8))
     obj = scene.objects[0]
     edited = inpaint(scene.image, region_mask(scene.image.shape[:2], bbox=obj.bbox, dilation=2), 3, "telea")
-    target = locate_target(adapter, f"{adapter.caption_prefix} {obj.knowledge.indefinite}.", adapter.caption_prefix, obj.knowledge)
+    target = locate_target(adapter, f"{adapter.caption_prefix} {obj.knowledge.indefinite}.", adapter.caption_prefix,
+                           obj.knowledge)
     cached = compute_stats(adapter, scene.image, edited, target)
-    monkeypatch.setattr(passes, "logits_after_prefix", lambda a, prepared, positions: a.forward(prepared, positions=positions))
+    monkeypatch.setattr(passes, "logits_after_prefix", lambda a, prepared,
+                        positions: a.forward(prepared, positions=positions))
     full = compute_stats(adapter, scene.image, edited, target)
     for name in cached.TENSORS:
         a, b = getattr(cached, name), getattr(full, name)
@@ -273,5 +285,6 @@ def test_the_cached_prefix_changes_no_statistic_on_the_embedded_model(catalog, m
         else:
             assert torch.equal(a, b), name
     for name in ("diff_absmax", "gradcam_max", "attribution"):
-        top = [set(torch.argsort(-getattr(s, name).flatten().double(), stable=True)[:1000].tolist()) for s in (cached, full)]
+        top = [set(torch.argsort(-getattr(s, name).flatten().double(), stable=True)[:1000].tolist()) for s in (cached,
+                                                                                                               full)]
         assert top[0] == top[1], name

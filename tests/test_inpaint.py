@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from knexp.counterfactual import inpaint, region_mask
+from knexp.counterfactual.inpaint import inpaint, region_mask
 from knexp.user_errors import ConfigError
 
 

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from knexp.models.errors import ModelWeightsMissing
-from knexp.models.minigpt4 import EvaConfig, convert, load_minigpt4
-from knexp.models.tiny import tiny_minigpt4
+from knexp.models.tiny.tiny_models import tiny_minigpt4
+from knexp.models.zoo.minigpt4 import EvaConfig, convert, load_minigpt4
 
 
 def test_real_geometry_is_16_by_4_strips():
-    """Token t covers patch row t // 4 and patch columns 4 * (t % 4) .. 4 * (t % 4) + 3 (METHOD.md)."""
+    """Token t covers patch row t // 4 and patch columns 4 * (t % 4) .. 4 * (t % 4) + 3 (docs/method.md, "Patch geometry
+    per model")."""
     from knexp.models.geometry import PatchGeometry
 
     eva = EvaConfig()
@@ -39,10 +40,12 @@ def test_four_consecutive_patches_make_one_token():
 def test_conversion_round_trip(tmp_path):
     model = tiny_minigpt4()
     eva = model.eva
-    vit = {k.removeprefix("visual_encoder."): v.clone() for k, v in model.state_dict().items() if k.startswith("visual_encoder.")}
+    vit = {k.removeprefix("visual_encoder."): v.clone() for k, v in model.state_dict().items()
+           if k.startswith("visual_encoder.")}
     vit["head.weight"] = torch.zeros(3, 3)  # classifier head in the BLIP-2 file: dropped
     torch.save(vit, tmp_path / "eva_vit_g.pth")
-    torch.save({"model": {"llama_proj.weight": torch.randn(32, 64), "llama_proj.bias": torch.randn(32)}}, tmp_path / "minigpt4.pth")
+    torch.save({"model": {"llama_proj.weight": torch.randn(32, 64), "llama_proj.bias": torch.randn(32)}},
+               tmp_path / "minigpt4.pth")
     out = convert(tmp_path / "minigpt4.pth", tmp_path / "eva_vit_g.pth", tmp_path / "converted", eva=eva)
     model.lm.save_pretrained(tmp_path / "llama")
     model.tokenizer.save_pretrained(tmp_path / "llama")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from knexp.models import offline
-from knexp.models.embedded import ProjectorWeightsError, build_projector, load_projector, preprocess
-from knexp.models.tiny import tiny_llava
+from knexp.models.tiny.tiny_models import tiny_llava
+from knexp.models.zoo import offline
+from knexp.models.zoo.embedded import ProjectorWeightsError, build_projector, load_projector, preprocess
 
 
 def _images(n, seed=0):
@@ -16,7 +16,8 @@ def _images(n, seed=0):
 
 def test_tiny_llava_expands_image_to_grid_tokens():
     model, processor = tiny_llava(grid=4)
-    inputs = processor(images=_images(2), text=["USER: <image>\nwhat ASSISTANT: the image shows"] * 2, return_tensors="pt")
+    inputs = processor(images=_images(2), text=["USER: <image>\nwhat ASSISTANT: the image shows"] * 2,
+                       return_tensors="pt")
     span = inputs["input_ids"] == model.config.image_token_id
     assert span.sum(1).tolist() == [16, 16]
     positions = span[0].nonzero().flatten()
@@ -29,7 +30,7 @@ def test_tiny_llava_expands_image_to_grid_tokens():
 
 
 def test_llava_captions_batched_equal_single_rows():
-    from knexp.models.tiny_vlm import tiny_vlm
+    from knexp.models.tiny.tiny_vlm import tiny_vlm
 
     cap = tiny_vlm("llava")
     imgs = _images(3, seed=1)
@@ -70,11 +71,12 @@ def test_missing_projector_says_how_to_get_one(tmp_path):
 def test_the_generic_loader_names_a_missing_folder_and_runs_no_remote_code(tmp_path):
     import torch
 
+    from knexp.models.adapters.vlm import load_adapter
     from knexp.models.errors import ModelWeightsMissing
-    from knexp.models.vlm import load_adapter
     from knexp.user_errors import ConfigError
 
-    cfg = {"family": "llava", "path": str(tmp_path / "no-llava"), "dtype": "auto", "question": "q", "prompt": {"caption_prefix": "p"}}
+    cfg = {"family": "llava", "path": str(tmp_path / "no-llava"), "dtype": "auto", "question": "q",
+           "prompt": {"caption_prefix": "p"}}
     with pytest.raises(ModelWeightsMissing, match=r"model.path=.*no-llava"):
         load_adapter(cfg, torch.device("cpu"), None)
     with pytest.raises(ConfigError, match="model.trust_remote_code"):

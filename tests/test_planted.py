@@ -17,7 +17,8 @@ import torch
 from knexp.identification import methods as M
 from knexp.identification.passes import compute_stats, locate_target
 from knexp.identification.thresholds import BudgetRule, RuleContext
-from knexp.models.hooks import LayerEdit, intervene, record
+from knexp.models.hooks.intervene import ActivationPatch, intervene
+from knexp.models.hooks.record import record
 
 
 def _mlp_input_and_grad(adapter, prepared, layer, target):
@@ -73,7 +74,7 @@ def _patch_effect(adapter, original, inpainted, target, layer, unit):
     prep_i = adapter.prepare([inpainted], continuations=[target.context])
     with torch.no_grad(), record(adapter, prep_i, layers=[layer]) as rec:
         adapter.forward(prep_i)
-    edit = LayerEdit(torch.tensor([unit]), set_to=rec.activations[layer][:, :, unit:unit + 1])
+    edit = ActivationPatch(torch.tensor([unit]), set_to=rec.activations[layer][:, :, unit:unit + 1])
     return _y(adapter, prep_o, target, {layer: edit}) - _y(adapter, prep_o, target)
 
 
@@ -94,10 +95,11 @@ def _recovers(adapter, original, inpainted, target, layer, unit, live_layers, n=
 
 @pytest.fixture()
 def tiny():
-    from knexp.models.spliced import SplicedAdapter
-    from knexp.models.tiny import tiny_minigpt4
+    from knexp.models.adapters.spliced import SplicedAdapter
+    from knexp.models.tiny.tiny_models import tiny_minigpt4
 
-    adapter = SplicedAdapter(tiny_minigpt4(layers=4))  # its random image encoder tells images apart (tiny_embedded's does not)
+    # its random image encoder tells images apart (tiny_embedded's does not)
+    adapter = SplicedAdapter(tiny_minigpt4(layers=4))
     adapter.model.float()
     return adapter
 
@@ -129,21 +131,25 @@ def test_a_planted_neuron_is_recovered_on_the_embedded_model(catalog):
     """The same on the embedded model's real weights, with a toy-world scene, in the middle of the live window."""
     from knexp.counterfactual.inpaint import inpaint, region_mask
     from knexp.data.toyworld.scenes import SceneOptions, make_scene
-    from knexp.models.embedded import load_embedded
-    from knexp.models.spliced import SplicedAdapter
+    from knexp.models.adapters.spliced import SplicedAdapter
+    from knexp.models.zoo.embedded import load_embedded
     from knexp.paths import default_cache_dir, project_root
 
-    adapter = SplicedAdapter(load_embedded(default_cache_dir(), project_root() / "knexp/models/weights/embedded_projector.safetensors"))
+    adapter = SplicedAdapter(load_embedded(default_cache_dir(),
+                                           project_root() / "knexp/models/weights/embedded_projector.safetensors"))
     scene = make_scene(catalog, np.random.default_rng([31, 5, 0]), SceneOptions(gap_px=8))
     obj = scene.objects[0]
     edited = inpaint(scene.image, region_mask(scene.image.shape[:2], bbox=obj.bbox, dilation=2), 3, "telea")
-    target = locate_target(adapter, f"{adapter.caption_prefix} {obj.knowledge.indefinite}.", adapter.caption_prefix, obj.knowledge)
+    target = locate_target(adapter, f"{adapter.caption_prefix} {obj.knowledge.indefinite}.", adapter.caption_prefix,
+                           obj.knowledge)
     layer, unit = 12, 777
     # six object positions at 0.3 of a typical column: -2.2 logits, inside attribution's linear regime (at scale 1 the
-    # patch moves y_c by -3.4 but the first-order estimate is +0.1: attribution misses a saturated neuron, ours does not)
+    # patch moves y_c by -3.4 but the first-order estimate is +0.1: attribution misses a saturated neuron, ours does
+    # not)
     plant(adapter, scene.image, edited, target, layer, unit, scale=0.3, spots=6)
     planted, others = _known_causal(adapter, scene.image, edited, target, layer, unit)
     assert planted < -1 and abs(planted) > 10 * others, (planted, others)
-    ours, attribution, _ = _recovers(adapter, scene.image, edited, target, layer, unit, live_layers=list(range(23)), n=100)
+    ours, attribution, _ = _recovers(adapter, scene.image, edited, target, layer, unit, live_layers=list(range(23)),
+                                     n=100)
     assert (layer, unit) in ours.pairs()
     assert (int(attribution.layers[0]), int(attribution.units[0])) == (layer, unit)

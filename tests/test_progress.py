@@ -4,13 +4,14 @@ from types import SimpleNamespace
 
 from omegaconf import OmegaConf
 
-from knexp.reporting.progress import SweepProgress, eta_line, heartbeat, quiet_third_party, sweep_size
+from knexp.console import heartbeat, quiet_third_party
+from knexp.reporting.progress import SweepProgress, eta_line, sweep_size
 
 
 def _cfg(params=None, task=(), n_trials=None, sweep_dir="."):
     sweeper = {"params": params or {}} | ({"n_trials": n_trials} if n_trials else {})
-    return OmegaConf.create({"hydra": {"sweeper": sweeper, "overrides": {"task": list(task)}, "sweep": {"dir": str(sweep_dir)},
-                                       "job": {"num": 0}}})
+    return OmegaConf.create({"hydra": {"sweeper": sweeper, "overrides": {"task": list(task)},
+                                       "sweep": {"dir": str(sweep_dir)}, "job": {"num": 0}}})
 
 
 def test_the_sweep_size_is_the_product_of_the_swept_values():

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from knexp.job import compose
+from knexp.job.compose import compose
 from knexp.paths import project_root
 
 
 @pytest.mark.slow
 def test_quickstart_identifies_captions_and_draws(tmp_path):
-    r = subprocess.run([sys.executable, "examples/quickstart.py", str(tmp_path / "qs")], cwd=project_root(), capture_output=True,
-                       text=True, timeout=900)
+    r = subprocess.run([sys.executable, "examples/quickstart.py", str(tmp_path / "qs")], cwd=project_root(),
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     q = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
     assert q["knowledge"] == "banana" and q["size"] == compose().thresholds.n  # the default budget rule's set

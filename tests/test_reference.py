@@ -9,8 +9,8 @@ from knexp.evaluation.interventions import Mean, Noise
 from knexp.evaluation.perturb import set_values
 from knexp.identification.methods import NeuronSet
 from knexp.identification.reference import ReferenceCache, compute_reference
-from knexp.models.hooks import record
-from knexp.models.tiny_vlm import tiny_adapter
+from knexp.models.hooks.record import record
+from knexp.models.tiny.tiny_vlm import tiny_adapter
 
 
 def _acts(adapter, images):
@@ -24,7 +24,8 @@ def test_reference_statistics_equal_their_formulas(tmp_path, catalog):
     adapter = tiny_adapter("minigpt4", layers=3)
     data = _coco(tmp_path / "data", {i: [(6, (4 * i, 10, 30, 30)), (85, (60, 60, 20, 20))] for i in range(1, 6)})
     opts = InpaintOptions()
-    ref = compute_reference(adapter, data, "t", catalog, opts, InpaintCache(None), images=4, removals=6, seed=0, batch_size=3)
+    ref = compute_reference(adapter, data, "t", catalog, opts, InpaintCache(None), images=4, removals=6, seed=0,
+                            batch_size=3)
     images = [data.load_image(i) for i in ref.images]
     assert len(images) == 4
     o = _acts(adapter, images)  # [L, N, P, d_f]
@@ -61,7 +62,8 @@ def test_reference_cache_round_trip_and_calibrated_noise_uses_layer_spreads(tmp_
 
     def compute():
         calls.append(1)
-        return compute_reference(adapter, data, "t", catalog, InpaintOptions(), InpaintCache(None), images=3, removals=3, seed=0)
+        return compute_reference(adapter, data, "t", catalog, InpaintOptions(), InpaintCache(None), images=3,
+                                 removals=3, seed=0)
 
     first = ReferenceCache(tmp_path / "cache").get(["m", "t"], compute)
     again = ReferenceCache(tmp_path / "cache").get(["m", "t"], compute)

@@ -27,7 +27,8 @@ def test_report_tables_by_hand(tmp_path):
     results = collect(sweep)
     assert len(results) == 4
     t = tables(results)
-    assert t["table2"].loc["ours", "S_se"] == pytest.approx(0.7) and t["table2"].loc["ours", "S_mean"] == pytest.approx(0.7)
+    assert t["table2"].loc["ours", "S_se"] == pytest.approx(0.7)
+    assert t["table2"].loc["ours", "S_mean"] == pytest.approx(0.7)
     assert t["table2"].loc["pan", "S_re"] == pytest.approx(1.0) and "pan:authors" in t["table2"].index
     assert t["table3"].loc["pan", "bleu"] == pytest.approx(0.7)
     report = write_report(sweep, tmp_path / "out")
@@ -61,7 +62,8 @@ def test_a_varied_setting_gets_its_own_rows_and_jobs_without_the_key_are_kept(tm
     _job(sweep / "2", "bear", "ours", 0.4, 0.4, [1, 0])  # an older job: no noise_level in its metrics
     t = tables(collect(sweep))["table2"]
     assert t.index.names == ["noise_level", "method"] and len(t) == 3
-    assert t.loc[("n40", "ours"), "S_se"] == pytest.approx(0.8) and t.loc[("n120", "ours"), "S_se"] == pytest.approx(0.2)
+    assert t.loc[("n40", "ours"), "S_se"] == pytest.approx(0.8) and t.loc[("n120",
+                                                                           "ours"), "S_se"] == pytest.approx(0.2)
     assert sorted(t["S_se"].round(4)) == [0.2, 0.4, 0.8]
 
 
@@ -104,7 +106,8 @@ def test_report_draws_the_trace_a_job_wrote(tmp_path):
 
     sweep = tmp_path / "sweep"
     _job(sweep / "0", "bed", "ours", 0.8, 0.6, [1, 2, 0])
-    traces = [SampleTrace("bed", 1, 2, 10.0, 2.0, {k: [-8.0, -6.0, 0.0] for k in KINDS}, {k: [False, False, True] for k in KINDS})]
+    traces = [SampleTrace("bed", 1, 2, 10.0, 2.0, {k: [-8.0, -6.0, 0.0] for k in KINDS},
+                          {k: [False, False, True] for k in KINDS})]
     window_only = [SampleTrace("bed", 1, 2, 10.0, 2.0, {"resid": [-8.0, -8.0, -8.0]}, {})]  # its window: layers 0-1
     def trace(window, samples):
         return {"model": "embedded", "window": window, "samples": [t.to_dict() for t in samples]}
@@ -121,10 +124,12 @@ def test_wandb_summary_flattens_nested_results_and_a_curve_is_logged_offline(tmp
 
     curve = [{"size": 10, "S_se": 0.1}, {"size": 100, "S_se": 0.5}]
     assert _flatten({"curve": curve, "clean": {"S_k": 1.0}, "sizes": [1, 2]}) == {
-        "curve/0/size": 10, "curve/0/S_se": 0.1, "curve/1/size": 100, "curve/1/S_se": 0.5, "clean/S_k": 1.0, "sizes": [1, 2]}
+        "curve/0/size": 10, "curve/0/S_se": 0.1, "curve/1/size": 100, "curve/1/S_se": 0.5, "clean/S_k": 1.0,
+        "sizes": [1, 2]}
     import pandas as pd
 
-    logger = WandbLogger(tmp_path, run_config={"task": {"name": "evaluate"}}, job_type="evaluate", mode="offline", dir=tmp_path)
+    logger = WandbLogger(tmp_path, run_config={"task": {"name": "evaluate"}}, job_type="evaluate", mode="offline",
+                         dir=tmp_path)
     logger.log_table("curve", pd.DataFrame(curve))
     logger.log_metrics({"curve": curve})
     assert logger.run.summary["curve/1/S_se"] == 0.5
@@ -134,7 +139,8 @@ def test_wandb_summary_flattens_nested_results_and_a_curve_is_logged_offline(tmp
 
 
 def test_report_task_writes_the_page_and_logs_tables_and_figures_to_wandb(tmp_path):
-    from knexp.job import Session, compose
+    from knexp.job.compose import compose
+    from knexp.job.session import Session
     from knexp.tasks.report import ReportTask
 
     sweep = tmp_path / "sweep"
@@ -143,7 +149,8 @@ def test_report_task_writes_the_page_and_logs_tables_and_figures_to_wandb(tmp_pa
     session = Session.from_config(compose("task=report", f"sweep_dir={sweep}", "logger=wandb", "logger.mode=offline",
                                           output_dir=tmp_path / "report"))
     result = ReportTask()(session)
-    assert result["html"] == str(tmp_path / "report" / "report.html") and "fig2_layers.png" not in Path(result["html"]).read_text()
+    assert result["html"] == str(tmp_path / "report" / "report.html")
+    assert "fig2_layers.png" not in Path(result["html"]).read_text()
     run = next((tmp_path / "report" / "wandb").glob("offline-run-*"))
     assert (tmp_path / "report" / "table2.csv").exists() and not (tmp_path / "report" / "report_table2.csv").exists()
     assert b"report_table2" in next(run.rglob("*.wandb")).read_bytes()  # mirrored to W&B, not copied beside its CSV
@@ -219,8 +226,10 @@ def test_the_page_parses_its_images_decode_and_its_tables_have_their_csv_rows(tm
                               "samples": [t.to_dict() for t in window_only]})
     (sweep / "edit").mkdir()
     (sweep / "edit" / "metrics.json").write_text(json.dumps(
-        {"task": "edit", "model": "embedded", "knowledge": "bed", "method": "attribution", "rule": "optimized", "op": "erase",
-         "size": 30, "variants": {"unedited": {"reliability": 0.0}, "edit": {"reliability": 0.8, "m_locality": {"S_re": 0.9}}}}))
+        {"task": "edit", "model": "embedded", "knowledge": "bed", "method": "attribution", "rule": "optimized",
+         "op": "erase",
+         "size": 30,
+         "variants": {"unedited": {"reliability": 0.0}, "edit": {"reliability": 0.8, "m_locality": {"S_re": 0.9}}}}))
     splits = {"tuning": ["pizza", "giraffe"], "heldout": ["bed", "bear", "bus"]}
     out = tmp_path / "out"
     report = write_report(sweep, out, splits)

@@ -15,9 +15,9 @@ from knexp.identification.pipeline import identify_sample
 from knexp.identification.selection import Candidate, Selector, select_samples
 from knexp.identification.stats_cache import StatsCache
 from knexp.identification.thresholds import QuantileRule
+from knexp.models.adapters.spliced import SplicedAdapter
 from knexp.models.captioning import Captioner
-from knexp.models.spliced import SplicedAdapter
-from knexp.models.tiny import tiny_embedded
+from knexp.models.tiny.tiny_models import tiny_embedded
 from knexp.store import Store
 
 RED = (230, 20, 20)
@@ -29,16 +29,18 @@ class RedSquareCaptioner:
     caption_prefix = "the image shows"
 
     def __call__(self, images, image_keys):
-        return ["the image shows a bus." if (np.abs(im.astype(int) - RED).sum(-1) < 30).sum() > 20 else "the image shows an empty scene."
-                for im in images]
+        red = [(np.abs(im.astype(int) - RED).sum(-1) < 30).sum() > 20 for im in images]
+        return ["the image shows a bus." if shown else "the image shows an empty scene." for shown in red]
 
 
 def script_captions(session):
-    """Give a job's session the scripted captioner in place of its model's (as its stages see it); returns the session."""
+    """Give a job's session the scripted captioner in place of its model's (as its stages see it); returns the
+    session."""
     scripted = RedSquareCaptioner()
-    scripted.adapter, scripted.model_key, scripted.store, scripted.batch_size, scripted.max_new_tokens = session.adapter, "t", None, 8, 8
+    scripted.adapter, scripted.model_key, scripted.store = session.adapter, "t", None
+    scripted.batch_size, scripted.max_new_tokens = 8, 8
     scripted.decode_width = None
-    session.shared["captioner"] = scripted
+    session.resources.captioner = scripted
     return session
 
 
@@ -56,8 +58,10 @@ def _coco(tmp_path, boxes: dict[int, list[tuple[int, list[int]]]], missing: tupl
         if image_id not in missing:
             cv2.imwrite(str(tmp_path / "val" / f"{image_id}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 96, "height": 96})
-    cats = [{"id": 6, "name": "bus", "supercategory": "vehicle"}, {"id": 85, "name": "clock", "supercategory": "indoor"}]
-    (tmp_path / "instances_val.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    cats = [{"id": 6, "name": "bus", "supercategory": "vehicle"},
+            {"id": 85, "name": "clock", "supercategory": "indoor"}]
+    (tmp_path / "instances_val.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                             "categories": cats}))
     return CocoScenes(tmp_path, "val")
 
 
@@ -106,7 +110,8 @@ def test_first_gives_a_full_selections_first_samples_for_fewer_captions(tmp_path
             return super().__call__(images, image_keys)
 
     def selector(per_knowledge):
-        return Selector(data, "t", catalog, Counting(), InpaintOptions(dilation=2), InpaintCache(None), per_knowledge, seed=3)
+        return Selector(data, "t", catalog, Counting(), InpaintOptions(dilation=2), InpaintCache(None), per_knowledge,
+                        seed=3)
 
     full = selector(3)(catalog["bus"])
     for n in (1, 2, 3):
@@ -130,14 +135,15 @@ def test_a_second_method_reuses_the_passes(tmp_path, catalog, monkeypatch):
     cand = Candidate(1, 1, "bus", True, "", "the image shows a bus and a clock.", "the image shows a clock.")
     thresholds = QuantileRule(name="quantile", q_a=0.99, q_g=0.5, min_g=0.0)
     captioner = Captioner(adapter, "tiny", Store(None, "captions"))
-    selector = Selector(data, "t", catalog, captioner, InpaintOptions(), InpaintCache(tmp_path / "c"), per_knowledge=1, seed=0)
+    selector = Selector(data, "t", catalog, captioner, InpaintOptions(), InpaintCache(tmp_path / "c"), per_knowledge=1,
+                        seed=0)
     args = (selector, cand, catalog["bus"])
     stats_cache = StatsCache(tmp_path / "c")
     ours = identify_sample(*args, stats_cache, thresholds, M.Ours(name="ours"))
     assert len(calls) == 2  # inpainted forward + original forward/backward
     pan = identify_sample(*args, stats_cache, thresholds, M.Pan(name="pan", variant="paper"))
     assert len(calls) == 2, "the second method ran a forward pass"
-    assert len(pan.neurons) == len(ours.neurons) == len(ours.reference)
+    assert len(pan.neurons) == len(ours.neurons) == len(ours.ours)
     fresh = StatsCache(tmp_path / "c")  # a new job: statistics come from disk
     again = identify_sample(*args, fresh, thresholds, M.Ours(name="ours"))
     assert len(calls) == 2 and fresh.loaded == 1 and fresh.computed == 0

@@ -6,11 +6,13 @@ import pytest
 
 from knexp.identification import methods as M
 from knexp.identification.thresholds import BudgetRule, PaperRule
-from knexp.job import Session, compose
+from knexp.job.compose import compose
+from knexp.job.session import Session
 
 
 def _session(tmp_path, *overrides) -> Session:
-    return Session.from_config(compose(f"paths.cache_dir={tmp_path}/cache", "logger=none", *overrides, output_dir=tmp_path / "job"))
+    return Session.from_config(compose(f"paths.cache_dir={tmp_path}/cache", "logger=none", *overrides,
+                                       output_dir=tmp_path / "job"))
 
 
 def test_the_knowledge_comes_from_the_composed_config(tmp_path):
@@ -27,24 +29,26 @@ def test_the_knowledge_comes_from_the_composed_config(tmp_path):
 
 def test_rule_method_and_logger_are_built_by_target(tmp_path):
     s = _session(tmp_path, "method=pan", "method.variant=authors", "thresholds=budget", "thresholds.n=30")
-    assert isinstance(s.method, M.Pan) and s.method.variant == "authors"
-    assert isinstance(s.rule, BudgetRule) and s.rule.n == 30 and s.rule.label == "budget(abs, live)"
+    assert isinstance(s.spec.method, M.Pan) and s.spec.method.variant == "authors"
+    assert isinstance(s.spec.rule, BudgetRule) and s.spec.rule.n == 30 and s.spec.rule.label == "budget(abs, live)"
     paper = _session(tmp_path, "thresholds=paper")
-    assert isinstance(paper.rule, PaperRule) and paper.rule.per_knowledge["tennis racket"] == {"a": 1.5, "g": 0.0001}
-    logger = s.logger()
+    assert isinstance(paper.spec.rule, PaperRule)
+    assert paper.spec.rule.per_knowledge["tennis racket"] == {"a": 1.5, "g": 0.0001}
+    logger = s.spec.logger()
     logger.log_metrics({"x": 1})
     assert (tmp_path / "job" / "metrics.json").exists() and type(logger).__name__ == "RunLogger"
 
 
 def test_sessions_for_other_objects_share_the_model_and_say_so_in_their_config(tmp_path):
-    from knexp.resume import job_key
+    from knexp.job.spec import job_key
 
     s = _session(tmp_path, "model=tiny_minigpt4", "knowledge=bus")
     other = s.for_knowledge("tennis racket", tmp_path / "racket")
-    assert other.adapter is s.adapter and other.captioner is s.captioner
-    assert other.knowledge.name == "tennis racket" and other.cfg.knowledge.name == "tennis racket"
-    assert other.output_dir == tmp_path / "racket" and other.cfg.paths.output_dir == str(tmp_path / "racket")
-    assert job_key(other.cfg) != job_key(s.cfg) and s.cfg.knowledge.name == "bus"  # the parent is untouched
+    assert other.adapter is s.adapter and other.resources.captioner is s.resources.captioner
+    assert other.knowledge.name == "tennis racket" and other.spec.cfg.knowledge.name == "tennis racket"
+    assert other.spec.output_dir == tmp_path / "racket" and other.spec.cfg.paths.output_dir == str(tmp_path / "racket")
+    assert job_key(other.spec.cfg) != job_key(s.spec.cfg) and s.spec.cfg.knowledge.name == "bus"  # the parent untouched
+    assert other.spec.job_key == job_key(other.spec.cfg)
 
 
 def test_the_api_identifies_captions_and_draws_on_a_tiny_model(tmp_path):
@@ -52,15 +56,17 @@ def test_the_api_identifies_captions_and_draws_on_a_tiny_model(tmp_path):
     from test_selection import _coco, script_captions
 
     _coco(tmp_path / "data", {i: [(6, (8 * i, 10, 40, 40))] for i in range(1, 4)})
-    s = _session(tmp_path, "model=tiny_minigpt4", "knowledge=bus", "data=coco2017", f"data.root={tmp_path}/data", "data.split=val",
-                 "data.image_dir=val", "data.per_knowledge=2", "thresholds=budget", "thresholds.n=5", "thresholds.layers=nonzero")
+    s = _session(tmp_path, "model=tiny_minigpt4", "knowledge=bus", "data=coco2017", f"data.root={tmp_path}/data",
+                 "data.split=val",
+                 "data.image_dir=val", "data.per_knowledge=2", "thresholds=budget", "thresholds.n=5",
+                 "thresholds.layers=nonzero")
     script_captions(s)
     found = s.identify()
     assert len(found.results) == 2 and all(len(r.neurons) == 5 for r in found.results)
     assert found.per_layer(s.adapter.num_layers)[-1] == 0 and sum(found.per_layer(s.adapter.num_layers)) == 10
     pan = s.identify(method="pan")  # another configured method by name, on the same cached statistics
     assert isinstance(pan.method, M.Pan) and [len(r.neurons) for r in pan.results] == [5, 5]
-    assert s.stats_cache.computed == 2
+    assert s.resources.stats_cache.computed == 2
     image = s.data.load_image(found.results[0].candidate.image_id)
     clean = s.caption([image])
     zeroed = s.caption([image], neurons=found.results[0].neurons, intervention="zero")
@@ -88,18 +94,20 @@ def test_an_unusable_sample_is_skipped_with_its_reason_and_written(tmp_path, cat
     from knexp.reporting.outputs import write_identification
 
     _coco(tmp_path / "data", {1: [(6, (10, 10, 40, 40))]})
-    s = _session(tmp_path, "model=tiny_minigpt4", "knowledge=bus", "data=coco2017", f"data.root={tmp_path}/data", "data.split=val",
-                 "data.image_dir=val", "thresholds.layers=nonzero")
+    s = _session(tmp_path, "model=tiny_minigpt4", "knowledge=bus", "data=coco2017", f"data.root={tmp_path}/data",
+                 "data.split=val", "data.image_dir=val", "thresholds.layers=nonzero")
     script_captions(s)
     bad = Candidate(1, 1, "bus", True, "", "the image shows a clock.", "the image shows nothing.")
-    found = identify_knowledge(s.selector, s.knowledge, s.rule, s.method, s.stats_cache, s.rule_context(), Selection("bus", 1, [bad], []))
+    found = identify_knowledge(s.resources.selector, s.knowledge, s.spec.rule, s.spec.method, s.resources.stats_cache,
+                               s.rule_context(), Selection("bus", 1, [bad], []))
     assert found.results == [] and len(found.skipped) == 1 and "does not name 'bus'" in found.skipped[0]["reason"]
     write_identification(tmp_path / "job", found, s.adapter.num_layers)
     assert json.loads((tmp_path / "job" / "selection.json").read_text())["skipped"] == found.skipped
 
 
 @pytest.mark.parametrize("raised, skipped", [("setting", False), ("sample", True)])
-def test_only_a_sample_level_cause_skips_a_sample_and_a_setting_error_stops_the_job(tmp_path, monkeypatch, raised, skipped):
+def test_only_a_sample_level_cause_skips_a_sample_and_a_setting_error_stops_the_job(tmp_path, monkeypatch, raised,
+                                                                                    skipped):
     """A ``ConfigError`` raised inside a sample's work (here from its passes) is never taken for a skip: it stops the
     job. A ``SampleSkipped`` skips the sample, and the identification's status says no sample was usable."""
     from test_selection import _coco, script_captions
@@ -109,10 +117,11 @@ def test_only_a_sample_level_cause_skips_a_sample_and_a_setting_error_stops_the_
     from knexp.user_errors import ConfigError
 
     _coco(tmp_path / "data", {1: [(6, (10, 10, 40, 40))]})
-    s = _session(tmp_path, "model=tiny_minigpt4", "knowledge=bus", "data=coco2017", f"data.root={tmp_path}/data", "data.split=val",
+    s = _session(tmp_path, "model=tiny_minigpt4", "knowledge=bus", "data=coco2017", f"data.root={tmp_path}/data",
+                 "data.split=val",
                  "data.image_dir=val", "data.per_knowledge=1", "thresholds.layers=nonzero", "task.cache=false")
     script_captions(s)
-    error = SampleSkipped("no usable patch") if raised == "sample" else ConfigError("thresholds.x=1: use something else")
+    error = SampleSkipped("no usable patch") if raised == "sample" else ConfigError("thresholds.x=1: use another")
 
     def failing(*args, **kwargs):
         raise error
@@ -142,7 +151,7 @@ def test_compute_stats_leaves_no_hook_behind(fails, catalog, monkeypatch):
     and after it raises halfway through its backward pass."""
     from knexp.identification import passes
     from knexp.identification.passes import compute_stats, locate_target
-    from knexp.models.tiny_vlm import tiny_adapter
+    from knexp.models.tiny.tiny_vlm import tiny_adapter
 
     adapter = tiny_adapter("llava")
 
@@ -150,7 +159,8 @@ def test_compute_stats_leaves_no_hook_behind(fails, catalog, monkeypatch):
         return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in adapter.model.modules())
 
     images = [(np.random.default_rng(i).random((60, 60, 3)) * 255).astype(np.uint8) for i in range(2)]
-    adapter.forward(adapter.prepare(images[:1]))  # transformers installs its own output-capturing hooks on a first forward
+    # transformers installs its own output-capturing hooks on a first forward
+    adapter.forward(adapter.prepare(images[:1]))
     before = hooks()
     target = locate_target(adapter, "the image shows a bus.", adapter.caption_prefix, catalog["bus"])
     if fails:
@@ -178,8 +188,8 @@ def test_decode_width_reaches_the_captioner_and_stays_out_of_the_cache_key(tmp_p
 
     tiny = ("model=tiny_llava",)
     wide, narrow = (_session(tmp_path, *tiny, f"model.generation.decode_width={w}") for w in (48, "null"))
-    assert wide.captioner.decode_width == 48 and narrow.captioner.decode_width is None
-    assert wide.captioner.batch_size == narrow.captioner.batch_size == 8
-    assert model_identity(wide.model_cfg) == model_identity(narrow.model_cfg)
+    assert wide.resources.captioner.decode_width == 48 and narrow.resources.captioner.decode_width is None
+    assert wide.resources.captioner.batch_size == narrow.resources.captioner.batch_size == 8
+    assert model_identity(wide.spec.model) == model_identity(narrow.spec.model)
     other = _session(tmp_path, *tiny, "model.generation.max_new_tokens=20")
-    assert model_identity(other.model_cfg) != model_identity(narrow.model_cfg)  # what captions depend on still counts
+    assert model_identity(other.spec.model) != model_identity(narrow.spec.model)  # what captions depend on still counts

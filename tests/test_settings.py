@@ -1,5 +1,6 @@
 """Every setting is checked once, when the job is built, before any model is loaded (``knexp.settings``,
-``knexp.job.build_job``): a value that cannot work stops the job with one line naming its key, never an empty success."""
+``knexp.job.session.build_job``): a value that cannot work stops the job with one line naming its key, never an empty
+success."""
 
 import functools
 import re
@@ -11,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from knexp.config import register_resolvers
-from knexp.job import build_job
+from knexp.job.session import build_job
 from knexp.paths import conf_dir
 from knexp.settings import Choice, Integer, Many, Number, SettingError
 from knexp.user_errors import ConfigError
@@ -19,7 +20,8 @@ from knexp.user_errors import ConfigError
 register_resolvers()
 
 # what an option needs before it builds at all (a value the user must give)
-FILL = {"model=minigpt4_llama2": ["model.converted_dir=/nowhere"], "thresholds=fixed": ["thresholds.a=1.0", "thresholds.g=0.001"],
+FILL = {"model=minigpt4_llama2": ["model.converted_dir=/nowhere"],
+        "thresholds=fixed": ["thresholds.a=1.0", "thresholds.g=0.001"],
         "data=coco2017": ["data.root=/nowhere"], "task=report": ["sweep_dir=."],
         "experiment=paper_minigpt4": ["model.converted_dir=/nowhere", "data.root=/nowhere"],
         "experiment=paper_table2": ["model.converted_dir=/nowhere", "data.root=/nowhere"]}
@@ -31,7 +33,8 @@ def _options():
     share one layout)."""
     out = []
     root = conf_dir()
-    groups = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir() and not p.is_relative_to(root / "hydra"))
+    groups = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                    if p.is_dir() and not p.is_relative_to(root / "hydra"))
     for group in groups:
         files = sorted((conf_dir() / group).glob("*.yaml"))
         out += [f"{group}={f.stem}" for f in (files[:2] if group == "knowledge" else files)]
@@ -92,11 +95,12 @@ def composed():
 def test_the_walk_covers_every_group_and_its_settings(cases):
     keys = {_general(k) for _, k in cases}
     groups = {k.split(".")[0] for k in keys}
-    assert {"model", "data", "knowledge", "catalog", "thresholds", "method", "intervention", "noise_level", "inpaint", "splits",
-            "trace", "reference", "logger", "task", "paths", "seed", "num_threads", "tags", "edit"} <= groups
-    assert {"thresholds.n", "thresholds.q_a", "method.form", "model.generation.decode_width", "task.k_images", "task.job.k_images",
-            "data.scene.object_px", "noise_level.levels", "catalog.*.coco_id", "thresholds.per_knowledge.*.a", "edit.op",
-            "edit.rule.lam_erase", "edit.rule.steps", "edit.prompts.yes_no", "model.edit"} <= keys
+    assert {"model", "data", "knowledge", "catalog", "thresholds", "method", "intervention", "noise_level", "inpaint",
+            "splits", "trace", "reference", "logger", "task", "paths", "seed", "num_threads", "tags", "edit"} <= groups
+    assert {"thresholds.n", "thresholds.q_a", "method.form", "model.generation.decode_width", "task.k_images",
+            "task.job.k_images",
+            "data.scene.object_px", "noise_level.levels", "catalog.*.coco_id", "thresholds.per_knowledge.*.a",
+            "edit.op", "edit.rule.lam_erase", "edit.rule.steps", "edit.prompts.yes_no", "model.edit"} <= keys
     assert len(cases) > 250
 
 
@@ -145,20 +149,26 @@ def test_a_setting_error_is_not_a_value_error():
 
 # (override, the key its message must name): values out of range, across every group
 OUT_OF_RANGE = [
-    ("thresholds.stage1=bogus", "thresholds.stage1"), ("thresholds.n=0", "thresholds.n"), ("thresholds.q_g=1.0", "thresholds.q_g"),
+    ("thresholds.stage1=bogus", "thresholds.stage1"), ("thresholds.n=0", "thresholds.n"),
+    ("thresholds.q_g=1.0", "thresholds.q_g"),
     ("thresholds=quantile thresholds.q_a=1.5", "thresholds.q_a"), ("method=attribution method.form=top", "method.form"),
     ("method=attribution method.threshold=-1", "method.threshold"), ("intervention.name=blur", "intervention.name"),
     ("noise_level.draws=0", "noise_level.draws"), ("noise_level.levels=[]", "noise_level.levels"),
-    ("noise_level.levels=[40,-1]", "noise_level.levels[1]"), ("model.generation.decode_width=0", "model.generation.decode_width"),
+    ("noise_level.levels=[40,-1]", "noise_level.levels[1]"),
+    ("model.generation.decode_width=0", "model.generation.decode_width"),
     ("model.generation.max_new_tokens=0", "model.generation.max_new_tokens"), ("model.device=gpu", "model.device"),
     ("task.k_images=-1", "task.k_images"), ("task.sizes=[0]", "task.sizes[0]"), ("trace.frac=1.5", "trace.frac"),
-    ("trace.objects=[zebra]", "trace.objects"), ("reference.images=0", "reference.images"), ("data.per_knowledge=0", "data.per_knowledge"),
+    ("trace.objects=[zebra]", "trace.objects"), ("reference.images=0", "reference.images"),
+    ("data.per_knowledge=0", "data.per_knowledge"),
     ("data.scene.max_objects=0", "data.scene.max_objects"), ("data.scene.object_px=[130,60]", "data.scene.object_px"),
-    ("inpaint.region=circle", "inpaint.region"), ("inpaint.radius=0", "inpaint.radius"), ("logger.mode=live", "logger.mode"),
+    ("inpaint.region=circle", "inpaint.region"), ("inpaint.radius=0", "inpaint.radius"),
+    ("logger.mode=live", "logger.mode"),
     ("seed=-3", "seed"), ("num_threads=0", "num_threads"), ("knowledge.coco_id=0", "knowledge.coco_id"),
     ("splits.tuning=[pizza,zebra]", "splits.tuning"), ("task=tune task.split=val", "task.split"),
-    ("task=tune task.job.other_images=-2", "task.job.other_images"), ("thresholds=fixed thresholds.g=???", "thresholds.g"),
-    ("model.generation.batchsize=4", "model.generation.batchsize"), ("edit.op=move", "edit.op"), ("edit.size=0", "edit.size"),
+    ("task=tune task.job.other_images=-2", "task.job.other_images"),
+    ("thresholds=fixed thresholds.g=???", "thresholds.g"),
+    ("model.generation.batchsize=4", "model.generation.batchsize"), ("edit.op=move", "edit.op"),
+    ("edit.size=0", "edit.size"),
     ("edit.rule.lam_erase=-1", "edit.rule.lam_erase"), ("edit.op=swap edit.replacement=zebra", "edit.replacement"),
     ("edit.prompts.yes_no=Is_it_there", "edit.prompts.yes_no"), ("model.edit=/nowhere.safetensors", "model.edit"),
     ("task=edit task.baselines=[rome]", "task.baselines[0]"),
@@ -186,7 +196,8 @@ def test_a_value_out_of_range_is_refused_by_name(composed, overrides, key):
 @pytest.mark.parametrize("overrides, key", [
     ("thresholds.stage1=bogus", "thresholds.stage1"), ("task.k_images=-1", "task.k_images"),
     ("model.generation.decode_width=0", "model.generation.decode_width"), ("noise_level.draws=0", "noise_level.draws"),
-    ("data.per_knowledge=0", "data.per_knowledge"), ("trace.frac=1.5", "trace.frac"), ("logger.mode=live", "logger.mode"),
+    ("data.per_knowledge=0", "data.per_knowledge"), ("trace.frac=1.5", "trace.frac"),
+    ("logger.mode=live", "logger.mode"),
     ("knowledge.coco_id=x", "knowledge.coco_id"), ("task=tune task.job.other_images=-2", "task.job.other_images"),
     ("task=edit edit.size=0", "edit.size"), ("model.edit=/nowhere.safetensors", "model.edit"),
 ])

@@ -1,5 +1,6 @@
-"""The package's layering, checked on its source with ``ast``: the stages take plain objects, tasks stand alone, models
-are layered bottom up, and no two modules share a name."""
+"""The package's layering, checked on its source with ``ast``: every import points down one declared order of the
+packages (imports inside functions included), no module imports in a circle, the stages take plain objects, tasks stand
+alone, and no two modules share a name."""
 
 import ast
 from collections import Counter
@@ -8,6 +9,33 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "knexp"
+
+# Bottom up: a module may import knexp modules of its own layer or of a layer below, never above. Each entry is a module
+# or a package (all its modules); a module belongs to the longest entry that names it.
+ORDER = [
+    ["knexp.user_errors", "knexp.io", "knexp.paths", "knexp.console"],  # errors, files, locations, the console
+    ["knexp.settings", "knexp.checked", "knexp.manifest", "knexp.store"],  # checks of settings, caches
+    ["knexp.config"],  # Hydra/OmegaConf glue: building a group's object
+    ["knexp.counterfactual"],  # inpainting
+    ["knexp.data"],  # the data (the toy world inpaints)
+    ["knexp.models", "knexp.models.errors", "knexp.models.geometry", "knexp.models.prepared"],
+    ["knexp.models.decoding"],
+    ["knexp.models.adapters"],
+    ["knexp.models.hooks"],
+    ["knexp.models.weight_edit"],
+    ["knexp.models.zoo"],
+    ["knexp.models.tiny"],
+    ["knexp.models.captioning", "knexp.models.registry"],
+    ["knexp.identification"],
+    ["knexp.editing"],
+    ["knexp.evaluation"],
+    ["knexp.reporting"],
+    ["knexp.resume"],
+    ["knexp.job"],
+    ["knexp.tasks", "knexp.bench"],
+]
+EXEMPT = {"knexp"}  # the package's own __init__ re-exports the API (knexp.session)
+STAGES = ["counterfactual", "data", "models", "identification", "editing", "evaluation"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -22,14 +50,96 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+def _name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
 def _modules(folder: str) -> list[Path]:
     return sorted((PACKAGE / folder).rglob("*.py"))
 
 
-@pytest.mark.parametrize("stage", ["identification", "evaluation", "models"])
+def layer_of(module: str, order: list[list[str]] = ORDER) -> int | None:
+    """The index in ``order`` of the longest entry naming ``module`` (itself or a package above it), or None."""
+    best, index = "", None
+    for i, entries in enumerate(order):
+        for entry in entries:
+            if (module == entry or module.startswith(entry + ".")) and len(entry) > len(best):
+                best, index = entry, i
+    return index
+
+
+def module_of(name: str, known) -> str | None:
+    """The knexp module an imported name belongs to (``knexp.a.b.Thing`` -> ``knexp.a.b``)."""
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in known:
+            return ".".join(parts[:n])
+    return None
+
+
+def upward_imports(imports: dict[str, set[str]], order: list[list[str]] = ORDER) -> list[str]:
+    """"a imports b" for every import of a module ``b`` of a higher layer than ``a``'s (``imports``: module -> the knexp
+    modules it imports)."""
+    return sorted(f"{a} imports {b}" for a, used in imports.items() if a not in EXEMPT for b in used
+                  if layer_of(b, order) is not None and layer_of(b, order) > layer_of(a, order))
+
+
+def circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` (module -> the modules it imports) as a path, or None."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return [*path, node, nxt]
+            if nxt not in state and (found := visit(nxt, [*path, node])):
+                return found
+        state[node] = "done"
+        return None
+
+    for name in sorted(graph):
+        if name not in state and (found := visit(name, [])):
+            return found
+    return None
+
+
+def _graph() -> dict[str, set[str]]:
+    return {name: {m for used in _imports(path) if used.startswith("knexp") and (m := module_of(used,
+                                                                                                MODULES)) and m != name}
+            for name, path in MODULES.items()}
+
+
+def test_every_module_has_a_layer():
+    assert not [m for m in MODULES if layer_of(m) is None and m not in EXEMPT], "place a new module in ORDER"
+
+
+def test_every_import_points_down_the_declared_order():
+    assert not upward_imports(_graph())
+
+
+def test_the_order_check_catches_an_upward_import_and_the_circle_check_a_circle():
+    """The checks themselves: an upward import (an adapter reading the evaluation) and a two-module circle are found."""
+    graph = _graph()
+    graph["knexp.models.adapters.adapter"] = graph["knexp.models.adapters.adapter"] | {"knexp.evaluation.protocol"}
+    assert upward_imports(graph) == ["knexp.models.adapters.adapter imports knexp.evaluation.protocol"]
+    assert circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c",
+                                                            "a"] and circle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_imports_in_a_circle():
+    """Within a package as between packages, imports inside functions included."""
+    assert circle(_graph()) is None
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_stages_never_import_the_config_libraries(stage):
     bad = {p.name: sorted(m for m in _imports(p) if m.split(".")[0] in ("omegaconf", "hydra")) for p in _modules(stage)}
-    assert not {k: v for k, v in bad.items() if v}, "the stages receive plain values (knexp.job builds them from the config)"
+    assert not {k: v for k, v in bad.items() if v}, "the stages receive plain values (knexp.job builds them)"
     assert _modules(stage), stage
 
 
@@ -41,46 +151,17 @@ def test_no_task_imports_another_task():
         assert not others, f"{path.name} imports {sorted(others)}"
 
 
-def test_models_are_layered_and_adapters_import_nothing_above_them():
-    decoding = {"knexp.models.prefix_cache", "knexp.models.prefill", "knexp.models.decode_step", "knexp.models.streaming"}
-    base = {"knexp.models.errors", "knexp.models.geometry", "knexp.models.batching", "knexp.models.prepared"} | decoding
-    layers = {  # each module may import knexp modules from these only (besides knexp.user_errors, knexp.io, knexp.store and
-        # knexp.settings, the checks of settings)
-        "errors": set(), "geometry": set(), "batching": {"knexp.models.errors"}, "prepared": set(),
-        "prefix_cache": {"knexp.models.prepared"}, "decode_step": set(),
-        "prefill": {"knexp.models.prepared", "knexp.models.prefix_cache"},
-        "streaming": {"knexp.models.prepared", "knexp.models.prefill", "knexp.models.decode_step", "knexp.models.batching"},
-        "adapter": base, "spliced": base | {"knexp.models.adapter"}, "families": {"knexp.models.errors", "knexp.models.geometry"},
-        "vlm": base | {"knexp.models.adapter", "knexp.models.families"},
-        "hooks": {"knexp.models.adapter", "knexp.models.prepared", "knexp.models.prefix_cache"},
-    }
-    for name, allowed in layers.items():
-        used = {m for m in _imports(PACKAGE / "models" / f"{name}.py") if m.startswith("knexp.")}
-        shared = {"knexp.user_errors", "knexp.io", "knexp.store", "knexp.settings"}
-        used = {m for m in used if not any(m == a or m.startswith(a + ".") for a in allowed | shared)}
-        assert not used, f"models/{name}.py imports {sorted(used)} from above its layer"
-    assert "knexp" not in " ".join(_imports(PACKAGE / "models" / "__init__.py")), "the package's __init__ imports nothing"
+def test_no_task_reads_the_raw_config():
+    """Tasks get plain objects from the job's spec (``knexp.job.spec.JobSpec``), never ``spec.cfg``."""
+    for path in _modules("tasks"):
+        assert ".cfg" not in path.read_text(), path.name
 
 
-def test_no_module_of_models_imports_in_a_circle():
-    """The import graph of ``knexp.models`` (module -> the knexp.models modules it imports, at any depth) has no cycle."""
-    names = {p.stem for p in _modules("models") if p.stem != "__init__"}
-    graph = {n: {m.split(".")[2] for m in _imports(PACKAGE / "models" / f"{n}.py") if m.startswith("knexp.models.")} & names
-             for n in names}
-    state: dict[str, str] = {}
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = "open"
-        for nxt in sorted(graph[node]):
-            assert state.get(nxt) != "open", f"import circle: {' -> '.join([*path, node, nxt])}"
-            if nxt not in state:
-                visit(nxt, [*path, node])
-        state[node] = "done"
-
-    for name in sorted(names):
-        if name not in state:
-            visit(name, [])
-    assert "adapter" in graph and graph["prefill"] and not graph["prepared"] & names
+def test_sub_packages_import_nothing_in_their_init():
+    """A package's ``__init__`` is its docstring (the top package re-exports the API lazily)."""
+    for name, path in MODULES.items():
+        if path.name == "__init__.py" and name not in EXEMPT:
+            assert not [m for m in _imports(path) if m.startswith("knexp")], name
 
 
 def test_no_two_modules_share_a_basename():
@@ -89,9 +170,16 @@ def test_no_two_modules_share_a_basename():
 
 
 def test_only_the_job_reads_the_config_folder():
-    """conf/ is read through Hydra's composition alone (knexp.job); no module opens conf/knowledge or a model yaml itself."""
+    """conf/ is read through Hydra (knexp.job); no other module opens conf/knowledge or a model yaml itself."""
     for path in PACKAGE.rglob("*.py"):
-        text = path.read_text()
-        if path.name in ("job.py", "paths.py"):
+        if path.parent.name == "job" or path.name == "paths.py":
             continue
+        text = path.read_text()
         assert "conf_dir(" not in text and '"conf/' not in text and "OmegaConf.load(" not in text, path
+
+
+def test_no_module_is_long():
+    """The job's modules stay under 250 lines, the models' under 300."""
+    lengths = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
+    assert not {n: v for n, v in lengths.items() if n.startswith("knexp.job") and v > 250}
+    assert not {n: v for n, v in lengths.items() if n.startswith("knexp.models") and v > 300}

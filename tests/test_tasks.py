@@ -22,8 +22,8 @@ def test_unknown_knowledge_lists_valid_names():
 
 
 def test_caption_eval_on_tiny_llava_writes_results_and_offline_wandb(tmp_path):
-    r = _run("task=caption_eval", "model=tiny_llava", "data.num_images=6", "task.inpaint_scenes=2", f"data.root={tmp_path}/tw",
-             f"hydra.run.dir={tmp_path}/job", "logger=wandb")
+    r = _run("task=caption_eval", "model=tiny_llava", "data.num_images=6", "task.inpaint_scenes=2",
+             f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=wandb")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
     assert metrics["captions"]["scenes"] == 6
@@ -37,16 +37,18 @@ def test_caption_eval_on_tiny_llava_writes_results_and_offline_wandb(tmp_path):
 
 
 def test_logger_none_writes_files_only(tmp_path):
-    r = _run("task=caption_eval", "model=tiny_llava", "data.num_images=3", "task.inpaint_scenes=1", f"data.root={tmp_path}/tw",
-             f"hydra.run.dir={tmp_path}/job", "logger=none")
+    r = _run("task=caption_eval", "model=tiny_llava", "data.num_images=3", "task.inpaint_scenes=1",
+             f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "job" / "metrics.json").exists()
     assert not (tmp_path / "job" / "wandb").exists()
 
 
 def test_identify_task_reports_too_few_samples_and_writes_outputs(tmp_path):
-    r = _run("task=identify", "model=tiny_llava", "knowledge=bus", "method=pan", "thresholds=quantile", "data.num_images=20",
-             f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none", f"paths.cache_dir={tmp_path}/cache")
+    r = _run("task=identify", "model=tiny_llava", "knowledge=bus", "method=pan", "thresholds=quantile",
+             "data.num_images=20",
+             f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none",
+             f"paths.cache_dir={tmp_path}/cache")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "identification results:" in r.stdout and str(tmp_path / "job") in r.stdout
     summary = json.loads((tmp_path / "job" / "identify.json").read_text())
@@ -59,7 +61,8 @@ def test_identify_task_reports_too_few_samples_and_writes_outputs(tmp_path):
 
 def test_select_task_writes_reasons(tmp_path):
     r = _run("task=select", "model=tiny_llava", "knowledge=clock", "inpaint=segm_dilated", "data.num_images=60",
-             f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none", f"paths.cache_dir={tmp_path}/cache")
+             f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none",
+             f"paths.cache_dir={tmp_path}/cache")
     assert r.returncode == 0, r.stderr[-3000:]
     sel = json.loads((tmp_path / "job" / "selection.json").read_text())
     assert sel["knowledge"] == "clock" and sel["rejected"] and all(c["reason"] for c in sel["rejected"])
@@ -67,14 +70,16 @@ def test_select_task_writes_reasons(tmp_path):
 
 
 def test_evaluate_task_runs_and_logs_files_offline(tmp_path):
-    r = _run("task=evaluate", "model=tiny_llava", "knowledge=bus", "data.num_images=40", "task.k_images=2", "task.other_images=3",
+    r = _run("task=evaluate", "model=tiny_llava", "knowledge=bus", "data.num_images=40", "task.k_images=2",
+             "task.other_images=3",
              "noise_level.draws=1", f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=wandb",
              f"paths.cache_dir={tmp_path}/cache")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
     captions = (tmp_path / "job" / "captions.csv").read_text().splitlines()
     assert metrics["knowledge"] == "bus" and metrics["images"]["other"] == 3 and isinstance(metrics["skipped"], list)
-    assert len(captions) - 1 == metrics["images"]["k"] + 3 + 3 * metrics["sets"] * (metrics["images"]["k"] + 3)  # clean + 3 levels
+    # clean + 3 levels
+    assert len(captions) - 1 == metrics["images"]["k"] + 3 + 3 * metrics["sets"] * (metrics["images"]["k"] + 3)
     assert (tmp_path / "job" / "layers_histogram.csv").exists()
     assert list((tmp_path / "job" / "wandb").glob("offline-run-*"))
     assert metrics["cache"]["captions_computed"] > 0
@@ -102,12 +107,14 @@ def test_a_job_with_no_usable_sample_says_so_and_the_report_marks_it(tmp_path):
     from knexp.reporting.sweep import write_report
 
     sweep = tmp_path / "sweep"
-    r = _run("task=evaluate", "model=tiny_llava", "knowledge=bus", "data.num_images=20", "task.k_images=1", "task.other_images=1",
+    r = _run("task=evaluate", "model=tiny_llava", "knowledge=bus", "data.num_images=20", "task.k_images=1",
+             "task.other_images=1",
              f"data.root={tmp_path}/tw", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={sweep}/0", "logger=none")
     assert r.returncode == 0, r.stderr[-3000:]
     status = json.loads((sweep / "0" / "metrics.json").read_text())["status"]
     assert status["state"] == "no_samples" and status["usable"] == 0
-    assert status["reasons"][0].startswith("bus: only 0 of 3") and any("does not name it" in why for why in status["reasons"])
+    assert status["reasons"][0].startswith("bus: only 0 of 3")
+    assert any("does not name it" in why for why in status["reasons"])
     last = [line for line in r.stdout.splitlines() if line.strip()][-1]  # the job's log goes to stdout
     assert "bus: no usable sample" in last and "metrics.json" in last
     _job(sweep / "1", "bed", "ours", 0.8, 0.6, [1, 2, 0])  # a scored job beside it
@@ -126,8 +133,10 @@ def test_report_without_sweep_dir_says_what_to_pass(tmp_path):
 
 
 def test_joblib_launcher_runs_a_two_job_multirun_in_parallel(tmp_path):
-    r = _run("-m", "task=select", "model=tiny_llava", "knowledge=clock,bus", "data.num_images=20", f"data.root={tmp_path}/tw",
-             f"paths.cache_dir={tmp_path}/cache", "hydra/launcher=parallel", "logger=none", f"hydra.sweep.dir={tmp_path}/sweep")
+    r = _run("-m", "task=select", "model=tiny_llava", "knowledge=clock,bus", "data.num_images=20",
+             f"data.root={tmp_path}/tw",
+             f"paths.cache_dir={tmp_path}/cache", "hydra/launcher=parallel", "logger=none",
+             f"hydra.sweep.dir={tmp_path}/sweep")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in r.stdout + r.stderr
     cores = os.cpu_count()
@@ -138,8 +147,10 @@ def test_joblib_launcher_runs_a_two_job_multirun_in_parallel(tmp_path):
 
 
 def test_same_config_and_seed_give_byte_identical_results(tmp_path, job_files):
-    common = ["task=evaluate", "model=tiny_llava", "knowledge=bus", "data.num_images=40", "task.k_images=2", "task.other_images=3",
-              "noise_level.draws=1", f"data.root={tmp_path}/tw", "logger=none", "task.cache=false", f"paths.cache_dir={tmp_path}/cache"]
+    common = ["task=evaluate", "model=tiny_llava", "knowledge=bus", "data.num_images=40", "task.k_images=2",
+              "task.other_images=3",
+              "noise_level.draws=1", f"data.root={tmp_path}/tw", "logger=none", "task.cache=false",
+              f"paths.cache_dir={tmp_path}/cache"]
     for name in ("a", "b"):
         r = _run(*common, f"hydra.run.dir={tmp_path}/{name}")
         assert r.returncode == 0, r.stderr[-3000:]
@@ -164,9 +175,12 @@ def test_wandb_online_without_a_key_falls_back_offline_quickly(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), HYDRA_FULL_ERROR="0", WANDB_SILENT="true")
     t0 = time.time()
-    r = subprocess.run([sys.executable, "run.py", "task=identify", "model=tiny_llava", "knowledge=bus", "data.num_images=20",
-                        f"data.root={tmp_path}/tw", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/job",
-                        "logger=wandb", "logger.mode=online"], cwd=project_root(), capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run([sys.executable, "run.py", "task=identify", "model=tiny_llava", "knowledge=bus",
+                        "data.num_images=20",
+                        f"data.root={tmp_path}/tw", f"paths.cache_dir={tmp_path}/cache",
+                        f"hydra.run.dir={tmp_path}/job",
+                        "logger=wandb", "logger.mode=online"], cwd=project_root(), capture_output=True, text=True,
+                        timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "logging offline instead" in r.stdout + r.stderr
     assert list((tmp_path / "job" / "wandb").glob("offline-run-*"))
@@ -175,8 +189,10 @@ def test_wandb_online_without_a_key_falls_back_offline_quickly(tmp_path):
 
 def test_submitit_local_launcher_runs_a_job(tmp_path):
     """The submitit launcher's local executor (the Slurm one's interface, without a cluster)."""
-    r = _run("-m", "task=select", "model=tiny_llava", "knowledge=clock", "data.num_images=20", f"data.root={tmp_path}/tw",
-             f"paths.cache_dir={tmp_path}/cache", "hydra/launcher=submitit_local", "logger=none", f"hydra.sweep.dir={tmp_path}/sweep")
+    r = _run("-m", "task=select", "model=tiny_llava", "knowledge=clock", "data.num_images=20",
+             f"data.root={tmp_path}/tw",
+             f"paths.cache_dir={tmp_path}/cache", "hydra/launcher=submitit_local", "logger=none",
+             f"hydra.sweep.dir={tmp_path}/sweep")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "sweep" / "0" / "selection.json").read_text())["knowledge"] == "clock"
     assert (tmp_path / "sweep" / ".submitit").is_dir()

@@ -73,7 +73,8 @@ def test_ghost_objects_are_inpainted_and_left_out_of_the_caption(catalog):
 def test_captions_use_articles_and_lists(catalog):
     cat = catalog
     assert caption_for([cat["banana"], cat["umbrella"]]) == "The image shows a banana and an umbrella."
-    assert caption_for([cat["bus"], cat["clock"], cat["scissors"]]) == "The image shows a bus, a clock and a pair of scissors."
+    assert caption_for([cat["bus"], cat["clock"],
+                        cat["scissors"]]) == "The image shows a bus, a clock and a pair of scissors."
     assert caption_for([]) == EMPTY_CAPTION
 
 
@@ -111,6 +112,7 @@ def test_missing_dataset_files_name_the_path_and_key(tmp_path):
 
 
 def test_a_held_out_split_covers_all_30_objects(catalog, tmp_path):
-    data = CocoScenes(generate_split(tmp_path / "tw", "val", 150, seed=1234, catalog=catalog, opts=SceneOptions(gap_px=8)), "val")
+    data = CocoScenes(generate_split(tmp_path / "tw", "val", 150, seed=1234, catalog=catalog,
+                                     opts=SceneOptions(gap_px=8)), "val")
     seen = {catalog.by_coco_id(c).name for i in data.image_ids for c in data.category_ids(i)}
     assert seen == set(catalog.names)

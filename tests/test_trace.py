@@ -1,4 +1,5 @@
-"""The causal trace (``knexp.identification.causal_trace``) against residual patching written out by hand (tiny models)."""
+"""The causal trace (``knexp.identification.causal_trace``) against residual patching written out by hand (tiny
+models)."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from knexp.identification.causal_trace import KINDS, SampleTrace, live_window, normalised, trace_sample
 from knexp.identification.passes import locate_target
-from knexp.models.spliced import SplicedAdapter
+from knexp.models.adapters.spliced import SplicedAdapter
 
 CAPTION = "the image shows a bus and a clock."
 
@@ -71,8 +72,9 @@ def test_trace_kinds_agree_where_they_coincide(adapter, traced):
     assert tr.delta["ffn_upto"][0] == pytest.approx(tr.delta["ffn"][0], abs=1e-4)
     assert tr.delta["ffn_from"][n - 1] == pytest.approx(tr.delta["ffn"][n - 1], abs=1e-4)
     # the last FFN's output at the image positions feeds nothing (the residual entering the last layer still
-    # feeds that layer's attention): patching it cannot move y_c, beyond the rounding of the batch it runs in (the patched
-    # rows run batched, y_o alone: on some CPUs the kernels round differently by batch size, -4e-8 on an AMD EPYC)
+    # feeds that layer's attention): patching it cannot move y_c, beyond the rounding of the batch it runs in (the
+    # patched rows run batched, y_o alone: on some CPUs the kernels round differently by batch size, -4e-8 on an AMD
+    # EPYC)
     assert tr.delta["ffn"][n - 1] == pytest.approx(0, abs=1e-6)
 
 
@@ -89,7 +91,8 @@ def test_live_window_is_where_hand_patching_reaches_the_fraction(adapter, traced
 def test_window_averages_effects_over_samples():
     def fake(deltas, full):
         n = len(deltas)
-        return SampleTrace("bus", 0, 0, 10.0, 10.0 + full, {k: list(deltas) for k in KINDS}, {k: [True] * n for k in KINDS})
+        return SampleTrace("bus", 0, 0, 10.0, 10.0 + full, {k: list(deltas) for k in KINDS},
+                           {k: [True] * n for k in KINDS})
 
     a, b = fake([-8.0, -6.0, -1.0, 0.0], -8.0), fake([-4.0, -4.0, -3.0, 0.0], -4.0)
     # ratio of means: (-12, -10, -4, 0) / -12
@@ -128,14 +131,16 @@ def test_live_window_of_the_embedded_model_agrees_with_residual_patching(catalog
     sample ends at layer 17 on CI; the six tuning samples together end at layer 22 of 30)."""
     from knexp.counterfactual.inpaint import inpaint, region_mask
     from knexp.data.toyworld.scenes import SceneOptions, make_scene
-    from knexp.models.embedded import load_embedded
+    from knexp.models.zoo.embedded import load_embedded
     from knexp.paths import default_cache_dir, project_root
 
-    adapter = SplicedAdapter(load_embedded(default_cache_dir(), project_root() / "knexp/models/weights/embedded_projector.safetensors"))
+    adapter = SplicedAdapter(load_embedded(default_cache_dir(),
+                                           project_root() / "knexp/models/weights/embedded_projector.safetensors"))
     scene = make_scene(catalog, np.random.default_rng([31, 5, 0]), SceneOptions(gap_px=8))
     obj = scene.objects[0]
     edited = inpaint(scene.image, region_mask(scene.image.shape[:2], bbox=obj.bbox, dilation=2), 3, "telea")
-    target = locate_target(adapter, f"{adapter.caption_prefix} {obj.knowledge.indefinite}.", adapter.caption_prefix, obj.knowledge)
+    target = locate_target(adapter, f"{adapter.caption_prefix} {obj.knowledge.indefinite}.", adapter.caption_prefix,
+                           obj.knowledge)
     tr = trace_sample(adapter, scene.image, edited, target, obj.knowledge, kinds=("resid",), captions=False)
     y_o, y_i, deltas = _by_hand(adapter, scene.image, edited, target)
     np.testing.assert_allclose(tr.delta["resid"], deltas, atol=2e-3)
@@ -156,8 +161,10 @@ def test_trace_task_writes_the_window_and_the_figure(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "smollm2-135m-instruct").symlink_to(default_cache_dir() / "smollm2-135m-instruct")
-    r = subprocess.run([sys.executable, "run.py", "task=trace", "trace.objects=[clock]", "data.num_images=60", "data.per_knowledge=1",
-                        f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none", f"paths.cache_dir={cache}"],
+    r = subprocess.run([sys.executable, "run.py", "task=trace", "trace.objects=[clock]", "data.num_images=60",
+                        "data.per_knowledge=1",
+                        f"data.root={tmp_path}/tw", f"hydra.run.dir={tmp_path}/job", "logger=none",
+                        f"paths.cache_dir={cache}"],
                        cwd=project_root(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "job" / "trace.json").read_text())
@@ -175,17 +182,19 @@ def test_trace_task_on_a_tiny_model_with_a_scripted_captioner(tmp_path, monkeypa
 
     from test_selection import _coco, script_captions
 
-    from knexp.job import Session, compose
+    from knexp.job.compose import compose
+    from knexp.job.session import Session
     from knexp.tasks.trace import TraceTask
 
     _coco(tmp_path / "data", {i: [(6, (8 * i, 10, 40, 40))] for i in range(1, 5)})
     cfg = compose("task=trace", "model=tiny_minigpt4", "data=coco2017", f"data.root={tmp_path}/data", "data.split=val",
-                  "data.image_dir=val", "trace.objects=[bus]", "trace.per_object=2", f"paths.cache_dir={tmp_path}/cache",
-                  "logger=none", output_dir=tmp_path / "job")
+                  "data.image_dir=val", "trace.objects=[bus]", "trace.per_object=2",
+                  f"paths.cache_dir={tmp_path}/cache", "logger=none", output_dir=tmp_path / "job")
     session = script_captions(Session.from_config(cfg))
     result = TraceTask()(session)
     saved = json.loads((tmp_path / "job" / "trace.json").read_text())
     assert len(saved["samples"]) == 2 and saved["window"] == result["window"]
     assert all(set(s["delta"]) == set(KINDS) and len(s["delta"]["ffn"]) == 3 for s in saved["samples"])
-    assert saved["window"]["neuron_layers"] == [layer for layer in range(2) if saved["window"]["resid_share"][layer + 1] >= 0.5]
+    share = saved["window"]["resid_share"]
+    assert saved["window"]["neuron_layers"] == [layer for layer in range(2) if share[layer + 1] >= 0.5]
     assert (tmp_path / "job" / "figures" / "trace.png").exists()

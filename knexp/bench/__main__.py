@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knexp.bench.caption_speed import MFU_HEADING, REUSE_HEADING, mfu_markdown, reuse_and_decode, reuse_markdown, utilisation
+from knexp.bench.caption_speed import (
+    MFU_HEADING,
+    REUSE_HEADING,
+    mfu_markdown,
+    reuse_and_decode,
+    reuse_markdown,
+    utilisation,
+)
 from knexp.bench.data import annotation_pass
 from knexp.bench.edit_costs import HEADING as EDIT_HEADING
 from knexp.bench.edit_costs import edit_costs, edit_markdown
@@ -28,20 +35,22 @@ from knexp.bench.gpu import HEADING as GPU_HEADING
 from knexp.bench.gpu import NO_GPU, gpu_check, gpu_markdown
 from knexp.bench.sweeps import grids, launchers
 from knexp.data.toyworld.scenes import SceneOptions, make_scene
-from knexp.job import session
+from knexp.job.session import session
 from knexp.paths import project_root
 
 
-def hook_overhead(images: int = 32, batch_size: int = 16, units: int = 64, repeats: int = 4, max_new_tokens: int = 32) -> dict:
+def hook_overhead(images: int = 32, batch_size: int = 16, units: int = 64, repeats: int = 4,
+                  max_new_tokens: int = 32) -> dict:
     from knexp.bench.family_costs import hooked_captions
 
     s = session("model=embedded", "logger=none")
     adapter, catalog = s.adapter, s.catalog
-    pics = [make_scene(catalog, np.random.default_rng([2024, 5, i]), SceneOptions(gap_px=8)).image for i in range(images)]
+    pics = [make_scene(catalog, np.random.default_rng([2024, 5, i]),
+                       SceneOptions(gap_px=8)).image for i in range(images)]
     timed = hooked_captions(adapter, pics, batch_size, units, repeats, max_new_tokens)
     return {
-        "images": images, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "armed_layers": adapter.num_layers,
-        "units_per_layer": units, "repeats": repeats, **timed, "target": "<= 1.05",
+        "images": images, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+        "armed_layers": adapter.num_layers, "units_per_layer": units, "repeats": repeats, **timed, "target": "<= 1.05",
     }
 
 
@@ -66,7 +75,8 @@ def evaluation_throughput(images: int = 8, levels: tuple = (40.0, 80.0), draws: 
     single_s = time.perf_counter() - t
     assert batched == single, "batching must not change a caption"
     return {"captions": len(rows), "batch_size": batch_size, "batched_per_s": round(len(rows) / batched_s, 2),
-            "per_caption_per_s": round(len(rows) / single_s, 2), "ratio": round(single_s / batched_s, 2), "target": ">= 20"}
+            "per_caption_per_s": round(len(rows) / single_s, 2), "ratio": round(single_s / batched_s, 2),
+            "target": ">= 20"}
 
 
 def _floor(g: dict, u: dict | None) -> str:
@@ -84,6 +94,7 @@ SWEEPS_HEADING = "## Sweeps: the demo, the cache and resume (issue: sweeps)"
 
 
 def sweeps_markdown(s: dict) -> str:
+    make_run = f"**{round(s['cold_s'] + s['report_s'], 1)}** (target {s['target_demo_s']})"
     return f"""{SWEEPS_HEADING}
 
 `python run.py experiment=demo` ({s['jobs']} jobs: 3 objects x 5 methods with the defaults: the budget rule in the
@@ -97,7 +108,7 @@ into a new folder with the cache the cold run left. Resumed: the cold run's fold
 | demo, cold cache ({s['captions_computed']} captions computed) | {s['cold_s']} |
 | of which its first job (the toy world, the live window's trace, then bed x ours) | {s['per_job'][0]['wall_time_s']} |
 | its report (`task=report`) | {s['report_s']} |
-| **`make run` after `make install`: the two together** | **{round(s['cold_s'] + s['report_s'], 1)}** (target {s['target_demo_s']}) |
+| **`make run` after `make install`: the two together** | {make_run} |
 | the same sweep, warm cache ({s['warm_captions_computed']} captions computed) | {s['warm_s']} |
 | **cache speed-up** | **{s['speedup']}x** (target {s['target_speedup']}) |
 | rerun into the finished folder (resume: all jobs skipped) | {s['resumed_s']} |
@@ -115,7 +126,8 @@ def launchers_markdown(r: dict) -> str:
 
 One sweep of {r['jobs']} demo jobs (bed, bear x ours, random; shared caches warm, each job's captions and statistics
 computed afresh), with Hydra's basic launcher (one job after another, each on every core) and with
-`hydra/launcher=parallel` (joblib, 2 jobs at a time, each job's torch threads cores // 2 by default), {r['cores']} cores.
+`hydra/launcher=parallel` (joblib, 2 jobs at a time, each job's torch threads cores // 2 by default),
+{r['cores']} cores.
 
 | launcher | seconds |
 |---|---|
@@ -128,24 +140,25 @@ Both gave the same Table II for every job: {r['same_results']}.
 
 
 def grids_markdown(g: dict, u: dict | None = None) -> str:
-    paper = "\n".join(f"| {j['method']} | {j['set_sizes']} | {j['timing']['perturbed_captions']} | {j['timing']['perturbed_captions_s']} "
-                      f"| {j['wall_time_s']} |" for j in g["paper_subset"])
+    paper = "\n".join(f"| {j['method']} | {j['set_sizes']} | {j['timing']['perturbed_captions']} | "
+                      f"{j['timing']['perturbed_captions_s']} | {j['wall_time_s']} |" for j in g["paper_subset"])
     return f"""{GRIDS_HEADING}
 
 Projected from measured jobs (`knexp.bench.sweeps.grids`): a job's perturbed captions take time in proportion to their
 number, the rest of the job (model, selection, identification, clean captions, metrics) as measured.
 
 **`experiment=paper_table2`'s protocol on the embedded model** (30 objects x ours, pan, schwettmann; paper thresholds;
-noise at 40, 80, 120 x 10 draws on 18 images per set, 3 sets: {g['paper_table2_captions']} perturbed captions). Measured: bed's
-3 jobs, cold cache, with {g['paper_draws_measured']} draw (one tenth of the captions), {g['paper_subset_wall_s']} s:
+noise at 40, 80, 120 x 10 draws on 18 images per set, 3 sets: {g['paper_table2_captions']} perturbed captions).
+Measured: bed's 3 jobs, cold cache, with {g['paper_draws_measured']} draw (one tenth of the captions),
+{g['paper_subset_wall_s']} s:
 
 | method | set sizes | perturbed captions | their seconds | job seconds |
 |---|---|---|---|---|
 {paper}
 
 Their perturbed captions ran at {g['paper_captions_per_s']} captions/s: the sets hold about 1500 neurons from layer 0
-up, so no layer is reused, and the noise turns most captions into 32 tokens. Projection (bed's jobs scaled to 10 draws, x
-30 objects): **{g['paper_table2_h']} h** (target {g['target_paper_h']} h). Reaching 3 h would take
+up, so no layer is reused, and the noise turns most captions into 32 tokens. Projection (bed's jobs scaled to 10 draws,
+x 30 objects): **{g['paper_table2_h']} h** (target {g['target_paper_h']} h). Reaching 3 h would take
 {round(g['paper_table2_captions'] / 10800, 1)} captions/s.{_floor(g, u)}
 
 **`experiment=embedded_table2` with its curves and noise table**, from the cold demo's jobs above:
@@ -161,7 +174,8 @@ The demo's cold jobs include one-off costs (generating the toy world, the live w
 once, so these are upper bounds.
 """
 
-# BENCHMARKS.md from this heading on is written by hand (how to read a run, notes measured by hand): every render keeps it
+# BENCHMARKS.md from this heading on is written by hand (how to read a run, notes measured by hand): every render keeps
+# it
 HAND_HEADING = "## Notes written by hand (`make bench` keeps this part as it is)"
 
 
@@ -180,15 +194,17 @@ DATA_HEADING = "## The dataset doctor's annotation pass (issue: real COCO-format
 
 def data_markdown(d: dict) -> str:
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(d["counts"].items()))
+    annotation_pass = f"**{d['annotation_pass_s']}** (target {d['target']})"
     return f"""{DATA_HEADING}
 
 `python run.py task=validate_data data=coco2017 task.images=false` in a fresh process, on a synthetic
-{d['annotations']}-annotation COCO file ({d['file_mib']} MiB; polygons of 4 to 8 points over {d['annotations'] // 5} images,
-{d['spoiled']} entries spoiled five ways; `knexp/bench/data.py`). It found {d['faults_found']} faults ({kinds}).
+{d['annotations']}-annotation COCO file ({d['file_mib']} MiB; polygons of 4 to 8 points over
+{d['annotations'] // 5} images, {d['spoiled']} entries spoiled five ways; `knexp/bench/data.py`). It found
+{d['faults_found']} faults ({kinds}).
 
 | | seconds |
 |---|---|
-| the annotation pass (read, check every entry, index), as the task reports it | **{d['annotation_pass_s']}** (target {d['target']}) |
+| the annotation pass (read, check every entry, index), as the task reports it | {annotation_pass} |
 | the whole command (Python, Hydra, the pass, per-object counts, the report) | {d['command_s']} |
 """
 
@@ -202,7 +218,8 @@ SECTIONS = {"reuse": (REUSE_HEADING, lambda: reuse_markdown(reuse_and_decode()))
             "gpu": (GPU_HEADING, lambda: gpu_markdown(gpu_check())),
             "edit": (EDIT_HEADING, lambda: edit_markdown(edit_costs())),
             # the grids scale the demo's jobs: those of the last full run's raw numbers
-            "grids": (GRIDS_HEADING, lambda: grids_markdown(grids(json.loads((project_root() / "runs" / "bench.json").read_text())
+            "grids": (GRIDS_HEADING,
+                      lambda: grids_markdown(grids(json.loads((project_root() / "runs" / "bench.json").read_text())
                                                                  ["sweeps"]["per_job"])))}
 
 
@@ -213,7 +230,8 @@ def _demo_and_cache() -> dict:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -221,7 +239,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(project_root() / "BENCHMARKS.md"))
     parser.add_argument("--json", default=str(project_root() / "runs" / "bench.json"))
     parser.add_argument("--only", choices=sorted(SECTIONS), help="run one benchmark and replace its section of --out")
-    parser.add_argument("--render", action="store_true", help="redraw --out from --json's raw numbers, measuring nothing")
+    parser.add_argument("--render", action="store_true",
+                        help="redraw --out from --json's raw numbers, measuring nothing")
     args = parser.parse_args()
     if args.render:
         Path(args.out).write_text(render(json.loads(Path(args.json).read_text())) + _kept(Path(args.out)))
@@ -232,7 +251,8 @@ def main() -> None:
     if args.only:
         heading, run = SECTIONS[args.only]
         old = Path(args.out).read_text() if Path(args.out).exists() else ""
-        start = old.index(heading) if heading in old else len(old) - len(hand_written(old))  # a new one before the notes
+        # a new one before the notes
+        start = old.index(heading) if heading in old else len(old) - len(hand_written(old))
         end = (old.find("\n## ", start + 1) + 1 or len(old)) if heading in old else start
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         section = run() + f"\nMeasured alone (`--only {args.only}`) on {machine()}, {stamp}.\n\n"
@@ -242,8 +262,10 @@ def main() -> None:
     from knexp.bench.identification import identification_cost, peak_memory_7b_shape
 
     result: dict = {}
-    steps = {"data": annotation_pass, "launchers": launchers, "hook_overhead": hook_overhead, "identification_cost": identification_cost,
-             "peak_memory": peak_memory_7b_shape, "evaluation_throughput": evaluation_throughput, "reuse": reuse_and_decode,
+    steps = {"data": annotation_pass, "launchers": launchers, "hook_overhead": hook_overhead,
+             "identification_cost": identification_cost,
+             "peak_memory": peak_memory_7b_shape, "evaluation_throughput": evaluation_throughput,
+             "reuse": reuse_and_decode,
              "utilisation": utilisation, "sweeps": _demo_and_cache, "grids": lambda: grids(result["sweeps"]["per_job"]),
              "families": family_costs, "edit": edit_costs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -15,28 +15,32 @@ def edit_costs(knowledge: str = "pizza", size: int = 30) -> dict:
     from knexp.editing.rank_one import RankOne, rank_one_data
     from knexp.editing.sets import object_set
     from knexp.evaluation.protocol import evaluation_images
-    from knexp.job import session
+    from knexp.job.session import session
 
     s = session("model=embedded", f"knowledge={knowledge}", "logger=none")
-    found = s.identify(method=s.edit_settings.source)  # the edit's set source (conf/edit)
+    found = s.identify(method=s.spec.edit.source)  # the edit's set source (conf/edit)
     adapter, data = s.adapter, s.data
-    target = s.edit_settings.target(s.catalog, s.knowledge)
-    neurons = object_set(found, s.rule, size)
-    rows = evaluation_images(data, s.catalog, s.knowledge, [r.candidate.image_id for r in found.results], 0, 20, int(s.cfg.seed))
+    target = s.spec.edit.target(s.catalog, s.knowledge)
+    neurons = object_set(found, s.spec.rule, size)
+    rows = evaluation_images(data, s.catalog, s.knowledge, [r.candidate.image_id for r in found.results], 0, 20,
+                             s.spec.seed)
     others = [data.load_image(i) for i, group, _ in rows if group == "other"]
     out = {"knowledge": knowledge, "size": len(neurons), "samples": len(found.results), "rules": {}}
-    careful = dataclasses.replace(s.edit_rule_named("optimized"), lr=0.005, kl_weight=10.0)  # the tuning's stage 2
-    rules = {name: s.edit_rule_named(name) for name in ("zero", "mean", "kn", "optimized")} | {"optimized (lr 0.005, KL 10)": careful}
+    careful = dataclasses.replace(s.edit_rule("optimized"), lr=0.005, kl_weight=10.0)  # the tuning's stage 2
+    rules = {name: s.edit_rule(name) for name in ("zero", "mean", "kn",
+                                                  "optimized")} | {"optimized (lr 0.005, KL 10)": careful}
+    inputs = s.edit_inputs(found, target, others[:4])
     for name, rule in rules.items():
-        context = s.edit_context(rule, found, target, others[:4])  # the reference statistics are cached: not timed
+        context = rule.context(inputs)  # the reference statistics are cached: not timed
         edit, seconds = make(adapter, rule, neurons, target, context)
         steps = {k: edit.provenance[k] for k in ("steps_run", "target_met") if k in edit.provenance}
         out["rules"][name] = {"seconds": round(seconds, 3), **steps}
-    inputs = rank_one_data(adapter, data, found.results, s.knowledge, others[4:20])
+    data_rank_one = rank_one_data(adapter, data, found.results, s.knowledge, others[4:20])
     rank_one = RankOne()
     began = time.perf_counter()
-    edit = rank_one.make(adapter, int(neurons.layers.max()), target, inputs, s.captioner.batch_size)
-    out["rules"]["rank_one"] = {"seconds": round(time.perf_counter() - began, 3), "steps_run": edit.provenance["steps_run"]}
+    edit = rank_one.make(adapter, int(neurons.layers.max()), target, data_rank_one, s.resources.captioner.batch_size)
+    out["rules"]["rank_one"] = {"seconds": round(time.perf_counter() - began, 3),
+                                "steps_run": edit.provenance["steps_run"]}
     return out
 
 
@@ -45,8 +49,8 @@ def edit_markdown(r: dict) -> str:
     closed = max(r["rules"][n]["seconds"] for n in ("zero", "mean", "kn"))
     slowest = max(v["seconds"] for n, v in r["rules"].items() if n.startswith("optimized"))
     return f"""{HEADING}
-One object ({r['knowledge']}), its consensus set of {r['size']} neurons over {r['samples']} samples, on the embedded model.
-Targets: a closed-form rule <= 5 s (slowest here: {closed:.2f} s), `optimized` <= 3 min (slowest setting here:
+One object ({r['knowledge']}), its consensus set of {r['size']} neurons over {r['samples']} samples, on the embedded
+model. Targets: a closed-form rule <= 5 s (slowest here: {closed:.2f} s), `optimized` <= 3 min (slowest setting here:
 {slowest / 60:.1f} min). `optimized` stops once p(k) < 0.05 at the fitting samples: its seconds follow its steps.
 
 | rule | seconds | steps |

@@ -1,6 +1,6 @@
 """Every family of the generic adapter at mid size: the hook overhead and identification's cost against the bare passes.
 
-Each family's real classes (``knexp.models.tiny_vlm``) with a 512-wide, 8-layer decoder and random weights, on the
+Each family's real classes (``knexp.models.tiny.tiny_vlm``) with a 512-wide, 8-layer decoder and random weights, on the
 family's small test images. Hook overhead: batched greedy captions with intervention hooks armed on ``units`` units of
 every layer and zero noise, against no hooks (zero noise reproduces the plain captions, checked). Identification:
 ``compute_stats`` and every method's ranking on one sample, against the bare passes any gradient method runs (the
@@ -24,10 +24,11 @@ def _images(adapter, count: int, seed: int) -> list[np.ndarray]:
     return [(rng.random((h, w, 3)) * 255).astype(np.uint8) for _ in range(count)]
 
 
-def hooked_captions(adapter, pics: list[np.ndarray], batch_size: int, units: int, repeats: int, max_new_tokens: int) -> dict:
+def hooked_captions(adapter, pics: list[np.ndarray], batch_size: int, units: int, repeats: int,
+                    max_new_tokens: int) -> dict:
     """{plain_s, hooked_s, ratio}: greedy captions of ``pics`` with zero-noise hooks on ``units`` units of every layer,
     against none (the hook overhead; zero noise must give the same captions)."""
-    from knexp.models.hooks import LayerEdit, intervene
+    from knexp.models.hooks.intervene import ActivationPatch, intervene
 
     prepared = [adapter.prepare(pics[i:i + batch_size]) for i in range(0, len(pics), batch_size)]
     rng = np.random.default_rng(0)
@@ -38,8 +39,9 @@ def hooked_captions(adapter, pics: list[np.ndarray], batch_size: int, units: int
     def hooked() -> list[str]:
         out = []
         for p in prepared:
-            edits = {layer: LayerEdit(torch.as_tensor(rng.choice(adapter.d_ff, units, replace=False)),
-                                      add=torch.zeros(p.batch_size, adapter.num_image_tokens)) for layer in range(adapter.num_layers)}
+            edits = {layer: ActivationPatch(torch.as_tensor(rng.choice(adapter.d_ff, units, replace=False)),
+                                      add=torch.zeros(p.batch_size,
+                                                      adapter.num_image_tokens)) for layer in range(adapter.num_layers)}
             with intervene(adapter, p, edits):
                 out += adapter.generate(p, max_new_tokens)
         return out
@@ -52,8 +54,8 @@ def hooked_captions(adapter, pics: list[np.ndarray], batch_size: int, units: int
 def identification_cost(adapter, catalog, repeats: int) -> dict:
     from knexp.bench.identification import _all_methods
     from knexp.identification.passes import compute_stats, locate_target
-    from knexp.models.hooks import gradient_anchor
-    from knexp.models.prefix_cache import logits_after_prefix
+    from knexp.models.decoding.prefix_cache import logits_after_prefix
+    from knexp.models.hooks.attach import gradient_anchor
 
     original, inpainted = _images(adapter, 2, 1)
     target = locate_target(adapter, f"{adapter.caption_prefix} a bus.", adapter.caption_prefix, catalog["bus"])
@@ -78,15 +80,17 @@ def identification_cost(adapter, catalog, repeats: int) -> dict:
 def family_costs(images: int = 32, batch_size: int = 8, units: int = 64, repeats: int = 8, max_new_tokens: int = 16,
                  width: int = 512, layers: int = 8) -> dict:
     """The hook overhead and identification's cost of every family at ``width`` x ``layers`` (module docstring)."""
-    from knexp.job import default_catalog
-    from knexp.models.tiny_vlm import TINY, Size, tiny_vlm
+    from knexp.job.spec import default_catalog
+    from knexp.models.tiny.tiny_builders import Size
+    from knexp.models.tiny.tiny_vlm import TINY, tiny_vlm
 
     catalog = default_catalog()
     rows = {}
     for family in sorted(TINY):
         adapter = tiny_vlm(family, layers=layers, size=Size(width, 8))
         rows[family] = {"fast_paths": adapter.fast_paths, "image_tokens": adapter.num_image_tokens,
-                        "hooks": hooked_captions(adapter, _images(adapter, images, 0), batch_size, units, repeats, max_new_tokens),
+                        "hooks": hooked_captions(adapter, _images(adapter, images, 0), batch_size, units, repeats,
+                                                 max_new_tokens),
                         "identification": identification_cost(adapter, catalog, repeats)}
     return {"width": width, "layers": layers, "images": images, "batch_size": batch_size, "units_per_layer": units,
             "max_new_tokens": max_new_tokens, "repeats": repeats, "families": rows,
@@ -94,21 +98,25 @@ def family_costs(images: int = 32, batch_size: int = 8, units: int = 64, repeats
 
 
 def family_markdown(r: dict) -> str:
-    lines = [f"| `{name}` | {'yes' if row['fast_paths'] else 'no (its own forward and generate)'} | {row['image_tokens']} | "
+    lines = [f"| `{name}` | {'yes' if row['fast_paths'] else 'no (its own forward and generate)'} | "
+             f"{row['image_tokens']} | "
              f"{row['hooks']['plain_s']} / {row['hooks']['hooked_s']} | **{row['hooks']['ratio']}** | "
-             f"{row['identification']['bare_s']} / {row['identification']['identification_s']} | **{row['identification']['ratio']}** |"
+             f"{row['identification']['bare_s']} / {row['identification']['identification_s']} | "
+             f"**{row['identification']['ratio']}** |"
              for name, row in r["families"].items()]
     met_h = all(row["hooks"]["ratio"] <= 1.05 for row in r["families"].values())
     met_i = all(row["identification"]["ratio"] <= 1.3 for row in r["families"].values())
-    header = (f"| family | fast paths | image tokens | captions plain / hooked (s) | hook overhead (target {r['targets']['hooks']}) "
+    header = ("| family | fast paths | image tokens | captions plain / hooked (s) | hook overhead (target "
+              f"{r['targets']['hooks']}) "
               f"| bare / identification (s) | identification (target {r['targets']['identification']}) |")
     return f"""{HEADING}
 
-Each family's real classes with a {r['width']}-wide, {r['layers']}-layer decoder and random weights (`knexp.bench.family_costs`), on its
-small test images. Hooks: {r['images']} captions in batches of {r['batch_size']}, {r['max_new_tokens']} new tokens, hooks on
-{r['units_per_layer']} units of every layer with zero noise, against none. Identification: one sample's `compute_stats` and every
-method's ranking against the bare passes. Hooks: the median over {r['repeats']} rounds of each round's ratio; identification:
-the ratio of the medians of {r['repeats']} runs; the order reversed every other round.
+Each family's real classes with a {r['width']}-wide, {r['layers']}-layer decoder and random weights
+(`knexp.bench.family_costs`), on its small test images. Hooks: {r['images']} captions in batches of {r['batch_size']},
+{r['max_new_tokens']} new tokens, hooks on {r['units_per_layer']} units of every layer with zero noise, against none.
+Identification: one sample's `compute_stats` and every method's ranking against the bare passes. Hooks: the median over
+{r['repeats']} rounds of each round's ratio; identification: the ratio of the medians of {r['repeats']} runs; the order
+reversed every other round.
 
 {header}
 |---|---|---|---|---|---|---|

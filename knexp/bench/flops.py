@@ -1,8 +1,8 @@
 """FLOPs of a LLaMA-family decoder from its config and the token counts, and the float32 GEMM peak torch reaches here.
 
 Two FLOPs per multiply-add. A token at a position attending to ``context`` positions (itself included) costs, in each
-decoder layer: the q, k, v and o projections (2 d (2 h + 2 k) d_h, with h query heads and k key-value heads of size d_h),
-the scores and their weighted sum (2 * 2 h d_h context) and the gated MLP's three matrices (2 * 3 d d_ff). Norms,
+decoder layer: the q, k, v and o projections (2 d (2 h + 2 k) d_h, with h query heads and k key-value heads of size
+d_h), the scores and their weighted sum (2 * 2 h d_h context) and the gated MLP's three matrices (2 * 3 d d_ff). Norms,
 rotary embeddings, softmax and the activation are left out (a few per cent). The LM head costs 2 d V for each position
 whose logits are computed. ``tests/test_flops.py`` checks these counts against ``torch.utils.flop_counter``.
 """
@@ -30,8 +30,8 @@ class DecoderShape:
         """The shape of a transformers LLaMA-family config."""
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                   getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim, config.num_hidden_layers,
-                   config.vocab_size)
+                   getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim,
+                   config.num_hidden_layers, config.vocab_size)
 
     def token_layer(self, context: int) -> int:
         """One token through one decoder layer, attending to ``context`` positions."""
@@ -50,9 +50,10 @@ class DecoderShape:
 
 
 def prefill_flops(shape: DecoderShape, prompt_len: int, rows: int, prefix: int = 0) -> int:
-    """The prompt's pass of greedy captioning (``knexp.models.prefill``): the ``prefix`` tokens before the image once,
-    then each of ``rows`` rows' remaining prompt and the head at its last position."""
-    return (shape.tokens(prefix) if prefix else 0) + rows * (shape.tokens(prompt_len - prefix, past=prefix) + shape.head())
+    """The prompt's pass of greedy captioning (``knexp.models.decoding.prefill``): the ``prefix`` tokens before the
+    image once, then each of ``rows`` rows' remaining prompt and the head at its last position."""
+    return (shape.tokens(prefix) if prefix else 0) + rows * (shape.tokens(prompt_len - prefix,
+                                                                          past=prefix) + shape.head())
 
 
 def decode_flops(shape: DecoderShape, prompt_len: int, generated: list[int]) -> int:
@@ -67,9 +68,9 @@ def caption_flops(shape: DecoderShape, prompt_len: int, generated: list[int], pr
 
 
 def identification_flops(shape: DecoderShape, context_len: int, prefix: int = 0) -> int:
-    """``compute_stats``' two passes on a prompt of ``context_len`` tokens (with the caption before the target): a forward
-    on the inpainted image and a forward and backward on the original, each over the tokens after the ``prefix`` ones
-    (cached once per model), the head at t* only; a backward costs two forwards."""
+    """``compute_stats``' two passes on a prompt of ``context_len`` tokens (with the caption before the target): a
+    forward on the inpainted image and a forward and backward on the original, each over the tokens after the ``prefix``
+    ones (cached once per model), the head at t* only; a backward costs two forwards."""
     forward = shape.tokens(context_len - prefix, past=prefix) + shape.head(1)
     return forward + 3 * forward
 

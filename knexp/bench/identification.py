@@ -28,14 +28,15 @@ import torch
 from knexp.bench.timing import alternating
 from knexp.identification import methods as M
 from knexp.identification.passes import Target, compute_stats
-from knexp.models.hooks import gradient_anchor
-from knexp.models.prefix_cache import logits_after_prefix
+from knexp.models.decoding.prefix_cache import logits_after_prefix
+from knexp.models.hooks.attach import gradient_anchor
 
 
 def _bare_passes(adapter, original, inpainted, target: Target) -> None:
     prep_i = adapter.prepare([inpainted], continuations=[target.context])
     prep_o = adapter.prepare([original], continuations=[target.context])
-    with torch.no_grad():  # what compute_stats computes, without its hooks: the tokens before the image cached, the head at t*
+    # what compute_stats computes, without its hooks: the tokens before the image cached, the head at t*
+    with torch.no_grad():
         logits_after_prefix(adapter, prep_i, prep_i.last_position[:1])
     # differentiate w.r.t. the input embeddings (the embedded model is a spliced model: it has them)
     prep_o.inputs["inputs_embeds"] = prep_o.inputs["inputs_embeds"].detach().requires_grad_(True)
@@ -59,7 +60,7 @@ def identification_cost(repeats: int = 6) -> dict:
     from knexp.counterfactual.inpaint import inpaint, region_mask
     from knexp.data.toyworld.scenes import SceneOptions, make_scene
     from knexp.identification.passes import locate_target
-    from knexp.job import session
+    from knexp.job.session import session
 
     s = session("model=embedded", "logger=none")
     adapter, catalog = s.adapter, s.catalog
@@ -71,24 +72,27 @@ def identification_cost(repeats: int = 6) -> dict:
     _bare_passes(adapter, scene.image, edited, target)  # warm-up
     _all_methods(compute_stats(adapter, scene.image, edited, target))
     median, _ = alternating({"bare": lambda: _bare_passes(adapter, scene.image, edited, target),
-                             "identification": lambda: _all_methods(compute_stats(adapter, scene.image, edited, target))}, repeats)
+                             "identification": lambda: _all_methods(compute_stats(adapter, scene.image, edited,
+                                                                                  target))}, repeats)
     b, i = median["bare"], median["identification"]
-    return {"bare_s": round(b, 4), "identification_s": round(i, 4), "ratio": round(i / b, 4), "repeats": repeats, "target": "<= 1.3"}
+    return {"bare_s": round(b, 4), "identification_s": round(i, 4), "ratio": round(i / b, 4), "repeats": repeats,
+            "target": "<= 1.3"}
 
 
 # ---- memory at 7B activation shape -----------------------------------------------------------------------
 def _seven_b_shaped():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from knexp.models.families import FAMILIES
-    from knexp.models.tiny import word_tokenizer
-    from knexp.models.tiny_vlm import LLAVA15_TEMPLATE
-    from knexp.models.vlm import VLMAdapter
+    from knexp.models.adapters.families import FAMILIES
+    from knexp.models.adapters.vlm import VLMAdapter
+    from knexp.models.tiny.tiny_builders import LLAVA15_TEMPLATE
+    from knexp.models.tiny.tiny_models import word_tokenizer
 
     tok = word_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=336,
-                              patch_size=14, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=2,
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=336, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=2,
                        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tok.pad_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                          image_seq_length=576, vision_feature_select_strategy="default", vision_feature_layer=-1)
@@ -96,9 +100,10 @@ def _seven_b_shaped():
     model = LlavaForConditionalGeneration(config).to(torch.bfloat16).eval().requires_grad_(False)
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-                               tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=LLAVA15_TEMPLATE)
+    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336},
+                                                                     crop_size={"height": 336, "width": 336}),
+                               tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=LLAVA15_TEMPLATE)
     return VLMAdapter(model, processor, FAMILIES["llava"], caption_prefix="the image shows")
 
 

@@ -54,7 +54,8 @@ def demo_and_cache() -> dict:
         tmp = Path(tmp)
         cache = _cold_cache(tmp / "cache")
         cold = _sweep(tmp / "cold", cache)
-        report = _timed_run("task=report", f"sweep_dir={tmp / 'cold'}", f"hydra.run.dir={tmp / 'report'}", "logger=none")
+        report = _timed_run("task=report", f"sweep_dir={tmp / 'cold'}", f"hydra.run.dir={tmp / 'report'}",
+                            "logger=none")
         jobs = _jobs(tmp / "cold")
         warm = _sweep(tmp / "warm", cache)
         resumed = _sweep(tmp / "cold", cache)  # the same folder again: every job is finished
@@ -63,9 +64,11 @@ def demo_and_cache() -> dict:
         computed = sum(j["cache"]["captions_computed"] for j in jobs)
     return {
         "per_job": [{k: j[k] for k in ("knowledge", "method", "wall_time_s", "timing")} for j in jobs],
-        "jobs": len(jobs), "cold_s": round(cold, 1), "report_s": round(report, 1), "warm_s": round(warm, 1), "resumed_s": round(resumed, 1),
+        "jobs": len(jobs), "cold_s": round(cold, 1), "report_s": round(report, 1), "warm_s": round(warm, 1),
+        "resumed_s": round(resumed, 1),
         "speedup": round(cold / warm, 2), "target_speedup": ">= 5", "target_demo_s": "<= 900", "same_results": same,
-        "captions_computed": computed, "warm_captions_computed": sum(j["cache"]["captions_computed"] for j in warm_jobs),
+        "captions_computed": computed,
+        "warm_captions_computed": sum(j["cache"]["captions_computed"] for j in warm_jobs),
     }
 
 
@@ -109,8 +112,8 @@ def grids(demo_jobs: list[dict], draws: int = 1) -> dict:
     """
     with tempfile.TemporaryDirectory(prefix="knexp-bench-") as tmp:
         tmp = Path(tmp)
-        wall = _timed_run("experiment=paper_table2", "model=embedded", "data=toyworld", "logger=none", f"noise_level.draws={draws}",
-                          "knowledge=bed", "method=ours,pan,schwettmann",
+        wall = _timed_run("experiment=paper_table2", "model=embedded", "data=toyworld", "logger=none",
+                          f"noise_level.draws={draws}", "knowledge=bed", "method=ours,pan,schwettmann",
                           f"hydra.sweep.dir={tmp / 'paper'}", f"paths.cache_dir={_cold_cache(tmp / 'cache')}")
         paper_jobs = _jobs(tmp / "paper")
     per_method = {}
@@ -121,7 +124,8 @@ def grids(demo_jobs: list[dict], draws: int = 1) -> dict:
         jobs = per_method[method if method in per_method else "ours"]
         return sum(_full_job(j, factor) for j in jobs) / len(jobs)
 
-    table = 30 * sum(mean_job(m, 1) for m in ("ours", "pan", "schwettmann", "random", "stage1_only", "stage2_only", "attribution"))
+    table = 30 * sum(mean_job(m, 1) for m in ("ours", "pan", "schwettmann", "random", "stage1_only", "stage2_only",
+                                              "attribution"))
     curves = 30 * sum(mean_job(m, 3) for m in ("ours", "attribution", "random"))
     noise = 12 * sum(mean_job(m, 3) for m in ("ours", "pan", "schwettmann", "random"))
     paper = 30 * sum(_full_job(j, 10 / draws) for j in paper_jobs)

@@ -1,5 +1,2 @@
-"""Counterfactual stage: images with one object inpainted away (METHOD.md, Stage 1)."""
-
-from knexp.counterfactual.inpaint import INPAINT_METHODS, inpaint, region_mask
-
-__all__ = ["INPAINT_METHODS", "inpaint", "region_mask"]
+"""Counterfactual stage: images with one object inpainted away (docs/method.md, "Stage 1: activation differences by
+inpainting"): the inpainting itself (``inpaint``) and its cache with the options that name it (``cache``)."""

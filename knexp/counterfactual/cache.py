@@ -3,7 +3,7 @@
 Files are PNG (lossless) named by a hash of the key, written to a temporary name and renamed, so
 concurrent jobs never read a torn file. Each carries its key and a checksum of its pixels (``knexp.checked``): a file
 cut short, edited or copied from another entry is inpainted again, with a warning. ``InpaintOptions`` are the knobs
-of METHOD.md's Stage 1.
+of docs/method.md, "Stage 1: activation differences by inpainting".
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ class InpaintOptions:
 
     def __post_init__(self):
         """Check the settings (``inpaint.*``): each raises ``SettingError`` naming the key."""
-        check_fields(self, "inpaint", region=Choice(REGIONS), dilation=Integer(low=0), radius=Number(low=0.0, low_open=True),
-                     method=Choice(tuple(INPAINT_METHODS)))
+        check_fields(self, "inpaint", region=Choice(REGIONS), dilation=Integer(low=0),
+                     radius=Number(low=0.0, low_open=True), method=Choice(tuple(INPAINT_METHODS)))
 
     def mask(self, shape: tuple[int, int], bbox, segmentation: np.ndarray | None) -> np.ndarray:
         return region_mask(shape, bbox=bbox, segmentation=segmentation, region=self.region, dilation=self.dilation)
@@ -53,15 +53,16 @@ class InpaintCache:
         self.root = Path(root) / "inpainted" if root is not None else None
         self.hits = self.misses = self.damaged = 0
 
-    def get(self, dataset_id: str, image_id: int, annotation_id: int, image: np.ndarray, bbox, segmentation: np.ndarray | None,
-            opts: InpaintOptions) -> np.ndarray:
+    def get(self, dataset_id: str, image_id: int, annotation_id: int, image: np.ndarray, bbox,
+            segmentation: np.ndarray | None, opts: InpaintOptions) -> np.ndarray:
         return self.get_many(dataset_id, image_id, [annotation_id], image, [(bbox, segmentation)], opts)
 
-    def get_many(self, dataset_id: str, image_id: int, annotation_ids: list[int], image: np.ndarray, regions: list[tuple],
-                 opts: InpaintOptions) -> np.ndarray:
+    def get_many(self, dataset_id: str, image_id: int, annotation_ids: list[int], image: np.ndarray,
+                 regions: list[tuple], opts: InpaintOptions) -> np.ndarray:
         """The image with the instances ``annotation_ids`` (their ``regions``: (bbox, segmentation)) inpainted away."""
         path = None
-        ids = annotation_ids[0] if len(annotation_ids) == 1 else sorted(annotation_ids)  # one id: the single-instance key
+        # one id: the single-instance key
+        ids = annotation_ids[0] if len(annotation_ids) == 1 else sorted(annotation_ids)
         key = stable_key(dataset_id, image_id, ids, opts)
         if self.root is not None:
             path = self.root / f"{key}.png"
@@ -83,8 +84,8 @@ class InpaintCache:
         return out
 
     def without(self, data, dataset_id: str, image_id: int, category_id: int, opts: InpaintOptions) -> np.ndarray:
-        """Image ``image_id`` of ``data`` (``knexp.data.coco.CocoScenes``) with every instance of ``category_id`` inpainted
-        away at once: the counterfactual of an evaluation image of that object."""
+        """Image ``image_id`` of ``data`` (``knexp.data.coco.CocoScenes``) with every instance of ``category_id``
+        inpainted away at once: the counterfactual of an evaluation image of that object."""
         image = data.load_image(image_id)
         insts = [i for i in data.instances(image_id) if i.category_id == category_id]
         return self.get_many(dataset_id, image_id, [i.annotation_id for i in insts], image,

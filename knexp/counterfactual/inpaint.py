@@ -1,4 +1,5 @@
-"""Remove an object from an image with OpenCV inpainting (METHOD.md, Stage 1).
+"""Remove an object from an image with OpenCV inpainting (docs/method.md, "Stage 1: activation differences by
+inpainting").
 
 The paper inpaints the COCO bounding box with Telea's method; the region may instead be the instance's
 segmentation mask, and either may be dilated by a number of pixels so that anti-aliased edges and

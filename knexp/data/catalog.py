@@ -1,8 +1,8 @@
-"""The knowledge catalog: the 30 COCO objects of METHOD.md with their word forms.
+"""The knowledge catalog: the 30 COCO objects of docs/method.md, "Knowledge catalog", with their word forms.
 
 The YAML files in ``conf/knowledge/`` are the single source of truth. Hydra composes them (``conf/catalog``) and
-``knexp.job.build_catalog`` builds the catalog from the composed config, so an override such as
-``knowledge.synonyms=[...]`` takes effect; this module answers "does this caption name object k?" (METHOD.md,
+``knexp.job.spec.build_catalog`` builds the catalog from the composed config, so an override such as
+``knowledge.synonyms=[...]`` takes effect; this module answers "does this caption name object k?" (docs/method.md,
 "Evaluation": word match with plural and synonyms). Matching is whole-word and case-insensitive, punctuation is
 ignored, and multi-word forms ("tennis racket") match as phrases.
 """
@@ -78,6 +78,10 @@ class Catalog:
     def by_coco_id(self, coco_id: int) -> Knowledge:
         return self._by_id[coco_id]
 
+    def name_of(self, coco_id: int) -> str:
+        """The catalog name of COCO category ``coco_id``, or the id itself for a category outside the catalog."""
+        return self._by_id[coco_id].name if coco_id in self._by_id else str(coco_id)
+
     def __iter__(self):
         return iter(self._by_name.values())
 
@@ -96,14 +100,15 @@ class Catalog:
         return list(self._by_name)
 
     def named(self, names, key: str) -> list[Knowledge]:
-        """The entries ``names`` (a list from the setting ``key``, e.g. ``trace.objects``), or ``SettingError`` naming the
-        first that is not in the catalog and the valid names."""
+        """The entries ``names`` (a list from the setting ``key``, e.g. ``trace.objects``), or ``SettingError`` naming
+        the first that is not in the catalog and the valid names."""
         from knexp.settings import Many, SettingError, Text
 
         names = Many(Text(), min_len=0)(key, names)
         for name in names:
             if name not in self:
-                raise SettingError(key, list(names), f"{name!r} is not in the catalog; valid names: {', '.join(self.names)}")
+                raise SettingError(key, list(names),
+                                   f"{name!r} is not in the catalog; valid names: {', '.join(self.names)}")
         return [self[name] for name in names]
 
     def mentioned(self, caption: str) -> set[str]:
@@ -112,17 +117,18 @@ class Catalog:
 
 
 def knowledge_from_dict(d: dict, prefix: str = "knowledge") -> Knowledge:
-    """Build a Knowledge from a ``conf/knowledge/*.yaml`` mapping (or the composed ``cfg.knowledge``), its settings checked
-    as ``<prefix>.*`` (``catalog.<name>`` for the catalog's entries)."""
+    """Build a Knowledge from a ``conf/knowledge/*.yaml`` mapping (or the composed ``cfg.knowledge``), its settings
+    checked as ``<prefix>.*`` (``catalog.<name>`` for the catalog's entries)."""
     from knexp.settings import Integer, Many, Text, check_mapping, unknown
 
     missing = {"name", "coco_id", "supercategory"} - set(d)
     if missing:
-        raise ConfigError(f"knowledge entry {d.get('name', d)!r} lacks {sorted(missing)}; add them to its conf/knowledge yaml")
+        raise ConfigError(f"knowledge entry {d.get('name', d)!r} lacks {sorted(missing)}; add them to its"
+                          " conf/knowledge yaml")
     words = Many(Text(), min_len=0, optional=True)
     unknown(d, prefix, ("name", "coco_id", "supercategory", "singular", "plural", "synonyms", "phrase"))
-    d = check_mapping(d, prefix, name=Text(), coco_id=Integer(low=1), supercategory=Text(), singular=Text(optional=True),
-                      plural=words, synonyms=words, phrase=Text(optional=True))
+    d = check_mapping(d, prefix, name=Text(), coco_id=Integer(low=1), supercategory=Text(),
+                      singular=Text(optional=True), plural=words, synonyms=words, phrase=Text(optional=True))
     return Knowledge(
         name=d["name"],
         coco_id=d["coco_id"],

@@ -71,9 +71,10 @@ class CocoScenes:
         if self.audit.faults:
             for kind, faults in self.audit.to_dict(first=WARN_PER_KIND)["faults"].items():
                 for fault in faults:
-                    log.warning("%s: %s (%s%s)", fault["entry"], fault["detail"], kind, ", kept" if fault["kept"] else ", skipped")
-            log.warning("%s; the first %d of each kind are above, task=validate_data lists every one", self.audit.summary(),
-                        WARN_PER_KIND)
+                    log.warning("%s: %s (%s%s)", fault["entry"], fault["detail"], kind,
+                                ", kept" if fault["kept"] else ", skipped")
+            log.warning("%s; the first %d of each kind are above, task=validate_data lists every one",
+                        self.audit.summary(), WARN_PER_KIND)
 
     def _read(self, path: Path) -> COCO:
         """The file, checked entry by entry (``audit_coco``, faults into ``audit``) and indexed by pycocotools, whose
@@ -111,12 +112,15 @@ class CocoScenes:
         height, width = image.shape[:2]
         if (height, width) == (entry["height"], entry["width"]):
             return image
-        same_aspect = abs(width / height - entry["width"] / entry["height"]) <= ASPECT_TOLERANCE * entry["width"] / entry["height"]
-        what = f"image {self.file_path(image_id)} is {width}x{height} but its entry (id {image_id}) says {entry['width']}x{entry['height']}"
+        aspect = entry["width"] / entry["height"]
+        same_aspect = abs(width / height - aspect) <= ASPECT_TOLERANCE * aspect
+        what = (f"image {self.file_path(image_id)} is {width}x{height} but its entry (id {image_id}) says "
+                f"{entry['width']}x{entry['height']}")
         if self.size_mismatch == "rescale" and same_aspect:
-            self._image_fault(image_id, ImageError(f"{what}: rescaled to the entry's size", "image_rescaled"), kept=True)
-            return cv2.resize(image, (entry["width"], entry["height"]), interpolation=cv2.INTER_AREA if width > entry["width"]
-                              else cv2.INTER_LINEAR)
+            self._image_fault(image_id, ImageError(f"{what}: rescaled to the entry's size", "image_rescaled"),
+                              kept=True)
+            return cv2.resize(image, (entry["width"], entry["height"]),
+                              interpolation=cv2.INTER_AREA if width > entry["width"] else cv2.INTER_LINEAR)
         why = "the aspect ratios differ" if self.size_mismatch == "rescale" else "data.size_mismatch=reject"
         raise self._image_fault(image_id, ImageError(f"{what} ({why}); fix the entry or the file", "image_size"))
 
@@ -154,7 +158,8 @@ class CocoScenes:
         try:
             return self.coco.annToMask(self.coco.anns[annotation_id]).astype(bool)
         except (ValueError, TypeError, IndexError, KeyError, OverflowError, MemoryError) as exc:
-            raise EntryError(f"annotation {annotation_id}: its segmentation cannot be decoded ({exc!r}); fix or drop it "
+            raise EntryError(f"annotation {annotation_id}: its segmentation cannot be decoded ({exc!r}); fix or drop "
+                             "it "
                                "in the annotation file under data.root") from exc
 
     def captions(self, image_id: int) -> list[str]:

@@ -42,8 +42,8 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of the image file at ``path``, upright (EXIF); ``ImageError`` naming the file and why it cannot
-    be used if it is missing, truncated, corrupt or not an image."""
+    """RGB uint8 [H, W, 3] of the image file at ``path``, upright (EXIF); ``ImageError`` naming the file and why it
+    cannot be used if it is missing, truncated, corrupt or not an image."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image {path} is missing")

@@ -19,25 +19,28 @@ MAX_SIDE = 1 << 16
 
 # kind -> what it means and what knexp does with it
 FAULT_KINDS = {
-    "image_fields": "an image without an int id, a file_name, or int height and width in 1..65536: dropped with its annotations",
+    "image_fields": "an image without an int id, a file_name, or int height and width in 1..65536: dropped with its "
+                    "annotations",
     "duplicate_image_id": "an image id listed twice: the later entry dropped",
     "category_fields": "a category without an int id and a name: dropped",
-    "annotation_fields": "an annotation without an int id, an int category_id, a finite [x, y, w, h] box and a finite area: dropped",
+    "annotation_fields": "an annotation without an int id, an int category_id, a finite [x, y, w, h] box and a finite "
+                         "area: dropped",
     "duplicate_annotation_id": "an annotation id used twice: the later entry dropped",
     "unknown_image": "an annotation whose image_id is not a listed image: dropped",
     "unknown_category": "an annotation whose category_id is not a listed category: dropped",
     "zero_area_box": "a box with width or height <= 0: dropped",
     "box_outside_image": "a box that lies wholly outside its image: dropped",
     "box_clipped": "a box past the image edge: clipped to the image (kept)",
-    "degenerate_polygon": "a polygon with fewer than 3 points, an odd or non-finite coordinate list, or no area: dropped "
-                          "(the annotation too if none of its polygons is left)",
+    "degenerate_polygon": "a polygon with fewer than 3 points, an odd or non-finite coordinate list, or no area: "
+                          "dropped (the annotation too if none of its polygons is left)",
     "bad_rle": "an RLE segmentation without a valid size and counts, or sized other than its image: dropped",
     "bad_segmentation": "a segmentation that is neither polygons nor RLE: dropped",
     "bad_iscrowd": "iscrowd other than 0 or 1: dropped",
     "caption_fields": "a caption annotation without a caption string: dropped",
     # found by the image pass (knexp.data.images), not in the JSON
     "image_unreadable": "an image file that is missing, truncated or not an image: its image skipped",
-    "image_size": "an image whose decoded size differs from its entry's width and height (and is not rescaled): skipped",
+    "image_size": "an image whose decoded size differs from its entry's width and height (and is not rescaled): "
+                  "skipped",
     "image_rescaled": "an image whose decoded size differs from its entry's in the same aspect ratio: rescaled (kept)",
 }
 
@@ -154,7 +157,8 @@ def audit_coco(data, source: str, captions: bool = False, strict: bool = False) 
         entry = f"images[{i}]" + (f" (id {img['id']})" if isinstance(img, dict) and _is_int(img.get("id")) else "")
         if not (isinstance(img, dict) and _is_int(img.get("id")) and isinstance(img.get("file_name"), str)
                 and all(_is_int(img.get(k)) and 0 < img[k] <= MAX_SIDE for k in ("height", "width"))):
-            audit.add(Fault("image_fields", entry, "needs an int id, a file_name and int height and width in 1..65536"), strict)
+            audit.add(Fault("image_fields", entry, "needs an int id, a file_name and int height and width in 1..65536"),
+                      strict)
             if isinstance(img, dict) and _is_int(img.get("id")):
                 dropped.add(img["id"])
         elif img["id"] in images:
@@ -187,9 +191,9 @@ def audit_coco(data, source: str, captions: bool = False, strict: bool = False) 
 
 
 def _annotation_faults(ann, images: dict, categories: dict, seen: set, captions: bool) -> list[dict]:
-    """The faults of one annotation ({kind, detail, kept}); none kept: the first that drops it. Repairs in place what can
-    be repaired exactly (those are ``kept``): a box past the image edge is clipped to it; degenerate polygons are dropped
-    when others remain."""
+    """The faults of one annotation ({kind, detail, kept}); none kept: the first that drops it. Repairs in place what
+    can be repaired exactly (those are ``kept``): a box past the image edge is clipped to it; degenerate polygons are
+    dropped when others remain."""
 
     def fault(kind: str, detail: str, kept: bool = False) -> list[dict]:
         return [{"kind": kind, "detail": detail, "kept": kept}]
@@ -227,6 +231,7 @@ def _annotation_faults(ann, images: dict, categories: dict, seen: set, captions:
             repaired += fault(kind, f"{detail}; the other {len(seg)} kept", kept=True)
     if (x0, y0, x1, y1) != (x, y, x + w, y + h):
         ann["bbox"] = [x0, y0, x1 - x0, y1 - y0]
-        repaired += fault("box_clipped", f"bbox {box} clipped to {ann['bbox']} at the {img['width']}x{img['height']} image's edge",
+        repaired += fault("box_clipped",
+                          f"bbox {box} clipped to {ann['bbox']} at the {img['width']}x{img['height']} image's edge",
                           kept=True)
     return repaired

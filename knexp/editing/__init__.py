@@ -1,8 +1,14 @@
-"""Editing: act on found neurons for good, by a weight edit of their output weights (METHOD.md, "Beyond the paper").
+"""Editing: act on found neurons for good, by a weight edit (docs/method.md, "Editing with the found neurons").
 
-``sets``     the neuron set an object's edit uses (the consensus of its identification samples) and the random controls;
-``rules``    how a set becomes an edit of its ``down_proj`` columns (zero, mean, kn, optimized);
-``fit``      the gradient fit of the optimized rule and of the fine-tuning baseline;
-``weights``  the edit as an object (applied for a ``with`` block, restored bit for bit) and as a safetensors file.
-How an edit is scored lives in ``knexp.evaluation.edit_measures``; ``task=edit`` (``knexp.tasks.edit``) runs both.
+``target``    what an edit is for: erase k, or swap it for k' (the goal's words, the loss, the success tests);
+``sets``      the neuron set an object's edit uses (the consensus of its identification samples) and the random
+controls;
+``forcing``   teacher forcing: the position that predicts k, a caption forced after its image, log-probabilities;
+``inputs``    what a rule may build its context from (the model, the identification, the data, locality inputs);
+``fit``       the gradient fit of the optimized rule and of the fine-tuning baseline;
+``rules``     how a set becomes an edit of its ``down_proj`` columns (zero, mean, kn, optimized): one class each;
+``rank_one``  the ROME-style baseline that edits a whole ``down_proj``;
+``prompts``   T-generality's questions;  ``make``  the ``edit`` group's settings and a timed rule.
+The edit as an object and a file is ``knexp.models.weight_edit``; how an edit is scored lives in
+``knexp.evaluation.edit_measures``; ``task=edit`` (``knexp.tasks.edit``) runs both.
 """

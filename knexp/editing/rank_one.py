@@ -2,13 +2,13 @@
 
 ROME's subject token has an image analogue: the image tokens over the object. For layer l:
 
-  key      k* = mean of O'^l [d_f] over the object's patch tokens (the tokens of the finest view whose box centre lies in
-           the object's instance mask) of the identification images;
+  key      k* = mean of O'^l [d_f] over the object's image tokens (``PatchGeometry.object_tokens``: those of the finest
+           view whose box centre lies in the object's instance mask) of the identification images;
   C        = mean of O'^l O'^l^T over every image token of ``covariance_images`` images without k, plus a ridge of
            ``ridge`` x its mean diagonal (fewer tokens than d_f leave it singular);
-  value    v* = W k* + delta*, delta* [d_model] learned (Adam, ``steps``, ``lr``) as the vector added to the FFN's output at
-           the object's patch tokens that gives the edit's loss (``knexp.editing.fit``: the unlikelihood of k's words at
-           the caption's target position, or the likelihood of k''s) plus ``norm_weight`` ||delta||^2;
+  value    v* = W k* + delta*, delta* [d_model] learned (Adam, ``steps``, ``lr``) as the vector added to the FFN's
+           output at the object's image tokens that gives the target's loss (``knexp.editing.target``) at the caption's
+           target position, plus ``norm_weight`` ||delta||^2, until the target is met;
   update   W += delta* u^T, u = C^-1 k* / (k*^T C^-1 k*): the least change of W, measured by C, with W k* = v*.
 
 Every column of the layer changes: the edit's cost says so (``parameters_changed`` = d_model x d_f).
@@ -22,25 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from knexp.editing.fit import target_context
-from knexp.editing.rules import word_ids
-from knexp.editing.weights import ColumnDelta, WeightEdit
-from knexp.models.hooks import attached, record
+from knexp.editing.forcing import target_context
+from knexp.models.hooks.attach import attached
+from knexp.models.hooks.record import record
 from knexp.models.prepared import Prepared
+from knexp.models.weight_edit import LayerDelta, WeightEdit
 from knexp.settings import Integer, Number, check_fields
-
-
-def patch_tokens(geometry, mask: np.ndarray) -> np.ndarray:
-    """The image tokens of the finest view whose box centre lies in ``mask`` (bool [H, W]); the token under the mask's
-    centroid where no centre does."""
-    h, w = mask.shape
-    b = geometry.boxes
-    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-    inside = mask[np.clip((cy * h).astype(int), 0, h - 1), np.clip((cx * w).astype(int), 0, w - 1)] & geometry.finest
-    if inside.any():
-        return np.flatnonzero(inside)
-    ys, xs = np.nonzero(mask)
-    return geometry.tokens_covering(float(xs.mean()) / w, float(ys.mean()) / h)[:1] if len(xs) else np.zeros(0, np.int64)
 
 
 @dataclass
@@ -63,7 +50,7 @@ def rank_one_data(adapter, data, results, knowledge, covariance: list[np.ndarray
         if context is None:
             continue
         samples.append(adapter.prepare([data.load_image(r.candidate.image_id)], continuations=[context]))
-        patches.append(patch_tokens(adapter.geometry, data.instance_mask(r.candidate.annotation_id)))
+        patches.append(adapter.geometry.object_tokens(data.instance_mask(r.candidate.annotation_id)))
     return RankOneData(samples, patches, covariance)
 
 
@@ -80,12 +67,14 @@ class RankOne:
     target_prob: float = 0.05
 
     def __post_init__(self):
-        check_fields(self, "task.rank_one", layer=Integer(low=0, optional=True), steps=Integer(low=1), lr=Number(low=0.0, low_open=True),
-                     norm_weight=Number(low=0.0), ridge=Number(low=0.0, low_open=True), covariance_images=Integer(low=1),
-                     target_prob=Number(0.0, 1.0, low_open=True))
+        check_fields(self, "task.rank_one", layer=Integer(low=0, optional=True), steps=Integer(low=1),
+                     lr=Number(low=0.0, low_open=True),
+                     norm_weight=Number(low=0.0), ridge=Number(low=0.0, low_open=True),
+                     covariance_images=Integer(low=1), target_prob=Number(0.0, 1.0, low_open=True))
 
     @torch.no_grad()
-    def _key_and_covariance(self, adapter, layer: int, data: RankOneData, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _key_and_covariance(self, adapter, layer: int, data: RankOneData,
+                            batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         keys = []
         for prepared, patches in zip(data.samples, data.patches, strict=True):
             with record(adapter, prepared, layers=[layer]) as rec:
@@ -108,14 +97,15 @@ class RankOne:
         key, c = self._key_and_covariance(adapter, layer, data, batch)
         d_model = adapter.down_proj(layer).out_features
         delta = torch.zeros(d_model, device=adapter.device, requires_grad=True)
-        goal = word_ids(adapter, target.replacement if target.op == "swap" else target.knowledge)
+        goal = target.goal_ids(adapter)
         optimizer = torch.optim.Adam([delta], lr=self.lr)
         steps_run, met = 0, False
         for step in range(self.steps):
             optimizer.zero_grad(set_to_none=True)
             losses, met = [], True
             for prepared, patches in zip(data.samples, data.patches, strict=True):
-                at = prepared.image_positions[0, torch.as_tensor(patches, device=prepared.image_positions.device)]  # [n_p]
+                # [n_p]
+                at = prepared.image_positions[0, torch.as_tensor(patches, device=prepared.image_positions.device)]
 
                 def add(out, start, at=at):  # the FFN's output [1, n, d_model] of the prompt's pass from ``start``
                     out = out.clone()
@@ -124,14 +114,9 @@ class RankOne:
 
                 with torch.enable_grad(), attached(adapter, {("ffn_out", layer): add}, prepared):
                     last = prepared.last_position[:1]
-                    logp = F.log_softmax(adapter.forward(prepared, positions=last)[0, -1].float(), -1)  # [V]
-                p_goal = logp[goal].exp().sum()
-                if target.op == "erase":
-                    losses.append(-torch.log1p(-p_goal.clamp(max=1 - 1e-6)))
-                    met &= bool(p_goal < self.target_prob)
-                else:
-                    losses.append(-torch.logsumexp(logp[goal], -1))
-                    met &= bool(torch.isin(logp.argmax(), goal))
+                    logp = F.log_softmax(adapter.forward(prepared, positions=last)[0, -1].float(), -1)[None]  # [1, V]
+                losses.append(target.loss(logp, goal))
+                met &= target.met(logp, goal, self.target_prob)
             if met:
                 break
             (torch.stack(losses).sum() + self.norm_weight * delta.pow(2).sum()).backward()
@@ -140,6 +125,6 @@ class RankOne:
         u = torch.linalg.solve(c, key.double())  # C^-1 k*
         u = (u / (key.double() @ u)).float()  # [d_f], u . k* = 1
         update = delta.detach().cpu()[:, None] * u.cpu()[None, :]  # [d_model, d_f]
-        units = torch.arange(adapter.d_ff)
-        return WeightEdit({layer: ColumnDelta(units, update)}, {"rule": "rank_one", "layer": layer, "steps_run": steps_run,
-                                                                  "target_met": met, "delta_norm": float(delta.detach().norm())})
+        return WeightEdit([LayerDelta(layer, "down_proj", "whole", update)],
+                          {"rule": "rank_one", "layer": layer, "steps_run": steps_run, "target_met": met,
+                           "delta_norm": float(delta.detach().norm())})

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+import torch
 
-from knexp.identification.methods import NeuronSet
+from knexp.identification.methods import NeuronSet, layer_matched_units
 from knexp.identification.pipeline import Identification
 from knexp.identification.thresholds import Rule
 
@@ -30,24 +31,29 @@ def object_set(found: Identification, rule: Rule, size: int) -> NeuronSet:
     # neuron fires when k is there, which a gated FFN's neurons may do either way (the kn rule reads it)
     act = np.mean([res.stats.act_mean[layers, units].numpy() for res in found.results], axis=0) if best else np.zeros(0)
     return NeuronSet(found.method.name, "consensus", layers, units, np.array([score[p] for p in best]),
-                     note=f"consensus of {len(found.results)} samples", info={"samples": len(found.results), "act_mean": act.tolist()})
+                     note=f"consensus of {len(found.results)} samples",
+                     info={"samples": len(found.results), "act_mean": act.tolist()})
 
 
-def layer_matched_random(neurons: NeuronSet, d_ff: int, seed: int) -> NeuronSet:
-    """As many random neurons in each layer as ``neurons`` has there (none of them), seeded: the control of a rule."""
-    rng = np.random.default_rng([seed, 26, len(neurons)])
-    layers, units = [], []
-    for layer in sorted(set(neurons.layers.tolist())):
-        taken = set(neurons.units[neurons.layers == layer].tolist())
-        pool = np.array([u for u in range(d_ff) if u not in taken])
-        count = int((neurons.layers == layer).sum())
-        layers += [layer] * count
-        units += sorted(rng.choice(pool, size=count, replace=False).tolist())
-    return NeuronSet("random", "layer-matched", np.array(layers, np.int64), np.array(units, np.int64), np.zeros(len(units)))
+def disjoint_random(neurons: NeuronSet, d_ff: int, seed: int) -> NeuronSet:
+    """The control of an edit rule: in each layer, as many random units as ``neurons`` has there, none of them
+    (``layer_matched_units`` with ``disjoint``; the ``random`` method's control may share units), ascending within a
+    layer, seeded."""
+    layers, draws = layer_matched_units(neurons, d_ff, np.random.default_rng([seed, 26, len(neurons)]), disjoint=True)
+    units = [u for draw in draws for u in sorted(draw.tolist())]
+    return NeuronSet("random", "layer-matched", np.array(layers, np.int64), np.array(units, np.int64),
+                     np.zeros(len(units)))
 
 
 def random_columns(count: int, num_layers: int, d_ff: int, seed: int) -> NeuronSet:
     """``count`` neurons drawn uniformly over every layer's units, seeded: the fine-tuning baseline's columns."""
     rng = np.random.default_rng([seed, 27, count])
     flat = np.sort(rng.choice(num_layers * d_ff, size=count, replace=False))
-    return NeuronSet("random", "columns", (flat // d_ff).astype(np.int64), (flat % d_ff).astype(np.int64), np.zeros(count))
+    return NeuronSet("random", "columns", (flat // d_ff).astype(np.int64), (flat % d_ff).astype(np.int64),
+                     np.zeros(count))
+
+
+def by_layer(neurons: NeuronSet) -> dict[int, torch.Tensor]:
+    """{layer: long [U] units} of a set, layers ascending."""
+    return {int(layer): torch.as_tensor(neurons.units[neurons.layers == layer])
+            for layer in sorted(set(neurons.layers.tolist()))}

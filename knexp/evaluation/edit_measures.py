@@ -1,21 +1,23 @@
-"""How an edit of a model is scored (METHOD.md, "Beyond the paper": editing), in MMEdit's terms (Cheng et al., 2023).
+"""How an edit of a model is scored (docs/method.md, "Editing with the found neurons"), in MMEdit's terms (Cheng et
+al., 2023).
 
 Every measure compares the model in some state (a *variant*: an edit applied, the banned-words filter armed, or the
 unedited model itself) with the unedited model, on one object k's ``Probe``. A rate counts only the inputs on which the
 unedited model showed the knowledge (its caption named k; it answered yes; the other image's caption named that
 image's object): the others have nothing to change. ``*_n`` says how many inputs a rate counts.
 
-reliability    the identification images (the edit's own inputs). Erase: the fraction of captions that no longer name
-               k; swap: the fraction that name k' and not k. ``reliability_tf``: teacher-forced target accuracy, at the
-               position of the unedited caption that predicts k (its context before k): erase, the top-1 token is none
-               of k's word ids (``knexp.editing.rules.word_ids``); swap, it is one of k''s.
+reliability    the identification images (the edit's own inputs): the fraction of captions that show the target's
+               effect (``EditTarget.caption_success``: erase, no longer naming k; swap, naming k' and not k).
+               ``reliability_tf``: teacher-forced target accuracy, at the position of the unedited caption that predicts
+               k (its context before k): ``EditTarget.top_success`` of the top-1 token (erase, none of k's word ids;
+               swap, one of k''s).
 m_generality   the same on held-out images of k, never used to identify neurons or to fit an edit.
 t_generality   other prompts on the held-out images of k: "what" (what is in this image?) and "rephrased" (another
-               caption prompt) scored as captions; "yes_no" (is there a k in this image?): erase succeeds where the
-               logit of No passes Yes's, swap where it does for k and Yes passes No when asked of k'.
+               caption prompt) scored as captions; "yes_no" (is there a k in this image?), ``EditTarget.answered``:
+               erase succeeds where the logit of No passes Yes's, swap where it does for k and Yes passes No for k'.
 m_locality     images without k: S_re (the image's own object still named), BLEU and BERTScore of the captions against
-               the unedited captions, and top-1 agreement: the fraction of the unedited caption's tokens, teacher-forced,
-               at which both models rank the same token first.
+               the unedited captions, and top-1 agreement: the fraction of the unedited caption's tokens,
+               teacher-forced, at which both models rank the same token first.
 t_locality     text-only prompts: mean KL(p_unedited || p_variant) of the next token and top-1 agreement; prompts about
                k ("about_k") apart from the rest ("other").
 fluency        over every caption of the variant: the mean entropy of its 2- and 3-gram distributions (bits), and
@@ -35,40 +37,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from knexp.data.catalog import Knowledge
-from knexp.editing.fit import forced_caption, last_logits, target_context
-from knexp.editing.rules import word_ids
+from knexp.editing.forcing import forced_caption, last_logits, target_context
+from knexp.editing.prompts import Prompts
+from knexp.editing.target import EditTarget
 from knexp.evaluation.text_metrics import bertscore_f1
 from knexp.models.captioning import Captioner
-from knexp.settings import SettingError, Text, check_fields
 
 YES, NO = ("Yes", "yes"), ("No", "no")
 
 
-@dataclass(frozen=True)
-class Prompts:
-    """``edit.prompts``: T-generality's questions (``{a_k}`` is the object's noun phrase, e.g. "a banana") and the
-    rephrased caption prompt's prefix."""
-
-    what: str = "What is in this image?"
-    rephrased: str = "Describe this picture in one sentence."
-    rephrased_prefix: str = "The picture shows"
-    yes_no: str = "Is there {a_k} in this image? Answer yes or no."
-
-    def __post_init__(self):
-        check_fields(self, "edit.prompts", what=Text(), rephrased=Text(), rephrased_prefix=Text(), yes_no=Text())
-        if "{a_k}" not in self.yes_no:
-            raise SettingError("edit.prompts.yes_no", self.yes_no, "must hold {a_k}, where the object's noun phrase goes")
-
-
 @dataclass
 class Probe:
-    """What one object's edits are measured on: images as (key, image, own object) rows, ``ident`` (reliability),
-    ``held`` (M-generality, T-generality) and ``others`` (M-locality); text-only prompts ``texts`` and ``k_texts``."""
+    """What one object's edits are measured on, for ``target``: images as (key, image, own object) rows, ``ident``
+    (reliability), ``held`` (M-generality, T-generality) and ``others`` (M-locality); text-only prompts ``texts`` and
+    ``k_texts``."""
 
-    knowledge: Knowledge
-    replacement: Knowledge | None
-    op: str
+    target: EditTarget
     ident: list[tuple[list, np.ndarray, str]]
     held: list[tuple[list, np.ndarray, str]]
     others: list[tuple[list, np.ndarray, str]]
@@ -87,20 +71,14 @@ class Variant:
     state: Callable[[], AbstractContextManager]
 
 
-def _success(caption: str, probe: Probe) -> bool:
-    named = probe.knowledge.mentioned_in(caption)
-    if probe.op == "erase":
-        return not named
-    return probe.replacement.mentioned_in(caption) and not named
-
-
 def _rate(values) -> float | None:
     values = list(values)
     return float(np.mean(values)) if values else None
 
 
 def _yes_minus_no(adapter, images: list[np.ndarray], question: str, batch: int) -> list[float]:
-    """max logit over the Yes forms minus max over the No forms, after ``question`` on each image with an empty prefix."""
+    """max logit over the Yes forms minus max over the No forms, after ``question`` on each image with an empty
+    prefix."""
     yes = [adapter.tokenize(w)[0] for w in YES] + [adapter.tokenize(" " + w)[0] for w in YES]
     no = [adapter.tokenize(w)[0] for w in NO] + [adapter.tokenize(" " + w)[0] for w in NO]
     out = []
@@ -111,9 +89,11 @@ def _yes_minus_no(adapter, images: list[np.ndarray], question: str, batch: int) 
 
 
 class EditMeasures:
-    """Scores variants of one model on one ``Probe`` (module docstring); the unedited model's outputs are computed once."""
+    """Scores variants of one model on one ``Probe`` (module docstring); the unedited model's outputs are computed
+    once."""
 
-    def __init__(self, captioner: Captioner, probe: Probe, bertscore_model: str | None = None, bertscore_layers: int = 6):
+    def __init__(self, captioner: Captioner, probe: Probe, bertscore_model: str | None = None,
+                 bertscore_layers: int = 6):
         self.captioner, self.probe = captioner, probe
         self.adapter = captioner.adapter
         self.bertscore_model, self.bertscore_layers = bertscore_model, bertscore_layers
@@ -121,7 +101,8 @@ class EditMeasures:
 
     # ---- what a variant produces ----------------------------------------------------------------------------------
     def _captions(self, variant: Variant, rows, question: str | None = None, prefix: str | None = None) -> list[str]:
-        return self.captioner.renamed(variant.key)([im for _, im, _ in rows], [key for key, _, _ in rows], question, prefix)
+        return self.captioner.renamed(variant.key)([im for _, im, _ in rows], [key for key, _, _ in rows], question,
+                                                   prefix)
 
     @torch.no_grad()
     def _outputs(self, variant: Variant) -> dict:
@@ -134,10 +115,10 @@ class EditMeasures:
             out["what"] = self._captions(variant, p.held, p.prompts.what)
             out["rephrased"] = self._captions(variant, p.held, p.prompts.rephrased, p.prompts.rephrased_prefix)
             held = [im for _, im, _ in p.held]
-            out["yes_no"] = _yes_minus_no(adapter, held, p.prompts.yes_no.format(a_k=p.knowledge.indefinite), self.captioner.batch_size)
-            if p.op == "swap":
-                out["yes_no_new"] = _yes_minus_no(adapter, held, p.prompts.yes_no.format(a_k=p.replacement.indefinite),
-                                                  self.captioner.batch_size)
+            asked = [_yes_minus_no(adapter, held, p.prompts.yes_no.format(a_k=o.indefinite), self.captioner.batch_size)
+                     for o in p.target.asked]
+            # per image: Yes - No of each object
+            out["yes_no"] = [list(margins) for margins in zip(*asked, strict=True)]
             out["texts"] = adapter.text_logits(p.texts) if p.texts else None
             out["k_texts"] = adapter.text_logits(p.k_texts) if p.k_texts else None
             reference = out if unedited else self.base  # teacher forcing always follows the unedited captions
@@ -149,7 +130,7 @@ class EditMeasures:
         """The top-1 token at the position predicting k in each unedited caption that names k (teacher-forced)."""
         tops = []
         for (_, image, _), caption in zip(rows, clean, strict=True):
-            context = target_context(self.adapter, caption, self.probe.knowledge)
+            context = target_context(self.adapter, caption, self.probe.target.knowledge)
             if context is None:
                 continue
             prepared = self.adapter.prepare([image], continuations=[context])
@@ -165,7 +146,8 @@ class EditMeasures:
             if prepared.prompt_len <= start:
                 tops.append(torch.zeros(0, dtype=torch.long))
                 continue
-            here = torch.arange(start - 1, prepared.prompt_len - 1, device=self.adapter.device)  # [n]: each predicts the next
+            # [n]: each predicts the next
+            here = torch.arange(start - 1, prepared.prompt_len - 1, device=self.adapter.device)
             tops.append(self.adapter.forward(prepared, positions=here)[0].argmax(-1).cpu())
         return tops
 
@@ -174,30 +156,27 @@ class EditMeasures:
         """Every measure of the module docstring for ``variant``, its captions included."""
         p, base = self.probe, self.base
         out = base if variant.name == "unedited" else self._outputs(variant)
-        goal = word_ids(self.adapter, p.replacement if p.op == "swap" else p.knowledge).tolist()
+        target, k = p.target, p.target.knowledge
+        goal = target.goal_ids(self.adapter).tolist()
 
         def tf_rate(tops):
-            return _rate((t in goal) if p.op == "swap" else (t not in goal) for t in tops)
-
-        k = p.knowledge
+            return _rate(target.top_success(t, goal) for t in tops)
 
         def success(group: str) -> dict:
             """The success rate over the rows of ``group`` whose unedited answer named k (the others have nothing to
             change), and how many those are."""
-            rows = [_success(c, p) for c, c0 in zip(out[group], base[group], strict=True) if k.mentioned_in(c0)]
+            rows = [target.caption_success(c) for c, c0 in zip(out[group], base[group],
+                                                               strict=True) if k.mentioned_in(c0)]
             return {"rate": _rate(rows), "n": len(rows)}
 
-        said_yes = [v0 > 0 for v0 in base["yes_no"]]
-        flipped = [v < 0 for v in out["yes_no"]]
-        if p.op == "swap":
-            flipped = [f and v > 0 for f, v in zip(flipped, out["yes_no_new"], strict=True)]
-        yes_no = [f for f, y in zip(flipped, said_yes, strict=True) if y]
+        yes_no = [target.answered(m) for m, m0 in zip(out["yes_no"], base["yes_no"], strict=True) if m0[0] > 0]
         kept = [own.mentioned_in(c) for c, c0, (_, _, own) in zip(out["others"], base["others"], p.others, strict=True)
                 if own.mentioned_in(c0)]
         same = sum(int((a == b).sum()) for a, b in zip(out["caption_tops"], base["caption_tops"], strict=True))
         total = sum(len(b) for b in base["caption_tops"])
         ident, held = success("ident"), success("held")
-        generality = {"what": success("what"), "rephrased": success("rephrased"), "yes_no": {"rate": _rate(yes_no), "n": len(yes_no)}}
+        generality = {"what": success("what"), "rephrased": success("rephrased"),
+                      "yes_no": {"rate": _rate(yes_no), "n": len(yes_no)}}
         scores = {
             "reliability": ident["rate"], "reliability_n": ident["n"],
             "reliability_tf": tf_rate(out["tf"]["ident"]),
@@ -233,7 +212,8 @@ def logit_agreement(base: torch.Tensor | None, other: torch.Tensor | None) -> di
         return {"kl": None, "kl_infinite": False, "top1": None, "prompts": 0}
     kl = float(F.kl_div(F.log_softmax(other, -1), F.log_softmax(base, -1), log_target=True, reduction="batchmean"))
     top1 = float((base.argmax(-1) == other.argmax(-1)).float().mean())
-    return {"kl": kl if math.isfinite(kl) else None, "kl_infinite": not math.isfinite(kl), "top1": top1, "prompts": int(base.shape[0])}
+    return {"kl": kl if math.isfinite(kl) else None, "kl_infinite": not math.isfinite(kl), "top1": top1,
+            "prompts": int(base.shape[0])}
 
 
 def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:

@@ -1,7 +1,7 @@
 """The interventions on a neuron set, one class each (``conf/intervention/*.yaml`` names one by ``_target_``).
 
 Every intervention acts on the set's neurons at every image position, during the prompt's pass only (the KV cache
-carries it into generation; METHOD.md, "Evaluation: captions under noise" and "Beyond the paper"):
+carries it into generation; docs/method.md, "Evaluation: captions under noise" and "Interventions besides noise"):
 
 ``Noise``      v ~ N(0, I_P) * n added to O'[l, p, u] (the paper's; ``per_neuron`` draws one v per neuron), for each
                level n and draw. Each (image, level, draw) row has its own generator, seeded by (seed, image key,
@@ -16,8 +16,9 @@ carries it into generation; METHOD.md, "Evaluation: captions under noise" and "B
 The last three are deterministic: one caption per image (level 0, draw 0).
 
 An intervention says what it needs of a set (``values``: a ``SetValues``), which rows each image is captioned on
-(``rows``), and, for a batch of rows, whether it adds to O' or sets it and by what tensor (``edit``). A new one is one
-class here and one yaml. ``key()`` is what the caption store keys on.
+(``rows``), and, for a batch of rows, whether it adds to O' or sets it (``mode``) and by what tensor (``change``). A new
+one is one class (here or anywhere importable) and one yaml that names it by ``_target_``. ``key()`` is what the caption
+store keys on.
 """
 
 from __future__ import annotations
@@ -86,15 +87,17 @@ class Intervention(ABC):
     name: str = ""
     kind: ClassVar[str] = ""
     deterministic: ClassVar[bool] = True
-    uses_counterfactual: ClassVar[bool] = False  # its values on an image of k come from that image with k inpainted away
+    # its values on an image of k come from that image with k inpainted away
+    uses_counterfactual: ClassVar[bool] = False
 
     def __post_init__(self):
         """``intervention.name`` is the class's own: another name would label one intervention as another."""
         from knexp.settings import SettingError
 
         if self.name and self.name != self.kind:
-            raise SettingError("intervention.name", self.name, f"is the label of the {self.kind} intervention; choose another "
-                               f"one with intervention=<name> ({', '.join(INTERVENTIONS)})")
+            raise SettingError("intervention.name", self.name,
+                               f"is the label of the {self.kind} intervention; choose another "
+                               "one with intervention=<name> (a yaml of conf/intervention)")
 
     @property
     def needs_reference(self) -> bool:
@@ -106,16 +109,17 @@ class Intervention(ABC):
         return [Row(i, key) for i, key in enumerate(image_keys)]
 
     @abstractmethod
-    def values(self, neurons: NeuronSet, reference=None, counterfactual: Mapping[int, np.ndarray] | None = None) -> SetValues:
-        """What it needs of ``neurons`` (the reference statistics, ``knexp.identification.reference.ReferenceStats``, and the
-        images' counterfactual values where it uses them)."""
+    def values(self, neurons: NeuronSet, reference=None,
+               counterfactual: Mapping[int, np.ndarray] | None = None) -> SetValues:
+        """What it needs of ``neurons`` (the reference statistics, ``knexp.identification.reference.ReferenceStats``,
+        and the images' counterfactual values where it uses them)."""
 
     def mode(self, row: Row, values: SetValues) -> str:
         """"add" or "set": what it does to O' on ``row``."""
         return "set"
 
     @abstractmethod
-    def edit(self, rows: list[Row], neurons: NeuronSet, values: SetValues, seed: int, positions: int) -> torch.Tensor:
+    def change(self, rows: list[Row], neurons: NeuronSet, values: SetValues, seed: int, positions: int) -> torch.Tensor:
         """float [B, P, U]: what is added to (or what replaces) the set's O' on a batch of rows of one mode."""
 
     def key(self) -> dict:
@@ -137,7 +141,8 @@ class Noise(Intervention):
     def __post_init__(self):
         """Check the ``noise_level`` group's settings (each raises ``SettingError`` naming the key)."""
         super().__post_init__()
-        check_fields(self, "noise_level", levels=Many(Number(low=0.0)), draws=Integer(low=1), per_neuron=Flag(), scale=Choice(SCALES))
+        check_fields(self, "noise_level", levels=Many(Number(low=0.0)), draws=Integer(low=1), per_neuron=Flag(),
+                     scale=Choice(SCALES))
         object.__setattr__(self, "levels", tuple(float(v) for v in self.levels))
 
     @property
@@ -159,7 +164,7 @@ class Noise(Intervention):
     def mode(self, row, values) -> str:
         return "add"
 
-    def edit(self, rows, neurons, values, seed, positions):
+    def change(self, rows, neurons, values, seed, positions):
         u = len(neurons)
         v = np.stack([noise_for(r, seed, positions, u, self.per_neuron) for r in rows])  # [B, P(, U)]
         v = v if v.ndim == 3 else np.repeat(v[..., None], u, axis=2)
@@ -167,7 +172,8 @@ class Noise(Intervention):
         return torch.as_tensor(v * scale, dtype=torch.float32)
 
     def key(self) -> dict:
-        return {"kind": self.kind, "levels": list(self.levels), "draws": self.draws, "per_neuron": self.per_neuron, "scale": self.scale}
+        return {"kind": self.kind, "levels": list(self.levels), "draws": self.draws, "per_neuron": self.per_neuron,
+                "scale": self.scale}
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,7 @@ class Inpainted(Intervention):
     def mode(self, row, values) -> str:
         return "set" if row.image_index in (values.counterfactual or {}) else "add"
 
-    def edit(self, rows, neurons, values, seed, positions):
+    def change(self, rows, neurons, values, seed, positions):
         if values.shift is None:
             raise ValueError("the inpainted intervention needs each neuron's identification shift (SetValues.shift)")
         cf = values.counterfactual or {}
@@ -201,7 +207,7 @@ class Zero(Intervention):
     def values(self, neurons, reference=None, counterfactual=None) -> SetValues:
         return SetValues(fixed=np.zeros(len(neurons)))
 
-    def edit(self, rows, neurons, values, seed, positions):
+    def change(self, rows, neurons, values, seed, positions):
         if values.fixed is None:
             raise ValueError(f"the {self.kind} intervention needs the value to set (SetValues.fixed)")
         return _per_row(values.fixed, len(rows), positions)
@@ -219,15 +225,3 @@ class Mean(Zero):
 
     def values(self, neurons, reference=None, counterfactual=None) -> SetValues:
         return SetValues(fixed=reference.mean[neurons.layers, neurons.units].numpy())
-
-
-INTERVENTIONS: dict[str, type[Intervention]] = {c.kind: c for c in (Noise, Inpainted, Zero, Mean)}
-
-
-def named(kind: str, **settings) -> Intervention:
-    """The intervention of ``kind`` (``noise``, ``inpainted``, ``zero``, ``mean``) with ``settings`` (noise's levels, ...)."""
-    from knexp.settings import SettingError
-
-    if kind not in INTERVENTIONS:
-        raise SettingError("intervention.name", kind, f"use one of {', '.join(INTERVENTIONS)}")
-    return INTERVENTIONS[kind](name=kind, **settings)

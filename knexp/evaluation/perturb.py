@@ -1,8 +1,9 @@
-"""Captions under an intervention on a neuron set (METHOD.md, "Evaluation: captions under noise" and "Beyond the paper").
+"""Captions under an intervention on a neuron set (docs/method.md, "Evaluation: captions under noise" and "Interventions
+besides noise").
 
 The interventions themselves are classes (``knexp.evaluation.interventions``: noise, the inpainted patch, zero, mean);
-here their edits are armed on each prompt's pass (``intervened_captions``), captions go through the caption store
-(``cached_intervened_captions``), and the inpainted patch's counterfactual values are recorded
+here their activation patches are armed on each prompt's pass (``intervened_captions``), captions go through the caption
+store (``cached_intervened_captions``), and the inpainted patch's counterfactual values are recorded
 (``counterfactual_values``).
 """
 
@@ -16,17 +17,17 @@ import torch
 
 from knexp.evaluation.interventions import Intervention, Noise, Row, SetValues
 from knexp.identification.methods import NeuronSet
-from knexp.models.adapter import Adapter
-from knexp.models.hooks import LayerEdit, intervene
+from knexp.models.adapters.adapter import Adapter
+from knexp.models.hooks.intervene import ActivationPatch, intervene
 from knexp.store import Store, stable_key
 
 
 @torch.no_grad()
-def intervened_captions(adapter: Adapter, images: list[np.ndarray], rows: list[Row], neurons: NeuronSet, how: Intervention,
-                        values: SetValues, seed: int, batch_size: int = 16, max_new_tokens: int = 32,
+def intervened_captions(adapter: Adapter, images: list[np.ndarray], rows: list[Row], neurons: NeuronSet,
+                        how: Intervention, values: SetValues, seed: int, batch_size: int = 16, max_new_tokens: int = 32,
                         width: int | None = None) -> list[str]:
-    """One caption per row (rows of one mode per prompt pass, up to ``width`` rows decoding together: ``Adapter.stream``);
-    an empty neuron set gives the clean captions."""
+    """One caption per row (rows of one mode per prompt pass, up to ``width`` rows decoding together:
+    ``Adapter.stream``); an empty neuron set gives the clean captions."""
     layers = sorted(set(neurons.layers.tolist()))
     cols = {layer: np.flatnonzero(neurons.layers == layer) for layer in layers}  # the set's neurons in each layer
     units = {layer: torch.as_tensor(neurons.units[c]) for layer, c in cols.items()}
@@ -35,12 +36,13 @@ def intervened_captions(adapter: Adapter, images: list[np.ndarray], rows: list[R
         prepared = adapter.prepare([images[r.image_index] for r in chunk])
         if not layers:
             return adapter.prefill(prepared, max_new_tokens=max_new_tokens)
-        tensor = how.edit(chunk, neurons, values, seed, adapter.num_image_tokens)  # [B, P, U]
+        tensor = how.change(chunk, neurons, values, seed, adapter.num_image_tokens)  # [B, P, U]
         key = "add" if how.mode(chunk[0], values) == "add" else "set_to"
-        edits = {layer: LayerEdit(units[layer], **{key: tensor[:, :, cols[layer]]}) for layer in layers}
-        with intervene(adapter, prepared, edits):  # armed for the prompt's pass only, removed on any exit
+        patches = {layer: ActivationPatch(units[layer], **{key: tensor[:, :, cols[layer]]}) for layer in layers}
+        with intervene(adapter, prepared, patches):  # armed for the prompt's pass only, removed on any exit
             # nothing below the set's lowest layer can change: those layers run once per image of the batch
-            return adapter.prefill(prepared, start_layer=layers[0], groups=[r.image_index for r in chunk], max_new_tokens=max_new_tokens)
+            return adapter.prefill(prepared, start_layer=layers[0], groups=[r.image_index for r in chunk],
+                                   max_new_tokens=max_new_tokens)
 
     out: list[str | None] = [None] * len(rows)
     for mode in ("add", "set"):
@@ -52,25 +54,30 @@ def intervened_captions(adapter: Adapter, images: list[np.ndarray], rows: list[R
     return out
 
 
-def noise_captions(adapter: Adapter, images: list[np.ndarray], rows: list[Row], neurons: NeuronSet, seed: int, per_neuron: bool = False,
+def noise_captions(adapter: Adapter, images: list[np.ndarray], rows: list[Row], neurons: NeuronSet, seed: int,
+                   per_neuron: bool = False,
                    batch_size: int = 16, max_new_tokens: int = 32, scale: np.ndarray | None = None) -> list[str]:
     """The paper's noise at the levels the ``rows`` carry: absolute, or times ``scale`` [U] per neuron."""
     how = Noise(name="noise", levels=tuple(sorted({r.level for r in rows})) or (0.0,), draws=1, per_neuron=per_neuron,
                 scale="absolute" if scale is None else "relative")
-    return intervened_captions(adapter, images, rows, neurons, how, SetValues(scale=scale), seed, batch_size, max_new_tokens)
+    return intervened_captions(adapter, images, rows, neurons, how, SetValues(scale=scale), seed, batch_size,
+                               max_new_tokens)
 
 
-def cached_intervened_captions(store: Store, namespace: list, adapter: Adapter, images: list[np.ndarray], rows: list[Row],
-                               neurons: NeuronSet, how: Intervention, values: SetValues, seed: int, batch_size: int = 16,
-                               max_new_tokens: int = 32, width: int | None = None) -> list[str]:
+def cached_intervened_captions(store: Store, namespace: list, adapter: Adapter, images: list[np.ndarray],
+                               rows: list[Row],
+                               neurons: NeuronSet, how: Intervention, values: SetValues, seed: int,
+                               batch_size: int = 16, max_new_tokens: int = 32, width: int | None = None) -> list[str]:
     """``intervened_captions`` through the caption store. A row's key is (``namespace`` = model identity, dataset and,
     for ``inpainted``, the counterfactual's identity; the set's neurons; the intervention and the set's values; the
     row's image, level and draw; the seed and the generation settings): everything its caption depends on, since a
-    row's tokens do not depend on its batch (tested; ``knexp.models.streaming`` notes the float32 rounding caveat)."""
+    row's tokens do not depend on its batch (tested; ``knexp.models.decoding.streaming`` notes the float32 rounding
+    caveat)."""
     set_key = stable_key(neurons.layers.tolist(), neurons.units.tolist(), how.key(), values.key())
-    keys = [stable_key("intervened", namespace, set_key, r.image_key, r.level_index, r.level, r.draw, seed, max_new_tokens,
-                       adapter.caption_prefix) for r in rows]
-    return store.get_many(keys, lambda idx: intervened_captions(adapter, images, [rows[i] for i in idx], neurons, how, values,
+    keys = [stable_key("intervened", namespace, set_key, r.image_key, r.level_index, r.level, r.draw, seed,
+                       max_new_tokens, adapter.caption_prefix) for r in rows]
+    return store.get_many(keys,
+                          lambda idx: intervened_captions(adapter, images, [rows[i] for i in idx], neurons, how, values,
                                                                 seed, batch_size, max_new_tokens, width),
                           chunk=4 * max(batch_size, width or 0))
 
@@ -78,7 +85,7 @@ def cached_intervened_captions(store: Store, namespace: list, adapter: Adapter, 
 @torch.no_grad()
 def unit_values(adapter: Adapter, images: list[np.ndarray], neurons: NeuronSet, batch_size: int = 16) -> np.ndarray:
     """float32 [N, P, U]: the set's O' at the image positions of each image (e.g. its counterfactual values)."""
-    from knexp.models.hooks import record
+    from knexp.models.hooks.record import record
 
     layers = sorted(set(neurons.layers.tolist()))
     out = np.zeros((len(images), adapter.num_image_tokens, len(neurons)), np.float32)
@@ -88,7 +95,8 @@ def unit_values(adapter: Adapter, images: list[np.ndarray], neurons: NeuronSet, 
             adapter.run_hooks(prepared)
         for layer in layers:
             c = np.flatnonzero(neurons.layers == layer)
-            out[start:start + prepared.batch_size, :, c] = rec.activations[layer][:, :, torch.as_tensor(neurons.units[c])].numpy()
+            units = torch.as_tensor(neurons.units[c])
+            out[start:start + prepared.batch_size, :, c] = rec.activations[layer][:, :, units].numpy()
     return out
 
 

@@ -1,4 +1,4 @@
-"""Suppression and retention scores (METHOD.md, Table II).
+"""Suppression and retention scores (docs/method.md, "Evaluation: captions under noise").
 
 Input: one row per perturbed caption with columns ``set_id`` (which neuron set of k), ``level``, ``group``
 ("k": an image containing k; "other": an image of other knowledge), and ``hit`` (1 if the caption names the
@@ -43,7 +43,8 @@ def curve_scores(rows: pd.DataFrame, sizes: list[int]) -> list[dict]:
 
 
 def curve_area(curve: list[dict], key: str = "S_mean") -> float | None:
-    """Area under ``key`` over log n, divided by the log range: the curve's mean height (METHOD.md, "Size curves")."""
+    """Area under ``key`` over log n, divided by the log range: the curve's mean height (docs/method.md, "Size
+    curves")."""
     pts = sorted((c["size"], c[key]) for c in curve if c.get(key) is not None)
     if len(pts) < 2:
         return pts[0][1] if pts else None

@@ -1,4 +1,5 @@
-"""Perturbed captions against masked captions (METHOD.md, Table III): BLEU, ROUGE-1/L F, BERTScore F1.
+"""Perturbed captions against masked captions (docs/method.md, "Evaluation: against masked captions"): BLEU, ROUGE-1/L
+F, BERTScore F1.
 
 Hypothesis = caption under noise; reference = caption of the image with k inpainted away. BLEU is
 sacrebleu's corpus BLEU on a 0-1 scale; ROUGE-1 and ROUGE-L are rouge-score's F-measures averaged over
@@ -13,12 +14,13 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 
-def caption_metrics(hypotheses: list[str], references: list[str], bertscore_model: str | None = None, bertscore_layers: int = 6,
-                    batch_size: int = 64) -> dict:
+def caption_metrics(hypotheses: list[str], references: list[str], bertscore_model: str | None = None,
+                    bertscore_layers: int = 6, batch_size: int = 64) -> dict:
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if not hypotheses:
-        return {"pairs": 0, "bleu": float("nan"), "rouge1": float("nan"), "rougeL": float("nan"), "bertscore_f1": float("nan")}
+        return {"pairs": 0, "bleu": float("nan"), "rouge1": float("nan"), "rougeL": float("nan"),
+                "bertscore_f1": float("nan")}
     bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score / 100.0
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
     rouge = [scorer.score(ref, hyp) for hyp, ref in zip(hypotheses, references, strict=True)]
@@ -31,10 +33,11 @@ def caption_metrics(hypotheses: list[str], references: list[str], bertscore_mode
     }
 
 
-def bertscore_f1(hypotheses: list[str], references: list[str], model: str | None, num_layers: int, batch_size: int = 64) -> float:
+def bertscore_f1(hypotheses: list[str], references: list[str], model: str | None, num_layers: int,
+                 batch_size: int = 64) -> float:
     import bert_score
 
-    from knexp.models.offline import minilm_folder
+    from knexp.models.zoo.offline import minilm_folder
 
     model = model or str(minilm_folder())
     keep = [i for i, (h, r) in enumerate(zip(hypotheses, references, strict=True)) if h.strip() and r.strip()]

@@ -1,4 +1,5 @@
-"""Causal trace of the image tokens (METHOD.md, "Beyond the paper"): in which layers does the object still matter?
+"""Causal trace of the image tokens (docs/method.md, "Causal trace of the image tokens"): in which layers does the
+object still matter?
 
 For one sample (original image o, inpainted image i, target token c after its caption context), a state of
 o's run at the image positions is replaced by i's, in the prompt forward only:
@@ -24,13 +25,15 @@ import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from knexp.data.catalog import Knowledge
 from knexp.identification.passes import Target, TargetNotFound, locate_target
 from knexp.identification.selection import Selector
-from knexp.models.adapter import Adapter
-from knexp.models.hooks import LayerEdit, intervene, record
+from knexp.models.adapters.adapter import Adapter
+from knexp.models.hooks.intervene import ActivationPatch, intervene
+from knexp.models.hooks.record import record
 from knexp.settings import Integer, Many, Number, Text, check_fields
 from knexp.store import Store, stable_key
 from knexp.user_errors import ConfigError
@@ -51,7 +54,8 @@ class TraceSettings:
     frac: float = 0.5
 
     def __post_init__(self):
-        check_fields(self, "trace", objects=Many(Text()), per_object=Integer(low=1), frac=Number(0.0, 1.0, low_open=True))
+        check_fields(self, "trace", objects=Many(Text()), per_object=Integer(low=1),
+                     frac=Number(0.0, 1.0, low_open=True))
         object.__setattr__(self, "objects", tuple(self.objects))
 
 
@@ -88,15 +92,17 @@ class SampleTrace:
         return asdict(self)
 
 
-def _edits(rows: list[tuple[str, int]], sources: dict[str, torch.Tensor], num_layers: int) -> dict[str, dict[int, LayerEdit]]:
+def _edits(rows: list[tuple[str, int]], sources: dict[str, torch.Tensor],
+           num_layers: int) -> dict[str, dict[int, ActivationPatch]]:
     """Per site, per layer: set the rows that patch that layer to the inpainted run's state [B, P, D]."""
-    edits: dict[str, dict[int, LayerEdit]] = {"resid_pre": {}, "ffn": {}}
+    edits: dict[str, dict[int, ActivationPatch]] = {"resid_pre": {}, "ffn": {}}
     for layer in range(num_layers):
         for site in edits:
-            mask = torch.tensor([SITE[kind] == site and layer in patched_layers(kind, lay, num_layers) for kind, lay in rows])
+            mask = torch.tensor([SITE[kind] == site and layer in patched_layers(kind, lay,
+                                                                                num_layers) for kind, lay in rows])
             if mask.any():
                 values = sources[site][layer][None].expand(len(rows), -1, -1)  # [B, P, D], no copy
-                edits[site][layer] = LayerEdit(None, set_to=values, row_mask=mask)
+                edits[site][layer] = ActivationPatch(None, set_to=values, row_mask=mask)
     return edits
 
 
@@ -125,10 +131,12 @@ def trace_sample(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray, 
             ys += adapter.forward(forced)[:, t_star, target.token_id].float().tolist()
         if captions:
             prompt = adapter.prepare([original] * len(chunk))
-            with intervene(adapter, prompt, edits["resid_pre"], site="resid_pre"), intervene(adapter, prompt, edits["ffn"]):
+            with intervene(adapter, prompt, edits["resid_pre"], site="resid_pre"), intervene(adapter, prompt,
+                                                                                             edits["ffn"]):
                 texts += adapter.generate(prompt, max_new_tokens)
     delta = {kind: [ys[i] - y_o for i, (k, _) in enumerate(rows) if k == kind] for kind in kinds}
-    named = {kind: [knowledge.mentioned_in(texts[i]) for i, (k, _) in enumerate(rows) if k == kind] for kind in kinds} if captions else {}
+    named = {kind: [knowledge.mentioned_in(texts[i]) for i, (k, _) in enumerate(rows) if k == kind]
+             for kind in kinds} if captions else {}
     return SampleTrace(knowledge.name, int(image_id), int(annotation_id), y_o, y_i, delta, named)
 
 
@@ -149,7 +157,8 @@ def live_window(traces: list[SampleTrace], frac: float = 0.1) -> dict:
     n = len(share)
     resid = [layer for layer in range(n) if share[layer] >= frac]
     neuron_layers = [layer for layer in range(n - 1) if share[layer + 1] >= frac]
-    return {"frac": frac, "samples": len(traces), "resid_share": [round(float(s), 4) for s in share], "resid_layers": resid,
+    return {"frac": frac, "samples": len(traces), "resid_share": [round(float(s), 4) for s in share],
+            "resid_layers": resid,
             "neuron_layers": neuron_layers, "full_effect": float(np.mean([t.full_effect for t in traces]))}
 
 
@@ -169,17 +178,19 @@ def cached_trace(store, key_parts: list, sample: tuple[str, int, int], compute, 
     if missing:
         fresh = compute(missing, captions)
         for kind in missing:
-            found[kind] = {"y": [fresh.y_original, fresh.y_inpainted], "delta": fresh.delta[kind], "named": fresh.named.get(kind)}
+            found[kind] = {"y": [fresh.y_original, fresh.y_inpainted], "delta": fresh.delta[kind],
+                           "named": fresh.named.get(kind)}
             store.put(stable_key("trace", *key_parts, kind, captions), found[kind])
     y_o, y_i = found[kinds[0]]["y"]
     return SampleTrace(*sample, y_o, y_i, {k: found[k]["delta"] for k in kinds},
                        {k: found[k]["named"] for k in kinds if found[k]["named"] is not None})
 
 
-def trace_objects(selector: Selector, objects: list[Knowledge], per_object: int, store: Store, kinds: tuple[str, ...] = KINDS,
-                  captions: bool = True) -> list[SampleTrace]:
+def trace_objects(selector: Selector, objects: list[Knowledge], per_object: int, store: Store,
+                  kinds: tuple[str, ...] = KINDS, captions: bool = True) -> list[SampleTrace]:
     """The trace (``kinds``, with or without captions) of the first ``per_object`` selected samples of every object
-    (``Selector.first``: only as many candidates captioned as that takes), from the trace ``store`` where it holds them."""
+    (``Selector.first``: only as many candidates captioned as that takes), from the trace ``store`` where it holds
+    them."""
     captioner = selector.captioner
     adapter = captioner.adapter
     traces = []
@@ -194,16 +205,38 @@ def trace_objects(selector: Selector, objects: list[Knowledge], per_object: int,
             def compute(todo, with_captions, cand=cand, target=target, knowledge=knowledge) -> SampleTrace:
                 log.info("trace: %s, image %d (%s x %d patched rows%s)", knowledge.name, cand.image_id, "/".join(todo),
                          adapter.num_layers, ", with captions" if with_captions else "")
-                return trace_sample(adapter, selector.data.load_image(cand.image_id), selector.inpainted(cand), target, knowledge,
-                                    cand.image_id, cand.annotation_id, captioner.batch_size, captioner.max_new_tokens, todo,
-                                    with_captions)
+                return trace_sample(adapter, selector.data.load_image(cand.image_id), selector.inpainted(cand), target,
+                                    knowledge,
+                                    cand.image_id, cand.annotation_id, captioner.batch_size, captioner.max_new_tokens,
+                                    todo, with_captions)
 
-            key = [captioner.model_key, selector.dataset_id, cand.image_id, cand.annotation_id, selector.opts, cand.original_caption,
-                   captioner.max_new_tokens]
-            traces.append(cached_trace(store, key, (knowledge.name, cand.image_id, cand.annotation_id), compute, kinds, captions))
+            key = [captioner.model_key, selector.dataset_id, cand.image_id, cand.annotation_id, selector.opts,
+                   cand.original_caption, captioner.max_new_tokens]
+            traces.append(cached_trace(store, key, (knowledge.name, cand.image_id, cand.annotation_id), compute, kinds,
+                                       captions))
     if not traces:
-        raise ConfigError(f"trace: no usable sample among trace.objects={[k.name for k in objects]}; add objects or images")
+        raise ConfigError(f"trace: no usable sample among trace.objects={[k.name for k in objects]}; add objects or "
+                          "images")
     return traces
+
+
+@dataclass
+class Trace:
+    """The causal trace of some samples' image tokens on ``model``, and the live window it gives."""
+
+    model: str
+    window: dict
+    samples: list[SampleTrace]
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "window": self.window, "samples": [t.to_dict() for t in self.samples]}
+
+    def frame(self) -> pd.DataFrame:
+        """One row per (sample, patch kind, layer): Δy_c and, where traced with captions, whether k is still named."""
+        rows = [{"knowledge": t.knowledge, "image_id": t.image_id, "kind": kind, "layer": layer, "delta": d,
+                 "named": (t.named.get(kind) or [None] * len(deltas))[layer]}
+                for t in self.samples for kind, deltas in t.delta.items() for layer, d in enumerate(deltas)]
+        return pd.DataFrame(rows)
 
 
 def span(layers: list[int]) -> str:

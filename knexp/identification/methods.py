@@ -1,7 +1,7 @@
 """Identification methods as rankings of one sample's statistics (``SampleStats``, all [L, d_f]).
 
 ours          N_k = {(l, u) : max_p V > threshold_a and max_p g > threshold_g}, V = O'_o - O'_i,
-              g = O'_o * dy_c/dO'_o (METHOD.md, Stages 1-2); C^k, the stage-1 set, is kept alongside.
+              g = O'_o * dy_c/dO'_o (docs/method.md, stages 1 and 2); C^k, the stage-1 set, is kept alongside.
 stage1_only   top-|N_k| by max_p V.                 stage2_only  top-|N_k| by max_p g.
 schwettmann   paper: top-|N_k| by mean_p g.         authors: (unit, patch) pairs ranked by g; the first
               |N_k| distinct neurons in that order are exactly the top-|N_k| by max_p g, and each keeps
@@ -9,15 +9,15 @@ schwettmann   paper: top-|N_k| by mean_p g.         authors: (unit, patch) pairs
 pan           paper: top-|N_k| by mean_p O'_o * (W_out[:, u] . W_U[c]).
               authors: top-|N_k| by act_fn(gate(x))[t*] * (W_out[:, u] . W_U[c]) at the predicting position.
 attribution   top-n by -a, a = sum_p (O'_i - O'_o) * dy_c/dO'_o: the first-order change of y_c when the neuron takes
-              its inpainted values, most negative first (METHOD.md, "Beyond the paper"); or every neuron with
+              its inpainted values, most negative first (docs/method.md, "Attribution"); or every neuron with
               a <= -threshold (its thresholded form).
 random        layer-matched control: in each layer, as many random units as the reference set has there.
 Baselines take |N_k| from ``ours`` on the same sample; |N_k| = 0 gives an empty set that says why.
 
-Each method is also a class (``Method``: ``Ours``, ``Stage1Only``, ...) that ``conf/method/*.yaml`` names by ``_target_``:
-``select`` gives its set at the paper's equal size on a sample whose rule outcome is known, ``ranked`` its top-n for
-size curves (METHOD.md, "Size curves"): ours at size n is the ``budget`` form of its rule (same stage-1 score and
-layers), random is layer-matched to ours at n.
+Each method is also a class (``Method``: ``Ours``, ``Stage1Only``, ...) that ``conf/method/*.yaml`` names by
+``_target_``: ``select`` gives its set at the paper's equal size on a sample whose rule outcome is known, ``ranked`` its
+top-n for size curves (docs/method.md, "Size curves"): ours at size n is the ``budget`` form of its rule (same stage-1
+score and layers), random is layer-matched to ours at n.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from knexp.identification.passes import SampleStats
-from knexp.identification.thresholds import LAYERS, Rule, RuleContext, TwoStage, allowed_layers, top_flat
+from knexp.identification.thresholds import LAYERS, Rule, RuleContext, TwoStage, allowed_layers, scalar_pair, top_flat
 from knexp.settings import Choice, Integer, Number, check_fields
 from knexp.user_errors import ConfigError
 
@@ -46,7 +46,8 @@ class NeuronSet:
     scores: np.ndarray  # float [n], the ranking score (descending)
     patches: np.ndarray | None = None  # int [n], image token of each neuron's best pair (schwettmann authors)
     spread: np.ndarray | None = None  # float [n], each neuron's std_p O' on its sample (unit of relative noise)
-    shift: np.ndarray | None = None  # float [n], mean_p (O'_i - O'_o) on its sample (the inpainted intervention's delta)
+    # float [n], mean_p (O'_i - O'_o) on its sample (the inpainted intervention's delta)
+    shift: np.ndarray | None = None
     note: str = ""
     info: dict = field(default_factory=dict)
 
@@ -84,12 +85,14 @@ class NeuronSet:
         return d
 
 
-def _from_flat(method: str, variant: str, flat_idx: torch.Tensor, scores: torch.Tensor, d_ff: int, note: str = "", **kw) -> NeuronSet:
+def _from_flat(method: str, variant: str, flat_idx: torch.Tensor, scores: torch.Tensor, d_ff: int, note: str = "",
+               **kw) -> NeuronSet:
     idx = flat_idx.cpu().numpy().astype(np.int64)
     return NeuronSet(method, variant, idx // d_ff, idx % d_ff, scores.cpu().numpy().astype(np.float64), note=note, **kw)
 
 
-def top_n(score: torch.Tensor, n: int, method: str, variant: str = "", within: torch.Tensor | None = None, **kw) -> NeuronSet:
+def top_n(score: torch.Tensor, n: int, method: str, variant: str = "", within: torch.Tensor | None = None,
+          **kw) -> NeuronSet:
     """The n highest entries of ``score`` [L, d_f] (inside the bool mask ``within`` when given; ties broken by index,
     so the result is deterministic)."""
     d_ff = score.shape[1]
@@ -101,10 +104,9 @@ def top_n(score: torch.Tensor, n: int, method: str, variant: str = "", within: t
 
 
 def ours(stats: SampleStats, threshold_a: float, threshold_g: float) -> NeuronSet:
-    """Two-stage filtering with the paper's scalar thresholds (``thresholds=paper`` or ``fixed``)."""
-    cand = stats.diff_max > threshold_a
-    return from_two_stage(TwoStage(stats.diff_max, stats.gradcam_max, cand, cand & (stats.gradcam_max > threshold_g),
-                                   {"threshold_a": float(threshold_a), "threshold_g": float(threshold_g)}))
+    """Two-stage filtering with the paper's scalar thresholds (``thresholds=paper`` or ``fixed``): N_k of
+    ``scalar_pair``."""
+    return from_two_stage(scalar_pair(stats, float(threshold_a), float(threshold_g)))
 
 
 def from_two_stage(ts: TwoStage) -> NeuronSet:
@@ -117,7 +119,8 @@ def from_two_stage(ts: TwoStage) -> NeuronSet:
     if not ts.candidates.any():
         note = f"empty: no neuron passes stage 1 ({_described(ts.info, 'threshold_a')})"
     elif not ts.keep.any():
-        note = f"empty: none of the {int(ts.candidates.sum())} stage-1 neurons passes stage 2 ({_described(ts.info, 'threshold_g')})"
+        note = (f"empty: none of the {int(ts.candidates.sum())} stage-1 neurons passes stage 2 "
+                f"({_described(ts.info, 'threshold_g')})")
     return _from_flat("ours", "", flat[order], scores[order], ts.keep.shape[1], note=note, info=info)
 
 
@@ -126,12 +129,14 @@ def _described(info: dict, key: str) -> str:
     return f"{key} = {value:g}" if isinstance(value, float) else f"{key} per layer" if value is not None else "budget"
 
 
-def stage1_only(stats: SampleStats, n: int, score: torch.Tensor | None = None, within: torch.Tensor | None = None) -> NeuronSet:
+def stage1_only(stats: SampleStats, n: int, score: torch.Tensor | None = None,
+                within: torch.Tensor | None = None) -> NeuronSet:
     """Top-n by the stage-1 score (default the paper's max_p V) inside ``within``: ours without stage 2."""
     return top_n(stats.diff_max if score is None else score, n, "stage1_only", within=within)
 
 
-def stage2_only(stats: SampleStats, n: int, score: torch.Tensor | None = None, within: torch.Tensor | None = None) -> NeuronSet:
+def stage2_only(stats: SampleStats, n: int, score: torch.Tensor | None = None,
+                within: torch.Tensor | None = None) -> NeuronSet:
     """Top-n by the stage-2 score (default the paper's max_p g) inside ``within``: ours without stage 1."""
     return top_n(stats.gradcam_max if score is None else score, n, "stage2_only", within=within)
 
@@ -171,14 +176,26 @@ def pan(stats: SampleStats, n: int, variant: str = "paper") -> NeuronSet:
     raise ConfigError(f"unknown pan variant {variant!r}; use 'paper' or 'authors'")
 
 
-def random_matched(reference: NeuronSet, d_ff: int, seed: int) -> NeuronSet:
-    """In every layer, as many distinct random units as ``reference`` holds there (seeded)."""
-    rng = np.random.default_rng(seed)
+def layer_matched_units(reference: NeuronSet, d_ff: int, rng: np.random.Generator,
+                        disjoint: bool) -> tuple[list[int], list]:
+    """(layers, units): in every layer of ``reference`` (ascending), as many distinct random units as it holds there,
+    drawn by ``rng`` from all of the layer's ``d_ff`` units, or with ``disjoint`` from those the reference does not
+    hold. The draw of each layer is an int array in ``rng``'s order."""
     layers, units = [], []
-    for layer, count in enumerate(np.bincount(reference.layers) if len(reference) else []):
-        if count:
-            layers += [layer] * int(count)
-            units += rng.choice(d_ff, int(count), replace=False).tolist()
+    for layer in sorted(set(reference.layers.tolist())):
+        here = reference.layers == layer
+        taken = set(reference.units[here].tolist()) if disjoint else set()
+        pool = np.array([u for u in range(d_ff) if u not in taken])
+        layers += [layer] * int(here.sum())
+        units.append(rng.choice(pool, size=int(here.sum()), replace=False))
+    return layers, units
+
+
+def random_matched(reference: NeuronSet, d_ff: int, seed: int) -> NeuronSet:
+    """The ``random`` method's control (docs/method.md, "Baselines"): in every layer, as many distinct random units as
+    ``reference`` holds there, drawn from all of the layer's units (so it may share some with ``reference``), seeded."""
+    layers, draws = layer_matched_units(reference, d_ff, np.random.default_rng(seed), disjoint=False)
+    units = [int(u) for draw in draws for u in draw]
     note = "" if layers else "empty: the reference set is empty"
     return NeuronSet("random", f"matched:{reference.method}", np.array(layers, np.int64), np.array(units, np.int64),
                      np.zeros(len(units)), note=note, info={"seed": seed})
@@ -229,7 +246,8 @@ class Stage1Only(Method):
     """Ablation: ours' stage-1 score and layers, without stage 2."""
 
     def select(self, stats, ts, rule, ctx, d_ff):
-        return stage1_only(stats, len(from_two_stage(ts)), score=ts.stage1, within=_within(stats, _rule_layers(rule), ctx))
+        return stage1_only(stats, len(from_two_stage(ts)), score=ts.stage1,
+                           within=_within(stats, _rule_layers(rule), ctx))
 
 
 @dataclass
@@ -237,7 +255,8 @@ class Stage2Only(Method):
     """Ablation: ours' stage-2 score and layers, without stage 1."""
 
     def select(self, stats, ts, rule, ctx, d_ff):
-        return stage2_only(stats, len(from_two_stage(ts)), score=ts.stage2, within=_within(stats, _rule_layers(rule), ctx))
+        return stage2_only(stats, len(from_two_stage(ts)), score=ts.stage2,
+                           within=_within(stats, _rule_layers(rule), ctx))
 
 
 def _rule_layers(rule: Rule) -> str | None:
@@ -282,7 +301,8 @@ class Attribution(Method):
     layers: str = "all"
 
     def check(self) -> None:
-        check_fields(self, "method", form=Choice(FORMS), n=Integer(low=1), threshold=Number(low=0.0), layers=Choice(LAYERS))
+        check_fields(self, "method", form=Choice(FORMS), n=Integer(low=1), threshold=Number(low=0.0),
+                     layers=Choice(LAYERS))
 
     def select(self, stats, ts, rule, ctx, d_ff):
         within = _within(stats, self.layers, ctx)

@@ -1,4 +1,5 @@
-"""The passes identification needs, reduced on the fly to per-neuron statistics (METHOD.md Stages 1-2).
+"""The passes identification needs, reduced on the fly to per-neuron statistics (docs/method.md, "Stage 1: activation
+differences by inpainting" and "Stage 2: GradCAM filtering").
 
 For one sample (original image o, inpainted image i, the caption of o with target token c):
 
@@ -9,10 +10,10 @@ For one sample (original image o, inpainted image i, the caption of o with targe
    memory is about two [L, P, d_f] tensors in half precision (BENCHMARKS.md).
 
 Both passes take the tokens before the image (system turn, user header) from the prefix cache that captioning shares
-(``knexp.models.prefix_cache.logits_after_prefix``): they cannot depend on the image, so each pass runs over the positions
-from the image on, and the hooks see those. The statistics equal the full passes' to float32 rounding: the attention's
-products over a cached prefix have other shapes, so on some CPUs the last bits differ (within 3e-6 of each statistic's
-scale on the embedded model), and the neurons ranked first are the same (tested).
+(``knexp.models.decoding.prefix_cache.logits_after_prefix``): they cannot depend on the image, so each pass runs over
+the positions from the image on, and the hooks see those. The statistics equal the full passes' to float32 rounding: the
+attention's products over a cached prefix have other shapes, so on some CPUs the last bits differ (within 3e-6 of each
+statistic's scale on the embedded model), and the neurons ranked first are the same (tested).
 
 Every method (ours, its ablations, Schwettmann, Pan, random) is a ranking of these statistics
 (``knexp.identification.methods``), so running all methods on a sample costs these two passes once.
@@ -26,9 +27,9 @@ import numpy as np
 import torch
 
 from knexp.data.catalog import Knowledge
-from knexp.models.adapter import Adapter
-from knexp.models.hooks import attached, gradient_anchor
-from knexp.models.prefix_cache import logits_after_prefix
+from knexp.models.adapters.adapter import Adapter
+from knexp.models.decoding.prefix_cache import logits_after_prefix
+from knexp.models.hooks.attach import attached, gradient_anchor
 
 
 class SampleSkipped(Exception):
@@ -51,7 +52,8 @@ class Target:
 
 
 def locate_target(adapter: Adapter, caption: str, prefix: str, knowledge: Knowledge) -> Target:
-    """c = first token of the first mention of ``knowledge`` in ``caption`` (METHOD.md, Stage 2).
+    """c = first token of the first mention of ``knowledge`` in ``caption`` (docs/method.md, "Stage 2: GradCAM
+    filtering").
 
     The context is tokenised as the adapter tokenises continuations; c is the first token that
     tokenising context + word adds beyond the context's own tokens.
@@ -84,7 +86,7 @@ class SampleStats:
     act_std       std_p O'_o                             (the neuron's spread: unit of relative noise)
     shift_mean    mean_p (O'_i - O'_o)                   (delta_u of the inpainted intervention on other images)
     attribution   sum_p (O'_i - O'_o) * dy_c/dO'_o       (first-order change of y_c when the neuron takes its
-                                                          inpainted values; METHOD.md, "Beyond the paper")
+                                                          inpainted values; docs/method.md, "Attribution")
     act_last      O_o at t*                              (the full neuron activation at the predicting position)
     actfn_last    act_fn(gate(x)) at t*                  (Pan, authors' hook point)
     wout_dot_wu   W_out^l[:, u] . W_U[c]                 (Pan's projection onto the target token)
@@ -106,8 +108,8 @@ class SampleStats:
     target_position: int
     forward_passes: int = 2
 
-    TENSORS = ("diff_max", "diff_absmax", "gradcam_max", "gradcam_argmax", "gradcam_mean", "act_mean", "act_std", "shift_mean",
-               "attribution", "act_last", "actfn_last", "wout_dot_wu")
+    TENSORS = ("diff_max", "diff_absmax", "gradcam_max", "gradcam_argmax", "gradcam_mean", "act_mean", "act_std",
+               "shift_mean", "attribution", "act_last", "actfn_last", "wout_dot_wu")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -127,8 +129,9 @@ def wout_dot_unembedding(adapter: Adapter, token_id: int) -> torch.Tensor:
     return torch.stack([adapter.w_out(layer).float().T @ w_u for layer in range(adapter.num_layers)])
 
 
-def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray, target: Target, prefix: str | None = None) -> SampleStats:
-    """Run the two passes of METHOD.md's Stages 1-2 for one sample and reduce them per neuron."""
+def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray, target: Target,
+                  prefix: str | None = None) -> SampleStats:
+    """Run the two passes of docs/method.md's stages 1 and 2 for one sample and reduce them per neuron."""
     layers = list(range(adapter.num_layers))
     prep_i = adapter.prepare([inpainted], continuations=[target.context], prefix=prefix)
     prep_o = adapter.prepare([original], continuations=[target.context], prefix=prefix)
@@ -142,7 +145,8 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
             inpainted_acts[layer] = x[0, pos_i - start].detach()  # [P, d_f], model dtype: kept until layer's backward
         return hook
 
-    with torch.no_grad(), attached(adapter, {("ffn", layer): keep_inpainted(layer) for layer in layers}, prefill=prep_i):
+    with torch.no_grad(), attached(adapter, {("ffn", layer): keep_inpainted(layer) for layer in layers},
+                                   prefill=prep_i):
         logits_after_prefix(adapter, prep_i, prep_i.last_position[:1])
 
     out: dict[str, dict[int, torch.Tensor]] = {k: {} for k in SampleStats.TENSORS}

@@ -1,5 +1,5 @@
 """Identification of one knowledge: select samples -> per sample, target token -> cached statistics -> the rule's two
-stages -> the method's neuron set (METHOD.md, Stages 1-2).
+stages -> the method's neuron set (docs/method.md, stages 1 and 2).
 
 Every object here is plain: the selector (``knexp.identification.selection.Selector``), the rule
 (``knexp.identification.thresholds.Rule``) and the method (``knexp.identification.methods.Method``) are built from the
@@ -32,16 +32,17 @@ class SampleResult:
     target_word: str
     target_id: int
     rule: dict  # what the rule used: thresholds, layers, stage-1 score
-    reference: M.NeuronSet  # ours on this sample
+    ours: M.NeuronSet  # N_k of ours' rule on this sample: the size the baselines match
     neurons: M.NeuronSet  # the configured method's set
     stats: SampleStats | None = None  # the sample's statistics (for size curves; not written out)
 
     def to_dict(self, num_layers: int) -> dict:
         return {
-            "knowledge": self.candidate.knowledge, "image_id": self.candidate.image_id, "annotation_id": self.candidate.annotation_id,
+            "knowledge": self.candidate.knowledge, "image_id": self.candidate.image_id,
+            "annotation_id": self.candidate.annotation_id,
             "captions": {"original": self.candidate.original_caption, "inpainted": self.candidate.inpainted_caption},
             "target": {"word": self.target_word, "token_id": self.target_id}, "rule": self.rule,
-            "reference_size": len(self.reference), "stage1_size": self.reference.info.get("stage1_size"),
+            "reference_size": len(self.ours), "stage1_size": self.ours.info.get("stage1_size"),
             "per_layer": self.neurons.per_layer(num_layers), "neuron_set": self.neurons.to_dict(),
         }
 
@@ -67,16 +68,18 @@ class Identification:
 
     def per_layer(self, num_layers: int) -> list[int]:
         """Identified neurons per layer, summed over samples (L zeros when no sample gave a set)."""
-        return np.sum([r.neurons.per_layer(num_layers) for r in self.results], axis=0).tolist() if self.results else [0] * num_layers
+        return np.sum([r.neurons.per_layer(num_layers) for r in self.results],
+                      axis=0).tolist() if self.results else [0] * num_layers
 
     def status(self, first: int = 3) -> dict:
-        """``{"state": "ok" | "no_samples", "usable": n, "reasons": [...]}``. With no usable sample, ``reasons`` holds the
-        selection's message and the first ``first`` distinct reasons of the skipped samples and rejected candidates.
+        """``{"state": "ok" | "no_samples", "usable": n, "reasons": [...]}``. With no usable sample, ``reasons`` holds
+        the selection's message and the first ``first`` distinct reasons of the skipped samples and rejected candidates.
         Written to metrics.json; the sweep report marks such a job."""
         if self.results:
             return {"state": "ok", "usable": len(self.results), "reasons": []}
         reasons = [s["reason"] for s in self.skipped] + [c.reason for c in self.selection.rejected]
-        return {"state": "no_samples", "usable": 0, "reasons": [self.selection.message, *list(dict.fromkeys(reasons))[:first]]}
+        return {"state": "no_samples", "usable": 0,
+                "reasons": [self.selection.message, *list(dict.fromkeys(reasons))[:first]]}
 
 
 def annotate(neurons: M.NeuronSet, stats: SampleStats) -> M.NeuronSet:
@@ -86,14 +89,15 @@ def annotate(neurons: M.NeuronSet, stats: SampleStats) -> M.NeuronSet:
     return neurons
 
 
-def sample_stats(selector: Selector, candidate: Candidate, knowledge: Knowledge, stats_cache: StatsCache) -> tuple[SampleStats, str, int]:
+def sample_stats(selector: Selector, candidate: Candidate, knowledge: Knowledge,
+                 stats_cache: StatsCache) -> tuple[SampleStats, str, int]:
     """(the sample's statistics, from the cache where it holds them; the target word; its token id). Raises
     ``SampleSkipped`` for a sample that cannot be used (no target in its caption, an unreadable image, statistics that
     are not finite)."""
     adapter = selector.captioner.adapter
     target = locate_target(adapter, candidate.original_caption, adapter.caption_prefix, knowledge)
-    key = stable_key(selector.captioner.model_key, selector.dataset_id, candidate.image_id, candidate.annotation_id, selector.opts,
-                     candidate.original_caption)
+    key = stable_key(selector.captioner.model_key, selector.dataset_id, candidate.image_id, candidate.annotation_id,
+                     selector.opts, candidate.original_caption)
 
     def compute() -> SampleStats:
         try:
@@ -109,7 +113,7 @@ def sample_stats(selector: Selector, candidate: Candidate, knowledge: Knowledge,
 
 def identify_sample(selector: Selector, candidate: Candidate, knowledge: Knowledge, stats_cache: StatsCache, rule: Rule,
                     method: M.Method, ctx: RuleContext | None = None) -> SampleResult:
-    """The method's neuron set on one selected sample (and ours', its reference size)."""
+    """The method's neuron set on one selected sample (and ours', whose size the baselines match)."""
     stats, word, token_id = sample_stats(selector, candidate, knowledge, stats_cache)
     ctx = ctx or RuleContext(knowledge.name)
     ts = rule.apply(stats, ctx)
@@ -119,9 +123,10 @@ def identify_sample(selector: Selector, candidate: Candidate, knowledge: Knowled
 
 def identify_knowledge(selector: Selector, knowledge: Knowledge, rule: Rule, method: M.Method, stats_cache: StatsCache,
                        ctx: RuleContext, selection: Selection | None = None) -> Identification:
-    """Select samples of ``knowledge`` (unless ``selection`` is given) and identify neurons on each. A sample that cannot
-    be used (``SampleSkipped``: no target token in its caption, statistics that are not finite, an unreadable image, no
-    layer left) is skipped with its reason; any other error, a setting that cannot work among them, stops the job."""
+    """Select samples of ``knowledge`` (unless ``selection`` is given) and identify neurons on each. A sample that
+    cannot be used (``SampleSkipped``: no target token in its caption, statistics that are not finite, an unreadable
+    image, no layer left) is skipped with its reason; any other error, a setting that cannot work among them, stops the
+    job."""
     selection = selection or selector(knowledge)
     results, skipped = [], []
     for cand in selection.accepted:

@@ -25,9 +25,9 @@ from knexp.checked import Damaged, damaged, load_tensors, save_tensors
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog
 from knexp.data.coco import CocoScenes, EntryError
-from knexp.models.adapter import Adapter
-from knexp.models.batching import map_batches
-from knexp.models.hooks import attached
+from knexp.models.adapters.adapter import Adapter
+from knexp.models.decoding.batching import map_batches
+from knexp.models.hooks.attach import attached
 from knexp.settings import Integer, check_fields
 from knexp.store import stable_key
 from knexp.user_errors import ConfigError
@@ -64,7 +64,8 @@ class ReferenceStats:
         """(mean, std) [L, d_f] of max_p V over the reference removals of objects other than ``knowledge``."""
         keep = [i for i, name in enumerate(self.removal_objects) if name != knowledge]
         if len(keep) < 2:
-            raise ConfigError(f"the contrastive null needs at least 2 reference removals of objects other than {knowledge!r}; "
+            raise ConfigError("the contrastive null needs at least 2 reference removals of objects other than "
+                              f"{knowledge!r}; "
                              f"raise reference.removals")
         diffs = self.removal_diff[keep]
         return diffs.mean(0), diffs.std(0, correction=0)
@@ -100,7 +101,8 @@ def _image_positions_values(adapter: Adapter, images: list[np.ndarray], on_layer
         rows = torch.arange(prepared.batch_size)[:, None]
 
         def hook_for(layer):
-            return lambda x, start: on_layer(layer, x[rows, prepared.image_positions - start].detach().float(), chunk[0])
+            return lambda x, start: on_layer(layer, x[rows, prepared.image_positions - start].detach().float(),
+                                             chunk[0])
 
         with attached(adapter, {("ffn", layer): hook_for(layer) for layer in layers}, prefill=prepared):
             adapter.run_hooks(prepared)
@@ -110,7 +112,8 @@ def _image_positions_values(adapter: Adapter, images: list[np.ndarray], on_layer
 
 
 def compute_reference(adapter: Adapter, data: CocoScenes, dataset_id: str, catalog: Catalog, opts: InpaintOptions,
-                      inpaint_cache: InpaintCache, images: int, removals: int, seed: int, batch_size: int = 16) -> ReferenceStats:
+                      inpaint_cache: InpaintCache, images: int, removals: int, seed: int,
+                      batch_size: int = 16) -> ReferenceStats:
     """The reference statistics of the module docstring, from a seeded draw of the dataset."""
     rng = np.random.default_rng([seed, REFERENCE_STREAM])
     ids = [int(i) for i in rng.permutation(data.image_ids)[:images]]
@@ -140,7 +143,8 @@ def compute_reference(adapter: Adapter, data: CocoScenes, dataset_id: str, catal
                                         data.instance_mask(inst.annotation_id), opts))
         objects.append(catalog.by_coco_id(inst.category_id).name)
     n, num_layers = len(originals), adapter.num_layers
-    o_vals = torch.zeros(n, num_layers, adapter.num_image_tokens, adapter.d_ff) if n * num_layers * adapter.d_ff < 2**28 else None
+    o_vals = torch.zeros(n, num_layers, adapter.num_image_tokens,
+                         adapter.d_ff) if n * num_layers * adapter.d_ff < 2**28 else None
     diff = torch.zeros(n, num_layers, adapter.d_ff)
     if o_vals is None:  # a large model: keep the original's values one removal at a time
         for r in range(n):
@@ -157,11 +161,13 @@ def compute_reference(adapter: Adapter, data: CocoScenes, dataset_id: str, catal
     return ReferenceStats(mean, std, std.median(dim=1).values, diff, objects, ids)
 
 
-def _removal_diff(adapter: Adapter, original: np.ndarray, edited: np.ndarray, out: torch.Tensor, batch_size: int) -> None:
+def _removal_diff(adapter: Adapter, original: np.ndarray, edited: np.ndarray, out: torch.Tensor,
+                  batch_size: int) -> None:
     values: dict[int, torch.Tensor] = {}
-    _image_positions_values(adapter, [original], lambda layer, o, _: values.__setitem__(layer, o[0]), batch_size, "removal")
-    _image_positions_values(adapter, [edited], lambda layer, o, _: out.__setitem__(layer, (values.pop(layer) - o[0]).amax(0)),
-                            batch_size, "removal")
+    _image_positions_values(adapter, [original], lambda layer, o, _: values.__setitem__(layer, o[0]), batch_size,
+                            "removal")
+    _image_positions_values(adapter, [edited], lambda layer, o,
+                            _: out.__setitem__(layer, (values.pop(layer) - o[0]).amax(0)), batch_size, "removal")
 
 
 class ReferenceCache:

@@ -1,4 +1,4 @@
-"""Choose identification samples under the paper's three constraints (METHOD.md, "Knowledge catalog").
+"""Choose identification samples under the paper's three constraints (docs/method.md, "Knowledge catalog").
 
 A candidate is one COCO instance of knowledge k. It is accepted when
   (3) no other annotated instance overlaps the region that will be inpainted (checked first: no model);
@@ -59,7 +59,8 @@ class Selection:
                 f"({len(self.rejected)} rejected: {why}); continuing with {n}")
 
     def to_dict(self) -> dict:
-        return {"knowledge": self.knowledge, "requested": self.requested, "accepted": [c.to_dict() for c in self.accepted],
+        return {"knowledge": self.knowledge, "requested": self.requested,
+                "accepted": [c.to_dict() for c in self.accepted],
                 "rejected": [c.to_dict() for c in self.rejected], "message": self.message}
 
 
@@ -67,17 +68,18 @@ def overlap_reason(data: CocoScenes, catalog: Catalog, image_id: int, annotation
     """Constraint (3): '' if no other instance's mask touches ``region`` (bool [H, W]), else the reason."""
     for other in data.instances(image_id):
         if other.annotation_id != annotation_id and (data.instance_mask(other.annotation_id) & region).any():
-            name = catalog.by_coco_id(other.category_id).name if other.category_id in catalog.coco_ids else str(other.category_id)
+            name = catalog.name_of(other.category_id)
             return f"overlap: the inpainted region overlaps {name} (annotation {other.annotation_id})"
     return ""
 
 
-def select_samples(data: CocoScenes, dataset_id: str, captioner: Callable[[list[np.ndarray], list], list[str]], catalog: Catalog,
+def select_samples(data: CocoScenes, dataset_id: str, captioner: Callable[[list[np.ndarray], list], list[str]],
+                   catalog: Catalog,
                    knowledge: Knowledge, per_knowledge: int, seed: int, opts: InpaintOptions, cache: InpaintCache,
                    batch: int = 8) -> Selection:
     """Walk the instances of ``knowledge`` in a seeded order and keep the first ``per_knowledge`` that meet the
-    three constraints of METHOD.md's dataset D. ``captioner(images, image_keys)`` captions ``batch`` at a time
-    (``knexp.models.captioning.Captioner``: cached per image)."""
+    three constraints of the dataset D (docs/method.md, "Knowledge catalog"). ``captioner(images, image_keys)`` captions
+    ``batch`` at a time (``knexp.models.captioning.Captioner``: cached per image)."""
     ids = data.image_ids_with(knowledge.coco_id)
     instances = [inst for i in ids for inst in data.instances(i) if inst.category_id == knowledge.coco_id]
     order = np.random.default_rng([seed, knowledge.coco_id]).permutation(len(instances))
@@ -89,7 +91,8 @@ def select_samples(data: CocoScenes, dataset_id: str, captioner: Callable[[list[
         if not pending:
             return
         originals = captioner([p[1] for p in pending], [[dataset_id, p[0].image_id] for p in pending])
-        edited = captioner([p[2] for p in pending], [[dataset_id, p[0].image_id, p[0].annotation_id, opts] for p in pending])
+        edited = captioner([p[2] for p in pending],
+                           [[dataset_id, p[0].image_id, p[0].annotation_id, opts] for p in pending])
         for (cand, _, _), cap_o, cap_i in zip(pending, originals, edited, strict=True):
             cand.original_caption, cand.inpainted_caption = cap_o, cap_i
             if not knowledge.mentioned_in(cap_o):
@@ -121,7 +124,8 @@ def select_samples(data: CocoScenes, dataset_id: str, captioner: Callable[[list[
         if cand.reason:
             rejected.append(cand)
             continue
-        pending.append((cand, image, cache.get(dataset_id, inst.image_id, inst.annotation_id, image, inst.bbox, seg, opts)))
+        pending.append((cand, image,
+                        cache.get(dataset_id, inst.image_id, inst.annotation_id, image, inst.bbox, seg, opts)))
         if len(pending) >= max(batch, 2 * (per_knowledge - len(accepted))):
             flush()
     flush()
@@ -151,16 +155,16 @@ class Selector:
     seed: int
 
     def __call__(self, knowledge: Knowledge) -> Selection:
-        return select_samples(self.data, self.dataset_id, self.captioner, self.catalog, knowledge, self.per_knowledge, self.seed,
-                              self.opts, self.inpaint_cache, batch=self.captioner.batch_size)
+        return select_samples(self.data, self.dataset_id, self.captioner, self.catalog, knowledge, self.per_knowledge,
+                              self.seed, self.opts, self.inpaint_cache, batch=self.captioner.batch_size)
 
     def first(self, knowledge: Knowledge, n: int) -> Selection:
         """The first ``min(n, per_knowledge)`` samples of ``selector(knowledge)``, captioning no more candidates than it
         takes: candidates go to the captioner ``SMALL_BATCH`` at a time (or 2 per missing sample), not a full batch.
         The visiting order is the same and the captions do not depend on their batch, so the samples are the same, for
         a fraction of the captions when n is small (the live window's trace takes one per object)."""
-        return select_samples(self.data, self.dataset_id, self.captioner, self.catalog, knowledge, min(n, self.per_knowledge),
-                              self.seed, self.opts, self.inpaint_cache, batch=SMALL_BATCH)
+        return select_samples(self.data, self.dataset_id, self.captioner, self.catalog, knowledge,
+                              min(n, self.per_knowledge), self.seed, self.opts, self.inpaint_cache, batch=SMALL_BATCH)
 
     def inpainted(self, candidate: Candidate) -> np.ndarray:
         """The candidate's image with its instance inpainted away (from the cache where it holds it)."""

@@ -56,5 +56,6 @@ class StatsCache:
         if path is None:
             return
         tensors = {name: getattr(stats, name) for name in SampleStats.TENSORS}
-        meta = {"target_id": stats.target_id, "target_position": stats.target_position, "forward_passes": stats.forward_passes}
+        meta = {"target_id": stats.target_id, "target_position": stats.target_position,
+                "forward_passes": stats.forward_passes}
         save_tensors(path, tensors, meta, key)

@@ -1,4 +1,4 @@
-"""Rules that turn one sample's statistics into the two stages' sets C^k and N_k (METHOD.md, Stages 1-2, "Thresholds").
+"""Rules that turn one sample's statistics into the two stages' sets C^k and N_k (docs/method.md, "Thresholds").
 
 paper           Table IV per knowledge (MiniGPT-4's activation scale): C^k = {max_p V > a}, N_k = {(l, u) in C^k :
                 max_p g > g}, over all layers: exactly the paper.
@@ -97,7 +97,8 @@ def allowed_layers(stats: SampleStats, layers: str, ctx: RuleContext) -> torch.T
     allowed = (stats.gradcam_max != 0).any(dim=1) | (stats.gradcam_mean != 0).any(dim=1)  # a gradient reaches the layer
     if layers == "live":
         if ctx.live_layers is None:
-            raise ConfigError("layers='live' needs the model's live window (run task=trace, or it is computed on first use)")
+            raise ConfigError("layers='live' needs the model's live window (run task=trace, or it is computed on first "
+                              "use)")
         window = torch.zeros_like(allowed)
         window[list(ctx.live_layers)] = True
         allowed &= window
@@ -112,7 +113,8 @@ def _quantile(values: torch.Tensor, q: float) -> float:
 
 @dataclass
 class Rule:
-    """A threshold rule (``conf/thresholds/*.yaml`` names one by ``_target_``): ``apply`` gives C^k and N_k on one sample.
+    """A threshold rule (``conf/thresholds/*.yaml`` names one by ``_target_``): ``apply`` gives C^k and N_k on one
+    sample.
 
     ``layers``, ``stage1``, ``stage2`` and ``q_g`` are the automatic rules' settings (module docstring); the paper's
     rules always use every layer, the raw stage-1 score and max_p g."""
@@ -134,7 +136,8 @@ class Rule:
                      q_g=Number(0.0, 1.0))
 
     def check_knowledge(self, name: str) -> None:
-        """Raise ``ConfigError`` when the rule has nothing for knowledge ``name`` (checked when a job's session is built)."""
+        """Raise ``ConfigError`` when the rule has nothing for knowledge ``name`` (checked when a job's session is
+        built)."""
 
     def apply(self, stats: SampleStats, ctx: RuleContext) -> TwoStage:
         raise NotImplementedError
@@ -159,24 +162,28 @@ class Rule:
         return self.automatic and self.stage1 in ("spread", "contrastive")
 
     def at_size(self, n: int) -> BudgetRule:
-        """This rule at a fixed size n: the ``budget`` form with the same stage-1 score, layers, stage 2 and q_g (the paper's
-        rules give the raw score over all layers): ours' set at every rung of a size curve."""
+        """This rule at a fixed size n: the ``budget`` form with the same stage-1 score, layers, stage 2 and q_g (the
+        paper's rules give the raw score over all layers): ours' set at every rung of a size curve."""
         if not self.automatic:
             return BudgetRule(name="budget", n=int(n), q_g=float(self.q_g))
-        return BudgetRule(name="budget", n=int(n), q_g=float(self.q_g), layers=self.layers, stage1=self.stage1, stage2=self.stage2)
+        return BudgetRule(name="budget", n=int(n), q_g=float(self.q_g), layers=self.layers, stage1=self.stage1,
+                          stage2=self.stage2)
 
     def _scores(self, stats: SampleStats, ctx: RuleContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """(stage-1 score, stage-2 score, bool [L, d_f] of the allowed layers, what the rule used)."""
         s1, g_score = stage1_score(stats, self.stage1, ctx), stage2_score(stats, self.stage2)
         layers = allowed_layers(stats, self.layers, ctx)
-        info = {"stage1": self.stage1, "stage2": self.stage2, "layers": self.layers, "allowed_layers": layers.nonzero().flatten().tolist()}
+        info = {"stage1": self.stage1, "stage2": self.stage2, "layers": self.layers,
+                "allowed_layers": layers.nonzero().flatten().tolist()}
         return s1, g_score, layers[:, None].expand_as(s1), info
 
 
-def _scalar_pair(stats: SampleStats, a: float, g: float) -> TwoStage:
-    """C^k = {max_p V > a}, N_k = {(l, u) in C^k : max_p g > g}, over all layers: exactly the paper."""
+def scalar_pair(stats: SampleStats, a: float, g: float) -> TwoStage:
+    """C^k = {max_p V > a}, N_k = {(l, u) in C^k : max_p g > g}, over all layers: exactly the paper (docs/method.md,
+    "Stage 1: activation differences by inpainting", "Stage 2: GradCAM filtering")."""
     cand = stats.diff_max > a
-    return TwoStage(stats.diff_max, stats.gradcam_max, cand, cand & (stats.gradcam_max > g), {"threshold_a": a, "threshold_g": g})
+    return TwoStage(stats.diff_max, stats.gradcam_max, cand, cand & (stats.gradcam_max > g),
+                    {"threshold_a": a, "threshold_g": g})
 
 
 @dataclass
@@ -189,7 +196,8 @@ class PaperRule(Rule):
     def check(self) -> None:
         super().check()
         if not isinstance(self.per_knowledge, dict):
-            raise SettingError("thresholds.per_knowledge", self.per_knowledge, "use a mapping of knowledge name -> {a: ..., g: ...}")
+            raise SettingError("thresholds.per_knowledge", self.per_knowledge,
+                               "use a mapping of knowledge name -> {a: ..., g: ...}")
         for name, entry in self.per_knowledge.items():
             key = f"thresholds.per_knowledge.{name.replace(' ', '_')}"
             if not isinstance(entry, dict) or set(entry) != {"a", "g"}:
@@ -198,13 +206,13 @@ class PaperRule(Rule):
 
     def check_knowledge(self, name: str) -> None:
         if name not in self.per_knowledge:
-            raise ConfigError(f"thresholds=paper has no entry for {name!r}; use an automatic rule (thresholds=budget or "
-                              "thresholds=quantile) or thresholds=fixed")
+            raise ConfigError(f"thresholds=paper has no entry for {name!r}; use an automatic rule (thresholds=budget "
+                              "or thresholds=quantile) or thresholds=fixed")
 
     def apply(self, stats: SampleStats, ctx: RuleContext) -> TwoStage:
         self.check_knowledge(ctx.knowledge)
         entry = self.per_knowledge[ctx.knowledge]
-        return _scalar_pair(stats, float(entry["a"]), float(entry["g"]))
+        return scalar_pair(stats, float(entry["a"]), float(entry["g"]))
 
 
 @dataclass
@@ -220,7 +228,7 @@ class FixedRule(Rule):
         check_fields(self, "thresholds", a=Number(), g=Number())
 
     def apply(self, stats: SampleStats, ctx: RuleContext) -> TwoStage:
-        return _scalar_pair(stats, float(self.a), float(self.g))
+        return scalar_pair(stats, float(self.a), float(self.g))
 
 
 @dataclass

@@ -1,10 +1,11 @@
-"""Models: the embedded MLLM built from offline packages, real-size LLaVA-1.5 and MiniGPT-4, tiny test models.
+"""Models: everything that knows how a model is built and run. Sub-packages and modules, bottom up (no module imports
+from a layer above its own; ``tests/test_structure.py`` checks it):
 
-Layers, bottom up (no module imports from a layer above its own):
-  ``errors``, ``geometry``, ``batching``,  what every model shares: its errors, its image-token layout, batching,
-  ``decoding``                             greedy decoding that reuses what an intervention cannot change;
-  ``adapter``                              the protocol methods and evaluation use (structure, hook sites, prompts);
-  ``spliced``, ``llava``                   the adapters of the two model shapes;
-  ``embedded``, ``minigpt4``, ``tiny``     model builders and their loaders;
-  ``hooks``, ``captioning``, ``registry``  instrumentation, cached captions, and ``load_model`` for a model's config.
+  ``errors``, ``geometry``, ``prepared``  what every model shares: its errors, its image-token layout, a prepared batch;
+  ``decoding``                            greedy decoding that reuses what an intervention cannot change;
+  ``adapters``                            the protocol methods and evaluation use, and the adapters of each model shape;
+  ``hooks``                               instrumentation: recording and patching activations, banned tokens;
+  ``weight_edit``                         a weight edit of the FFNs, applied and restored, and its file format;
+  ``zoo``, ``tiny``                       model builders and their loaders: the embedded model, MiniGPT-4, tiny models;
+  ``captioning``, ``registry``            cached captions, and ``load_model`` for a model's config.
 """

@@ -42,3 +42,16 @@ class PatchGeometry:
         """The tokens whose box holds the point (x, y) (image coordinates in [0, 1])."""
         b = self.boxes
         return np.flatnonzero((b[:, 0] <= x) & (x < b[:, 2]) & (b[:, 1] <= y) & (y < b[:, 3]))
+
+    def object_tokens(self, mask: np.ndarray) -> np.ndarray:
+        """The image tokens over an object: those of the finest view whose box centre lies in its ``mask`` (bool [H,
+        W]); the token under the mask's centroid where no centre does, none for an empty mask."""
+        h, w = mask.shape
+        b = self.boxes
+        cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        inside = mask[np.clip((cy * h).astype(int), 0, h - 1), np.clip((cx * w).astype(int), 0, w - 1)] & self.finest
+        if inside.any():
+            return np.flatnonzero(inside)
+        ys, xs = np.nonzero(mask)
+        return self.tokens_covering(float(xs.mean()) / w, float(ys.mean()) / h)[:1] if len(xs) else np.zeros(0,
+                                                                                                             np.int64)

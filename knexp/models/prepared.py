@@ -20,7 +20,8 @@ class Prepared:
 
     ``image_positions``: long [B, P], the sequence index of image token p in row b (ascending; rows may differ under
     left padding). ``last_position``: long [B], each row's last real position, whose logits predict the next token
-    (t* in METHOD.md's Stage 2), under left, right or no padding. ``prompt_len``: sequence length T of the prompt.
+    (t*, docs/method.md, "Stage 2: GradCAM filtering"), under left, right or no padding. ``prompt_len``: sequence length
+    T of the prompt.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -54,7 +55,8 @@ def last_positions(attention_mask: torch.Tensor | None, batch: int, length: int)
     return torch.where(attention_mask.bool(), index, -1).amax(dim=1).long()
 
 
-def image_positions_from_ids(input_ids: torch.Tensor, image_token_id: int, expected: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+def image_positions_from_ids(input_ids: torch.Tensor, image_token_id: int, expected: int,
+                             keep: torch.Tensor | None = None) -> torch.Tensor:
     """long [B, P] positions of ``image_token_id`` per row; each row must hold exactly ``expected`` of them. ``keep``
     (bool [expected]) picks the slots that are image tokens proper (a newline slot covers no patch): then P is its
     count."""

@@ -2,7 +2,7 @@
 
 Each ``conf/model/*.yaml`` names its ``loader``, a function ``(model_cfg: dict, device, cache_dir) -> Adapter``
 given as ``module.function``. A new model family is one module (adapter + loader) and one yaml. The config
-arrives here as a plain dict (``knexp.job`` resolves it), so this module needs no Hydra.
+arrives here as a plain dict (``knexp.job.spec`` resolves it), so this module needs no Hydra.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from knexp.models.adapter import Adapter
+from knexp.models.adapters.adapter import Adapter
 from knexp.models.captioning import Generation
+from knexp.models.weight_edit import load, permanent
 from knexp.settings import SettingError, Text, check_mapping, from_mapping
 from knexp.store import stable_key
 
@@ -36,8 +37,9 @@ def _loader(model_cfg: dict):
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise SettingError("model.loader", path, f"cannot be imported ({exc}); name a function as module.function, e.g. "
-                           "knexp.models.embedded.load_adapter") from exc
+        raise SettingError("model.loader", path,
+                           f"cannot be imported ({exc}); name a function as module.function, e.g. "
+                           "knexp.models.zoo.embedded.load_adapter") from exc
 
 
 def check_model(model_cfg: dict) -> Generation:
@@ -55,7 +57,8 @@ def check_model(model_cfg: dict) -> Generation:
         check(f"model.{key}", model_cfg.get(key))
     edit = Text(optional=True)("model.edit", model_cfg.get("edit"))
     if edit is not None and not Path(edit).is_file():
-        raise SettingError("model.edit", edit, "is no file; give an edit file written by task=edit (its job folder's edit.safetensors)")
+        raise SettingError("model.edit", edit,
+                           "is no file; give an edit file written by task=edit (its job folder's edit.safetensors)")
     return generation
 
 
@@ -69,8 +72,6 @@ def load_model(model_cfg: dict, cache_dir: str | Path) -> Adapter:
         return _LAST[key]
     adapter = _loader(model_cfg)(model_cfg, resolve_device(model_cfg.get("device", "cpu")), Path(cache_dir))
     if model_cfg.get("edit"):  # the edit checked against the model it was made for, then applied in memory only
-        from knexp.editing.weights import load, permanent
-
         permanent(adapter, load(model_cfg["edit"], adapter, model_identity({**model_cfg, "edit": None})))
     _LAST.clear()  # one model at a time: a sweep over models must not hold them all
     _LAST[key] = adapter

@@ -1,4 +1,5 @@
-"""Qualitative analysis (METHOD.md): decoded neurons, activation heatmaps with mask IoU, layer histograms.
+"""Qualitative analysis (docs/method.md, "Qualitative analysis"): decoded neurons, activation heatmaps with mask IoU,
+layer histograms.
 
 decode_neuron   top-k tokens of W_U . (s W_out[:, u]), s the sign of the neuron's change (optionally through the
                 final norm first).
@@ -15,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knexp.models.adapter import Adapter
+from knexp.models.adapters.adapter import Adapter
 from knexp.models.geometry import PatchGeometry
 
 
 @torch.no_grad()
-def decode_neuron(adapter: Adapter, layer: int, unit: int, k: int = 10, final_norm: bool = False, sign: int = 1) -> list[str]:
+def decode_neuron(adapter: Adapter, layer: int, unit: int, k: int = 10, final_norm: bool = False,
+                  sign: int = 1) -> list[str]:
     """The top-``k`` tokens of W_U . (sign x W_out[:, u]): what the neuron writes when it moves in the direction
     ``sign`` (+1: as it rises; -1: as it falls, for a neuron whose change V is negative on the object)."""
     column = sign * adapter.w_out(layer)[:, unit].float()  # [d_model]: what the neuron writes
@@ -31,8 +33,8 @@ def decode_neuron(adapter: Adapter, layer: int, unit: int, k: int = 10, final_no
 
 
 def token_heatmap(values: np.ndarray, geometry: PatchGeometry, height: int, width: int) -> np.ndarray:
-    """float [H, W]: token t's value over the pixels of ``geometry.boxes[t]`` (mean where boxes overlap), from the tokens
-    of the finest view only (``PatchGeometry.views``: a model's global view is not mixed into its tiles)."""
+    """float [H, W]: token t's value over the pixels of ``geometry.boxes[t]`` (mean where boxes overlap), from the
+    tokens of the finest view only (``PatchGeometry.views``: a model's global view is not mixed into its tiles)."""
     values = np.asarray(values, np.float64)
     if len(values) != len(geometry):
         raise ValueError(f"{len(values)} values for {len(geometry)} image tokens")
@@ -106,7 +108,8 @@ def trace_png(traces, window: dict, path: str | Path, title: str = "") -> Path:
     kinds = [k for k in KINDS if k in traces[0].delta]
     captioned = {kind: all(kind in t.named for t in traces) for kind in kinds}
     rows = 2 if any(captioned.values()) else 1  # the captions' row only where a trace has them (task=trace draws them)
-    fig, axes = plt.subplots(rows, len(kinds), figsize=(max(4 * len(kinds) + 1, 8), 3 * rows + 0.6), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(rows, len(kinds), figsize=(max(4 * len(kinds) + 1, 8), 3 * rows + 0.6), sharex=True,
+                             squeeze=False)
     layers = np.arange(len(traces[0].delta["resid"]))
     for col, kind in enumerate(kinds):
         top = axes[0, col]
@@ -122,7 +125,8 @@ def trace_png(traces, window: dict, path: str | Path, title: str = "") -> Path:
             axes[1, col].axis("off")
         for ax in axes[:, col]:
             if window["resid_layers"]:
-                ax.axvspan(min(window["resid_layers"]) - 0.5, max(window["resid_layers"]) + 0.5, color="tab:green", alpha=0.08)
+                ax.axvspan(min(window["resid_layers"]) - 0.5, max(window["resid_layers"]) + 0.5, color="tab:green",
+                           alpha=0.08)
             ax.grid(alpha=0.3)
         top.set_title(labels[kind], fontsize=10)
         axes[-1, col].set_xlabel("layer l")
@@ -131,8 +135,8 @@ def trace_png(traces, window: dict, path: str | Path, title: str = "") -> Path:
         axes[1, 0].set_ylabel("captions still naming the object", fontsize=9)
     axes[0, 0].legend(fontsize=7, ncol=2)
     span = window["neuron_layers"][:1] + window["neuron_layers"][-1:]
-    subtitle = (f"live window (shaded): residual layers reaching {window['frac']:.0%} of the counterfactual; neurons act in "
-                f"layers {span[0]}-{span[-1]}" if span else "no live window")
+    subtitle = (f"live window (shaded): residual layers reaching {window['frac']:.0%} of the counterfactual; neurons "
+                f"act in layers {span[0]}-{span[-1]}" if span else "no live window")
     width = int(fig.get_figwidth() * 11)  # characters that fit the figure's width at this font size
     fig.suptitle("\n".join(textwrap.wrap(title, width) + textwrap.wrap(subtitle, width)), fontsize=10)
     return save_figure(fig, path)

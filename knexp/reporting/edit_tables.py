@@ -19,9 +19,12 @@ from knexp.reporting.tables import means, shown
 
 MEASURES = {
     "reliability": ("reliability",), "m_generality": ("m_generality",), "t_gen_what": ("t_generality", "what"),
-    "t_gen_rephrased": ("t_generality", "rephrased"), "t_gen_yes_no": ("t_generality", "yes_no"), "t_gen_mean": ("t_generality", "mean"),
-    "m_loc_S_re": ("m_locality", "S_re"), "m_loc_bleu": ("m_locality", "bleu"), "m_loc_bertscore": ("m_locality", "bertscore_f1"),
-    "m_loc_top1": ("m_locality", "top1"), "t_loc_top1": ("t_locality", "other", "top1"), "t_loc_kl": ("t_locality", "other", "kl"),
+    "t_gen_rephrased": ("t_generality", "rephrased"), "t_gen_yes_no": ("t_generality", "yes_no"),
+    "t_gen_mean": ("t_generality", "mean"),
+    "m_loc_S_re": ("m_locality", "S_re"), "m_loc_bleu": ("m_locality", "bleu"),
+    "m_loc_bertscore": ("m_locality", "bertscore_f1"),
+    "m_loc_top1": ("m_locality", "top1"), "t_loc_top1": ("t_locality", "other", "top1"),
+    "t_loc_kl": ("t_locality", "other", "kl"),
     "t_loc_about_k_top1": ("t_locality", "about_k", "top1"), "entropy": ("fluency", "ngram_entropy"),
     "repetition": ("fluency", "repetition"), "relative_norm": ("cost", "relative_norm"), "seconds": ("cost", "seconds"),
 }
@@ -44,13 +47,15 @@ def edit_rows(sweep_dir: str | Path, split_of) -> pd.DataFrame:
         m = json.loads(path.read_text())
         if m.get("task") != "edit" or not m.get("variants"):
             continue
-        key = (m.get("model"), m["knowledge"], m["method"], m.get("rule_label", m["rule"]), m["op"], m.get("size"), m.get("replacement"))
+        key = (m.get("model"), m["knowledge"], m["method"], m.get("rule_label", m["rule"]), m["op"], m.get("size"),
+               m.get("replacement"))
         if key not in newest or path.stat().st_mtime > newest[key][0]:
             newest[key] = (path.stat().st_mtime, m)
     rows = []
     for _, m in sorted(newest.values(), key=lambda v: str(v[1].get("knowledge"))):
         for variant, scores in m["variants"].items():
-            rows.append({"split": split_of(m["knowledge"]), "knowledge": m["knowledge"], "op": m["op"], "method": m["method"],
+            rows.append({"split": split_of(m["knowledge"]), "knowledge": m["knowledge"], "op": m["op"],
+                         "method": m["method"],
                          "rule": m.get("rule_label", m["rule"]), "size": m.get("size"), "variant": variant,
                          **{name: _get(scores, path) for name, path in MEASURES.items()}})
     return pd.DataFrame(rows)
@@ -65,7 +70,8 @@ def summary(rows: pd.DataFrame, draws: int = 1000, seed: int = 0) -> pd.DataFram
     return means(rows, KEYS, list(MEASURES), seed, draws)
 
 
-HEADLINE = ("reliability", "m_generality", "t_gen_mean", "t_gen_yes_no", "m_loc_S_re", "m_loc_top1", "t_loc_top1", "relative_norm")
+HEADLINE = ("reliability", "m_generality", "t_gen_mean", "t_gen_yes_no", "m_loc_S_re", "m_loc_top1", "t_loc_top1",
+            "relative_norm")
 
 
 def headline(table: pd.DataFrame, measures: tuple[str, ...] = HEADLINE) -> pd.DataFrame:

@@ -6,14 +6,15 @@ neuron writes (``decode_neuron``). The title names the layer, the unit, the meth
 with the instance mask (q95 IoU). ``neurons.json`` lists the same with the five best neurons of each set decoded.
 
 Everything follows the sign s of the neuron's change on its sample (``change_sign``: the sign of mean_p V, V = O'_o -
-O'_i, METHOD.md Stage 1): the heatmap shows s x O', the IoU thresholds its top 5%, and the decoded tokens are those of
-s x W_out[:, u]. A neuron that falls where the object is (s = -1) is shown as one that rises there, and its title says
-"falls on the object".
+O'_i, docs/method.md, "Stage 1"): the heatmap shows s x O', the IoU thresholds its top 5%, and the decoded tokens are
+those of s x W_out[:, u]. A neuron that falls where the object is (s = -1) is shown as one that rises there, and its
+title says "falls on the object".
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,8 @@ from knexp.identification.methods import NeuronSet
 from knexp.identification.pipeline import SampleResult
 from knexp.identification.selection import Selector
 from knexp.io import atomic_write_text
-from knexp.models.adapter import Adapter
-from knexp.models.hooks import record
+from knexp.models.adapters.adapter import Adapter
+from knexp.models.hooks.record import record
 from knexp.reporting.analysis import decode_neuron, layer_histogram_png, mask_iou, pyplot, save_figure, token_heatmap
 from knexp.store import Store, stable_key
 
@@ -47,7 +48,8 @@ def change_sign(neurons: NeuronSet, rank: int) -> int:
 
 
 def neuron_heatmap(adapter: Adapter, image: np.ndarray, layer: int, unit: int, instance_mask: np.ndarray,
-                   store: Store | None = None, image_key: list | None = None, sign: int = 1) -> tuple[np.ndarray, float]:
+                   store: Store | None = None, image_key: list | None = None,
+                   sign: int = 1) -> tuple[np.ndarray, float]:
     """(float [H, W]: sign x O'^l[p, u] over the pixels each image token p covers, the q95 IoU of that map with
     ``instance_mask``). With ``store``, the token values are read from it under ``image_key`` (the model's, the data's
     and the image's identity) or computed once and stored, unsigned (float32 values round-trip exactly through JSON)."""
@@ -55,7 +57,8 @@ def neuron_heatmap(adapter: Adapter, image: np.ndarray, layer: int, unit: int, i
         values = token_values(adapter, image, layer, unit)
     else:
         if not image_key:
-            raise ValueError("neuron_heatmap with a store needs image_key (the model's, the data's and the image's identity)")
+            raise ValueError("neuron_heatmap with a store needs image_key (the model's, the data's and the image's "
+                             "identity)")
         key = stable_key("token_values", image_key, layer, unit)
         stored = store.get_many([key], lambda _: [token_values(adapter, image, layer, unit).tolist()])[0]
         values = np.asarray(stored, np.float32)
@@ -63,8 +66,32 @@ def neuron_heatmap(adapter: Adapter, image: np.ndarray, layer: int, unit: int, i
     return heat, mask_iou(heat, instance_mask)
 
 
-def neuron_panel(original: np.ndarray, inpainted: np.ndarray, heat: np.ndarray, instance_mask: np.ndarray, tokens: list[str],
-                 title: str, path: str | Path) -> Path:
+@dataclass
+class Heatmap:
+    """A neuron's activation over the image tokens of one image in the direction of its change, painted onto the image
+    (``values``: float [H, W], sign x O'; ``change_sign``), and the IoU of its top 5% with the instance mask."""
+
+    layer: int
+    unit: int
+    image_id: int
+    values: np.ndarray
+    iou_q95: float
+    sign: int = 1
+
+
+def sample_heatmap(adapter: Adapter, selector: Selector, result: SampleResult, rank: int = 0,
+                   store: Store | None = None) -> Heatmap:
+    """The ``rank``-th neuron of a sample's set over its image (Fig. 3), with the q95 IoU against the instance."""
+    cand = result.candidate
+    layer, unit = int(result.neurons.layers[rank]), int(result.neurons.units[rank])
+    image, sign = selector.data.load_image(cand.image_id), change_sign(result.neurons, rank)
+    values, iou = neuron_heatmap(adapter, image, layer, unit, selector.data.instance_mask(cand.annotation_id), store,
+                                 [selector.captioner.model_key, selector.dataset_id, cand.image_id], sign)
+    return Heatmap(layer, unit, cand.image_id, values, iou, sign)
+
+
+def neuron_panel(original: np.ndarray, inpainted: np.ndarray, heat: np.ndarray, instance_mask: np.ndarray,
+                 tokens: list[str], title: str, path: str | Path) -> Path:
     """Fig. 3 for one neuron: original | inpainted | heatmap (colour bar, instance outline) | decoded tokens."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), gridspec_kw={"width_ratios": [1, 1, 1.2, 0.8]})
@@ -82,26 +109,28 @@ def neuron_panel(original: np.ndarray, inpainted: np.ndarray, heat: np.ndarray, 
         ax.set_yticks([])
     axes[3].axis("off")
     axes[3].set_title("top tokens it writes", fontsize=9)
-    axes[3].text(0.02, 0.95, "\n".join(f"{i + 1:>2}. {t!r}" for i, t in enumerate(tokens)), va="top", family="monospace",
-                 fontsize=9, transform=axes[3].transAxes)
+    axes[3].text(0.02, 0.95, "\n".join(f"{i + 1:>2}. {t!r}" for i, t in enumerate(tokens)), va="top",
+                 family="monospace", fontsize=9, transform=axes[3].transAxes)
     fig.suptitle(title, fontsize=11)
     return save_figure(fig, path)
 
 
 def sample_panel(adapter: Adapter, selector: Selector, result: SampleResult, path: str | Path, rank: int = 0,
                  tokens: list[str] | None = None, store: Store | None = None) -> tuple[np.ndarray, float]:
-    """Fig. 3's panel for the ``rank``-th neuron of a sample's set, written to ``path`` (``tokens``: its decoded top tokens,
-    decoded here when not given; ``store``: the heatmaps' token values, ``neuron_heatmap``); returns (the heatmap float
-    [H, W], its q95 IoU with the instance)."""
+    """Fig. 3's panel for the ``rank``-th neuron of a sample's set, written to ``path`` (``tokens``: its decoded top
+    tokens, decoded here when not given; ``store``: the heatmaps' token values, ``neuron_heatmap``); returns (the
+    heatmap float [H, W], its q95 IoU with the instance)."""
     cand = result.candidate
     image, mask = selector.data.load_image(cand.image_id), selector.data.instance_mask(cand.annotation_id)
     layer, unit = int(result.neurons.layers[rank]), int(result.neurons.units[rank])
     sign = change_sign(result.neurons, rank)
-    heat, iou = neuron_heatmap(adapter, image, layer, unit, mask, store, [selector.captioner.model_key, selector.dataset_id, cand.image_id],
-                               sign)
+    heat, iou = neuron_heatmap(adapter, image, layer, unit, mask, store,
+                               [selector.captioner.model_key, selector.dataset_id, cand.image_id], sign)
     direction = "rises on the object" if sign > 0 else "falls on the object (map negated)"
-    neuron_panel(image, selector.inpainted(cand), heat, mask, decode_neuron(adapter, layer, unit, sign=sign) if tokens is None else tokens,
-                 f"L{layer} U{unit} · {result.neurons.method} · {cand.knowledge} · {direction} · q95 IoU {iou:.2f}", path)
+    neuron_panel(image, selector.inpainted(cand), heat, mask,
+                 decode_neuron(adapter, layer, unit, sign=sign) if tokens is None else tokens,
+                 f"L{layer} U{unit} · {result.neurons.method} · {cand.knowledge} · {direction} · q95 IoU {iou:.2f}",
+                 path)
     return heat, iou
 
 
@@ -119,7 +148,8 @@ def neuron_figures(adapter: Adapter, selector: Selector, results: list[SampleRes
         layer, unit = int(res.neurons.layers[0]), int(res.neurons.units[0])
         best = [(int(lay), int(u), change_sign(res.neurons, i))
                 for i, (lay, u) in enumerate(zip(res.neurons.layers[:5], res.neurons.units[:5], strict=True))]
-        decoded = [{"layer": lay, "unit": u, "sign": sign, "tokens": decode_neuron(adapter, lay, u, sign=sign)} for lay, u, sign in best]
+        decoded = [{"layer": lay, "unit": u, "sign": sign,
+                    "tokens": decode_neuron(adapter, lay, u, sign=sign)} for lay, u, sign in best]
         name = f"neuron_{cand.image_id}_L{layer}_U{unit}.png"
         _, iou = sample_panel(adapter, selector, res, fig_dir / name, tokens=decoded[0]["tokens"], store=store)
         rows.append({"image_id": cand.image_id, "top_neuron": [layer, unit], "sign": decoded[0]["sign"], "figure": name,

@@ -2,8 +2,8 @@
 
 No result depends on W&B: metrics go to ``metrics.json`` and tables to CSV in the job directory first.
 ``conf/logger/*.yaml`` names its settings class by ``_target_`` (``FilesOnly`` or ``Wandb``), built and checked when the
-session is built; ``open`` starts the job's logger (``knexp.job.Session.logger`` gives it the job's folder, config, tags
-and type).
+session is built; ``open`` starts the job's logger (``knexp.job.spec.JobSpec.logger`` gives it the job's folder, config,
+tags and type).
 W&B runs offline unless the user asks for online mode; online mode without credentials falls back to
 offline with a warning rather than waiting on a network or a prompt.
 """
@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 class RunLogger:
     """Writes metrics and tables into ``out_dir``; subclasses mirror them elsewhere (``logger=none``: files only)."""
 
-    def __init__(self, out_dir: str | Path, name: str = "none", run_config: dict | None = None, tags: list[str] | None = None,
-                 job_type: str = ""):
+    def __init__(self, out_dir: str | Path, name: str = "none", run_config: dict | None = None,
+                 tags: list[str] | None = None, job_type: str = ""):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics: dict = {}
@@ -76,7 +76,8 @@ def _sweep_group() -> str | None:
 class WandbLogger(RunLogger):
     """``logger=wandb``: also a W&B run (offline unless ``mode=online`` and credentials exist) in the sweep's group."""
 
-    def __init__(self, out_dir: str | Path, name: str = "wandb", run_config: dict | None = None, tags: list[str] | None = None,
+    def __init__(self, out_dir: str | Path, name: str = "wandb", run_config: dict | None = None,
+                 tags: list[str] | None = None,
                  job_type: str = "", project: str = "knexp", entity: str | None = None, mode: str = "offline",
                  group: str | None = None, dir: str | Path | None = None):
         super().__init__(out_dir)
@@ -85,8 +86,8 @@ class WandbLogger(RunLogger):
         if mode == "online" and not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists()):
             log.warning("logger.mode=online but no W&B credentials (WANDB_API_KEY); logging offline instead")
             mode = "offline"
-        kw = dict(project=project, entity=entity, group=group or _sweep_group(), dir=str(dir or out_dir), config=run_config or {},
-                  tags=list(tags or []), job_type=job_type, reinit="finish_previous")
+        kw = dict(project=project, entity=entity, group=group or _sweep_group(), dir=str(dir or out_dir),
+                  config=run_config or {}, tags=list(tags or []), job_type=job_type, reinit="finish_previous")
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=10, silent=True), **kw)
         except Exception as exc:  # an unreachable server or a refused key must not cost the run
@@ -110,7 +111,8 @@ class WandbLogger(RunLogger):
 
         path = super().log_histogram(name, counts)
         if counts:
-            self.run.log({f"{name}_histogram": wandb.Histogram(np_histogram=(np.asarray(counts), np.arange(len(counts) + 1)))})
+            self.run.log({f"{name}_histogram": wandb.Histogram(np_histogram=(np.asarray(counts),
+                                                                             np.arange(len(counts) + 1)))})
         return path
 
     def log_images(self, images: dict[str, Path]) -> None:
@@ -129,7 +131,8 @@ class FilesOnly:
 
     name: str = "none"
 
-    def open(self, out_dir: str | Path, run_config: dict | None = None, tags: list[str] | None = None, job_type: str = "") -> RunLogger:
+    def open(self, out_dir: str | Path, run_config: dict | None = None, tags: list[str] | None = None,
+             job_type: str = "") -> RunLogger:
         return RunLogger(out_dir)
 
 
@@ -145,11 +148,13 @@ class Wandb(FilesOnly):
     dir: str | None = None
 
     def __post_init__(self):
-        check_fields(self, "logger", project=Text(), entity=Text(optional=True), mode=Choice(WANDB_MODES), group=Text(optional=True),
-                     dir=Text(optional=True))
+        check_fields(self, "logger", project=Text(), entity=Text(optional=True), mode=Choice(WANDB_MODES),
+                     group=Text(optional=True), dir=Text(optional=True))
 
-    def open(self, out_dir: str | Path, run_config: dict | None = None, tags: list[str] | None = None, job_type: str = "") -> RunLogger:
-        return WandbLogger(out_dir, self.name, run_config, tags, job_type, self.project, self.entity, self.mode, self.group, self.dir)
+    def open(self, out_dir: str | Path, run_config: dict | None = None, tags: list[str] | None = None,
+             job_type: str = "") -> RunLogger:
+        return WandbLogger(out_dir, self.name, run_config, tags, job_type, self.project, self.entity, self.mode,
+                           self.group, self.dir)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

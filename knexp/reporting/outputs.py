@@ -19,10 +19,12 @@ from knexp.io import atomic_write_text
 def write_identification(out: str | Path, found: Identification, num_layers: int) -> None:
     """``selection.json`` and ``samples/*.json`` of one knowledge's identification."""
     out = Path(out)
-    atomic_write_text(out / "selection.json", json.dumps({**found.selection.to_dict(), "skipped": found.skipped}, indent=1))
+    atomic_write_text(out / "selection.json",
+                      json.dumps({**found.selection.to_dict(), "skipped": found.skipped}, indent=1))
     for res in found.results:
         cand = res.candidate
-        atomic_write_text(out / "samples" / f"{cand.image_id}_{cand.annotation_id}.json", json.dumps(res.to_dict(num_layers), indent=1))
+        atomic_write_text(out / "samples" / f"{cand.image_id}_{cand.annotation_id}.json",
+                          json.dumps(res.to_dict(num_layers), indent=1))
 
 
 def write_trace(out: str | Path, trace: dict) -> Path:
@@ -33,5 +35,6 @@ def write_trace(out: str | Path, trace: dict) -> Path:
 def write_data_faults(out: str | Path, audit: Audit) -> dict:
     """``data_faults.json`` (every fault the job's data met: the annotation files' and the images read so far); returns
     the counts by kind."""
-    atomic_write_text(Path(out) / "data_faults.json", json.dumps({"summary": audit.summary(), **audit.to_dict()}, indent=1))
+    atomic_write_text(Path(out) / "data_faults.json",
+                      json.dumps({"summary": audit.summary(), **audit.to_dict()}, indent=1))
     return audit.counts

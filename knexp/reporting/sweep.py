@@ -5,9 +5,9 @@ Every ``metrics.json`` under the sweep folder that holds a Table II result or a 
 interruption) counts once, the newest file winning. Method labels carry their variant ("pan:authors"). With the
 object ``splits`` (conf/splits), every table is given per split, so tuning objects never mix with held-out ones.
 The report holds: Table II averaged and per knowledge, Table III, the size curves (S_se, S_re, S_mean against the
-set size, and each method's area under S_mean over log n), the causal trace (``trace.json`` of any job) and Fig. 2 (every
-method's neurons per layer, side by side). A job that ran but had no usable sample (``status`` "no_samples" in its
-metrics.json) has no scores: the report lists it apart, with its first reasons, and counts it in its summary. It is
+set size, and each method's area under S_mean over log n), the causal trace (``trace.json`` of any job) and Fig. 2
+(every method's neurons per layer, side by side). A job that ran but had no usable sample (``status`` "no_samples" in
+its metrics.json) has no scores: the report lists it apart, with its first reasons, and counts it in its summary. It is
 written as ``report.md`` and as one self-contained ``report.html``.
 """
 
@@ -24,11 +24,13 @@ from pathlib import Path
 import pandas as pd
 
 from knexp.evaluation.scores import curve_area
-from knexp.reporting.analysis import curves_png, layer_histogram_png
+from knexp.identification.causal_trace import SampleTrace, span
+from knexp.reporting.analysis import curves_png, layer_histogram_png, trace_png
 from knexp.reporting.edit_tables import edit_rows, headline, summary
 from knexp.reporting.tables import METHOD_ORDER, means, ordered, rank_of, shown
 
-# METHOD.md: the paper's averages on MiniGPT-4 (Tables II and III), for the report's comparison column.
+# docs/method.md, "Evaluation": the paper's averages on MiniGPT-4 (Tables II and III), for the report's comparison
+# column.
 PAPER = {
     "table2": {"schwettmann": {"S_se": 0.7459, "S_re": 0.3742, "S_mean": 0.5600},
                "pan": {"S_se": 0.3723, "S_re": 0.7350, "S_mean": 0.5537},
@@ -82,7 +84,8 @@ def _grouped(df: pd.DataFrame, cols: list[str], extra: list[str] | None = None, 
     """Means of ``cols`` over objects per method and per every key that varies in ``df`` (never averaged across models,
     rules or interventions), with 95% bootstrap intervals over the objects (``knexp.reporting.tables.means``), in the
     report's order; a job from before a key existed is a group of its own."""
-    varied = [c for c in ["split"] + KEY if c not in ("knowledge", "method") and c in df and df[c].nunique(dropna=False) > 1]
+    varied = [c for c in ["split"] + KEY if c not in ("knowledge",
+                                                      "method") and c in df and df[c].nunique(dropna=False) > 1]
     by = varied + (extra or []) + ["method"]
     if intervals:
         return means(df, by, cols)
@@ -104,7 +107,8 @@ def tables(results: list[dict], splits: dict | None = None) -> dict[str, pd.Data
     per_knowledge = ordered(pd.DataFrame(rows2))
     out = {"table2_per_knowledge": per_knowledge, "table2_per_level": pd.DataFrame(levels)}
     out["table2"] = _grouped(per_knowledge, SCORES) if rows2 else pd.DataFrame()
-    out["table3"] = _grouped(pd.DataFrame(rows3), ["bleu", "rouge1", "rougeL", "bertscore_f1"]) if rows3 else pd.DataFrame()
+    out["table3"] = _grouped(pd.DataFrame(rows3),
+                             ["bleu", "rouge1", "rougeL", "bertscore_f1"]) if rows3 else pd.DataFrame()
     curves = pd.DataFrame(curve_rows)
     out["curves"] = _grouped(curves, SCORES, ["size"], intervals=False) if curve_rows else pd.DataFrame()
     out["curve_areas"] = _areas(out["curves"]) if curve_rows else pd.DataFrame()
@@ -120,7 +124,8 @@ def _areas(averaged: pd.DataFrame) -> pd.DataFrame:
     for labels, g in mean.groupby(keys, dropna=False):
         pts = [{"size": int(r["size"]), "S_mean": r["S_mean"]} for _, r in g.iterrows()]
         rows.append({**dict(zip(keys, labels if isinstance(labels, tuple) else (labels,), strict=True)),
-                     "sizes": ",".join(str(p["size"]) for p in sorted(pts, key=lambda p: p["size"])), "area_S_mean": curve_area(pts)})
+                     "sizes": ",".join(str(p["size"]) for p in sorted(pts, key=lambda p: p["size"])),
+                     "area_S_mean": curve_area(pts)})
     return ordered(pd.DataFrame(rows)).set_index(keys)
 
 
@@ -135,97 +140,34 @@ class Report:
 
 
 def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None = None) -> Report:
-    """Tables as CSV, figures as PNG, ``report.md`` and ``report.html`` (one page, figures inline) in ``out_dir``."""
+    """Tables as CSV, figures as PNG, ``report.md`` and ``report.html`` (one page, figures inline) in ``out_dir``: the
+    header, Tables II and III, Fig. 3's gallery, the size curves, the causal trace, Fig. 2, the edits, and the jobs with
+    no usable sample, each section where the sweep has it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = collect(sweep_dir)
     empty = unusable(sweep_dir, results)
     edits = edit_rows(sweep_dir, lambda k: split_of(k, splits))
     if not results and not empty and edits.empty:
-        raise FileNotFoundError(f"no evaluation results (metrics.json with table2, a size curve or task=edit's variants) under "
-                                f"{sweep_dir}; set sweep_dir to a multirun folder of task=evaluate or task=edit jobs")
+        raise FileNotFoundError("no evaluation results (metrics.json with table2, a size curve or task=edit's "
+                                f"variants) under {sweep_dir}; set sweep_dir to a multirun folder of task=evaluate or "
+                                "task=edit jobs")
     t = tables(results, splits)
     if len(edits):
         t["edit_rows"], t["edit_summary"] = edits, summary(edits)
     for name, df in t.items():
         if len(df):
             df.to_csv(out_dir / f"{name}.csv", index=name in INDEXED)
-
-    def listed(key: str) -> str:
-        return ", ".join(sorted({str(m.get(key)) for m in results}))
-
-    none = f" {len(empty)} more had no usable sample and no scores (listed at the end)." if empty else ""
-    blocks: list[tuple] = [("h1", f"knexp report: {Path(sweep_dir)}"),
-                           ("p", f"{len(results)} evaluation jobs, {edits['knowledge'].nunique() if len(edits) else 0} objects edited"
-                                 + (f"; knowledge: {listed('knowledge')}; models: {listed('model')}; thresholds: {listed('thresholds')}; "
-                                    f"interventions: {listed('intervention')}" if results else "") + f".{none}")]
-    if splits:
-        ours = {str(m["knowledge"]) for m in results} | (set(edits["knowledge"]) if len(edits) else set())
-        by_split = {name: sorted(ours & set(objs)) for name, objs in splits.items()}
-        by_split["in no split"] = sorted(ours - {o for objs in splits.values() for o in objs})
-        blocks.append(("p", "This sweep's objects by split (`splits`): "
-                            + "; ".join(f"{name}: {', '.join(objs)}" for name, objs in by_split.items() if objs) + "."))
-    if len(t["table2"]):
-        blocks += [("h2", "Table II (averaged over objects; the paper's MiniGPT-4 averages beside)"),
-                   ("p", "Each mean has its 95% bootstrap interval over the objects in brackets (none for one object). The "
-                         "paper's columns were measured on MiniGPT-4 under its noise at 40/80/120, whatever the row's model "
-                         "and intervention; they are empty for the methods the paper does not have."),
-                   ("table", _beside(t["table2"], PAPER["table2"]), "table2"), ("h2", "Table III (perturbed vs masked captions)"),
-                   ("table", _beside(t["table3"], PAPER["table3"]), "table3") if len(t["table3"]) else ("p", "no Table III rows"),
-                   ("h2", "Table II per object"), ("table", t["table2_per_knowledge"], "table2_per_knowledge")]
+    blocks = _header(sweep_dir, results, empty, edits, splits) + _paper_tables(t)
     gallery = _fig3_gallery(results, out_dir / "fig3")
     figures = [path for _, items in gallery for path, _ in items]
-    if gallery:
-        blocks += [("h2", "Fig. 3: each method's top neuron on each object"),
-                   ("p", "The top neuron of each job's first sample: the image, the image with the object inpainted away, the "
-                         "neuron's activation over the image tokens in the direction of its change (signed: a neuron that "
-                         "falls on the object is shown negated, and its title says so) with the object outlined, and the "
-                         "tokens it writes in that direction. q95 IoU: the overlap of the map's top 5% with the object.")]
-        for method, items in gallery:
-            blocks += [("h3", method), ("gallery", items)]
-    if len(t["curves"]):
-        figures.append(curves_png(t["curves"], out_dir / "size_curves.png", "scores against the set size (top-n of each ranking)"))
-        blocks += [("h2", "Size curves (every ranking method at each set size n)"),
-                   ("p", "Area under S_mean over log n, divided by the log range (the curve's mean height):"),
-                   ("table", t["curve_areas"], "curve_areas"), ("table", t["curves"], "curves"), ("img", figures[-1], "size curves")]
-    trace = _fullest_trace(sweep_dir)
-    if trace is not None:
-        from knexp.identification.causal_trace import SampleTrace, span
-        from knexp.reporting.analysis import trace_png
-
-        data = json.loads(trace.read_text())
-        figures.append(trace_png([SampleTrace(**s) for s in data["samples"]], data["window"], out_dir / "trace.png",
-                                 f"causal trace: {data['model']}"))
-        w = data["window"]
-        traced = sorted({s["knowledge"] for s in data["samples"]})
-        blocks += [("h2", "Causal trace of the image tokens"),
-                   ("p", f"Live window: neurons of layers {span(w['neuron_layers'])} of {len(w['resid_share'])} (residual patching "
-                         f"there reaches {w['frac']:.0%} of the whole counterfactual), from {w['samples']} traced samples of "
-                         f"{', '.join(traced)} (`{trace.relative_to(sweep_dir).as_posix()}`)."), ("img", figures[-1], "trace")]
-    per_method: dict[str, list[int]] = {}
-    for m in results:
-        if m.get("table2"):
-            counts = per_method.setdefault(m["method"], [0] * len(m["per_layer"]))
-            per_method[m["method"]] = [a + b for a, b in zip(counts, m["per_layer"], strict=True)]
-    if per_method:
-        per_method = dict(sorted(per_method.items(), key=lambda kv: rank_of(METHOD_ORDER, kv[0])))
-        figures.append(layer_histogram_png(per_method, out_dir / "fig2_layers.png", "identified neurons per layer, by method"))
-        blocks += [("h2", "Fig. 2: identified neurons per layer"), ("img", figures[-1], "layers")]
-    if len(edits):
-        blocks += [("h2", "Editing (task=edit): means over objects, 95% bootstrap intervals over objects"),
-                   ("p", "One row per split, op, set source, rule, set size and variant (the edit, its baselines on the same "
-                         "images, the unedited model). Rates count only inputs on which the unedited model showed the "
-                         "knowledge; edit_summary.csv has every measure, edit_rows.csv every object."),
-                   ("table", headline(t["edit_summary"]), "edit_summary")]
-    if empty:
-        rows = [{"job": Path(m["job_dir"]).relative_to(sweep_dir).as_posix(), "knowledge": m["knowledge"], "method": m["method"],
-                 "why": " / ".join(m["status"]["reasons"])} for m in empty]
-        t["unusable_jobs"] = pd.DataFrame(rows)
-        t["unusable_jobs"].to_csv(out_dir / "unusable_jobs.csv", index=False)
-        blocks += [("h2", "Jobs with no usable sample"),
-                   ("p", "These jobs ran but no selected sample could be used, so they have no scores and the tables above "
-                         "leave them out. Each row gives the selection's message and the first reasons."),
-                   ("table", t["unusable_jobs"], "unusable_jobs")]
+    blocks += _gallery_section(gallery)
+    for section in (_curves_section, _trace_section, _layers_section):
+        more, figure = section(sweep_dir, out_dir, results, t)
+        blocks += more
+        figures += [figure] if figure else []
+    blocks += _edit_section(t) if len(edits) else []
+    blocks += _unusable_section(sweep_dir, out_dir, empty, t) if empty else []
     markdown = out_dir / "report.md"
     markdown.write_text(_markdown(blocks, out_dir))
     html = out_dir / "report.html"
@@ -233,7 +175,121 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
     return Report(markdown, html, t, figures)
 
 
-INDEXED = ("table2", "table3", "curves", "curve_areas", "edit_summary")  # the tables whose CSV keeps the index (their labels)
+def _header(sweep_dir, results: list[dict], empty: list[dict], edits: pd.DataFrame, splits: dict | None) -> list[tuple]:
+    """The title, what the sweep holds, and its objects by split."""
+    def listed(key: str) -> str:
+        return ", ".join(sorted({str(m.get(key)) for m in results}))
+
+    none = f" {len(empty)} more had no usable sample and no scores (listed at the end)." if empty else ""
+    held = (f"; knowledge: {listed('knowledge')}; models: {listed('model')}; thresholds: {listed('thresholds')}; "
+            f"interventions: {listed('intervention')}" if results else "")
+    edited = edits["knowledge"].nunique() if len(edits) else 0
+    blocks: list[tuple] = [("h1", f"knexp report: {Path(sweep_dir)}"),
+                           ("p", f"{len(results)} evaluation jobs, {edited} objects edited" + held + f".{none}")]
+    if splits:
+        ours = {str(m["knowledge"]) for m in results} | (set(edits["knowledge"]) if len(edits) else set())
+        by_split = {name: sorted(ours & set(objs)) for name, objs in splits.items()}
+        by_split["in no split"] = sorted(ours - {o for objs in splits.values() for o in objs})
+        blocks.append(("p", "This sweep's objects by split (`splits`): "
+                            + "; ".join(f"{name}: {', '.join(objs)}" for name, objs in by_split.items() if objs) + "."))
+    return blocks
+
+
+def _paper_tables(t: dict) -> list[tuple]:
+    """Tables II and III beside the paper's averages, and Table II per object."""
+    if not len(t["table2"]):
+        return []
+    return [("h2", "Table II (averaged over objects; the paper's MiniGPT-4 averages beside)"),
+            ("p", "Each mean has its 95% bootstrap interval over the objects in brackets (none for one object). The "
+                  "paper's columns were measured on MiniGPT-4 under its noise at 40/80/120, whatever the row's model "
+                  "and intervention; they are empty for the methods the paper does not have."),
+            ("table", _beside(t["table2"], PAPER["table2"]), "table2"),
+            ("h2", "Table III (perturbed vs masked captions)"),
+            ("table", _beside(t["table3"], PAPER["table3"]), "table3") if len(t["table3"])
+            else ("p", "no Table III rows"),
+            ("h2", "Table II per object"), ("table", t["table2_per_knowledge"], "table2_per_knowledge")]
+
+
+def _gallery_section(gallery: list) -> list[tuple]:
+    """Fig. 3's panels, by method."""
+    if not gallery:
+        return []
+    blocks = [("h2", "Fig. 3: each method's top neuron on each object"),
+              ("p", "The top neuron of each job's first sample: the image, the image with the object inpainted away, "
+                    "the neuron's activation over the image tokens in the direction of its change (signed: a neuron "
+                    "that falls on the object is shown negated, and its title says so) with the object outlined, and "
+                    "the tokens it writes in that direction. q95 IoU: the overlap of the map's top 5% with the "
+                    "object.")]
+    for method, items in gallery:
+        blocks += [("h3", method), ("gallery", items)]
+    return blocks
+
+
+def _curves_section(sweep_dir, out_dir: Path, results: list[dict], t: dict) -> tuple[list[tuple], Path | None]:
+    """The size curves and their areas (blocks, figure)."""
+    if not len(t["curves"]):
+        return [], None
+    figure = curves_png(t["curves"], out_dir / "size_curves.png", "scores against the set size (top-n of each ranking)")
+    return [("h2", "Size curves (every ranking method at each set size n)"),
+            ("p", "Area under S_mean over log n, divided by the log range (the curve's mean height):"),
+            ("table", t["curve_areas"], "curve_areas"), ("table", t["curves"], "curves"),
+            ("img", figure, "size curves")], figure
+
+
+def _trace_section(sweep_dir, out_dir: Path, results: list[dict], t: dict) -> tuple[list[tuple], Path | None]:
+    """The fullest causal trace among the sweep's jobs and its live window (blocks, figure)."""
+    trace = _fullest_trace(sweep_dir)
+    if trace is None:
+        return [], None
+    data = json.loads(trace.read_text())
+    figure = trace_png([SampleTrace(**s) for s in data["samples"]], data["window"], out_dir / "trace.png",
+                       f"causal trace: {data['model']}")
+    w = data["window"]
+    traced = sorted({s["knowledge"] for s in data["samples"]})
+    return [("h2", "Causal trace of the image tokens"),
+            ("p", f"Live window: neurons of layers {span(w['neuron_layers'])} of {len(w['resid_share'])} (residual "
+                  f"patching there reaches {w['frac']:.0%} of the whole counterfactual), from {w['samples']} traced "
+                  f"samples of {', '.join(traced)} (`{trace.relative_to(sweep_dir).as_posix()}`)."),
+            ("img", figure, "trace")], figure
+
+
+def _layers_section(sweep_dir, out_dir: Path, results: list[dict], t: dict) -> tuple[list[tuple], Path | None]:
+    """Fig. 2: every method's neurons per layer, summed over its jobs (blocks, figure)."""
+    per_method: dict[str, list[int]] = {}
+    for m in results:
+        if m.get("table2"):
+            counts = per_method.setdefault(m["method"], [0] * len(m["per_layer"]))
+            per_method[m["method"]] = [a + b for a, b in zip(counts, m["per_layer"], strict=True)]
+    if not per_method:
+        return [], None
+    per_method = dict(sorted(per_method.items(), key=lambda kv: rank_of(METHOD_ORDER, kv[0])))
+    figure = layer_histogram_png(per_method, out_dir / "fig2_layers.png", "identified neurons per layer, by method")
+    return [("h2", "Fig. 2: identified neurons per layer"), ("img", figure, "layers")], figure
+
+
+def _edit_section(t: dict) -> list[tuple]:
+    """The edits' headline table."""
+    return [("h2", "Editing (task=edit): means over objects, 95% bootstrap intervals over objects"),
+            ("p", "One row per split, op, set source, rule, set size and variant (the edit, its baselines on the same "
+                  "images, the unedited model). Rates count only inputs on which the unedited model showed the "
+                  "knowledge; edit_summary.csv has every measure, edit_rows.csv every object."),
+            ("table", headline(t["edit_summary"]), "edit_summary")]
+
+
+def _unusable_section(sweep_dir, out_dir: Path, empty: list[dict], t: dict) -> list[tuple]:
+    """The jobs with no usable sample, also as ``unusable_jobs.csv``."""
+    rows = [{"job": Path(m["job_dir"]).relative_to(sweep_dir).as_posix(), "knowledge": m["knowledge"],
+             "method": m["method"], "why": " / ".join(m["status"]["reasons"])} for m in empty]
+    t["unusable_jobs"] = pd.DataFrame(rows)
+    t["unusable_jobs"].to_csv(out_dir / "unusable_jobs.csv", index=False)
+    return [("h2", "Jobs with no usable sample"),
+            ("p", "These jobs ran but no selected sample could be used, so they have no scores and the tables above "
+                  "leave them out. Each row gives the selection's message and the first reasons."),
+            ("table", t["unusable_jobs"], "unusable_jobs")]
+
+
+# the tables whose CSV keeps the index (their labels)
+INDEXED = ("table2", "table3", "curves", "curve_areas", "edit_summary")
 
 
 def _fig3_gallery(results: list[dict], out: Path) -> list[tuple[str, list[tuple[Path, str]]]]:
@@ -267,7 +323,8 @@ def _markdown(blocks: list[tuple], out_dir: Path) -> str:
         elif kind == "table":
             out.append(shown(value).to_markdown(index=False, disable_numparse=True))
         elif kind == "gallery":
-            out.append("\n\n".join(f"![{caption}]({path.relative_to(out_dir).as_posix()})\n*{caption}*" for path, caption in value))
+            out.append("\n\n".join(f"![{caption}]({path.relative_to(out_dir).as_posix()})\n*{caption}*"
+                                   for path, caption in value))
         else:
             out.append(f"![{rest[0]}]({Path(value).name})")
     return "\n\n".join(out) + "\n"
@@ -285,20 +342,25 @@ def _html(blocks: list[tuple], title: str) -> str:
         if kind in ("h1", "h2", "h3"):
             body.append(f"<{kind}>{html.escape(value)}</{kind}>")
         elif kind == "p":
-            body.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(value)) + "</p>")  # markdown's code spans
+            # markdown's code spans
+            body.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(value)) + "</p>")
         elif kind == "table":
-            body.append('<div class="wide">' + shown(value).to_html(index=False, border=0, classes="t", table_id=rest[0]) + "</div>")
+            body.append('<div class="wide">' + shown(value).to_html(index=False, border=0, classes="t",
+                                                                    table_id=rest[0]) + "</div>")
         elif kind == "gallery":
             body.append('<div class="gallery">' + "".join(
-                f'<figure><img alt="{html.escape(caption)}" src="{_png(path)}"><figcaption>{html.escape(caption)}</figcaption>'
+                f'<figure><img alt="{html.escape(caption)}" '
+                f'src="{_png(path)}"><figcaption>{html.escape(caption)}</figcaption>'
                 f"</figure>" for path, caption in value) + "</div>")
         else:
             body.append(f'<figure><img alt="{html.escape(rest[0])}" src="{_png(value)}"></figure>')
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}table.t{border-collapse:collapse;"
-             "font-size:13px;margin:1em 0}.t th,.t td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}"
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table.t{border-collapse:collapse;font-size:13px;margin:1em 0}"
+             ".t th,.t td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}"
              ".wide{overflow-x:auto}"
              "img{max-width:100%}figure{margin:1em 0}figcaption{font-size:12px;color:#444}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style>"
             f"</head><body>{''.join(body)}</body></html>\n")
 
 

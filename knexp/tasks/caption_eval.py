@@ -22,7 +22,7 @@ import pandas as pd
 from knexp.counterfactual.cache import InpaintOptions
 from knexp.data.coco import ImageError
 from knexp.evaluation.mentions import mention_scores, removal_scores
-from knexp.job import Session
+from knexp.job.session import Session
 from knexp.settings import Flag, Integer, Many, SettingError, Text, check_fields, unknown
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ class CaptionEvalTask:
     name: str = "caption_eval"
     num_scenes: int = 300
     inpaint_scenes: int = 120
-    inpaint: dict = field(default_factory=lambda: {"region": "bbox", "dilation": 4, "radius": 5, "methods": ["telea", "ns"]})
+    inpaint: dict = field(default_factory=lambda: {"region": "bbox", "dilation": 4, "radius": 5,
+                                                   "methods": ["telea", "ns"]})
     cache: bool = True
 
     def __post_init__(self):
@@ -48,7 +49,8 @@ class CaptionEvalTask:
         Many(Text())("task.inpaint.methods", check.get("methods"))
         for method in check["methods"]:  # each as the inpaint group's options check it
             try:
-                InpaintOptions(region=check.get("region"), dilation=check.get("dilation"), radius=check.get("radius"), method=method)
+                InpaintOptions(region=check.get("region"), dilation=check.get("dilation"), radius=check.get("radius"),
+                               method=method)
             except SettingError as exc:
                 raise (exc.under("inpaint.method", "task.inpaint.methods") if exc.key == "inpaint.method"
                        else exc.under("inpaint", "task.inpaint")) from None
@@ -58,7 +60,7 @@ class CaptionEvalTask:
 
 
 def run(session: Session, task: CaptionEvalTask) -> dict:
-    cfg, catalog, data = session.cfg, session.catalog, session.data
+    spec, catalog, data = session.spec, session.catalog, session.data
     ids, images, skipped = [], [], []  # usable images only, each decoded once; the rest listed with the reason
     for image_id in data.image_ids[: task.num_scenes]:
         try:
@@ -67,12 +69,14 @@ def run(session: Session, task: CaptionEvalTask) -> dict:
         except ImageError as exc:
             skipped.append({"image_id": image_id, "reason": str(exc)})
     model = session.adapter
-    logger = session.logger()
-    gen = session.generation
-    names = lambda image_id: {catalog.by_coco_id(c).name for c in data.category_ids(image_id) if c in catalog.coco_ids}  # noqa: E731
+    logger = spec.logger()
+    gen = spec.generation
+    # noqa: E731
+    names = lambda image_id: {catalog.by_coco_id(c).name for c in data.category_ids(image_id) if c in catalog.coco_ids}
 
     t0 = time.time()
-    captions = model.caption(images, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens, width=gen.decode_width)
+    captions = model.caption(images, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens,
+                             width=gen.decode_width)
     log.info("captioned %d scenes in %.0f s", len(ids), time.time() - t0)
     truth = [names(i) for i in ids]
     named = [catalog.mentioned(c) for c in captions]
@@ -90,25 +94,27 @@ def run(session: Session, task: CaptionEvalTask) -> dict:
         edited, removed, others = [], [], []
         for image_id in multi:
             instances = data.instances(image_id)
-            pick = instances[int(np.random.default_rng([cfg.data.get("seed", cfg.seed), CHECK_STREAM, image_id]).integers(len(instances)))]
+            pick = instances[int(np.random.default_rng([spec.data.get("seed", spec.seed), CHECK_STREAM,
+                                                        image_id]).integers(len(instances)))]
             image = data.load_image(image_id)
             segmentation = data.instance_mask(pick.annotation_id) if check["region"] == "segm" else None
             edited.append(opts.apply(image, pick.bbox, segmentation))
-            removed.append(catalog.by_coco_id(pick.category_id).name if pick.category_id in catalog.coco_ids else str(pick.category_id))
+            removed.append(catalog.name_of(pick.category_id))
             others.append(names(image_id) - {removed[-1]})
-        caps = model.caption(edited, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens, width=gen.decode_width)
+        caps = model.caption(edited, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens,
+                             width=gen.decode_width)
         said = [catalog.mentioned(c) for c in caps]
         metrics[f"inpainting_{method}"] = removal_scores(removed, others, said)
         rows += [{"method": method, "image_id": i, "removed": r, "others": ", ".join(sorted(o)), "caption": c}
                  for i, r, o, c in zip(multi, removed, others, caps, strict=True)]
     if rows:
         logger.log_table("inpainting", pd.DataFrame(rows))
-    metrics["data"] = {"seed": cfg.data.get("seed"), "split": cfg.data.split, "root": str(cfg.data.root),
+    metrics["data"] = {"seed": spec.data.get("seed"), "split": spec.data["split"], "root": str(spec.data["root"]),
                        "faults": data.audit.counts, "skipped_images": skipped}
     metrics["wall_time_s"] = round(time.time() - t0, 1)
     logger.log_metrics(metrics)
     logger.finish()
     summary = {k: v for k, v in metrics["captions"].items() if k != "per_object"}
     summary.update({k: metrics[k] for k in metrics if k.startswith("inpainting_")})
-    print(json.dumps({"output_dir": str(cfg.paths.output_dir), **summary}, indent=1))
+    print(json.dumps({"output_dir": str(spec.output_dir), **summary}, indent=1))
     return metrics

@@ -1,16 +1,17 @@
 """``python run.py task=edit knowledge=banana method=ours edit/rule=kn``: identification, then a weight edit of the
-found neurons, scored like multimodal editing benchmarks against baselines on the same footing.
+found neurons, scored like multimodal editing benchmarks against baselines on the same footing (docs/method.md,
+"Editing with the found neurons").
 
 1. Identify k's neurons (``Session.identify``) and take the consensus set of ``edit.size`` (``knexp.editing.sets``).
 2. Images (``knexp.evaluation.protocol.evaluation_images``): the identification images (reliability), ``k_images``
    held-out images of k (M- and T-generality) and ``other_images`` + ``edit.fit_other`` images without k; the last
    ``edit.fit_other`` of those feed only the optimized rule's KL term, the rest are M-locality's.
-3. The edit (``edit.rule``), and the baselines of ``baselines``: ``random``, the same rule on layer-matched random
-   neurons scaled to the same ||Delta||_F; ``finetune``, the optimized rule (``conf/edit/rule/optimized.yaml``) on as many
-   random ``down_proj`` columns of any layer; ``rank_one``, a ROME-style update of one ``down_proj``
-   (``knexp.editing.rank_one``; its covariance from ``task.rank_one.covariance_images`` more images without k);
-   ``banned``, greedy decoding that never emits the first token of any of k's word forms (``knexp.models.hooks.banned``),
-   the trivial bound of an erase.
+3. The edit (``edit.rule``, its context built from ``Session.edit_inputs``), and the baselines of ``baselines``:
+   ``random``, the same rule on layer-matched random neurons scaled to the same ||Delta||_F; ``finetune``, the optimized
+   rule (``conf/edit/rule/optimized.yaml``) on as many random ``down_proj`` columns of any layer; ``rank_one``, a
+   ROME-style update of one ``down_proj`` (``knexp.editing.rank_one``; its covariance from
+   ``task.rank_one.covariance_images`` more images without k); ``banned``, greedy decoding that never emits the first
+   token of any of k's word forms (``knexp.models.hooks.banned``), the trivial bound of an erase.
 4. Every variant and the unedited model scored by ``knexp.evaluation.edit_measures``; the edit saved as
    ``edit.safetensors`` (``model.edit=<file>`` loads it).
 Writes ``metrics.json`` (per variant: the measures and the cost), ``edit_captions.csv`` and ``selection.json``.
@@ -29,12 +30,12 @@ import pandas as pd
 from knexp.editing.make import make
 from knexp.editing.rank_one import RankOne, rank_one_data
 from knexp.editing.rules import matched_norm
-from knexp.editing.sets import layer_matched_random, object_set, random_columns
-from knexp.editing.weights import applied, save
+from knexp.editing.sets import disjoint_random, object_set, random_columns
 from knexp.evaluation.edit_measures import EditMeasures, Probe, Variant
 from knexp.evaluation.protocol import evaluation_images
-from knexp.job import Session
-from knexp.models.hooks import banned
+from knexp.job.session import Session
+from knexp.models.hooks.banned import banned
+from knexp.models.weight_edit import WeightEdit, applied, save
 from knexp.reporting.outputs import write_data_faults, write_identification
 from knexp.resume import finished, mark_finished
 from knexp.settings import Choice, Flag, Integer, Many, Text, check_fields, from_mapping
@@ -48,6 +49,15 @@ def banned_ids(adapter, knowledge) -> list[int]:
     """The first token of each word form of ``knowledge``, after a space and not, lower-case and capitalised."""
     forms = [v for f in knowledge.forms for v in (f, f.capitalize())]
     return sorted({adapter.tokenize(s + f)[0] for f in forms for s in ("", " ")})
+
+
+@dataclass
+class EditImages:
+    """The images of one object's edit (module docstring, step 2): the probe's rows and what fitting may see."""
+
+    probe: Probe
+    locality: list[np.ndarray]  # images without k for the optimized rule's KL term (never measured)
+    covariance: list[np.ndarray]  # images without k for the rank-one baseline's covariance
 
 
 @dataclass
@@ -65,115 +75,136 @@ class EditTask:
     cache: bool = True
 
     def __post_init__(self):
-        check_fields(self, "task", k_images=Integer(low=0), other_images=Integer(low=0), baselines=Many(Choice(BASELINES), min_len=0),
+        check_fields(self, "task", k_images=Integer(low=0), other_images=Integer(low=0),
+                     baselines=Many(Choice(BASELINES), min_len=0),
                      save=Flag(), bertscore_model=Text(optional=True), bertscore_layers=Integer(low=1), cache=Flag())
         self.rank_one = from_mapping(RankOne, self.rank_one, "task.rank_one")
 
     def __call__(self, session: Session) -> dict:
         t0 = time.time()
-        out = session.output_dir
-        if (done := finished(session.cfg, out)) is not None:
+        spec, resources = session.spec, session.resources
+        out = spec.output_dir
+        if (done := finished(spec.job_key, out)) is not None:
             return done
-        settings, adapter, catalog, k = session.edit_settings, session.adapter, session.catalog, session.knowledge
+        settings, adapter, k = spec.edit, resources.adapter, spec.knowledge
         found = session.identify(method=settings.source)  # the set's source: edit.source, or the job's method
         status = found.status()
         write_identification(out, found, adapter.num_layers)
-        target = settings.target(catalog, k)
-        metrics = {**session.labels(), "method": found.method.name, "variant": found.method.variant, "task": "edit", "status": status,
-                   "op": target.op, "rule": settings.rule.name, "rule_label": settings.rule.label,
+        target = settings.target(spec.catalog, k)
+        metrics = {**spec.labels(), "method": found.method.name, "variant": found.method.variant, "task": "edit",
+                   "status": status, "op": target.op, "rule": settings.rule.name, "rule_label": settings.rule.label,
                    "replacement": target.replacement.name if target.replacement else None, "size": settings.size,
                    "selection": found.selection.message, "skipped": found.skipped, "variants": {}}
         if found.results:
             metrics["variants"], table, edit = self._edit(session, found, target)
             table.to_csv(out / "edit_captions.csv", index=False)
-            if self.save and edit is not None:
-                save(edit, out / "edit.safetensors", adapter, session.model_key)
+            if self.save:
+                save(edit, out / "edit.safetensors", adapter, resources.model_key)
         else:
-            log.warning("%s: no usable sample, so no edit (metrics.json status): %s", k.name, "; ".join(status["reasons"]))
-        metrics["data_faults"] = write_data_faults(out, session.data.audit)
+            log.warning("%s: no usable sample, so no edit (metrics.json status): %s", k.name,
+                        "; ".join(status["reasons"]))
+        metrics["data_faults"] = write_data_faults(out, resources.data.audit)
         metrics["wall_time_s"] = round(time.time() - t0, 1)
-        logger = session.logger()
+        logger = spec.logger()
         logger.log_metrics(metrics)
         logger.finish()
-        mark_finished(session.cfg, out, metrics)
+        mark_finished(spec.job_key, out, metrics)
         print(json.dumps({"output_dir": str(out), "knowledge": k.name, "op": target.op, "rule": settings.rule.name,
-                          **{name: {m: v.get(m) for m in ("reliability", "m_generality")} for name, v in metrics["variants"].items()}},
+                          **{name: {m: v.get(m) for m in ("reliability",
+                                                          "m_generality")} for name, v in metrics["variants"].items()}},
                          indent=1))
         return metrics
 
-    def _edit(self, session: Session, found, target) -> tuple[dict, pd.DataFrame, object]:
-        settings, adapter, data, k = session.edit_settings, session.adapter, session.data, session.knowledge
-        seed = int(session.cfg.seed)
+    def _images(self, session: Session, found, target) -> EditImages:
+        """The probe (identification images, held-out images of k, measured images without k, text prompts) and the
+        images only fitting sees; the images without k come first for measuring, whatever their count."""
+        spec, data = session.spec, session.data
+        settings, k = spec.edit, spec.knowledge
         ident_ids = [r.candidate.image_id for r in found.results]
         extra = self.rank_one.covariance_images if "rank_one" in self.baselines else 0
-        rows = evaluation_images(data, session.catalog, k, ident_ids, self.k_images, self.other_images + settings.fit_other + extra, seed)
+        rows = evaluation_images(data, spec.catalog, k, ident_ids, self.k_images,
+                                 self.other_images + settings.fit_other + extra, spec.seed)
         others = [r for r in rows if r[1] == "other"]  # the first ones are the same whatever the count
         measured, fitting = others[:self.other_images], others[self.other_images:self.other_images + settings.fit_other]
         covariance = others[self.other_images + settings.fit_other:]
 
         def probe_rows(part):
-            return [([session.dataset_id, image_id], data.load_image(image_id), session.catalog[own]) for image_id, _, own in part]
+            return [([session.resources.dataset_id, image_id], data.load_image(image_id), spec.catalog[own])
+                    for image_id, _, own in part]
 
         k_rows = [r for r in rows if r[1] == "k"]
-        probe = Probe(k, target.replacement, target.op, probe_rows([r for r in k_rows if r[0] in ident_ids]),
-                      probe_rows([r for r in k_rows if r[0] not in ident_ids]), probe_rows(measured), list(settings.texts),
-                      settings.about_k(k), settings.prompts)
-        measures = EditMeasures(session.captioner, probe, self.bertscore_model, self.bertscore_layers)
-        locality = [data.load_image(image_id) for image_id, _, _ in fitting]
-        neurons = object_set(found, session.rule, settings.size)
-        contexts: dict[tuple, dict] = {}  # by what a rule needs: the edit, its random control and the fine-tuning share one
+        probe = Probe(target, probe_rows([r for r in k_rows if r[0] in ident_ids]),
+                      probe_rows([r for r in k_rows if r[0] not in ident_ids]),
+                      probe_rows(measured), list(settings.texts), settings.about_k(k), settings.prompts)
+        return EditImages(probe, [data.load_image(i) for i, _, _ in fitting],
+                          [data.load_image(i) for i, _, _ in covariance])
 
-        def context(rule):
-            if rule.needs not in contexts:
-                contexts[rule.needs] = session.edit_context(rule, found, target, locality)
-            return contexts[rule.needs]
+    def _plan(self, session: Session, found, target, neurons,
+              images: EditImages) -> tuple[list[tuple[Variant, dict]], WeightEdit]:
+        """(every variant to measure with its cost, the edit of ``neurons``): the edit and the baselines of
+        ``baselines``, each rule's context built once (the edit, its random control and the fine-tuning share one where
+        they read the same)."""
+        spec, adapter, model_key = session.spec, session.adapter, session.resources.model_key
+        inputs = session.edit_inputs(found, target, images.locality)
+        contexts: dict = {}
 
-        rule = settings.rule
-        edit, seconds = make(adapter, rule, neurons, target, context(rule))
+        def made(rule, chosen):
+            if type(rule).context not in contexts:
+                contexts[type(rule).context] = rule.context(inputs)
+            return make(adapter, rule, chosen, target, contexts[type(rule).context])
 
         def edited(name, e, secs):
-            variant = Variant(name, stable_key(session.model_key, "edit", e.digest()), lambda: applied(adapter, e))
+            variant = Variant(name, stable_key(model_key, "edit", e.digest()), lambda: applied(adapter, e))
             return variant, {"seconds": round(secs, 3), "relative_norm": e.relative_norm(adapter), "norm": e.norm(),
-                             "parameters_changed": e.parameters_changed, "neurons": sum(len(d.units) for d in e.layers.values()),
+                             "parameters_changed": e.parameters_changed, "neurons": e.units_changed,
                              **{key: e.provenance[key] for key in ("steps_run", "target_met") if key in e.provenance}}
 
+        rule = spec.edit.rule
+        edit, seconds = made(rule, neurons)
         plan = [edited("edit", edit, seconds)]
-        d_ff = adapter.d_ff
         if "random" in self.baselines:
-            control, secs = make(adapter, rule, layer_matched_random(neurons, d_ff, seed), target, context(rule))
+            control, secs = made(rule, disjoint_random(neurons, adapter.d_ff, spec.seed))
             plan.append(edited("random", matched_norm(control, edit.norm()), secs))
         if "finetune" in self.baselines:
-            tune = session.edit_rule_named("optimized")
-            columns = random_columns(len(neurons), adapter.num_layers, d_ff, seed)
-            tuned, secs = make(adapter, tune, columns, target, context(tune))
-            plan.append(edited("finetune", tuned, secs))
+            columns = random_columns(len(neurons), adapter.num_layers, adapter.d_ff, spec.seed)
+            plan.append(edited("finetune", *made(session.edit_rule("optimized"), columns)))
         if "rank_one" in self.baselines:
-            plan.append(edited("rank_one", *self._rank_one(session, found, neurons, target, covariance)))
+            plan.append(edited("rank_one", *self._rank_one(session, found, neurons, target, images.covariance)))
         if "banned" in self.baselines:
-            ids = banned_ids(adapter, k)
-            plan.append((Variant("banned", stable_key(session.model_key, "banned", ids), lambda: banned(adapter, ids)),
+            ids = banned_ids(adapter, spec.knowledge)
+            plan.append((Variant("banned", stable_key(model_key, "banned", ids), lambda: banned(adapter, ids)),
                          {"seconds": 0.0, "banned_tokens": len(ids)}))
-        log.info("%s: measuring the unedited model and %d variants (%s)", k.name, len(plan), ", ".join(v.name for v, _ in plan))
-        results = {"unedited": measures.score(Variant("unedited", session.captioner.model_key, None))}
+        return plan, edit
+
+    def _edit(self, session: Session, found, target) -> tuple[dict, pd.DataFrame, WeightEdit]:
+        """Every variant's measures (``variants`` of metrics.json), their captions, and the edit."""
+        k = session.knowledge
+        images = self._images(session, found, target)
+        measures = EditMeasures(session.resources.captioner, images.probe, self.bertscore_model, self.bertscore_layers)
+        neurons = object_set(found, session.spec.rule, session.spec.edit.size)
+        plan, edit = self._plan(session, found, target, neurons, images)
+        log.info("%s: measuring the unedited model and %d variants (%s)", k.name, len(plan),
+                 ", ".join(v.name for v, _ in plan))
+        results = {"unedited": measures.score(Variant("unedited", session.resources.captioner.model_key, None))}
         for i, (variant, cost) in enumerate(plan):
             log.info("%s: measuring %s (%d/%d)", k.name, variant.name, i + 1, len(plan))
             results[variant.name] = {**measures.score(variant), "cost": cost}
-        frames = []
-        for name, scores in results.items():
-            for group, captions in scores.pop("captions").items():
-                frames.append(pd.DataFrame({"variant": name, "group": group, "caption": captions}))
-        results["edit"]["set"] = {"method": neurons.method, "size": len(neurons), "per_layer": neurons.per_layer(adapter.num_layers)}
+        frames = [pd.DataFrame({"variant": name, "group": group, "caption": captions})
+                  for name, scores in results.items() for group, captions in scores.pop("captions").items()]
+        results["edit"]["set"] = {"method": neurons.method, "size": len(neurons),
+                                  "per_layer": neurons.per_layer(session.adapter.num_layers)}
         return results, pd.concat(frames, ignore_index=True), edit
 
-    def _rank_one(self, session: Session, found, neurons, target, covariance) -> tuple[object, float]:
-        """The rank-one baseline's edit (``knexp.editing.rank_one``) and its seconds, at ``task.rank_one.layer`` or the layer
-        holding most of ``neurons``."""
+    def _rank_one(self, session: Session, found, neurons, target,
+                  covariance: list[np.ndarray]) -> tuple[WeightEdit, float]:
+        """The rank-one baseline's edit (``knexp.editing.rank_one``) and its seconds, at ``task.rank_one.layer`` or the
+        layer holding most of ``neurons``."""
         adapter, data = session.adapter, session.data
         layer = self.rank_one.layer if self.rank_one.layer is not None else int(np.bincount(neurons.layers).argmax())
         if layer == adapter.num_layers - 1:
-            log.warning("rank_one: layer %d is the last: its output at the image positions feeds nothing a caption reads, so "
-                        "the edit cannot act there; set task.rank_one.layer to an earlier one", layer)
-        inputs = rank_one_data(adapter, data, found.results, target.knowledge, [data.load_image(i) for i, _, _ in covariance])
+            log.warning("rank_one: layer %d is the last: its output at the image positions feeds nothing a caption "
+                        "reads, so the edit cannot act there; set task.rank_one.layer to an earlier one", layer)
+        inputs = rank_one_data(adapter, data, found.results, target.knowledge, covariance)
         began = time.perf_counter()
-        edit = self.rank_one.make(adapter, layer, target, inputs, session.captioner.batch_size)
+        edit = self.rank_one.make(adapter, layer, target, inputs, session.resources.captioner.batch_size)
         return edit, time.perf_counter() - began

@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from knexp.job import Session
+from knexp.job.session import Session
 from knexp.reporting.sweep import write_report
 from knexp.settings import Flag, SettingError, check_fields
 
@@ -28,16 +26,15 @@ class ReportTask:
 
     def check_session(self, session: Session) -> None:
         """``sweep_dir`` names a folder (checked when the job is built)."""
-        where = session.cfg.get("sweep_dir")
+        where = session.spec.sweep_dir
         if not isinstance(where, str) or not Path(where).is_dir():
             raise SettingError("sweep_dir", where, "task=report needs a multirun folder of task=evaluate jobs, e.g. "
                                "sweep_dir=runs/evaluate/multiruns/2026-01-01_12-00-00")
 
     def __call__(self, session: Session) -> dict:
-        cfg = session.cfg
-        splits = OmegaConf.to_container(cfg.splits, resolve=True) if cfg.get("splits") else None
-        report = write_report(cfg.sweep_dir, session.output_dir, splits)
-        logger = session.logger()
+        spec = session.spec
+        report = write_report(spec.sweep_dir, spec.output_dir, spec.splits or None)
+        logger = spec.logger()
         for name, table in report.tables.items():
             if len(table):
                 logger.mirror_table(f"report_{name}", table.reset_index())  # its CSV is beside the report already

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 
 from knexp.io import atomic_write_text
-from knexp.job import Session
+from knexp.job.session import Session
 from knexp.settings import Flag, check_fields
 
 
@@ -27,7 +27,7 @@ class SelectTask:
 
     def __call__(self, session: Session) -> dict:
         names = session.catalog.names if self.all_knowledge else [session.knowledge.name]
-        out = session.output_dir
+        out = session.spec.output_dir
         summary = {}
         for name in names:
             sel = session.select(name)

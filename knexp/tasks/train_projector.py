@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 from knexp.data.loading import scene_options
 from knexp.data.toyworld.scenes import make_scene
 from knexp.io import atomic_path
-from knexp.job import Session
-from knexp.models.embedded import EmbeddedMLLM, preprocess
+from knexp.job.session import Session
 from knexp.models.registry import load_model
+from knexp.models.zoo.embedded import EmbeddedMLLM, preprocess
 from knexp.settings import DTYPES, Choice, Flag, Integer, Number, Text, check_fields
 from knexp.user_errors import ConfigError
 
@@ -68,12 +68,13 @@ def caption_loss(model: EmbeddedMLLM, features: torch.Tensor, ids: torch.Tensor,
     return F.cross_entropy(logits, target[keep])
 
 
-def lr_at(step: int, cfg) -> float:
+def lr_at(step: int, settings) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    floor = settings.min_lr_ratio
+    return settings.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def save_projector(model: EmbeddedMLLM, path: Path, metadata: dict) -> None:
@@ -105,9 +106,11 @@ class TrainProjectorTask:
     cache: bool = True
 
     def __post_init__(self):
-        check_fields(self, "task", seed=Integer(low=0), lm_dtype=Choice(DTYPES), steps=Integer(low=1), batch_size=Integer(low=1),
+        check_fields(self, "task", seed=Integer(low=0), lm_dtype=Choice(DTYPES), steps=Integer(low=1),
+                     batch_size=Integer(low=1),
                      lr=Number(low=0.0, low_open=True), warmup_steps=Integer(low=0), min_lr_ratio=Number(0.0, 1.0),
-                     weight_decay=Number(low=0.0), grad_clip=Number(low=0.0, low_open=True), ghost_prob=Number(0.0, 1.0),
+                     weight_decay=Number(low=0.0), grad_clip=Number(low=0.0, low_open=True),
+                     ghost_prob=Number(0.0, 1.0),
                      empty_prob=Number(0.0, 1.0), log_every=Integer(low=1), checkpoint_every=Integer(low=1),
                      resume_from=Text(optional=True), output=Text(), cache=Flag())
 
@@ -116,10 +119,10 @@ class TrainProjectorTask:
 
 
 def run(session: Session, t: TrainProjectorTask) -> dict:
-    cfg, catalog = session.cfg, session.catalog
-    out_dir = session.output_dir
-    model_cfg = {**session.model_cfg, "projector_path": None, "dtype": t.lm_dtype}  # start from a seeded random projector
-    model = load_model(model_cfg, cfg.paths.cache_dir).mllm
+    spec, catalog = session.spec, session.catalog
+    out_dir = spec.output_dir
+    model_cfg = {**spec.model, "projector_path": None, "dtype": t.lm_dtype}  # start from a seeded random projector
+    model = load_model(model_cfg, spec.cache_dir).mllm
     model.projector.requires_grad_(True).train()
     opt = torch.optim.AdamW(model.projector.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     start = 0
@@ -129,7 +132,7 @@ def run(session: Session, t: TrainProjectorTask) -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         start = int(ckpt["step"])
         log.info("resumed from %s at step %d", t.resume_from, start)
-    opts = scene_options(cfg.data)
+    opts = scene_options(spec.data)
     opts.ghost_prob, opts.empty_prob = float(t.ghost_prob), float(t.empty_prob)
     history, began, smooth = [], time.time(), None
     for step in range(start, t.steps):
@@ -152,9 +155,11 @@ def run(session: Session, t: TrainProjectorTask) -> dict:
             history.append({"step": step + 1, "loss": loss.item(), "smoothed": smooth})
         if (step + 1) % t.checkpoint_every == 0:
             with atomic_path(out_dir / "checkpoint.pt") as tmp:
-                torch.save({"projector": model.projector.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, tmp)
+                torch.save({"projector": model.projector.state_dict(), "optimizer": opt.state_dict(), "step": step + 1},
+                           tmp)
     wall = time.time() - began
-    meta = {"seed": t.seed, "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "projector_kind": cfg.model.projector_kind,
+    meta = {"seed": t.seed, "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr,
+            "projector_kind": spec.model["projector_kind"],
             "ghost_prob": t.ghost_prob, "empty_prob": t.empty_prob, "wall_time_s": round(wall, 1),
             "final_smoothed_loss": round(smooth or 0, 4)}
     save_projector(model, Path(t.output), meta)

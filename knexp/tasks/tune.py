@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from knexp.config import build
 from knexp.io import atomic_write_text
-from knexp.job import Session
+from knexp.job.session import Session
 from knexp.settings import Flag, SettingError, Text, check_fields
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ class TuneTask:
     cache: bool = True
 
     def __post_init__(self):
-        if isinstance(self.job, Mapping):  # knexp.job.build_job builds tasks without recursing: the job is built here
+        # knexp.job.session.build_job builds tasks without recursing: the job is built here
+        if isinstance(self.job, Mapping):
             try:
                 self.job = build(OmegaConf.create(dict(self.job)), "task")
             except SettingError as exc:
@@ -46,20 +47,21 @@ class TuneTask:
 
     def check_session(self, session: Session) -> None:
         """``task.split`` is one of the splits (checked when the job is built)."""
-        if self.split not in session.cfg.splits:
-            raise SettingError("task.split", self.split, f"use one of the splits: {', '.join(session.cfg.splits)} (conf/splits)")
+        if self.split not in session.spec.splits:
+            raise SettingError("task.split", self.split,
+                               f"use one of the splits: {', '.join(session.spec.splits)} (conf/splits)")
 
     def __call__(self, session: Session) -> dict:
-        splits = session.cfg.splits
-        names = [session.catalog[n].name for n in splits[self.split]]
-        out = session.output_dir
+        names = [session.catalog[n].name for n in session.spec.splits[self.split]]
+        out = session.spec.output_dir
         per_object = {}
         for name in names:
             result = self.job(session.for_knowledge(name, out / name.replace(" ", "_")))
             per_object[name] = result.get("table2") or {}
-        scores = {s: float(np.mean([t[s] for t in per_object.values() if t])) if any(per_object.values()) else float("nan")
+        found = [t for t in per_object.values() if t]
+        scores = {s: float(np.mean([t[s] for t in found])) if found else float("nan")
                   for s in ("S_se", "S_re", "S_mean")}
-        summary = {"split": self.split, "objects": names, "thresholds": OmegaConf.to_container(session.cfg.thresholds, resolve=True),
+        summary = {"split": self.split, "objects": names, "thresholds": session.spec.settings_of("thresholds"),
                    **scores, "per_object": per_object}
         atomic_write_text(out / "tune.json", json.dumps(summary, indent=1))
         log.info("%s split (%d objects): S_se %.4f S_re %.4f S_mean %.4f", self.split, len(names), *scores.values())

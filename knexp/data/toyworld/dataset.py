@@ -32,7 +32,8 @@ def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
     return [p.flatten().round(1).tolist() for p in polys]
 
 
-def generate_split(root: str | Path, split: str, num_images: int, seed: int, catalog: Catalog, opts: SceneOptions | None = None) -> Path:
+def generate_split(root: str | Path, split: str, num_images: int, seed: int, catalog: Catalog,
+                   opts: SceneOptions | None = None) -> Path:
     """Create (once) the split under ``root``, or check it when it is there; returns ``root``. A damaged split is made
     again, with a warning; one made with other settings raises ``knexp.manifest.FolderInUse`` naming the folder. Safe
     when several jobs race to make it."""
@@ -41,7 +42,8 @@ def generate_split(root: str | Path, split: str, num_images: int, seed: int, cat
     settings = {"split": split, "num_images": num_images, "seed": seed, "stream": DATASET_STREAM, "scene": asdict(opts)}
     refuse = (f"{root / split} holds a toy-world split made with other settings; choose another data.root, or delete "
               f"{root / split} and {root}/instances_{split}.json to make it again")
-    return built(root, f"{split}/{MANIFEST}", settings, lambda folder: _write(folder, split, num_images, seed, catalog, opts),
+    return built(root, f"{split}/{MANIFEST}", settings,
+                 lambda folder: _write(folder, split, num_images, seed, catalog, opts),
                  f"toy-world split {split!r}", refuse=refuse)
 
 
@@ -70,4 +72,5 @@ def _write(folder: Path, split: str, num_images: int, seed: int, catalog: Catalo
     info = {"description": f"knexp toy world, split {split}, seed {seed}", "version": "1"}
     instances = {"info": info, "images": images, "annotations": annotations, "categories": categories}
     (folder / f"instances_{split}.json").write_text(json.dumps(instances))
-    (folder / f"captions_{split}.json").write_text(json.dumps({"info": info, "images": images, "annotations": captions}))
+    (folder / f"captions_{split}.json").write_text(json.dumps({"info": info, "images": images,
+                                                               "annotations": captions}))

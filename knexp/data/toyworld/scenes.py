@@ -44,10 +44,12 @@ class SceneOptions:
         check_fields(self, "task", empty_prob=Number(0.0, 1.0), ghost_prob=Number(0.0, 1.0))
         lo, hi = self.object_px[0], self.object_px[-1]
         if len(self.object_px) != 2 or lo > hi or hi > self.size - 2:
-            raise SettingError("data.scene.object_px", list(self.object_px), f"use [smallest, largest] with 24 <= smallest <= "
+            raise SettingError("data.scene.object_px", list(self.object_px),
+                               f"use [smallest, largest] with 24 <= smallest <= "
                                f"largest <= data.scene.size - 2 = {self.size - 2}")
         if self.max_objects < self.min_objects:
-            raise SettingError("data.scene.max_objects", self.max_objects, f"use at least data.scene.min_objects={self.min_objects}")
+            raise SettingError("data.scene.max_objects", self.max_objects,
+                               f"use at least data.scene.min_objects={self.min_objects}")
         self.object_px = (lo, hi)
 
 
@@ -72,7 +74,8 @@ def background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
 
     def smooth(cells: int, scale: float) -> np.ndarray:
-        return cv2.resize(rng.normal(0, scale, (cells, cells)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+        return cv2.resize(rng.normal(0, scale, (cells, cells)).astype(np.float32), (size, size),
+                          interpolation=cv2.INTER_CUBIC)
 
     def muted() -> np.ndarray:
         return rng.uniform(90, 200, 3) * 0.6 + 0.4 * rng.uniform(110, 170)
@@ -117,12 +120,14 @@ def caption_for(objects: list[Knowledge], rng: np.random.Generator | None = None
     return f"The image shows {listed}."
 
 
-def _place(occupied: list[tuple[int, int, int, int]], w: int, h: int, size: int, gap: int, rng) -> tuple[int, int] | None:
+def _place(occupied: list[tuple[int, int, int, int]], w: int, h: int, size: int, gap: int,
+           rng) -> tuple[int, int] | None:
     if w > size - 2 or h > size - 2:
         return None
     for _ in range(60):
         x, y = int(rng.integers(1, size - w)), int(rng.integers(1, size - h))
-        if all(x + w + gap <= ox or ox + ow + gap <= x or y + h + gap <= oy or oy + oh + gap <= y for ox, oy, ow, oh in occupied):
+        if all(x + w + gap <= ox or ox + ow + gap <= x or y + h + gap <= oy or oy + oh + gap <= y
+               for ox, oy, ow, oh in occupied):
             return x, y
     return None
 
@@ -151,7 +156,8 @@ def make_scene(catalog: Catalog, rng: np.random.Generator, opts: SceneOptions | 
     placed: list[PlacedObject] = []
     occupied: list[tuple[int, int, int, int]] = []
     for i, name in enumerate(names):
-        ghost_gap = opts.ghost_dilation[1] + opts.ghost_radius[1] + opts.gap_px if (with_ghost and i == len(names) - 1) else opts.gap_px
+        last_ghost = with_ghost and i == len(names) - 1
+        ghost_gap = opts.ghost_dilation[1] + opts.ghost_radius[1] + opts.gap_px if last_ghost else opts.gap_px
         size = int(rng.integers(opts.object_px[0], opts.object_px[1] + 1))
         spot = None
         for _ in range(6):  # shrink until it fits beside what is already there
@@ -170,7 +176,8 @@ def make_scene(catalog: Catalog, rng: np.random.Generator, opts: SceneOptions | 
     ghosts: list[PlacedObject] = []
     if with_ghost and len(placed) == len(names):
         ghost = placed.pop()
-        region = region_mask(image.shape[:2], bbox=ghost.bbox, dilation=int(rng.integers(*opts.ghost_dilation, endpoint=True)))
+        region = region_mask(image.shape[:2], bbox=ghost.bbox,
+                             dilation=int(rng.integers(*opts.ghost_dilation, endpoint=True)))
         method = opts.ghost_methods[int(rng.integers(len(opts.ghost_methods)))]
         image = inpaint(image, region, int(rng.integers(*opts.ghost_radius, endpoint=True)), method)
         ghosts.append(ghost)

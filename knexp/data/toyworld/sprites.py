@@ -63,20 +63,23 @@ class Pen:
 
     def rect(self, x0, y0, x1, y1, colour, t=-1.0, solid=True):
         th = -1 if t < 0 else self._len(t)
-        self._both(lambda im, col: cv2.rectangle(im, self._p(x0, y0), self._p(x1, y1), col, th, cv2.LINE_AA), colour, solid)
+        self._both(lambda im, col: cv2.rectangle(im, self._p(x0, y0), self._p(x1, y1), col, th, cv2.LINE_AA), colour,
+                   solid)
 
     def poly(self, pts, colour, solid=True):
         arr = np.array([self._p(x, y) for x, y in pts], np.int32)
         self._both(lambda im, col: cv2.fillPoly(im, [arr], col, cv2.LINE_AA), colour, solid)
 
     def line(self, x0, y0, x1, y1, colour, t=0.03, solid=True):
-        self._both(lambda im, col: cv2.line(im, self._p(x0, y0), self._p(x1, y1), col, self._len(t), cv2.LINE_AA), colour, solid)
+        self._both(lambda im, col: cv2.line(im, self._p(x0, y0), self._p(x1, y1), col, self._len(t), cv2.LINE_AA),
+                   colour, solid)
 
     def text(self, s, x, y, width, colour, t=0.04):
         """Write ``s`` starting at (x, y) (baseline), scaled so that it spans ``width`` of the canvas."""
         (tw, _), _ = cv2.getTextSize(s, cv2.FONT_HERSHEY_SIMPLEX, 1.0, self._len(t))
         fs = width * self.w / max(tw, 1)
-        cv2.putText(self.img, s, self._p(x, y), cv2.FONT_HERSHEY_SIMPLEX, fs, self.c(colour, 0.3), self._len(t), cv2.LINE_AA)
+        cv2.putText(self.img, s, self._p(x, y), cv2.FONT_HERSHEY_SIMPLEX, fs, self.c(colour, 0.3), self._len(t),
+                    cv2.LINE_AA)
 
     def scatter(self, n, box, r, colour, inside: Callable[[float, float], bool] | None = None):
         """``n`` dots of radius ``r`` at random points of ``box=(x0, y0, x1, y1)`` (and ``inside``)."""
@@ -150,7 +153,8 @@ def _giraffe(p: Pen):
     p.ellipse(0.18, 0.11, 0.14, 0.06, coat, angle=-15)
     p.line(0.2, 0.07, 0.19, 0.01, spot, 0.04)
     p.line(0.26, 0.07, 0.26, 0.01, spot, 0.04)
-    p.scatter(12, (0.33, 0.45, 0.88, 0.65), 0.045, spot, lambda x, y: ((x - 0.6) / 0.28) ** 2 + ((y - 0.55) / 0.11) ** 2 < 1)
+    p.scatter(12, (0.33, 0.45, 0.88, 0.65), 0.045, spot, lambda x,
+              y: ((x - 0.6) / 0.28) ** 2 + ((y - 0.55) / 0.11) ** 2 < 1)
     p.scatter(5, (0.24, 0.18, 0.4, 0.48), 0.04, spot, lambda x, y: abs((x - 0.22) - (0.5 - y) * 0.4) < 0.08)
 
 
@@ -311,9 +315,11 @@ def _fire_hydrant(p: Pen):
 
 def _stop_sign(p: Pen):
     p.rect(0.45, 0.55, 0.55, 0.99, (150, 150, 155))
-    pts = [(0.5 + 0.48 * np.cos(np.deg2rad(22.5 + 45 * i)), 0.33 + 0.3 * np.sin(np.deg2rad(22.5 + 45 * i))) for i in range(8)]
+    pts = [(0.5 + 0.48 * np.cos(np.deg2rad(22.5 + 45 * i)),
+            0.33 + 0.3 * np.sin(np.deg2rad(22.5 + 45 * i))) for i in range(8)]
     p.poly(pts, (250, 250, 250))
-    inner = [(0.5 + 0.43 * np.cos(np.deg2rad(22.5 + 45 * i)), 0.33 + 0.27 * np.sin(np.deg2rad(22.5 + 45 * i))) for i in range(8)]
+    inner = [(0.5 + 0.43 * np.cos(np.deg2rad(22.5 + 45 * i)),
+              0.33 + 0.27 * np.sin(np.deg2rad(22.5 + 45 * i))) for i in range(8)]
     p.poly(inner, (210, 25, 30))
     p.text("STOP", 0.15, 0.4, 0.7, (255, 255, 255), t=0.05)
 
@@ -385,7 +391,8 @@ def _clock(p: Pen):
     p.circle(0.5, 0.5, 0.42, (250, 250, 245))
     for i in range(12):
         a = np.deg2rad(30 * i)
-        p.line(0.5 + 0.34 * np.cos(a), 0.5 + 0.34 * np.sin(a), 0.5 + 0.4 * np.cos(a), 0.5 + 0.4 * np.sin(a), (20, 20, 20), 0.025)
+        p.line(0.5 + 0.34 * np.cos(a), 0.5 + 0.34 * np.sin(a), 0.5 + 0.4 * np.cos(a), 0.5 + 0.4 * np.sin(a),
+               (20, 20, 20), 0.025)
     h, m = np.deg2rad(p.rng.uniform(0, 360)), np.deg2rad(p.rng.uniform(0, 360))
     p.line(0.5, 0.5, 0.5 + 0.2 * np.cos(h), 0.5 + 0.2 * np.sin(h), (20, 20, 20), 0.045)
     p.line(0.5, 0.5, 0.5 + 0.32 * np.cos(m), 0.5 + 0.32 * np.sin(m), (20, 20, 20), 0.03)
@@ -394,7 +401,8 @@ def _clock(p: Pen):
 
 def _vase(p: Pen):
     glaze = p.pick([(40, 80, 180), (30, 140, 130), (170, 60, 40), (230, 230, 235)])
-    p.poly([(0.36, 0.02), (0.64, 0.02), (0.6, 0.16), (0.92, 0.5), (0.76, 0.96), (0.24, 0.96), (0.08, 0.5), (0.4, 0.16)], glaze)
+    p.poly([(0.36, 0.02), (0.64, 0.02), (0.6, 0.16), (0.92, 0.5), (0.76, 0.96), (0.24, 0.96), (0.08, 0.5), (0.4, 0.16)],
+           glaze)
     band = (250, 250, 250) if glaze[0] < 200 else (40, 80, 180)
     xs = np.linspace(0.14, 0.86, 12)
     for a, b in zip(xs[:-1], xs[1:], strict=True):
@@ -469,7 +477,8 @@ SPRITES: dict[str, SpriteSpec] = {
 }
 
 
-def render_sprite(name: str, size: int, rng: np.random.Generator, max_rotation: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
+def render_sprite(name: str, size: int, rng: np.random.Generator,
+                  max_rotation: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
     """Draw object ``name`` with its longer side ``size`` px; returns (RGB uint8 [h, w, 3], alpha uint8 [h, w]).
 
     Jitter: colour (per sprite and per part), a smooth multiplicative texture, a rotation of up to

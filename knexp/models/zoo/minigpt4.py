@@ -1,6 +1,6 @@
 """MiniGPT-4 with LLaMA-2 and no Q-Former (the seed paper's model), from its official checkpoints.
 
-Architecture (METHOD.md, "Patch geometry per model"): EVA ViT-g/14 as in BLIP-2 (39 blocks, width 1408,
+Architecture (docs/method.md, "Patch geometry per model"): EVA ViT-g/14 as in BLIP-2 (39 blocks, width 1408,
 16 heads, MLP 6144, q/v biases, LayerNorm eps 1e-6, no final norm) at 224 px gives 1 + 16 x 16 tokens;
 ``ln_vision`` (LayerNorm 1408) follows, the CLS token is dropped, and every 4 consecutive row-major
 patches are concatenated, ``view(B, 64, 4 * 1408)``, then ``llama_proj = Linear(5632 -> 4096)``. So image
@@ -10,7 +10,7 @@ mean and std. The LM is LLaMA-2-chat; the prompt is ``[INST] <Img><ImageHere></I
 
 Parameter names follow the official code (``visual_encoder.*``, ``ln_vision.*``, ``llama_proj.*``), so
 ``eva_vit_g.pth`` and the MiniGPT-4 checkpoint's ``model`` dict load as they are. ``python -m
-knexp.models.minigpt4 convert ...`` turns them into one safetensors folder; every ``.pth`` is read with
+knexp.models.zoo.minigpt4 convert ...`` turns them into one safetensors folder; every ``.pth`` is read with
 ``torch.load(weights_only=True)``.
 """
 
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from knexp.io import atomic_path
+from knexp.models.adapters.spliced import SplicedAdapter, SplicedMLLM
 from knexp.models.errors import ModelWeightsMissing
 from knexp.models.geometry import PatchGeometry
-from knexp.models.spliced import SplicedAdapter, SplicedMLLM
 from knexp.settings import DTYPES, Choice, Device, Text, takes
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -125,7 +125,8 @@ class MiniGPT4(SplicedMLLM):
     def __init__(self, eva: EvaConfig, lm: nn.Module, tokenizer, question: str = "What does this image show?",
                  caption_prefix: str = "The image shows", template: str = TEMPLATE, image_token: str | None = None):
         image_token = image_token or tokenizer.unk_token
-        super().__init__(lm, tokenizer, image_token=image_token, end_token=tokenizer.eos_token, caption_prefix=caption_prefix)
+        super().__init__(lm, tokenizer, image_token=image_token, end_token=tokenizer.eos_token,
+                         caption_prefix=caption_prefix)
         self.eva, self.question, self.template = eva, question, template
         self.image_marker = "<ImageHere>"
         self.visual_encoder = EvaViT(eva)
@@ -143,7 +144,8 @@ class MiniGPT4(SplicedMLLM):
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
         """Resize to img_size x img_size (aspect not kept, bicubic), CLIP-normalise: [B, 3, S, S]."""
         s = self.eva.img_size
-        batch = [(cv2.resize(im, (s, s), interpolation=cv2.INTER_CUBIC).astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+        batch = [(cv2.resize(im, (s, s),
+                             interpolation=cv2.INTER_CUBIC).astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
                  for im in images]
         return torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
 
@@ -161,7 +163,8 @@ class MiniGPT4(SplicedMLLM):
 
 
 # ---- loading ------------------------------------------------------------------------------------------
-def load_minigpt4(converted: str | Path, llama: str, dtype: str = "float16", device: str = "cpu", vision_dtype: str = "float32",
+def load_minigpt4(converted: str | Path, llama: str, dtype: str = "float16", device: str = "cpu",
+                  vision_dtype: str = "float32",
                   caption_prefix: str = "The image shows", question: str = "What does this image show?") -> MiniGPT4:
     """Assemble MiniGPT-4 from a converted folder (vision + projection) and LLaMA-2-chat (hub id or path)."""
     from safetensors.torch import load_file
@@ -171,14 +174,15 @@ def load_minigpt4(converted: str | Path, llama: str, dtype: str = "float16", dev
     if not (folder / CONVERTED_CONFIG).exists():
         raise ModelWeightsMissing(
             f"no converted MiniGPT-4 in {folder}: set model.converted_dir, or convert the official checkpoints with "
-            "`python -m knexp.models.minigpt4 convert --minigpt4 <ckpt.pth> --eva <eva_vit_g.pth> --out <dir>`"
+            "`python -m knexp.models.zoo.minigpt4 convert --minigpt4 <ckpt.pth> --eva <eva_vit_g.pth> --out <dir>`"
         )
     eva = EvaConfig(**json.loads((folder / CONVERTED_CONFIG).read_text())["eva"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(llama)
         lm = AutoModelForCausalLM.from_pretrained(llama, dtype=getattr(torch, dtype))
     except OSError as exc:
-        raise ModelWeightsMissing(f"LLaMA-2 weights not found at {llama!r} ({exc}); set model.llama to a local folder or hub id") from exc
+        raise ModelWeightsMissing(f"LLaMA-2 weights not found at {llama!r} ({exc}); set model.llama to a local folder "
+                                  "or hub id") from exc
     model = MiniGPT4(eva, lm.eval().requires_grad_(False), tokenizer, question=question, caption_prefix=caption_prefix)
     state = load_file(str(folder / CONVERTED_WEIGHTS))
     missing = model.load_state_dict(state, strict=False).missing_keys
@@ -190,7 +194,8 @@ def load_minigpt4(converted: str | Path, llama: str, dtype: str = "float16", dev
     return model.eval().requires_grad_(False).to(device)
 
 
-@takes(converted_dir=Text(), llama=Text(), dtype=Choice(DTYPES), vision_dtype=Choice(DTYPES), device=Device(), question=Text())
+@takes(converted_dir=Text(), llama=Text(), dtype=Choice(DTYPES), vision_dtype=Choice(DTYPES), device=Device(),
+       question=Text())
 def load_adapter(model_cfg: dict, device: torch.device, cache_dir: Path):
     """``model=minigpt4_llama2``: MiniGPT-4 from its converted folder, in the spliced-model adapter."""
     model = load_minigpt4(model_cfg["converted_dir"], model_cfg["llama"], dtype=model_cfg["dtype"], device=str(device),
@@ -228,7 +233,8 @@ def convert(minigpt4_ckpt: str | Path, eva_ckpt: str | Path, out: str | Path, ev
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / CONVERTED_WEIGHTS) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    (out / CONVERTED_CONFIG).write_text(json.dumps({"eva": asdict(eva), "sources": [str(minigpt4_ckpt), str(eva_ckpt)]}, indent=1))
+    (out / CONVERTED_CONFIG).write_text(json.dumps({"eva": asdict(eva), "sources": [str(minigpt4_ckpt), str(eva_ckpt)]},
+                                                   indent=1))
     return out
 
 
@@ -238,7 +244,7 @@ def _load_pth(path: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m knexp.models.minigpt4", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m knexp.models.zoo.minigpt4", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="official checkpoints -> a folder model.converted_dir can point at")
     c.add_argument("--minigpt4", required=True, help="MiniGPT-4 LLaMA-2 checkpoint (.pth)")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from knexp.models.spliced import SplicedAdapter
+from knexp.models.adapters.spliced import SplicedAdapter
 from knexp.settings import Device, Integer, takes
 
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>",
@@ -30,17 +30,22 @@ WORDS = (
 # The word forms of the 30 catalog objects (conf/knowledge), written out: a tiny model's vocabulary, and so its random
 # weights, stay the same whatever a user's catalog says.
 OBJECT_WORDS = (
-    "bicycles bicycle bikes bike a aeroplanes airplanes aeroplane airplane aircraft planes plane jets jet an busses buses "
-    "coach bus traffic signals lights signal light stoplights stoplight fire hydrants hydrant stop signs sign horses ponies "
-    "horse pony teddy bear grizzly bears giraffes giraffe backpacks rucksacks backpack rucksack umbrellas umbrella suitcases "
-    "suitcase luggage snow boards snowboards board snowboard surf surfboards surfboard tennis rackets racket racquets racquet "
-    "bananas banana pizzas pizza birthday cake cakes beds bed toilets toilet notebook computer laptops laptop keyboards "
-    "keyboard mobile phone cell phones smartphones cellphones smartphone cellphone microwave oven microwaves toasters toaster "
-    "refrigerators refrigerator fridges fridge books book clocks clock vases vase pair of scissors"
+    "bicycles bicycle bikes bike a aeroplanes airplanes aeroplane airplane aircraft planes plane jets jet an busses "
+    "buses "
+    "coach bus traffic signals lights signal light stoplights stoplight fire hydrants hydrant stop signs sign horses "
+    "ponies "
+    "horse pony teddy bear grizzly bears giraffes giraffe backpacks rucksacks backpack rucksack umbrellas umbrella "
+    "suitcases "
+    "suitcase luggage snow boards snowboards board snowboard surf surfboards surfboard tennis rackets racket racquets "
+    "racquet bananas banana pizzas pizza birthday cake cakes beds bed toilets toilet notebook computer laptops laptop "
+    "keyboards "
+    "keyboard mobile phone cell phones smartphones cellphones smartphone cellphone microwave oven microwaves toasters "
+    "toaster refrigerators refrigerator fridges fridge books book clocks clock vases vase pair of scissors"
 ).split()
 
 
-def word_tokenizer(extra_words: list[str] | None = None, special: dict[str, str] | None = None, markers: list[str] | None = None):
+def word_tokenizer(extra_words: list[str] | None = None, special: dict[str, str] | None = None,
+                   markers: list[str] | None = None):
     """A PreTrainedTokenizerFast over whitespace/punctuation-split words (``WORDS``, ``OBJECT_WORDS`` and
     ``extra_words``). ``special``: the named special tokens a family's processor reads (default ``image_token``:
     ``<image>``); ``markers``: more tokens split out before word splitting (a family's image and chat markers)."""
@@ -62,7 +67,8 @@ def word_tokenizer(extra_words: list[str] | None = None, special: dict[str, str]
     return fast
 
 
-def tiny_llava(grid: int = 4, patch_size: int = 8, hidden: int = 32, intermediate: int = 64, layers: int = 2, seed: int = 0):
+def tiny_llava(grid: int = 4, patch_size: int = 8, hidden: int = 32, intermediate: int = 64, layers: int = 2,
+               seed: int = 0):
     """(model, processor) of a random LLaVA whose image span is ``grid * grid`` tokens."""
     from transformers import (
         CLIPImageProcessorPil,
@@ -75,16 +81,22 @@ def tiny_llava(grid: int = 4, patch_size: int = 8, hidden: int = 32, intermediat
 
     tokenizer = word_tokenizer()
     image_size = grid * patch_size
-    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=2,
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                              num_attention_heads=2,
                               image_size=image_size, patch_size=patch_size, projection_dim=hidden)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers,
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=grid * grid, vision_feature_select_strategy="default", vision_feature_layer=-2)
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=grid * grid, vision_feature_select_strategy="default",
+                         vision_feature_layer=-2)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return model, processor
@@ -94,7 +106,7 @@ def tiny_embedded(hidden: int = 32, intermediate: int = 64, layers: int = 3, see
     """The embedded MLLM's classes at toy size: random EfficientNet-Lite0, linear projector, tiny LLaMA."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    from knexp.models.embedded import EmbeddedMLLM, PromptConfig, build_projector
+    from knexp.models.zoo.embedded import EmbeddedMLLM, PromptConfig, build_projector
 
     torch.manual_seed(seed)
     tokenizer = word_tokenizer()
@@ -103,27 +115,31 @@ def tiny_embedded(hidden: int = 32, intermediate: int = 64, layers: int = 3, see
         if isinstance(conv, torch.nn.Conv2d):  # differ only in rounding noise, which depends on the CPU's kernels
             torch.nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
     lm = tiny_lm(tokenizer, hidden, intermediate, layers, eos="<|im_end|>")
-    prompt = PromptConfig(system="describe", user="<image>\nwhat does this image show?", caption_prefix="the image shows")
+    prompt = PromptConfig(system="describe", user="<image>\nwhat does this image show?",
+                          caption_prefix="the image shows")
     return EmbeddedMLLM(vision, build_projector("linear", 0, hidden), lm, tokenizer, prompt)
 
 
 def tiny_lm(tokenizer, hidden: int = 32, intermediate: int = 64, layers: int = 3, eos: str = "</s>"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids(eos))
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
 def tiny_minigpt4(layers: int = 3, seed: int = 0):
     """MiniGPT-4's classes at toy size: a 2-block EVA ViT on 56 px (8 x 8 patches -> 16 tokens of 1 x 4 strips)."""
-    from knexp.models.minigpt4 import EvaConfig, MiniGPT4
+    from knexp.models.zoo.minigpt4 import EvaConfig, MiniGPT4
 
     torch.manual_seed(seed)
     tokenizer = word_tokenizer()
     eva = EvaConfig(img_size=56, patch_size=7, dim=16, depth=2, heads=2, mlp_hidden=32)
-    model = MiniGPT4(eva, tiny_lm(tokenizer, layers=layers), tokenizer, caption_prefix="the image shows", image_token="<image>")
+    model = MiniGPT4(eva, tiny_lm(tokenizer, layers=layers), tokenizer, caption_prefix="the image shows",
+                     image_token="<image>")
     for p in model.visual_encoder.parameters():  # a random but not degenerate encoder
         torch.nn.init.normal_(p, std=0.2)
     return model.eval().requires_grad_(False)

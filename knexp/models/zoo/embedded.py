@@ -1,6 +1,6 @@
 """The embedded MLLM: EfficientNet-Lite0 (frozen) -> projector (trained) -> SmolLM2-135M-Instruct (frozen).
 
-Captioning and neuron access go through ``knexp.models.spliced.SplicedAdapter``.
+Captioning and neuron access go through ``knexp.models.adapters.spliced.SplicedAdapter``.
 This is MiniGPT-4's first-stage recipe in miniature: a frozen image encoder whose 7 x 7 x 1280 feature
 map becomes 49 image tokens (row-major, token ``t`` covers grid cell ``(t // 7, t % 7)``), a projector
 into the LM's embedding space, and a frozen chat LM. Image tokens sit in the user turn of the LM's own
@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from knexp.models.adapters.spliced import SplicedAdapter, SplicedMLLM
 from knexp.models.errors import ProjectorWeightsError
 from knexp.models.geometry import PatchGeometry
-from knexp.models.offline import efficientnet_lite0_weights, smollm2_folder
-from knexp.models.spliced import SplicedAdapter, SplicedMLLM
+from knexp.models.zoo.offline import efficientnet_lite0_weights, smollm2_folder
 from knexp.settings import DTYPES, Choice, Device, Fields, Integer, SettingError, Text, takes
 from knexp.user_errors import ConfigError
 
@@ -67,7 +67,8 @@ class PromptSettings(Fields):
     def __call__(self, key: str, value) -> dict:
         prompt = super().__call__(key, value)
         if prompt["user"].count(prompt["image_marker"]) != 1:
-            raise SettingError(f"{key}.user", prompt["user"], f"must hold {key}.image_marker={prompt['image_marker']!r} exactly once")
+            raise SettingError(f"{key}.user", prompt["user"],
+                               f"must hold {key}.image_marker={prompt['image_marker']!r} exactly once")
         return prompt
 
 
@@ -76,7 +77,8 @@ def build_projector(kind: str, hidden: int, out_dim: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(VISION_DIM, out_dim)
     if kind == "mlp":
-        return nn.Sequential(nn.LayerNorm(VISION_DIM), nn.Linear(VISION_DIM, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        return nn.Sequential(nn.LayerNorm(VISION_DIM), nn.Linear(VISION_DIM, hidden), nn.GELU(),
+                             nn.Linear(hidden, out_dim))
     raise ConfigError(f"unknown projector kind {kind!r}; use 'linear' or 'mlp'")
 
 
@@ -84,7 +86,8 @@ class EmbeddedMLLM(SplicedMLLM):
     """Vision encoder + projector spliced into SmolLM2's chat template (image tokens in the user turn)."""
 
     def __init__(self, vision: nn.Module, projector: nn.Module, lm: nn.Module, tokenizer, prompt: PromptConfig):
-        super().__init__(lm, tokenizer, image_token=prompt.image_token, end_token="<|im_end|>", caption_prefix=prompt.caption_prefix)
+        super().__init__(lm, tokenizer, image_token=prompt.image_token, end_token="<|im_end|>",
+                         caption_prefix=prompt.caption_prefix)
         self.vision, self.projector = vision, projector
         self.prompt = prompt
         self.image_marker = prompt.image_marker
@@ -135,7 +138,8 @@ def load_embedded(
     vision.eval().requires_grad_(False)
     folder = smollm2_folder(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
+                                              attn_implementation=attn_implementation)
     lm.eval().requires_grad_(False)
     torch.manual_seed(seed)
     projector = build_projector(projector_kind, projector_hidden, lm.config.hidden_size)

@@ -1,8 +1,9 @@
 """The shared prefix once: the prompt tokens before the image are the same in every row and every batch.
 
 Their KV cache is computed for one row, once per model and prefix (``PREFIXES``), and shared by every pass after it:
-captioning's prompt passes (``knexp.models.prefill``) and identification's passes (``logits_after_prefix``). The prefix
-cannot depend on the image, and no hook sees its pass (``Prepared.pass_start``: it does not end at the prompt's end).
+captioning's prompt passes (``knexp.models.decoding.prefill``) and identification's passes (``logits_after_prefix``).
+The prefix cannot depend on the image, and no hook sees its pass (``Prepared.pass_start``: it does not end at the
+prompt's end).
 
 ``run_layers`` is ``LlamaModel.forward``'s layer loop over a stretch of positions: it serves any decoder whose layers
 take a causal mask and 1-D positions (``Decodable.fast_paths``). A model for which that is not exact runs its own
@@ -21,16 +22,17 @@ from knexp.models.prepared import Decodable, Prepared
 
 
 def run_layers(lm, hidden: torch.Tensor, start: int, stop: int, cache: DynamicCache, past: int = 0) -> torch.Tensor:
-    """Decoder layers start..stop-1 of ``lm`` on hidden states [B, T, d] of prompt positions past..past+T-1, attending to
-    the ``past`` positions ``cache`` holds for these layers, and filling ``cache``. Each layer is told its positions
+    """Decoder layers start..stop-1 of ``lm`` on hidden states [B, T, d] of prompt positions past..past+T-1, attending
+    to the ``past`` positions ``cache`` holds for these layers, and filling ``cache``. Each layer is told its positions
     (``position_ids``), so hooks know where the pass starts."""
     positions = torch.arange(past, past + hidden.shape[1], device=hidden.device)[None]
-    mask = create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=None, past_key_values=cache if past else None,
+    mask = create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=None,
+                              past_key_values=cache if past else None,
                               position_ids=positions, layer_idx=start if past else None)
     rotary = lm.rotary_emb(hidden, position_ids=positions)
     for layer in lm.layers[start:stop]:
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions, past_key_values=cache,
-                       use_cache=True)
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions,
+                       past_key_values=cache, use_cache=True)
     return hidden
 
 
@@ -45,9 +47,9 @@ def forget(lm) -> None:
 
 
 def _prefix_cache(lm, embeds: torch.Tensor, ids: tuple[int, ...]) -> DynamicCache:
-    """The KV cache of every layer over the prefix ``ids`` (embeddings [1, past, d_model]), from ``PREFIXES`` or computed
-    once. Its tensors are never written to: rows take expanded views of them. The key holds each weight's storage and
-    version counter, so weights edited in place or replaced (a planted neuron) compute it again."""
+    """The KV cache of every layer over the prefix ``ids`` (embeddings [1, past, d_model]), from ``PREFIXES`` or
+    computed once. Its tensors are never written to: rows take expanded views of them. The key holds each weight's
+    storage and version counter, so weights edited in place or replaced (a planted neuron) compute it again."""
     known = PREFIXES.setdefault(lm, {})
     weights = tuple((p.data_ptr(), p._version) for p in lm.parameters())
     key = (ids, embeds.dtype, embeds.device, weights)
@@ -66,7 +68,8 @@ def shared_prefix(lm, prepared: Prepared, embeds: torch.Tensor, share: bool = Tr
     ``share=False``; those tokens' cache from ``PREFIXES``, or None)."""
     mask2d = prepared.inputs.get("attention_mask")
     if mask2d is not None and not bool(mask2d.all()):
-        raise ValueError("knexp's passes with the shared prefix take unpadded prompts (every row the same prompt length)")
+        raise ValueError("knexp's passes with the shared prefix take unpadded prompts (every row the same prompt "
+                         "length)")
     ids = prepared.input_ids
     past = prepared.first_image if share else 0  # the tokens before the image
     if past and not bool((ids[:, :past] == ids[:1, :past]).all()):

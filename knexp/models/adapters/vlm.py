@@ -1,9 +1,10 @@
 """The generic adapter for Hugging Face image-text models whose image tokens sit in the language model's sequence.
 
-One ``VLMAdapter`` serves every family of the family table (``knexp.models.families``): Qwen2-VL, Qwen2.5-VL and
-Qwen3-VL, Gemma 3, LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision, Idefics3 and SmolVLM, InternVL, PaliGemma and Mistral 3.
-What differs between them is in the family's row: the classes, the canonical input size, the layout of the image
-tokens, where the language model sits, and what knexp's fast paths may assume.
+One ``VLMAdapter`` serves every family of the family table (``knexp.models.adapters.families``): Qwen2-VL, Qwen2.5-VL
+and Qwen3-VL, Gemma 3, LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision, Idefics3 and SmolVLM, and InternVL (the table
+refuses PaliGemma and Mistral 3 for now, and says why). What differs between them is in the family's row: the
+classes, the canonical input size, the layout of the image tokens, where the language model sits, and what knexp's fast
+paths may assume.
 
 * **Prompts** come from the processor's chat template (a user turn holding the image and the question, then the
   assistant's turn opened with the caption prefix), so each model gets its own markers.
@@ -29,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from knexp.models.adapter import GREEDY, LLAMA_SITES, Adapter
+from knexp.models.adapters.adapter import GREEDY, LLAMA_SITES, Adapter
+from knexp.models.adapters.families import FAMILIES, Family, Layout, family
 from knexp.models.errors import ModelError, ModelWeightsMissing
-from knexp.models.families import FAMILIES, Family, Layout, family
 from knexp.models.prepared import Prepared, image_positions_from_ids, last_positions
 from knexp.settings import DTYPES, Choice, Device, Fields, Flag, Integer, Many, SettingError, Text, takes
 
@@ -58,9 +59,9 @@ class VLMAdapter(Adapter):
         self._keep = torch.as_tensor(self.layout.keep)
         slots = int((canonical["input_ids"][0] == self.image_token_id).sum())
         if slots != self._slots or int(self.layout.keep.sum()) != len(self.geometry):
-            raise ModelError(f"{family.name}: at model.image_size={list(self.image_size)} the prompt holds {slots} image tokens "
-                             f"but the family's layout expects {self._slots}; choose another model.image_size (the family's "
-                             f"canonical size is {list(family.image_size)})")
+            raise ModelError(f"{family.name}: at model.image_size={list(self.image_size)} the prompt holds {slots} "
+                             f"image tokens but the family's layout expects {self._slots}; choose another "
+                             f"model.image_size (the family's canonical size is {list(family.image_size)})")
 
     # ---- structure ---------------------------------------------------------------------------------
     @property
@@ -136,7 +137,8 @@ class VLMAdapter(Adapter):
         texts = [base + c for c in continuations] if continuations else [base] * len(images)
         if len(texts) != len(images):
             raise ValueError(f"{len(images)} images but {len(texts)} continuations")
-        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in self._processed(images, texts).items()}
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in self._processed(images,
+                                                                                                         texts).items()}
         inputs = {k: v.to(self._model.dtype) if k == "pixel_values" else v for k, v in inputs.items()}
         ids = inputs["input_ids"]
         positions = image_positions_from_ids(ids, self.image_token_id, self._slots, self._keep)
@@ -163,7 +165,8 @@ class VLMAdapter(Adapter):
         return caught["embeds"]
 
     def forward(self, prepared: Prepared, positions: torch.Tensor | None = None) -> torch.Tensor:
-        return self._model(**prepared.inputs, use_cache=False, logits_to_keep=0 if positions is None else positions).logits
+        return self._model(**prepared.inputs, use_cache=False,
+                           logits_to_keep=0 if positions is None else positions).logits
 
     def generate_ids(self, prepared: Prepared, max_new_tokens: int) -> torch.Tensor:
         gen = self._model.generate(**prepared.inputs, max_new_tokens=max_new_tokens, pad_token_id=self.pad_token_id,
@@ -200,12 +203,15 @@ def load_processor(path: str, fam: Family, overrides: dict | None = None):
     cls = getattr(transformers, fam.processor_class)
     if "video_processor" in inspect.signature(cls.__init__).parameters:
         cls = without_video(cls)
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "image_processor", "tokenizer", "chat_template", "kwargs"}
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "image_processor", "tokenizer",
+                                                                 "chat_template", "kwargs"}
 
     def file(name: str) -> str | None:
-        return cached_file(path, name, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+        return cached_file(path, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
 
-    settings = {**(json.loads(Path(found).read_text()) if (found := file("processor_config.json")) else {}), **(overrides or {})}
+    settings = {**(json.loads(Path(found).read_text()) if (found := file("processor_config.json")) else {}),
+                **(overrides or {})}
     template = Path(found).read_text() if (found := file("chat_template.jinja")) else None
     if template is None and (found := file("chat_template.json")):
         template = json.loads(Path(found).read_text()).get("chat_template")
@@ -224,9 +230,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 # the processor settings a model's yaml may give besides its folder's (``model.processor``)
-PROCESSOR_SETTINGS = Fields({"num_additional_image_tokens": Integer(low=0, optional=True), "patch_size": Integer(low=1, optional=True),
+PROCESSOR_SETTINGS = Fields({"num_additional_image_tokens": Integer(low=0, optional=True),
+                             "patch_size": Integer(low=1, optional=True),
                              "vision_feature_select_strategy": Choice(("default", "full"), optional=True),
-                             "image_seq_len": Integer(low=1, optional=True), "image_seq_length": Integer(low=1, optional=True)})
+                             "image_seq_len": Integer(low=1, optional=True),
+                             "image_seq_length": Integer(low=1, optional=True)})
 
 
 class _ProcessorSettings:
@@ -241,7 +249,8 @@ class _ProcessorSettings:
 
 
 @takes(family=Choice(tuple(FAMILIES)), path=Text(), dtype=Choice(("auto", *DTYPES)), device=Device(), question=Text(),
-       trust_remote_code=Flag(), image_size=Many(Integer(low=14), min_len=2, optional=True), processor=_ProcessorSettings())
+       trust_remote_code=Flag(), image_size=Many(Integer(low=14), min_len=2, optional=True),
+       processor=_ProcessorSettings())
 def load_adapter(model_cfg: dict, device: torch.device, cache_dir):
     """``model=<family>``: a Hugging Face model of one family of the table from ``model.path`` (a local folder, or a hub
     id already in the local cache: jobs run offline), in ``model.dtype`` on ``model.device``; code shipped with the
@@ -251,14 +260,16 @@ def load_adapter(model_cfg: dict, device: torch.device, cache_dir):
     fam = family(model_cfg["family"])
     path = model_cfg["path"]
     if model_cfg.get("trust_remote_code"):
-        raise SettingError("model.trust_remote_code", True, "knexp runs the families of its table with transformers' own code "
-                           "only; set it to false")
+        raise SettingError("model.trust_remote_code", True,
+                           "knexp runs the families of its table with transformers' own code " "only; set it to false")
     try:
         processor = load_processor(path, fam, model_cfg.get("processor"))
-        model = getattr(transformers, fam.model_class).from_pretrained(path, dtype=resolve_dtype(model_cfg["dtype"], device))
+        model = getattr(transformers, fam.model_class).from_pretrained(path,
+                                                                       dtype=resolve_dtype(model_cfg["dtype"], device))
     except OSError as exc:
-        raise ModelWeightsMissing(f"{fam.name} weights not found at model.path={path!r} ({str(exc).splitlines()[0]}); point "
-                                  "model.path at a local folder (knexp runs with HF_HUB_OFFLINE=1) or download it first") from exc
+        raise ModelWeightsMissing(f"{fam.name} weights not found at model.path={path!r} ({str(exc).splitlines()[0]}); "
+                                  "point model.path at a local folder (knexp runs with HF_HUB_OFFLINE=1) or download "
+                                  "it first") from exc
     size = model_cfg.get("image_size")
     return VLMAdapter(model.to(device), processor, fam, question=model_cfg["question"],
                       caption_prefix=model_cfg["prompt"]["caption_prefix"], image_size=tuple(size) if size else None)

@@ -8,9 +8,9 @@ query position shares each key/value head among its query heads in place (``_att
 once per query head (``repeat_kv``); BENCHMARKS.md has what these save.
 
 The layer loop is ``LlamaDecoderLayer.forward``'s and ``LlamaAttention.forward``'s, split between the attention proper
-(per cohort) and the rest (all rows). Another layer type, or a hook that could act on a step on a layer or its attention,
-takes the model's own forward, per cohort. Every product is the module's own (``F.linear``), so no product's rounding
-depends on the machine beyond what ``F.linear`` itself does.
+(per cohort) and the rest (all rows). Another layer type, or a hook that could act on a step on a layer or its
+attention, takes the model's own forward, per cohort. Every product is the module's own (``F.linear``), so no product's
+rounding depends on the machine beyond what ``F.linear`` itself does.
 """
 
 from __future__ import annotations
@@ -41,14 +41,16 @@ class Cohort:
     ended: torch.Tensor  # bool [b]: emitted a stop token (such rows stay only with drop_finished=False)
     step: int = 0  # tokens emitted so far
     token: torch.Tensor | None = None  # long [b]: the last token emitted, the next step's input
-    # by layer: (keys, values) [b, kv_heads, capacity, d_head], the buffers with spare room that the cache's tensors view
+    # by layer: (keys, values) [b, kv_heads, capacity, d_head], the buffers with spare room that the cache's tensors
+    # view
     room: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def _merged(lm) -> bool:
     """Whether every layer is a ``LlamaDecoderLayer`` with ``LlamaAttention``, whose forwards ``step`` splits, and no
     hook that could act on a decoding step sits on a layer or its attention (``step`` does not call them)."""
-    return all(type(layer).forward is LlamaDecoderLayer.forward and type(layer.self_attn).forward is LlamaAttention.forward
+    return all(type(layer).forward is LlamaDecoderLayer.forward
+               and type(layer.self_attn).forward is LlamaAttention.forward
                and not _hooked(layer, layer.self_attn) for layer in lm.layers)
 
 
@@ -70,7 +72,8 @@ def _append(c: Cohort, layer: int, key: torch.Tensor, value: torch.Tensor) -> tu
         return c.cache.update(key, value, layer)
     b, heads, n, d = entry.keys.shape
     if not _in_room(c, layer) or c.room[layer][0].shape[2] <= n:
-        room = tuple(torch.empty(b, heads, n + _ROOM, d, dtype=t.dtype, device=t.device) for t in (entry.keys, entry.values))
+        room = tuple(torch.empty(b, heads, n + _ROOM, d, dtype=t.dtype, device=t.device) for t in (entry.keys,
+                                                                                                   entry.values))
         room[0][:, :, :n], room[1][:, :, :n] = entry.keys, entry.values
         c.room[layer] = room
     keys, values = c.room[layer]
@@ -93,8 +96,8 @@ def keep_rows(c: Cohort, keep: torch.Tensor) -> None:
 
 def _hooked(*modules: nn.Module) -> bool:
     """Whether any of ``modules`` has a forward hook or pre-hook that could act on a decoding step (then the module must
-    be called, not bypassed). Hooks that ``knexp.models.hooks.attached`` guards to a prompt's pass (``prompt_pass_only``:
-    an intervention, a recording) cannot, and do not count."""
+    be called, not bypassed). Hooks that ``knexp.models.hooks.attached`` guards to a prompt's pass
+    (``prompt_pass_only``: an intervention, a recording) cannot, and do not count."""
     return any(not getattr(h, "prompt_pass_only", False)
                for m in modules for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))
 
@@ -108,7 +111,8 @@ def _attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     if attn.config._attn_implementation != "eager":
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
         return interface(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)[0].reshape(b, 1, heads * d)
-    grouped = query.reshape(b, key.shape[1], heads // key.shape[1], d)  # [b, kv_heads, groups, d_head]: head h -> h // groups
+    # [b, kv_heads, groups, d_head]: head h -> h // groups
+    grouped = query.reshape(b, key.shape[1], heads // key.shape[1], d)
     scores = torch.matmul(grouped, key.transpose(2, 3)) * attn.scaling  # [b, kv_heads, groups, n]
     if mask is not None:
         scores = scores + mask  # [b, 1, 1, n]
@@ -147,8 +151,8 @@ def step(lm, head, cohorts: list[Cohort]) -> None:
         key = attn.k_proj(normed).reshape(shape).transpose(1, 2)  # [R, kv_heads, 1, d_head]
         value = attn.v_proj(normed).reshape(shape).transpose(1, 2)
         attended = []
-        for c, q, k, v, (mask, (cos, sin)) in zip(cohorts, query.split(sizes), key.split(sizes), value.split(sizes), contexts,
-                                                  strict=True):
+        for c, q, k, v, (mask, (cos, sin)) in zip(cohorts, query.split(sizes), key.split(sizes), value.split(sizes),
+                                                  contexts, strict=True):
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             k, v = _append(c, index, k, v)
             attended.append(_attend(attn, q, k, v, mask))

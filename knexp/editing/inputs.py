@@ -1,0 +1,44 @@
+"""What an edit rule may build its context from (``EditRule.context``): the model, the object's identification, the
+data, and what fitting may see besides (images without k, text prompts, the reference statistics).
+
+A rule reads what it needs and nothing else; a new rule that needs new data builds it here from these, with no change
+elsewhere. ``task=edit`` builds one context per way of building it (``type(rule).context``), so the edit, its random
+control and the fine-tuning baseline share one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from knexp.data.coco import CocoScenes
+from knexp.editing.target import EditTarget
+from knexp.identification.pipeline import Identification
+from knexp.identification.reference import ReferenceStats
+
+
+@dataclass
+class EditInputs:
+    """``found``: the object's identification (its samples: images, unedited captions, annotations, statistics);
+    ``locality``: images without k that fitting may see (never among the measured ones); ``texts``: text-only prompts
+    that fitting may see; ``reference()``: the model's reference statistics, computed on the first call."""
+
+    adapter: object
+    target: EditTarget
+    found: Identification
+    data: CocoScenes
+    locality: list[np.ndarray]
+    texts: list[str]
+    batch_size: int
+    max_new_tokens: int
+    reference: Callable[[], ReferenceStats]
+
+    def samples(self) -> list[tuple[np.ndarray, str]]:
+        """(image, unedited caption naming k) of each identification sample."""
+        return [(self.data.load_image(r.candidate.image_id), r.candidate.original_caption) for r in self.found.results]
+
+    def captions(self, images: list[np.ndarray]) -> list[str]:
+        """The unedited model's greedy captions of ``images``."""
+        return self.adapter.caption(images, self.batch_size, self.max_new_tokens) if images else []
