@@ -17,6 +17,7 @@ from knexp.data.coco import CocoScenes
 from knexp.editing.target import EditTarget
 from knexp.identification.pipeline import Identification
 from knexp.identification.reference import ReferenceStats
+from knexp.models.adapters.adapter import Adapter
 
 
 @dataclass
@@ -25,7 +26,7 @@ class EditInputs:
     ``locality``: images without k that fitting may see (never among the measured ones); ``texts``: text-only prompts
     that fitting may see; ``reference()``: the model's reference statistics, computed on the first call."""
 
-    adapter: object
+    adapter: Adapter
     target: EditTarget
     found: Identification
     data: CocoScenes

@@ -145,12 +145,11 @@ class Session:
             self.spec.named("intervention", intervention) if intervention else self.spec.intervention)
         if level is not None and isinstance(how, Noise):
             how = dataclasses.replace(how, levels=(float(level),), draws=1)
-        reference = self.resources.reference if how.needs_reference else None
-        return cached_intervened_captions(Store(None, "captions"), [], self.adapter, images,
-                                          how.rows(list(range(len(images)))),
-                                          neurons, how, set_values(how, neurons, reference, {}), seed=self.spec.seed,
-                                          batch_size=cap.batch_size, max_new_tokens=cap.max_new_tokens,
-                                          width=cap.decode_width)
+        values = set_values(how, neurons, self.resources.reference if how.needs_reference else None, {})
+        rows = how.rows(list(range(len(images))))
+        return cached_intervened_captions(Store(None, "captions"), [], self.adapter, images, rows, neurons, how, values,
+                                          seed=self.spec.seed, batch_size=cap.batch_size,
+                                          max_new_tokens=cap.max_new_tokens, width=cap.decode_width)
 
     # ---- what a sample's neurons look like -------------------------------------------------------------------------
     def heatmap(self, result: SampleResult, rank: int = 0) -> Heatmap:

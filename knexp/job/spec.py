@@ -147,12 +147,13 @@ class JobSpec:
             raise SettingError("edit.source", edit.source,
                                f"name a method of conf/method ({', '.join(group_options(sources, 'method'))}) "
                                "or null for the job's")
-        return cls(cfg, sources, catalog, knowledge, Path(cfg.paths.output_dir), rule, built(cfg, "method", sources),
-                   build_intervention(cfg, sources), from_mapping(InpaintOptions, plain(cfg.inpaint), "inpaint"),
-                   generation,
-                   trace, from_mapping(ReferenceSettings, plain(cfg.reference), "reference"),
-                   built(cfg, "logger", sources), edit,
-                   top["seed"], data, splits, top["sweep_dir"], str(cfg.task.name), bool(cfg.task.get("cache", True)))
+        method, intervention = built(cfg, "method", sources), build_intervention(cfg, sources)
+        opts = from_mapping(InpaintOptions, plain(cfg.inpaint), "inpaint")
+        reference = from_mapping(ReferenceSettings, plain(cfg.reference), "reference")
+        return cls(cfg, sources, catalog, knowledge, Path(cfg.paths.output_dir), rule, method, intervention, opts,
+                   generation, trace, reference, built(cfg, "logger", sources), edit, seed=top["seed"], data=data,
+                   splits=splits, sweep_dir=top["sweep_dir"], task_name=str(cfg.task.name),
+                   cache=bool(cfg.task.get("cache", True)))
 
     def for_knowledge(self, name: str, output_dir: str | Path | None = None) -> JobSpec:
         """The same job for another knowledge of the catalog, writing to ``output_dir``; its config says so too, so its
