@@ -387,6 +387,35 @@ def test_a_foreign_edit_file_exits_1_with_one_line(tmp_path):
     assert not (tmp_path / "cache3").exists()  # refused before anything was computed
 
 
+@pytest.mark.parametrize("fault, found", [("nan", "NaN or Inf"), ("unit out of range", "outside 0..")])
+def test_a_damaged_edit_file_stops_run_py_with_one_line_before_any_model_pass(tmp_path, fault, found):
+    """An edit file made for this very model but damaged after (a NaN in a delta, a unit index past the FFN's width)
+    stops the job with one line naming the file and the fault, and no caption is computed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from knexp.job.session import session
+
+    common = ["model=tiny_llava", "logger=none", f"paths.cache_dir={tmp_path}/cache"]
+    s = session(*common, output_dir=tmp_path / "api")
+    path = save(Zero().make(s.adapter, _set([0, 1], [3, 5]), None, None), tmp_path / "e.safetensors", s.adapter,
+                s.resources.model_key)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    if fault == "nan":
+        tensors["1.down_proj.delta"][0, 0] = float("nan")
+    else:
+        tensors["1.down_proj.columns"][0] = 10_000
+    save_file(tensors, str(path), metadata=meta)
+    r = run_py("task=identify", *common, f"model.edit={path}", f"data.root={tmp_path}/tw", "data.num_images=60",
+               f"hydra.run.dir={tmp_path}/job", timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
+    assert str(path) in lines[0] and found in lines[0], lines[0]
+    assert not (tmp_path / "cache" / "captions").exists()  # refused before the model captioned anything
+
+
 def test_session_edit_changes_the_model_for_the_block_only(tmp_path):
     """``Session.edit`` through the Python API: the consensus set's columns changed inside, the weights bit-identical
     after."""
