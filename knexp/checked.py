@@ -74,8 +74,8 @@ def load_tensors(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict]:
             header = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         if header.get("key") != key:
-            raise Damaged("written for another entry" if "key" in header else "no key: written by an older knexp or "
-                                                                              "not by knexp")
+            why = "no key: written by an older knexp or not by knexp"
+            raise Damaged("written for another entry" if "key" in header else why)
         if header.get("sha1") != tensor_digest(tensors):
             raise Damaged("its tensors fail their checksum")
         return tensors, json.loads(header["meta"])
@@ -114,8 +114,8 @@ def read_png(path: Path, key: str) -> np.ndarray:
     except Exception as exc:  # Pillow raises OSError, SyntaxError or ValueError for a torn or foreign file
         raise Damaged(f"unreadable: {exc}") from exc
     if text.get("knexp-key") != key:
-        raise Damaged("written for another entry" if "knexp-key" in text else "no key: written by an older knexp or "
-                                                                              "not by knexp")
+        why = "no key: written by an older knexp or not by knexp"
+        raise Damaged("written for another entry" if "knexp-key" in text else why)
     if text.get("knexp-sha1") != _pixels_digest(rgb):
         raise Damaged("its pixels fail their checksum")
     return rgb

@@ -16,8 +16,8 @@ def test_decoded_tokens_are_the_top_of_wu_times_wout():
     assert words == [adapter.tokenizer.decode([i]) for i in torch.topk(logits, 10).indices.tolist()]
     with torch.no_grad():  # through the final norm first: W_U . norm(W_out[:, u])
         normed = adapter.final_norm()(adapter.w_out(1)[:, 5][None, None])[0, 0].float()
-    expected = [adapter.tokenizer.decode([i]) for i in torch.topk(adapter.unembedding().float() @ normed,
-                                                                  3).indices.tolist()]
+    top = torch.topk(adapter.unembedding().float() @ normed, 3).indices.tolist()
+    expected = [adapter.tokenizer.decode([i]) for i in top]
     assert decode_neuron(adapter, 1, 5, k=3, final_norm=True) == expected
 
 

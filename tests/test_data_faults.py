@@ -264,8 +264,8 @@ def test_identify_and_evaluate_run_through_a_faulty_folder(tmp_path, catalog):
         used = {c["image_id"] for c in selection["accepted"]}
         assert len(used) == 3 and not used & facts["bad_images"]
         rejected = {c["image_id"]: c["reason"] for c in selection["rejected"]}
-        met = {int(f["entry"].split()[-1]) for kind in ("image_unreadable",
-                                                        "image_size") for f in faults["faults"].get(kind, [])}
+        met = {int(f["entry"].split()[-1]) for kind in ("image_unreadable", "image_size")
+               for f in faults["faults"].get(kind, [])}
         assert met and met <= facts["bad_images"]
         assert all(rejected[i].startswith("data: ") for i in met if i in rejected)
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())

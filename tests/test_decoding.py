@@ -169,8 +169,8 @@ def test_reuse_is_exact_on_the_embedded_model(catalog):
             with intervene(adapter, part, {layer: ActivationPatch(units, add=noise[rows]) for layer in range(lo, hi)}):
                 return adapter.prefill(part, start_layer=lo, groups=[groups[r] for r in rows])
 
-        assert _same(full, stream_ids(adapter, 16, prompt_pass, 32, batch_size=4, width=8), adapter.pad_token_id), (lo,
-                                                                                                                    hi)
+        streamed = stream_ids(adapter, 16, prompt_pass, 32, batch_size=4, width=8)
+        assert _same(full, streamed, adapter.pad_token_id), (lo, hi)
     assert named > 16  # real captions that name objects, not degenerate text
 
 

@@ -45,8 +45,8 @@ def test_every_relative_link_and_anchor_resolves(page):
 
 def _text_files():
     for folder in ("knexp", "conf", "tests", "docs", "examples"):
-        yield from (p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".yaml",
-                                                                          ".md") and "__pycache__" not in p.parts)
+        yield from (p for p in (ROOT / folder).rglob("*")
+                    if p.suffix in (".py", ".yaml", ".md") and "__pycache__" not in p.parts)
     yield from (ROOT / name for name in ("README.md", "BENCHMARKS.md", "Makefile", "run.py", "pyproject.toml"))
 
 

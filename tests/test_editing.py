@@ -347,9 +347,8 @@ def test_task_edit_runs_on_a_family_and_its_file_reloads_to_the_same_captions(fa
     r = _edit_job(family, tmp_path, f"hydra.run.dir={tmp_path}/job")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
-    assert metrics["status"]["state"] == "ok" and set(metrics["variants"]) == {"unedited", "edit", "random", "finetune",
-                                                                               "rank_one",
-                                                                                   "banned"}
+    assert metrics["status"]["state"] == "ok"
+    assert set(metrics["variants"]) == {"unedited", "edit", "random", "finetune", "rank_one", "banned"}
     edit = metrics["variants"]["edit"]
     assert edit["cost"]["neurons"] == 8 and edit["cost"]["parameters_changed"] > 0 and edit["reliability_n"] > 0
     assert metrics["variants"]["unedited"]["reliability"] == 0.0  # the identification captions name k
@@ -475,11 +474,9 @@ def test_the_report_averages_edit_jobs_over_objects_with_bootstrap_intervals(tmp
                    "fluency": {"ngram_entropy": 3.0, "repetition": 0.0},
                    "cost": {"relative_norm": 0.01, "seconds": 0.1}}
         unedited = {**variant, "reliability": 0.0}
-        (folder / "metrics.json").write_text(json.dumps({"task": "edit", "model": "embedded", "knowledge": knowledge,
-                                                         "method": "ours",
-                                                          "rule": "zero", "op": "erase", "size": 30,
-                                                          "replacement": None,
-                                                          "variants": {"edit": variant, "unedited": unedited}}))
+        metrics = {"task": "edit", "model": "embedded", "knowledge": knowledge, "method": "ours", "rule": "zero",
+                   "op": "erase", "size": 30, "replacement": None, "variants": {"edit": variant, "unedited": unedited}}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
 
     job("0", "banana", 1.0, 0.8)
     job("1", "cake", 0.5, 1.0)

@@ -103,11 +103,11 @@ def test_noise_scale_multiplies_each_neurons_noise(adapter):
     rows = rows_for([10, 11], [3.0], 2)
     neurons = _set([0, 1, 2], [3, 4, 9])
     kw = dict(seed=4, max_new_tokens=5)
-    assert noise_captions(adapter, images, rows, neurons, scale=np.ones(3), **kw) == noise_captions(adapter, images,
-                                                                                                    rows, neurons, **kw)
+    unscaled = noise_captions(adapter, images, rows, neurons, **kw)
+    assert noise_captions(adapter, images, rows, neurons, scale=np.ones(3), **kw) == unscaled
     clean = adapter.caption(images, max_new_tokens=5)
-    assert noise_captions(adapter, images, rows, neurons, scale=np.zeros(3), **kw) == [clean[0], clean[0], clean[1],
-                                                                                       clean[1]]
+    zeroed = noise_captions(adapter, images, rows, neurons, scale=np.zeros(3), **kw)
+    assert zeroed == [clean[0], clean[0], clean[1], clean[1]]
     # a scale of s at level n is the absolute level n * s (the same seeded draw, scaled)
     scaled = noise_captions(adapter, images, rows_for([10, 11], [3.0], 2), neurons, scale=np.full(3, 40.0), **kw)
     assert scaled == noise_captions(adapter, images, rows_for([10, 11], [120.0], 2), neurons, **kw)

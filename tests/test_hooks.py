@@ -35,11 +35,10 @@ def test_ffn_out_of_the_activation_is_the_mlp_output_exactly(adapter, prepared):
     got = {}
     handles = []
     for layer in range(adapter.num_layers):
-        handles.append(adapter.down_proj(layer).register_forward_pre_hook(lambda m, a,
-                                                                          layer=layer: got.__setitem__(("O", layer),
-                                                                                                       a[0])))
-        handles.append(adapter.ffn(layer).register_forward_hook(lambda m, a, out,
-                                                                layer=layer: got.__setitem__(("mlp", layer), out)))
+        handles.append(adapter.down_proj(layer).register_forward_pre_hook(
+            lambda m, a, layer=layer: got.__setitem__(("O", layer), a[0])))
+        handles.append(adapter.ffn(layer).register_forward_hook(
+            lambda m, a, out, layer=layer: got.__setitem__(("mlp", layer), out)))
     try:
         with torch.no_grad():
             adapter.forward(prepared)

@@ -73,9 +73,8 @@ def test_pan_authors_variant_uses_act_fn_at_the_predicting_position(adapter, sam
     original, _, target, stats = sample
     prep = adapter.prepare([original], continuations=[target.context])
     seen = {}
-    hooks = [adapter.site("ffn_act", layer)[0].register_forward_hook(lambda m, a, out,
-                                                                     layer=layer: seen.__setitem__(layer, out[0, -1]))
-             for layer in range(adapter.num_layers)]
+    hooks = [adapter.site("ffn_act", layer)[0].register_forward_hook(
+        lambda m, a, out, layer=layer: seen.__setitem__(layer, out[0, -1])) for layer in range(adapter.num_layers)]
     try:
         with torch.no_grad():
             adapter.forward(prep)
@@ -204,9 +203,9 @@ def test_budget_rule_keeps_n_of_the_top_candidates(sample, kind, second):
     *_, stats = sample
     ref = _reference_stats(stats, ["bus", "clock", "bear", "clock"])
     ctx = RuleContext("bus", reference=ref)
+    others = ref.removal_diff[1:]
     score = {"raw": stats.diff_max, "abs": stats.diff_absmax, "spread": stats.diff_max / ref.std,
-             "contrastive": (stats.diff_max - ref.removal_diff[1:].mean(0)) / ref.removal_diff[1:].std(0,
-                                                                                                       correction=0)}[kind]
+             "contrastive": (stats.diff_max - others.mean(0)) / others.std(0, correction=0)}[kind]
     torch.testing.assert_close(stage1_score(stats, kind, ctx), score)  # the bus removal is left out of bus's null
     rule = BudgetRule(name="budget", n=7, q_g=0.75, layers="nonzero", stage1=kind, stage2=second)
     ts = rule.apply(stats, ctx)
@@ -285,6 +284,6 @@ def test_the_cached_prefix_changes_no_statistic_on_the_embedded_model(catalog, m
         else:
             assert torch.equal(a, b), name
     for name in ("diff_absmax", "gradcam_max", "attribution"):
-        top = [set(torch.argsort(-getattr(s, name).flatten().double(), stable=True)[:1000].tolist()) for s in (cached,
-                                                                                                               full)]
+        top = [set(torch.argsort(-getattr(s, name).flatten().double(), stable=True)[:1000].tolist())
+               for s in (cached, full)]
         assert top[0] == top[1], name

@@ -62,8 +62,8 @@ def test_a_varied_setting_gets_its_own_rows_and_jobs_without_the_key_are_kept(tm
     _job(sweep / "2", "bear", "ours", 0.4, 0.4, [1, 0])  # an older job: no noise_level in its metrics
     t = tables(collect(sweep))["table2"]
     assert t.index.names == ["noise_level", "method"] and len(t) == 3
-    assert t.loc[("n40", "ours"), "S_se"] == pytest.approx(0.8) and t.loc[("n120",
-                                                                           "ours"), "S_se"] == pytest.approx(0.2)
+    assert t.loc[("n40", "ours"), "S_se"] == pytest.approx(0.8)
+    assert t.loc[("n120", "ours"), "S_se"] == pytest.approx(0.2)
     assert sorted(t["S_se"].round(4)) == [0.2, 0.4, 0.8]
 
 

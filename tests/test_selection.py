@@ -60,8 +60,8 @@ def _coco(tmp_path, boxes: dict[int, list[tuple[int, list[int]]]], missing: tupl
         images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 96, "height": 96})
     cats = [{"id": 6, "name": "bus", "supercategory": "vehicle"},
             {"id": 85, "name": "clock", "supercategory": "indoor"}]
-    (tmp_path / "instances_val.json").write_text(json.dumps({"images": images, "annotations": anns,
-                                                             "categories": cats}))
+    coco = {"images": images, "annotations": anns, "categories": cats}
+    (tmp_path / "instances_val.json").write_text(json.dumps(coco))
     return CocoScenes(tmp_path, "val")
 
 

@@ -209,6 +209,11 @@ def data_markdown(d: dict) -> str:
 """
 
 
+def _last_run() -> dict:
+    """The last full run's raw numbers (``runs/bench.json``)."""
+    return json.loads((project_root() / "runs" / "bench.json").read_text())
+
+
 SECTIONS = {"reuse": (REUSE_HEADING, lambda: reuse_markdown(reuse_and_decode())),
             "sweeps": (SWEEPS_HEADING, lambda: sweeps_markdown(_demo_and_cache())),
             "mfu": (MFU_HEADING, lambda: mfu_markdown(utilisation())),
@@ -218,9 +223,7 @@ SECTIONS = {"reuse": (REUSE_HEADING, lambda: reuse_markdown(reuse_and_decode()))
             "gpu": (GPU_HEADING, lambda: gpu_markdown(gpu_check())),
             "edit": (EDIT_HEADING, lambda: edit_markdown(edit_costs())),
             # the grids scale the demo's jobs: those of the last full run's raw numbers
-            "grids": (GRIDS_HEADING,
-                      lambda: grids_markdown(grids(json.loads((project_root() / "runs" / "bench.json").read_text())
-                                                                 ["sweeps"]["per_job"])))}
+            "grids": (GRIDS_HEADING, lambda: grids_markdown(grids(_last_run()["sweeps"]["per_job"])))}
 
 
 def _demo_and_cache() -> dict:

@@ -28,8 +28,8 @@ def synthetic_coco(path: Path, annotations: int, fault_every: int = 100, seed: i
     """Write the file; returns how many annotations were spoiled."""
     rng = np.random.default_rng(seed)
     images = max(1, annotations // 5)
-    data = {"images": [{"id": i, "file_name": f"{i:012d}.jpg", "height": 480, "width": 640} for i in range(1,
-                                                                                                           images + 1)],
+    data = {"images": [{"id": i, "file_name": f"{i:012d}.jpg", "height": 480, "width": 640}
+                       for i in range(1, images + 1)],
             "categories": [{"id": c, "name": f"object {c}", "supercategory": "thing"} for c in range(1, 81)],
             "annotations": []}
     spoiled = 0

@@ -52,8 +52,8 @@ class DecoderShape:
 def prefill_flops(shape: DecoderShape, prompt_len: int, rows: int, prefix: int = 0) -> int:
     """The prompt's pass of greedy captioning (``knexp.models.decoding.prefill``): the ``prefix`` tokens before the
     image once, then each of ``rows`` rows' remaining prompt and the head at its last position."""
-    return (shape.tokens(prefix) if prefix else 0) + rows * (shape.tokens(prompt_len - prefix,
-                                                                          past=prefix) + shape.head())
+    per_row = shape.tokens(prompt_len - prefix, past=prefix) + shape.head()
+    return (shape.tokens(prefix) if prefix else 0) + rows * per_row
 
 
 def decode_flops(shape: DecoderShape, prompt_len: int, generated: list[int]) -> int:

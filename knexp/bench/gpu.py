@@ -124,10 +124,9 @@ def _qwen2_5_vl_parts(shape: Shape):
                   patch_size=patch,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                   fullatt_block_indexes=list(range(vl - 1, -1, -8))[::-1])
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (("image_token_id", "<|image_pad|>"),
-                                                              ("video_token_id", "<|video_pad|>"),
-                                                              ("vision_start_token_id", "<|vision_start|>"),
-                                                              ("vision_end_token_id", "<|vision_end|>"))}
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
     images = Qwen2VLImageProcessorPil(min_pixels=shape.image ** 2, max_pixels=shape.image ** 2, patch_size=patch,
                                       merge_size=2, temporal_patch_size=2)
@@ -196,8 +195,10 @@ def measure(adapter, captions: int = 16, batch_size: int = 8, max_new_tokens: in
     identify_s = time.perf_counter() - began
     peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else None
     pics = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for _ in range(2 * captions)]
-    median, _ = alternating({"captions": lambda: adapter.caption(pics, batch_size=2 * batch_size,
-                                                                 max_new_tokens=max_new_tokens)}, rounds)
+    def captions():
+        return adapter.caption(pics, batch_size=2 * batch_size, max_new_tokens=max_new_tokens)
+
+    median, _ = alternating({"captions": captions}, rounds)
     return {"hook_overhead": hooks["ratio"], "identification_s": round(identify_s, 3),
             "identification_extra_gib": None if peak is None else round(peak, 2),
             "captions_per_s": round(len(pics) / median["captions"], 2), "fast_paths": adapter.fast_paths}

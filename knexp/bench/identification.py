@@ -71,9 +71,11 @@ def identification_cost(repeats: int = 6) -> dict:
     target = locate_target(adapter, caption, adapter.caption_prefix, obj.knowledge)
     _bare_passes(adapter, scene.image, edited, target)  # warm-up
     _all_methods(compute_stats(adapter, scene.image, edited, target))
+    def identification():
+        return _all_methods(compute_stats(adapter, scene.image, edited, target))
+
     median, _ = alternating({"bare": lambda: _bare_passes(adapter, scene.image, edited, target),
-                             "identification": lambda: _all_methods(compute_stats(adapter, scene.image, edited,
-                                                                                  target))}, repeats)
+                             "identification": identification}, repeats)
     b, i = median["bare"], median["identification"]
     return {"bare_s": round(b, 4), "identification_s": round(i, 4), "ratio": round(i / b, 4), "repeats": repeats,
             "target": "<= 1.3"}
@@ -100,10 +102,10 @@ def _seven_b_shaped():
     model = LlavaForConditionalGeneration(config).to(torch.bfloat16).eval().requires_grad_(False)
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336},
-                                                                     crop_size={"height": 336, "width": 336}),
-                               tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=LLAVA15_TEMPLATE)
+    images = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA15_TEMPLATE)
     return VLMAdapter(model, processor, FAMILIES["llava"], caption_prefix="the image shows")
 
 

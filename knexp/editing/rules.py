@@ -123,8 +123,8 @@ class Kn(EditRule):
         act = neurons.info.get("act_mean")
         signs = torch.as_tensor(np.sign(act) if self.signed and act is not None else np.ones(len(neurons)),
                                 dtype=torch.float32)
-        sign_of = {(int(a), int(b)): float(g) or 1.0 for a, b, g in zip(neurons.layers, neurons.units, signs,
-                                                                        strict=True)}
+        sign_of = {(int(a), int(b)): float(g) or 1.0
+                   for a, b, g in zip(neurons.layers, neurons.units, signs, strict=True)}
 
         def delta(layer, units, w):
             d = direction.to(w.device)

@@ -165,8 +165,8 @@ class EditMeasures:
         def success(group: str) -> dict:
             """The success rate over the rows of ``group`` whose unedited answer named k (the others have nothing to
             change), and how many those are."""
-            rows = [target.caption_success(c) for c, c0 in zip(out[group], base[group],
-                                                               strict=True) if k.mentioned_in(c0)]
+            rows = [target.caption_success(c) for c, c0 in zip(out[group], base[group], strict=True)
+                    if k.mentioned_in(c0)]
             return {"rate": _rate(rows), "n": len(rows)}
 
         yes_no = [target.answered(m) for m, m0 in zip(out["yes_no"], base["yes_no"], strict=True) if m0[0] > 0]

@@ -45,6 +45,6 @@ def removal_scores(removed: list[str], others: list[set[str]], named: list[set[s
         "scenes": n,
         "removed_gone": sum(r not in s for r, s in zip(removed, named, strict=True)) / n if n else float("nan"),
         "others_named": kept / total_others if total_others else float("nan"),
-        "phantom": sum(bool(s - o - {r}) for r, o, s in zip(removed, others, named,
-                                                            strict=True)) / n if n else float("nan"),
+        "phantom": sum(bool(s - o - {r}) for r, o, s in zip(removed, others, named, strict=True)) / n if n
+        else float("nan"),
     }

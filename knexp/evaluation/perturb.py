@@ -76,10 +76,11 @@ def cached_intervened_captions(store: Store, namespace: list, adapter: Adapter, 
     set_key = stable_key(neurons.layers.tolist(), neurons.units.tolist(), how.key(), values.key())
     keys = [stable_key("intervened", namespace, set_key, r.image_key, r.level_index, r.level, r.draw, seed,
                        max_new_tokens, adapter.caption_prefix) for r in rows]
-    return store.get_many(keys,
-                          lambda idx: intervened_captions(adapter, images, [rows[i] for i in idx], neurons, how, values,
-                                                                seed, batch_size, max_new_tokens, width),
-                          chunk=4 * max(batch_size, width or 0))
+    def compute(idx: list[int]) -> list[str]:
+        return intervened_captions(adapter, images, [rows[i] for i in idx], neurons, how, values, seed, batch_size,
+                                   max_new_tokens, width)
+
+    return store.get_many(keys, compute, chunk=4 * max(batch_size, width or 0))
 
 
 @torch.no_grad()

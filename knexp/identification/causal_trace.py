@@ -98,8 +98,8 @@ def _edits(rows: list[tuple[str, int]], sources: dict[str, torch.Tensor],
     edits: dict[str, dict[int, ActivationPatch]] = {"resid_pre": {}, "ffn": {}}
     for layer in range(num_layers):
         for site in edits:
-            mask = torch.tensor([SITE[kind] == site and layer in patched_layers(kind, lay,
-                                                                                num_layers) for kind, lay in rows])
+            mask = torch.tensor([SITE[kind] == site and layer in patched_layers(kind, lay, num_layers)
+                                 for kind, lay in rows])
             if mask.any():
                 values = sources[site][layer][None].expand(len(rows), -1, -1)  # [B, P, D], no copy
                 edits[site][layer] = ActivationPatch(None, set_to=values, row_mask=mask)

@@ -53,5 +53,6 @@ class PatchGeometry:
         if inside.any():
             return np.flatnonzero(inside)
         ys, xs = np.nonzero(mask)
-        return self.tokens_covering(float(xs.mean()) / w, float(ys.mean()) / h)[:1] if len(xs) else np.zeros(0,
-                                                                                                             np.int64)
+        if not len(xs):
+            return np.zeros(0, np.int64)
+        return self.tokens_covering(float(xs.mean()) / w, float(ys.mean()) / h)[:1]

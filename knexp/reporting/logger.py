@@ -111,8 +111,8 @@ class WandbLogger(RunLogger):
 
         path = super().log_histogram(name, counts)
         if counts:
-            self.run.log({f"{name}_histogram": wandb.Histogram(np_histogram=(np.asarray(counts),
-                                                                             np.arange(len(counts) + 1)))})
+            bins = (np.asarray(counts), np.arange(len(counts) + 1))
+            self.run.log({f"{name}_histogram": wandb.Histogram(np_histogram=bins)})
         return path
 
     def log_images(self, images: dict[str, Path]) -> None:

@@ -345,8 +345,8 @@ def _html(blocks: list[tuple], title: str) -> str:
             # markdown's code spans
             body.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(value)) + "</p>")
         elif kind == "table":
-            body.append('<div class="wide">' + shown(value).to_html(index=False, border=0, classes="t",
-                                                                    table_id=rest[0]) + "</div>")
+            table = shown(value).to_html(index=False, border=0, classes="t", table_id=rest[0])
+            body.append('<div class="wide">' + table + "</div>")
         elif kind == "gallery":
             body.append('<div class="gallery">' + "".join(
                 f'<figure><img alt="{html.escape(caption)}" '

@@ -94,8 +94,8 @@ def run(session: Session, task: CaptionEvalTask) -> dict:
         edited, removed, others = [], [], []
         for image_id in multi:
             instances = data.instances(image_id)
-            pick = instances[int(np.random.default_rng([spec.data.get("seed", spec.seed), CHECK_STREAM,
-                                                        image_id]).integers(len(instances)))]
+            rng = np.random.default_rng([spec.data.get("seed", spec.seed), CHECK_STREAM, image_id])
+            pick = instances[int(rng.integers(len(instances)))]
             image = data.load_image(image_id)
             segmentation = data.instance_mask(pick.annotation_id) if check["region"] == "segm" else None
             edited.append(opts.apply(image, pick.bbox, segmentation))

@@ -109,10 +109,10 @@ class EditTask:
         logger.log_metrics(metrics)
         logger.finish()
         mark_finished(spec.job_key, out, metrics)
+        shown = {name: {m: v.get(m) for m in ("reliability", "m_generality")}
+                 for name, v in metrics["variants"].items()}
         print(json.dumps({"output_dir": str(out), "knowledge": k.name, "op": target.op, "rule": settings.rule.name,
-                          **{name: {m: v.get(m) for m in ("reliability",
-                                                          "m_generality")} for name, v in metrics["variants"].items()}},
-                         indent=1))
+                          **shown}, indent=1))
         return metrics
 
     def _images(self, session: Session, found, target) -> EditImages:

@@ -37,8 +37,8 @@ class TraceTask:
                            f"causal trace of the image tokens: {trace.model}")
         logger = session.spec.logger()
         logger.log_images({"trace": figure})
-        logger.log_metrics({"trace": {k: window[k] for k in ("neuron_layers", "resid_layers", "frac", "samples",
-                                                             "full_effect")}})
+        kept = ("neuron_layers", "resid_layers", "frac", "samples", "full_effect")
+        logger.log_metrics({"trace": {k: window[k] for k in kept}})
         logger.finish()
         print(f"live window of {trace.model}: neuron layers {span(window['neuron_layers'])}; trace: "
               f"{out / 'trace.json'}")

@@ -105,12 +105,10 @@ def _free(data: CocoScenes, session: Session, ann: dict) -> bool:
 
 def _text(report: dict, first: int) -> str:
     """The console summary: faults by kind with their first entries, then the objects."""
+    passes = (f", image pass {report['seconds']['image_pass']} s" if report["image_pass"]
+              else " (task.images=true decodes the images)")
     lines = [f"{report['root']} ({report['split']}): {report['images']} images, {report['annotations']} usable "
-             f"annotations; annotation pass {report['seconds']['annotation_pass']} s"
-             + (f", image pass {report['seconds']['image_pass']} s" if report["image_pass"] else " (task.images=true "
-                                                                                                 "decodes the "
-                                                                                                 "images)"),
-             report["summary"]]
+             f"annotations; annotation pass {report['seconds']['annotation_pass']} s" + passes, report["summary"]]
     for kind, faults in report["faults"].items():
         lines.append(f"  {kind}: {report['counts'][kind]} ({report['meaning'][kind]})")
         lines += [f"    {f['entry']}: {f['detail']}" for f in faults[:first]]

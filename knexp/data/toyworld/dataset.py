@@ -72,5 +72,5 @@ def _write(folder: Path, split: str, num_images: int, seed: int, catalog: Catalo
     info = {"description": f"knexp toy world, split {split}, seed {seed}", "version": "1"}
     instances = {"info": info, "images": images, "annotations": annotations, "categories": categories}
     (folder / f"instances_{split}.json").write_text(json.dumps(instances))
-    (folder / f"captions_{split}.json").write_text(json.dumps({"info": info, "images": images,
-                                                               "annotations": captions}))
+    captions_file = {"info": info, "images": images, "annotations": captions}
+    (folder / f"captions_{split}.json").write_text(json.dumps(captions_file))

@@ -198,10 +198,11 @@ class Adapter(ABC):
                 prefix: str | None = None, width: int | None = None, question: str | None = None) -> list[str]:
         """Greedy captions, caption prefix included, decoded with continuous batching (``stream``); ``question`` in
         place of the model's caption question."""
-        return self.stream(len(images),
-                           lambda rows: self.prefill(self.prepare([images[i] for i in rows], prefix=prefix,
-                                                                  question=question), max_new_tokens=max_new_tokens),
-                           batch_size, max_new_tokens, width, prefix, "captioning")
+        def prefill_rows(rows: list[int]) -> Prefilled:
+            prepared = self.prepare([images[i] for i in rows], prefix=prefix, question=question)
+            return self.prefill(prepared, max_new_tokens=max_new_tokens)
+
+        return self.stream(len(images), prefill_rows, batch_size, max_new_tokens, width, prefix, "captioning")
 
     def prefill(self, prepared: Prepared, start_layer: int = 0, groups: list | None = None,
                 max_new_tokens: int | None = None

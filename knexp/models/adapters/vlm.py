@@ -137,8 +137,8 @@ class VLMAdapter(Adapter):
         texts = [base + c for c in continuations] if continuations else [base] * len(images)
         if len(texts) != len(images):
             raise ValueError(f"{len(images)} images but {len(texts)} continuations")
-        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in self._processed(images,
-                                                                                                         texts).items()}
+        processed = self._processed(images, texts)
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in processed.items()}
         inputs = {k: v.to(self._model.dtype) if k == "pixel_values" else v for k, v in inputs.items()}
         ids = inputs["input_ids"]
         positions = image_positions_from_ids(ids, self.image_token_id, self._slots, self._keep)
@@ -203,8 +203,8 @@ def load_processor(path: str, fam: Family, overrides: dict | None = None):
     cls = getattr(transformers, fam.processor_class)
     if "video_processor" in inspect.signature(cls.__init__).parameters:
         cls = without_video(cls)
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "image_processor", "tokenizer",
-                                                                 "chat_template", "kwargs"}
+    parameters = set(inspect.signature(cls.__init__).parameters)
+    allowed = parameters - {"self", "image_processor", "tokenizer", "chat_template", "kwargs"}
 
     def file(name: str) -> str | None:
         return cached_file(path, name, _raise_exceptions_for_missing_entries=False,
@@ -264,8 +264,8 @@ def load_adapter(model_cfg: dict, device: torch.device, cache_dir):
                            "knexp runs the families of its table with transformers' own code " "only; set it to false")
     try:
         processor = load_processor(path, fam, model_cfg.get("processor"))
-        model = getattr(transformers, fam.model_class).from_pretrained(path,
-                                                                       dtype=resolve_dtype(model_cfg["dtype"], device))
+        model_class = getattr(transformers, fam.model_class)
+        model = model_class.from_pretrained(path, dtype=resolve_dtype(model_cfg["dtype"], device))
     except OSError as exc:
         raise ModelWeightsMissing(f"{fam.name} weights not found at model.path={path!r} ({str(exc).splitlines()[0]}); "
                                   "point model.path at a local folder (knexp runs with HF_HUB_OFFLINE=1) or download "

@@ -72,8 +72,8 @@ def _append(c: Cohort, layer: int, key: torch.Tensor, value: torch.Tensor) -> tu
         return c.cache.update(key, value, layer)
     b, heads, n, d = entry.keys.shape
     if not _in_room(c, layer) or c.room[layer][0].shape[2] <= n:
-        room = tuple(torch.empty(b, heads, n + _ROOM, d, dtype=t.dtype, device=t.device) for t in (entry.keys,
-                                                                                                   entry.values))
+        room = tuple(torch.empty(b, heads, n + _ROOM, d, dtype=t.dtype, device=t.device)
+                     for t in (entry.keys, entry.values))
         room[0][:, :, :n], room[1][:, :, :n] = entry.keys, entry.values
         c.room[layer] = room
     keys, values = c.room[layer]

@@ -74,8 +74,8 @@ class _PassStarts:
         nothing)."""
         def locate(module, args, kwargs):
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self.starts[layer] = None if x.shape[1] < self.shortest else self.prefill.pass_start(x.shape[1],
-                                                                                                 _first_position(kwargs))
+            short = x.shape[1] < self.shortest
+            self.starts[layer] = None if short else self.prefill.pass_start(x.shape[1], _first_position(kwargs))
 
         def leave(module, args, output):
             self.starts[layer] = None

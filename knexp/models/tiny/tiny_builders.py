@@ -69,10 +69,9 @@ def qwen(version: str, layers: int, size: Size):
 
     tok = word_tokenizer(special={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
                          markers=["<|vision_start|>", "<|vision_end|>"])
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (("image_token_id", "<|image_pad|>"),
-                                                              ("video_token_id", "<|video_pad|>"),
-                                                              ("vision_start_token_id", "<|vision_start|>"),
-                                                              ("vision_end_token_id", "<|vision_end|>"))}
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     patch = 16 if version == "3" else 14
     pixels = 8 * patch
     vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=size.width,
@@ -94,9 +93,7 @@ def qwen(version: str, layers: int, size: Size):
         vision |= dict(num_position_embeddings=64, deepstack_visual_indexes=[0])
         config_class, processor_class = transformers.Qwen3VLConfig, transformers.Qwen3VLProcessor
         model_class = transformers.Qwen3VLForConditionalGeneration
-        text = _text(tok, layers, size, head_dim=head_dim,
-                     rope_scaling={"rope_type": "default", "mrope_section": mrope_sections(head_dim),
-                                                                    "mrope_interleaved": True})
+        text = _text(tok, layers, size, head_dim=head_dim, rope_scaling={**rope, "mrope_interleaved": True})
     config = config_class(text_config=text, vision_config=vision, **ids)
     images = Qwen2VLImageProcessorPil(min_pixels=pixels * pixels, max_pixels=pixels * pixels, patch_size=patch,
                                       merge_size=2, temporal_patch_size=2)
@@ -183,10 +180,9 @@ def llava_next(kind: str, layers: int, size: Size):
                                                image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full",
                                                vision_feature_layer=-1)
     images = pil.LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
-    processor = without_video(transformers.LlavaOnevisionProcessor)(image_processor=images, tokenizer=tok,
-                                                                    chat_template=chat_template("<image>"),
-                                                                    num_image_tokens=16,
-                                                                    vision_feature_select_strategy="full")
+    processor = without_video(transformers.LlavaOnevisionProcessor)(
+        image_processor=images, tokenizer=tok, chat_template=chat_template("<image>"), num_image_tokens=16,
+        vision_feature_select_strategy="full")
     return _finish(transformers.LlavaOnevisionForConditionalGeneration(config), tok), processor, (64, 64)
 
 
@@ -217,9 +213,9 @@ def idefics3(kind: str, layers: int, size: Size):
 
     config = transformers.SmolVLMConfig(vision_config=vision, text_config=_text(tok, layers, size), scale_factor=2,
                                         image_token_id=image_id)
-    processor = without_video(transformers.SmolVLMProcessor)(image_processor=SmolVLMImageProcessorPil(**sizes),
-                                                             tokenizer=tok,
-                                                             image_seq_len=4, chat_template=chat_template("<image>"))
+    processor = without_video(transformers.SmolVLMProcessor)(
+        image_processor=SmolVLMImageProcessorPil(**sizes), tokenizer=tok, image_seq_len=4,
+        chat_template=chat_template("<image>"))
     return _finish(transformers.SmolVLMForConditionalGeneration(config), tok), processor, (64, 64)
 
 
@@ -234,10 +230,9 @@ def internvl(layers: int, size: Size):
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=[32, 32],
                   patch_size=[8, 8])
     # untied head: with random tied embeddings the argmax repeats the prompt's last word for ever
-    config = transformers.InternVLConfig(vision_config=vision,
-                                         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
-                                         text_config=transformers.Qwen2Config(**_text(tok, layers, size),
-                                                                              tie_word_embeddings=False),
+    text = transformers.Qwen2Config(**_text(tok, layers, size), tie_word_embeddings=False)
+    image_token_id = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    config = transformers.InternVLConfig(vision_config=vision, image_token_id=image_token_id, text_config=text,
                                          image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=False)
     processor = without_video(transformers.InternVLProcessor)(
         image_processor=GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False),
