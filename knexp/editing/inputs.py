@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from knexp.data.coco import CocoScenes
+from knexp.editing.preserved import PreservedKeys
 from knexp.editing.target import EditTarget
 from knexp.identification.pipeline import Identification
 from knexp.identification.reference import ReferenceStats
@@ -24,7 +25,9 @@ from knexp.models.adapters.adapter import Adapter
 class EditInputs:
     """``found``: the object's identification (its samples: images, unedited captions, annotations, statistics);
     ``locality``: images without k that fitting may see (never among the measured ones); ``texts``: text-only prompts
-    that fitting may see; ``reference()``: the model's reference statistics, computed on the first call."""
+    that fitting may see; ``reference()``: the model's reference statistics, computed on the first call;
+    ``preserved(layers, positions)``: the preserved keys of ``layers`` (``knexp.editing.preserved``) over at least
+    ``positions`` positions of images without k that are never measured, with their captions, and of ``texts``."""
 
     adapter: Adapter
     target: EditTarget
@@ -35,6 +38,7 @@ class EditInputs:
     batch_size: int
     max_new_tokens: int
     reference: Callable[[], ReferenceStats]
+    preserved: Callable[[list[int], int], PreservedKeys]
 
     def samples(self) -> list[tuple[np.ndarray, str]]:
         """(image, unedited caption naming k) of each identification sample."""

@@ -36,9 +36,11 @@ class EditSettings:
         if not isinstance(self.rule, EditRule):
             raise SettingError("edit.rule", self.rule, "use a rule of conf/edit/rule, e.g. edit/rule=kn")
         check_fields(self, "edit", source=Text(optional=True), op=Choice(tuple(TARGETS)),
-                     replacement=Text(optional=True),
-                     size=Integer(low=1), fit_other=Integer(low=0), texts=Many(Text(), min_len=0),
-                     k_texts=Many(Text(), min_len=0))
+                     replacement=Text(optional=True), size=Integer(low=1), fit_other=Integer(low=0),
+                     texts=Many(Text(), min_len=0), k_texts=Many(Text(), min_len=0))
+        if self.op not in self.rule.ops:
+            made = " or ".join(self.rule.ops)
+            raise SettingError("edit.op", self.op, f"edit/rule={self.rule.name} makes {made} only")
         if not isinstance(self.prompts, Prompts):
             self.prompts = from_mapping(Prompts, self.prompts, "edit.prompts")
         for template in self.k_texts:
@@ -57,11 +59,16 @@ class EditSettings:
 
 
 def make(adapter, rule: EditRule, neurons: NeuronSet, target: EditTarget, context) -> tuple[WeightEdit, float]:
-    """(the edit ``rule`` makes of ``neurons`` for ``target`` from its ``context``, the seconds it took); provenance
-    filled in."""
+    """(the edit ``rule`` makes of ``neurons`` for ``target`` from its ``context``, the seconds it took, less what
+    ``EditRule.prepare`` took, which the provenance records apart as ``prepare_seconds``); provenance filled in."""
+    began = time.perf_counter()
+    rule.prepare(adapter, neurons, context)
+    prepared_s = time.perf_counter() - began
     began = time.perf_counter()
     edit = rule.make(adapter, neurons, target, context)  # closed-form rules compute under no_grad; the fit has its own
     seconds = time.perf_counter() - began
+    if type(rule).prepare is not EditRule.prepare:
+        edit.provenance["prepare_seconds"] = round(prepared_s, 3)
     edit.provenance.update(op=target.op, knowledge=target.knowledge.name,
                            replacement=target.replacement.name if target.replacement else None,
                            method=neurons.method, variant=neurons.variant,

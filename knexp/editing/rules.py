@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -42,9 +43,10 @@ from knexp.settings import Flag, Integer, Number, check_fields
 @dataclass
 class EditRule(ABC):
     """A rule (``conf/edit/rule/*.yaml``): ``context`` builds what it reads beyond the set, once per job; ``make`` gives
-    the edit of a set for a target from it."""
+    the edit of a set for a target from it. ``ops``: the targets it can make (``edit.op``)."""
 
     name: str = ""
+    ops: ClassVar[tuple[str, ...]] = ("erase", "swap")
 
     @property
     def label(self) -> str:
@@ -56,6 +58,11 @@ class EditRule(ABC):
     def context(self, inputs: EditInputs) -> object:
         """What ``make`` reads beyond the set (default: nothing). Rules whose ``context`` is the same function share one
         per job."""
+        return None
+
+    def prepare(self, adapter, neurons: NeuronSet, context) -> None:
+        """Compute what ``make`` needs of ``context`` for this set and keep it there (default: nothing): statistics the
+        edit's own cost leaves out, such as preserved keys (``knexp.editing.make.make`` times it apart)."""
         return None
 
     @abstractmethod

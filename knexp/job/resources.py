@@ -9,8 +9,12 @@ import logging
 from functools import cached_property
 
 from knexp.counterfactual.cache import InpaintCache
+from knexp.data.catalog import Knowledge
 from knexp.data.coco import CocoScenes
 from knexp.data.loading import load_dataset
+from knexp.editing.forcing import forced_caption
+from knexp.editing.preserved import PreservedCache, PreservedKeys, mlp_input_moments
+from knexp.evaluation.protocol import evaluation_images
 from knexp.identification.causal_trace import KINDS, Trace, live_window, span, trace_objects
 from knexp.identification.reference import ReferenceCache, ReferenceStats, compute_reference
 from knexp.identification.selection import Selector
@@ -112,3 +116,50 @@ class Resources:
         return ReferenceCache(spec.cache_root).get(parts, lambda: compute_reference(
             self.adapter, self.data, self.dataset_id, spec.catalog, spec.opts, self.inpaint_cache, ref.images,
             ref.removals, ref.seed, self.captioner.batch_size))
+
+    def preserved_keys(self, knowledge: Knowledge, exclude: set[int], texts: list[str], layers: list[int],
+                       positions: int) -> PreservedKeys:
+        """The preserved keys of ``layers`` (``knexp.editing.preserved``): images without ``knowledge`` in the seeded
+        order of the evaluation's images, less ``exclude`` (the images an edit is measured on), each with its unedited
+        caption teacher-forced, and ``texts``, until about ``positions`` positions; cached per model, data, images and
+        layer."""
+        adapter, spec = self.adapter, self.spec
+        chosen, captions = self._preserved_images(knowledge, exclude, texts, positions)
+
+        def compute(missing: list[int]) -> PreservedKeys:
+            prompts = [forced_caption(adapter, self.data.load_image(i), c)[0]
+                       for i, c in zip(chosen, captions, strict=True)]
+            keys = mlp_input_moments(adapter, prompts + list(texts), missing)
+            log.info("preserved keys: %d positions of %d images and %d texts, layers %s", keys.positions, len(chosen),
+                     len(texts), span(missing))
+            return keys
+
+        parts = [self.model_key, self.dataset_id, chosen, captions, list(texts), "ffn_in"]
+        return PreservedCache(spec.cache_root).get(parts, layers, compute)
+
+    def _preserved_images(self, knowledge: Knowledge, exclude: set[int], texts: list[str],
+                          positions: int) -> tuple[list[int], list[str]]:
+        """(image ids, their unedited captions) of the preserved images, drawn until their prompts and ``texts`` hold
+        about ``positions`` positions (a prompt's length: the bare prompt's and the caption's tokens)."""
+        adapter, spec = self.adapter, self.spec
+        count = sum(len(adapter.tokenizer(t)["input_ids"]) for t in texts)
+        chosen, captions, want, bare = [], [], len(exclude) + 32, None
+        while count < positions:
+            rows = evaluation_images(self.data, spec.catalog, knowledge, [], 0, want, spec.seed)
+            fresh = [i for i, group, _ in rows if group == "other" and i not in exclude and i not in chosen]
+            if not fresh:
+                log.warning("preserved keys: only %d positions of images without %s (wanted %d)", count, knowledge.name,
+                            positions)
+                break
+            images = [self.data.load_image(i) for i in fresh]
+            said = self.captioner(images, [[self.dataset_id, i] for i in fresh])
+            bare = bare or adapter.prepare(images[:1]).prompt_len
+            for image_id, caption in zip(fresh, said, strict=True):
+                if count >= positions:
+                    break
+                chosen.append(image_id)
+                captions.append(caption)
+                count += bare + len(adapter.tokenize(caption[len(adapter.caption_prefix):]))
+            want += 64
+        return chosen, captions
+

@@ -162,14 +162,19 @@ class Session:
         return Path(path)
 
     # ---- editing ---------------------------------------------------------------------------------------------------
-    def edit_inputs(self, found: Identification, target: EditTarget,
-                    locality: list[np.ndarray] | None = None) -> EditInputs:
+    def edit_inputs(self, found: Identification, target: EditTarget, locality: list[np.ndarray] | None = None,
+                    measured: set[int] | None = None) -> EditInputs:
         """What an edit rule may build its context from (``knexp.editing.inputs``), for ``target`` on ``found``'s
-        object: ``locality`` images without k, the edit's text prompts (``edit.texts`` and those about k)."""
-        cap, settings = self.resources.captioner, self.spec.edit
+        object: ``locality`` images without k, the edit's text prompts (``edit.texts`` and those about k), and the
+        preserved keys, never from the ``measured`` images."""
+        cap, settings, res = self.resources.captioner, self.spec.edit, self.resources
+
+        def preserved(layers: list[int], positions: int):
+            return res.preserved_keys(target.knowledge, set(measured or ()), settings.texts, layers, positions)
+
         return EditInputs(self.adapter, target, found, self.data, list(locality or []),
                           settings.texts + settings.about_k(target.knowledge), cap.batch_size, cap.max_new_tokens,
-                          lambda: self.resources.reference)
+                          lambda: res.reference, preserved)
 
     def edit_rule(self, name: str | None):
         """The job's edit rule, or the rule ``conf/edit/rule/<name>.yaml`` configures."""

@@ -58,6 +58,7 @@ class EditImages:
     probe: Probe
     locality: list[np.ndarray]  # images without k for the optimized rule's KL term (never measured)
     covariance: list[np.ndarray]  # images without k for the rank-one baseline's covariance
+    measured: set[int]  # the ids of the images the probe measures (no rule may fit on them)
 
 
 @dataclass
@@ -136,8 +137,9 @@ class EditTask:
         probe = Probe(target, probe_rows([r for r in k_rows if r[0] in ident_ids]),
                       probe_rows([r for r in k_rows if r[0] not in ident_ids]),
                       probe_rows(measured), list(settings.texts), settings.about_k(k), settings.prompts)
+        measured_ids = {i for i, group, _ in rows if group == "k"} | {i for i, _, _ in measured}
         return EditImages(probe, [data.load_image(i) for i, _, _ in fitting],
-                          [data.load_image(i) for i, _, _ in covariance])
+                          [data.load_image(i) for i, _, _ in covariance], measured_ids)
 
     def _plan(self, session: Session, found, target, neurons,
               images: EditImages) -> tuple[list[tuple[Variant, dict]], WeightEdit]:
@@ -145,7 +147,7 @@ class EditTask:
         ``baselines``, each rule's context built once (the edit, its random control and the fine-tuning share one where
         they read the same)."""
         spec, adapter, model_key = session.spec, session.adapter, session.resources.model_key
-        inputs = session.edit_inputs(found, target, images.locality)
+        inputs = session.edit_inputs(found, target, images.locality, images.measured)
         contexts: dict = {}
 
         def made(rule, chosen):
@@ -157,7 +159,8 @@ class EditTask:
             variant = Variant(name, stable_key(model_key, "edit", e.digest()), lambda: applied(adapter, e))
             return variant, {"seconds": round(secs, 3), "relative_norm": e.relative_norm(adapter), "norm": e.norm(),
                              "parameters_changed": e.parameters_changed, "neurons": e.units_changed,
-                             **{key: e.provenance[key] for key in ("steps_run", "target_met") if key in e.provenance}}
+                             **{key: e.provenance[key] for key in ("steps_run", "target_met", "prepare_seconds")
+                                if key in e.provenance}}
 
         rule = spec.edit.rule
         edit, seconds = made(rule, neurons)

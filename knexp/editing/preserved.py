@@ -1,0 +1,105 @@
+"""Preserved keys: what an FFN reads where an edit must change nothing (docs/method.md, "Locality by construction").
+
+An edit of a layer's FFN changes its output at a position t only through what the edited maps read there:
+``gate_proj`` and ``up_proj`` read the MLP input x_t (the residual after the post-attention norm, the hook site
+``ffn_in``), ``down_proj`` reads the activations O_t. The *preserved positions* are every position of images that
+show none of the edited objects, each with its unedited caption teacher-forced after it, and of text-only prompts.
+Per layer l their MLP inputs are summarised by the uncentred second moment
+
+    C_l = (1/n) sum_t x_t x_t^T   [d_model, d_model]
+
+so that an update Δ of rows changes the preserved outputs by (1/n) sum_t ||Δ x_t||^2 = tr(Δ C_l Δ^T) on average.
+AlphaEdit's projection keeps an update where the preserved inputs do not reach: P_l = U U^T over the eigenvectors of
+C_l whose eigenvalue is at most ``threshold`` times the largest (``null_projection``; a relative threshold, since with
+many positions C_l has full rank and only its smallest directions are unused), and (W + Δ P_l) x_t ≈ W x_t there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from knexp.checked import Damaged, damaged, load_tensors, save_tensors
+from knexp.models.hooks.attach import everywhere
+from knexp.models.prepared import Prepared
+from knexp.store import stable_key
+
+
+@dataclass
+class PreservedKeys:
+    """``second[l]``: C_l, float64 [d_model, d_model], over ``positions`` preserved positions (module docstring)."""
+
+    second: dict[int, torch.Tensor]
+    positions: int
+
+    def null_projection(self, layer: int, threshold: float) -> torch.Tensor:
+        """P_l = U U^T, float64 [d_model, d_model]: U the eigenvectors of C_l whose eigenvalue is at most ``threshold``
+        times the largest."""
+        values, vectors = torch.linalg.eigh(self.second[layer])  # ascending
+        kept = vectors[:, values <= threshold * values[-1].clamp_min(0)]
+        return kept @ kept.T
+
+
+def mlp_input_moments(adapter, prompts: list, layers: list[int]) -> PreservedKeys:
+    """C_l for ``layers`` over every position of ``prompts``: one-row prepared prompts (``Prepared``: an image with its
+    caption teacher-forced) and text-only prompts (``str``), each run alone so that no padding is counted."""
+    d = adapter.ffn_linear(layers[0], "up_proj").in_features
+    sums = {layer: torch.zeros(d, d, dtype=torch.float64) for layer in layers}
+    count = [0]
+
+    def accumulate(layer: int):
+        def hook(x: torch.Tensor) -> None:  # x [1, n, d_model]: the MLP input of one pass
+            flat = x[0].detach().double().cpu()
+            sums[layer] += flat.T @ flat
+            if layer == layers[0]:
+                count[0] += flat.shape[0]
+        return hook
+
+    with torch.no_grad(), everywhere(adapter, {("ffn_in", layer): accumulate(layer) for layer in layers}):
+        for prompt in prompts:
+            if isinstance(prompt, Prepared):
+                adapter.run_hooks(prompt)
+            else:
+                adapter.text_logits([prompt])
+    return PreservedKeys({layer: s / max(count[0], 1) for layer, s in sums.items()}, count[0])
+
+
+class PreservedCache:
+    """``get(key parts, layers, compute)``: each layer's C_l from ``<root>/preserved/<key>_L<layer>.safetensors``, the
+    missing layers computed together by ``compute(layers)``; a damaged file is recomputed with a warning. C_l is kept
+    in float32 (a relative eigenvalue threshold of 1e-5 or more is far above its rounding) and used in float64."""
+
+    def __init__(self, root: str | Path | None):
+        self.root = Path(root) / "preserved" if root is not None else None
+        self.computed = 0
+
+    def get(self, parts: list, layers: list[int], compute) -> PreservedKeys:
+        key = stable_key(*parts)
+        found, positions = {}, None
+        for layer in layers:
+            path = self._path(key, layer)
+            if path is None:
+                continue
+            try:
+                tensors, meta = load_tensors(path, f"{key}:{layer}")
+                found[layer], positions = tensors["second"].double(), int(meta["positions"])
+            except FileNotFoundError:
+                pass
+            except (Damaged, KeyError) as exc:
+                damaged("preserved keys", path, str(exc))
+        missing = [layer for layer in layers if layer not in found]
+        if missing:
+            fresh = compute(missing)
+            self.computed += 1
+            positions = fresh.positions
+            for layer in missing:
+                stored = fresh.second[layer].float()  # as the file holds it, so a cold and a warm run agree
+                found[layer] = stored.double()
+                if (path := self._path(key, layer)) is not None:
+                    save_tensors(path, {"second": stored}, {"positions": fresh.positions}, f"{key}:{layer}")
+        return PreservedKeys(found, positions)
+
+    def _path(self, key: str, layer: int) -> Path | None:
+        return self.root / f"{key}_L{layer}.safetensors" if self.root is not None else None

@@ -1,0 +1,127 @@
+"""Locality by construction (knexp.editing.preserved, knexp.editing.input_null): the preserved keys' second moments and
+AlphaEdit's projection, the input-side edit's closed form against a least-squares solve of its objective, exactness on
+rank-deficient preserved keys, the set's activations unchanged at preserved inputs of a tiny model, and the rule
+through run.py."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_py
+
+from knexp.editing.input_null import InputNull, InputSide, input_null_update
+from knexp.editing.preserved import PreservedKeys, mlp_input_moments
+from knexp.identification.methods import NeuronSet
+from knexp.models.hooks.attach import everywhere
+from knexp.models.tiny.tiny_vlm import tiny_adapter
+from knexp.models.weight_edit import applied
+
+
+def _low_rank(rng, n: int, d: int, rank: int) -> torch.Tensor:
+    """n row vectors in R^d spanning a ``rank``-dimensional subspace, float64."""
+    return torch.as_tensor(rng.standard_normal((n, rank)) @ rng.standard_normal((rank, d)))
+
+
+def test_the_update_leaves_rank_deficient_preserved_keys_exactly_alone_and_silences_the_object():
+    """With preserved keys X0 of rank 5 in R^16, P is the projector on their 11-dimensional null space, and
+    (W + Δ) X0^T = W X0^T to 1e-10 relative; the object's 6 keys lose their response (W + Δ) X1^T."""
+    rng = np.random.default_rng(0)
+    x0, x1 = _low_rank(rng, 40, 16, 5), torch.as_tensor(rng.standard_normal((6, 16)))
+    w = torch.as_tensor(rng.standard_normal((3, 16)))
+    projection = PreservedKeys({0: x0.T @ x0 / len(x0)}, len(x0)).null_projection(0, 1e-6)
+    assert torch.linalg.matrix_rank(projection).item() == 11
+    delta = input_null_update(w, x1, projection, 1e-6)
+    assert float(((w + delta) @ x0.T - w @ x0.T).norm() / (w @ x0.T).norm()) < 1e-10
+    assert float(((w + delta) @ x1.T).norm()) < 1e-4 * float((w @ x1.T).norm())  # 6 keys, 11 free directions
+
+
+def test_the_closed_form_is_the_least_squares_solution_of_its_objective():
+    """Δ = R P with R minimising ||R P X1^T + W X1^T||^2 + alpha ||R P||^2, solved by torch.linalg.lstsq on the stacked
+    system, equals the closed form."""
+    rng = np.random.default_rng(1)
+    x0, x1 = torch.as_tensor(rng.standard_normal((200, 12))), torch.as_tensor(rng.standard_normal((5, 12)))
+    w = torch.as_tensor(rng.standard_normal((4, 12)))
+    projection = PreservedKeys({0: x0.T @ x0 / 200}, 200).null_projection(0, 0.5)
+    ridge = 0.1
+    delta = input_null_update(w, x1, projection, ridge)
+    alpha = ridge * float((x1 @ projection @ x1.T).diagonal().mean())
+    system = torch.cat([projection @ x1.T, alpha ** 0.5 * projection], dim=1).T  # [m + d, d]: rows of the objective
+    target = torch.cat([-(w @ x1.T), torch.zeros(4, 12, dtype=torch.float64)], dim=1).T  # [m + d, U]
+    r = torch.linalg.lstsq(system, target, driver="gelsd").solution.T  # [U, d]
+    torch.testing.assert_close(r @ projection, delta, rtol=1e-8, atol=1e-10)
+
+
+class _Inputs:
+    """The parts of ``EditInputs`` the input-side rule reads, on a tiny model: the object's keys come from ``objects``
+    (MLP inputs of text prompts), the preserved keys from ``preserved`` (a few short prompts: rank-deficient)."""
+
+    def __init__(self, adapter, preserved_texts):
+        self.adapter = adapter
+        self.texts = preserved_texts
+
+    def preserved(self, layers, positions):
+        return mlp_input_moments(self.adapter, self.texts, layers)
+
+
+def _mlp_inputs_and_activations(adapter, texts, layer, units):
+    """(the MLP inputs [n, d], the set's activations O'[n, U]) of ``layer`` over every position of ``texts``."""
+    seen = {"x": [], "o": []}
+    hooks = {("ffn_in", layer): lambda x: seen["x"].append(x[0].double()),
+             ("ffn", layer): lambda o: seen["o"].append(o[0, :, units].double())}
+    with torch.no_grad(), everywhere(adapter, hooks):
+        for text in texts:
+            adapter.text_logits([text])
+    return torch.cat(seen["x"]), torch.cat(seen["o"])
+
+
+def test_after_an_input_side_edit_the_sets_activations_at_preserved_inputs_are_unchanged():
+    """On a tiny model (d_model 32), preserved keys from two short prompts (fewer positions than the width): the edited
+    model gives the set's neurons the same activations there, to 1e-5 relative, and their up factors at the object's
+    keys (each prompt's last token) are cut by more than 90%."""
+    adapter = tiny_adapter("embedded", layers=2)
+    preserved = ["the image shows a cat", "two plus two"]
+    objects = ["a banana on a table", "yellow banana"]
+    units = torch.tensor([1, 4, 7])
+    neurons = NeuronSet("test", "", np.array([1, 1, 1]), units.numpy(), np.zeros(3))
+    context = InputSide(_Inputs(adapter, preserved), per_unit=1.0)
+    # the object's keys: the last token of each prompt (a first token's input is the same in every prompt)
+    keys = torch.stack([_mlp_inputs_and_activations(adapter, [text], 1, units)[0][-1] for text in objects])
+    context._keys[1] = keys
+    rule = InputNull(threshold=1e-6, ridge=1e-6)
+    edit = rule.make(adapter, neurons, None, context)
+    assert edit.provenance["preserved_positions"] < 32 and edit.at(1, "up_proj").delta.shape == (3, 32)
+    _, before = _mlp_inputs_and_activations(adapter, preserved, 1, units)
+    up = adapter.ffn_linear(1, "up_proj").weight[units].double()
+    with applied(adapter, edit):
+        _, after = _mlp_inputs_and_activations(adapter, preserved, 1, units)
+        up_edited = adapter.ffn_linear(1, "up_proj").weight[units].double()
+    assert float((after - before).norm() / before.norm()) < 1e-5
+    assert float((keys @ up_edited.T).norm()) < 0.1 * float((keys @ up.T).norm())
+
+
+def test_input_null_through_run_py_edits_up_proj_rows_and_refuses_a_swap(tmp_path):
+    common = ["task=edit", "model=tiny_llava", "knowledge=cell_phone", "data.num_images=60", "thresholds.n=20",
+              "thresholds.layers=nonzero", "task.k_images=1", "task.other_images=2", "edit.size=8",
+              "edit.source=ours", "edit.fit_other=1", "edit/rule=input_null", "task.baselines=[random]", "logger=none",
+              "num_threads=1", f"data.root={tmp_path}/tw", f"paths.cache_dir={tmp_path}/cache"]
+    r = run_py(*common, f"hydra.run.dir={tmp_path}/job", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    cost = metrics["variants"]["edit"]["cost"]
+    assert metrics["rule"] == "input_null" and cost["neurons"] == 8 and cost["parameters_changed"] == 8 * 32
+    assert cost["prepare_seconds"] > 0  # the preserved keys, timed apart from the closed form
+    assert (tmp_path / "cache" / "preserved").is_dir()
+    swap = run_py(*common, "edit.op=swap", f"hydra.run.dir={tmp_path}/swap", timeout=120)
+    lines = [line for line in swap.stderr.splitlines() if line.strip()]
+    assert swap.returncode == 1 and len(lines) == 1 and "edit.op='swap'" in lines[0] and "erase only" in lines[0]
+
+
+@pytest.mark.parametrize("threshold, kept", [(1e-9, 0), (1.0, 8)])
+def test_the_null_projection_keeps_the_directions_below_the_relative_threshold(threshold, kept):
+    values = torch.tensor([1e-3, 1e-2, 0.1, 1.0, 2.0, 3.0, 5.0, 10.0], dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.as_tensor(np.random.default_rng(2).standard_normal((8, 8))))
+    keys = PreservedKeys({0: q @ torch.diag(values) @ q.T}, 100)
+    assert round(float(torch.trace(keys.null_projection(0, threshold)))) == kept
+    middle = keys.null_projection(0, 0.05)  # eigenvalues <= 0.5: the three smallest
+    torch.testing.assert_close(middle, q[:, :3] @ q[:, :3].T)
