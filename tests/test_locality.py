@@ -3,13 +3,17 @@ AlphaEdit's projection, the input-side edit's closed form against a least-square
 rank-deficient preserved keys, the set's activations unchanged at preserved inputs of a tiny model, and the rule
 through run.py."""
 
+import itertools
 import json
+import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import run_py
 
+from knexp.editing import preserved as preserved_module
 from knexp.editing.input_null import InputNull, InputSide, input_null_update
 from knexp.editing.preserved import PreservedKeys, mlp_input_moments
 from knexp.identification.methods import NeuronSet
@@ -115,6 +119,19 @@ def test_input_null_through_run_py_edits_up_proj_rows_and_refuses_a_swap(tmp_pat
     swap = run_py(*common, "edit.op=swap", f"hydra.run.dir={tmp_path}/swap", timeout=120)
     lines = [line for line in swap.stderr.splitlines() if line.strip()]
     assert swap.returncode == 1 and len(lines) == 1 and "edit.op='swap'" in lines[0] and "erase only" in lines[0]
+
+
+def test_the_preserved_keys_pass_logs_its_progress(caplog, monkeypatch):
+    """With 11 s between clock reads, every prompt is due a line: "preserved keys: i/3 prompts"; C_l is still the
+    mean outer product over the positions counted."""
+    clock = itertools.count(0, 11)
+    monkeypatch.setattr(preserved_module, "time", SimpleNamespace(time=lambda: next(clock)))
+    adapter = tiny_adapter("embedded", layers=2)
+    with caplog.at_level(logging.INFO, logger="knexp.progress"):
+        keys = mlp_input_moments(adapter, ["a cat", "two plus two", "a red bus"], [1])
+    lines = [r.getMessage() for r in caplog.records if r.name == "knexp.progress"]
+    assert [line.split(" (")[0] for line in lines] == [f"preserved keys: {i}/3 prompts" for i in (1, 2, 3)]
+    assert keys.positions > 0 and torch.allclose(keys.second[1], keys.second[1].T)
 
 
 @pytest.mark.parametrize("threshold, kept", [(1e-9, 0), (1.0, 8)])

@@ -16,15 +16,20 @@ many positions C_l has full rank and only its smallest directions are unused), a
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from knexp.checked import Damaged, damaged, load_tensors, save_tensors
+from knexp.models.decoding.batching import progress_due
 from knexp.models.hooks.attach import everywhere
 from knexp.models.prepared import Prepared
 from knexp.store import stable_key
+
+log = logging.getLogger("knexp.progress")
 
 
 @dataclass
@@ -44,7 +49,8 @@ class PreservedKeys:
 
 def mlp_input_moments(adapter, prompts: list, layers: list[int]) -> PreservedKeys:
     """C_l for ``layers`` over every position of ``prompts``: one-row prepared prompts (``Prepared``: an image with its
-    caption teacher-forced) and text-only prompts (``str``), each run alone so that no padding is counted."""
+    caption teacher-forced) and text-only prompts (``str``), each run alone so that no padding is counted; a progress
+    line every 10 s or so (``progress_due``, the rule of the batched passes)."""
     d = adapter.ffn_linear(layers[0], "up_proj").in_features
     sums = {layer: torch.zeros(d, d, dtype=torch.float64) for layer in layers}
     count = [0]
@@ -57,12 +63,17 @@ def mlp_input_moments(adapter, prompts: list, layers: list[int]) -> PreservedKey
                 count[0] += flat.shape[0]
         return hook
 
+    began = last = time.time()
     with torch.no_grad(), everywhere(adapter, {("ffn_in", layer): accumulate(layer) for layer in layers}):
-        for prompt in prompts:
+        for done, prompt in enumerate(prompts, 1):
             if isinstance(prompt, Prepared):
                 adapter.run_hooks(prompt)
             else:
                 adapter.text_logits([prompt])
+            now = time.time()
+            if progress_due(False, now - last, done == len(prompts)):
+                log.info("preserved keys: %d/%d prompts (%.1f/s)", done, len(prompts), done / max(now - began, 1e-9))
+                last = now
     return PreservedKeys({layer: s / max(count[0], 1) for layer, s in sums.items()}, count[0])
 
 

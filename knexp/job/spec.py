@@ -143,10 +143,10 @@ class JobSpec:
         edit = build_edit(cfg, sources)
         if edit is not None and edit.replacement is not None:
             catalog.named([edit.replacement], "edit.replacement")
-        if edit is not None and edit.source is not None and edit.source not in group_options(sources, "method"):
+        methods = group_options(sources, "method")
+        if edit is not None and edit.source is not None and edit.source not in methods:
             raise SettingError("edit.source", edit.source,
-                               f"name a method of conf/method ({', '.join(group_options(sources, 'method'))}) "
-                               "or null for the job's")
+                               f"name a method of conf/method ({', '.join(methods)}) or null for the job's")
         method, intervention = built(cfg, "method", sources), build_intervention(cfg, sources)
         opts = from_mapping(InpaintOptions, plain(cfg.inpaint), "inpaint")
         reference = from_mapping(ReferenceSettings, plain(cfg.reference), "reference")

@@ -118,8 +118,7 @@ class WeightEdit:
 
     def relative_norm(self, adapter) -> float:
         """||Delta||_F / ||W||_F, W the weights of the edited maps."""
-        base = sum(float(adapter.ffn_linear(d.layer,
-                                            d.module).weight.double().pow(2).sum()) for d in self.deltas) ** 0.5
+        base = sum(_squares(adapter.ffn_linear(d.layer, d.module).weight) for d in self.deltas) ** 0.5
         return self.norm() / base if base else 0.0
 
     def scaled(self, factor: float) -> WeightEdit:
@@ -154,9 +153,8 @@ def _apply(adapter, edit: WeightEdit, saved: list) -> None:
         write(part + d.delta.to(linear.weight))
         if d.bias is not None:
             if linear.bias is None:
-                linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
-                                                       device=linear.weight.device),
-                                           requires_grad=False)
+                zeros = torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
+                linear.bias = nn.Parameter(zeros, requires_grad=False)
             linear.bias += d.bias.to(linear.bias)
 
 
