@@ -29,7 +29,7 @@ from knexp.editing.inputs import EditInputs
 from knexp.editing.preserved import PreservedKeys
 from knexp.editing.rules import EditRule
 from knexp.editing.sets import by_layer
-from knexp.models.hooks.record import record
+from knexp.models.hooks.record import recorded
 from knexp.models.weight_edit import LayerDelta, WeightEdit
 from knexp.settings import Number, check_fields
 
@@ -63,10 +63,9 @@ class InputSide:
             for result in self.inputs.found.results:
                 prepared = adapter.prepare([data.load_image(result.candidate.image_id)])
                 tokens = adapter.geometry.object_tokens(data.instance_mask(result.candidate.annotation_id))
-                with torch.no_grad(), record(adapter, prepared, layers=missing, site="ffn_in") as rec:
-                    adapter.run_hooks(prepared)
+                inputs = recorded(adapter, prepared, missing, site="ffn_in")  # {layer: [1, P, d_model]}
                 for layer in missing:
-                    rows[layer].append(rec.activations[layer][0, torch.as_tensor(tokens, dtype=torch.long)].double())
+                    rows[layer].append(inputs[layer][0, torch.as_tensor(tokens, dtype=torch.long)].double())
             self._keys.update({layer: torch.cat(rows[layer]) for layer in missing})
         return {layer: self._keys[layer] for layer in layers}
 

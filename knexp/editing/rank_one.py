@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from knexp.editing.forcing import target_context
 from knexp.models.hooks.attach import attached
-from knexp.models.hooks.record import record
+from knexp.models.hooks.record import recorded
 from knexp.models.prepared import Prepared
 from knexp.models.weight_edit import LayerDelta, WeightEdit
 from knexp.settings import Integer, Number, check_fields
@@ -77,16 +77,12 @@ class RankOne:
                             batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         keys = []
         for prepared, patches in zip(data.samples, data.patches, strict=True):
-            with record(adapter, prepared, layers=[layer]) as rec:
-                adapter.run_hooks(prepared)
-            keys.append(rec.activations[layer][0, torch.as_tensor(patches)])  # [n_p, d_f]
+            keys.append(recorded(adapter, prepared, [layer])[layer][0, torch.as_tensor(patches)])  # [n_p, d_f]
         key = torch.cat(keys).mean(0)  # [d_f]
         second, count = None, 0
         for i in range(0, len(data.others), batch):
             prepared = adapter.prepare(data.others[i:i + batch])
-            with record(adapter, prepared, layers=[layer]) as rec:
-                adapter.run_hooks(prepared)
-            o = rec.activations[layer].reshape(-1, key.shape[0]).double()  # [B * P, d_f]
+            o = recorded(adapter, prepared, [layer])[layer].reshape(-1, key.shape[0]).double()  # [B * P, d_f]
             second = o.T @ o if second is None else second + o.T @ o
             count += o.shape[0]
         c = second / max(count, 1)

@@ -86,18 +86,17 @@ def cached_intervened_captions(store: Store, namespace: list, adapter: Adapter, 
 @torch.no_grad()
 def unit_values(adapter: Adapter, images: list[np.ndarray], neurons: NeuronSet, batch_size: int = 16) -> np.ndarray:
     """float32 [N, P, U]: the set's O' at the image positions of each image (e.g. its counterfactual values)."""
-    from knexp.models.hooks.record import record
+    from knexp.models.hooks.record import recorded
 
     layers = sorted(set(neurons.layers.tolist()))
     out = np.zeros((len(images), adapter.num_image_tokens, len(neurons)), np.float32)
     for start in range(0, len(images), batch_size):
         prepared = adapter.prepare(images[start:start + batch_size])
-        with record(adapter, prepared, layers=layers) as rec:
-            adapter.run_hooks(prepared)
+        activations = recorded(adapter, prepared, layers)
         for layer in layers:
             c = np.flatnonzero(neurons.layers == layer)
             units = torch.as_tensor(neurons.units[c])
-            out[start:start + prepared.batch_size, :, c] = rec.activations[layer][:, :, units].numpy()
+            out[start:start + prepared.batch_size, :, c] = activations[layer][:, :, units].numpy()
     return out
 
 

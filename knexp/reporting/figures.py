@@ -25,7 +25,7 @@ from knexp.identification.pipeline import SampleResult
 from knexp.identification.selection import Selector
 from knexp.io import atomic_write_text
 from knexp.models.adapters.adapter import Adapter
-from knexp.models.hooks.record import record
+from knexp.models.hooks.record import recorded
 from knexp.reporting.analysis import decode_neuron, layer_histogram_png, mask_iou, pyplot, save_figure, token_heatmap
 from knexp.store import Store, stable_key
 
@@ -34,9 +34,7 @@ from knexp.store import Store, stable_key
 def token_values(adapter: Adapter, image: np.ndarray, layer: int, unit: int) -> np.ndarray:
     """float32 [P]: O'^l[p, u] at each image token p of ``image`` (one pass, recorded at ``layer``)."""
     prepared = adapter.prepare([image])
-    with record(adapter, prepared, layers=[layer]) as rec:
-        adapter.run_hooks(prepared)
-    return rec.activations[layer][0, :, unit].numpy()
+    return recorded(adapter, prepared, [layer])[layer][0, :, unit].numpy()
 
 
 def change_sign(neurons: NeuronSet, rank: int) -> int:

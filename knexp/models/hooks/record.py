@@ -100,3 +100,11 @@ def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = 
             stack.enter_context(gradient_anchor(adapter, prepared))
         stack.enter_context(attached(adapter, {(site, layer): make_hook(layer) for layer in layers_}, prepared))
         yield rec
+
+
+def recorded(adapter: Adapter, prepared: Prepared, layers=None, site: str = "ffn") -> dict[int, torch.Tensor]:
+    """{layer: float32 [B, P, d]}: the ``site`` tensor (default O') at the image positions of ``prepared``, from one
+    pass without gradients (``record`` around ``run_hooks``)."""
+    with torch.no_grad(), record(adapter, prepared, layers=layers, site=site) as rec:
+        adapter.run_hooks(prepared)
+    return rec.activations
