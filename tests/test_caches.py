@@ -13,6 +13,7 @@ import torch
 from conftest import _job_files, run_py
 
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
+from knexp.editing.preserved import PreservedCache, PreservedKeys
 from knexp.identification.passes import SampleStats
 from knexp.identification.reference import ReferenceCache, ReferenceStats
 from knexp.identification.stats_cache import StatsCache
@@ -109,6 +110,34 @@ def test_reference_statistics_cut_short_or_of_another_model_are_recomputed(tmp_p
         assert cache.computed == 1 and cache.damaged == 1 and torch.equal(got.removal_diff, _reference(1).removal_diff)
         assert got.removal_objects == ["bus", "clock", "bed"]
     assert str(a) in caplog.text
+
+
+def _preserved(layers: list[int]) -> PreservedKeys:
+    """C_l = l I_4 + 1 for each layer l of ``layers``, over 7 positions."""
+    return PreservedKeys({layer: layer * torch.eye(4, dtype=torch.float64) + 1 for layer in layers}, 7)
+
+
+def test_preserved_keys_are_read_per_layer_and_a_damaged_layer_is_computed_again(tmp_path, caplog):
+    asked = []
+
+    def compute(layers):
+        asked.append(list(layers))
+        return _preserved(layers)
+
+    PreservedCache(tmp_path).get(["model a"], [1, 2], compute)
+    warm = PreservedCache(tmp_path)
+    got = warm.get(["model a"], [1, 2, 3], compute)  # layers 1, 2 from their files, 3 computed alone
+    assert asked == [[1, 2], [3]] and warm.computed == 1 and got.positions == 7
+    assert all(torch.equal(got.second[layer], _preserved([layer]).second[layer]) for layer in (1, 2, 3))
+    files = sorted((tmp_path / "preserved").glob("*_L2.safetensors"))
+    assert len(files) == 1
+    whole = files[0].read_bytes()
+    for damage in (whole[: len(whole) // 2], next((tmp_path / "preserved").glob("*_L1.safetensors")).read_bytes()):
+        files[0].write_bytes(damage)
+        with caplog.at_level("WARNING"):
+            got = PreservedCache(tmp_path).get(["model a"], [1, 2, 3], compute)
+        assert asked[-1] == [2] and torch.equal(got.second[2], _preserved([2]).second[2])
+    assert len(asked) == 4 and str(files[0]) in caplog.text and "preserved keys cache" in caplog.text
 
 
 def test_inpainted_images_cut_short_or_of_another_instance_are_inpainted_again(tmp_path, caplog):
