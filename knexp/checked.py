@@ -6,7 +6,8 @@ The caches call ``damaged`` for such an entry: it is rebuilt (recomputed and wri
 it (``knexp.io``), so a reader never sees half of a file that a job is writing.
 
 * JSON values: ``knexp.store.Store`` (captions, traces, heatmaps).
-* Tensors (safetensors): ``save_tensors`` / ``load_tensors`` (per-sample statistics, reference statistics). The key and
+* Tensors (safetensors): ``save_tensors`` / ``load_tensors``, and ``read_entry`` for a cache's read (per-sample
+  statistics, reference statistics, preserved keys). The key and
   a sha1 of every tensor's name, dtype, shape and bytes go in the file's metadata.
 * Images (PNG): ``write_png`` / ``read_png`` (inpainted images). The key and a sha1 of the pixels go in PNG text chunks.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +29,7 @@ from knexp.io import atomic_path
 log = logging.getLogger(__name__)
 NAMED_PER_CACHE = 3  # damaged entries named one by one per cache and process; the rest get one line
 _named: dict[str, int] = {}
+T = TypeVar("T")
 
 
 class Damaged(Exception):
@@ -83,6 +87,22 @@ def load_tensors(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise
     except Exception as exc:  # safetensors raises its own error, OSError or ValueError for a torn or foreign file
         raise Damaged(f"unreadable: {exc}") from exc
+
+
+def read_entry(path: Path | None, key: str, cache: str, build: Callable[[dict, dict], T]) -> tuple[T | None, bool]:
+    """(``build(tensors, meta)`` of the file that ``save_tensors`` wrote at ``path`` for ``key``, whether it was
+    damaged): (None, False) where there is no path or no file; (None, True) where the file fails its check
+    (``load_tensors``) or ``build`` refuses it with a KeyError or TypeError (another format: an older knexp's), after
+    ``damaged`` has named it for ``cache``."""
+    if path is None:
+        return None, False
+    try:
+        return build(*load_tensors(path, key)), False
+    except FileNotFoundError:
+        return None, False
+    except (Damaged, KeyError, TypeError) as exc:
+        damaged(cache, path, str(exc))
+        return None, True
 
 
 def _pixels_digest(rgb: np.ndarray) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from knexp.checked import Damaged, damaged, load_tensors, save_tensors
+from knexp.checked import read_entry, save_tensors
 from knexp.models.decoding.batching import progress_due
 from knexp.models.hooks.attach import everywhere
 from knexp.models.prepared import Prepared
@@ -90,16 +90,10 @@ class PreservedCache:
         key = stable_key(*parts)
         found, positions = {}, None
         for layer in layers:
-            path = self._path(key, layer)
-            if path is None:
-                continue
-            try:
-                tensors, meta = load_tensors(path, f"{key}:{layer}")
-                found[layer], positions = tensors["second"].double(), int(meta["positions"])
-            except FileNotFoundError:
-                pass
-            except (Damaged, KeyError) as exc:
-                damaged("preserved keys", path, str(exc))
+            entry, _ = read_entry(self._path(key, layer), f"{key}:{layer}", "preserved keys",
+                                  lambda tensors, meta: (tensors["second"].double(), int(meta["positions"])))
+            if entry is not None:
+                found[layer], positions = entry
         missing = [layer for layer in layers if layer not in found]
         if missing:
             fresh = compute(missing)

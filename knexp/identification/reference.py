@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knexp.checked import Damaged, damaged, load_tensors, save_tensors
+from knexp.checked import read_entry, save_tensors
 from knexp.counterfactual.cache import InpaintCache, InpaintOptions
 from knexp.data.catalog import Catalog
 from knexp.data.coco import CocoScenes, EntryError
@@ -181,15 +181,10 @@ class ReferenceCache:
     def get(self, parts: list, compute) -> ReferenceStats:
         key = stable_key(*parts)
         path = self.root / f"{key}.safetensors" if self.root is not None else None
-        if path is not None:
-            try:
-                tensors, meta = load_tensors(path, key)
-                return ReferenceStats(**tensors, **meta)
-            except FileNotFoundError:
-                pass
-            except (Damaged, TypeError) as exc:  # TypeError: another format (an older knexp's file)
-                self.damaged += 1
-                damaged("reference statistics", path, str(exc))
+        stats, bad = read_entry(path, key, "reference statistics", lambda t, meta: ReferenceStats(**t, **meta))
+        self.damaged += bad
+        if stats is not None:
+            return stats
         stats = compute()
         self.computed += 1
         if path is not None:

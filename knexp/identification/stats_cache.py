@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from knexp.checked import Damaged, damaged, load_tensors, save_tensors
+from knexp.checked import read_entry, save_tensors
 from knexp.identification.passes import SampleStats
 
 
@@ -38,18 +38,9 @@ class StatsCache:
         return None if self.root is None else self.root / f"{key}.safetensors"
 
     def _read(self, key: str) -> SampleStats | None:
-        path = self._path(key)
-        if path is None:
-            return None
-        try:
-            tensors, meta = load_tensors(path, key)
-            return SampleStats(**tensors, **meta)
-        except FileNotFoundError:
-            return None
-        except (Damaged, TypeError) as exc:  # TypeError: tensors of another format (an older knexp's statistics)
-            self.damaged += 1
-            damaged("statistics", path, str(exc))
-            return None
+        stats, bad = read_entry(self._path(key), key, "statistics", lambda t, meta: SampleStats(**t, **meta))
+        self.damaged += bad
+        return stats
 
     def _write(self, key: str, stats: SampleStats) -> None:
         path = self._path(key)
