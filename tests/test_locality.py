@@ -15,7 +15,10 @@ from conftest import run_py
 
 from knexp.editing import preserved as preserved_module
 from knexp.editing.input_null import InputNull, InputSide, input_null_update
+from knexp.editing.make import make, making_costs
 from knexp.editing.preserved import PreservedKeys, mlp_input_moments
+from knexp.editing.rules import Zero
+from knexp.editing.target import Erase
 from knexp.identification.methods import NeuronSet
 from knexp.models.hooks.attach import everywhere
 from knexp.models.tiny.tiny_vlm import tiny_adapter
@@ -119,6 +122,24 @@ def test_input_null_through_run_py_edits_up_proj_rows_and_refuses_a_swap(tmp_pat
     swap = run_py(*common, "edit.op=swap", f"hydra.run.dir={tmp_path}/swap", timeout=120)
     lines = [line for line in swap.stderr.splitlines() if line.strip()]
     assert swap.returncode == 1 and len(lines) == 1 and "edit.op='swap'" in lines[0] and "erase only" in lines[0]
+
+
+def test_make_runs_a_rules_prepare_on_its_context_and_reports_its_seconds_apart(catalog):
+    """A rule with its own ``prepare`` gets it called once on the context, and the costs carry ``prepare_seconds``; a
+    rule without one reports no such entry."""
+    calls = []
+
+    class WithPrepare(Zero):
+        def prepare(self, adapter, neurons, context):
+            calls.append(context)
+
+    adapter, target = tiny_adapter("embedded", layers=2), Erase(catalog["banana"])
+    neurons = NeuronSet("test", "", np.array([0, 1]), np.array([3, 5]), np.zeros(2))
+    edit, _ = make(adapter, WithPrepare(), neurons, target, "context")
+    assert calls == ["context"] and set(making_costs(edit)) == {"prepare_seconds"}
+    assert making_costs(edit)["prepare_seconds"] >= 0 and edit.provenance["knowledge"] == "banana"
+    plain, _ = make(adapter, Zero(), neurons, target, None)
+    assert making_costs(plain) == {}
 
 
 def test_the_preserved_keys_pass_logs_its_progress(caplog, monkeypatch):

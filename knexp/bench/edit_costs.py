@@ -11,7 +11,7 @@ HEADING = "## Edits: seconds per object (issue: editing with the found neurons)"
 
 
 def edit_costs(knowledge: str = "pizza", size: int = 30) -> dict:
-    from knexp.editing.make import make
+    from knexp.editing.make import make, making_costs
     from knexp.editing.rank_one import RankOne, rank_one_data
     from knexp.editing.sets import object_set
     from knexp.evaluation.protocol import evaluation_images
@@ -33,8 +33,7 @@ def edit_costs(knowledge: str = "pizza", size: int = 30) -> dict:
     for name, rule in rules.items():
         context = rule.context(inputs)  # the reference statistics are cached: not timed
         edit, seconds = make(adapter, rule, neurons, target, context)
-        steps = {k: edit.provenance[k] for k in ("steps_run", "target_met", "prepare_seconds") if k in edit.provenance}
-        out["rules"][name] = {"seconds": round(seconds, 3), **steps}
+        out["rules"][name] = {"seconds": round(seconds, 3), **making_costs(edit)}
     data_rank_one = rank_one_data(adapter, data, found.results, s.knowledge, others[4:20])
     rank_one = RankOne()
     began = time.perf_counter()

@@ -74,3 +74,10 @@ def make(adapter, rule: EditRule, neurons: NeuronSet, target: EditTarget, contex
                            method=neurons.method, variant=neurons.variant,
                            neurons=[[int(a), int(b)] for a, b in zip(neurons.layers, neurons.units, strict=True)])
     return edit, seconds
+
+
+def making_costs(edit: WeightEdit) -> dict:
+    """What an edit's provenance says of its making's cost, where its rule reports it: the fit's steps and whether it
+    met its target (``steps_run``, ``target_met``), and the seconds of ``EditRule.prepare`` (``prepare_seconds``)."""
+    reported = ("steps_run", "target_met", "prepare_seconds")
+    return {key: edit.provenance[key] for key in reported if key in edit.provenance}

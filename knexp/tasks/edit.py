@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from knexp.editing.make import make
+from knexp.editing.make import make, making_costs
 from knexp.editing.rank_one import RankOne, rank_one_data
 from knexp.editing.rules import matched_norm
 from knexp.editing.sets import disjoint_random, object_set, random_columns
@@ -159,8 +159,7 @@ class EditTask:
             variant = Variant(name, stable_key(model_key, "edit", e.digest()), lambda: applied(adapter, e))
             return variant, {"seconds": round(secs, 3), "relative_norm": e.relative_norm(adapter), "norm": e.norm(),
                              "parameters_changed": e.parameters_changed, "neurons": e.units_changed,
-                             **{key: e.provenance[key] for key in ("steps_run", "target_met", "prepare_seconds")
-                                if key in e.provenance}}
+                             **making_costs(e)}
 
         rule = spec.edit.rule
         edit, seconds = made(rule, neurons)
