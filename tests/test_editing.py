@@ -146,7 +146,8 @@ def test_the_optimized_rule_lowers_the_objects_probability_and_touches_only_its_
     k = catalog["banana"]
     images = _images(adapter, 3)
     samples = [(im, adapter.caption_prefix + " a banana") for im in images[:2]]
-    data = fit_data(adapter, k, samples, [(images[2], adapter.caption_prefix + " a cat")], ["hello there"], batch=4)
+    data = fit_data(adapter, k, samples, [(images[2], adapter.caption_prefix + " a cat")], ["hello there"], batch=4,
+                    max_new_tokens=8)
     goal = Erase(k).goal_ids(adapter)
 
     def p_goal():
@@ -352,6 +353,9 @@ def test_task_edit_runs_on_a_family_and_its_file_reloads_to_the_same_captions(fa
     edit = metrics["variants"]["edit"]
     assert edit["cost"]["neurons"] == 8 and edit["cost"]["parameters_changed"] > 0 and edit["reliability_n"] > 0
     assert metrics["variants"]["unedited"]["reliability"] == 0.0  # the identification captions name k
+    general = edit["general"]  # the guard: images that show no edited object, and 102 prompts
+    assert general["images"] > 0 and general["texts"]["prompts"] >= 100
+    assert metrics["variants"]["unedited"]["general"]["texts"]["top1"] == 1.0
     if family != "llava":
         return
     # the saved edit, loaded by model.edit with no hook attached, captions as the in-memory edit did

@@ -16,7 +16,7 @@ from conftest import run_py
 from knexp.editing import preserved as preserved_module
 from knexp.editing.input_null import InputNull, InputSide, input_null_update
 from knexp.editing.make import make, making_costs
-from knexp.editing.preserved import PreservedKeys, mlp_input_moments
+from knexp.editing.preserved import PreservedKeys, second_moments
 from knexp.editing.rules import Zero
 from knexp.editing.target import Erase
 from knexp.identification.methods import NeuronSet
@@ -68,7 +68,7 @@ class _Inputs:
         self.texts = preserved_texts
 
     def preserved(self, layers, positions):
-        return mlp_input_moments(self.adapter, self.texts, layers)
+        return second_moments(self.adapter, self.texts, layers)
 
 
 def _mlp_inputs_and_activations(adapter, texts, layer, units):
@@ -143,15 +143,15 @@ def test_make_runs_a_rules_prepare_on_its_context_and_reports_its_seconds_apart(
 
 
 def test_the_preserved_keys_pass_logs_its_progress(caplog, monkeypatch):
-    """With 11 s between clock reads, every prompt is due a line: "preserved keys: i/3 prompts"; C_l is still the
-    mean outer product over the positions counted."""
+    """With 11 s between clock reads, every prompt is due a line: "preserved keys (ffn_in): i/3 prompts"; C_l is still
+    the mean outer product over the positions counted."""
     clock = itertools.count(0, 11)
     monkeypatch.setattr(preserved_module, "time", SimpleNamespace(time=lambda: next(clock)))
     adapter = tiny_adapter("embedded", layers=2)
     with caplog.at_level(logging.INFO, logger="knexp.progress"):
-        keys = mlp_input_moments(adapter, ["a cat", "two plus two", "a red bus"], [1])
+        keys = second_moments(adapter, ["a cat", "two plus two", "a red bus"], [1])
     lines = [r.getMessage() for r in caplog.records if r.name == "knexp.progress"]
-    assert [line.split(" (")[0] for line in lines] == [f"preserved keys: {i}/3 prompts" for i in (1, 2, 3)]
+    assert [line.rsplit(" (", 1)[0] for line in lines] == [f"preserved keys (ffn_in): {i}/3 prompts" for i in (1, 2, 3)]
     assert keys.positions > 0 and torch.allclose(keys.second[1], keys.second[1].T)
 
 

@@ -9,9 +9,13 @@ per step, over the fitting data (``FitData``):
   + kl_weight * mean KL(p_edit || p_base)    against the unedited model, at every position of the unedited caption of
                                               each image without k (teacher-forced), and after each text-only prompt
   + norm_weight * ||Delta||_F^2
+  [+ the unlikelihood of k at every position of the fitting images' captions, when it stops on them (``CaptionWatch``)]
+  [+ lam * sum_l tr(Delta_l A_l Delta_l^T) / tr(W_l A_l W_l^T), A_l the preserved second moment of the set's
+     activations (``Penalty``; the ``local`` rule)]
 
-Adam on Delta, from zero; it stops as soon as every fitting sample meets the target (``EditTarget.met``), or after
-``steps``.
+Adam on Delta, from zero. With ``stop="target"`` it stops as soon as every fitting sample meets the target
+(``EditTarget.met``); with ``stop="captions"``, as soon as the greedy captions of the fitting images, regenerated every
+``check_every`` steps, all show the edit's effect (``knexp.editing.caption_stop``); or after ``steps``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from knexp.data.catalog import Knowledge
+from knexp.editing.caption_stop import CaptionWatch
 from knexp.editing.forcing import forced_caption, log_probs, target_context
 from knexp.editing.sets import by_layer
 from knexp.models.hooks.attach import everywhere
@@ -44,6 +49,25 @@ class FitData:
     locality: list[tuple[Prepared, torch.Tensor]] = field(default_factory=list)
     texts: list[list[str]] = field(default_factory=list)  # batches of text-only prompts
     base: list[torch.Tensor] = field(default_factory=list)
+    watch: CaptionWatch | None = None  # the fitting images of k and their captions, for stop="captions"
+
+
+@dataclass
+class Penalty:
+    """The ``local`` rule's locality term (module docstring): ``moments[l]`` = A_l restricted to the layer's edited
+    units, float [U, U], in the order of ``by_layer``; ``weight`` = lam."""
+
+    moments: dict[int, torch.Tensor]
+    weight: float
+
+    def __call__(self, deltas: dict[int, torch.Tensor], columns: dict[int, torch.Tensor]) -> torch.Tensor:
+        """lam * sum_l tr(Delta_l A_l Delta_l^T) / tr(W_l A_l W_l^T), ``columns[l]`` = W_l [d_model, U], 0-d."""
+        total = 0.0
+        for layer, delta in deltas.items():
+            a = self.moments[layer].to(delta)
+            own = torch.einsum("du,uv,dv->", columns[layer], a, columns[layer]).clamp_min(1e-12)
+            total = total + torch.einsum("du,uv,dv->", delta, a, delta) / own
+        return self.weight * total
 
 
 def baseline(adapter, data: FitData) -> FitData:
@@ -54,10 +78,10 @@ def baseline(adapter, data: FitData) -> FitData:
 
 
 def fit_data(adapter, knowledge: Knowledge, samples: list[tuple[np.ndarray, str]],
-             locality: list[tuple[np.ndarray, str]], texts: list[str], batch: int) -> FitData:
-    """The optimized rule's data: each sample (image, unedited caption naming k) teacher-forced up to k, each image
-    without k with its unedited caption (every caption position is a KL position), and the text prompts; with the
-    unedited model's log-probabilities."""
+             locality: list[tuple[np.ndarray, str]], texts: list[str], batch: int, max_new_tokens: int) -> FitData:
+    """The optimized rule's data: each sample (image of k, its unedited caption) teacher-forced up to k where the
+    caption names it, all of them watched (``CaptionWatch``), each image without k with its unedited caption (every
+    caption position is a KL position), and the text prompts; with the unedited model's log-probabilities."""
     contexts = [(image, target_context(adapter, caption, knowledge)) for image, caption in samples]
     forced = [(image, context) for image, context in contexts if context is not None]
     chunks = [forced[i:i + batch] for i in range(0, len(forced), batch)]
@@ -67,7 +91,9 @@ def fit_data(adapter, knowledge: Knowledge, samples: list[tuple[np.ndarray, str]
         forced_one, start = forced_caption(adapter, image, caption)
         # the caption, and after it
         loc.append((forced_one, torch.arange(start - 1, forced_one.prompt_len, device=adapter.device)))
-    return baseline(adapter, FitData(prepared, loc, [texts[i:i + batch] for i in range(0, len(texts), batch)]))
+    watch = CaptionWatch([image for image, _ in samples], [caption for _, caption in samples], batch, max_new_tokens)
+    return baseline(adapter, FitData(prepared, loc, [texts[i:i + batch] for i in range(0, len(texts), batch)],
+                                     watch=watch))
 
 
 @contextmanager
@@ -102,29 +128,41 @@ def _locality_loss(adapter, data: FitData, kl_weight: float) -> list[torch.Tenso
     return losses
 
 
-def fit_columns(adapter, neurons, target, data: FitData, settings) -> WeightEdit:
-    """The edit of ``neurons``' columns that the module docstring's loss gives (``settings``: an ``Optimized`` rule)."""
+def fit_columns(adapter, neurons, target, data: FitData, settings, penalty: Penalty | None = None) -> WeightEdit:
+    """The edit of ``neurons``' columns that the module docstring's loss gives (``settings``: an ``Optimized`` rule);
+    its provenance says how many steps ran, whether the target was met and, stopping on captions, how many checks."""
     units = by_layer(neurons)
     d_model = adapter.down_proj(0).out_features
     deltas = {layer: torch.zeros(d_model, len(u), device=adapter.device,
                                  requires_grad=True) for layer, u in units.items()}
+    columns = {layer: adapter.down_proj(layer).weight[:, u.to(adapter.device)].detach().float()
+               for layer, u in units.items()}
     goal = target.goal_ids(adapter)
+    watch = data.watch if settings.stop == "captions" else None
     optimizer = torch.optim.Adam(list(deltas.values()), lr=settings.lr)
     steps_run, met = 0, False
     with torch.enable_grad(), with_columns(adapter, deltas, units):
-        for step in range(settings.steps):
+        for step in range(settings.steps + 1):
             optimizer.zero_grad(set_to_none=True)
             losses, met = [], True
             for prepared in data.samples:
                 logp = log_probs(adapter, prepared)  # [B, V]
                 losses.append(target.loss(logp, goal))
                 met &= target.met(logp, goal, settings.target_prob)
-            if met:
+            if watch is not None:  # the captions as they stand at the start, then regenerated every check_every steps
+                due = step > 0 and (step % settings.check_every == 0 or step == settings.steps)
+                met = watch.check(adapter, target) if due else step == 0 and watch.shows(target)
+            if met or step == settings.steps:
                 break
+            if watch is not None:
+                losses.append(watch.loss(adapter, target))
             losses += _locality_loss(adapter, data, settings.kl_weight)
             losses.append(settings.norm_weight * sum(d.pow(2).sum() for d in deltas.values()))
+            if penalty is not None:
+                losses.append(penalty(deltas, columns))
             torch.stack([v.reshape(()) for v in losses]).sum().backward()
             optimizer.step()
             steps_run = step + 1
     layers = [LayerDelta.columns(layer, units[layer], deltas[layer].detach().cpu()) for layer in units]
-    return WeightEdit(layers, {"steps_run": steps_run, "target_met": met})
+    checks = {"checks": watch.checks} if watch is not None else {}
+    return WeightEdit(layers, {"steps_run": steps_run, "target_met": bool(met), **checks})

@@ -9,7 +9,7 @@ control and the fine-tuning baseline share one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,8 +26,9 @@ class EditInputs:
     """``found``: the object's identification (its samples: images, unedited captions, annotations, statistics);
     ``locality``: images without k that fitting may see (never among the measured ones); ``texts``: text-only prompts
     that fitting may see; ``reference()``: the model's reference statistics, computed on the first call;
-    ``preserved(layers, positions)``: the preserved keys of ``layers`` (``knexp.editing.preserved``) over at least
-    ``positions`` positions of images without k that are never measured, with their captions, and of ``texts``."""
+    ``preserved(layers, positions, site)``: the preserved keys of ``layers`` (``knexp.editing.preserved``) at hook site
+    ``site`` (``ffn_in`` or ``ffn``) over at least ``positions`` positions of images without k that are never measured,
+    with their captions, and of ``texts``; ``more_k``: more images of k that fitting may see (never measured)."""
 
     adapter: Adapter
     target: EditTarget
@@ -38,11 +39,17 @@ class EditInputs:
     batch_size: int
     max_new_tokens: int
     reference: Callable[[], ReferenceStats]
-    preserved: Callable[[list[int], int], PreservedKeys]
+    preserved: Callable[..., PreservedKeys]
+    more_k: list[np.ndarray] = field(default_factory=list)
 
     def samples(self) -> list[tuple[np.ndarray, str]]:
         """(image, unedited caption naming k) of each identification sample."""
         return [(self.data.load_image(r.candidate.image_id), r.candidate.original_caption) for r in self.found.results]
+
+    def fitting_k(self) -> list[tuple[np.ndarray, str]]:
+        """(image, unedited caption) of every image of k that fitting may see: the identification samples' and
+        ``more_k``'s (their captions made here)."""
+        return self.samples() + list(zip(self.more_k, self.captions(self.more_k), strict=True))
 
     def captions(self, images: list[np.ndarray]) -> list[str]:
         """The unedited model's greedy captions of ``images``."""

@@ -19,8 +19,9 @@ from knexp.settings import Choice, Integer, Many, SettingError, Text, check_fiel
 class EditSettings:
     """``conf/edit``: the rule, the method whose neurons it edits (``source``, a ``conf/method`` name; null: the job's
     ``method``), erase or swap (and k'), the set size, the images without k the optimized rule's KL term sees
-    (``fit_other``), T-locality's text-only prompts (``texts``; ``k_texts`` are templates about k: ``{k}``, ``{a_k}``)
-    and T-generality's prompts (``prompts``: ``knexp.editing.prompts.Prompts``)."""
+    (``fit_other``), the images of k the fitted rules see besides the identification images (``fit_k``),
+    T-locality's text-only prompts (``texts``; ``k_texts`` are templates about k: ``{k}``, ``{a_k}``) and
+    T-generality's prompts (``prompts``: ``knexp.editing.prompts.Prompts``)."""
 
     rule: EditRule
     source: str | None = None
@@ -28,6 +29,7 @@ class EditSettings:
     replacement: str | None = None
     size: int = 30
     fit_other: int = 4
+    fit_k: int = 3
     texts: list[str] = field(default_factory=list)
     k_texts: list[str] = field(default_factory=list)
     prompts: dict = field(default_factory=dict)
@@ -37,7 +39,7 @@ class EditSettings:
             raise SettingError("edit.rule", self.rule, "use a rule of conf/edit/rule, e.g. edit/rule=kn")
         check_fields(self, "edit", source=Text(optional=True), op=Choice(tuple(TARGETS)),
                      replacement=Text(optional=True), size=Integer(low=1), fit_other=Integer(low=0),
-                     texts=Many(Text(), min_len=0), k_texts=Many(Text(), min_len=0))
+                     fit_k=Integer(low=0), texts=Many(Text(), min_len=0), k_texts=Many(Text(), min_len=0))
         if self.op not in self.rule.ops:
             made = " or ".join(self.rule.ops)
             raise SettingError("edit.op", self.op, f"edit/rule={self.rule.name} makes {made} only")
@@ -77,7 +79,8 @@ def make(adapter, rule: EditRule, neurons: NeuronSet, target: EditTarget, contex
 
 
 def making_costs(edit: WeightEdit) -> dict:
-    """What an edit's provenance says of its making's cost, where its rule reports it: the fit's steps and whether it
-    met its target (``steps_run``, ``target_met``), and the seconds of ``EditRule.prepare`` (``prepare_seconds``)."""
-    reported = ("steps_run", "target_met", "prepare_seconds")
+    """What an edit's provenance says of its making's cost, where its rule reports it: the fit's steps, whether it met
+    its target and how often it regenerated its captions (``steps_run``, ``target_met``, ``checks``), and the seconds
+    of ``EditRule.prepare`` (``prepare_seconds``)."""
+    reported = ("steps_run", "target_met", "checks", "prepare_seconds")
     return {key: edit.provenance[key] for key in reported if key in edit.provenance}

@@ -47,24 +47,25 @@ class PreservedKeys:
         return kept @ kept.T
 
 
-def mlp_input_moments(adapter, prompts: list, layers: list[int]) -> PreservedKeys:
-    """C_l for ``layers`` over every position of ``prompts``: one-row prepared prompts (``Prepared``: an image with its
-    caption teacher-forced) and text-only prompts (``str``), each run alone so that no padding is counted; a progress
-    line every 10 s or so (``progress_due``, the rule of the batched passes)."""
-    d = adapter.ffn_linear(layers[0], "up_proj").in_features
-    sums = {layer: torch.zeros(d, d, dtype=torch.float64) for layer in layers}
+def second_moments(adapter, prompts: list, layers: list[int], site: str = "ffn_in") -> PreservedKeys:
+    """The second moment of the tensor at hook site ``site`` of ``layers`` (``ffn_in``: the MLP inputs x, C_l;
+    ``ffn``: the FFN activations O, A_l = (1/n) sum_t O_t O_t^T [d_ff, d_ff]) over every position of ``prompts``:
+    one-row prepared prompts (``Prepared``: an image with its caption teacher-forced) and text-only prompts (``str``),
+    each run alone so that no padding is counted; a progress line every 10 s or so (``progress_due``, the rule of the
+    batched passes)."""
+    sums: dict[int, torch.Tensor] = {}
     count = [0]
 
     def accumulate(layer: int):
-        def hook(x: torch.Tensor) -> None:  # x [1, n, d_model]: the MLP input of one pass
+        def hook(x: torch.Tensor) -> None:  # x [1, n, width]: the site's tensor in one pass
             flat = x[0].detach().double().cpu()
-            sums[layer] += flat.T @ flat
+            sums[layer] = sums[layer] + flat.T @ flat if layer in sums else flat.T @ flat
             if layer == layers[0]:
                 count[0] += flat.shape[0]
         return hook
 
     began = last = time.time()
-    with torch.no_grad(), everywhere(adapter, {("ffn_in", layer): accumulate(layer) for layer in layers}):
+    with torch.no_grad(), everywhere(adapter, {(site, layer): accumulate(layer) for layer in layers}):
         for done, prompt in enumerate(prompts, 1):
             if isinstance(prompt, Prepared):
                 adapter.run_hooks(prompt)
@@ -72,7 +73,8 @@ def mlp_input_moments(adapter, prompts: list, layers: list[int]) -> PreservedKey
                 adapter.text_logits([prompt])
             now = time.time()
             if progress_due(False, now - last, done == len(prompts)):
-                log.info("preserved keys: %d/%d prompts (%.1f/s)", done, len(prompts), done / max(now - began, 1e-9))
+                log.info("preserved keys (%s): %d/%d prompts (%.1f/s)", site, done, len(prompts),
+                         done / max(now - began, 1e-9))
                 last = now
     return PreservedKeys({layer: s / max(count[0], 1) for layer, s in sums.items()}, count[0])
 

@@ -19,7 +19,9 @@ Each changes only the ``down_proj`` columns of the set's neurons (``knexp.models
                (``signed=false``) would then write k in, not out.
 ``optimized``  a learned Delta on the set's columns only (``knexp.editing.fit``): the target's loss at the caption's
                target position, a KL term to the unedited model on locality images and text prompts, and a norm
-               penalty; it stops once the target is met.
+               penalty; it stops once the target is met at those positions, or (``stop=captions``) once the greedy
+               captions of the fitting images show the edit. ``local`` (``knexp.editing.local``) adds a penalty on the
+               change at preserved positions.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from knexp.editing.sets import by_layer
 from knexp.editing.target import EditTarget, word_direction
 from knexp.identification.methods import NeuronSet
 from knexp.models.weight_edit import LayerDelta, WeightEdit
-from knexp.settings import Flag, Integer, Number, check_fields
+from knexp.settings import Choice, Flag, Integer, Number, check_fields
 
 
 @dataclass
@@ -158,22 +160,29 @@ class Optimized(EditRule):
     kl_weight: float = 1.0
     norm_weight: float = 1e-3
     target_prob: float = 0.05  # erase: stop once every fitting sample gives k's word forms less than this
+    stop: str = "target"  # "target": on target_prob at the target positions; "captions": on the greedy captions
+    check_every: int = 5  # stop="captions": steps between two regenerations of the captions
 
     def __post_init__(self):
         check_fields(self, "edit.rule", steps=Integer(low=1), lr=Number(low=0.0, low_open=True),
-                     kl_weight=Number(low=0.0),
-                     norm_weight=Number(low=0.0), target_prob=Number(0.0, 1.0, low_open=True))
+                     kl_weight=Number(low=0.0), norm_weight=Number(low=0.0),
+                     target_prob=Number(0.0, 1.0, low_open=True), stop=Choice(("target", "captions")),
+                     check_every=Integer(low=1))
 
     def context(self, inputs: EditInputs) -> FitData:
-        samples, images = inputs.samples(), list(inputs.locality)
-        return fit_data(inputs.adapter, inputs.target.knowledge, samples,
-                        list(zip(images, inputs.captions(images), strict=True)), inputs.texts, inputs.batch_size)
+        images = list(inputs.locality)
+        return fit_data(inputs.adapter, inputs.target.knowledge, inputs.fitting_k(),
+                        list(zip(images, inputs.captions(images), strict=True)), inputs.texts, inputs.batch_size,
+                        inputs.max_new_tokens)
 
     def make(self, adapter, neurons, target, context):
         edit = fit_columns(adapter, neurons, target, context, self)
-        edit.provenance.update(rule=self.name, steps=self.steps, lr=self.lr, kl_weight=self.kl_weight,
-                               norm_weight=self.norm_weight, target_prob=self.target_prob)
+        edit.provenance.update(rule=self.name, **self.settings())
         return edit
+
+    def settings(self) -> dict:
+        """The fit's settings, as the provenance records them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
 
 
 def matched_norm(edit: WeightEdit, norm: float) -> WeightEdit:

@@ -20,6 +20,11 @@ m_locality     images without k: S_re (the image's own object still named), BLEU
                teacher-forced, at which both models rank the same token first.
 t_locality     text-only prompts: mean KL(p_unedited || p_variant) of the next token and top-1 agreement; prompts about
                k ("about_k") apart from the rest ("other").
+general        the general-ability guard, so that an edit cannot look local while the model degrades: captions of a
+               fixed set of images that show none of the edited objects (BLEU and BERTScore against the unedited
+               captions; ``mentions_kept``, the fraction of the catalog objects an unedited caption named that the
+               variant's caption still names), and next-token KL and top-1 agreement after each of a fixed set of
+               text-only prompts (``texts``; ``knexp/evaluation/general_texts.txt`` by default).
 fluency        over every caption of the variant: the mean entropy of its 2- and 3-gram distributions (bits), and
                repetition, the fraction of its 3-grams that repeat an earlier one.
 Captions go through the caption store, keyed by the variant's identity, so a rerun reads them back.
@@ -32,16 +37,20 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from knexp.data.catalog import Knowledge
 from knexp.editing.forcing import forced_caption, last_logits, target_context
 from knexp.editing.prompts import Prompts
 from knexp.editing.target import EditTarget
 from knexp.evaluation.text_metrics import bertscore_f1
 from knexp.models.captioning import Captioner
+from knexp.settings import SettingError
 
 YES, NO = ("Yes", "yes"), ("No", "no")
 
@@ -50,15 +59,19 @@ YES, NO = ("Yes", "yes"), ("No", "no")
 class Probe:
     """What one object's edits are measured on, for ``target``: images as (key, image, own object) rows, ``ident``
     (reliability), ``held`` (M-generality, T-generality) and ``others`` (M-locality); text-only prompts ``texts`` and
-    ``k_texts``."""
+    ``k_texts``; the general-ability guard's images ``general`` and prompts ``general_texts``, and the objects whose
+    mentions it follows (``objects``)."""
 
     target: EditTarget
-    ident: list[tuple[list, np.ndarray, str]]
-    held: list[tuple[list, np.ndarray, str]]
-    others: list[tuple[list, np.ndarray, str]]
+    ident: list[tuple[list, np.ndarray, Knowledge]]
+    held: list[tuple[list, np.ndarray, Knowledge]]
+    others: list[tuple[list, np.ndarray, Knowledge]]
     texts: list[str]
     k_texts: list[str]
     prompts: Prompts = field(default_factory=Prompts)
+    general: list[tuple[list, np.ndarray, Knowledge | None]] = field(default_factory=list)
+    general_texts: list[str] = field(default_factory=list)
+    objects: list[Knowledge] = field(default_factory=list)
 
 
 @dataclass
@@ -121,10 +134,18 @@ class EditMeasures:
             out["yes_no"] = [list(margins) for margins in zip(*asked, strict=True)]
             out["texts"] = adapter.text_logits(p.texts) if p.texts else None
             out["k_texts"] = adapter.text_logits(p.k_texts) if p.k_texts else None
+            out["general"] = self._captions(variant, p.general)
+            out["general_texts"] = self._text_logits(p.general_texts)
             reference = out if unedited else self.base  # teacher forcing always follows the unedited captions
             out["tf"] = {g: self._target_tops(getattr(p, g), reference[g]) for g in ("ident", "held")}
             out["caption_tops"] = self._caption_tops(reference["others"])
         return out
+
+    def _text_logits(self, texts: list[str]) -> torch.Tensor | None:
+        """float32 [len(texts), V]: the next-token logits after each text, in batches of the captioner's size."""
+        size = self.captioner.batch_size
+        chunks = [self.adapter.text_logits(texts[i:i + size]) for i in range(0, len(texts), size)]
+        return torch.cat(chunks) if chunks else None
 
     def _target_tops(self, rows, clean: list[str]) -> list[int]:
         """The top-1 token at the position predicting k in each unedited caption that names k (teacher-forced)."""
@@ -188,10 +209,13 @@ class EditMeasures:
                            "top1": same / total if total else None},
             "t_locality": {"other": logit_agreement(base["texts"], out["texts"]),
                            "about_k": logit_agreement(base["k_texts"], out["k_texts"])},
+            "general": {"images": len(p.general), **self._similarity(out["general"], base["general"]),
+                        **mentions_kept(out["general"], base["general"], p.objects),
+                        "texts": logit_agreement(base["general_texts"], out["general_texts"])},
             "fluency": fluency([c for g in ("ident", "held", "others") for c in out[g]]),
         }
         scores["t_generality"]["mean"] = _rate(v for v in scores["t_generality"].values() if v is not None)
-        scores["captions"] = {g: out[g] for g in ("ident", "held", "others", "what", "rephrased")}
+        scores["captions"] = {g: out[g] for g in ("ident", "held", "others", "what", "rephrased", "general")}
         return scores
 
     def _similarity(self, captions: list[str], references: list[str]) -> dict:
@@ -202,6 +226,26 @@ class EditMeasures:
             return {"bleu": None, "bertscore_f1": None}
         return {"bleu": sacrebleu.corpus_bleu(captions, [references]).score / 100.0,
                 "bertscore_f1": bertscore_f1(captions, references, self.bertscore_model, self.bertscore_layers)}
+
+
+def read_prompts(path: str | None, key: str) -> list[str]:
+    """The prompts of a text file, one per line (blank lines and lines starting with # left out); ``path`` None: the
+    general-ability guard's own, ``knexp/evaluation/general_texts.txt``. ``key`` names the setting in an error."""
+    source = resources.files("knexp.evaluation") / "general_texts.txt" if path is None else Path(path)
+    try:
+        text = source.read_text()
+    except OSError as exc:
+        fix = f"cannot be read ({exc.strerror}): give a text file, one prompt per line"
+        raise SettingError(key, path, fix) from exc
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def mentions_kept(captions: list[str], references: list[str], objects: list[Knowledge]) -> dict:
+    """Over every (caption, object) where the unedited caption (``references``) names one of ``objects``: the fraction
+    whose edited caption still names it (``mentions_kept``), and how many such pairs there are (``mentions_n``)."""
+    kept = [o.mentioned_in(c) for c, c0 in zip(captions, references, strict=True) for o in objects
+            if o.mentioned_in(c0)]
+    return {"mentions_kept": _rate(kept), "mentions_n": len(kept)}
 
 
 def logit_agreement(base: torch.Tensor | None, other: torch.Tensor | None) -> dict:

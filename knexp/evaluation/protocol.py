@@ -39,6 +39,7 @@ from knexp.identification.thresholds import Rule
 
 log = logging.getLogger(__name__)
 EVAL_STREAM = 4
+GENERAL_STREAM = 5  # the general-ability guard's images (general_images)
 
 
 def evaluation_images(data: CocoScenes, catalog: Catalog, k: Knowledge, identification_ids: list[int], k_images: int,
@@ -74,6 +75,22 @@ def evaluation_images(data: CocoScenes, catalog: Catalog, k: Knowledge, identifi
                 if usable(image_id):
                     others.append((image_id, "other", name))
     return chosen + others
+
+
+def general_images(data: CocoScenes, avoid: list[Knowledge], count: int, exclude: set[int], seed: int) -> list[int]:
+    """The general-ability guard's images (``knexp.evaluation.edit_measures``): the first ``count`` usable images, in
+    one seeded order that does not depend on the edited object, that show none of ``avoid`` and are not in
+    ``exclude``; the same images for every object that none of them shows."""
+    rng = np.random.default_rng([seed, GENERAL_STREAM])
+    avoided = {k.coco_id for k in avoid}
+    chosen = []
+    for image_id in rng.permutation(data.image_ids).tolist():
+        if len(chosen) == count:
+            break
+        if image_id in exclude or avoided & set(data.category_ids(image_id)) or data.image_problem(image_id):
+            continue
+        chosen.append(int(image_id))
+    return chosen
 
 
 @dataclass

@@ -13,7 +13,7 @@ from knexp.data.catalog import Knowledge
 from knexp.data.coco import CocoScenes
 from knexp.data.loading import load_dataset
 from knexp.editing.forcing import forced_caption
-from knexp.editing.preserved import PreservedCache, PreservedKeys, mlp_input_moments
+from knexp.editing.preserved import PreservedCache, PreservedKeys, second_moments
 from knexp.evaluation.protocol import evaluation_images
 from knexp.identification.causal_trace import KINDS, Trace, live_window, span, trace_objects
 from knexp.identification.reference import ReferenceCache, ReferenceStats, compute_reference
@@ -118,23 +118,23 @@ class Resources:
             ref.removals, ref.seed, self.captioner.batch_size))
 
     def preserved_keys(self, knowledge: Knowledge, exclude: set[int], texts: list[str], layers: list[int],
-                       positions: int) -> PreservedKeys:
-        """The preserved keys of ``layers`` (``knexp.editing.preserved``): images without ``knowledge`` in the seeded
-        order of the evaluation's images, less ``exclude`` (the images an edit is measured on), each with its unedited
-        caption teacher-forced, and ``texts``, until about ``positions`` positions; cached per model, data, images and
-        layer."""
+                       positions: int, site: str = "ffn_in") -> PreservedKeys:
+        """The preserved keys of ``layers`` (``knexp.editing.preserved``) at hook site ``site`` (``ffn_in``: the MLP
+        inputs; ``ffn``: the FFN activations): images without ``knowledge`` in the seeded order of the evaluation's
+        images, less ``exclude`` (the images an edit is measured on), each with its unedited caption teacher-forced,
+        and ``texts``, until about ``positions`` positions; cached per model, data, images, site and layer."""
         adapter, spec = self.adapter, self.spec
         chosen, captions = self._preserved_images(knowledge, exclude, texts, positions)
 
         def compute(missing: list[int]) -> PreservedKeys:
             prompts = [forced_caption(adapter, self.data.load_image(i), c)[0]
                        for i, c in zip(chosen, captions, strict=True)]
-            keys = mlp_input_moments(adapter, prompts + list(texts), missing)
-            log.info("preserved keys: %d positions of %d images and %d texts, layers %s", keys.positions, len(chosen),
-                     len(texts), span(missing))
+            keys = second_moments(adapter, prompts + list(texts), missing, site)
+            log.info("preserved keys (%s): %d positions of %d images and %d texts, layers %s", site, keys.positions,
+                     len(chosen), len(texts), span(missing))
             return keys
 
-        parts = [self.model_key, self.dataset_id, chosen, captions, list(texts), "ffn_in"]
+        parts = [self.model_key, self.dataset_id, chosen, captions, list(texts), site]
         return PreservedCache(spec.cache_root).get(parts, layers, compute)
 
     def _preserved_images(self, knowledge: Knowledge, exclude: set[int], texts: list[str],

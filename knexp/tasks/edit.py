@@ -3,16 +3,19 @@ found neurons, scored like multimodal editing benchmarks against baselines on th
 "Editing with the found neurons").
 
 1. Identify k's neurons (``Session.identify``) and take the consensus set of ``edit.size`` (``knexp.editing.sets``).
-2. Images (``knexp.evaluation.protocol.evaluation_images``): the identification images (reliability), ``k_images``
-   held-out images of k (M- and T-generality) and ``other_images`` + ``edit.fit_other`` images without k; the last
-   ``edit.fit_other`` of those feed only the optimized rule's KL term, the rest are M-locality's.
+2. Images (``knexp.evaluation.protocol.evaluation_images``): the identification images (reliability), ``k_images`` +
+   ``edit.fit_k`` held-out images of k, the first ``k_images`` measured (M- and T-generality), the rest seen only by
+   the fit, and ``other_images`` + ``edit.fit_other`` images without k; the last ``edit.fit_other`` of those feed only
+   the optimized rule's KL term, the rest are M-locality's.
 3. The edit (``edit.rule``, its context built from ``Session.edit_inputs``), and the baselines of ``baselines``:
    ``random``, the same rule on layer-matched random neurons scaled to the same ||Delta||_F; ``finetune``, the optimized
    rule (``conf/edit/rule/optimized.yaml``) on as many random ``down_proj`` columns of any layer; ``rank_one``, a
    ROME-style update of one ``down_proj`` (``knexp.editing.rank_one``; its covariance from
    ``task.rank_one.covariance_images`` more images without k); ``banned``, greedy decoding that never emits the first
    token of any of k's word forms (``knexp.models.hooks.banned``), the trivial bound of an erase.
-4. Every variant and the unedited model scored by ``knexp.evaluation.edit_measures``; the edit saved as
+4. Every variant and the unedited model scored by ``knexp.evaluation.edit_measures``, the general-ability guard
+   included (``general_images`` images that show neither k nor a swap's k', in one order for every object, and the
+   prompts of ``general_texts``); the edit saved as
    ``edit.safetensors`` (``model.edit=<file>`` loads it).
 Writes ``metrics.json`` (per variant: the measures and the cost), ``edit_captions.csv`` and ``selection.json``.
 """
@@ -31,8 +34,8 @@ from knexp.editing.make import make, making_costs
 from knexp.editing.rank_one import RankOne, rank_one_data
 from knexp.editing.rules import matched_norm
 from knexp.editing.sets import disjoint_random, object_set, random_columns
-from knexp.evaluation.edit_measures import EditMeasures, Probe, Variant
-from knexp.evaluation.protocol import evaluation_images
+from knexp.evaluation.edit_measures import EditMeasures, Probe, Variant, read_prompts
+from knexp.evaluation.protocol import evaluation_images, general_images
 from knexp.job.session import Session
 from knexp.models.hooks.banned import banned
 from knexp.models.weight_edit import WeightEdit, applied, save
@@ -57,6 +60,7 @@ class EditImages:
 
     probe: Probe
     locality: list[np.ndarray]  # images without k for the optimized rule's KL term (never measured)
+    more_k: list[np.ndarray]  # images of k besides the identification images that fitting may see (never measured)
     covariance: list[np.ndarray]  # images without k for the rank-one baseline's covariance
     measured: set[int]  # the ids of the images the probe measures (no rule may fit on them)
 
@@ -68,6 +72,8 @@ class EditTask:
     name: str = "edit"
     k_images: int = 6
     other_images: int = 9
+    general_images: int = 30
+    general_texts: str | None = None  # a file of prompts, one per line; null: knexp/evaluation/general_texts.txt
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     rank_one: dict = field(default_factory=dict)  # the rank-one baseline's settings (knexp.editing.rank_one.RankOne)
     save: bool = True
@@ -76,10 +82,12 @@ class EditTask:
     cache: bool = True
 
     def __post_init__(self):
-        check_fields(self, "task", k_images=Integer(low=0), other_images=Integer(low=0),
+        check_fields(self, "task", k_images=Integer(low=0), other_images=Integer(low=0), general_images=Integer(low=0),
+                     general_texts=Text(optional=True),
                      baselines=Many(Choice(BASELINES), min_len=0),
                      save=Flag(), bertscore_model=Text(optional=True), bertscore_layers=Integer(low=1), cache=Flag())
         self.rank_one = from_mapping(RankOne, self.rank_one, "task.rank_one")
+        self.general_prompts = read_prompts(self.general_texts, "task.general_texts")
 
     def __call__(self, session: Session) -> dict:
         t0 = time.time()
@@ -123,7 +131,7 @@ class EditTask:
         settings, k = spec.edit, spec.knowledge
         ident_ids = [r.candidate.image_id for r in found.results]
         extra = self.rank_one.covariance_images if "rank_one" in self.baselines else 0
-        rows = evaluation_images(data, spec.catalog, k, ident_ids, self.k_images,
+        rows = evaluation_images(data, spec.catalog, k, ident_ids, self.k_images + settings.fit_k,
                                  self.other_images + settings.fit_other + extra, spec.seed)
         others = [r for r in rows if r[1] == "other"]  # the first ones are the same whatever the count
         measured, fitting = others[:self.other_images], others[self.other_images:self.other_images + settings.fit_other]
@@ -134,12 +142,17 @@ class EditTask:
                     for image_id, _, own in part]
 
         k_rows = [r for r in rows if r[1] == "k"]
-        probe = Probe(target, probe_rows([r for r in k_rows if r[0] in ident_ids]),
-                      probe_rows([r for r in k_rows if r[0] not in ident_ids]),
+        held_out = [r for r in k_rows if r[0] not in ident_ids]  # the first ones are the same whatever the count
+        held_out, more_k = held_out[:self.k_images], held_out[self.k_images:]
+        probe = Probe(target, probe_rows([r for r in k_rows if r[0] in ident_ids]), probe_rows(held_out),
                       probe_rows(measured), list(settings.texts), settings.about_k(k), settings.prompts)
-        measured_ids = {i for i, group, _ in rows if group == "k"} | {i for i, _, _ in measured}
-        return EditImages(probe, [data.load_image(i) for i, _, _ in fitting],
-                          [data.load_image(i) for i, _, _ in covariance], measured_ids)
+        general = general_images(data, target.asked, self.general_images, {i for i, _, _ in rows}, spec.seed)
+        probe.general = [([session.resources.dataset_id, i], data.load_image(i), None) for i in general]
+        probe.general_texts = self.general_prompts
+        probe.objects = [o for o in spec.catalog if o not in target.asked]
+        measured_ids = set(ident_ids) | {i for i, _, _ in held_out + measured} | set(general)
+        loaded = [[data.load_image(i) for i, _, _ in part] for part in (fitting, more_k, covariance)]
+        return EditImages(probe, *loaded, measured_ids)
 
     def _plan(self, session: Session, found, target, neurons,
               images: EditImages) -> tuple[list[tuple[Variant, dict]], WeightEdit]:
@@ -147,7 +160,7 @@ class EditTask:
         ``baselines``, each rule's context built once (the edit, its random control and the fine-tuning share one where
         they read the same)."""
         spec, adapter, model_key = session.spec, session.adapter, session.resources.model_key
-        inputs = session.edit_inputs(found, target, images.locality, images.measured)
+        inputs = session.edit_inputs(found, target, images.locality, images.measured, images.more_k)
         contexts: dict = {}
 
         def made(rule, chosen):

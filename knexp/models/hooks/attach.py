@@ -142,6 +142,12 @@ def gradient_anchor(adapter: Adapter, prefill: Prepared) -> Iterator[None]:
         yield
 
 
+def hooks_changed(adapter: Adapter) -> None:
+    """Say that what ``everywhere``'s hooks compute has changed while they are attached (an edit being fitted): the
+    shared prefixes' KV caches computed under the hooks as they were are forgotten."""
+    forget(adapter.language_model()[0])
+
+
 @contextmanager
 def everywhere(adapter: Adapter, hooks: dict[tuple[str, int], Call]) -> Iterator[None]:
     """Call ``hooks[(site, l)](x)`` on the tensor x [B, n, d] of hook site ``site`` in layer l on *every* pass, at every
