@@ -62,10 +62,14 @@ class CaptionWatch:
         """Whether each unedited caption names k (only those decide ``check``)."""
         return [target.knowledge.mentioned_in(c) for c in self.unedited]
 
+    def showing(self, target: EditTarget) -> int:
+        """How many current captions whose unedited version named k show the edit's effect."""
+        return sum(target.caption_success(c) for c, named in zip(self.current, self.named(target), strict=True)
+                   if named)
+
     def shows(self, target: EditTarget) -> bool:
         """Whether every current caption whose unedited version named k shows the edit's effect."""
-        return all(target.caption_success(c) for c, named in zip(self.current, self.named(target), strict=True)
-                   if named)
+        return self.showing(target) == sum(self.named(target))
 
     def check(self, adapter, target: EditTarget) -> bool:
         """Regenerate the captions under the hooks in place, then ``shows``."""

@@ -20,6 +20,7 @@ Adam on Delta, from zero. With ``stop="target"`` it stops as soon as every fitti
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from knexp.editing.sets import by_layer
 from knexp.models.hooks.attach import everywhere
 from knexp.models.prepared import Prepared
 from knexp.models.weight_edit import LayerDelta, WeightEdit
+
+log = logging.getLogger("knexp.progress")
 
 
 @dataclass
@@ -152,6 +155,9 @@ def fit_columns(adapter, neurons, target, data: FitData, settings, penalty: Pena
             if watch is not None:  # the captions as they stand at the start, then regenerated every check_every steps
                 due = step > 0 and (step % settings.check_every == 0 or step == settings.steps)
                 met = watch.check(adapter, target) if due else step == 0 and watch.shows(target)
+                if due:
+                    log.info("fit: step %d/%d, %d of %d captions show the edit", step, settings.steps,
+                             watch.showing(target), sum(watch.named(target)))
             if met or step == settings.steps:
                 break
             if watch is not None:
