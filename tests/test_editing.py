@@ -469,27 +469,29 @@ def test_the_rank_one_update_maps_the_objects_key_to_the_learned_value(catalog):
 def test_the_report_averages_edit_jobs_over_objects_with_bootstrap_intervals(tmp_path):
     from knexp.reporting.sweep import write_report
 
-    def job(name, knowledge, reliability, s_re):
+    def job(name, knowledge, reliability, s_re, steps=1):
         folder = tmp_path / "sweep" / name
         folder.mkdir(parents=True)
         variant = {"reliability": reliability, "m_generality": reliability / 2,
                    "t_generality": {"what": 0.5, "yes_no": None, "mean": 0.5},
                    "m_locality": {"S_re": s_re, "top1": 0.9}, "t_locality": {"other": {"top1": 1.0, "kl": 0.01}},
+                   "general": {"bertscore_f1": s_re, "mentions_kept": 1.0, "texts": {"top1": 0.99, "kl": 0.01}},
                    "fluency": {"ngram_entropy": 3.0, "repetition": 0.0},
-                   "cost": {"relative_norm": 0.01, "seconds": 0.1}}
+                   "cost": {"relative_norm": 0.01, "seconds": 0.1, "steps_run": steps}}
         unedited = {**variant, "reliability": 0.0}
         metrics = {"task": "edit", "model": "embedded", "knowledge": knowledge, "method": "ours", "rule": "zero",
                    "op": "erase", "size": 30, "replacement": None, "variants": {"edit": variant, "unedited": unedited}}
         (folder / "metrics.json").write_text(json.dumps(metrics))
 
     job("0", "banana", 1.0, 0.8)
-    job("1", "cake", 0.5, 1.0)
+    job("1", "cake", 0.5, 1.0, steps=12)
     job("2", "pizza", 0.0, 1.0)
     report = write_report(tmp_path / "sweep", tmp_path / "report", {"tuning": ["pizza"], "heldout": ["banana", "cake"]})
     table = report.tables["edit_summary"]
     held = table.loc[("heldout", "erase", "ours", "zero", 30, "edit")]
     assert held["objects"] == 2 and held["reliability"] == pytest.approx(0.75)
-    assert held["m_loc_S_re"] == pytest.approx(0.9)
+    assert held["m_loc_S_re"] == pytest.approx(0.9) and held["general_bertscore"] == pytest.approx(0.9)
+    assert held["one_step"] == pytest.approx(0.5) and held["steps_run"] == pytest.approx(6.5)  # fits of 1 and 12 steps
     assert 0.5 <= held["reliability_lo"] <= held["reliability"] <= held["reliability_hi"] <= 1.0
     assert table.loc[("tuning", "erase", "ours", "zero", 30, "edit")]["reliability"] == 0.0  # the splits never mix
     text = report.markdown.read_text()

@@ -3,7 +3,8 @@ means over objects with bootstrap intervals.
 
 A job's ``metrics.json`` holds every variant it scored (the edit, its baselines, the unedited model); each becomes a
 row of the measures in ``MEASURES`` (``knexp.evaluation.edit_measures``), flattened, its rule named with its settings
-(``EditRule.label``). ``summary`` averages them over objects per split, set source, rule, op and variant, with a 95%
+(``EditRule.label``); a fitted edit's ``one_step`` is 1 where its fit stopped after its first step (the mean: the share
+of such fits). ``summary`` averages them over objects per split, set source, rule, op and variant, with a 95%
 interval from ``draws`` bootstrap resamples of the objects (seeded), so an interval says how much the mean rests on
 which objects were drawn.
 """
@@ -26,7 +27,12 @@ MEASURES = {
     "m_loc_top1": ("m_locality", "top1"), "t_loc_top1": ("t_locality", "other", "top1"),
     "t_loc_kl": ("t_locality", "other", "kl"),
     "t_loc_about_k_top1": ("t_locality", "about_k", "top1"), "entropy": ("fluency", "ngram_entropy"),
-    "repetition": ("fluency", "repetition"), "relative_norm": ("cost", "relative_norm"), "seconds": ("cost", "seconds"),
+    "repetition": ("fluency", "repetition"),
+    "general_bleu": ("general", "bleu"), "general_bertscore": ("general", "bertscore_f1"),
+    "general_mentions": ("general", "mentions_kept"), "general_top1": ("general", "texts", "top1"),
+    "general_kl": ("general", "texts", "kl"),
+    "relative_norm": ("cost", "relative_norm"), "seconds": ("cost", "seconds"), "steps_run": ("cost", "steps_run"),
+    "one_step": ("cost", "one_step"),
 }
 KEYS = ["split", "op", "method", "rule", "size", "variant"]
 
@@ -54,6 +60,8 @@ def edit_rows(sweep_dir: str | Path, split_of) -> pd.DataFrame:
     rows = []
     for _, m in sorted(newest.values(), key=lambda v: str(v[1].get("knowledge"))):
         for variant, scores in m["variants"].items():
+            if "steps_run" in scores.get("cost", {}):  # a fit: whether it stopped after its first step
+                scores["cost"]["one_step"] = float(scores["cost"]["steps_run"] <= 1)
             rows.append({"split": split_of(m["knowledge"]), "knowledge": m["knowledge"], "op": m["op"],
                          "method": m["method"],
                          "rule": m.get("rule_label", m["rule"]), "size": m.get("size"), "variant": variant,
@@ -71,7 +79,7 @@ def summary(rows: pd.DataFrame, draws: int = 1000, seed: int = 0) -> pd.DataFram
 
 
 HEADLINE = ("reliability", "m_generality", "t_gen_mean", "t_gen_yes_no", "m_loc_S_re", "m_loc_top1", "t_loc_top1",
-            "relative_norm")
+            "general_bertscore", "general_mentions", "general_top1", "relative_norm")
 
 
 def headline(table: pd.DataFrame, measures: tuple[str, ...] = HEADLINE) -> pd.DataFrame:
