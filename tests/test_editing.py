@@ -497,3 +497,41 @@ def test_the_report_averages_edit_jobs_over_objects_with_bootstrap_intervals(tmp
     text = report.markdown.read_text()
     assert "Editing (task=edit)" in text and "0.750 [0.50, 1.00]" in text
     assert (tmp_path / "report" / "edit_rows.csv").exists()
+
+
+def test_edit_files_compose_in_the_order_they_were_made_and_a_wrong_list_is_refused(tmp_path):
+    """b made on the model that a gives: model.edit=[a, b] applies both (each column moved by its own delta); [b, a]
+    and [b] alone are refused in one line that names the entry and asks for the order they were made in, also
+    through run.py, before anything is computed."""
+    from knexp.job.session import session
+    from knexp.models.registry import file_hash, model_identity
+
+    _, scenes, seed = SETUPS["llava"]
+    common = ["model=tiny_llava", f"model.seed={seed}", f"data.num_images={scenes}", "logger=none",
+              f"data.root={tmp_path}/tw", f"paths.cache_dir={tmp_path}/cache"]
+    base = session(*common, output_dir=tmp_path / "base")
+    adapter = base.adapter
+    before = [adapter.down_proj(layer).weight.detach().clone() for layer in (0, 1)]
+    g = torch.Generator().manual_seed(0)
+    a = WeightEdit([LayerDelta.columns(0, torch.tensor([1, 2]), torch.randn(before[0].shape[0], 2, generator=g))])
+    b = WeightEdit([LayerDelta.columns(1, torch.tensor([2, 5]), torch.randn(before[1].shape[0], 2, generator=g))])
+    path_a, path_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save(a, path_a, adapter, base.resources.model_key)
+    save(b, path_b, adapter, model_identity({**base.spec.model, "edit": str(path_a)}), [file_hash(path_a)])
+    both = session(*common, f"model.edit=[{path_a},{path_b}]", output_dir=tmp_path / "both").adapter
+    expected = [w.clone() for w in before]
+    expected[0][:, [1, 2]] += a.deltas[0].delta
+    expected[1][:, [2, 5]] += b.deltas[0].delta
+    for layer in (0, 1):
+        torch.testing.assert_close(both.down_proj(layer).weight, expected[layer])
+    for wrong, entry in (([path_b, path_a], "model.edit[0]"), ([path_b], "model.edit[0]")):
+        with pytest.raises(EditFileError) as caught:
+            session(*common, f"model.edit=[{','.join(map(str, wrong))}]", output_dir=tmp_path / "wrong").adapter
+        message = str(caught.value)
+        assert message.startswith(entry) and "made after 1 other edit file" in message
+        assert "in the order they were made" in message and "\n" not in message
+    r = run_py("task=identify", *common[:-1], f"paths.cache_dir={tmp_path}/cache2", f"model.edit=[{path_b}]",
+               f"hydra.run.dir={tmp_path}/job", timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "in the order they were made" in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / "cache2").exists()

@@ -55,11 +55,28 @@ def check_model(model_cfg: dict) -> Generation:
     check_mapping(prompt, "model.prompt", caption_prefix=Text())
     for key, check in getattr(loader, "settings", {}).items():
         check(f"model.{key}", model_cfg.get(key))
-    edit = Text(optional=True)("model.edit", model_cfg.get("edit"))
-    if edit is not None and not Path(edit).is_file():
-        raise SettingError("model.edit", edit,
-                           "is no file; give an edit file written by task=edit (its job folder's edit.safetensors)")
+    edit_files(model_cfg)
     return generation
+
+
+def edit_files(model_cfg: dict) -> list[str]:
+    """The edit files of ``model.edit``, in the order they are applied: none (null), one (a path) or a list of paths
+    (edits made one after another, each on the model the files before it give); each must be a file."""
+    given = model_cfg.get("edit")
+    many = isinstance(given, (list, tuple))
+    paths = list(given) if many else [] if given is None else [given]
+    for i, path in enumerate(paths):
+        key = f"model.edit[{i}]" if many else "model.edit"
+        Text()(key, path)
+        if not Path(path).is_file():
+            raise SettingError(key, path,
+                               "is no file; give an edit file written by task=edit (its job folder's edit.safetensors)")
+    return [str(path) for path in paths]
+
+
+def file_hash(path: str | Path) -> str:
+    """sha1 of a file's bytes: how an edit file is named in a model's identity and in the files made after it."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
 def load_model(model_cfg: dict, cache_dir: str | Path) -> Adapter:
@@ -71,8 +88,11 @@ def load_model(model_cfg: dict, cache_dir: str | Path) -> Adapter:
     if key in _LAST:
         return _LAST[key]
     adapter = _loader(model_cfg)(model_cfg, resolve_device(model_cfg.get("device", "cpu")), Path(cache_dir))
-    if model_cfg.get("edit"):  # the edit checked against the model it was made for, then applied in memory only
-        permanent(adapter, load(model_cfg["edit"], adapter, model_identity({**model_cfg, "edit": None})))
+    files = edit_files(model_cfg)
+    for i, path in enumerate(files):  # each checked against the model it was made on, then applied in memory only
+        named = f"model.edit[{i}]" if isinstance(model_cfg.get("edit"), (list, tuple)) else "model.edit"
+        base = model_identity({**model_cfg, "edit": files[:i] or None})
+        permanent(adapter, load(path, adapter, base, named, [file_hash(f) for f in files[:i]]))
     _LAST.clear()  # one model at a time: a sweep over models must not hold them all
     _LAST[key] = adapter
     return adapter
@@ -80,13 +100,15 @@ def load_model(model_cfg: dict, cache_dir: str | Path) -> Adapter:
 
 def model_identity(model_cfg: dict) -> str:
     """Hash of what a model computes: its resolved config (less ``generation.batch_size`` and ``decode_width``, which no
-    output depends on), with the bytes of the projector file and of the edit file (``model.edit``) in place of their
+    output depends on), with the bytes of the projector file and of the edit files (``model.edit``) in place of their
     paths. Keys of every cache entry derived from the model."""
     cfg = copy.deepcopy(dict(model_cfg))
     for setting in ("batch_size", "decode_width"):
         cfg.get("generation", {}).pop(setting, None)
-    if cfg.get("edit"):  # an edited model computes what its edit file's bytes say
-        cfg["edit"] = hashlib.sha1(Path(cfg["edit"]).read_bytes()).hexdigest()
+    files = edit_files(cfg)
+    if files:  # an edited model computes what its edit files' bytes say (one file: its hash alone, as before lists)
+        hashes = [file_hash(f) for f in files]
+        cfg["edit"] = hashes[0] if len(hashes) == 1 else hashes
     else:
         cfg.pop("edit", None)  # no edit: the identity of the model as it was before edits existed
     projector = cfg.get("projector_path")

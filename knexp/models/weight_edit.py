@@ -191,8 +191,10 @@ def shape_of(adapter) -> dict:
             "d_ff": int(adapter.d_ff)}
 
 
-def save(edit: WeightEdit, path: str | Path, adapter, model_key: str) -> Path:
-    """``edit`` as a safetensors file of its deltas only, with its provenance and the model it was made for."""
+def save(edit: WeightEdit, path: str | Path, adapter, model_key: str, after: list[str] | None = None) -> Path:
+    """``edit`` as a safetensors file of its deltas only, with its provenance, the model it was made on (``model_key``,
+    the identity of the model with every earlier edit applied) and the hashes of those earlier edit files (``after``,
+    in their order)."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -204,7 +206,7 @@ def save(edit: WeightEdit, path: str | Path, adapter, model_key: str) -> Path:
         if d.bias is not None:
             tensors[f"{name}.bias"] = d.bias.float().cpu().contiguous()
     meta = {"knexp_edit": json.dumps({**edit.provenance, "model": model_key, "shape": shape_of(adapter),
-                                      "format": FORMAT},
+                                      "after": list(after or []), "format": FORMAT},
                                      sort_keys=True, default=str)}
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -212,13 +214,14 @@ def save(edit: WeightEdit, path: str | Path, adapter, model_key: str) -> Path:
     return path
 
 
-def load(path: str | Path, adapter, model_key: str) -> WeightEdit:
-    """The edit in ``path``, checked whole against the model it is for (``model_key``, its identity without the edit)
-    before anything is applied."""
+def load(path: str | Path, adapter, model_key: str, key: str = "model.edit", earlier: list[str] | None = None
+         ) -> WeightEdit:
+    """The edit in ``path``, checked whole against the model it is for (``model_key``, its identity with the edit files
+    before it applied, whose hashes are ``earlier``) before anything is applied; ``key`` names the setting."""
     from safetensors import safe_open
 
     path = Path(path)
-    named = f"model.edit={str(path)!r}"
+    named = f"{key}={str(path)!r}"
     if not path.is_file():
         raise EditFileError(f"{named}: no such file; give an edit file written by task=edit")
     try:
@@ -230,12 +233,19 @@ def load(path: str | Path, adapter, model_key: str) -> WeightEdit:
     if meta.get("format") != FORMAT:
         raise EditFileError(f"{named} was written by another version of knexp (format {meta.get('format', 1)}, this "
                             f"one reads {FORMAT}); make the edit again with task=edit")
+    after, earlier = meta.get("after", []), list(earlier or [])
+    if meta.get("model") != model_key and after != earlier:
+        made = f"after {len(after)} other edit file(s) ({', '.join(h[:8] for h in after)})" if after else "first"
+        raise EditFileError(f"{named} was made {made}, but model.edit applies {len(earlier)} before it "
+                            f"({', '.join(h[:8] for h in earlier) or 'none'}): list the files in the order they were "
+                            "made, none missing")
     if meta.get("model") != model_key:
         raise EditFileError(f"{named} was made for another model (identity {meta.get('model')}, this one is "
                             f"{model_key}); edit this model with task=edit")
     if meta.get("shape") != shape_of(adapter):
         raise EditFileError(f"{named} is for a decoder of shape {meta.get('shape')}, this one is {shape_of(adapter)}")
-    edit = WeightEdit(_deltas(tensors, named), {k: v for k, v in meta.items() if k not in ("model", "shape", "format")})
+    edit = WeightEdit(_deltas(tensors, named),
+                      {k: v for k, v in meta.items() if k not in ("model", "shape", "format", "after")})
     for d in edit.deltas:
         _check(d, adapter.ffn_linear(d.layer, d.module) if 0 <= d.layer < adapter.num_layers else None, named)
     return edit

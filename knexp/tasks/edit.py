@@ -38,6 +38,7 @@ from knexp.evaluation.edit_measures import EditMeasures, Probe, Variant, read_pr
 from knexp.evaluation.protocol import evaluation_images, general_images
 from knexp.job.session import Session
 from knexp.models.hooks.banned import banned
+from knexp.models.registry import edit_files, file_hash
 from knexp.models.weight_edit import WeightEdit, applied, save
 from knexp.reporting.outputs import write_data_faults, write_identification
 from knexp.resume import finished, mark_finished
@@ -108,7 +109,8 @@ class EditTask:
             metrics["variants"], table, edit = self._edit(session, found, target)
             table.to_csv(out / "edit_captions.csv", index=False)
             if self.save:
-                save(edit, out / "edit.safetensors", adapter, resources.model_key)
+                earlier = [file_hash(f) for f in edit_files(spec.model)]  # made on the model these files give
+                save(edit, out / "edit.safetensors", adapter, resources.model_key, earlier)
         else:
             log.warning("%s: no usable sample, so no edit (metrics.json status): %s", k.name,
                         "; ".join(status["reasons"]))
