@@ -526,7 +526,7 @@ def test_edit_files_compose_in_the_order_they_were_made_and_a_wrong_list_is_refu
         torch.testing.assert_close(both.down_proj(layer).weight, expected[layer])
     for wrong, entry in (([path_b, path_a], "model.edit[0]"), ([path_b], "model.edit[0]")):
         with pytest.raises(EditFileError) as caught:
-            session(*common, f"model.edit=[{','.join(map(str, wrong))}]", output_dir=tmp_path / "wrong").adapter
+            _ = session(*common, f"model.edit=[{','.join(map(str, wrong))}]", output_dir=tmp_path / "wrong").adapter
         message = str(caught.value)
         assert message.startswith(entry) and "made after 1 other edit file" in message
         assert "in the order they were made" in message and "\n" not in message
