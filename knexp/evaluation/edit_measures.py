@@ -135,17 +135,11 @@ class EditMeasures:
             out["texts"] = adapter.text_logits(p.texts) if p.texts else None
             out["k_texts"] = adapter.text_logits(p.k_texts) if p.k_texts else None
             out["general"] = self._captions(variant, p.general)
-            out["general_texts"] = self._text_logits(p.general_texts)
+            out["general_texts"] = text_logits(adapter, p.general_texts, self.captioner.batch_size)
             reference = out if unedited else self.base  # teacher forcing always follows the unedited captions
             out["tf"] = {g: self._target_tops(getattr(p, g), reference[g]) for g in ("ident", "held")}
             out["caption_tops"] = self._caption_tops(reference["others"])
         return out
-
-    def _text_logits(self, texts: list[str]) -> torch.Tensor | None:
-        """float32 [len(texts), V]: the next-token logits after each text, in batches of the captioner's size."""
-        size = self.captioner.batch_size
-        chunks = [self.adapter.text_logits(texts[i:i + size]) for i in range(0, len(texts), size)]
-        return torch.cat(chunks) if chunks else None
 
     def _target_tops(self, rows, clean: list[str]) -> list[int]:
         """The top-1 token at the position predicting k in each unedited caption that names k (teacher-forced)."""
@@ -219,13 +213,24 @@ class EditMeasures:
         return scores
 
     def _similarity(self, captions: list[str], references: list[str]) -> dict:
-        """BLEU (sacrebleu's corpus BLEU, 0-1) and BERTScore F1 of ``captions`` against the unedited ones."""
-        import sacrebleu
+        return similarity(captions, references, self.bertscore_model, self.bertscore_layers)
 
-        if not captions:
-            return {"bleu": None, "bertscore_f1": None}
-        return {"bleu": sacrebleu.corpus_bleu(captions, [references]).score / 100.0,
-                "bertscore_f1": bertscore_f1(captions, references, self.bertscore_model, self.bertscore_layers)}
+
+def similarity(captions: list[str], references: list[str], bertscore_model: str | None, bertscore_layers: int) -> dict:
+    """BLEU (sacrebleu's corpus BLEU, 0-1) and BERTScore F1 of ``captions`` against the unedited ones."""
+    import sacrebleu
+
+    if not captions:
+        return {"bleu": None, "bertscore_f1": None}
+    return {"bleu": sacrebleu.corpus_bleu(captions, [references]).score / 100.0,
+            "bertscore_f1": bertscore_f1(captions, references, bertscore_model, bertscore_layers)}
+
+
+@torch.no_grad()
+def text_logits(adapter, texts: list[str], batch: int) -> torch.Tensor | None:
+    """float32 [len(texts), V]: the next-token logits after each text alone, in batches of ``batch``."""
+    chunks = [adapter.text_logits(texts[i:i + batch]) for i in range(0, len(texts), batch)]
+    return torch.cat(chunks) if chunks else None
 
 
 def read_prompts(path: str | None, key: str) -> list[str]:

@@ -32,8 +32,11 @@ class Resources:
     """The shared, lazily built parts of the job ``spec`` (module docstring). None of them depends on the job's
     knowledge or output folder."""
 
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, data_from: Resources | None = None):
+        """``data_from``: resources whose dataset these share (the same data, another model)."""
         self.spec = spec
+        if data_from is not None:
+            self._dataset = data_from._dataset
 
     @cached_property
     def _dataset(self) -> tuple[CocoScenes, str]:

@@ -66,6 +66,12 @@ class Session:
         """The same session for another knowledge of the catalog, writing to ``output_dir``, sharing the resources."""
         return Session(self.spec.for_knowledge(name, output_dir), self.resources)
 
+    def with_edits(self, files: list) -> Session:
+        """The same session on the model with the edit files ``files`` applied in order (none: without edits), sharing
+        the dataset; the model is loaded anew (``JobSpec.with_edits``)."""
+        spec = self.spec.with_edits(files)
+        return Session(spec, Resources(spec, self.resources))
+
     # ---- what a notebook reaches for most ------------------------------------------------------------------------
     @property
     def catalog(self) -> Catalog:

@@ -168,6 +168,15 @@ class JobSpec:
             cfg.paths.output_dir = str(out)
         return replace(self, cfg=cfg, knowledge=knowledge, output_dir=out)
 
+    def with_edits(self, files: list[str | Path]) -> JobSpec:
+        """The same job on the model with the edit files ``files`` applied in order (``model.edit``; none: the model
+        as configured without edits); its config says so too, so its job key and model identity are that model's."""
+        cfg = copy.deepcopy(self.cfg)
+        with open_dict(cfg):
+            cfg.model.edit = [str(f) for f in files] if files else None
+        check_model(plain(cfg.model))
+        return replace(self, cfg=cfg)
+
     def named(self, group: str, name: str):
         """The object that option ``name`` of config group ``group`` (e.g. ``method``, ``edit/rule``) configures, its
         interpolations resolved against this job's config (``intervention/noise`` reads ``${noise_level.levels}``)."""

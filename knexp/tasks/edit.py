@@ -17,7 +17,10 @@ found neurons, scored like multimodal editing benchmarks against baselines on th
    included (``general_images`` images that show neither k nor a swap's k', in one order for every object, and the
    prompts of ``general_texts``); the edit saved as
    ``edit.safetensors`` (``model.edit=<file>`` loads it).
-Writes ``metrics.json`` (per variant: the measures and the cost), ``edit_captions.csv`` and ``selection.json``.
+Writes ``metrics.json`` (per variant: the measures and the cost), ``edit_captions.csv``, ``selection.json`` and
+``edit_images.json`` (the identification and held-out images' ids with the unedited captions, for measuring the edit
+again later: ``task=edit_sequence``). ``keep``: images (ids) whose outputs the optimized rule's KL term also keeps,
+those that show k left out (a sequence's earlier objects' images).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from knexp.editing.rules import matched_norm
 from knexp.editing.sets import disjoint_random, object_set, random_columns
 from knexp.evaluation.edit_measures import EditMeasures, Probe, Variant, read_prompts
 from knexp.evaluation.protocol import evaluation_images, general_images
+from knexp.io import atomic_write_text
 from knexp.job.session import Session
 from knexp.models.hooks.banned import banned
 from knexp.models.registry import edit_files, file_hash
@@ -81,10 +85,11 @@ class EditTask:
     bertscore_model: str | None = None
     bertscore_layers: int = 6
     cache: bool = True
+    keep: list[int] = field(default_factory=list)  # image ids whose outputs the KL term keeps (a sequence's earlier)
 
     def __post_init__(self):
         check_fields(self, "task", k_images=Integer(low=0), other_images=Integer(low=0), general_images=Integer(low=0),
-                     general_texts=Text(optional=True),
+                     general_texts=Text(optional=True), keep=Many(Integer(low=0), min_len=0),
                      baselines=Many(Choice(BASELINES), min_len=0),
                      save=Flag(), bertscore_model=Text(optional=True), bertscore_layers=Integer(low=1), cache=Flag())
         self.rank_one = from_mapping(RankOne, self.rank_one, "task.rank_one")
@@ -153,7 +158,8 @@ class EditTask:
         probe.general_texts = self.general_prompts
         probe.objects = [o for o in spec.catalog if o not in target.asked]
         measured_ids = set(ident_ids) | {i for i, _, _ in held_out + measured} | set(general)
-        loaded = [[data.load_image(i) for i, _, _ in part] for part in (fitting, more_k, covariance)]
+        kept = [(i, "keep", "") for i in self.keep if i not in measured_ids and k.coco_id not in data.category_ids(i)]
+        loaded = [[data.load_image(i) for i, _, _ in part] for part in (fitting + kept, more_k, covariance)]
         return EditImages(probe, *loaded, measured_ids)
 
     def _plan(self, session: Session, found, target, neurons,
@@ -206,6 +212,11 @@ class EditTask:
         for i, (variant, cost) in enumerate(plan):
             log.info("%s: measuring %s (%d/%d)", k.name, variant.name, i + 1, len(plan))
             results[variant.name] = {**measures.score(variant), "cost": cost}
+        unedited = results["unedited"]["captions"]
+        probed = {group: [[key[1], caption] for (key, _, _), caption in zip(getattr(images.probe, group),
+                                                                             unedited[group], strict=True)]
+                  for group in ("ident", "held")}
+        atomic_write_text(session.spec.output_dir / "edit_images.json", json.dumps(probed, indent=1))
         frames = [pd.DataFrame({"variant": name, "group": group, "caption": captions})
                   for name, scores in results.items() for group, captions in scores.pop("captions").items()]
         results["edit"]["set"] = {"method": neurons.method, "size": len(neurons),

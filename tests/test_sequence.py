@@ -1,0 +1,48 @@
+"""Sequential edits (knexp.tasks.edit_sequence) through run.py on a tiny model: each step's edit made on the model the
+earlier files give (its file lists their hashes, and model.edit composes them), every object erased so far measured
+again after each step, the final guard, and a rerun that resumes every step."""
+
+import hashlib
+import json
+
+import pandas as pd
+from conftest import run_py
+
+
+def test_a_sequence_edits_each_object_on_the_model_the_earlier_edits_give(tmp_path):
+    args = ["task=edit_sequence", "task.objects=[cell_phone,horse]", "model=tiny_llava", "model.seed=0",
+            "data.num_images=150", "thresholds.n=20", "thresholds.layers=nonzero", "task.job.k_images=1",
+            "task.job.other_images=2", "task.job.general_images=6", "edit.size=8", "edit.source=ours",
+            "edit.fit_other=1", "edit.fit_k=1", "edit/rule=local", "edit.rule.steps=4", "edit.rule.check_every=2",
+            "edit.rule.per_unit=0.5", "logger=none", "num_threads=1", f"data.root={tmp_path}/tw",
+            f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/job"]
+    r = run_py(*args, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job = tmp_path / "job"
+    summary = json.loads((job / "sequence.json").read_text())
+    first, second = job / "00_cell_phone" / "edit.safetensors", job / "01_horse" / "edit.safetensors"
+    assert summary["edits"] == [str(first), str(second)]
+    from safetensors import safe_open
+
+    with safe_open(str(second), "pt") as f:
+        after = json.loads(f.metadata()["knexp_edit"])["after"]
+    assert after == [hashlib.sha1(first.read_bytes()).hexdigest()]  # made on the model the first edit gives
+    table = pd.read_csv(job / "sequence.csv")
+    assert table[["step", "object"]].values.tolist() == [[0, "cell phone"], [1, "cell phone"], [1, "horse"]]
+    assert (table.reliability_n > 0).all() and table.reliability.between(0, 1).all()
+    final = summary["final"]
+    assert final["images"] == 6 and final["texts"]["prompts"] >= 100 and 0 <= final["bertscore_f1"] <= 1.0 + 1e-6
+    done = {step: (job / step / "done.json").stat().st_mtime_ns for step in ("00_cell_phone", "01_horse")}
+    again = run_py(*args, timeout=600)  # every step finished: the rerun resumes them and measures the same
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {step: (job / step / "done.json").stat().st_mtime_ns for step in done} == done
+    assert json.loads((job / "sequence.json").read_text())["steps"] == summary["steps"]
+
+
+def test_a_sequence_that_does_not_erase_or_save_is_refused_in_one_line(tmp_path):
+    for extra, named in (("edit.op=swap", "edit.op"), ("task.job.save=false", "task.job.save"),
+                         ("task.objects=[horse,horse]", "task.objects")):
+        r = run_py("task=edit_sequence", "model=tiny_llava", extra, "logger=none", f"data.root={tmp_path}/tw",
+                   f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/job", timeout=120)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 1 and len(lines) == 1 and named in lines[0], r.stderr[-2000:]
