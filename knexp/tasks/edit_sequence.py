@@ -71,8 +71,9 @@ class EditSequence:
         names = [k.name for k in session.catalog.named(self.objects, "task.objects")]
         if len(set(names)) != len(names):
             raise SettingError("task.objects", self.objects, "name each object once")
-        if session.spec.edit is None or session.spec.edit.op != "erase":
-            raise SettingError("edit.op", getattr(session.spec.edit, "op", None), "a sequence erases: use edit.op=erase")
+        op = getattr(session.spec.edit, "op", None)
+        if op != "erase":
+            raise SettingError("edit.op", op, "a sequence erases: use edit.op=erase")
 
     def __call__(self, session: Session) -> dict:
         out = session.spec.output_dir
