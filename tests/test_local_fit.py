@@ -71,7 +71,8 @@ class _Scripted:
 
 def test_a_fit_on_captions_stops_at_the_first_check_whose_captions_show_the_edit(monkeypatch, catalog):
     """Captions regenerated every 3 steps name k twice, then no more: the fit runs 9 steps, checks 3 times, and
-    reports the target met; captions that never clean up run every step and report it not met."""
+    reports the target met; captions that never clean up run every step and report it not met. A watch left by an
+    earlier fit (the edit's, before its random control's) starts again from the unedited captions."""
     adapter = tiny_adapter("embedded", layers=2)
     target = Erase(catalog["banana"])
     images = _images(2)
@@ -80,6 +81,7 @@ def test_a_fit_on_captions_stops_at_the_first_check_whose_captions_show_the_edit
     for clean, steps, met in ((3, 9, True), (99, 12, False)):
         monkeypatch.setattr(adapter, "caption", _Scripted(clean, adapter.caption_prefix))
         watch = CaptionWatch(images, [adapter.caption_prefix + " a banana"] * 2, 4, 4)
+        watch.current, watch.checks = [adapter.caption_prefix + " a plate"] * 2, 7  # as another fit left them
         edit = fit_columns(adapter, neurons, target, FitData([], watch=watch), rule)
         assert (edit.provenance["steps_run"], edit.provenance["target_met"]) == (steps, met)
         assert edit.provenance["checks"] == (3 if met else 4)  # steps 3, 6, 9 (and 12, the last)

@@ -58,6 +58,10 @@ class CaptionWatch:
     def __post_init__(self):
         self.current = list(self.current or self.unedited)
 
+    def reset(self) -> None:
+        """Back to the unedited captions, no check made: before a fit starts."""
+        self.current, self.checks, self._forced = list(self.unedited), 0, None
+
     def named(self, target: EditTarget) -> list[bool]:
         """Whether each unedited caption names k (only those decide ``check``)."""
         return [target.knowledge.mentioned_in(c) for c in self.unedited]

@@ -142,6 +142,8 @@ def fit_columns(adapter, neurons, target, data: FitData, settings, penalty: Pena
                for layer, u in units.items()}
     goal = target.goal_ids(adapter)
     watch = data.watch if settings.stop == "captions" else None
+    if watch is not None:
+        watch.reset()  # the context is shared: another fit (a random control) may have watched before
     optimizer = torch.optim.Adam(list(deltas.values()), lr=settings.lr)
     steps_run, met = 0, False
     with torch.enable_grad(), with_columns(adapter, deltas, units):
