@@ -262,3 +262,18 @@ def check_mapping(values: dict, prefix: str, **checks) -> dict:
     """``values`` with the keys ``checks`` names checked as ``<prefix>.<key>`` (a key that is absent counts as null;
     ``prefix`` "" for the top level)."""
     return {**values, **{name: check(_key(prefix, name), values.get(name)) for name, check in checks.items()}}
+
+
+def prompt_file(path: str | None, key: str, package: str, name: str) -> list[str]:
+    """The prompts of the text file ``path``, one per line (blank lines and lines starting with # left out); ``path``
+    None: the file ``name`` shipped in ``package``. A file that cannot be read is a ``SettingError`` naming ``key``."""
+    from importlib import resources
+    from pathlib import Path
+
+    source = resources.files(package) / name if path is None else Path(path)
+    try:
+        text = source.read_text()
+    except OSError as exc:
+        fix = f"cannot be read ({exc.strerror}): give a text file, one prompt per line"
+        raise SettingError(key, path, fix) from exc
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]

@@ -63,3 +63,16 @@ def test_mentions_kept_counts_only_the_objects_the_unedited_caption_named(catalo
     # named before: clock, book (image 1), bus (image 2); kept: clock, bus
     assert mentions_kept(captions, references, objects) == {"mentions_kept": 2 / 3, "mentions_n": 3}
     assert mentions_kept([], [], objects) == {"mentions_kept": None, "mentions_n": 0}
+
+
+def test_the_fits_prompts_are_never_measured_and_name_no_catalog_object(catalog):
+    """The prompts a fitted edit keeps (edit.fit_texts) share none with T-locality's (edit.texts, edit.k_texts for any
+    object) or the guard's, and name no catalog object."""
+    from knexp.job.session import session
+
+    settings = session("model=embedded").spec.edit
+    fitted = settings.fit_prompts
+    measured = set(settings.texts) | set(read_prompts(None, "task.general_texts"))
+    measured |= {t for k in catalog for t in settings.about_k(k)}
+    assert len(fitted) >= 40 and not set(fitted) & measured
+    assert [(p, k.name) for p in fitted for k in catalog if k.mentioned_in(p)] == []

@@ -12,15 +12,16 @@ from knexp.editing.rules import EditRule
 from knexp.editing.target import TARGETS, EditTarget
 from knexp.identification.methods import NeuronSet
 from knexp.models.weight_edit import WeightEdit
-from knexp.settings import Choice, Integer, Many, SettingError, Text, check_fields, from_mapping
+from knexp.settings import Choice, Integer, Many, SettingError, Text, check_fields, from_mapping, prompt_file
 
 
 @dataclass
 class EditSettings:
     """``conf/edit``: the rule, the method whose neurons it edits (``source``, a ``conf/method`` name; null: the job's
     ``method``), erase or swap (and k'), the set size, the images without k the optimized rule's KL term sees
-    (``fit_other``), the images of k the fitted rules see besides the identification images (``fit_k``),
-    T-locality's text-only prompts (``texts``; ``k_texts`` are templates about k: ``{k}``, ``{a_k}``) and
+    (``fit_other``), the images of k the fitted rules see besides the identification images (``fit_k``), the
+    text-only prompts the fit keeps and the preserved keys include (``fit_texts``, a file; never measured),
+    T-locality's text-only prompts (``texts``; ``k_texts`` are templates about k: ``{k}``, ``{a_k}``; never fitted) and
     T-generality's prompts (``prompts``: ``knexp.editing.prompts.Prompts``)."""
 
     rule: EditRule
@@ -30,6 +31,7 @@ class EditSettings:
     size: int = 30
     fit_other: int = 4
     fit_k: int = 3
+    fit_texts: str | None = None  # a file of prompts the fit keeps; null: knexp/editing/fit_texts.txt
     texts: list[str] = field(default_factory=list)
     k_texts: list[str] = field(default_factory=list)
     prompts: dict = field(default_factory=dict)
@@ -39,7 +41,9 @@ class EditSettings:
             raise SettingError("edit.rule", self.rule, "use a rule of conf/edit/rule, e.g. edit/rule=kn")
         check_fields(self, "edit", source=Text(optional=True), op=Choice(tuple(TARGETS)),
                      replacement=Text(optional=True), size=Integer(low=1), fit_other=Integer(low=0),
-                     fit_k=Integer(low=0), texts=Many(Text(), min_len=0), k_texts=Many(Text(), min_len=0))
+                     fit_k=Integer(low=0), fit_texts=Text(optional=True), texts=Many(Text(), min_len=0),
+                     k_texts=Many(Text(), min_len=0))
+        self.fit_prompts = prompt_file(self.fit_texts, "edit.fit_texts", "knexp.editing", "fit_texts.txt")
         if self.op not in self.rule.ops:
             made = " or ".join(self.rule.ops)
             raise SettingError("edit.op", self.op, f"edit/rule={self.rule.name} makes {made} only")

@@ -37,8 +37,6 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,7 +48,7 @@ from knexp.editing.prompts import Prompts
 from knexp.editing.target import EditTarget
 from knexp.evaluation.text_metrics import bertscore_f1
 from knexp.models.captioning import Captioner
-from knexp.settings import SettingError
+from knexp.settings import prompt_file
 
 YES, NO = ("Yes", "yes"), ("No", "no")
 
@@ -234,15 +232,9 @@ def text_logits(adapter, texts: list[str], batch: int) -> torch.Tensor | None:
 
 
 def read_prompts(path: str | None, key: str) -> list[str]:
-    """The prompts of a text file, one per line (blank lines and lines starting with # left out); ``path`` None: the
-    general-ability guard's own, ``knexp/evaluation/general_texts.txt``. ``key`` names the setting in an error."""
-    source = resources.files("knexp.evaluation") / "general_texts.txt" if path is None else Path(path)
-    try:
-        text = source.read_text()
-    except OSError as exc:
-        fix = f"cannot be read ({exc.strerror}): give a text file, one prompt per line"
-        raise SettingError(key, path, fix) from exc
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    """The general-ability guard's prompts: the file ``path`` (one per line), or ``knexp/evaluation/general_texts.txt``
+    where it is None; ``key`` names the setting in an error."""
+    return prompt_file(path, key, "knexp.evaluation", "general_texts.txt")
 
 
 def mentions_kept(captions: list[str], references: list[str], objects: list[Knowledge]) -> dict:

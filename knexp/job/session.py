@@ -171,16 +171,17 @@ class Session:
     def edit_inputs(self, found: Identification, target: EditTarget, locality: list[np.ndarray] | None = None,
                     measured: set[int] | None = None, more_k: list[np.ndarray] | None = None) -> EditInputs:
         """What an edit rule may build its context from (``knexp.editing.inputs``), for ``target`` on ``found``'s
-        object: ``locality`` images without k, ``more_k`` images of k besides the identification images, the edit's
-        text prompts (``edit.texts`` and those about k), and the preserved keys, never from the ``measured`` images."""
+        object: ``locality`` images without k, ``more_k`` images of k besides the identification images, the text
+        prompts the fit keeps (``edit.fit_texts``: never the measured ones), and the preserved keys, never from the
+        ``measured`` images."""
         cap, settings, res = self.resources.captioner, self.spec.edit, self.resources
 
         def preserved(layers: list[int], positions: int, site: str = "ffn_in"):
-            return res.preserved_keys(target.knowledge, set(measured or ()), settings.texts, layers, positions, site)
+            return res.preserved_keys(target.knowledge, set(measured or ()), settings.fit_prompts, layers, positions,
+                                      site)
 
-        return EditInputs(self.adapter, target, found, self.data, list(locality or []),
-                          settings.texts + settings.about_k(target.knowledge), cap.batch_size, cap.max_new_tokens,
-                          lambda: res.reference, preserved, list(more_k or []))
+        return EditInputs(self.adapter, target, found, self.data, list(locality or []), list(settings.fit_prompts),
+                          cap.batch_size, cap.max_new_tokens, lambda: res.reference, preserved, list(more_k or []))
 
     def edit_rule(self, name: str | None):
         """The job's edit rule, or the rule ``conf/edit/rule/<name>.yaml`` configures."""
