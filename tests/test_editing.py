@@ -472,7 +472,8 @@ def test_the_report_averages_edit_jobs_over_objects_with_bootstrap_intervals(tmp
     def job(name, knowledge, reliability, s_re, steps=1):
         folder = tmp_path / "sweep" / name
         folder.mkdir(parents=True)
-        variant = {"reliability": reliability, "m_generality": reliability / 2,
+        variant = {"reliability": reliability, "reliability_n": 3 if knowledge == "banana" else 1,
+                   "m_generality": reliability / 2,
                    "t_generality": {"what": 0.5, "yes_no": None, "mean": 0.5},
                    "m_locality": {"S_re": s_re, "top1": 0.9}, "t_locality": {"other": {"top1": 1.0, "kl": 0.01}},
                    "general": {"bertscore_f1": s_re, "mentions_kept": 1.0, "texts": {"top1": 0.99, "kl": 0.01}},
@@ -492,6 +493,8 @@ def test_the_report_averages_edit_jobs_over_objects_with_bootstrap_intervals(tmp
     assert held["objects"] == 2 and held["reliability"] == pytest.approx(0.75)
     assert held["m_loc_S_re"] == pytest.approx(0.9) and held["general_bertscore"] == pytest.approx(0.9)
     assert held["one_step"] == pytest.approx(0.5) and held["steps_run"] == pytest.approx(6.5)  # fits of 1 and 12 steps
+    # pooled over the inputs: 3 of 3 (banana) and 0.5 of 1 (cake) -> 3.5 / 4, half-width 1.96 sqrt(p (1 - p) / 4)
+    assert held["reliability_n"] == 4 and held["reliability_hw"] == pytest.approx(1.96 * (0.875 * 0.125 / 4) ** 0.5)
     assert 0.5 <= held["reliability_lo"] <= held["reliability"] <= held["reliability_hi"] <= 1.0
     assert table.loc[("tuning", "erase", "ours", "zero", 30, "edit")]["reliability"] == 0.0  # the splits never mix
     text = report.markdown.read_text()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from knexp.reporting.tables import means, shown
@@ -35,6 +36,8 @@ MEASURES = {
     "one_step": ("cost", "one_step"),
 }
 KEYS = ["split", "op", "method", "rule", "size", "variant"]
+# the rates whose inputs are counted (``*_n``): pooled over objects, their binomial 95% half-width
+POOLED = {"reliability": ("reliability_n",), "m_generality": ("m_generality_n",), "m_loc_S_re": ("m_locality", "n")}
 
 
 def _get(d: dict, path: tuple):
@@ -65,21 +68,34 @@ def edit_rows(sweep_dir: str | Path, split_of) -> pd.DataFrame:
             rows.append({"split": split_of(m["knowledge"]), "knowledge": m["knowledge"], "op": m["op"],
                          "method": m["method"],
                          "rule": m.get("rule_label", m["rule"]), "size": m.get("size"), "variant": variant,
-                         **{name: _get(scores, path) for name, path in MEASURES.items()}})
+                         **{name: _get(scores, path) for name, path in MEASURES.items()},
+                         **{f"{name}_n": _get(scores, path) for name, path in POOLED.items()}})
     return pd.DataFrame(rows)
 
 
 def summary(rows: pd.DataFrame, draws: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per (split, op, method, rule, size, variant), in the report's order: the mean of each measure over objects,
     ``<measure>_lo`` and ``<measure>_hi`` its 95% bootstrap interval over objects, and ``objects``
-    (``knexp.reporting.tables.means``)."""
+    (``knexp.reporting.tables.means``); for the counted rates of ``POOLED``, ``<rate>_n`` the inputs pooled over
+    objects and ``<rate>_hw`` the binomial 95% half-width of the pooled rate, 1.96 sqrt(p (1 - p) / n): how finely
+    that many inputs can tell two rates apart."""
     if rows.empty:
         return pd.DataFrame()
-    return means(rows, KEYS, list(MEASURES), seed, draws)
+    table = means(rows, KEYS, list(MEASURES), seed, draws)
+    for name in POOLED:
+        count = rows[f"{name}_n"].astype(float).fillna(0) if f"{name}_n" in rows else pd.Series(0.0, index=rows.index)
+        hits = (rows[name].astype(float).fillna(0) * count).groupby([rows[k] for k in KEYS], dropna=False).sum()
+        total = count.groupby([rows[k] for k in KEYS], dropna=False).sum()
+        pooled = hits / total.where(total > 0)
+        table[f"{name}_n"] = total.reindex(table.index).to_numpy()
+        table[f"{name}_hw"] = (1.96 * np.sqrt(pooled * (1 - pooled) / total.where(total > 0))).reindex(
+            table.index).to_numpy()
+    return table
 
 
-HEADLINE = ("reliability", "m_generality", "t_gen_mean", "t_gen_yes_no", "m_loc_S_re", "m_loc_top1", "t_loc_top1",
-            "general_bertscore", "general_mentions", "general_top1", "relative_norm")
+HEADLINE = ("reliability", "reliability_hw", "m_generality", "m_generality_hw", "t_gen_mean", "t_gen_yes_no",
+            "m_loc_S_re", "m_loc_S_re_hw", "m_loc_top1", "t_loc_top1", "general_bertscore", "general_mentions",
+            "general_top1", "relative_norm")
 
 
 def headline(table: pd.DataFrame, measures: tuple[str, ...] = HEADLINE) -> pd.DataFrame:
