@@ -4,7 +4,7 @@ line naming the setting), and the mentions it follows."""
 
 import pytest
 
-from knexp.evaluation.edit_measures import mentions_kept, read_prompts
+from knexp.evaluation.edit_measures import leak, mentions_kept, read_prompts
 from knexp.evaluation.protocol import general_images
 from knexp.settings import SettingError
 
@@ -76,3 +76,12 @@ def test_the_fits_prompts_are_never_measured_and_name_no_catalog_object(catalog)
     measured |= {t for k in catalog for t in settings.about_k(k)}
     assert len(fitted) >= 40 and not set(fitted) & measured
     assert [(p, k.name) for p in fitted for k in catalog if k.mentioned_in(p)] == []
+
+
+def test_the_leak_counts_the_goal_named_where_the_unedited_caption_did_not(catalog):
+    """A swap's partner named in 1 of the 2 captions that did not name it before; a caption that named it before is no
+    leak whatever it says now."""
+    partner = catalog["cake"]
+    references = ["The image shows a table", "The image shows a cake", "The image shows a dog"]
+    captions = ["The image shows a cake on a table", "The image shows a cake", "The image shows a dog"]
+    assert leak(captions, references, partner) == {"leak": 0.5, "leak_n": 2}

@@ -23,8 +23,9 @@ t_locality     text-only prompts: mean KL(p_unedited || p_variant) of the next t
 general        the general-ability guard, so that an edit cannot look local while the model degrades: captions of a
                fixed set of images that show none of the edited objects (BLEU and BERTScore against the unedited
                captions; ``mentions_kept``, the fraction of the catalog objects an unedited caption named that the
-               variant's caption still names), and next-token KL and top-1 agreement after each of a fixed set of
-               text-only prompts (``texts``; ``knexp/evaluation/general_texts.txt`` by default).
+               variant's caption still names; ``leak``, the fraction of captions that did not name the target's goal,
+               k' for a swap and k for an erase, that name it now), and next-token KL and top-1 agreement after each
+               of a fixed set of text-only prompts (``texts``; ``knexp/evaluation/general_texts.txt`` by default).
 fluency        over every caption of the variant: the mean entropy of its 2- and 3-gram distributions (bits), and
                repetition, the fraction of its 3-grams that repeat an earlier one.
 Captions go through the caption store, keyed by the variant's identity, so a rerun reads them back.
@@ -203,6 +204,7 @@ class EditMeasures:
                            "about_k": logit_agreement(base["k_texts"], out["k_texts"])},
             "general": {"images": len(p.general), **self._similarity(out["general"], base["general"]),
                         **mentions_kept(out["general"], base["general"], p.objects),
+                        **leak(out["general"], base["general"], target.goal),
                         "texts": logit_agreement(base["general_texts"], out["general_texts"])},
             "fluency": fluency([c for g in ("ident", "held", "others") for c in out[g]]),
         }
@@ -243,6 +245,13 @@ def mentions_kept(captions: list[str], references: list[str], objects: list[Know
     kept = [o.mentioned_in(c) for c, c0 in zip(captions, references, strict=True) for o in objects
             if o.mentioned_in(c0)]
     return {"mentions_kept": _rate(kept), "mentions_n": len(kept)}
+
+
+def leak(captions: list[str], references: list[str], goal: Knowledge) -> dict:
+    """Over the captions whose unedited version (``references``) does not name ``goal`` (a swap's k', an erase's k):
+    the fraction that name it now (``leak``: the edit writes its object where it is not), and how many (``leak_n``)."""
+    named = [goal.mentioned_in(c) for c, c0 in zip(captions, references, strict=True) if not goal.mentioned_in(c0)]
+    return {"leak": _rate(named), "leak_n": len(named)}
 
 
 def logit_agreement(base: torch.Tensor | None, other: torch.Tensor | None) -> dict:
