@@ -12,7 +12,7 @@ names k a few words later. ``CaptionWatch`` holds the images of k that a fit may
              sum over captions c and positions t of -log(1 - p_t(k)), p_t(k) the probability of k's word ids
              (``knexp.editing.target.word_ids``) at the position that predicts c's t-th token (and the one after its
              last), teacher-forced after the image.
-Identical captions are forced once.
+A current caption that equals the unedited one is forced once.
 """
 
 from __future__ import annotations
