@@ -54,9 +54,8 @@ class Local(Optimized):
     ``per_unit``: preserved positions per FFN unit."""
 
     name: str = "local"
-    lam: float = 10.0
+    lam: float = 100.0
     per_unit: float = 10.0
-    stop: str = "captions"
 
     def __post_init__(self):
         super().__post_init__()

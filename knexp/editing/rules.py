@@ -155,12 +155,12 @@ class Optimized(EditRule):
     the locality images with their unedited captions and the text prompts."""
 
     name: str = "optimized"
-    steps: int = 60
-    lr: float = 0.05
-    kl_weight: float = 1.0
+    steps: int = 30
+    lr: float = 0.005
+    kl_weight: float = 10.0
     norm_weight: float = 1e-3
-    target_prob: float = 0.05  # erase: stop once every fitting sample gives k's word forms less than this
-    stop: str = "target"  # "target": on target_prob at the target positions; "captions": on the greedy captions
+    target_prob: float = 0.05  # stop="target": stop once every fitting sample gives k's word forms less than this
+    stop: str = "captions"  # "target": on target_prob at the target positions; "captions": on the greedy captions
     check_every: int = 5  # stop="captions": steps between two regenerations of the captions
 
     def __post_init__(self):
