@@ -67,8 +67,8 @@ class _Inputs:
         self.adapter = adapter
         self.texts = preserved_texts
 
-    def preserved(self, layers, positions):
-        return second_moments(self.adapter, self.texts, layers)
+    def preserved(self, layers, positions, site="ffn_in"):
+        return second_moments(self.adapter, self.texts, layers, site)
 
 
 def _mlp_inputs_and_activations(adapter, texts, layer, units):

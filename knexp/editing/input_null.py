@@ -22,10 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import numpy as np
 import torch
 
-from knexp.editing.inputs import EditInputs
+from knexp.editing.inputs import EditInputs, PreservedSite
 from knexp.editing.preserved import PreservedKeys
 from knexp.editing.rules import EditRule
 from knexp.editing.sets import by_layer
@@ -51,7 +50,9 @@ class InputSide:
     inputs: EditInputs
     per_unit: float
     _keys: dict[int, torch.Tensor] = field(default_factory=dict)
-    _preserved: PreservedKeys | None = None
+
+    def __post_init__(self):
+        self._preserved = PreservedSite(self.inputs, self.per_unit)
 
     def object_inputs(self, layers: list[int]) -> dict[int, torch.Tensor]:
         """{layer: X1 [m, d_model] float64}: the MLP inputs at the object's image tokens of the identification
@@ -71,11 +72,7 @@ class InputSide:
 
     def preserved(self, layers: list[int]) -> PreservedKeys:
         """The preserved keys of ``layers``, from at least ``per_unit`` x d_ff positions."""
-        have = self._preserved.second if self._preserved is not None else {}
-        if any(layer not in have for layer in layers):
-            minimum = int(np.ceil(self.per_unit * self.inputs.adapter.d_ff))
-            self._preserved = self.inputs.preserved(sorted(set(layers) | set(have)), minimum)
-        return self._preserved
+        return self._preserved(layers)
 
 
 @dataclass

@@ -54,3 +54,22 @@ class EditInputs:
     def captions(self, images: list[np.ndarray]) -> list[str]:
         """The unedited model's greedy captions of ``images``."""
         return self.adapter.caption(images, self.batch_size, self.max_new_tokens) if images else []
+
+
+@dataclass
+class PreservedSite:
+    """The preserved keys at hook site ``site`` (``ffn_in`` or ``ffn``) of every layer asked for so far, over at least
+    ``per_unit`` x d_ff positions: a rule's context is asked once per set, and a set's new layers are computed together
+    with those already held (each layer is cached on disk apart)."""
+
+    inputs: EditInputs
+    per_unit: float
+    site: str = "ffn_in"
+    _keys: PreservedKeys | None = field(default=None, repr=False)
+
+    def __call__(self, layers: list[int]) -> PreservedKeys:
+        have = self._keys.second if self._keys is not None else {}
+        if any(layer not in have for layer in layers):
+            minimum = int(np.ceil(self.per_unit * self.inputs.adapter.d_ff))
+            self._keys = self.inputs.preserved(sorted(set(layers) | set(have)), minimum, self.site)
+        return self._keys

@@ -17,12 +17,10 @@ captions (``stop=captions``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import numpy as np
+from dataclasses import dataclass
 
 from knexp.editing.fit import FitData, Penalty, fit_columns
-from knexp.editing.inputs import EditInputs
+from knexp.editing.inputs import EditInputs, PreservedSite
 from knexp.editing.preserved import PreservedKeys
 from knexp.editing.rules import Optimized
 from knexp.editing.sets import by_layer
@@ -37,15 +35,13 @@ class LocalFit:
     inputs: EditInputs
     data: FitData
     per_unit: float
-    _moments: PreservedKeys | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self._moments = PreservedSite(self.inputs, self.per_unit, "ffn")
 
     def moments(self, layers: list[int]) -> PreservedKeys:
         """A_l over every FFN unit of ``layers`` (float64 [d_ff, d_ff] each)."""
-        have = self._moments.second if self._moments is not None else {}
-        if any(layer not in have for layer in layers):
-            minimum = int(np.ceil(self.per_unit * self.inputs.adapter.d_ff))
-            self._moments = self.inputs.preserved(sorted(set(layers) | set(have)), minimum, "ffn")
-        return self._moments
+        return self._moments(layers)
 
 
 @dataclass
