@@ -46,3 +46,14 @@ def test_a_sequence_that_does_not_erase_or_save_is_refused_in_one_line(tmp_path)
                    f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/job", timeout=120)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 1 and len(lines) == 1 and named in lines[0], r.stderr[-2000:]
+
+
+def test_the_final_measures_are_those_after_the_last_step_that_made_an_edit():
+    """A last step that made no edit leaves the model as the step before left it: its measures are the final ones."""
+    from knexp.tasks.edit_sequence import final_measures
+
+    measured = [{"object": "cell phone", "reliability": 1.0}, {"object": "horse", "reliability": 0.5}]
+    steps = [{"step": 0, "edited": True, "earlier": measured[:1]}, {"step": 1, "edited": True, "earlier": measured},
+             {"step": 2, "edited": False, "earlier": []}]
+    assert final_measures(steps) == measured
+    assert final_measures([{"step": 0, "edited": False, "earlier": []}]) == []

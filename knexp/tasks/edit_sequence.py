@@ -41,10 +41,6 @@ from knexp.settings import Flag, Many, SettingError, Text, check_fields
 log = logging.getLogger(__name__)
 
 
-def _rate(values: list[bool]) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
 @dataclass
 class EditSequence:
     """``conf/task/edit_sequence.yaml``: ``job`` is the edit task built from ``task.job``; ``objects`` are erased in
@@ -79,13 +75,13 @@ class EditSequence:
         out = session.spec.output_dir
         names = [k.name for k in session.catalog.named(self.objects, "task.objects")]
         files = [Path(f) for f in edit_files(session.spec.model)]  # the model as configured
-        base = session.with_edits(files)
+        base = current = session.with_edits(files)
         probes: list[tuple[str, dict]] = []  # (object, its edit_images.json) of every step that made an edit
         steps, kept = [], []
         for i, name in enumerate(names):
             folder = out / f"{i:02d}_{name.replace(' ', '_')}"
             self.job.keep = kept
-            result = self.job(session.with_edits(files).for_knowledge(name, folder))
+            result = self.job(current.for_knowledge(name, folder))
             made = folder / "edit.safetensors"
             if not made.is_file():
                 log.warning("sequence step %d (%s): no edit was made (%s); the next step edits the same model", i,
@@ -96,16 +92,17 @@ class EditSequence:
             probe = json.loads((folder / "edit_images.json").read_text())
             probes.append((name, probe))
             kept = kept + [image_id for image_id, _ in probe["ident"]]
-            now = session.with_edits(files)
-            earlier = [{"object": k, **self._efficacy(now, k, p)} for k, p in probes]
+            current = session.with_edits(files)  # the model the next step edits, and the one measured now
+            earlier = [{"object": k, **self._efficacy(current, k, p)} for k, p in probes]
             steps.append({"step": i, "object": name, "edited": True, "edit": result["variants"].get("edit", {}),
                           "earlier": earlier})
-            log.info("sequence step %d (%s): reliability of the %d objects erased so far, mean %.3f", i, name,
-                     len(earlier), np.mean([e["reliability"] for e in earlier if e["reliability"] is not None] or [0]))
-        final = self._guard(base, session.with_edits(files), names, probes) if probes else {}
-        last = steps[-1]["earlier"] if steps and steps[-1]["earlier"] else []
+            log.info("sequence step %d (%s): reliability of the %d objects erased so far, mean %s", i, name,
+                     len(earlier), _mean([e["reliability"] for e in earlier]))
+        final = self._guard(base, current, names, probes) if probes else {}
+        last = final_measures(steps)
         summary = {"objects": names, "edits": [str(f) for f in files], "steps": steps, "final": final,
-                   "final_reliability": _mean(last, "reliability"), "final_m_generality": _mean(last, "m_generality")}
+                   "final_reliability": _mean([e["reliability"] for e in last]),
+                   "final_m_generality": _mean([e["m_generality"] for e in last])}
         atomic_write_text(out / "sequence.json", json.dumps(summary, indent=1, default=str))
         rows = [{"step": s["step"], "edited_now": s["object"], **e} for s in steps for e in s["earlier"]]
         pd.DataFrame(rows).to_csv(out / "sequence.csv", index=False)
@@ -122,7 +119,7 @@ class EditSequence:
             ids = [image_id for image_id, _ in rows]
             captions = session.resources.captioner([data.load_image(i) for i in ids],
                                                    [[session.resources.dataset_id, i] for i in ids]) if ids else []
-            out[measure] = _rate([erase.caption_success(c) for c in captions])
+            out[measure] = _mean([erase.caption_success(c) for c in captions])
             out[f"{measure}_n"] = len(ids)
         return out
 
@@ -141,6 +138,14 @@ class EditSequence:
                 **mentions_kept(after, before, others), "texts": agreement}
 
 
-def _mean(rows: list[dict], measure: str) -> float | None:
-    values = [r[measure] for r in rows if r.get(measure) is not None]
-    return float(np.mean(values)) if values else None
+def _mean(values: list) -> float | None:
+    """The mean of the values that are not None (a rate with no input is None), or None when none is left."""
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def final_measures(steps: list[dict]) -> list[dict]:
+    """The measures of every erased object after the last step that made an edit (a later step that made none left the
+    model as it was)."""
+    edited = [s for s in steps if s["edited"]]
+    return edited[-1]["earlier"] if edited else []
