@@ -63,15 +63,19 @@ def edit_files(model_cfg: dict) -> list[str]:
     """The edit files of ``model.edit``, in the order they are applied: none (null), one (a path) or a list of paths
     (edits made one after another, each on the model the files before it give); each must be a file."""
     given = model_cfg.get("edit")
-    many = isinstance(given, (list, tuple))
-    paths = list(given) if many else [] if given is None else [given]
+    paths = list(given) if isinstance(given, (list, tuple)) else [] if given is None else [given]
     for i, path in enumerate(paths):
-        key = f"model.edit[{i}]" if many else "model.edit"
+        key = edit_key(model_cfg, i)
         Text()(key, path)
         if not Path(path).is_file():
             raise SettingError(key, path,
                                "is no file; give an edit file written by task=edit (its job folder's edit.safetensors)")
     return [str(path) for path in paths]
+
+
+def edit_key(model_cfg: dict, i: int) -> str:
+    """How messages name the ``i``-th edit file: ``model.edit[i]`` in a list, ``model.edit`` alone."""
+    return f"model.edit[{i}]" if isinstance(model_cfg.get("edit"), (list, tuple)) else "model.edit"
 
 
 def file_hash(path: str | Path) -> str:
@@ -89,10 +93,10 @@ def load_model(model_cfg: dict, cache_dir: str | Path) -> Adapter:
         return _LAST[key]
     adapter = _loader(model_cfg)(model_cfg, resolve_device(model_cfg.get("device", "cpu")), Path(cache_dir))
     files = edit_files(model_cfg)
+    hashes = [file_hash(f) for f in files]
     for i, path in enumerate(files):  # each checked against the model it was made on, then applied in memory only
-        named = f"model.edit[{i}]" if isinstance(model_cfg.get("edit"), (list, tuple)) else "model.edit"
         base = model_identity({**model_cfg, "edit": files[:i] or None})
-        permanent(adapter, load(path, adapter, base, named, [file_hash(f) for f in files[:i]]))
+        permanent(adapter, load(path, adapter, base, edit_key(model_cfg, i), hashes[:i]))
     _LAST.clear()  # one model at a time: a sweep over models must not hold them all
     _LAST[key] = adapter
     return adapter
