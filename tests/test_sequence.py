@@ -57,3 +57,26 @@ def test_the_final_measures_are_those_after_the_last_step_that_made_an_edit():
              {"step": 2, "edited": False, "earlier": []}]
     assert final_measures(steps) == measured
     assert final_measures([{"step": 0, "edited": False, "earlier": []}]) == []
+
+
+def test_the_kept_images_join_the_fits_locality_images_unless_they_show_k_or_are_measured(tmp_path):
+    """``task.job.keep`` (a sequence's earlier objects' images) adds to the images the KL term keeps, less those that
+    show k (the edit must change them) and those the probe measures."""
+    from knexp.job.session import session
+    from knexp.tasks.edit import EditTask
+
+    s = session("model=tiny_llava", "model.seed=0", "knowledge=cell_phone", "data.num_images=60", "thresholds.n=20",
+                "thresholds.layers=nonzero", "edit.source=ours", "logger=none", f"data.root={tmp_path}/tw",
+                f"paths.cache_dir={tmp_path}/cache", output_dir=tmp_path / "api")
+    found = s.identify(method="ours")
+    target = s.spec.edit.target(s.catalog, s.knowledge)
+    task = EditTask(k_images=1, other_images=2, general_images=4)
+    plain = task._images(s, found, target)
+    k = s.knowledge.coco_id
+    with_k = [i for i in s.data.image_ids if k in s.data.category_ids(i) and i not in plain.measured][:1]
+    without = [i for i in s.data.image_ids if k not in s.data.category_ids(i) and i not in plain.measured][:2]
+    measured = sorted(plain.measured)[:1]
+    task.keep = with_k + without + measured
+    kept = task._images(s, found, target)
+    assert len(with_k) == 1 and len(without) == 2 and len(kept.locality) == len(plain.locality) + 2
+    assert kept.measured == plain.measured
