@@ -16,6 +16,7 @@ from conftest import run_py
 from knexp.editing import preserved as preserved_module
 from knexp.editing.input_null import InputNull, InputSide, input_null_update
 from knexp.editing.make import make, making_costs
+from knexp.editing.matrix import MatrixEdit, MatrixInputs, alpha_update, memit_update
 from knexp.editing.preserved import PreservedKeys, second_moments
 from knexp.editing.rules import Zero
 from knexp.editing.target import Erase
@@ -163,3 +164,149 @@ def test_the_null_projection_keeps_the_directions_below_the_relative_threshold(t
     assert round(float(torch.trace(keys.null_projection(0, threshold)))) == kept
     middle = keys.null_projection(0, 0.05)  # eigenvalues <= 0.5: the three smallest
     torch.testing.assert_close(middle, q[:, :3] @ q[:, :3].T)
+
+
+# ---- whole-matrix rules (knexp.editing.matrix) ----------------------------------------------------------------------
+
+def test_alpha_edits_update_leaves_rank_deficient_preserved_keys_alone_and_writes_the_residual():
+    """Preserved activations of rank 6 in R^20 (d_ff 20): U spans their 14-dimensional null space, and (W + Delta) K0^T
+    = W K0^T to 1e-10 relative; the object's 4 keys get the residual R written, to 1e-3 relative (small ridge)."""
+    rng = np.random.default_rng(3)
+    k0, keys = _low_rank(rng, 60, 20, 6), torch.as_tensor(rng.standard_normal((4, 20)))
+    w, residual = torch.as_tensor(rng.standard_normal((8, 20))), torch.as_tensor(rng.standard_normal((4, 8)))
+    basis = PreservedKeys({0: k0.T @ k0 / len(k0)}, len(k0)).null_basis(0, 1e-9)
+    assert basis.shape == (20, 14)
+    delta = alpha_update(residual, keys, torch.zeros(0, 20, dtype=torch.float64), basis, 1e-8)
+    assert float(((w + delta) @ k0.T - w @ k0.T).norm() / (w @ k0.T).norm()) < 1e-10
+    assert float((delta @ keys.T - residual.T).norm() / residual.norm()) < 1e-3
+
+
+def test_alpha_edits_closed_form_is_the_least_squares_solution_of_its_objective():
+    """Delta = G U^T with G minimising ||G U^T K^T - R^T||^2 + ||G U^T Kp^T||^2 + alpha ||G||^2, solved by
+    torch.linalg.lstsq on the stacked system, equals the closed form (and AlphaEdit's own formula)."""
+    rng = np.random.default_rng(4)
+    k0, keys, kept = (torch.as_tensor(rng.standard_normal(shape)) for shape in ((300, 12), (5, 12), (7, 12)))
+    residual, ridge = torch.as_tensor(rng.standard_normal((5, 6))), 0.1
+    basis = PreservedKeys({0: k0.T @ k0 / 300}, 300).null_basis(0, 0.6)
+    r = basis.shape[1]
+    assert 0 < r < 12
+    delta = alpha_update(residual, keys, kept, basis, ridge)
+    alpha = ridge * float((keys @ basis).pow(2).sum(1).mean())
+    system = torch.cat([keys @ basis, kept @ basis, alpha ** 0.5 * torch.eye(r, dtype=torch.float64)])  # [m+n+r, r]
+    target = torch.cat([residual, torch.zeros(7 + r, 6, dtype=torch.float64)])  # [m+n+r, d_out]
+    g = torch.linalg.lstsq(system, target, driver="gelsd").solution.T  # [d_out, r]
+    torch.testing.assert_close(g @ basis.T, delta, rtol=1e-8, atol=1e-10)
+    p = basis @ basis.T  # AlphaEdit's form: R^T K P (Kp^T Kp P + K^T K P + alpha I)^-1
+    theirs = residual.T @ keys @ p @ torch.linalg.inv(kept.T @ kept @ p + keys.T @ keys @ p + alpha * torch.eye(12))
+    torch.testing.assert_close(theirs, delta, rtol=1e-7, atol=1e-9)
+
+
+def test_memits_closed_form_is_the_least_squares_solution_of_its_objective():
+    """Delta minimising ||Delta K^T - R^T||^2 + ||Delta Kp^T||^2 + lam m tr(Delta A Delta^T) + alpha ||Delta||^2,
+    A = L L^T, by lstsq on the stacked system [K; Kp; sqrt(lam m) L^T; sqrt(alpha) I], equals the closed form."""
+    rng = np.random.default_rng(5)
+    k0, keys, kept = (torch.as_tensor(rng.standard_normal(shape)) for shape in ((100, 10), (4, 10), (6, 10)))
+    residual, lam, ridge = torch.as_tensor(rng.standard_normal((4, 3))), 0.7, 0.2
+    second = k0.T @ k0 / 100
+    delta = memit_update(residual, keys, kept, second, lam, ridge)
+    root = torch.linalg.cholesky(second)  # A = L L^T
+    alpha = ridge * float(keys.pow(2).sum(1).mean())
+    system = torch.cat([keys, kept, (lam * 4) ** 0.5 * root.T, alpha ** 0.5 * torch.eye(10, dtype=torch.float64)])
+    target = torch.cat([residual, torch.zeros(26, 3, dtype=torch.float64)])
+    torch.testing.assert_close(torch.linalg.lstsq(system, target, driver="gelsd").solution.T, delta, rtol=1e-8,
+                               atol=1e-10)
+
+
+class _MatrixInputs:
+    """The parts of ``EditInputs`` the whole-matrix rules read, on a tiny model: two images of k (random pixels) with
+    their counterfactuals (the left half, k's mask, moved by a little noise: a residual to write that a float32 delta
+    holds exactly enough); the preserved keys from a few short prompts (fewer positions than d_ff: rank-deficient)."""
+
+    def __init__(self, adapter, preserved_texts):
+        rng = np.random.default_rng(6)
+        self.adapter, self.texts, self.locality, self.batch_size = adapter, preserved_texts, [], 2
+        mask = np.zeros((64, 64), bool)
+        mask[:, :32] = True
+        self.views = []
+        for _ in range(2):
+            image = rng.integers(20, 235, (64, 64, 3)).astype(np.uint8)
+            without = image.astype(int) + mask[..., None] * rng.integers(-2, 3, (64, 64, 3))
+            self.views.append((image, without.astype(np.uint8), mask))
+
+    def k_views(self):
+        return self.views
+
+    def preserved(self, layers, positions, site="ffn_in"):
+        return second_moments(self.adapter, self.texts, layers, site)
+
+
+def _preserved_prompts(adapter) -> list:
+    """Two short text prompts and an image without k (random pixels): fewer positions than d_ff, and image tokens
+    whose activations share directions with the keys."""
+    image = np.random.default_rng(7).integers(20, 235, (64, 64, 3)).astype(np.uint8)
+    return ["the image shows a cat", "two plus two", adapter.prepare([image])]
+
+
+def _preserved_activations(adapter, texts, layers):
+    """{layer: O [n, d_ff] float64} over every position of ``texts`` (strings, or prepared prompts)."""
+    seen = {layer: [] for layer in layers}
+    hooks = {("ffn", layer): (lambda layer: lambda o: seen[layer].append(o[0].double()))(layer) for layer in layers}
+    with torch.no_grad(), everywhere(adapter, hooks):
+        for text in texts:
+            adapter.text_logits([text]) if isinstance(text, str) else adapter.run_hooks(text)
+    return {layer: torch.cat(rows) for layer, rows in seen.items()}
+
+
+def test_an_alpha_edit_of_a_tiny_model_acts_on_no_preserved_activation_and_memits_does():
+    """On a tiny LLaVA (d_ff 64, 16 image tokens), preserved activations from two short prompts and an image (rank-deficient): each
+    layer's update
+    of alpha_edit is zero on them, ||Delta O^T|| <= 1e-5 ||Delta|| ||O|| (a float32 delta holds about 1e-7), while it
+    closes most of the gap to the counterfactual's residual at the object's tokens; memit, which only penalises, acts
+    on them, and moves the prompts' logits over 100 times as much."""
+    adapter = tiny_adapter("llava", layers=3)
+    preserved = _preserved_prompts(adapter)
+    neurons = NeuronSet("test", "", np.array([0]), np.array([1]), np.zeros(1))
+    activations = _preserved_activations(adapter, preserved, [0, 1])
+    before = torch.cat([adapter.text_logits([t])[0] for t in preserved[:2]]).double()
+
+    def made(rule):
+        edit = rule.make(adapter, neurons, None, MatrixInputs(_MatrixInputs(adapter, preserved), 1.0, "object"))
+        acting = {layer: float((edit.at(layer).delta.double() @ o.T).norm() / (edit.at(layer).delta.norm() * o.norm()))
+                  for layer, o in activations.items()}
+        with applied(adapter, edit):
+            after = torch.cat([adapter.text_logits([t])[0] for t in preserved[:2]]).double()
+        return edit, acting, float((after - before).norm() / before.norm())
+
+    edit, acting, moved = made(MatrixEdit(layers=[0, 1], threshold=1e-9, ridge=1e-2))
+    d_model = adapter.down_proj(1).out_features
+    assert edit.provenance["preserved_positions"] < 64 and edit.at(1).delta.shape == (d_model, 64)
+    assert edit.provenance["target_closed"] > 0.5 and edit.parameters_changed == 2 * d_model * 64
+    assert max(acting.values()) < 1e-5
+    _, acting_memit, moved_memit = made(MatrixEdit(name="memit", layers=[0, 1], project=False, lam=1e-3))
+    assert min(acting_memit.values()) > 1e-2 and moved_memit > 100 * moved
+
+
+def test_alpha_edit_through_run_py_edits_whole_matrices_without_a_random_control(tmp_path):
+    """task=edit with edit/rule=alpha_edit on a tiny LLaVA: one whole down_proj matrix changed, keys from the
+    identification images and edit.fit_k more, no random control (the rule does not read the set), the file loads
+    with model.edit; a window reaching the last layer and a swap are refused in one line."""
+    base = ["model=tiny_llava", "knowledge=cell_phone", "data.num_images=60", "thresholds.n=20",
+            "thresholds.layers=nonzero", "logger=none", "num_threads=1", f"data.root={tmp_path}/tw",
+            f"paths.cache_dir={tmp_path}/cache"]
+    common = [*base, "task.k_images=1", "task.other_images=2", "edit.size=8", "edit.source=ours", "edit.fit_other=1",
+              "edit.fit_k=1", "edit/rule=alpha_edit"]
+    r = run_py("task=edit", *common, "edit.rule.layers=[0]", "task.baselines=[random]", f"hydra.run.dir={tmp_path}/job",
+               timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    cost, made = metrics["variants"]["edit"]["cost"], metrics["rule_label"]
+    assert set(metrics["variants"]) == {"unedited", "edit"} and made.startswith("alpha_edit(layers=[0]")
+    assert cost["parameters_changed"] == 32 * 64 and cost["prepare_seconds"] > 0
+    loaded = run_py("task=caption_eval", *base, f"model.edit={tmp_path}/job/edit.safetensors",
+                    f"hydra.run.dir={tmp_path}/loaded", timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    for bad, words in ((["edit.rule.layers=[1]"], ["edit.rule.layers", "below 1"]),
+                       (["edit.rule.layers=[0]", "edit.op=swap"], ["edit.op='swap'", "erase only"])):
+        refused = run_py("task=edit", *common, *bad, f"hydra.run.dir={tmp_path}/bad", timeout=120)
+        lines = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert refused.returncode == 1 and len(lines) == 1 and all(w in lines[0] for w in words), refused.stderr

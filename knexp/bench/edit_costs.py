@@ -26,7 +26,7 @@ def edit_costs(knowledge: str = "pizza", size: int = 30) -> dict:
     ident = [r.candidate.image_id for r in found.results]
     rows = evaluation_images(data, s.catalog, s.knowledge, ident, s.spec.edit.fit_k, 20, s.spec.seed)
     others = [data.load_image(i) for i, group, _ in rows if group == "other"]
-    more_k = [data.load_image(i) for i, group, _ in rows if group == "k" and i not in ident]
+    more_k = [i for i, group, _ in rows if group == "k" and i not in ident]
     out = {"knowledge": knowledge, "size": len(neurons), "samples": len(found.results), "rules": {}}
     # the defaults before the stop on captions (docs/results.md, "Stopping on the captions")
     before = dataclasses.replace(s.edit_rule("optimized"), lr=0.05, kl_weight=1.0, steps=60, stop="target")

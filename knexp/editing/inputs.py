@@ -28,7 +28,9 @@ class EditInputs:
     that fitting may see; ``reference()``: the model's reference statistics, computed on the first call;
     ``preserved(layers, positions, site)``: the preserved keys of ``layers`` (``knexp.editing.preserved``) at hook site
     ``site`` (``ffn_in`` or ``ffn``) over at least ``positions`` positions of images without k that are never measured,
-    with their captions, and of ``texts``; ``more_k``: more images of k that fitting may see (never measured)."""
+    with their captions, and of ``texts``; ``more_k``: the ids of more images of k that fitting may see (never
+    measured); ``without_k(image_id)``: that image with every instance of k inpainted away (the counterfactual of
+    stage 1, from the job's inpainting cache)."""
 
     adapter: Adapter
     target: EditTarget
@@ -40,7 +42,8 @@ class EditInputs:
     max_new_tokens: int
     reference: Callable[[], ReferenceStats]
     preserved: Callable[..., PreservedKeys]
-    more_k: list[np.ndarray] = field(default_factory=list)
+    more_k: list[int] = field(default_factory=list)
+    without_k: Callable[[int], np.ndarray] | None = None
 
     def samples(self) -> list[tuple[np.ndarray, str]]:
         """(image, unedited caption naming k) of each identification sample."""
@@ -49,7 +52,21 @@ class EditInputs:
     def fitting_k(self) -> list[tuple[np.ndarray, str]]:
         """(image, unedited caption) of every image of k that fitting may see: the identification samples' and
         ``more_k``'s (their captions made here)."""
-        return self.samples() + list(zip(self.more_k, self.captions(self.more_k), strict=True))
+        more = [self.data.load_image(i) for i in self.more_k]
+        return self.samples() + list(zip(more, self.captions(more), strict=True))
+
+    def k_views(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(image [H, W, 3], the image with every instance of k inpainted away, the union of k's instance masks bool
+        [H, W]) of every image of k that fitting may see: the identification images' and ``more_k``'s."""
+        if self.without_k is None:
+            raise ValueError("these edit inputs have no counterfactual images (without_k)")
+        k = self.target.knowledge.coco_id
+        views = []
+        for image_id in [r.candidate.image_id for r in self.found.results] + list(self.more_k):
+            masks = [self.data.instance_mask(i.annotation_id) for i in self.data.instances(image_id)
+                     if i.category_id == k]
+            views.append((self.data.load_image(image_id), self.without_k(image_id), np.logical_or.reduce(masks)))
+        return views
 
     def captions(self, images: list[np.ndarray]) -> list[str]:
         """The unedited model's greedy captions of ``images``."""

@@ -39,11 +39,15 @@ class PreservedKeys:
     second: dict[int, torch.Tensor]
     positions: int
 
-    def null_projection(self, layer: int, threshold: float) -> torch.Tensor:
-        """P_l = U U^T, float64 [d_model, d_model]: U the eigenvectors of C_l whose eigenvalue is at most ``threshold``
-        times the largest."""
+    def null_basis(self, layer: int, threshold: float) -> torch.Tensor:
+        """U, float64 [width, r]: the eigenvectors of C_l whose eigenvalue is at most ``threshold`` times the largest
+        (orthonormal columns)."""
         values, vectors = torch.linalg.eigh(self.second[layer])  # ascending
-        kept = vectors[:, values <= threshold * values[-1].clamp_min(0)]
+        return vectors[:, values <= threshold * values[-1].clamp_min(0)]
+
+    def null_projection(self, layer: int, threshold: float) -> torch.Tensor:
+        """P_l = U U^T, float64 [width, width], U = ``null_basis(layer, threshold)``."""
+        kept = self.null_basis(layer, threshold)
         return kept @ kept.T
 
 

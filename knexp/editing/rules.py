@@ -22,6 +22,10 @@ Each changes only the ``down_proj`` columns of the set's neurons (``knexp.models
                penalty; it stops once the target is met at those positions, or (``stop=captions``) once the greedy
                captions of the fitting images show the edit. ``local`` (``knexp.editing.local``) adds a penalty on the
                change at preserved positions.
+
+Beside them, rules that edit other parts of the FFN: ``input_null`` (``knexp.editing.input_null``: the set's
+``up_proj`` rows) and ``alpha_edit`` / ``memit`` (``knexp.editing.matrix``: whole ``down_proj`` matrices, not the
+set's).
 """
 
 from __future__ import annotations
@@ -45,10 +49,12 @@ from knexp.settings import Choice, Flag, Integer, Number, check_fields
 @dataclass
 class EditRule(ABC):
     """A rule (``conf/edit/rule/*.yaml``): ``context`` builds what it reads beyond the set, once per job; ``make`` gives
-    the edit of a set for a target from it. ``ops``: the targets it can make (``edit.op``)."""
+    the edit of a set for a target from it. ``ops``: the targets it can make (``edit.op``); ``edits_neurons``: whether
+    the edit depends on the set (a rule that edits whole matrices does not, so it has no random-neuron control)."""
 
     name: str = ""
     ops: ClassVar[tuple[str, ...]] = ("erase", "swap")
+    edits_neurons: ClassVar[bool] = True
 
     @property
     def label(self) -> str:

@@ -169,11 +169,11 @@ class Session:
 
     # ---- editing ---------------------------------------------------------------------------------------------------
     def edit_inputs(self, found: Identification, target: EditTarget, locality: list[np.ndarray] | None = None,
-                    measured: set[int] | None = None, more_k: list[np.ndarray] | None = None) -> EditInputs:
+                    measured: set[int] | None = None, more_k: list[int] | None = None) -> EditInputs:
         """What an edit rule may build its context from (``knexp.editing.inputs``), for ``target`` on ``found``'s
-        object: ``locality`` images without k, ``more_k`` images of k besides the identification images, the text
-        prompts the fit keeps (``edit.fit_texts``: never the measured ones), and the preserved keys, never from the
-        ``measured`` images."""
+        object: ``locality`` images without k, ``more_k`` the ids of images of k besides the identification images, the
+        text prompts the fit keeps (``edit.fit_texts``: never the measured ones), the preserved keys, never from the
+        ``measured`` images, and the counterfactual of an image of k (every instance inpainted away, cached)."""
         cap, settings, res = self.resources.captioner, self.spec.edit, self.resources
 
         def preserved(layers: list[int], positions: int, site: str = "ffn_in"):
@@ -181,7 +181,9 @@ class Session:
                                       site)
 
         return EditInputs(self.adapter, target, found, self.data, list(locality or []), list(settings.fit_prompts),
-                          cap.batch_size, cap.max_new_tokens, lambda: res.reference, preserved, list(more_k or []))
+                          cap.batch_size, cap.max_new_tokens, lambda: res.reference, preserved, list(more_k or []),
+                          lambda image_id: res.inpaint_cache.without(self.data, res.dataset_id, image_id,
+                                                                     target.knowledge.coco_id, self.spec.opts))
 
     def edit_rule(self, name: str | None):
         """The job's edit rule, or the rule ``conf/edit/rule/<name>.yaml`` configures."""

@@ -65,7 +65,7 @@ class EditImages:
 
     probe: Probe
     locality: list[np.ndarray]  # images without k for the optimized rule's KL term (never measured)
-    more_k: list[np.ndarray]  # images of k besides the identification images that fitting may see (never measured)
+    more_k: list[int]  # ids of images of k besides the identification images that fitting may see (never measured)
     covariance: list[np.ndarray]  # images without k for the rank-one baseline's covariance
     measured: set[int]  # the ids of the images the probe measures (no rule may fit on them)
 
@@ -159,8 +159,8 @@ class EditTask:
         probe.objects = [o for o in spec.catalog if o not in target.asked]
         measured_ids = set(ident_ids) | {i for i, _, _ in held_out + measured} | set(general)
         kept = [(i, "keep", "") for i in self.keep if i not in measured_ids and k.coco_id not in data.category_ids(i)]
-        loaded = [[data.load_image(i) for i, _, _ in part] for part in (fitting + kept, more_k, covariance)]
-        return EditImages(probe, *loaded, measured_ids)
+        locality, covariance = ([data.load_image(i) for i, _, _ in part] for part in (fitting + kept, covariance))
+        return EditImages(probe, locality, [i for i, _, _ in more_k], covariance, measured_ids)
 
     def _plan(self, session: Session, found, target, neurons,
               images: EditImages) -> tuple[list[tuple[Variant, dict]], WeightEdit]:
@@ -185,7 +185,9 @@ class EditTask:
         rule = spec.edit.rule
         edit, seconds = made(rule, neurons)
         plan = [edited("edit", edit, seconds)]
-        if "random" in self.baselines:
+        if "random" in self.baselines and not rule.edits_neurons:
+            log.info("no random control: edit/rule=%s does not edit the set's neurons", rule.name)
+        elif "random" in self.baselines:
             control, secs = made(rule, disjoint_random(neurons, adapter.d_ff, spec.seed))
             plan.append(edited("random", matched_norm(control, edit.norm()), secs))
         if "finetune" in self.baselines:
