@@ -146,7 +146,8 @@ def test_the_study_experiments_keep_the_splits_apart():
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         edit_held = compose("config", overrides=["experiment=embedded_edit"], return_hydra_config=True)
     held = [o.replace("_", " ") for o in edit_held.hydra.sweeper.params.knowledge.split(",")]
-    assert held == list(edit_held.splits.heldout) and edit_held.task.baselines  # measured there, beside every baseline
+    assert held == list(edit_held.splits.heldout)  # measured there, beside random neurons and the whole-matrix rule
+    assert {"random", "alpha_edit"} <= set(edit_held.task.baselines)
     assert all(p.hydra.sweeper.params.knowledge == "glob(*)" for p in parts[:2])
     assert all(p.model.name == "embedded" for p in parts)
     noise_objects = parts[2].hydra.sweeper.params.knowledge.split(",")  # the cut noise part: held-out objects only

@@ -111,11 +111,12 @@ def test_the_penalty_is_the_mean_squared_change_of_the_ffn_output_at_preserved_p
 
 def test_the_local_rule_through_run_py_stops_on_captions_and_reports_its_checks(tmp_path):
     """task=edit with edit/rule=local on a tiny model: the edit's provenance has the checks, the preserved positions
-    (at least per_unit x d_ff) and the preserved activations' seconds apart; the cache holds them."""
+    (at least per_unit x d_ff) and the preserved activations' seconds apart; the cache holds them. The random control's
+    fit runs no more steps than the edit's."""
     common = ["task=edit", "model=tiny_llava", "knowledge=cell_phone", "data.num_images=60", "thresholds.n=20",
               "thresholds.layers=nonzero", "task.k_images=1", "task.other_images=2", "edit.size=8",
               "edit.source=ours", "edit.fit_other=1", "edit.fit_k=2", "edit/rule=local", "edit.rule.steps=4",
-              "edit.rule.check_every=2", "edit.rule.per_unit=0.5", "task.baselines=[]", "logger=none",
+              "edit.rule.check_every=1", "edit.rule.per_unit=0.5", "task.baselines=[random]", "logger=none",
               "num_threads=1", f"data.root={tmp_path}/tw", f"paths.cache_dir={tmp_path}/cache"]
     r = run_py(*common, f"hydra.run.dir={tmp_path}/job", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -123,4 +124,5 @@ def test_the_local_rule_through_run_py_stops_on_captions_and_reports_its_checks(
     cost = metrics["variants"]["edit"]["cost"]
     assert metrics["rule"] == "local" and cost["neurons"] == 8 and cost["prepare_seconds"] > 0
     assert cost["checks"] >= 1 and 0 <= cost["steps_run"] <= 4
+    assert 1 <= metrics["variants"]["random"]["cost"]["steps_run"] <= max(cost["steps_run"], 1)
     assert len(list((tmp_path / "cache" / "preserved").glob("*.safetensors"))) >= 1

@@ -249,8 +249,8 @@ def _preserved_prompts(adapter) -> list:
 
 def _preserved_activations(adapter, texts, layers):
     """{layer: O [n, d_ff] float64} over every position of ``texts`` (strings, or prepared prompts)."""
-    seen = {layer: [] for layer in layers}
-    hooks = {("ffn", layer): (lambda layer: lambda o: seen[layer].append(o[0].double()))(layer) for layer in layers}
+    seen: dict[int, list] = {layer: [] for layer in layers}
+    hooks = {("ffn", layer): (lambda rows: lambda o: rows.append(o[0].double()))(seen[layer]) for layer in layers}
     with torch.no_grad(), everywhere(adapter, hooks):
         for text in texts:
             adapter.text_logits([text]) if isinstance(text, str) else adapter.run_hooks(text)
@@ -258,8 +258,8 @@ def _preserved_activations(adapter, texts, layers):
 
 
 def test_an_alpha_edit_of_a_tiny_model_acts_on_no_preserved_activation_and_memits_does():
-    """On a tiny LLaVA (d_ff 64, 16 image tokens), preserved activations from two short prompts and an image (rank-deficient): each
-    layer's update
+    """On a tiny LLaVA (d_ff 64, 16 image tokens), preserved activations from two short prompts and an image
+    (rank-deficient): each layer's update
     of alpha_edit is zero on them, ||Delta O^T|| <= 1e-5 ||Delta|| ||O|| (a float32 delta holds about 1e-7), while it
     closes most of the gap to the counterfactual's residual at the object's tokens; memit, which only penalises, acts
     on them, and moves the prompts' logits over 100 times as much."""
@@ -289,14 +289,15 @@ def test_an_alpha_edit_of_a_tiny_model_acts_on_no_preserved_activation_and_memit
 def test_alpha_edit_through_run_py_edits_whole_matrices_without_a_random_control(tmp_path):
     """task=edit with edit/rule=alpha_edit on a tiny LLaVA: one whole down_proj matrix changed, keys from the
     identification images and edit.fit_k more, no random control (the rule does not read the set), the file loads
-    with model.edit; a window reaching the last layer and a swap are refused in one line."""
+    with model.edit; a window reaching the last layer, a swap, and the alpha_edit baseline whose yaml's window does not
+    fit the model are refused in one line."""
     base = ["model=tiny_llava", "knowledge=cell_phone", "data.num_images=60", "thresholds.n=20",
             "thresholds.layers=nonzero", "logger=none", "num_threads=1", f"data.root={tmp_path}/tw",
             f"paths.cache_dir={tmp_path}/cache"]
     common = [*base, "task.k_images=1", "task.other_images=2", "edit.size=8", "edit.source=ours", "edit.fit_other=1",
-              "edit.fit_k=1", "edit/rule=alpha_edit"]
-    r = run_py("task=edit", *common, "edit.rule.layers=[0]", "task.baselines=[random]", f"hydra.run.dir={tmp_path}/job",
-               timeout=300)
+              "edit.fit_k=1"]
+    r = run_py("task=edit", *common, "edit/rule=alpha_edit", "edit.rule.layers=[0]", "task.baselines=[random]",
+               f"hydra.run.dir={tmp_path}/job", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
     cost, made = metrics["variants"]["edit"]["cost"], metrics["rule_label"]
@@ -305,8 +306,10 @@ def test_alpha_edit_through_run_py_edits_whole_matrices_without_a_random_control
     loaded = run_py("task=caption_eval", *base, f"model.edit={tmp_path}/job/edit.safetensors",
                     f"hydra.run.dir={tmp_path}/loaded", timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    for bad, words in ((["edit.rule.layers=[1]"], ["edit.rule.layers", "below 1"]),
-                       (["edit.rule.layers=[0]", "edit.op=swap"], ["edit.op='swap'", "erase only"])):
+    matrix = ["edit/rule=alpha_edit", "edit.rule.layers=[0]"]
+    for bad, words in ((["edit/rule=alpha_edit", "edit.rule.layers=[1]"], ["edit.rule.layers", "below 1"]),
+                       ([*matrix, "edit.op=swap"], ["edit.op='swap'", "erase only"]),
+                       (["edit/rule=zero", "task.baselines=[alpha_edit]"], ["task.baselines", "alpha_edit.yaml"])):
         refused = run_py("task=edit", *common, *bad, f"hydra.run.dir={tmp_path}/bad", timeout=120)
         lines = [line for line in refused.stderr.splitlines() if line.strip()]
         assert refused.returncode == 1 and len(lines) == 1 and all(w in lines[0] for w in words), refused.stderr

@@ -52,7 +52,7 @@ from knexp.editing.rules import EditRule
 from knexp.models.hooks.record import record, recorded
 from knexp.models.prepared import Prepared
 from knexp.models.weight_edit import LayerDelta, WeightEdit, applied
-from knexp.settings import Choice, Flag, Many, Integer, Number, SettingError, check_fields
+from knexp.settings import Choice, Flag, Integer, Many, Number, SettingError, check_fields
 
 TOKENS = ("object", "image")
 
@@ -100,7 +100,8 @@ class Views:
 class MatrixInputs:
     """What the whole-matrix rules read: the images of k with their counterfactuals (``views``), the targets on the
     model before the edit (``goals``), the keys and residuals on the model as edited so far (``keys_and_now``), the
-    locality images' keys (``kept``) and the preserved second moments at site ``ffn`` (``preserved``)."""
+    locality images' keys (``kept``), the preserved second moments at site ``ffn`` (``preserved``) and their null
+    bases (``null_basis``)."""
 
     inputs: EditInputs
     per_unit: float
@@ -108,6 +109,7 @@ class MatrixInputs:
     _views: Views | None = field(default=None, repr=False)
     _goals: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _kept: list[Prepared] | None = field(default=None, repr=False)
+    _bases: dict[tuple[int, float], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self._preserved = PreservedSite(self.inputs, self.per_unit, "ffn")
@@ -166,19 +168,27 @@ class MatrixInputs:
         """A_l of ``layers`` over at least ``per_unit`` x d_ff preserved positions."""
         return self._preserved(layers)
 
+    def null_basis(self, layer: int, threshold: float) -> torch.Tensor:
+        """U [d_ff, r] of ``layer`` at ``threshold`` (``PreservedKeys.null_basis``), computed once: a statistic of the
+        model and the preserved positions, as A_l is."""
+        if (layer, threshold) not in self._bases:
+            self._bases[(layer, threshold)] = self.preserved([layer]).null_basis(layer, threshold)
+        return self._bases[(layer, threshold)]
+
 
 @dataclass
 class MatrixEdit(EditRule):
     """A closed-form edit of the ``down_proj`` matrices of ``layers`` (module docstring): ``project`` true is
     ``alpha_edit`` (``threshold``: P's relative eigenvalue bound; ``ridge``: alpha over the mean squared projected key),
-    false is ``memit`` (``lam``: the preserved moment's weight; ``ridge``: alpha over the mean squared key); ``tokens``: the keys at the object's image tokens or at
-    every image token; ``per_unit``: preserved positions per FFN unit."""
+    false is ``memit`` (``lam``: the preserved moment's weight; ``ridge``: alpha over the mean squared key);
+    ``tokens``: the keys at the object's image tokens or at every image token; ``per_unit``: preserved positions per
+    FFN unit."""
 
     name: str = "alpha_edit"
     layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     project: bool = True
     threshold: float = 1e-2
-    ridge: float = 1e-2
+    ridge: float = 1.0
     lam: float = 1.0
     tokens: str = "object"
     per_unit: float = 10.0
@@ -207,6 +217,8 @@ class MatrixEdit(EditRule):
         layers = self.window(adapter)
         context.goals(layers[-1])
         context.preserved(layers)
+        for layer in layers if self.project else ():
+            context.null_basis(layer, self.threshold)
 
     def make(self, adapter, neurons, target, context: MatrixInputs) -> WeightEdit:
         layers = self.window(adapter)
@@ -224,7 +236,7 @@ class MatrixEdit(EditRule):
             if gain is not None:  # the norm after the FFN multiplies the write: divide, to first order
                 residual = residual / gain.double().cpu().clamp_min(1e-6)
             if self.project:
-                basis = preserved.null_basis(layer, self.threshold)
+                basis = context.null_basis(layer, self.threshold)
                 delta = alpha_update(residual, keys, kept, basis, self.ridge)
                 reach[layer] = round(float((keys @ basis).norm() / keys.norm().clamp_min(1e-12)), 4)
             else:

@@ -8,11 +8,14 @@ found neurons, scored like multimodal editing benchmarks against baselines on th
    the fit, and ``other_images`` + ``edit.fit_other`` images without k; the last ``edit.fit_other`` of those feed only
    the optimized rule's KL term, the rest are M-locality's.
 3. The edit (``edit.rule``, its context built from ``Session.edit_inputs``), and the baselines of ``baselines``:
-   ``random``, the same rule on layer-matched random neurons scaled to the same ||Delta||_F; ``finetune``, the optimized
+   ``random``, the same rule on layer-matched random neurons scaled to the same ||Delta||_F (a fitted rule with at most
+   the steps the edit's fit ran: the same budget); ``finetune``, the optimized
    rule (``conf/edit/rule/optimized.yaml``) on as many random ``down_proj`` columns of any layer; ``rank_one``, a
    ROME-style update of one ``down_proj`` (``knexp.editing.rank_one``; its covariance from
    ``task.rank_one.covariance_images`` more images without k); ``banned``, greedy decoding that never emits the first
-   token of any of k's word forms (``knexp.models.hooks.banned``), the trivial bound of an erase.
+   token of any of k's word forms (``knexp.models.hooks.banned``), the trivial bound of an erase; ``alpha_edit``, the
+   whole-matrix rule of ``conf/edit/rule/alpha_edit.yaml`` (``knexp.editing.matrix``; erase only), the field's method
+   on the same images.
 4. Every variant and the unedited model scored by ``knexp.evaluation.edit_measures``, the general-ability guard
    included (``general_images`` images that show neither k nor a swap's k', in one order for every object, and the
    prompts of ``general_texts``); the edit saved as
@@ -28,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -46,11 +49,11 @@ from knexp.models.registry import edit_files, file_hash
 from knexp.models.weight_edit import WeightEdit, applied, save
 from knexp.reporting.outputs import write_data_faults, write_identification
 from knexp.resume import finished, mark_finished
-from knexp.settings import Choice, Flag, Integer, Many, Text, check_fields, from_mapping
+from knexp.settings import Choice, Flag, Integer, Many, SettingError, Text, check_fields, from_mapping
 from knexp.store import stable_key
 
 log = logging.getLogger(__name__)
-BASELINES = ("random", "finetune", "rank_one", "banned")
+BASELINES = ("random", "finetune", "rank_one", "banned", "alpha_edit")
 
 
 def banned_ids(adapter, knowledge) -> list[int]:
@@ -187,23 +190,45 @@ class EditTask:
         plan = [edited("edit", edit, seconds)]
         if "random" in self.baselines and not rule.edits_neurons:
             log.info("no random control: edit/rule=%s does not edit the set's neurons", rule.name)
-        elif "random" in self.baselines:
-            control, secs = made(rule, disjoint_random(neurons, adapter.d_ff, spec.seed))
+        elif "random" in self.baselines:  # a fitted rule gets the edit's steps: the same budget, not more
+            budget = replace(rule, steps=max(int(edit.provenance["steps_run"]), 1)) if "steps_run" in edit.provenance \
+                else rule
+            control, secs = made(budget, disjoint_random(neurons, adapter.d_ff, spec.seed))
             plan.append(edited("random", matched_norm(control, edit.norm()), secs))
         if "finetune" in self.baselines:
             columns = random_columns(len(neurons), adapter.num_layers, adapter.d_ff, spec.seed)
             plan.append(edited("finetune", *made(session.edit_rule("optimized"), columns)))
         if "rank_one" in self.baselines:
             plan.append(edited("rank_one", *self._rank_one(session, found, neurons, target, images.covariance)))
+        if "alpha_edit" in self.baselines:
+            matrix = self._matrix(session)
+            if target.op in matrix.ops and rule.edits_neurons:
+                plan.append(edited("alpha_edit", *made(matrix, neurons)))
+            else:
+                log.info("no alpha_edit baseline: it erases only, and the edit is already a whole-matrix one")
         if "banned" in self.baselines:
             ids = banned_ids(adapter, spec.knowledge)
             plan.append((Variant("banned", stable_key(model_key, "banned", ids), lambda: banned(adapter, ids)),
                          {"seconds": 0.0, "banned_tokens": len(ids)}))
         return plan, edit
 
+    def _matrix(self, session: Session):
+        """The ``alpha_edit`` baseline's rule (``conf/edit/rule/alpha_edit.yaml``), its layers checked against the
+        model."""
+        matrix = session.edit_rule("alpha_edit")
+        try:
+            matrix.window(session.adapter)
+        except SettingError as exc:
+            raise SettingError("task.baselines", self.baselines, f"the alpha_edit baseline's {exc.key[5:]}="
+                               f"{matrix.layers} (conf/edit/rule/alpha_edit.yaml) does not fit this model: "
+                               f"{exc.expected}; or leave alpha_edit out") from exc
+        return matrix
+
     def _edit(self, session: Session, found, target) -> tuple[dict, pd.DataFrame, WeightEdit]:
         """Every variant's measures (``variants`` of metrics.json), their captions, and the edit."""
         k = session.knowledge
+        if "alpha_edit" in self.baselines:
+            self._matrix(session)  # before any edit is made
         images = self._images(session, found, target)
         measures = EditMeasures(session.resources.captioner, images.probe, self.bertscore_model, self.bertscore_layers)
         neurons = object_set(found, session.spec.rule, session.spec.edit.size)
