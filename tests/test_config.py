@@ -148,6 +148,10 @@ def test_the_study_experiments_keep_the_splits_apart():
     held = [o.replace("_", " ") for o in edit_held.hydra.sweeper.params.knowledge.split(",")]
     assert held == list(edit_held.splits.heldout)  # measured there, beside random neurons and the whole-matrix rule
     assert {"random", "alpha_edit"} <= set(edit_held.task.baselines)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        sequence = compose("config", overrides=["experiment=embedded_edit_sequence"], return_hydra_config=True)
+    objects = [o.replace("_", " ") for o in sequence.task.objects]
+    assert len(objects) == 10 and set(objects) <= set(sequence.splits.heldout)  # never a tuning object
     assert all(p.hydra.sweeper.params.knowledge == "glob(*)" for p in parts[:2])
     assert all(p.model.name == "embedded" for p in parts)
     noise_objects = parts[2].hydra.sweeper.params.knowledge.split(",")  # the cut noise part: held-out objects only

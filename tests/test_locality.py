@@ -313,3 +313,16 @@ def test_alpha_edit_through_run_py_edits_whole_matrices_without_a_random_control
         refused = run_py("task=edit", *common, *bad, f"hydra.run.dir={tmp_path}/bad", timeout=120)
         lines = [line for line in refused.stderr.splitlines() if line.strip()]
         assert refused.returncode == 1 and len(lines) == 1 and all(w in lines[0] for w in words), refused.stderr
+
+
+def test_an_alpha_edit_without_any_key_changes_nothing_and_says_so(caplog):
+    """Images of k whose masks are empty give no key: the edit has no delta and a warning names the object."""
+    adapter = tiny_adapter("llava", layers=3)
+    inputs = _MatrixInputs(adapter, _preserved_prompts(adapter))
+    inputs.views = [(image, without, np.zeros_like(mask)) for image, without, mask in inputs.views]
+    inputs.target = SimpleNamespace(knowledge=SimpleNamespace(name="banana"))
+    neurons = NeuronSet("test", "", np.array([0]), np.array([1]), np.zeros(1))
+    with caplog.at_level(logging.WARNING, logger="knexp.editing.matrix"):
+        edit = MatrixEdit(layers=[0, 1]).make(adapter, neurons, None, MatrixInputs(inputs, 1.0, "object"))
+    assert edit.deltas == [] and edit.provenance["keys"] == 0
+    assert any("banana" in r.getMessage() and "changes nothing" in r.getMessage() for r in caplog.records)

@@ -40,6 +40,7 @@ image.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -55,6 +56,7 @@ from knexp.models.weight_edit import LayerDelta, WeightEdit, applied
 from knexp.settings import Choice, Flag, Integer, Many, Number, SettingError, check_fields
 
 TOKENS = ("object", "image")
+log = logging.getLogger(__name__)
 
 
 def alpha_update(residual: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor, basis: torch.Tensor,
@@ -135,6 +137,8 @@ class MatrixInputs:
     def goals(self, last: int) -> torch.Tensor:
         """Z [m, d_model] float64: the residual after layer ``last`` at every view's tokens on its counterfactual, on
         the model as it is at the first call (before the edit)."""
+        if not self.views().original:
+            return torch.zeros(0, self.inputs.adapter.down_proj(0).out_features, dtype=torch.float64)
         if last not in self._goals:
             views, adapter = self.views(), self.inputs.adapter
             with torch.no_grad():
@@ -185,7 +189,7 @@ class MatrixEdit(EditRule):
     FFN unit."""
 
     name: str = "alpha_edit"
-    layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    layers: list[int] = field(default_factory=lambda: list(range(1, 9)))
     project: bool = True
     threshold: float = 1e-2
     ridge: float = 1.0
@@ -223,6 +227,10 @@ class MatrixEdit(EditRule):
     def make(self, adapter, neurons, target, context: MatrixInputs) -> WeightEdit:
         layers = self.window(adapter)
         last = layers[-1]
+        if not context.views().original:
+            log.warning("%s: no image of it has an image token over its mask, so there is no key: the edit changes "
+                        "nothing", context.inputs.target.knowledge.name)
+            return WeightEdit([], {"rule": self.name, "layers": layers, "keys": 0})
         goals, preserved = context.goals(last), context.preserved(layers)
         deltas, reach, kept_rows = [], {}, 0
         for i, layer in enumerate(layers):
