@@ -1,7 +1,7 @@
 """What an edit costs on the embedded model (``make bench``, section ``edit``): the seconds to make each rule's edit
-of one object's consensus set, and of the rank-one baseline; the issue's targets are <= 10 s for a closed-form rule and
-<= 3 min per object for a fitted one (``optimized``, ``local``), the cached per-model statistics timed apart. The identification before it is not timed (its
-statistics are cached)."""
+of one object's consensus set, and of the rank-one baseline; the issue's targets are <= 10 s for a closed-form rule
+and <= 3 min per object for a fitted one (``optimized``, ``local``), the cached per-model statistics timed apart. The
+identification before it is not timed (its statistics are cached)."""
 
 from __future__ import annotations
 
