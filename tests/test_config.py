@@ -176,3 +176,15 @@ def test_job_key_covers_what_results_depend_on_and_nothing_else(tmp_path):
     assert key(f"model.projector_path={projector}") == base
     projector.write_bytes(b"another projector")  # other bytes at that path: another model
     assert key(f"model.projector_path={projector}") != base
+
+
+def test_every_edit_rule_can_be_built_by_name_as_a_baseline_or_a_bench_builds_it(tmp_path):
+    """``JobSpec.named("edit/rule", name)`` (task=edit's baselines, the bench) builds every rule of conf/edit/rule: a
+    rule file with a defaults list could only be chosen on the command line."""
+    from knexp.job.compose import run_sources
+    from knexp.job.spec import JobSpec
+
+    spec = JobSpec.from_config(_compose(f"paths.output_dir={tmp_path}/job"), run_sources())
+    names = sorted(f.stem for f in (conf_dir() / "edit" / "rule").glob("*.yaml"))
+    assert {"alpha_edit", "memit", "optimized"} <= set(names)
+    assert [spec.named("edit/rule", name).name for name in names] == names
