@@ -307,12 +307,14 @@ def test_alpha_edit_through_run_py_edits_whole_matrices_without_a_random_control
                     f"hydra.run.dir={tmp_path}/loaded", timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     matrix = ["edit/rule=alpha_edit", "edit.rule.layers=[0]"]
-    for bad, words in ((["edit/rule=alpha_edit", "edit.rule.layers=[1]"], ["edit.rule.layers", "below 1"]),
-                       ([*matrix, "edit.op=swap"], ["edit.op='swap'", "erase only"]),
-                       (["edit/rule=zero", "task.baselines=[alpha_edit]"], ["task.baselines", "alpha_edit.yaml"])):
-        refused = run_py("task=edit", *common, *bad, f"hydra.run.dir={tmp_path}/bad", timeout=120)
+    refusals = ((["edit/rule=alpha_edit", "edit.rule.layers=[1]"], ["edit.rule.layers", "below 1"]),
+                ([*matrix, "edit.op=swap"], ["edit.op='swap'", "erase only"]),
+                (["edit/rule=zero", "task.baselines=[alpha_edit]"], ["task.baselines", "alpha_edit.yaml"]))
+    for i, (bad, words) in enumerate(refusals):
+        refused = run_py("task=edit", *common, *bad, f"hydra.run.dir={tmp_path}/bad{i}", timeout=120)
         lines = [line for line in refused.stderr.splitlines() if line.strip()]
         assert refused.returncode == 1 and len(lines) == 1 and all(w in lines[0] for w in words), refused.stderr
+        assert not (tmp_path / f"bad{i}" / "selection.json").exists()  # refused before identification
 
 
 def test_an_alpha_edit_without_any_key_changes_nothing_and_says_so(caplog):
@@ -326,3 +328,16 @@ def test_an_alpha_edit_without_any_key_changes_nothing_and_says_so(caplog):
         edit = MatrixEdit(layers=[0, 1]).make(adapter, neurons, None, MatrixInputs(inputs, 1.0, "object"))
     assert edit.deltas == [] and edit.provenance["keys"] == 0
     assert any("banana" in r.getMessage() and "changes nothing" in r.getMessage() for r in caplog.records)
+
+
+def test_a_null_basis_is_decomposed_once_per_layer_and_threshold(monkeypatch):
+    """An edit and its random control ask for the same basis: one eigendecomposition serves both."""
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: calls.append(1) or eigh(m))
+    x = torch.as_tensor(np.random.default_rng(8).standard_normal((30, 6)))
+    keys = PreservedKeys({0: x.T @ x / 30}, 30)
+    first, again = keys.null_basis(0, 0.5), keys.null_basis(0, 0.5)
+    assert again is first and len(calls) == 1
+    keys.null_basis(0, 0.1)
+    assert len(calls) == 2

@@ -39,13 +39,15 @@ def test_a_sequence_edits_each_object_on_the_model_the_earlier_edits_give(tmp_pa
     assert json.loads((job / "sequence.json").read_text())["steps"] == summary["steps"]
 
 
-def test_a_sequence_that_does_not_erase_or_save_is_refused_in_one_line(tmp_path):
+def test_a_sequence_that_does_not_erase_or_save_or_whose_rule_does_not_fit_is_refused_in_one_line(tmp_path):
+    """Refused before any step: alpha_edit's default layers (1-8) do not fit the tiny model's two."""
     for extra, named in (("edit.op=swap", "edit.op"), ("task.job.save=false", "task.job.save"),
-                         ("task.objects=[horse,horse]", "task.objects")):
+                         ("task.objects=[horse,horse]", "task.objects"), ("edit/rule=alpha_edit", "edit.rule.layers")):
         r = run_py("task=edit_sequence", "model=tiny_llava", extra, "logger=none", f"data.root={tmp_path}/tw",
                    f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/job", timeout=120)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 1 and len(lines) == 1 and named in lines[0], r.stderr[-2000:]
+        assert not list((tmp_path / "job").glob("00_*"))
 
 
 def test_the_final_measures_are_those_after_the_last_step_that_made_an_edit():

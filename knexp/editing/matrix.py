@@ -102,8 +102,8 @@ class Views:
 class MatrixInputs:
     """What the whole-matrix rules read: the images of k with their counterfactuals (``views``), the targets on the
     model before the edit (``goals``), the keys and residuals on the model as edited so far (``keys_and_now``), the
-    locality images' keys (``kept``), the preserved second moments at site ``ffn`` (``preserved``) and their null
-    bases (``null_basis``)."""
+    locality images' keys (``kept``) and the preserved second moments at site ``ffn`` (``preserved``, with their null
+    bases)."""
 
     inputs: EditInputs
     per_unit: float
@@ -111,14 +111,14 @@ class MatrixInputs:
     _views: Views | None = field(default=None, repr=False)
     _goals: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _kept: list[Prepared] | None = field(default=None, repr=False)
-    _bases: dict[tuple[int, float], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self._preserved = PreservedSite(self.inputs, self.per_unit, "ffn")
 
-    def _batches(self, images: list[np.ndarray]) -> list[Prepared]:
-        size, adapter = max(int(self.inputs.batch_size), 1), self.inputs.adapter
-        return [adapter.prepare(images[i:i + size]) for i in range(0, len(images), size)]
+    def _chunks(self, items: list) -> list[list]:
+        """``items`` in batches of at most the captioner's batch size."""
+        size = max(int(self.inputs.batch_size), 1)
+        return [items[i:i + size] for i in range(0, len(items), size)]
 
     def views(self) -> Views:
         """Every image of k that fitting may see, with at least one token to take keys at."""
@@ -126,12 +126,13 @@ class MatrixInputs:
             adapter, rows = self.inputs.adapter, []
             for image, without, mask in self.inputs.k_views():
                 tokens = (adapter.geometry.object_tokens(mask) if self.tokens == "object"
-                          else np.arange(adapter.prepare([image]).image_positions.shape[1]))
+                          else np.arange(len(adapter.geometry)))
                 if len(tokens):
                     rows.append((image, without, torch.as_tensor(tokens, dtype=torch.long)))
-            size = max(int(self.inputs.batch_size), 1)
-            self._views = Views(self._batches([r[0] for r in rows]), self._batches([r[1] for r in rows]),
-                                [[r[2] for r in rows[i:i + size]] for i in range(0, len(rows), size)])
+            batches = self._chunks(rows)
+            self._views = Views([adapter.prepare([r[0] for r in b]) for b in batches],
+                                [adapter.prepare([r[1] for r in b]) for b in batches],
+                                [[r[2] for r in b] for b in batches])
         return self._views
 
     def goals(self, last: int) -> torch.Tensor:
@@ -164,20 +165,13 @@ class MatrixInputs:
         model as it is now (no rows without locality images)."""
         adapter = self.inputs.adapter
         if self._kept is None:
-            self._kept = self._batches(list(self.inputs.locality))
+            self._kept = [adapter.prepare(b) for b in self._chunks(list(self.inputs.locality))]
         rows = [recorded(adapter, p, [layer])[layer].flatten(0, 1) for p in self._kept]  # [B * P, d_ff] each
         return torch.cat(rows).double().cpu() if rows else torch.zeros(0, adapter.d_ff, dtype=torch.float64)
 
     def preserved(self, layers: list[int]) -> PreservedKeys:
         """A_l of ``layers`` over at least ``per_unit`` x d_ff preserved positions."""
         return self._preserved(layers)
-
-    def null_basis(self, layer: int, threshold: float) -> torch.Tensor:
-        """U [d_ff, r] of ``layer`` at ``threshold`` (``PreservedKeys.null_basis``), computed once: a statistic of the
-        model and the preserved positions, as A_l is."""
-        if (layer, threshold) not in self._bases:
-            self._bases[(layer, threshold)] = self.preserved([layer]).null_basis(layer, threshold)
-        return self._bases[(layer, threshold)]
 
 
 @dataclass
@@ -220,9 +214,9 @@ class MatrixEdit(EditRule):
     def prepare(self, adapter, neurons, context: MatrixInputs) -> None:
         layers = self.window(adapter)
         context.goals(layers[-1])
-        context.preserved(layers)
-        for layer in layers if self.project else ():
-            context.null_basis(layer, self.threshold)
+        preserved = context.preserved(layers)
+        for layer in layers if self.project else ():  # the eigendecompositions, with the statistics
+            preserved.null_basis(layer, self.threshold)
 
     def make(self, adapter, neurons, target, context: MatrixInputs) -> WeightEdit:
         layers = self.window(adapter)
@@ -244,7 +238,7 @@ class MatrixEdit(EditRule):
             if gain is not None:  # the norm after the FFN multiplies the write: divide, to first order
                 residual = residual / gain.double().cpu().clamp_min(1e-6)
             if self.project:
-                basis = context.null_basis(layer, self.threshold)
+                basis = preserved.null_basis(layer, self.threshold)
                 delta = alpha_update(residual, keys, kept, basis, self.ridge)
                 reach[layer] = round(float((keys @ basis).norm() / keys.norm().clamp_min(1e-12)), 4)
             else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,12 +38,15 @@ class PreservedKeys:
 
     second: dict[int, torch.Tensor]
     positions: int
+    _bases: dict[tuple[int, float], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def null_basis(self, layer: int, threshold: float) -> torch.Tensor:
         """U, float64 [width, r]: the eigenvectors of C_l whose eigenvalue is at most ``threshold`` times the largest
-        (orthonormal columns)."""
-        values, vectors = torch.linalg.eigh(self.second[layer])  # ascending
-        return vectors[:, values <= threshold * values[-1].clamp_min(0)]
+        (orthonormal columns); each decomposition made once (an edit and its random control share it)."""
+        if (layer, threshold) not in self._bases:
+            values, vectors = torch.linalg.eigh(self.second[layer])  # ascending
+            self._bases[(layer, threshold)] = vectors[:, values <= threshold * values[-1].clamp_min(0)]
+        return self._bases[(layer, threshold)]
 
     def null_projection(self, layer: int, threshold: float) -> torch.Tensor:
         """P_l = U U^T, float64 [width, width], U = ``null_basis(layer, threshold)``."""

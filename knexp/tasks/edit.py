@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from knexp.editing.make import make, making_costs
+from knexp.editing.matrix import MatrixEdit
 from knexp.editing.rank_one import RankOne, rank_one_data
 from knexp.editing.rules import matched_norm
 from knexp.editing.sets import disjoint_random, object_set, random_columns
@@ -97,6 +98,14 @@ class EditTask:
                      save=Flag(), bertscore_model=Text(optional=True), bertscore_layers=Integer(low=1), cache=Flag())
         self.rank_one = from_mapping(RankOne, self.rank_one, "task.rank_one")
         self.general_prompts = read_prompts(self.general_texts, "task.general_texts")
+
+    def check_session(self, session: Session) -> None:
+        """A whole-matrix rule's layers (the job's rule, or the ``alpha_edit`` baseline) fit the model: checked when
+        the model loads, before any pass."""
+        rule = session.spec.edit.rule
+        if isinstance(rule, MatrixEdit):
+            rule.window(session.adapter)
+        self._matrix(session)
 
     def __call__(self, session: Session) -> dict:
         t0 = time.time()
@@ -165,11 +174,11 @@ class EditTask:
         locality, covariance = ([data.load_image(i) for i, _, _ in part] for part in (fitting + kept, covariance))
         return EditImages(probe, locality, [i for i, _, _ in more_k], covariance, measured_ids)
 
-    def _plan(self, session: Session, found, target, neurons,
-              images: EditImages) -> tuple[list[tuple[Variant, dict]], WeightEdit]:
+    def _plan(self, session: Session, found, target, neurons, images: EditImages,
+              matrix) -> tuple[list[tuple[Variant, dict]], WeightEdit]:
         """(every variant to measure with its cost, the edit of ``neurons``): the edit and the baselines of
-        ``baselines``, each rule's context built once (the edit, its random control and the fine-tuning share one where
-        they read the same)."""
+        ``baselines`` (``matrix``: the ``alpha_edit`` baseline's rule, or None), each rule's context built once (the
+        edit, its random control and the fine-tuning share one where they read the same)."""
         spec, adapter, model_key = session.spec, session.adapter, session.resources.model_key
         inputs = session.edit_inputs(found, target, images.locality, images.measured, images.more_k)
         contexts: dict = {}
@@ -200,12 +209,12 @@ class EditTask:
             plan.append(edited("finetune", *made(session.edit_rule("optimized"), columns)))
         if "rank_one" in self.baselines:
             plan.append(edited("rank_one", *self._rank_one(session, found, neurons, target, images.covariance)))
-        if "alpha_edit" in self.baselines:
-            matrix = self._matrix(session)
-            if target.op in matrix.ops and rule.edits_neurons:
-                plan.append(edited("alpha_edit", *made(matrix, neurons)))
-            else:
-                log.info("no alpha_edit baseline: it erases only, and the edit is already a whole-matrix one")
+        if matrix is not None and target.op not in matrix.ops:
+            log.info("no alpha_edit baseline: it makes %s only", " or ".join(matrix.ops))
+        elif matrix is not None and not rule.edits_neurons:
+            log.info("no alpha_edit baseline: edit/rule=%s already edits whole matrices", rule.name)
+        elif matrix is not None:
+            plan.append(edited("alpha_edit", *made(matrix, neurons)))
         if "banned" in self.baselines:
             ids = banned_ids(adapter, spec.knowledge)
             plan.append((Variant("banned", stable_key(model_key, "banned", ids), lambda: banned(adapter, ids)),
@@ -214,7 +223,9 @@ class EditTask:
 
     def _matrix(self, session: Session):
         """The ``alpha_edit`` baseline's rule (``conf/edit/rule/alpha_edit.yaml``), its layers checked against the
-        model."""
+        model; None where ``baselines`` leaves it out."""
+        if "alpha_edit" not in self.baselines:
+            return None
         matrix = session.edit_rule("alpha_edit")
         try:
             matrix.window(session.adapter)
@@ -227,12 +238,11 @@ class EditTask:
     def _edit(self, session: Session, found, target) -> tuple[dict, pd.DataFrame, WeightEdit]:
         """Every variant's measures (``variants`` of metrics.json), their captions, and the edit."""
         k = session.knowledge
-        if "alpha_edit" in self.baselines:
-            self._matrix(session)  # before any edit is made
+        matrix = self._matrix(session)  # checked before any edit is made
         images = self._images(session, found, target)
         measures = EditMeasures(session.resources.captioner, images.probe, self.bertscore_model, self.bertscore_layers)
         neurons = object_set(found, session.spec.rule, session.spec.edit.size)
-        plan, edit = self._plan(session, found, target, neurons, images)
+        plan, edit = self._plan(session, found, target, neurons, images, matrix)
         log.info("%s: measuring the unedited model and %d variants (%s)", k.name, len(plan),
                  ", ".join(v.name for v, _ in plan))
         results = {"unedited": measures.score(Variant("unedited", session.resources.captioner.model_key, None))}

@@ -70,6 +70,7 @@ class EditSequence:
         op = getattr(session.spec.edit, "op", None)
         if op != "erase":
             raise SettingError("edit.op", op, "a sequence erases: use edit.op=erase")
+        self.job.check_session(session)  # each step is an edit job
 
     def __call__(self, session: Session) -> dict:
         out = session.spec.output_dir
