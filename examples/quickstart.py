@@ -36,12 +36,14 @@ for name, text in captions.items():
 
 heat = s.heatmap(sample)
 figure = s.figure(sample, out / "neuron.png")
-print(f"top neuron L{heat.layer} U{heat.unit}: q95 IoU with the banana {heat.iou_q95:.2f} -> {figure}")
+where = heat.scores  # how the map points at the banana (docs/method.md, "Localization measures")
+print(f"top neuron L{heat.layer} U{heat.unit}: pointing {where['pointing']:.2f}, area-matched IoU "
+      f"{where['area_iou']:.2f}, AUC {where['auc']:.2f} -> {figure}")
 
 summary = {"knowledge": found.knowledge, "image_id": sample.candidate.image_id,
            "selected_caption": sample.candidate.original_caption, "rule": sample.rule, "size": len(neurons),
            "layers": sorted(set(neurons.layers.tolist())), "live_window": found.context.live_layers,
-           "captions": captions, "top_neuron": [heat.layer, heat.unit], "iou_q95": heat.iou_q95, "figure": str(figure),
+           "captions": captions, "top_neuron": [heat.layer, heat.unit], **where, "figure": str(figure),
            "mentions": {name: s.knowledge.mentioned_in(text) for name, text in captions.items()}}
 out.mkdir(parents=True, exist_ok=True)
 (out / "quickstart.json").write_text(json.dumps(summary, indent=1))

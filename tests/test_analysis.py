@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from knexp.evaluation.localization import localization
 from knexp.models.adapters.spliced import SplicedAdapter
 from knexp.models.geometry import PatchGeometry
 from knexp.models.tiny.tiny_models import tiny_minigpt4
@@ -56,12 +57,16 @@ def test_neuron_heatmap_and_its_panel(tmp_path):
     from knexp.reporting.figures import neuron_heatmap, neuron_panel
 
     adapter, image, mask = _adapter_image_mask(0, (slice(20, 120), slice(30, 90)))
-    heat, iou = neuron_heatmap(adapter, image, 1, 5, mask)
+    heat, scores = neuron_heatmap(adapter, image, 1, 5, mask)
     prepared = adapter.prepare([image])
     with torch.no_grad(), record(adapter, prepared, layers=[1]) as rec:
         adapter.forward(prepared)
-    np.testing.assert_allclose(heat, token_heatmap(rec.activations[1][0, :, 5].numpy(), adapter.geometry, 224, 224))
+    values = rec.activations[1][0, :, 5].numpy()
+    np.testing.assert_allclose(heat, token_heatmap(values, adapter.geometry, 224, 224))
+    iou = scores["iou_q95"]
     assert iou == mask_iou(heat, mask) and 0 <= iou <= 1
+    inside = np.isin(np.arange(len(values)), adapter.geometry.object_tokens(mask))  # the tokens the measures use
+    assert {k: scores[k] for k in ("pointing", "area_iou", "auc")} == pytest.approx(localization(values, inside))
     path = neuron_panel(image, image[::-1], heat, mask, decode_neuron(adapter, 1, 5), "L1 U5 · ours · q95 IoU 0.10",
                         tmp_path / "p.png")
     assert path.stat().st_size > 20_000  # four panels at 13 x 3.6 inches
@@ -72,8 +77,8 @@ def test_neuron_heatmap_and_its_panel(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(type(adapter), "run_hooks", lambda self, *a, **kw: passes.append(1) or run_hooks(self, *a, **kw))
         for _ in range(2):
-            stored, stored_iou = neuron_heatmap(adapter, image, 1, 5, mask, store, ["tiny", "toy", 42])
-            assert np.array_equal(stored, heat) and stored_iou == iou
+            stored, stored_scores = neuron_heatmap(adapter, image, 1, 5, mask, store, ["tiny", "toy", 42])
+            assert np.array_equal(stored, heat) and stored_scores == scores
         assert (len(passes), store.misses, store.hits) == (1, 1, 1)
         other, _ = neuron_heatmap(adapter, image, 1, 6, mask, store, ["tiny", "toy", 42])
         assert len(passes) == 2 and not np.array_equal(other, heat)
@@ -93,7 +98,7 @@ def test_a_negated_neuron_gets_the_same_signed_heatmap_iou_and_tokens():
     from knexp.reporting.figures import change_sign, neuron_heatmap
 
     adapter, image, mask = _adapter_image_mask(1, (slice(40, 140), slice(60, 160)))
-    heat, iou = neuron_heatmap(adapter, image, 1, 5, mask)
+    heat, scores = neuron_heatmap(adapter, image, 1, 5, mask)
     words = decode_neuron(adapter, 1, 5)
     ffn = adapter.ffn(1)
     with torch.no_grad():
@@ -101,9 +106,9 @@ def test_a_negated_neuron_gets_the_same_signed_heatmap_iou_and_tokens():
         ffn.down_proj.weight[:, 5] *= -1
     flipped, _ = neuron_heatmap(adapter, image, 1, 5, mask)
     assert np.allclose(flipped, -heat, atol=1e-6)  # the activation is negated
-    signed, signed_iou = neuron_heatmap(adapter, image, 1, 5, mask, sign=-1)
+    signed, signed_scores = neuron_heatmap(adapter, image, 1, 5, mask, sign=-1)
     np.testing.assert_allclose(signed, heat, atol=1e-6)
-    assert signed_iou == pytest.approx(iou) and decode_neuron(adapter, 1, 5, sign=-1) == words
+    assert signed_scores == pytest.approx(scores) and decode_neuron(adapter, 1, 5, sign=-1) == words
     assert decode_neuron(adapter, 1, 5) != words  # unsigned, the negated neuron reads as another one
     # the sign is that of mean_p V = -shift: a neuron whose activation is lower with the object there is -1
     found = NeuronSet("ours", "", np.array([1, 1]), np.array([5, 6]), np.array([2.0, 1.0]), shift=np.array([0.3, -0.2]))

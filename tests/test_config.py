@@ -149,6 +149,10 @@ def test_the_study_experiments_keep_the_splits_apart():
     assert held == list(edit_held.splits.heldout)  # measured there, beside random neurons and the whole-matrix rule
     assert {"random", "alpha_edit"} <= set(edit_held.task.baselines)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        fig3 = compose("config", overrides=["experiment=embedded_fig3"], return_hydra_config=True)
+    assert [o.replace("_", " ") for o in fig3.hydra.sweeper.params.knowledge.split(",")] == list(fig3.splits.heldout)
+    assert fig3.task.name == "localize" and {"ours", "pan", "schwettmann", "attribution"} <= set(fig3.task.methods)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         sequence = compose("config", overrides=["experiment=embedded_edit_sequence"], return_hydra_config=True)
     objects = [o.replace("_", " ") for o in sequence.task.objects]
     assert len(objects) == 10 and set(objects) <= set(sequence.splits.heldout)  # never a tuning object

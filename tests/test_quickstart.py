@@ -22,5 +22,5 @@ def test_quickstart_identifies_captions_and_draws(tmp_path):
     assert q["captions"]["clean"] == q["selected_caption"]  # greedy captions do not depend on how they are asked for
     assert q["mentions"]["clean"] and not q["mentions"]["inpainted image"]  # the sample meets selection's constraints
     assert all(text.startswith("The image shows") for text in q["captions"].values())
-    assert q["top_neuron"][0] in q["layers"] and 0.0 <= q["iou_q95"] <= 1.0
+    assert q["top_neuron"][0] in q["layers"] and 0.0 <= q["iou_q95"] <= 1.0 and 0.0 <= q["auc"] <= 1.0
     assert Path(q["figure"]).stat().st_size > 20_000 and "neurons per layer" in r.stdout

@@ -143,9 +143,13 @@ def test_report_task_writes_the_page_and_logs_tables_and_figures_to_wandb(tmp_pa
     from knexp.job.session import Session
     from knexp.tasks.report import ReportTask
 
-    sweep = tmp_path / "sweep"
+    sweep = tmp_path / "demo" / "multirun"
     _job(sweep / "0", "bed", "ours", 0.8, 0.6, [1, 2, 0])
     _job(sweep / "1", "bed", "pan", 0.2, 1.0, [0, 0, 3])
+    for job, method in (("0", "ours"), ("1", "pan")):  # what Hydra keeps of each job's config
+        (sweep / job / ".hydra").mkdir()
+        (sweep / job / ".hydra" / "config.yaml").write_text(
+            f"knowledge: {{name: bed}}\nmethod: {{name: {method}}}\nmodel: {{name: embedded}}\ntags: [demo]\n")
     session = Session.from_config(compose("task=report", f"sweep_dir={sweep}", "logger=wandb", "logger.mode=offline",
                                           output_dir=tmp_path / "report"))
     result = ReportTask()(session)
@@ -153,18 +157,30 @@ def test_report_task_writes_the_page_and_logs_tables_and_figures_to_wandb(tmp_pa
     assert "fig2_layers.png" not in Path(result["html"]).read_text()
     run = next((tmp_path / "report" / "wandb").glob("offline-run-*"))
     assert (tmp_path / "report" / "table2.csv").exists() and not (tmp_path / "report" / "report_table2.csv").exists()
-    assert b"report_table2" in next(run.rglob("*.wandb")).read_bytes()  # mirrored to W&B, not copied beside its CSV
+    logged = next(run.rglob("*.wandb")).read_bytes()
+    assert b"report_table2" in logged  # mirrored to W&B, not copied beside its CSV
+    # the report's run joins its sweep's group and carries the sweep's tags, not the default config's
+    assert b"demo/multirun" in logged and b"knowledge:bed" in logged and b"method:pan" in logged
+    assert b"knowledge:banana" not in logged and b"method:ours" in logged
 
 
-def _panel(job: Path, knowledge: str, layer: int, unit: int):
-    """What an evaluate job writes for Fig. 3: neurons.json and the panel it names."""
+def _panel(job: Path, knowledge: str, layer: int, unit: int, with_set: bool = False):
+    """What an evaluate job writes for Fig. 3: neurons.json and the panel it names (``with_set``: and the set's map,
+    which points at the object better than its best single neuron)."""
     import cv2
     import numpy as np
 
     (job / "figures").mkdir(parents=True, exist_ok=True)
     name = f"neuron_1_L{layer}_U{unit}.png"
     cv2.imwrite(str(job / "figures" / name), np.full((20, 40, 3), 200, np.uint8))
-    rows = [{"image_id": 1, "top_neuron": [layer, unit], "sign": -1, "figure": name, "iou_q95": 0.25, "decoded": []}]
+    scores = {"iou_q95": 0.25, "pointing": 0.5, "area_iou": 0.375, "auc": 0.7}
+    set_panel = None
+    if with_set:
+        cv2.imwrite(str(job / "figures" / "set_1.png"), np.full((20, 40, 3), 90, np.uint8))
+        set_panel = {"figure": "set_1.png", "scores": {**scores, "pointing": 1.0, "area_iou": 0.625},
+                     "best_single": scores}
+    rows = [{"image_id": 1, "top_neuron": [layer, unit], "sign": -1, "figure": name, **scores, "set_panel": set_panel,
+             "decoded": []}]
     (job / "neurons.json").write_text(json.dumps(rows))
 
 
@@ -220,7 +236,7 @@ def test_the_page_parses_its_images_decode_and_its_tables_have_their_csv_rows(tm
             ("bed", "ours", 0.7), ("pizza", "ours", 0.6), ("bear", "pan", 0.2), ("bed", "random", 0.0)]
     for i, (knowledge, method, s_se) in enumerate(jobs):
         _job(sweep / str(i), knowledge, method, s_se, 0.8, [1, 0, 2])
-        _panel(sweep / str(i), knowledge, 2, 10 + i)
+        _panel(sweep / str(i), knowledge, 2, 10 + i, with_set=(knowledge, method) == ("bed", "pan"))
     window_only = [SampleTrace("bed", 1, 2, 10.0, 2.0, {"resid": [-8.0, -8.0, -8.0]}, {})]
     write_trace(sweep / "0", {"model": "embedded", "window": live_window(window_only, 0.5),
                               "samples": [t.to_dict() for t in window_only]})
@@ -236,7 +252,7 @@ def test_the_page_parses_its_images_decode_and_its_tables_have_their_csv_rows(tm
     text = report.html.read_text()
     page = _Page(text)
     # every image is an inline PNG that decodes to a picture of nonzero size
-    assert len(page.images) == len(jobs) + 2  # the gallery, the trace, Fig. 2
+    assert len(page.images) == len(jobs) + 3  # the gallery (one set's map with it), the trace, Fig. 2
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         picture = cv2.imdecode(np.frombuffer(base64.b64decode(src.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
@@ -260,9 +276,51 @@ def test_the_page_parses_its_images_decode_and_its_tables_have_their_csv_rows(tm
     # Fig. 3's gallery grouped by method in that order, each object's panel once
     methods = [h for h in page.headings if h in ("ours", "pan", "attribution", "random")]
     assert methods == ["ours", "pan", "attribution", "random"]
-    assert sorted(p.name for p in (out / "fig3").iterdir()) == sorted(f"{m}__{k}.png" for k, m, _ in jobs)
+    assert sorted(p.name for p in (out / "fig3").iterdir()) == sorted([f"{m}__{k}.png" for k, m, _ in jobs]
+                                                                      + ["pan__bed__set.png"])
+    # the captions give the pointing game and the area-matched IoU; the set's panel says what its best neuron reached
+    assert "bed: L2 U11, pointing 0.50, area IoU 0.38, q95 IoU 0.25" in text
+    assert ("bed: the set&#x27;s map, pointing 1.00, area IoU 0.62, q95 IoU 0.25 (its best single neuron: area IoU "
+            "0.38)") in text
     # the header lists this sweep's objects by split, not every object of the splits; the trace names its samples
     assert "tuning: pizza; heldout: bear, bed." in text and "giraffe" not in text and "bus" not in text
     assert "neurons of layers 0-1 of 3" in text and "traced samples of bed (<code>0/trace.json</code>)" in text
     trace = cv2.imread(str(out / "trace.png"))
     assert trace.shape[0] < 0.6 * trace.shape[1]  # a window-only trace: one row of panels, no empty captions row
+
+
+def _located(folder: Path, knowledge: str, cells: dict):
+    """A task=localize job: {method: (auc, random auc)} on the held-out images' set map (other measures alike)."""
+    folder.mkdir(parents=True)
+    measures = ("pointing", "area_iou", "auc")
+    loc = {method: {"held-out": {"set": {
+        **{k: v for k in measures}, **{f"random_{k}": r for k in measures},
+        "chance_pointing": 0.2, "chance_area_iou": 0.11, "chance_auc": 0.5, "n_images": 6}}}
+        for method, (v, r) in cells.items()}
+    (folder / "metrics.json").write_text(json.dumps({"task": "localize", "model": "embedded", "knowledge": knowledge,
+                                                     "localization": loc}))
+
+
+def test_fig3_measured_by_hand_with_paired_intervals_and_its_table_on_the_page(tmp_path):
+    import os
+
+    import pandas as pd
+
+    sweep = tmp_path / "sweep"
+    # ours beats random on every object by 0.2; pan is random's equal on average (+0.2, -0.1, -0.1)
+    _located(sweep / "0", "bed", {"ours": (0.8, 0.6), "pan": (0.8, 0.6)})
+    _located(sweep / "1", "bear", {"ours": (0.9, 0.7), "pan": (0.5, 0.6)})
+    _located(sweep / "2", "bus", {"ours": (0.7, 0.5), "pan": (0.6, 0.7)})
+    _located(sweep / "old", "bus", {"ours": (0.1, 0.9)})  # an older file of the same object and method: overridden
+    os.utime(sweep / "old" / "metrics.json", (1, 1))
+    report = write_report(sweep, tmp_path / "out", {"heldout": ["bed", "bear", "bus"]})
+    fig3 = pd.read_csv(tmp_path / "out" / "fig3.csv").set_index("method")
+    assert fig3.loc["ours", "auc"] == pytest.approx(0.8) and fig3.loc["ours", "random_auc"] == pytest.approx(0.6)
+    assert fig3.loc["ours", "diff_auc"] == pytest.approx(0.2) and fig3.loc["ours", "diff_auc_lo"] == pytest.approx(0.2)
+    assert fig3.loc["pan", "diff_auc"] == pytest.approx(0.0) and fig3.loc["pan", "diff_auc_lo"] < 0
+    assert fig3.loc["ours", "chance_auc"] == 0.5 and fig3.loc["ours", "objects"] == 3
+    page = _Page(report.html.read_text())
+    assert page.tables["fig3"] == 2 and "Fig. 3, measured: do the maps point at the object?" in page.headings
+    text = report.html.read_text()
+    assert "heldout, held-out images, set map: ours beats layer-matched random neurons on auc" in text
+    assert "0.8000 [0.70, 0.90]" in text  # ours' AUC with its interval over the three objects

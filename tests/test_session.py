@@ -75,6 +75,7 @@ def test_the_api_identifies_captions_and_draws_on_a_tiny_model(tmp_path):
     assert all(c.startswith(s.adapter.caption_prefix) for c in clean + zeroed + noised)
     heat = s.heatmap(found.results[0])
     assert heat.values.shape == image.shape[:2] and 0 <= heat.iou_q95 <= 1
+    assert set(heat.scores) == {"iou_q95", "pointing", "area_iou", "auc"}
     assert (heat.layer, heat.unit) == (int(found.results[0].neurons.layers[0]), int(found.results[0].neurons.units[0]))
     assert s.figure(found.results[0], tmp_path / "panel.png").stat().st_size > 20_000  # Fig. 3's four panels
     trace = s.trace(objects=["bus"], kinds=("resid",), captions=False)

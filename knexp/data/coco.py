@@ -162,6 +162,15 @@ class CocoScenes:
                              "it "
                                "in the annotation file under data.root") from exc
 
+    def object_mask(self, image_id: int, category_id: int) -> np.ndarray:
+        """Boolean mask [H, W] of every instance of ``category_id`` in the image (their union); all False without
+        one."""
+        masks = [self.instance_mask(i.annotation_id) for i in self.instances(image_id) if i.category_id == category_id]
+        if masks:
+            return np.logical_or.reduce(masks)
+        height, width = self.load_image(image_id).shape[:2]
+        return np.zeros((height, width), bool)
+
     def captions(self, image_id: int) -> list[str]:
         if self.captions_coco is None:
             return []

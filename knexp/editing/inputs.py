@@ -63,9 +63,7 @@ class EditInputs:
         k = self.target.knowledge.coco_id
         views = []
         for image_id in [r.candidate.image_id for r in self.found.results] + list(self.more_k):
-            masks = [self.data.instance_mask(i.annotation_id) for i in self.data.instances(image_id)
-                     if i.category_id == k]
-            views.append((self.data.load_image(image_id), self.without_k(image_id), np.logical_or.reduce(masks)))
+            views.append((self.data.load_image(image_id), self.without_k(image_id), self.data.object_mask(image_id, k)))
         return views
 
     def captions(self, images: list[np.ndarray]) -> list[str]:

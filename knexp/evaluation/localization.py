@@ -81,3 +81,16 @@ def localization(scores: np.ndarray, inside: np.ndarray) -> dict[str, float | No
 def chance(inside: np.ndarray) -> dict[str, float | None]:
     """What a map that knows nothing scores: the measures of a constant map."""
     return localization(np.zeros(np.asarray(inside).size), inside)
+
+
+def zscored(values: np.ndarray) -> np.ndarray:
+    """float [P]: (v - mean_p v) / std_p v over one image's tokens; zeros for a map that is constant there."""
+    values = np.asarray(values, np.float64)
+    spread = values.std()
+    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
+
+
+def set_map(maps: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """float [P]: sum_u w_u z(maps[u]) for ``maps`` float [n, P] (one signed neuron map per row, each ``zscored`` so
+    that no neuron weighs by its scale) and ``weights`` float [n] (summing to 1)."""
+    return np.asarray(weights, np.float64) @ np.stack([zscored(m) for m in maps])

@@ -4,11 +4,13 @@ config outside a Hydra run (notebooks, tests).
 A config *source* is a folder that Hydra searched: knexp's ``conf/`` and every ``hydra.searchpath`` entry (a user's own
 methods, rules or interventions live in such a folder, beside their ``_target_`` classes). ``option_node`` reads one
 option of a group, ``<source>/<group>/<name>.yaml``, from the first source that has it, as the command line's
-``<group>=<name>`` would choose it.
+``<group>=<name>`` would choose it. ``run_tags`` are a job's W&B tags, read from its config; ``sweep_tags`` those of a
+finished sweep's jobs (what its report is tagged with).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from knexp.config import register_resolvers
 from knexp.paths import conf_dir
 from knexp.settings import SettingError
+
+log = logging.getLogger(__name__)
 
 
 def file_sources(config_sources) -> list[Path]:
@@ -95,3 +99,23 @@ def compose_with_sources(*overrides: str, output_dir: str | Path | None = None) 
 def compose(*overrides: str, output_dir: str | Path | None = None) -> DictConfig:
     """The composed config for ``overrides`` (``compose_with_sources`` without the sources)."""
     return compose_with_sources(*overrides, output_dir=output_dir)[0]
+
+
+TAGGED = ("model", "knowledge", "method", "thresholds", "noise_level")  # the groups a run is tagged with
+
+
+def run_tags(cfg) -> list[str]:
+    """A job's W&B tags: ``<group>:<option>`` for each group of ``TAGGED`` its config has, then its ``tags``."""
+    return [f"{g}:{cfg[g].name}" for g in TAGGED if g in cfg and "name" in cfg[g]] + list(cfg.get("tags") or [])
+
+
+def sweep_tags(sweep_dir: str | Path) -> list[str]:
+    """Every tag of the jobs under ``sweep_dir`` (``run_tags`` of each job's ``.hydra/config.yaml``), sorted: what a
+    report of the sweep is tagged with."""
+    tags: set[str] = set()
+    for path in Path(sweep_dir).rglob(".hydra/config.yaml"):
+        try:
+            tags |= set(run_tags(OmegaConf.load(path)))
+        except Exception as exc:  # a damaged or foreign file costs its tags, never the report
+            log.warning("%s: not read for the report's tags (%s)", path, exc)
+    return sorted(tags)

@@ -27,7 +27,7 @@ from knexp.identification.causal_trace import TraceSettings
 from knexp.identification.methods import Method
 from knexp.identification.reference import ReferenceSettings
 from knexp.identification.thresholds import Rule
-from knexp.job.compose import compose, group_options, option_node
+from knexp.job.compose import compose, group_options, option_node, run_tags
 from knexp.models.captioning import Generation
 from knexp.models.registry import check_model, model_identity
 from knexp.settings import SettingError, Text, from_mapping
@@ -217,10 +217,9 @@ class JobSpec:
                 "noise_level": self.cfg.noise_level.name if how.kind == "noise" else "-",
                 "model": str(self.cfg.model.name)}
 
-    def logger(self):
-        """The configured logger (``conf/logger``, by ``_target_``) writing into this job's output folder."""
-        cfg = self.cfg
-        groups = ("model", "knowledge", "method", "thresholds", "noise_level")
-        tags = [f"{g}:{cfg[g].name}" for g in groups if g in cfg and "name" in cfg[g]]
-        return self.log_to.open(self.output_dir, run_config=plain(cfg), tags=tags + list(cfg.get("tags") or []),
-                                job_type=self.task_name)
+    def logger(self, group: str | None = None, tags: list[str] | None = None):
+        """The configured logger (``conf/logger``, by ``_target_``) writing into this job's output folder, tagged with
+        ``run_tags`` of the job's config (or ``tags``: a report carries its sweep's), in ``group`` where given (a
+        report: its sweep's group)."""
+        return self.log_to.open(self.output_dir, run_config=plain(self.cfg),
+                                tags=run_tags(self.cfg) if tags is None else tags, job_type=self.task_name, group=group)

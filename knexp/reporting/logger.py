@@ -60,8 +60,13 @@ class RunLogger:
         pass
 
 
+def sweep_group(sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep's runs: the last two parts of its folder (e.g. ``demo/multirun``)."""
+    return "/".join(Path(sweep_dir).parts[-2:])
+
+
 def _sweep_group() -> str | None:
-    """The W&B group of a multirun job: its sweep folder (e.g. ``demo/multirun``), so a sweep's runs sit together."""
+    """The W&B group of a multirun job: its sweep folder (``sweep_group``), so a sweep's runs sit together."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -70,7 +75,7 @@ def _sweep_group() -> str | None:
         return None
     if hc.mode is None or hc.mode.name != "MULTIRUN":
         return None
-    return "/".join(Path(hc.sweep.dir).parts[-2:])
+    return sweep_group(hc.sweep.dir)
 
 
 class WandbLogger(RunLogger):
@@ -132,7 +137,7 @@ class FilesOnly:
     name: str = "none"
 
     def open(self, out_dir: str | Path, run_config: dict | None = None, tags: list[str] | None = None,
-             job_type: str = "") -> RunLogger:
+             job_type: str = "", group: str | None = None) -> RunLogger:
         return RunLogger(out_dir)
 
 
@@ -152,9 +157,10 @@ class Wandb(FilesOnly):
                      group=Text(optional=True), dir=Text(optional=True))
 
     def open(self, out_dir: str | Path, run_config: dict | None = None, tags: list[str] | None = None,
-             job_type: str = "") -> RunLogger:
+             job_type: str = "", group: str | None = None) -> RunLogger:
+        """The run, in ``logger.group``, else ``group`` (a report: its sweep's), else its own sweep's group."""
         return WandbLogger(out_dir, self.name, run_config, tags, job_type, self.project, self.entity, self.mode,
-                           self.group, self.dir)
+                           self.group or group, self.dir)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -5,10 +5,12 @@ Every ``metrics.json`` under the sweep folder that holds a Table II result or a 
 interruption) counts once, the newest file winning. Method labels carry their variant ("pan:authors"). With the
 object ``splits`` (conf/splits), every table is given per split, so tuning objects never mix with held-out ones.
 The report holds: Table II averaged and per knowledge, Table III, the size curves (S_se, S_re, S_mean against the
-set size, and each method's area under S_mean over log n), the causal trace (``trace.json`` of any job) and Fig. 2
-(every method's neurons per layer, side by side). A job that ran but had no usable sample (``status`` "no_samples" in
-its metrics.json) has no scores: the report lists it apart, with its first reasons, and counts it in its summary. It is
-written as ``report.md`` and as one self-contained ``report.html``.
+set size, and each method's area under S_mean over log n), Fig. 3 measured (``knexp.reporting.fig3_tables``: how
+each method's maps point at the object, beside layer-matched random neurons and chance) and its gallery, the causal
+trace (``trace.json`` of any job) and Fig. 2 (every method's neurons per layer, side by side). A job that ran but
+had no usable sample (``status`` "no_samples" in its metrics.json) has no scores: the report lists it apart, with its
+first reasons, and counts it in its summary. It is written as ``report.md`` and as one self-contained
+``report.html``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from knexp.evaluation.scores import curve_area
 from knexp.identification.causal_trace import SampleTrace, span
 from knexp.reporting.analysis import curves_png, layer_histogram_png, trace_png
 from knexp.reporting.edit_tables import edit_rows, headline, summary
+from knexp.reporting.fig3_tables import localization_rows, verdicts
+from knexp.reporting.fig3_tables import table as fig3_table
 from knexp.reporting.tables import METHOD_ORDER, means, ordered, rank_of, shown
 
 # docs/method.md, "Evaluation": the paper's averages on MiniGPT-4 (Tables II and III), for the report's comparison
@@ -148,17 +152,21 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
     results = collect(sweep_dir)
     empty = unusable(sweep_dir, results)
     edits = edit_rows(sweep_dir, lambda k: split_of(k, splits))
-    if not results and not empty and edits.empty:
-        raise FileNotFoundError("no evaluation results (metrics.json with table2, a size curve or task=edit's "
-                                f"variants) under {sweep_dir}; set sweep_dir to a multirun folder of task=evaluate or "
-                                "task=edit jobs")
+    located = localization_rows(sweep_dir, lambda k: split_of(k, splits))
+    if not results and not empty and edits.empty and located.empty:
+        raise FileNotFoundError("no evaluation results (metrics.json with table2, a size curve, task=edit's "
+                                f"variants or task=localize's maps) under {sweep_dir}; set sweep_dir to a multirun "
+                                "folder of task=evaluate, task=edit or task=localize jobs")
     t = tables(results, splits)
     if len(edits):
         t["edit_rows"], t["edit_summary"] = edits, summary(edits)
+    if len(located):
+        t["fig3_rows"], t["fig3"] = located, fig3_table(located)
     for name, df in t.items():
         if len(df):
             df.to_csv(out_dir / f"{name}.csv", index=name in INDEXED)
     blocks = _header(sweep_dir, results, empty, edits, splits) + _paper_tables(t)
+    blocks += _fig3_section(t) if len(located) else []
     gallery = _fig3_gallery(results, out_dir / "fig3")
     figures = [path for _, items in gallery for path, _ in items]
     blocks += _gallery_section(gallery)
@@ -210,6 +218,21 @@ def _paper_tables(t: dict) -> list[tuple]:
             ("h2", "Table II per object"), ("table", t["table2_per_knowledge"], "table2_per_knowledge")]
 
 
+def _fig3_section(t: dict) -> list[tuple]:
+    """Fig. 3, measured: each method's maps against the object's tokens, beside random neurons and chance."""
+    return [("h2", "Fig. 3, measured: do the maps point at the object?"),
+            ("p", "Each method's map over the image tokens of the original image (top: its top neuron, signed by its "
+                  "change; top10: its top 10 neurons measured apart and averaged; set: its neurons' z-scored signed "
+                  "maps, weighted by their scores), scored against the object's tokens: the pointing game, the "
+                  "area-matched IoU and the ROC AUC. random_*: the same maps of random neurons of the same layers; "
+                  "diff_*: method - random per object (the paired interval: the method localizes where it excludes "
+                  "0); chance_*: a constant map. On the identification images each sample's own set; on held-out "
+                  "images of the object, the samples' consensus set. Means over objects, 95% bootstrap intervals "
+                  "over objects."),
+            *[("p", line + ".") for line in verdicts(t["fig3"])],
+            ("table", t["fig3"], "fig3")]
+
+
 def _gallery_section(gallery: list) -> list[tuple]:
     """Fig. 3's panels, by method."""
     if not gallery:
@@ -218,8 +241,10 @@ def _gallery_section(gallery: list) -> list[tuple]:
               ("p", "The top neuron of each job's first sample: the image, the image with the object inpainted away, "
                     "the neuron's activation over the image tokens in the direction of its change (signed: a neuron "
                     "that falls on the object is shown negated, and its title says so) with the object outlined, and "
-                    "the tokens it writes in that direction. q95 IoU: the overlap of the map's top 5% with the "
-                    "object.")]
+                    "the tokens it writes in that direction. Under each panel: the pointing game (the map's maximum "
+                    "on the object) and the area-matched IoU (its top tokens, as many as the object covers, against "
+                    "the object's tokens), and the q95 IoU (the overlap of the map's top 5% with the object). Where "
+                    "the set's map points at the object better than each of its top 10 neurons, its panel follows.")]
     for method, items in gallery:
         blocks += [("h3", method), ("gallery", items)]
     return blocks
@@ -289,7 +314,7 @@ def _unusable_section(sweep_dir, out_dir: Path, empty: list[dict], t: dict) -> l
 
 
 # the tables whose CSV keeps the index (their labels)
-INDEXED = ("table2", "table3", "curves", "curve_areas", "edit_summary")
+INDEXED = ("table2", "table3", "curves", "curve_areas", "edit_summary", "fig3")
 
 
 def _fig3_gallery(results: list[dict], out: Path) -> list[tuple[str, list[tuple[Path, str]]]]:
@@ -307,10 +332,26 @@ def _fig3_gallery(results: list[dict], out: Path) -> list[tuple[str, list[tuple[
         copy = out / f"{m['method'].replace(':', '-')}__{m['knowledge'].replace(' ', '_')}.png"
         shutil.copyfile(panel, copy)
         layer, unit = rows[0]["top_neuron"]
-        by_method.setdefault(m["method"], []).append(
-            (m["knowledge"], copy, f"{m['knowledge']}: L{layer} U{unit}, q95 IoU {rows[0]['iou_q95']:.2f}"))
+        items = by_method.setdefault(m["method"], [])
+        items.append((m["knowledge"], copy, f"{m['knowledge']}: L{layer} U{unit}, {_pointed(rows[0])}"))
+        set_panel = rows[0].get("set_panel")
+        if set_panel and (Path(m["job_dir"]) / "figures" / set_panel["figure"]).exists():
+            set_copy = copy.with_name(copy.stem + "__set.png")
+            shutil.copyfile(Path(m["job_dir"]) / "figures" / set_panel["figure"], set_copy)
+            items.append((m["knowledge"], set_copy,
+                          f"{m['knowledge']}: the set's map, {_pointed(set_panel['scores'])} (its best single neuron: "
+                          f"area IoU {set_panel['best_single']['area_iou']:.2f})"))
     return [(method, [(path, caption) for _, path, caption in sorted(items, key=lambda x: x[0])])
             for method, items in sorted(by_method.items(), key=lambda kv: rank_of(METHOD_ORDER, kv[0]))]
+
+
+def _pointed(scores: dict) -> str:
+    """A panel's caption: the pointing game and the area-matched IoU, then the q95 IoU (only that for a job from before
+    the measures existed, or where the object covers no token)."""
+    q95 = f"q95 IoU {scores['iou_q95']:.2f}"
+    if scores.get("pointing") is None:
+        return q95
+    return f"pointing {scores['pointing']:.2f}, area IoU {scores['area_iou']:.2f}, {q95}"
 
 
 def _markdown(blocks: list[tuple], out_dir: Path) -> str:

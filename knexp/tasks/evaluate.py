@@ -1,8 +1,9 @@
 """``python run.py task=evaluate knowledge=banana method=ours``: identification, then captions under an intervention.
 
 Reads the session, runs the stages (``Session.identify``; ``Session.evaluate``: ``knexp.evaluation.protocol``) and
-writes the outputs: ``metrics.json``, ``captions.csv``, ``selection.json``, the per-sample neuron sets (``samples/``),
-the neuron panels and layer histogram (``figures/``, ``neurons.json``) and, with a live window, ``trace.json``;
+writes the outputs: ``metrics.json`` (with Fig. 3, measured: ``knexp.evaluation.fig3``), ``captions.csv``,
+``selection.json``, the per-sample neuron sets (``samples/``), the neuron panels and layer histogram (``figures/``,
+``neurons.json``) and, with a live window, ``trace.json``;
 metrics, the caption table, the layer histogram and the figures are mirrored to W&B when ``logger=wandb``. A job
 folder that holds the finished result of the same config is not rerun (``knexp.resume``).
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from knexp.evaluation.fig3 import localize, summary
 from knexp.job.session import Session
 from knexp.reporting.figures import layer_figure, neuron_figures
 from knexp.reporting.outputs import write_data_faults, write_identification, write_trace
@@ -64,11 +66,12 @@ class EvaluateTask:
         if found.context and found.context.reference is not None and getattr(spec.intervention, "scale",
                                                                              None) == "calibrated":
             metrics["noise_unit"] = [round(float(v), 6) for v in found.context.reference.layer_spread]  # s_l per layer
-        metrics["neurons"] = []
+        metrics["neurons"], metrics["localization"] = [], {}
         if found.results and not self.sizes:
             layer_figure(metrics["per_layer"], found.method.name, found.knowledge, out)
             metrics["neurons"] = neuron_figures(adapter, resources.selector, found.results, out,
                                                 resources.heatmap_store)
+            metrics["localization"] = self._localization(session, found, evaluation)
         metrics["data_faults"] = write_data_faults(out, resources.data.audit)
         metrics["cache"] = self._cache_counts(resources)
         metrics["wall_time_s"] = round(time.time() - t0, 1)
@@ -82,6 +85,17 @@ class EvaluateTask:
             log.warning("%s: no usable sample, so no scores (metrics.json status): %s", found.knowledge,
                         "; ".join(status["reasons"]))
         return metrics
+
+    @staticmethod
+    def _localization(session: Session, found, evaluation) -> dict:
+        """Fig. 3, measured, for the job's method (``knexp.evaluation.fig3``): on its identification images and on the
+        evaluation's other images of k, beside layer-matched random neurons and chance."""
+        seen = {r.candidate.image_id for r in found.results}
+        clean = evaluation.table[(evaluation.table["set_id"] < 0) & (evaluation.table["group"] == "k")]
+        heldout = [int(i) for i in dict.fromkeys(clean["image_id"]) if int(i) not in seen]
+        spec = session.spec
+        return summary(localize(session.adapter, session.data, [found], spec.rule, heldout,
+                                session.knowledge.coco_id, spec.seed))
 
     @staticmethod
     def _cache_counts(resources) -> dict:

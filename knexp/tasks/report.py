@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from knexp.job.compose import sweep_tags
 from knexp.job.session import Session
+from knexp.reporting.logger import sweep_group
 from knexp.reporting.sweep import write_report
 from knexp.settings import Flag, SettingError, check_fields
 
@@ -34,7 +36,8 @@ class ReportTask:
     def __call__(self, session: Session) -> dict:
         spec = session.spec
         report = write_report(spec.sweep_dir, spec.output_dir, spec.splits or None)
-        logger = spec.logger()
+        # the report's run sits in its sweep's W&B group and carries the sweep's tags, not the default config's
+        logger = spec.logger(group=sweep_group(Path(spec.sweep_dir).resolve()), tags=sweep_tags(spec.sweep_dir))
         for name, table in report.tables.items():
             if len(table):
                 logger.mirror_table(f"report_{name}", table.reset_index())  # its CSV is beside the report already
