@@ -282,3 +282,26 @@ def test_scale_and_set_edits(adapter, prepared):
     assert torch.count_nonzero(sel[1][0]) == 0
     torch.testing.assert_close(sel[1][1], 2 * sel[0][1])
     assert torch.all(sel[2] == 7.0)
+
+
+def test_a_recording_stops_after_its_last_layer_and_equals_the_full_pass(adapter, prepared):
+    """``recorded`` runs the decoder only through its last recorded layer: the same tensors as a full pass, no later
+    layer called, and the stop hook removed afterwards."""
+    from knexp.models.hooks.record import recorded
+
+    calls = []
+    last = adapter.decoder_layers()[-1]
+    handle = last.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        early = recorded(adapter, prepared, [0])
+        assert calls == []  # the last decoder layer never ran
+        with torch.no_grad(), record(adapter, prepared, layers=[0]) as rec:
+            adapter.run_hooks(prepared)
+        assert len(calls) == 1 and torch.equal(early[0], rec.activations[0])
+        resid = recorded(adapter, prepared, [1], site="resid_pre")
+        with torch.no_grad(), record(adapter, prepared, layers=[1], site="resid_pre") as full:
+            adapter.run_hooks(prepared)
+        assert torch.equal(resid[1], full.activations[1])
+    finally:
+        handle.remove()
+    assert not adapter.decoder_layers()[1]._forward_pre_hooks  # the stop is gone

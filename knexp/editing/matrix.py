@@ -50,7 +50,7 @@ import torch
 from knexp.editing.inputs import EditInputs, PreservedSite
 from knexp.editing.preserved import PreservedKeys
 from knexp.editing.rules import EditRule
-from knexp.models.hooks.record import record, recorded
+from knexp.models.hooks.record import record, recorded, run_through
 from knexp.models.prepared import Prepared
 from knexp.models.weight_edit import LayerDelta, WeightEdit, applied
 from knexp.settings import Choice, Flag, Integer, Many, Number, SettingError, check_fields
@@ -155,7 +155,7 @@ class MatrixInputs:
         for b, prepared in enumerate(views.original):
             with torch.no_grad(), record(adapter, prepared, [layer]) as o, \
                     record(adapter, prepared, [last + 1], site="resid_pre") as h:
-                adapter.run_hooks(prepared)
+                run_through(adapter, prepared, last + 1)
             keys.append(views.gather(b, o.activations[layer]))
             now.append(views.gather(b, h.activations[last + 1]))
         return torch.cat(keys).double().cpu(), torch.cat(now).double().cpu()

@@ -102,9 +102,32 @@ def record(adapter: Adapter, prepared: Prepared, layers=None, with_grad: bool = 
         yield rec
 
 
+class _Enough(Exception):
+    """Raised inside a pass by ``run_through`` once the layers it needs have run."""
+
+
+def run_through(adapter: Adapter, prepared: Prepared, last: int) -> None:
+    """``adapter.run_hooks(prepared)``, stopped once decoder layer ``last`` has run (at the input of layer last + 1,
+    after every hook armed there before): what hooks at layers <= ``last`` record cannot depend on later layers, so
+    those, the final norm and the LM head are skipped. The stop acts on the prepared prompt's pass only (the prefill
+    guard of ``attached``), and a forward keeps no state between calls (no KV cache), so nothing is left half done."""
+    if last + 1 >= adapter.num_layers:
+        adapter.run_hooks(prepared)
+        return
+
+    def stop(x: torch.Tensor, start: int) -> None:
+        raise _Enough
+
+    try:
+        with attached(adapter, {("resid_pre", last + 1): stop}, prepared):
+            adapter.run_hooks(prepared)
+    except _Enough:
+        pass
+
+
 def recorded(adapter: Adapter, prepared: Prepared, layers=None, site: str = "ffn") -> dict[int, torch.Tensor]:
     """{layer: float32 [B, P, d]}: the ``site`` tensor (default O') at the image positions of ``prepared``, from one
-    pass without gradients (``record`` around ``run_hooks``)."""
+    pass without gradients that stops after the last layer recorded (``record`` around ``run_through``)."""
     with torch.no_grad(), record(adapter, prepared, layers=layers, site=site) as rec:
-        adapter.run_hooks(prepared)
+        run_through(adapter, prepared, max(resolve_layers(adapter, layers)))
     return rec.activations
