@@ -159,6 +159,12 @@ def test_evaluate_on_the_embedded_model_writes_scores_and_figures(tmp_path):
     neurons = json.loads((tmp_path / "job" / "neurons.json").read_text())
     assert all(len(n["decoded"][0]["tokens"]) == 10 for n in neurons)
     assert m["cache"]["heatmaps_computed"] == 2
+    # Fig. 3, measured, for the job's method: its 2 identification images and the 2 other images of k
+    located = m["localization"]["ours"]
+    assert located["identification"]["top"]["n_images"] == 2 and located["held-out"]["set"]["n_images"] == 2
+    assert all(0 <= cell[k] <= 1 for kind in located.values() for cell in kind.values()
+               for k in ("pointing", "area_iou", "auc", "random_auc"))
+    assert {"pointing", "area_iou", "iou_q95"} <= set(neurons[0])
     # the same job into a new folder: its captions and its figures' heatmaps all come from the cache, unchanged
     again = subprocess.run([a.replace(f"{tmp_path}/job", f"{tmp_path}/job2") for a in r.args], cwd=project_root(),
                            capture_output=True, text=True, timeout=900)

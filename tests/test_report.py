@@ -320,7 +320,10 @@ def test_fig3_measured_by_hand_with_paired_intervals_and_its_table_on_the_page(t
     assert fig3.loc["pan", "diff_auc"] == pytest.approx(0.0) and fig3.loc["pan", "diff_auc_lo"] < 0
     assert fig3.loc["ours", "chance_auc"] == 0.5 and fig3.loc["ours", "objects"] == 3
     page = _Page(report.html.read_text())
-    assert page.tables["fig3"] == 2 and "Fig. 3, measured: do the maps point at the object?" in page.headings
+    assert page.tables["fig3_auc"] == page.tables["fig3_pointing"] == page.tables["fig3_area_iou"] == 2
+    assert "Fig. 3, measured: do the maps point at the object?" in page.headings
+    auc = pd.read_csv(tmp_path / "out" / "fig3_auc.csv")
+    assert len(auc.columns) == 4 + 3 * 3 + 1 + 1  # the keys, (mean, lo, hi) of method, random and diff, chance, objects
     text = report.html.read_text()
     assert "heldout, held-out images, set map: ours beats layer-matched random neurons on auc" in text
     assert "0.8000 [0.70, 0.90]" in text  # ours' AUC with its interval over the three objects

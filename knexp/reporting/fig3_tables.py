@@ -65,6 +65,14 @@ def table(rows: pd.DataFrame) -> pd.DataFrame:
     return flat[order].set_index(KEYS)
 
 
+def by_measure(summary: pd.DataFrame, measure: str) -> pd.DataFrame:
+    """``summary``'s columns of one measure (the method's mean, its random counterpart's, the paired difference, each
+    with its interval, and chance) and the object count: one table per measure for the page."""
+    keep = [c for c in summary.columns if c == "objects" or c.removeprefix("random_").removeprefix("diff_")
+            .removeprefix("chance_").removesuffix("_lo").removesuffix("_hi") == measure]
+    return summary[keep]
+
+
 def verdicts(summary: pd.DataFrame, measure: str = "auc") -> list[str]:
     """One sentence per (split, images, map): the methods whose paired interval over random on ``measure`` lies above
     0, or that none does."""

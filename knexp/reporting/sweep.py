@@ -25,11 +25,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from knexp.evaluation.localization import MEASURES
 from knexp.evaluation.scores import curve_area
 from knexp.identification.causal_trace import SampleTrace, span
 from knexp.reporting.analysis import curves_png, layer_histogram_png, trace_png
 from knexp.reporting.edit_tables import edit_rows, headline, summary
-from knexp.reporting.fig3_tables import localization_rows, verdicts
+from knexp.reporting.fig3_tables import by_measure, localization_rows, verdicts
 from knexp.reporting.fig3_tables import table as fig3_table
 from knexp.reporting.tables import METHOD_ORDER, means, ordered, rank_of, shown
 
@@ -162,10 +163,11 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
         t["edit_rows"], t["edit_summary"] = edits, summary(edits)
     if len(located):
         t["fig3_rows"], t["fig3"] = located, fig3_table(located)
+        t.update({f"fig3_{k}": by_measure(t["fig3"], k) for k in MEASURES})
     for name, df in t.items():
         if len(df):
             df.to_csv(out_dir / f"{name}.csv", index=name in INDEXED)
-    blocks = _header(sweep_dir, results, empty, edits, splits) + _paper_tables(t)
+    blocks = _header(sweep_dir, results, empty, edits, located, splits) + _paper_tables(t)
     blocks += _fig3_section(t) if len(located) else []
     gallery = _fig3_gallery(results, out_dir / "fig3")
     figures = [path for _, items in gallery for path, _ in items]
@@ -183,7 +185,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, splits: dict | None
     return Report(markdown, html, t, figures)
 
 
-def _header(sweep_dir, results: list[dict], empty: list[dict], edits: pd.DataFrame, splits: dict | None) -> list[tuple]:
+def _header(sweep_dir, results: list[dict], empty: list[dict], edits: pd.DataFrame, located: pd.DataFrame,
+            splits: dict | None) -> list[tuple]:
     """The title, what the sweep holds, and its objects by split."""
     def listed(key: str) -> str:
         return ", ".join(sorted({str(m.get(key)) for m in results}))
@@ -192,10 +195,13 @@ def _header(sweep_dir, results: list[dict], empty: list[dict], edits: pd.DataFra
     held = (f"; knowledge: {listed('knowledge')}; models: {listed('model')}; thresholds: {listed('thresholds')}; "
             f"interventions: {listed('intervention')}" if results else "")
     edited = edits["knowledge"].nunique() if len(edits) else 0
+    localized = f", {located['knowledge'].nunique()} objects' maps measured" if len(located) else ""
     blocks: list[tuple] = [("h1", f"knexp report: {Path(sweep_dir)}"),
-                           ("p", f"{len(results)} evaluation jobs, {edited} objects edited" + held + f".{none}")]
+                           ("p", f"{len(results)} evaluation jobs, {edited} objects edited{localized}" + held
+                            + f".{none}")]
     if splits:
-        ours = {str(m["knowledge"]) for m in results} | (set(edits["knowledge"]) if len(edits) else set())
+        ours = ({str(m["knowledge"]) for m in results} | (set(edits["knowledge"]) if len(edits) else set())
+                | (set(located["knowledge"]) if len(located) else set()))
         by_split = {name: sorted(ours & set(objs)) for name, objs in splits.items()}
         by_split["in no split"] = sorted(ours - {o for objs in splits.values() for o in objs})
         blocks.append(("p", "This sweep's objects by split (`splits`): "
@@ -230,7 +236,8 @@ def _fig3_section(t: dict) -> list[tuple]:
                   "images of the object, the samples' consensus set. Means over objects, 95% bootstrap intervals "
                   "over objects."),
             *[("p", line + ".") for line in verdicts(t["fig3"])],
-            ("table", t["fig3"], "fig3")]
+            *[block for k in ("auc", "pointing", "area_iou")
+              for block in (("h3", MEASURE_NAMES[k]), ("table", t[f"fig3_{k}"], f"fig3_{k}"))]]
 
 
 def _gallery_section(gallery: list) -> list[tuple]:
@@ -314,7 +321,9 @@ def _unusable_section(sweep_dir, out_dir: Path, empty: list[dict], t: dict) -> l
 
 
 # the tables whose CSV keeps the index (their labels)
-INDEXED = ("table2", "table3", "curves", "curve_areas", "edit_summary", "fig3")
+INDEXED = ("table2", "table3", "curves", "curve_areas", "edit_summary", "fig3", "fig3_auc", "fig3_pointing",
+           "fig3_area_iou")
+MEASURE_NAMES = {"auc": "ROC AUC (chance 0.5)", "pointing": "Pointing game", "area_iou": "Area-matched IoU"}
 
 
 def _fig3_gallery(results: list[dict], out: Path) -> list[tuple[str, list[tuple[Path, str]]]]:
