@@ -198,3 +198,20 @@ def test_trace_task_on_a_tiny_model_with_a_scripted_captioner(tmp_path, monkeypa
     share = saved["window"]["resid_share"]
     assert saved["window"]["neuron_layers"] == [layer for layer in range(2) if share[layer + 1] >= 0.5]
     assert (tmp_path / "job" / "figures" / "trace.png").exists()
+
+
+def test_the_trace_runs_the_lm_head_at_one_position_only(adapter, catalog, random_pair, monkeypatch):
+    """Logits at every position cost rows x positions x vocabulary (30 rows x 600 x 262k floats: 19 GB on Gemma 3):
+    every forward of a trace asks for the one position it reads."""
+    original, inpainted = random_pair(adapter, 5)
+    target = locate_target(adapter, CAPTION, adapter.caption_prefix, catalog["bus"])
+    shapes, forward = [], type(adapter).forward
+
+    def spy(self, prepared, positions=None):
+        logits = forward(self, prepared, positions)
+        shapes.append(tuple(logits.shape))
+        return logits
+
+    monkeypatch.setattr(type(adapter), "forward", spy)
+    trace_sample(adapter, original, inpainted, target, catalog["bus"], kinds=("resid",), batch_size=5, captions=False)
+    assert shapes and all(k == 1 for _, k, _ in shapes), shapes

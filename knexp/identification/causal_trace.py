@@ -106,6 +106,12 @@ def _edits(rows: list[tuple[str, int]], sources: dict[str, torch.Tensor],
     return edits
 
 
+def _logit_at(adapter: Adapter, prepared, position: int, token_id: int) -> torch.Tensor:
+    """[B]: every row's logit of ``token_id`` at sequence position ``position``, the LM head run there only (never
+    the [B, T, V] logits of every position)."""
+    return adapter.forward(prepared, positions=torch.tensor([position], device=adapter.device))[:, 0, token_id]
+
+
 @torch.no_grad()
 def trace_sample(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray, target: Target, knowledge: Knowledge,
                  image_id: int = -1, annotation_id: int = -1, batch_size: int = 16, max_new_tokens: int = 32,
@@ -114,12 +120,12 @@ def trace_sample(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray, 
     n = adapter.num_layers
     prep_i = adapter.prepare([inpainted], continuations=[target.context])
     with record(adapter, prep_i, site="resid_pre") as r_resid, record(adapter, prep_i) as r_ffn:
-        y_i = float(adapter.forward(prep_i)[0, int(prep_i.last_position[0]), target.token_id])
+        y_i = float(_logit_at(adapter, prep_i, int(prep_i.last_position[0]), target.token_id)[0])
     sources = {"resid_pre": r_resid.stacked()[:, 0], "ffn": r_ffn.stacked()[:, 0]}  # [L, P, d_model], [L, P, d_f]
     del r_resid, r_ffn
     prep_o = adapter.prepare([original], continuations=[target.context])
     t_star = int(prep_o.last_position[0])
-    y_o = float(adapter.forward(prep_o)[0, t_star, target.token_id])
+    y_o = float(_logit_at(adapter, prep_o, t_star, target.token_id)[0])
     rows = [(kind, layer) for kind in kinds for layer in range(n)]
     ys: list[float] = []
     texts: list[str] = []
@@ -128,7 +134,7 @@ def trace_sample(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray, 
         edits = _edits(chunk, sources, n)
         forced = adapter.prepare([original] * len(chunk), continuations=[target.context] * len(chunk))
         with intervene(adapter, forced, edits["resid_pre"], site="resid_pre"), intervene(adapter, forced, edits["ffn"]):
-            ys += adapter.forward(forced)[:, t_star, target.token_id].float().tolist()
+            ys += _logit_at(adapter, forced, t_star, target.token_id).float().tolist()
         if captions:
             prompt = adapter.prepare([original] * len(chunk))
             with intervene(adapter, prompt, edits["resid_pre"], site="resid_pre"), intervene(adapter, prompt,
