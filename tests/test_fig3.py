@@ -74,6 +74,8 @@ def test_localize_on_a_tiny_model_matches_an_independent_recomputation(tmp_path)
     values = sign * token_values(s.adapter, s.data.load_image(image_id), layer, unit)
     inside = np.zeros(len(values), bool)
     inside[s.adapter.geometry.object_tokens(s.data.object_mask(image_id, 6))] = True
+    no_clock = s.data.object_mask(image_id, 85)  # no instance: an empty mask at the image's size
+    assert no_clock.shape == (96, 96) and not no_clock.any()
     finest = s.adapter.geometry.finest
     row = rows[(rows.method == "pan") & (rows.neurons == "method") & (rows["map"] == "top")
                & (rows.image_id == image_id) & (rows.images == "identification")].iloc[0]

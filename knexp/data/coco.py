@@ -168,8 +168,8 @@ class CocoScenes:
         masks = [self.instance_mask(i.annotation_id) for i in self.instances(image_id) if i.category_id == category_id]
         if masks:
             return np.logical_or.reduce(masks)
-        height, width = self.load_image(image_id).shape[:2]
-        return np.zeros((height, width), bool)
+        entry = self.coco.imgs[image_id]  # the size load_image and annToMask give, without reading the image
+        return np.zeros((entry["height"], entry["width"]), bool)
 
     def captions(self, image_id: int) -> list[str]:
         if self.captions_coco is None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knexp.evaluation.fig3 import TOP, image_records, signed_maps, weights_of
+from knexp.evaluation.fig3 import TOP, image_records, signed_maps, signs_of, weights_of
 from knexp.evaluation.localization import localization, set_map
 from knexp.identification.methods import NeuronSet
 from knexp.identification.pipeline import SampleResult
@@ -48,7 +48,7 @@ def change_sign(neurons: NeuronSet, rank: int) -> int:
     (it is higher with the object there), else -1; +1 for a set without shifts."""
     if neurons.shift is None or rank >= len(neurons.shift):
         return 1
-    return 1 if float(neurons.shift[rank]) <= 0 else -1
+    return int(signs_of(neurons.shift[rank]))
 
 
 def token_scores(adapter: Adapter, values: np.ndarray, heat: np.ndarray, object_mask: np.ndarray) -> dict:
