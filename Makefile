@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test test-fast lint bench gpu-check clean-cache table2
+.PHONY: install run test test-fast lint bench gpu-check real-shapes clean-cache table2
 
 install: $(STAMP)
 
@@ -51,6 +51,13 @@ clean-cache:
 
 bench: install
 	$(BIN)/python -m knexp.bench
+
+# Gemma 3 4B and Qwen2.5-VL 3B at their real size (random weights) in float32 on the CPU, phase by phase with time,
+# peak memory and the memory check's estimate (knexp/bench/real_shapes.py): its section of BENCHMARKS.md. Opt-in, not in
+# CI: about 17 GB of memory and half an hour on 2 cores; a model that cannot fit is named and skipped. Freed tensors go
+# back to the OS at once (malloc's mmap threshold), so each phase's peak is its own.
+real-shapes: install
+	MALLOC_MMAP_THRESHOLD_=131072 $(BIN)/python -m knexp.bench --only real_shapes
 
 # real shapes in bfloat16 on a CUDA GPU (knexp/bench/gpu.py): its section of BENCHMARKS.md; says so and exits 0 without one
 gpu-check: install

@@ -199,9 +199,10 @@ def test_bfloat16_runs_on_the_cpu_and_reduces_in_float32(catalog):
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="builds the GPU check's models small, on the CPU")
 def test_the_gpu_checks_models_build_and_measure_at_small_shapes():
-    """The GPU check's three real-shape models (``knexp.bench.gpu``), shrunk, on the CPU: each builds through its
+    """The GPU check's three real-shape models (``knexp.bench.shapes``), shrunk, on the CPU: each builds through its
     family and the check measures it (hook overhead, identification, captions per second)."""
-    from knexp.bench.gpu import SHAPES, Shape, build, measure
+    from knexp.bench.gpu import measure
+    from knexp.bench.shapes import SHAPES, Shape, build
 
     small = {"llava": (64, 128, 2, 4, 4, (32, 64, 1, 2), 56), "qwen2_5_vl": (64, 128, 2, 4, 2, (32, 64, 2, 2), 56),
              "gemma3": (64, 128, 2, 4, 2, (32, 64, 1, 2), 56)}

@@ -25,7 +25,7 @@ ORDER = [
     ["knexp.models.weight_edit"],
     ["knexp.models.zoo"],
     ["knexp.models.tiny"],
-    ["knexp.models.captioning", "knexp.models.registry"],
+    ["knexp.models.captioning", "knexp.models.memory", "knexp.models.registry"],
     ["knexp.identification"],
     ["knexp.editing"],
     ["knexp.evaluation"],

@@ -33,6 +33,8 @@ from knexp.bench.family_costs import HEADING as FAMILIES_HEADING
 from knexp.bench.family_costs import family_costs, family_markdown
 from knexp.bench.gpu import HEADING as GPU_HEADING
 from knexp.bench.gpu import NO_GPU, gpu_check, gpu_markdown
+from knexp.bench.real_shapes import HEADING as REAL_HEADING
+from knexp.bench.real_shapes import real_shapes, real_shapes_markdown
 from knexp.bench.sweeps import grids, launchers
 from knexp.data.toyworld.scenes import SceneOptions, make_scene
 from knexp.job.session import session
@@ -221,6 +223,7 @@ SECTIONS = {"reuse": (REUSE_HEADING, lambda: reuse_markdown(reuse_and_decode()))
             "data": (DATA_HEADING, lambda: data_markdown(annotation_pass())),
             "families": (FAMILIES_HEADING, lambda: family_markdown(family_costs())),
             "gpu": (GPU_HEADING, lambda: gpu_markdown(gpu_check())),
+            "real_shapes": (REAL_HEADING, lambda: real_shapes_markdown(real_shapes())),
             "edit": (EDIT_HEADING, lambda: edit_markdown(edit_costs())),
             # the grids scale the demo's jobs: those of the last full run's raw numbers
             "grids": (GRIDS_HEADING, lambda: grids_markdown(grids(_last_run()["sweeps"]["per_job"])))}

@@ -10,15 +10,20 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import logging
 from pathlib import Path
 
 import torch
 
+from knexp.models import memory
 from knexp.models.adapters.adapter import Adapter
 from knexp.models.captioning import Generation
+from knexp.models.memory import Estimate, ModelShape
 from knexp.models.weight_edit import load, permanent
 from knexp.settings import SettingError, Text, check_mapping, from_mapping
 from knexp.store import stable_key
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,6 +96,7 @@ def load_model(model_cfg: dict, cache_dir: str | Path) -> Adapter:
     key = stable_key(model_identity(model_cfg), str(cache_dir), model_cfg.get("device", "cpu"))
     if key in _LAST:
         return _LAST[key]
+    check_memory(model_cfg, cache_dir)
     adapter = _loader(model_cfg)(model_cfg, resolve_device(model_cfg.get("device", "cpu")), Path(cache_dir))
     files = edit_files(model_cfg)
     hashes = [file_hash(f) for f in files]
@@ -100,6 +106,27 @@ def load_model(model_cfg: dict, cache_dir: str | Path) -> Adapter:
     _LAST.clear()  # one model at a time: a sweep over models must not hold them all
     _LAST[key] = adapter
     return adapter
+
+
+def check_memory(model_cfg: dict, cache_dir: str | Path) -> Estimate | None:
+    """The job's memory estimate (``knexp.models.memory``) from the adapter its loader builds without weights (the
+    loader's ``without_weights``, same arguments); ``NotEnoughMemory`` in one line, before any weight is read, where
+    the device has too little free. None, with a line in the log, for a loader that cannot build one."""
+    loader = _loader(model_cfg)
+    build = getattr(loader, "without_weights", None)
+    if build is None:
+        log.info("no memory estimate for model=%s: its loader has no without_weights", model_cfg.get("name"))
+        return None
+    device = resolve_device(model_cfg.get("device", "cpu"))
+    generation = from_mapping(Generation, model_cfg.get("generation") or {}, "model.generation")
+    rows = generation.decode_width or generation.batch_size
+    shape = ModelShape.of(build(model_cfg, device, Path(cache_dir)))
+    rows_setting = f"model.generation.{'decode_width' if generation.decode_width else 'batch_size'}"
+    est = memory.check(str(model_cfg.get("name")), shape, rows, generation.max_new_tokens, device, rows_setting,
+                       "model.dtype" if "dtype" in model_cfg else None)
+    log.info("memory estimate for model=%s: %.2f GiB at its largest step (%s)", model_cfg.get("name"),
+             est.peak() / memory.GIB, est.largest)
+    return est
 
 
 def model_identity(model_cfg: dict) -> str:

@@ -116,6 +116,16 @@ class Adapter(ABC):
     def num_image_tokens(self) -> int:
         return len(self.geometry)
 
+    @abstractmethod
+    def prompt_length(self) -> int:
+        """Positions of a caption prompt of one image, its image tokens included (T0 of docs/method.md, "Memory
+        before loading")."""
+
+    def vision_shape(self) -> tuple[int, int, int]:
+        """(positions per image, width, FFN width) of a transformer vision tower; zeros for none (a convolutional
+        encoder, whose activations are small beside the decoder's)."""
+        return 0, 0, 0
+
     def w_out(self, layer: int) -> torch.Tensor:
         """W_out^l [d_model, d_f]: column u is what neuron u writes into the residual stream."""
         return self.down_proj(layer).weight

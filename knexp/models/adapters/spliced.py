@@ -105,6 +105,9 @@ class SplicedAdapter(Adapter):
     def final_norm(self) -> nn.Module:
         return self.mllm.lm.model.norm
 
+    def prompt_length(self) -> int:
+        return len(self.mllm.prompt_ids(self.caption_prefix))
+
     def prepare(self, images: list[np.ndarray], continuations: list[str] | None = None, prefix: str | None = None,
                 question: str | None = None) -> Prepared:
         """Same prompt for every row; continuations (teacher forcing) are right-padded, which causal

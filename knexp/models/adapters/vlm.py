@@ -21,10 +21,6 @@ paths may assume.
 
 from __future__ import annotations
 
-import inspect
-import json
-from pathlib import Path
-
 import cv2
 import numpy as np
 import torch
@@ -32,6 +28,7 @@ from torch import nn
 
 from knexp.models.adapters.adapter import GREEDY, LLAMA_SITES, Adapter
 from knexp.models.adapters.families import FAMILIES, Family, Layout, family
+from knexp.models.adapters.processors import load_processor
 from knexp.models.errors import ModelError, ModelWeightsMissing
 from knexp.models.prepared import Prepared, image_positions_from_ids, last_positions
 from knexp.settings import DTYPES, Choice, Device, Fields, Flag, Integer, Many, SettingError, Text, takes
@@ -57,6 +54,7 @@ class VLMAdapter(Adapter):
         self.geometry = self.layout.geometry
         self._slots = len(self.layout.keep)
         self._keep = torch.as_tensor(self.layout.keep)
+        self._canonical = (int(canonical["input_ids"].shape[1]), tuple(canonical["pixel_values"].shape))
         slots = int((canonical["input_ids"][0] == self.image_token_id).sum())
         if slots != self._slots or int(self.layout.keep.sum()) != len(self.geometry):
             raise ModelError(f"{family.name}: at model.image_size={list(self.image_size)} the prompt holds {slots} "
@@ -110,6 +108,24 @@ class VLMAdapter(Adapter):
     def pad_token_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return int(pad if pad is not None else self.stop_token_ids[0])
+
+    def prompt_length(self) -> int:
+        return self._canonical[0]
+
+    def vision_shape(self) -> tuple[int, int, int]:
+        """(positions per image, width, FFN width) of the vision tower: positions from the processor's pixels (patches
+        of every crop, or the rows of a patch list such as Qwen's), widths from ``config.vision_config``."""
+        vision = getattr(self._model.config, "vision_config", None)
+        if vision is None:
+            return 0, 0, 0
+        pixels = self._canonical[1]
+        patch = getattr(vision, "patch_size", 14)
+        patch = patch[0] if isinstance(patch, list | tuple) else patch
+        crops = int(np.prod(pixels[1:-3])) if len(pixels) > 4 else 1
+        positions = pixels[0] if len(pixels) == 2 else crops * (pixels[-2] // patch) * (pixels[-1] // patch)
+        width = int(getattr(vision, "embed_dim", None) or getattr(vision, "hidden_size", 0))  # Qwen2-VL: embed_dim
+        ffn = getattr(vision, "intermediate_size", None) or width * getattr(vision, "mlp_ratio", 4)
+        return int(positions), width, int(ffn)
 
     # ---- inputs ------------------------------------------------------------------------------------
     def _blank(self) -> np.ndarray:
@@ -174,52 +190,6 @@ class VLMAdapter(Adapter):
         return gen[:, prepared.prompt_len:]
 
 
-def without_video(processor_class):
-    """``processor_class`` built from an image processor and a tokenizer only. A family's video processor needs
-    torchvision, which does not load beside knexp's CPU torch, and knexp shows models images only; the chat template is
-    rendered as every processor renders it (a family's own ``apply_chat_template`` may read its video settings)."""
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImagesOnly(processor_class):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            processor_class.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                                     chat_template=chat_template, **kwargs)
-
-        def apply_chat_template(self, conversation, chat_template=None, **kwargs):
-            return ProcessorMixin.apply_chat_template(self, conversation, chat_template=chat_template, **kwargs)
-
-    ImagesOnly.__name__ = ImagesOnly.__qualname__ = f"{processor_class.__name__}ImagesOnly"
-    return ImagesOnly
-
-
-def load_processor(path: str, fam: Family, overrides: dict | None = None):
-    """The family's processor from ``path`` (a folder or a cached hub id): its tokenizer, its image processor and its
-    chat template, and the processor's own settings (``processor_config.json``, then ``overrides``), without the video
-    part."""
-    import transformers
-    from transformers import AutoImageProcessor, AutoTokenizer
-    from transformers.utils import cached_file
-
-    cls = getattr(transformers, fam.processor_class)
-    if "video_processor" in inspect.signature(cls.__init__).parameters:
-        cls = without_video(cls)
-    parameters = set(inspect.signature(cls.__init__).parameters)
-    allowed = parameters - {"self", "image_processor", "tokenizer", "chat_template", "kwargs"}
-
-    def file(name: str) -> str | None:
-        return cached_file(path, name, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)
-
-    settings = {**(json.loads(Path(found).read_text()) if (found := file("processor_config.json")) else {}),
-                **(overrides or {})}
-    template = Path(found).read_text() if (found := file("chat_template.jinja")) else None
-    if template is None and (found := file("chat_template.json")):
-        template = json.loads(Path(found).read_text()).get("chat_template")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return cls(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tokenizer,
-               chat_template=template or tokenizer.chat_template, **{k: v for k, v in settings.items() if k in allowed})
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: bfloat16 on a CUDA device that supports it (float16 on one that does not), float32 elsewhere."""
     if name != "auto":
@@ -270,7 +240,33 @@ def load_adapter(model_cfg: dict, device: torch.device, cache_dir):
         raise ModelWeightsMissing(f"{fam.name} weights not found at model.path={path!r} ({str(exc).splitlines()[0]}); "
                                   "point model.path at a local folder (knexp runs with HF_HUB_OFFLINE=1) or download "
                                   "it first") from exc
+    return _adapter(model.to(device), processor, fam, model_cfg)
+
+
+def _adapter(model, processor, fam: Family, model_cfg: dict) -> VLMAdapter:
     size = model_cfg.get("image_size")
-    return VLMAdapter(model.to(device), processor, fam, question=model_cfg["question"],
+    return VLMAdapter(model, processor, fam, question=model_cfg["question"],
                       caption_prefix=model_cfg["prompt"]["caption_prefix"], image_size=tuple(size) if size else None)
+
+
+def meta_adapter(model_cfg: dict, device: torch.device, cache_dir=None) -> VLMAdapter:
+    """``load_adapter``'s adapter with its weights on the meta device: the config and processor from ``model.path``,
+    no weight read (what the memory check before loading measures, ``knexp.models.memory``)."""
+    import transformers
+
+    fam = family(model_cfg["family"])
+    path = model_cfg["path"]
+    try:
+        processor = load_processor(path, fam, model_cfg.get("processor"))
+        config = transformers.AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise ModelWeightsMissing(f"{fam.name} config not found at model.path={path!r} ({str(exc).splitlines()[0]}); "
+                                  "point model.path at a local folder or a hub id in the local cache") from exc
+    with torch.device("meta"):
+        model = getattr(transformers, fam.model_class)._from_config(
+            config, dtype=resolve_dtype(model_cfg["dtype"], device))
+    return _adapter(model, processor, fam, model_cfg)
+
+
+load_adapter.without_weights = meta_adapter
 

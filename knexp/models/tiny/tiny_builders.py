@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from knexp.models.adapters.vlm import without_video
+from knexp.models.adapters.processors import without_video
 from knexp.models.tiny.tiny_models import word_tokenizer
 
 

@@ -148,6 +148,22 @@ def load_embedded(
     return EmbeddedMLLM(vision, projector, lm, tokenizer, prompt or PromptConfig())
 
 
+def embedded_without_weights(model_cfg: dict, device: torch.device, cache_dir: Path) -> SplicedAdapter:
+    """``load_adapter``'s adapter with every weight on the meta device: the LM from its config, the encoder and the
+    projector from their classes, nothing read but the config and the tokenizer (the memory check's view of it)."""
+    from efficientnet_lite_pytorch import EfficientNet
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder(cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with torch.device("meta"):
+        config = AutoConfig.from_pretrained(folder)
+        lm = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model_cfg["dtype"]))
+        vision = EfficientNet.from_name("efficientnet-lite0")
+        projector = build_projector(model_cfg["projector_kind"], model_cfg["projector_hidden"], lm.config.hidden_size)
+    return SplicedAdapter(EmbeddedMLLM(vision, projector, lm, tokenizer, PromptConfig(**model_cfg["prompt"])))
+
+
 def load_projector(projector: nn.Module, path: str | Path) -> None:
     """Load safetensors weights into ``projector``; a clear error names the file when it is bad."""
     from safetensors.torch import load_file
@@ -183,3 +199,6 @@ def load_adapter(model_cfg: dict, device: torch.device, cache_dir: Path):
         prompt=PromptConfig(**model_cfg["prompt"]),
     )
     return SplicedAdapter(mllm.to(device))
+
+
+load_adapter.without_weights = embedded_without_weights
