@@ -20,7 +20,7 @@ def test_the_estimate_counts_the_formulas_tensors():
     layer = 12 * (3 * 32 + 6 * 8) * 4
     assert one["captions"] == kv + layer + 2 * 100 * 4 and two["captions"] == 2 * one["captions"]
     t1 = 12 + CONTEXT_TOKENS
-    assert one["identification"] == 3 * t1 * (4 * 32 + 14 * 8) * 4 + 2 * 3 * 5 * 32 * 4 + 12 * 3 * 32 * 4
+    assert one["identification"] == 3 * t1 * (3 * 32 + 8 * 8) * 4 + 2 * 3 * 5 * 32 * 4 + 12 * 3 * 32 * 4
     half = step_bytes(ModelShape(**{**s.__dict__, "value_bytes": 2}), 1, 10)
     assert half["weights"] == 2000 and half["identification"] < one["identification"]
 
@@ -122,3 +122,77 @@ def test_the_real_shape_phases_run_at_small_shapes():
     gpu = gpu_markdown({"device": "test", "tests": {"summary": "ok", "seconds": 0},
                         "models": {r["name"]: {**r["extra"], "params_b": 0.0, "run": r} for r in (runs[0], skipped)}})
     assert gpu.count("| identification |") == 1 and "was not run: it needs about 1024.0 GiB" in gpu
+
+
+def _packed_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for a backward while ``fn`` runs (outside checkpointed regions)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+@pytest.mark.parametrize("kind", ["embedded", "gemma3"])
+def test_identification_recomputes_layers_where_keeping_them_would_not_fit(kind, monkeypatch):
+    """At real size, keeping every layer's activations for the backward of y_c was knexp's largest cost (BENCHMARKS.md,
+    "Real sizes on the CPU"). ``compute_stats`` recomputes each layer in the backward where they would exceed
+    ``RECOMPUTE_ABOVE`` (forced here at tiny size): autograd then keeps a fraction of what it kept, and the statistics
+    are the same (bit for bit without a prefix cache; to float rounding for a fast-path model, whose recomputed pass
+    runs over the prefix too)."""
+    import numpy as np
+
+    from knexp.identification import passes
+    from knexp.identification.passes import SampleStats, Target, compute_stats
+    from knexp.models.tiny.tiny_vlm import tiny_adapter
+
+    adapter = tiny_adapter(kind, layers=4)
+    h, w = getattr(adapter, "image_size", (224, 224))
+    rng = np.random.default_rng(0)
+    original, inpainted = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for _ in range(2)]
+    target = Target(context=" a", token_id=adapter.tokenize(" bus")[0], word="bus")
+    kept = _packed_bytes(lambda: compute_stats(adapter, original, inpainted, target, recompute=False))
+    monkeypatch.setattr(passes, "RECOMPUTE_ABOVE", 0)  # the automatic choice, as at real size
+    recomputed = _packed_bytes(lambda: compute_stats(adapter, original, inpainted, target))
+    assert recomputed < kept / 3, (recomputed, kept)
+    full = compute_stats(adapter, original, inpainted, target, recompute=False)
+    again = compute_stats(adapter, original, inpainted, target, recompute=True)
+    for name in SampleStats.TENSORS:
+        a, b = getattr(full, name), getattr(again, name)
+        if adapter.fast_paths:
+            scale = float(a.float().abs().max()) or 1.0
+            torch.testing.assert_close(b.float(), a.float(), atol=1e-5 * scale, rtol=0, msg=name)
+        else:
+            assert torch.equal(a, b), name
+    assert all(type(layer).__dict__.get("forward") is not None and "forward" not in layer.__dict__
+               for layer in adapter.decoder_layers())  # every layer's own forward is back
+
+
+def test_a_real_shape_that_cannot_fit_is_named_and_not_built(monkeypatch):
+    """``make real-shapes`` on a machine with too little free memory: the model is not built, its need and the free
+    memory are given, and the run goes on (the command exits 0)."""
+    from knexp.bench import real_shapes
+    from knexp.bench.shapes import CPU_SHAPES
+
+    built = []
+    monkeypatch.setattr(real_shapes, "build", lambda *a: built.append(a) or pytest.fail("built"))
+    monkeypatch.setattr(real_shapes, "_planned", lambda shape, dtype: _shape_of(shape))
+    monkeypatch.setenv("KNEXP_FREE_MEMORY", "4GiB")
+    r = real_shapes.real_shapes([CPU_SHAPES[0]])
+    (model,) = r["models"]
+    assert model["skipped"] and model["estimate"] > 16 * 2**30 and model["free"] == 4 * 2**30 and not built
+    assert "Not run: it needs about" in real_shapes.real_shapes_markdown(r)
+
+
+def _shape_of(shape):
+    """The ``ModelShape`` of a ``Shape`` from its numbers alone (parameters counted as Gemma 3 4B's)."""
+    from knexp.models.memory import ModelShape
+
+    return ModelShape(parameters=4_315_317_824, value_bytes=4, layers=shape.layers, d_model=shape.width,
+                      d_ff=shape.ffn, vocab=shape.vocab, kv_width=shape.kv_heads * shape.head_width, image_tokens=256,
+                      prompt_positions=272, vision_positions=4096, vision_width=shape.vision[0],
+                      vision_ffn=shape.vision[1])

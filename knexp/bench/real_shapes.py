@@ -114,6 +114,8 @@ def run_phases(adapter, device: torch.device, process: int, rows: int = ROWS, ne
     weights = shape.parameters * shape.value_bytes
     one = memory.components(shape, 1, 0)
     steps = memory.step_bytes(shape, rows, new_tokens)
+    everything = memory.saved_for_backward(shape.layers, shape.prompt_positions + memory.CONTEXT_TOKENS, shape.d_model,
+                                           shape.d_ff, shape.value_bytes, recompute=False)  # a bare backward keeps it
     image, inpainted, knowledge, caption = scene(adapter)
     target = locate_target(adapter, caption, adapter.caption_prefix, knowledge)
     found: dict = {}
@@ -151,7 +153,7 @@ def run_phases(adapter, device: torch.device, process: int, rows: int = ROWS, ne
             pass
 
     plan = [("forward", forward, one["layer"] + one["vision_layer"] + one["logits"]),
-            ("gradient", gradient, one["saved_for_backward"] + one["vision_layer"]),
+            ("gradient", gradient, everything + one["vision_layer"]),
             ("identification", identification, steps["identification"]),
             ("captions", intervened, steps["captions"]), ("edit", edit, 0)]
     out = []

@@ -7,7 +7,10 @@ For one sample (original image o, inpainted image i, the caption of o with targe
 2. forward on o with the caption before c as context, then one backward of y_c, the logit of c at the
    position t* that predicts it. Hooks reduce everything as it streams by; O'_o and O'_i of a layer are
    kept (in the model's dtype) until that layer's gradient arrives and then freed, so the peak extra
-   memory is about two [L, P, d_f] tensors in half precision (BENCHMARKS.md).
+   memory is about two [L, P, d_f] tensors in half precision (BENCHMARKS.md). Where what autograd keeps for that
+   backward (every layer's activations) would exceed ``knexp.models.memory.RECOMPUTE_ABOVE``, as at a real model's
+   size, each layer is recomputed in the backward instead (``prefix_cache.recomputed``): the hooks below see that
+   second forward and ignore it.
 
 Both passes take the tokens before the image (system turn, user header) from the prefix cache that captioning shares
 (``knexp.models.decoding.prefix_cache.logits_after_prefix``): they cannot depend on the image, so each pass runs over
@@ -30,6 +33,7 @@ from knexp.data.catalog import Knowledge
 from knexp.models.adapters.adapter import Adapter
 from knexp.models.decoding.prefix_cache import logits_after_prefix
 from knexp.models.hooks.attach import attached, gradient_anchor
+from knexp.models.memory import RECOMPUTE_ABOVE, saved_for_backward
 
 
 class SampleSkipped(Exception):
@@ -130,11 +134,18 @@ def wout_dot_unembedding(adapter: Adapter, token_id: int) -> torch.Tensor:
 
 
 def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray, target: Target,
-                  prefix: str | None = None) -> SampleStats:
-    """Run the two passes of docs/method.md's stages 1 and 2 for one sample and reduce them per neuron."""
+                  prefix: str | None = None, recompute: bool | None = None) -> SampleStats:
+    """Run the two passes of docs/method.md's stages 1 and 2 for one sample and reduce them per neuron. ``recompute``:
+    recompute each decoder layer in the backward instead of keeping its activations (None: where keeping them all
+    would exceed ``knexp.models.memory.RECOMPUTE_ABOVE``); the statistics are the same either way."""
     layers = list(range(adapter.num_layers))
     prep_i = adapter.prepare([inpainted], continuations=[target.context], prefix=prefix)
     prep_o = adapter.prepare([original], continuations=[target.context], prefix=prefix)
+    d_model, d_ff = adapter.down_proj(0).out_features, adapter.d_ff
+    value_bytes = adapter.down_proj(0).weight.element_size()
+    if recompute is None:
+        everything = saved_for_backward(len(layers), prep_o.prompt_len, d_model, d_ff, value_bytes, recompute=False)
+        recompute = everything > RECOMPUTE_ABOVE
     pos_i, pos_o = prep_i.image_positions[0], prep_o.image_positions[0]
     t_star = int(prep_o.last_position[0])  # t*: the position whose logits predict c
 
@@ -153,15 +164,17 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
 
     def on_original(layer):
         def hook(x, start):  # [1, T - start, d_f]
+            if layer in out["diff_max"]:  # the layer's forward again, in the backward (``recompute``): seen already
+                return None
             here, last = pos_o - start, t_star - start  # the image positions and t* within the pass
-            o_det = x[0, here].detach()  # [P, d_f], model dtype: kept with O'_i until this layer's gradient arrives
+            o_det = x.detach()[0, here]  # [P, d_f], model dtype: kept with O'_i until this layer's gradient arrives
             shift = inpainted_acts[layer].float() - o_det.float()  # O'_i - O'_o
             out["diff_max"][layer] = (-shift).amax(0)
             out["diff_absmax"][layer] = shift.abs().amax(0)
             out["shift_mean"][layer] = shift.mean(0)
             out["act_mean"][layer] = o_det.float().mean(0)
             out["act_std"][layer] = o_det.float().std(0, correction=0)
-            out["act_last"][layer] = x[0, last].detach().to(torch.float32, copy=True)
+            out["act_last"][layer] = x.detach()[0, last].to(torch.float32, copy=True)
             del shift
 
             def catch(grad: torch.Tensor) -> None:
@@ -180,12 +193,13 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
 
     def on_act(layer):
         def hook(x, start):  # act(gate(x)) [1, T - start, d_f]
-            out["actfn_last"][layer] = x[0, t_star - start].detach().to(torch.float32, copy=True)
+            if layer not in out["actfn_last"]:
+                out["actfn_last"][layer] = x.detach()[0, t_star - start].to(torch.float32, copy=True)
         return hook
 
     hooks = {("ffn", k): on_original(k) for k in layers} | {("ffn_act", k): on_act(k) for k in layers}
     with torch.enable_grad(), gradient_anchor(adapter, prep_o), attached(adapter, hooks, prefill=prep_o):
-        logits = logits_after_prefix(adapter, prep_o, prep_o.last_position[:1])  # [1, 1, V]: the head at t* only
+        logits = logits_after_prefix(adapter, prep_o, prep_o.last_position[:1], recompute)  # [1, 1, V]: at t* only
         logits[0, 0, target.token_id].backward()
         del logits
     missing = [layer for layer in layers if layer not in out["gradcam_max"]]

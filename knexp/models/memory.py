@@ -13,10 +13,13 @@ memory depends on. Each step's figure counts the tensors that step holds at its 
                     R V (d_vff + 6 d_v); and float32 logits at the last position only, 2 R |vocab| (the logits and
                     the scores decoding reads).
 ``identification``  one sample's ``compute_stats`` at batch 1: what autograd keeps for the backward of y_c through
-                    every decoder layer, L T1 (4 d_ff + 14 d_model) (the MLP's gate, up, activation and product
-                    tensors; the norms', attention's and residual's inputs), with T1 = T0 + 8 context tokens; O' of
-                    both images at the image tokens, kept until a layer's gradient arrives, 2 L P d_ff; and the
-                    per-neuron statistics, 12 L d_ff float32 values.
+                    every decoder layer, L T1 (3 d_ff + 8 d_model) (the MLP's gate output, and the activation and up
+                    outputs that their product keeps; the norms' inputs, attention's queries, keys, values and
+                    output; a frozen linear map keeps nothing), with T1 = T0 + 8 context tokens, or where that
+                    exceeds ``RECOMPUTE_ABOVE`` (identification then recomputes each layer in the backward) the
+                    layers' inputs and one layer's activations, L T1 d_model + T1 (3 d_ff + 8 d_model); O' of both
+                    images at the image tokens, kept until a layer's gradient arrives, 2 L P d_ff; and the per-neuron
+                    statistics, 12 L d_ff float32 values.
 
 On the CPU the process's own resident memory (Python, torch, the data) is added, since free memory is what the
 machine has beside it. The constants count tensors of the formulas' shapes, not measured bytes: BENCHMARKS.md
@@ -35,6 +38,7 @@ from knexp.models.adapters.adapter import Adapter
 from knexp.models.errors import ModelError
 
 GIB = 2**30
+RECOMPUTE_ABOVE = GIB  # identification recomputes each layer in its backward where keeping them all would exceed this
 CONTEXT_TOKENS = 8  # caption tokens before the target word that identification's pass adds to the prompt
 FREE_ENV = "KNEXP_FREE_MEMORY"  # what the check takes as free memory, e.g. 12GiB (default: what the device reports)
 
@@ -84,9 +88,21 @@ def components(shape: ModelShape, rows: int, new_tokens: int) -> dict[str, int]:
             "layer": rows * t0 * (3 * s.d_ff + 6 * s.d_model) * b,
             "vision_layer": rows * s.vision_positions * (s.vision_ffn + 6 * s.vision_width) * b,
             "logits": 2 * rows * s.vocab * 4,
-            "saved_for_backward": s.layers * t1 * (4 * s.d_ff + 14 * s.d_model) * b,
+            "saved_for_backward": saved_for_backward(s.layers, t1, s.d_model, s.d_ff, b),
             "records": 2 * s.layers * s.image_tokens * s.d_ff * b,
             "statistics": 12 * s.layers * s.d_ff * 4}
+
+
+def saved_for_backward(layers: int, positions: int, d_model: int, d_ff: int, value_bytes: int,
+                       recompute: bool | None = None) -> int:
+    """What autograd keeps for a backward through ``layers`` decoder layers over ``positions`` positions: every layer's
+    activations, L T (3 d_ff + 8 d_model) b; or, recomputing each layer in the backward (``recompute``; None: where
+    the former exceeds ``RECOMPUTE_ABOVE``, as identification decides), every layer's input and one layer's
+    activations, L T d_model b + T (3 d_ff + 8 d_model) b."""
+    layer = positions * (3 * d_ff + 8 * d_model) * value_bytes
+    if recompute is None:
+        recompute = layers * layer > RECOMPUTE_ABOVE
+    return layers * positions * d_model * value_bytes + layer if recompute else layers * layer
 
 
 def step_bytes(shape: ModelShape, rows: int, new_tokens: int) -> dict[str, int]:

@@ -13,8 +13,11 @@ forward instead, and shares no prefix.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
@@ -32,8 +35,38 @@ def run_layers(lm, hidden: torch.Tensor, start: int, stop: int, cache: DynamicCa
     rotary = lm.rotary_emb(hidden, position_ids=positions)
     for layer in lm.layers[start:stop]:
         hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions,
-                       past_key_values=cache, use_cache=True)
+                       past_key_values=cache, use_cache=cache is not None)
     return hidden
+
+
+@contextmanager
+def recomputed(layers) -> Iterator[None]:
+    """While open, each of ``layers`` keeps only its input for a later backward and runs its forward again when the
+    backward reaches it (``torch.utils.checkpoint``, non-reentrant), for passes under grad mode: what autograd keeps for
+    a backward through L layers falls from L layers' activations to L inputs and one layer's activations, for one more
+    forward of each layer (docs/method.md, "Memory before loading"). Hooks inside a layer run again on that second
+    forward, during the backward; a pass with a KV cache must not be recomputed (the second forward would write it
+    again)."""
+    wrapped = []
+    for layer in layers:
+        own = layer.__dict__.get("forward")  # an instance's own forward (set by another tool) is put back on exit
+        forward = layer.forward
+
+        def run(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = run
+        wrapped.append((layer, own))
+    try:
+        yield
+    finally:
+        for layer, own in wrapped:
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
 
 
 # The prefix KV caches of each decoder stack, by the prefix's token ids: computed without hooks, reused by every batch.
@@ -86,17 +119,22 @@ def with_prefix(lm, prefix: DynamicCache | None, rows: int, layers: range) -> Dy
     return cache
 
 
-def logits_after_prefix(model: Decodable, prepared: Prepared, positions: torch.Tensor) -> torch.Tensor:
+def logits_after_prefix(model: Decodable, prepared: Prepared, positions: torch.Tensor, recompute: bool = False
+                        ) -> torch.Tensor:
     """``model.forward(prepared, positions)``'s logits [B, K, V] at sequence positions ``positions`` (long [K], after
     the image's first token), with the tokens before the image from the prefix cache: the pass runs over positions
     past..T-1 only. Under the caller's grad mode (identification differentiates through it); hooks armed on ``prepared``
-    see that pass. A model without ``fast_paths`` runs its own forward over every position."""
-    if not model.fast_paths:
-        return model.forward(prepared, positions)
+    see that pass. A model without ``fast_paths`` runs its own forward over every position. With ``recompute``, the
+    decoder layers are ``recomputed`` in the caller's backward, and the pass runs over every position without a KV
+    cache (the prefix too: it is a few tokens)."""
     lm, head = model.language_model()
-    embeds = model.prompt_embeddings(prepared)  # [B, T, d_model]
-    # a position inside the prefix would need its hidden state: then no prefix (and no cache computed for it)
-    past, prefix = shared_prefix(lm, prepared, embeds, share=int(positions.min()) >= prepared.first_image)
-    cache = with_prefix(lm, prefix, embeds.shape[0], range(len(lm.layers)))
-    hidden = run_layers(lm, embeds[:, past:], 0, len(lm.layers), cache, past)  # [B, T - past, d_model]
-    return head(lm.norm(hidden[:, positions - past]))
+    with recomputed(lm.layers if recompute else ()):
+        if not model.fast_paths:
+            return model.forward(prepared, positions)
+        embeds = model.prompt_embeddings(prepared)  # [B, T, d_model]
+        # a position inside the prefix would need its hidden state: then no prefix (and no cache computed for it)
+        share = int(positions.min()) >= prepared.first_image and not recompute
+        past, prefix = shared_prefix(lm, prepared, embeds, share=share)
+        cache = None if recompute else with_prefix(lm, prefix, embeds.shape[0], range(len(lm.layers)))
+        hidden = run_layers(lm, embeds[:, past:], 0, len(lm.layers), cache, past)  # [B, T - past, d_model]
+        return head(lm.norm(hidden[:, positions - past]))
