@@ -53,6 +53,19 @@ def test_conversion_round_trip(tmp_path):
     torch.testing.assert_close(loaded.visual_encoder.blocks[1].attn.q_bias, model.visual_encoder.blocks[1].attn.q_bias)
     assert torch.equal(loaded.ln_vision.weight, torch.ones(eva.dim))  # absent from the checkpoint: identity init
     assert loaded.llama_proj.weight.shape == (32, 64)
+    # the memory check's view of the same folders (no weight read) has the loaded model's shape
+    from knexp.models.adapters.spliced import SplicedAdapter
+    from knexp.models.zoo.minigpt4 import load_adapter
+
+    cfg = {"converted_dir": str(out), "llama": str(tmp_path / "llama"), "dtype": "float32",
+           "question": loaded.question, "prompt": {"caption_prefix": "the image shows"}}
+    shaped = load_adapter.without_weights(cfg, torch.device("cpu"), tmp_path)
+    assert next(shaped.model.parameters()).device.type == "meta"
+    real = SplicedAdapter(loaded)
+    assert sum(p.numel() for p in shaped.model.parameters()) == sum(p.numel() for p in real.model.parameters())
+    assert (shaped.num_layers, shaped.d_ff, shaped.num_image_tokens) == (real.num_layers, real.d_ff,
+                                                                          real.num_image_tokens)
+    # (the word-level test tokenizer has no "<unk>" image token of LLaMA-2's, so no prompt is built here)
 
 
 def test_conversion_refuses_pickled_code(tmp_path):

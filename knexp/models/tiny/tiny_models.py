@@ -149,3 +149,6 @@ def tiny_minigpt4(layers: int = 3, seed: int = 0):
 def load_tiny_minigpt4(model_cfg: dict, device: torch.device, cache_dir: Path):
     """``model=tiny_minigpt4``."""
     return SplicedAdapter(tiny_minigpt4(layers=model_cfg["layers"], seed=model_cfg["seed"]).to(device))
+
+
+load_tiny_minigpt4.without_weights = load_tiny_minigpt4  # a tiny model costs nothing to build: the check reads it

@@ -163,6 +163,16 @@ class MiniGPT4(SplicedMLLM):
 
 
 # ---- loading ------------------------------------------------------------------------------------------
+def _eva_config(folder: Path) -> EvaConfig:
+    """The vision tower's config in a converted folder, or ``ModelWeightsMissing`` naming the fix."""
+    if not (folder / CONVERTED_CONFIG).exists():
+        raise ModelWeightsMissing(
+            f"no converted MiniGPT-4 in {folder}: set model.converted_dir, or convert the official checkpoints with "
+            "`python -m knexp.models.zoo.minigpt4 convert --minigpt4 <ckpt.pth> --eva <eva_vit_g.pth> --out <dir>`"
+        )
+    return EvaConfig(**json.loads((folder / CONVERTED_CONFIG).read_text())["eva"])
+
+
 def load_minigpt4(converted: str | Path, llama: str, dtype: str = "float16", device: str = "cpu",
                   vision_dtype: str = "float32",
                   caption_prefix: str = "The image shows", question: str = "What does this image show?") -> MiniGPT4:
@@ -171,12 +181,7 @@ def load_minigpt4(converted: str | Path, llama: str, dtype: str = "float16", dev
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(converted)
-    if not (folder / CONVERTED_CONFIG).exists():
-        raise ModelWeightsMissing(
-            f"no converted MiniGPT-4 in {folder}: set model.converted_dir, or convert the official checkpoints with "
-            "`python -m knexp.models.zoo.minigpt4 convert --minigpt4 <ckpt.pth> --eva <eva_vit_g.pth> --out <dir>`"
-        )
-    eva = EvaConfig(**json.loads((folder / CONVERTED_CONFIG).read_text())["eva"])
+    eva = _eva_config(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(llama)
         lm = AutoModelForCausalLM.from_pretrained(llama, dtype=getattr(torch, dtype))
@@ -202,6 +207,28 @@ def load_adapter(model_cfg: dict, device: torch.device, cache_dir: Path):
                           vision_dtype=model_cfg["vision_dtype"], caption_prefix=model_cfg["prompt"]["caption_prefix"],
                           question=model_cfg["question"])
     return SplicedAdapter(model)
+
+
+def minigpt4_without_weights(model_cfg: dict, device: torch.device, cache_dir: Path) -> SplicedAdapter:
+    """``load_adapter``'s adapter with every weight on the meta device: the vision tower from the converted folder's
+    config, LLaMA-2 from its config and tokenizer, no weight read (the memory check's view of it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    llama = model_cfg["llama"]
+    eva = _eva_config(Path(model_cfg["converted_dir"]))
+    try:
+        tokenizer, config = AutoTokenizer.from_pretrained(llama), AutoConfig.from_pretrained(llama)
+    except OSError as exc:
+        raise ModelWeightsMissing(f"LLaMA-2 config not found at {llama!r} ({exc}); set model.llama to a local folder "
+                                  "or hub id") from exc
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model_cfg["dtype"]))
+        model = MiniGPT4(eva, lm, tokenizer, question=model_cfg["question"],
+                         caption_prefix=model_cfg["prompt"]["caption_prefix"])
+    return SplicedAdapter(model)
+
+
+load_adapter.without_weights = minigpt4_without_weights
 
 
 def convert(minigpt4_ckpt: str | Path, eva_ckpt: str | Path, out: str | Path, eva: EvaConfig | None = None) -> Path:
