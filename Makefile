@@ -53,9 +53,9 @@ bench: install
 	$(BIN)/python -m knexp.bench
 
 # Gemma 3 4B and Qwen2.5-VL 3B at their real size (random weights) in float32 on the CPU, phase by phase with time,
-# peak memory and the memory check's estimate (knexp/bench/real_shapes.py): its section of BENCHMARKS.md. Opt-in, not in
-# CI: about 17 GB of memory and half an hour on 2 cores; a model that cannot fit is named and skipped. Freed tensors go
-# back to the OS at once (malloc's mmap threshold), so each phase's peak is its own.
+# peak memory and the memory check's estimate (knexp/bench/real_shapes.py): its section of BENCHMARKS.md, with its
+# duration. Opt-in, not in CI: it needs a 4B model's float32 weights in memory; a model that cannot fit is named and
+# skipped. Freed tensors go back to the OS at once (malloc's mmap threshold), so each phase's peak is its own.
 real-shapes: install
 	MALLOC_MMAP_THRESHOLD_=131072 $(BIN)/python -m knexp.bench --only real_shapes
 

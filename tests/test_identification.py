@@ -245,8 +245,8 @@ def test_the_passes_after_the_cached_prefix_give_the_full_passes_statistics(adap
     original, inpainted, target, stats = sample
     prep = adapter.prepare([original], continuations=[target.context])
     assert int(prep.image_positions[0, 0]) > 0  # there is a prefix to skip
-    monkeypatch.setattr(passes, "logits_after_prefix", lambda a, prepared,
-                        positions: a.forward(prepared, positions=positions))
+    monkeypatch.setattr(passes, "logits_after_prefix", lambda a, prepared, positions,
+                        recompute=False: a.forward(prepared, positions=positions))
     full = compute_stats(adapter, original, inpainted, target)
     assert full.target_position == stats.target_position
     for name in stats.TENSORS:
@@ -274,8 +274,8 @@ def test_the_cached_prefix_changes_no_statistic_on_the_embedded_model(catalog, m
     target = locate_target(adapter, f"{adapter.caption_prefix} {obj.knowledge.indefinite}.", adapter.caption_prefix,
                            obj.knowledge)
     cached = compute_stats(adapter, scene.image, edited, target)
-    monkeypatch.setattr(passes, "logits_after_prefix", lambda a, prepared,
-                        positions: a.forward(prepared, positions=positions))
+    monkeypatch.setattr(passes, "logits_after_prefix", lambda a, prepared, positions,
+                        recompute=False: a.forward(prepared, positions=positions))
     full = compute_stats(adapter, scene.image, edited, target)
     for name in cached.TENSORS:
         a, b = getattr(cached, name), getattr(full, name)
