@@ -137,7 +137,8 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
                   prefix: str | None = None, recompute: bool | None = None) -> SampleStats:
     """Run the two passes of docs/method.md's stages 1 and 2 for one sample and reduce them per neuron. ``recompute``:
     recompute each decoder layer in the backward instead of keeping its activations (None: where keeping them all
-    would exceed ``knexp.models.memory.RECOMPUTE_ABOVE``); the statistics are the same either way."""
+    would exceed ``knexp.models.memory.RECOMPUTE_ABOVE``); the statistics are the same either way (bit for bit on a
+    model without fast paths; to float rounding on one with them, whose recomputed pass runs over the prefix too)."""
     layers = list(range(adapter.num_layers))
     prep_i = adapter.prepare([inpainted], continuations=[target.context], prefix=prefix)
     prep_o = adapter.prepare([original], continuations=[target.context], prefix=prefix)
