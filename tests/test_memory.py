@@ -146,8 +146,8 @@ def test_identification_recomputes_layers_where_keeping_them_would_not_fit(kind,
     runs over the prefix too)."""
     import numpy as np
 
-    from knexp.identification import passes
     from knexp.identification.passes import SampleStats, Target, compute_stats
+    from knexp.models import memory
     from knexp.models.tiny.tiny_vlm import tiny_adapter
 
     adapter = tiny_adapter(kind, layers=4)
@@ -156,7 +156,7 @@ def test_identification_recomputes_layers_where_keeping_them_would_not_fit(kind,
     original, inpainted = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for _ in range(2)]
     target = Target(context=" a", token_id=adapter.tokenize(" bus")[0], word="bus")
     kept = _packed_bytes(lambda: compute_stats(adapter, original, inpainted, target, recompute=False))
-    monkeypatch.setattr(passes, "RECOMPUTE_ABOVE", 0)  # the automatic choice, as at real size
+    monkeypatch.setattr(memory, "RECOMPUTE_ABOVE", 0)  # the automatic choice, as at real size
     recomputed = _packed_bytes(lambda: compute_stats(adapter, original, inpainted, target))
     assert recomputed < kept / 3, (recomputed, kept)
     full = compute_stats(adapter, original, inpainted, target, recompute=False)

@@ -33,7 +33,7 @@ from knexp.data.catalog import Knowledge
 from knexp.models.adapters.adapter import Adapter
 from knexp.models.decoding.prefix_cache import logits_after_prefix
 from knexp.models.hooks.attach import attached, gradient_anchor
-from knexp.models.memory import RECOMPUTE_ABOVE, saved_for_backward
+from knexp.models.memory import recomputes
 
 
 class SampleSkipped(Exception):
@@ -142,11 +142,10 @@ def compute_stats(adapter: Adapter, original: np.ndarray, inpainted: np.ndarray,
     layers = list(range(adapter.num_layers))
     prep_i = adapter.prepare([inpainted], continuations=[target.context], prefix=prefix)
     prep_o = adapter.prepare([original], continuations=[target.context], prefix=prefix)
-    d_model, d_ff = adapter.down_proj(0).out_features, adapter.d_ff
-    value_bytes = adapter.down_proj(0).weight.element_size()
     if recompute is None:
-        everything = saved_for_backward(len(layers), prep_o.prompt_len, d_model, d_ff, value_bytes, recompute=False)
-        recompute = everything > RECOMPUTE_ABOVE
+        down = adapter.down_proj(0)
+        recompute = recomputes(len(layers), prep_o.prompt_len, down.out_features, adapter.d_ff,
+                               down.weight.element_size())
     pos_i, pos_o = prep_i.image_positions[0], prep_o.image_positions[0]
     t_star = int(prep_o.last_position[0])  # t*: the position whose logits predict c
 

@@ -93,15 +93,26 @@ def components(shape: ModelShape, rows: int, new_tokens: int) -> dict[str, int]:
             "statistics": 12 * s.layers * s.d_ff * 4}
 
 
+def _layer_bytes(positions: int, d_model: int, d_ff: int, value_bytes: int) -> int:
+    """What autograd keeps of one decoder layer over ``positions`` positions: T (3 d_ff + 8 d_model) b."""
+    return positions * (3 * d_ff + 8 * d_model) * value_bytes
+
+
+def recomputes(layers: int, positions: int, d_model: int, d_ff: int, value_bytes: int) -> bool:
+    """Whether identification recomputes each layer in its backward: where keeping every layer's activations,
+    L T (3 d_ff + 8 d_model) b, would exceed ``RECOMPUTE_ABOVE``."""
+    return layers * _layer_bytes(positions, d_model, d_ff, value_bytes) > RECOMPUTE_ABOVE
+
+
 def saved_for_backward(layers: int, positions: int, d_model: int, d_ff: int, value_bytes: int,
                        recompute: bool | None = None) -> int:
     """What autograd keeps for a backward through ``layers`` decoder layers over ``positions`` positions: every layer's
-    activations, L T (3 d_ff + 8 d_model) b; or, recomputing each layer in the backward (``recompute``; None: where
-    the former exceeds ``RECOMPUTE_ABOVE``, as identification decides), every layer's input and one layer's
-    activations, L T d_model b + T (3 d_ff + 8 d_model) b."""
-    layer = positions * (3 * d_ff + 8 * d_model) * value_bytes
+    activations, L T (3 d_ff + 8 d_model) b; or, recomputing each layer in the backward (``recompute``; None: as
+    ``recomputes`` decides), every layer's input and one layer's activations,
+    L T d_model b + T (3 d_ff + 8 d_model) b."""
+    layer = _layer_bytes(positions, d_model, d_ff, value_bytes)
     if recompute is None:
-        recompute = layers * layer > RECOMPUTE_ABOVE
+        recompute = recomputes(layers, positions, d_model, d_ff, value_bytes)
     return layers * positions * d_model * value_bytes + layer if recompute else layers * layer
 
 
