@@ -56,25 +56,32 @@ def _all_methods(stats) -> None:
     M.random_matched(ref, stats.shape[1], 0)
 
 
-def identification_cost(repeats: int = 6) -> dict:
+def toy_sample(adapter, catalog):
+    """One toy-world sample: (image, the image with its first object inpainted away, the object's knowledge, a caption
+    naming it)."""
     from knexp.counterfactual.inpaint import inpaint, region_mask
     from knexp.data.toyworld.scenes import SceneOptions, make_scene
+
+    scene = make_scene(catalog, np.random.default_rng([31, 5, 0]), SceneOptions(gap_px=8))
+    obj = scene.objects[0]
+    edited = inpaint(scene.image, region_mask(scene.image.shape[:2], bbox=obj.bbox, dilation=2), 3, "telea")
+    return scene.image, edited, obj.knowledge, f"{adapter.caption_prefix} {obj.knowledge.indefinite}."
+
+
+def identification_cost(repeats: int = 6) -> dict:
     from knexp.identification.passes import locate_target
     from knexp.job.session import session
 
     s = session("model=embedded", "logger=none")
-    adapter, catalog = s.adapter, s.catalog
-    scene = make_scene(catalog, np.random.default_rng([31, 5, 0]), SceneOptions(gap_px=8))
-    obj = scene.objects[0]
-    edited = inpaint(scene.image, region_mask(scene.image.shape[:2], bbox=obj.bbox, dilation=2), 3, "telea")
-    caption = f"{adapter.caption_prefix} {obj.knowledge.indefinite}."
-    target = locate_target(adapter, caption, adapter.caption_prefix, obj.knowledge)
-    _bare_passes(adapter, scene.image, edited, target)  # warm-up
-    _all_methods(compute_stats(adapter, scene.image, edited, target))
+    adapter = s.adapter
+    image, edited, knowledge, caption = toy_sample(adapter, s.catalog)
+    target = locate_target(adapter, caption, adapter.caption_prefix, knowledge)
+    _bare_passes(adapter, image, edited, target)  # warm-up
+    _all_methods(compute_stats(adapter, image, edited, target))
     def identification():
-        return _all_methods(compute_stats(adapter, scene.image, edited, target))
+        return _all_methods(compute_stats(adapter, image, edited, target))
 
-    median, _ = alternating({"bare": lambda: _bare_passes(adapter, scene.image, edited, target),
+    median, _ = alternating({"bare": lambda: _bare_passes(adapter, image, edited, target),
                              "identification": identification}, repeats)
     b, i = median["bare"], median["identification"]
     return {"bare_s": round(b, 4), "identification_s": round(i, 4), "ratio": round(i / b, 4), "repeats": repeats,

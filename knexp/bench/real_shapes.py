@@ -30,7 +30,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from knexp.bench.shapes import CPU_SHAPES, Shape, build
@@ -83,29 +82,18 @@ def _high_water() -> int | None:
         return None
 
 
-def scene(adapter):
-    """(image, image with its first object inpainted away, the object's knowledge, a caption naming it)."""
-    from knexp.counterfactual.inpaint import inpaint, region_mask
-    from knexp.data.toyworld.scenes import SceneOptions, make_scene
-    from knexp.job.spec import default_catalog
-
-    world = make_scene(default_catalog(), np.random.default_rng([31, 5, 0]), SceneOptions(gap_px=8))
-    obj = world.objects[0]
-    edited = inpaint(world.image, region_mask(world.image.shape[:2], bbox=obj.bbox, dilation=2), 3, "telea")
-    return world.image, edited, obj.knowledge, f"{adapter.caption_prefix} {obj.knowledge.indefinite}."
-
-
 def run_phases(adapter, device: torch.device, process: int, rows: int = ROWS, new_tokens: int = NEW_TOKENS
                ) -> list[dict]:
     """The module docstring's phases after ``build`` on ``adapter``: per phase its seconds, peak bytes and estimated
     bytes (``process``: the resident memory before the model was built, which the CPU estimates include)."""
-    from knexp.bench.identification import _all_methods
+    from knexp.bench.identification import _all_methods, toy_sample
     from knexp.editing.rules import Kn
     from knexp.editing.target import Erase
     from knexp.evaluation.interventions import rows_for
     from knexp.evaluation.perturb import noise_captions
     from knexp.identification import methods as M
     from knexp.identification.passes import compute_stats, locate_target
+    from knexp.job.spec import default_catalog
     from knexp.models.decoding.prefix_cache import logits_after_prefix
     from knexp.models.hooks.attach import gradient_anchor
     from knexp.models.weight_edit import applied, load, save
@@ -116,7 +104,7 @@ def run_phases(adapter, device: torch.device, process: int, rows: int = ROWS, ne
     steps = memory.step_bytes(shape, rows, new_tokens)
     everything = memory.saved_for_backward(shape.layers, shape.prompt_positions + memory.CONTEXT_TOKENS, shape.d_model,
                                            shape.d_ff, shape.value_bytes, recompute=False)  # a bare backward keeps it
-    image, inpainted, knowledge, caption = scene(adapter)
+    image, inpainted, knowledge, caption = toy_sample(adapter, default_catalog())
     target = locate_target(adapter, caption, adapter.caption_prefix, knowledge)
     found: dict = {}
 
