@@ -79,5 +79,7 @@ def test_the_generic_loader_names_a_missing_folder_and_runs_no_remote_code(tmp_p
            "prompt": {"caption_prefix": "p"}}
     with pytest.raises(ModelWeightsMissing, match=r"model.path=.*no-llava"):
         load_adapter(cfg, torch.device("cpu"), None)
+    with pytest.raises(ModelWeightsMissing, match=r"config not found at model.path=.*no-llava.*local folder"):
+        load_adapter.without_weights(cfg, torch.device("cpu"), None)  # the memory check's build, before any load
     with pytest.raises(ConfigError, match="model.trust_remote_code"):
         load_adapter({**cfg, "trust_remote_code": True}, torch.device("cpu"), None)

@@ -237,10 +237,14 @@ def load_adapter(model_cfg: dict, device: torch.device, cache_dir):
         model_class = getattr(transformers, fam.model_class)
         model = model_class.from_pretrained(path, dtype=resolve_dtype(model_cfg["dtype"], device))
     except OSError as exc:
-        raise ModelWeightsMissing(f"{fam.name} weights not found at model.path={path!r} ({str(exc).splitlines()[0]}); "
-                                  "point model.path at a local folder (knexp runs with HF_HUB_OFFLINE=1) or download "
-                                  "it first") from exc
+        raise _not_found(fam, path, "weights", exc) from exc
     return _adapter(model.to(device), processor, fam, model_cfg)
+
+
+def _not_found(fam: Family, path: str, what: str, exc: OSError) -> ModelWeightsMissing:
+    return ModelWeightsMissing(f"{fam.name} {what} not found at model.path={path!r} ({str(exc).splitlines()[0]}); "
+                               "point model.path at a local folder (knexp runs with HF_HUB_OFFLINE=1) or download it "
+                               "first")
 
 
 def _adapter(model, processor, fam: Family, model_cfg: dict) -> VLMAdapter:
@@ -260,8 +264,7 @@ def meta_adapter(model_cfg: dict, device: torch.device, cache_dir=None) -> VLMAd
         processor = load_processor(path, fam, model_cfg.get("processor"))
         config = transformers.AutoConfig.from_pretrained(path)
     except OSError as exc:
-        raise ModelWeightsMissing(f"{fam.name} config not found at model.path={path!r} ({str(exc).splitlines()[0]}); "
-                                  "point model.path at a local folder or a hub id in the local cache") from exc
+        raise _not_found(fam, path, "config", exc) from exc
     with torch.device("meta"):
         model = getattr(transformers, fam.model_class)._from_config(
             config, dtype=resolve_dtype(model_cfg["dtype"], device))
