@@ -144,21 +144,25 @@ def run_phases(adapter, device: torch.device, process: int, rows: int = ROWS, ne
             ("gradient", gradient, everything + one["vision_layer"]),
             ("identification", identification, steps["identification"]),
             ("captions", intervened, steps["captions"]), ("edit", edit, 0)]
-    out = []
-    for name, fn, extra in plan:
-        log.info("%s: started", name)
-        peak = Peak(device)
-        began = time.perf_counter()
-        with peak.during():
-            fn()
-        seconds = time.perf_counter() - began
-        estimate = (process if device.type == "cpu" else 0) + weights + extra
-        out.append({"phase": name, "seconds": round(seconds, 1), "peak": peak.bytes, "estimate": estimate})
-        log.info("%s: %.1f s, peak %s, estimate %.2f GiB", name, seconds, _gib(peak.bytes), estimate / memory.GIB)
+    out = [measured(name, fn, device, (process if device.type == "cpu" else 0) + weights + extra)[1]
+           for name, fn, extra in plan]
     base = out[0]["peak"]
     for row in out:
         row["extra"] = None if base is None or row["peak"] is None else row["peak"] - base
     return out
+
+
+def measured(name: str, fn, device: torch.device, estimate: int) -> tuple[object, dict]:
+    """(what ``fn()`` returns, the phase's row: its seconds, ``Peak`` and ``estimate``), with a line in the log as the
+    phase starts and ends."""
+    log.info("%s: started", name)
+    peak = Peak(device)
+    began = time.perf_counter()
+    with peak.during():
+        value = fn()
+    seconds = time.perf_counter() - began
+    log.info("%s: %.1f s, peak %s, estimate %s", name, seconds, _gib(peak.bytes), _gib(estimate))
+    return value, {"phase": name, "seconds": round(seconds, 1), "peak": peak.bytes, "estimate": estimate}
 
 
 def _gib(value: int | None) -> str:
@@ -177,16 +181,10 @@ def run_shape(shape: Shape, device: torch.device, dtype: torch.dtype, extra=None
     if est.peak() > free:
         log.info("%s needs about %s, %s is free: not built", shape.name, _gib(est.peak()), _gib(free))
         return {**result, "skipped": True}
-    log.info("build: started (%.1f B parameters)", plan.parameters / 1e9)
-    peak = Peak(device)
-    began = time.perf_counter()
-    with peak.during():
-        adapter = build(shape, device, dtype)
-    seconds = time.perf_counter() - began
-    log.info("build: %.1f s, peak %s", seconds, _gib(peak.bytes))
-    phases = [{"phase": "build", "seconds": round(seconds, 1), "peak": peak.bytes,
-               "estimate": process + plan.parameters * plan.value_bytes, "extra": None}]
-    phases += run_phases(adapter, device, process)
+    log.info("%s: %.1f B parameters", shape.name, plan.parameters / 1e9)
+    adapter, built = measured("build", lambda: build(shape, device, dtype), device,
+                              process + plan.parameters * plan.value_bytes)
+    phases = [{**built, "extra": None}, *run_phases(adapter, device, process)]
     more = extra(adapter) if extra else {}
     del adapter
     return {**result, "skipped": False, "phases": phases, "extra": more}
