@@ -196,3 +196,16 @@ def _shape_of(shape):
                       d_ff=shape.ffn, vocab=shape.vocab, kv_width=shape.kv_heads * shape.head_width, image_tokens=256,
                       prompt_positions=272, vision_positions=4096, vision_width=shape.vision[0],
                       vision_ffn=shape.vision[1])
+
+
+def test_the_embedded_models_shape_without_weights_is_the_loaded_models():
+    """The embedded default's ``without_weights`` (its LM from the config on the meta device, the encoder and projector
+    from their classes) gives the shape of the model ``load_adapter`` loads."""
+    from knexp.job.session import session
+    from knexp.models.memory import ModelShape
+    from knexp.models.zoo.embedded import load_adapter
+
+    s = session("model=embedded", "logger=none")
+    shaped = load_adapter.without_weights(s.spec.model, torch.device("cpu"), s.spec.cache_dir)
+    assert next(shaped.model.parameters()).device.type == "meta"
+    assert ModelShape.of(shaped) == ModelShape.of(s.adapter)
