@@ -33,5 +33,10 @@ def finished(key: str, out: Path) -> dict | None:
     return done.get("result")
 
 
+def holds_finished(out: Path) -> bool:
+    """Whether ``out`` holds a finished job's ``done.json`` (of any config: ``finished`` checks the key)."""
+    return (Path(out) / DONE).is_file()
+
+
 def mark_finished(key: str, out: Path, result: dict) -> None:
     atomic_write_text(Path(out) / DONE, json.dumps({"key": key, "result": result}, indent=1, default=str))

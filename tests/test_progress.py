@@ -1,5 +1,6 @@
 import logging
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 from omegaconf import OmegaConf
@@ -11,7 +12,8 @@ from knexp.reporting.progress import SweepProgress, eta_line, sweep_size
 def _cfg(params=None, task=(), n_trials=None, sweep_dir="."):
     sweeper = {"params": params or {}} | ({"n_trials": n_trials} if n_trials else {})
     return OmegaConf.create({"hydra": {"sweeper": sweeper, "overrides": {"task": list(task)},
-                                       "sweep": {"dir": str(sweep_dir)}, "job": {"num": 0}}})
+                                       "sweep": {"dir": str(sweep_dir)}, "job": {"num": 0},
+                                       "runtime": {"output_dir": str(Path(sweep_dir) / "0")}}})
 
 
 def test_the_sweep_size_is_the_product_of_the_swept_values():
@@ -27,7 +29,10 @@ def test_the_eta_is_the_mean_job_time_times_the_jobs_left():
     assert eta_line(2, 6, 120.0) == "job 3/6 · 2:00 elapsed · ETA 4:00"
     assert eta_line(3, None, 4000.0) == "job 4/? · 1:06:40 elapsed"
     # the first job's one-off costs (caches, the live window) do not count once a later job has ended
-    assert eta_line(3, 6, 200.0, [20.0, 40.0]) == "job 4/6 · 3:20 elapsed · ETA 1:30"
+    assert eta_line(3, 6, 200.0, [140.0, 20.0, 40.0]) == "job 4/6 · 3:20 elapsed · ETA 1:30"
+    # jobs skipped as finished before (a resumed sweep) count neither as time nor as jobs done
+    assert eta_line(4, 6, 3.0, [], skipped=4) == "job 5/6 · 0:03 elapsed"
+    assert eta_line(5, 6, 63.0, [60.0], skipped=4) == "job 6/6 · 1:03 elapsed · ETA 1:03"
 
 
 def test_the_callback_leaves_the_first_job_out_of_the_eta(tmp_path, caplog, monkeypatch):
@@ -49,8 +54,40 @@ def test_the_callback_leaves_the_first_job_out_of_the_eta(tmp_path, caplog, monk
             progress.on_job_start(cfg)
             if num < 2:
                 progress.on_job_end(cfg)
-    assert progress.later_jobs_s == [10.0]
+    assert progress.ran_s == [100.0, 10.0]
     assert "job 3/4 · 1:50 elapsed · ETA 0:20" in caplog.records[-1].getMessage()  # 2 left x 10 s, not x 55 s
+
+
+def test_a_resumed_sweep_leaves_the_skipped_jobs_out_of_the_eta(tmp_path, caplog, monkeypatch):
+    from hydra.types import RunMode
+
+    import knexp.reporting.progress as progress_module
+    from knexp.resume import mark_finished
+
+    cfg = _cfg({"knowledge": "a,b,c,d,e"}, sweep_dir=tmp_path)
+    cfg.hydra.mode = RunMode.MULTIRUN
+    (tmp_path / "multirun.yaml").write_text("{}")
+    os.utime(tmp_path / "multirun.yaml", (1000, 1000))
+    for num in (0, 1):  # jobs 1 and 2 finished in an earlier run of the sweep
+        (tmp_path / str(num)).mkdir()
+        mark_finished("key", tmp_path / str(num), {})
+    # job 1 and 2 are skipped in 1 s each, job 3 runs for 100 s, job 4 for 10 s
+    clock = iter([1000.0, 1001.0, 1001.0, 1002.0, 1002.0, 1102.0, 1102.0, 1112.0, 1112.0])
+    monkeypatch.setattr(progress_module, "time", SimpleNamespace(time=lambda: next(clock)))
+    progress = SweepProgress()
+    progress.on_multirun_start(cfg)
+    with caplog.at_level(logging.INFO, logger="knexp.progress"):
+        for num in range(5):
+            cfg.hydra.job.num = num
+            cfg.hydra.runtime.output_dir = str(tmp_path / str(num))
+            progress.on_job_start(cfg)
+            if num < 4:
+                progress.on_job_end(cfg)
+    starts = [r.getMessage() for r in caplog.records if "elapsed" in r.getMessage()]
+    assert progress.skipped == 2 and progress.ran_s == [100.0, 10.0]
+    assert "ETA" not in starts[2]  # only skipped jobs so far: no ETA of 0:01
+    assert "job 4/5 · 1:42 elapsed · ETA 3:24" in starts[3]  # 102 s over the one job that ran, 2 jobs left
+    assert "job 5/5 · 1:52 elapsed · ETA 0:10" in starts[4]  # the later job's 10 s, 1 job left
 
 
 def test_the_callback_logs_the_job_and_its_eta(tmp_path, caplog):

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "knexp"
 # or a package (all its modules); a module belongs to the longest entry that names it.
 ORDER = [
     ["knexp.user_errors", "knexp.io", "knexp.paths", "knexp.console"],  # errors, files, locations, the console
-    ["knexp.settings", "knexp.checked", "knexp.manifest", "knexp.store"],  # checks of settings, caches
+    ["knexp.settings", "knexp.checked", "knexp.manifest", "knexp.store", "knexp.resume"],  # checks of settings, caches
     ["knexp.config"],  # Hydra/OmegaConf glue: building a group's object
     ["knexp.counterfactual"],  # inpainting
     ["knexp.data"],  # the data (the toy world inpaints)
@@ -30,7 +30,6 @@ ORDER = [
     ["knexp.editing"],
     ["knexp.evaluation"],
     ["knexp.reporting"],
-    ["knexp.resume"],
     ["knexp.job"],
     ["knexp.tasks", "knexp.bench"],
 ]

@@ -1,10 +1,11 @@
 """A sweep's place and ETA on the console.
 
 ``SweepProgress`` is a Hydra callback (``conf/hydra/default.yaml``, ``hydra.callbacks.progress``). At each job's start
-it logs "job i/N", the time since the sweep began and an ETA: the jobs left times the mean time of the finished jobs
-after the first (the first pays the sweep's one-off costs: the toy world, the caches, the live window's trace), or of
-every job so far while only the first has finished or the jobs ran in other processes (a parallel launcher). A resumed
-sweep, whose finished jobs are skipped in a second, starts with a short ETA that grows. N is the product of the
+it logs "job i/N", the time since the sweep began and an ETA: the jobs left times the mean time of the jobs that ran
+after the first that ran (the first pays the sweep's one-off costs: the toy world, the caches, the live window's trace),
+or the time so far over the jobs that ran while only one has finished or the jobs ran in other processes (a parallel
+launcher). The jobs of a resumed sweep that finished before (their folder holds ``done.json``, ``knexp.resume``) are
+skipped in a second and count in neither, so a resumed sweep's ETA is not a few seconds. N is the product of the
 swept values' counts (Hydra's basic sweeper, the command line's and ``hydra.sweeper.params``'), or ``n_trials`` for an
 optimising sweeper; the sweep's start is the time the sweeper wrote ``multirun.yaml`` into the sweep folder, so the
 count and the times are the same in a job that a parallel launcher runs in another process.
@@ -23,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from knexp.console import clock
+from knexp.resume import holds_finished
 
 log = logging.getLogger("knexp.progress")
 
@@ -44,13 +46,16 @@ def sweep_size(config: DictConfig) -> int | None:
         return None
 
 
-def eta_line(index: int, total: int | None, elapsed_s: float, later_jobs_s: list[float] = ()) -> str:
+def eta_line(index: int, total: int | None, elapsed_s: float, ran_s: list[float] = (), skipped: int = 0) -> str:
     """ "job i/N · <elapsed> elapsed · ETA <left>" for the job numbered ``index`` (0-based) of ``total``, ``elapsed_s``
-    seconds after the sweep began. The ETA is the jobs left times the mean of ``later_jobs_s`` (the durations of the
-    finished jobs after the first) where there are any, else times elapsed / jobs done; none before a job has ended."""
+    seconds after the sweep began. ``ran_s`` are the durations of the jobs that ran in this process, in order, and
+    ``skipped`` the number of jobs before this one that were skipped as finished. The ETA is the jobs left times the
+    mean of ``ran_s`` after its first where there are two or more, else times elapsed / the jobs that ran; none before
+    a job has run."""
     line = f"job {index + 1}/{total if total else '?'} · {clock(elapsed_s)} elapsed"
-    if total and index > 0:
-        per_job = sum(later_jobs_s) / len(later_jobs_s) if later_jobs_s else elapsed_s / index
+    ran = index - skipped  # jobs before this one that ran, here or in other processes
+    if total and ran > 0:
+        per_job = sum(ran_s[1:]) / len(ran_s[1:]) if len(ran_s) > 1 else elapsed_s / ran
         line += f" · ETA {clock(per_job * (total - index))}"
     return line
 
@@ -61,7 +66,9 @@ class SweepProgress(Callback):
     def __init__(self) -> None:
         self.total: int | None = None
         self.job_began = 0.0
-        self.later_jobs_s: list[float] = []  # durations of the jobs after the sweep's first that ended in this process
+        self.job_skips = False  # whether the job now running finished before (a resumed sweep skips it)
+        self.ran_s: list[float] = []  # durations of the jobs that ran in this process, in order
+        self.skipped = 0  # jobs of this process skipped as finished before
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.total = sweep_size(config)
@@ -73,13 +80,17 @@ class SweepProgress(Callback):
             self.total = sweep_size(config)
         started = Path(config.hydra.sweep.dir) / "multirun.yaml"
         self.job_began = time.time()
+        self.job_skips = holds_finished(Path(config.hydra.runtime.output_dir))
         elapsed = self.job_began - started.stat().st_mtime if started.exists() else 0.0
         overrides = " ".join(o for o in config.hydra.overrides.task if not o.startswith("experiment="))
-        log.info("%s · %s", eta_line(int(config.hydra.job.num), self.total, elapsed, self.later_jobs_s), overrides)
+        line = eta_line(int(config.hydra.job.num), self.total, elapsed, self.ran_s, self.skipped)
+        log.info("%s · %s", line, overrides)
 
     def on_job_end(self, config: DictConfig, job_return=None, **kwargs) -> None:
         if config.hydra.mode == RunMode.MULTIRUN and self.job_began:
             took = time.time() - self.job_began
-            if int(config.hydra.job.num) > 0:
-                self.later_jobs_s.append(took)
+            if self.job_skips:
+                self.skipped += 1
+            else:
+                self.ran_s.append(took)
             log.info("job %d/%s done in %s", int(config.hydra.job.num) + 1, self.total or "?", clock(took))
