@@ -35,55 +35,47 @@ def test_the_eta_is_the_mean_job_time_times_the_jobs_left():
     assert eta_line(5, 6, 63.0, [60.0], skipped=4) == "job 6/6 · 1:03 elapsed · ETA 1:03"
 
 
-def test_the_callback_leaves_the_first_job_out_of_the_eta(tmp_path, caplog, monkeypatch):
-    from hydra.types import RunMode
-
-    import knexp.reporting.progress as progress_module
-
-    cfg = _cfg({"knowledge": "a,b,c,d"}, sweep_dir=tmp_path)
-    cfg.hydra.mode = RunMode.MULTIRUN
-    (tmp_path / "multirun.yaml").write_text("{}")
-    os.utime(tmp_path / "multirun.yaml", (1000, 1000))  # the sweep began at t = 1000 s
-    clock = iter([1000.0, 1100.0, 1100.0, 1110.0, 1110.0])  # job 1 takes 100 s, job 2 takes 10 s
-    monkeypatch.setattr(progress_module, "time", SimpleNamespace(time=lambda: next(clock)))
-    progress = SweepProgress()
-    progress.on_multirun_start(cfg)
-    with caplog.at_level(logging.INFO, logger="knexp.progress"):
-        for num in range(3):
-            cfg.hydra.job.num = num
-            progress.on_job_start(cfg)
-            if num < 2:
-                progress.on_job_end(cfg)
-    assert progress.ran_s == [100.0, 10.0]
-    assert "job 3/4 · 1:50 elapsed · ETA 0:20" in caplog.records[-1].getMessage()  # 2 left x 10 s, not x 55 s
-
-
-def test_a_resumed_sweep_leaves_the_skipped_jobs_out_of_the_eta(tmp_path, caplog, monkeypatch):
+def _run_sweep(tmp_path, caplog, monkeypatch, jobs: int, times: list[float], finished=()) -> tuple[SweepProgress, list]:
+    """A sweep of ``jobs`` jobs that began at t = 1000 s, run through the callback with the clock reading ``times``:
+    every job but the last ends; the jobs numbered in ``finished`` hold a done.json from an earlier run. Returns the
+    callback and its job-start lines."""
     from hydra.types import RunMode
 
     import knexp.reporting.progress as progress_module
     from knexp.resume import mark_finished
 
-    cfg = _cfg({"knowledge": "a,b,c,d,e"}, sweep_dir=tmp_path)
+    cfg = _cfg({"knowledge": ",".join("abcdefgh"[:jobs])}, sweep_dir=tmp_path)
     cfg.hydra.mode = RunMode.MULTIRUN
     (tmp_path / "multirun.yaml").write_text("{}")
     os.utime(tmp_path / "multirun.yaml", (1000, 1000))
-    for num in (0, 1):  # jobs 1 and 2 finished in an earlier run of the sweep
+    for num in finished:
         (tmp_path / str(num)).mkdir()
         mark_finished("key", tmp_path / str(num), {})
-    # job 1 and 2 are skipped in 1 s each, job 3 runs for 100 s, job 4 for 10 s
-    clock = iter([1000.0, 1001.0, 1001.0, 1002.0, 1002.0, 1102.0, 1102.0, 1112.0, 1112.0])
+    clock = iter(times)
     monkeypatch.setattr(progress_module, "time", SimpleNamespace(time=lambda: next(clock)))
     progress = SweepProgress()
     progress.on_multirun_start(cfg)
     with caplog.at_level(logging.INFO, logger="knexp.progress"):
-        for num in range(5):
+        for num in range(jobs):
             cfg.hydra.job.num = num
             cfg.hydra.runtime.output_dir = str(tmp_path / str(num))
             progress.on_job_start(cfg)
-            if num < 4:
+            if num < jobs - 1:
                 progress.on_job_end(cfg)
-    starts = [r.getMessage() for r in caplog.records if "elapsed" in r.getMessage()]
+    return progress, [r.getMessage() for r in caplog.records if "elapsed" in r.getMessage()]
+
+
+def test_the_callback_leaves_the_first_job_out_of_the_eta(tmp_path, caplog, monkeypatch):
+    # a sweep of 3 jobs: job 1 takes 100 s, job 2 takes 10 s
+    progress, starts = _run_sweep(tmp_path, caplog, monkeypatch, 3, [1000.0, 1100.0, 1100.0, 1110.0, 1110.0])
+    assert progress.ran_s == [100.0, 10.0]
+    assert "job 3/3 · 1:50 elapsed · ETA 0:10" in starts[-1]  # 1 left x 10 s, not x 55 s
+
+
+def test_a_resumed_sweep_leaves_the_skipped_jobs_out_of_the_eta(tmp_path, caplog, monkeypatch):
+    # jobs 1 and 2 finished in an earlier run and are skipped in 1 s each; job 3 runs for 100 s, job 4 for 10 s
+    times = [1000.0, 1001.0, 1001.0, 1002.0, 1002.0, 1102.0, 1102.0, 1112.0, 1112.0]
+    progress, starts = _run_sweep(tmp_path, caplog, monkeypatch, 5, times, finished=(0, 1))
     assert progress.skipped == 2 and progress.ran_s == [100.0, 10.0]
     assert "ETA" not in starts[2]  # only skipped jobs so far: no ETA of 0:01
     assert "job 4/5 · 1:42 elapsed · ETA 3:24" in starts[3]  # 102 s over the one job that ran, 2 jobs left
